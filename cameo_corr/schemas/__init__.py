@@ -1,0 +1,623 @@
+"""The versioned contract between the cameo-corr readers, pipeline, cache and trainer.
+
+Everything another part of the project may rely on lives here:
+
+* camera conventions (OpenCV, world-to-camera, pixel intrinsics with pixel centres at +0.5) and the
+  helpers that convert to and from them (RealEstate10K normalized intrinsics, PyTorch3D NDC cameras);
+* the records that flow through the pipeline (:class:`FrameRecord`, :class:`SceneRecord`,
+  :class:`WindowRecord`, :class:`WindowData`, :class:`PointmapResult`, :class:`TokenCorrespondences`);
+* the cache layout of schema version 1 (array names, dtypes, shapes, manifest columns, ``cache.json``);
+* the errors raised on bad input, which always name the file and the field or line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import pyarrow as pa
+    import torch
+
+SCHEMA_VERSION = 1
+"""Version of the cache layout described in this module. Bump on any incompatible change."""
+
+DEFAULT_GRID = 32
+DEFAULT_TAU = 1.5
+CANONICAL_SIZE = 512
+"""Side of the canonical square training view, in pixels."""
+MAX_TOKENS = int(np.iinfo(np.int16).max)
+"""``nn`` is stored as int16, so a token grid may hold at most this many tokens."""
+
+
+# --------------------------------------------------------------------------------------------- errors
+class CameoCorrError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class SchemaError(CameoCorrError, ValueError):
+    """A value does not match the contract. ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str, *, where: str | None = None) -> None:
+        self.field = field
+        self.where = where
+        prefix = f"{where}: " if where else ""
+        super().__init__(f"{prefix}field '{field}': {message}")
+
+
+class DatasetError(CameoCorrError, ValueError):
+    """Bad dataset input. Names the file and, where known, the line and the field.
+
+    ``scene_id`` is set when the error concerns one scene only, so callers can record the scene as
+    failed and continue with the next one.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        message: str,
+        *,
+        line: int | None = None,
+        field: str | None = None,
+        scene_id: str | None = None,
+    ) -> None:
+        self.path = str(path)
+        self.line = line
+        self.field = field
+        self.scene_id = scene_id
+        loc = self.path
+        if line is not None:
+            loc += f":{line}"
+        if field is not None:
+            loc += f" [{field}]"
+        super().__init__(f"{loc}: {message}")
+
+
+# ---------------------------------------------------------------------------------- camera helpers
+def intrinsics_from_normalized(fx: float, fy: float, cx: float, cy: float, width: int, height: int) -> np.ndarray:
+    """Pixel intrinsics from RealEstate10K-style intrinsics normalized by image width/height."""
+    return np.array(
+        [[width * fx, 0.0, width * cx], [0.0, height * fy, height * cy], [0.0, 0.0, 1.0]], dtype=np.float64
+    )
+
+
+def intrinsics_to_normalized(K: np.ndarray, width: int, height: int) -> tuple[float, float, float, float]:
+    """Inverse of :func:`intrinsics_from_normalized`: ``(fx, fy, cx, cy)`` divided by width/height."""
+    K = np.asarray(K, dtype=np.float64)
+    return K[0, 0] / width, K[1, 1] / height, K[0, 2] / width, K[1, 2] / height
+
+
+def make_extrinsics(R: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """4x4 world-to-camera matrix from rotation ``R`` (3x3) and translation ``t`` (3,)."""
+    E = np.eye(4, dtype=np.float64)
+    E[:3, :3] = R
+    E[:3, 3] = np.asarray(t, dtype=np.float64).reshape(3)
+    return E
+
+
+def invert_extrinsics(E: np.ndarray) -> np.ndarray:
+    """Inverse of rigid 4x4 transforms (``[..., 4, 4]``), computed as ``[R^T, -R^T t]``."""
+    E = np.asarray(E, dtype=np.float64)
+    R = E[..., :3, :3]
+    t = E[..., :3, 3:]
+    Rt = np.swapaxes(R, -1, -2)
+    out = np.zeros_like(E)
+    out[..., :3, :3] = Rt
+    out[..., :3, 3:] = -Rt @ t
+    out[..., 3, 3] = 1.0
+    return out
+
+
+def camera_centers(E: np.ndarray) -> np.ndarray:
+    """World positions of the cameras of world-to-camera matrices ``[..., 4, 4]`` -> ``[..., 3]``."""
+    return invert_extrinsics(E)[..., :3, 3]
+
+
+def project(points_world: np.ndarray, K: np.ndarray, E: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Project world points ``[..., 3]`` with one camera.
+
+    Returns ``(uv, z)``: ``uv[..., 2]`` in continuous pixel coordinates (the centre of pixel
+    ``(col, row)`` is ``(col + 0.5, row + 0.5)``) and camera-frame depth ``z``.
+    """
+    X = np.asarray(points_world, dtype=np.float64)
+    Xc = X @ E[:3, :3].T + E[:3, 3]
+    z = Xc[..., 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        uvw = Xc @ np.asarray(K, dtype=np.float64).T
+        uv = uvw[..., :2] / uvw[..., 2:3]
+    return uv, z
+
+
+def pixel_centers(height: int, width: int) -> np.ndarray:
+    """``[H, W, 2]`` continuous ``(u, v)`` coordinates of pixel centres (``col + 0.5, row + 0.5``)."""
+    u = np.arange(width, dtype=np.float64) + 0.5
+    v = np.arange(height, dtype=np.float64) + 0.5
+    uu, vv = np.meshgrid(u, v, indexing="xy")
+    return np.stack([uu, vv], axis=-1)
+
+
+def unproject_depth(depth: np.ndarray, K: np.ndarray, E: np.ndarray) -> np.ndarray:
+    """World points ``[H, W, 3]`` of a z-depth map ``[H, W]`` seen by camera ``(K, E)``.
+
+    Pixel ``(row, col)`` is the ray through ``(col + 0.5, row + 0.5)``. Invalid depth (0 or
+    non-finite) yields non-finite or meaningless points; mask them with the depth validity.
+    """
+    depth = np.asarray(depth, dtype=np.float64)
+    H, W = depth.shape
+    uv = pixel_centers(H, W)
+    Kinv = np.linalg.inv(np.asarray(K, dtype=np.float64))
+    rays = np.concatenate([uv, np.ones((H, W, 1))], axis=-1) @ Kinv.T
+    Xc = rays * depth[..., None]
+    C2W = invert_extrinsics(E)
+    return Xc @ C2W[:3, :3].T + C2W[:3, 3]
+
+
+def pixel_to_token(uv: np.ndarray, image_size: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
+    """Continuous pixel coordinates -> continuous token coordinates (token centres at integers).
+
+    ``image_size`` is ``(H, W)`` and ``grid`` is ``(h, w)``. Token ``(tx, ty)`` covers pixels
+    ``[tx W/w, (tx+1) W/w)``, so its centre ``(tx + 0.5) W/w`` maps to ``tx``.
+    """
+    H, W = image_size
+    h, w = grid
+    uv = np.asarray(uv, dtype=np.float64)
+    return np.stack([uv[..., 0] * (w / W) - 0.5, uv[..., 1] * (h / H) - 0.5], axis=-1)
+
+
+def token_coords(grid: tuple[int, int]) -> np.ndarray:
+    """``[h*w, 2]`` integer ``(x, y)`` coordinates of flattened row-major tokens (index ``y*w + x``)."""
+    h, w = grid
+    idx = np.arange(h * w)
+    return np.stack([idx % w, idx // w], axis=-1)
+
+
+# PyTorch3D (row-vector, +X left, +Y up, NDC intrinsics) <-> OpenCV.
+_P3D_FLIP = np.diag([-1.0, -1.0, 1.0])
+CO3D_INTRINSICS_FORMATS = ("ndc_isotropic", "ndc_norm_image_bounds")
+
+
+def pytorch3d_to_opencv(
+    R: np.ndarray,
+    T: np.ndarray,
+    focal_length: Sequence[float],
+    principal_point: Sequence[float],
+    image_size_hw: Sequence[int],
+    intrinsics_format: str = "ndc_isotropic",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Convert a CO3D/PyTorch3D NDC camera to OpenCV ``(K, E)`` in pixels of an ``[H, W]`` image.
+
+    PyTorch3D maps ``X_cam = X_world @ R + T`` with +X left and +Y up. With ``s = min(W, H) / 2``:
+    ``fx = f0 s, fy = f1 s, cx = W/2 - p0 s, cy = H/2 - p1 s``; ``R_cv = diag(-1,-1,1) R^T`` and
+    ``t_cv = (-T0, -T1, T2)``. ``ndc_norm_image_bounds`` (legacy CO3D v1) first multiplies focal
+    length and principal point by ``image_size_wh / min(image_size_wh)``. Any other format is an error.
+    """
+    if intrinsics_format not in CO3D_INTRINSICS_FORMATS:
+        raise SchemaError(
+            "intrinsics_format", f"unknown value {intrinsics_format!r}; expected one of {CO3D_INTRINSICS_FORMATS}"
+        )
+    H, W = (float(v) for v in image_size_hw)
+    f = np.asarray(focal_length, dtype=np.float64).reshape(2)
+    p = np.asarray(principal_point, dtype=np.float64).reshape(2)
+    if intrinsics_format == "ndc_norm_image_bounds":
+        scale = np.array([W, H]) / min(W, H)
+        f = f * scale
+        p = p * scale
+    s = min(W, H) / 2.0
+    K = np.array([[f[0] * s, 0.0, W / 2 - p[0] * s], [0.0, f[1] * s, H / 2 - p[1] * s], [0.0, 0.0, 1.0]])
+    R = np.asarray(R, dtype=np.float64).reshape(3, 3)
+    T = np.asarray(T, dtype=np.float64).reshape(3)
+    E = make_extrinsics(_P3D_FLIP @ R.T, T * np.array([-1.0, -1.0, 1.0]))
+    return K, E
+
+
+def opencv_to_pytorch3d(
+    K: np.ndarray, E: np.ndarray, image_size_hw: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of :func:`pytorch3d_to_opencv` (``ndc_isotropic``): returns ``(R, T, focal, principal_point)``."""
+    H, W = (float(v) for v in image_size_hw)
+    s = min(W, H) / 2.0
+    K = np.asarray(K, dtype=np.float64)
+    E = np.asarray(E, dtype=np.float64)
+    focal = np.array([K[0, 0] / s, K[1, 1] / s])
+    pp = np.array([(W / 2 - K[0, 2]) / s, (H / 2 - K[1, 2]) / s])
+    R = (_P3D_FLIP @ E[:3, :3]).T
+    T = E[:3, 3] * np.array([-1.0, -1.0, 1.0])
+    return R, T, focal, pp
+
+
+def validate_camera(K: Any, E: Any, *, where: str, rot_tol: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Check pixel intrinsics ``K`` (3x3) and world-to-camera ``E`` (4x4); return them as float64.
+
+    Raises :class:`SchemaError` naming ``intrinsics`` or ``extrinsics`` (and ``where``) when a value is
+    not finite, has the wrong shape, has non-positive focal lengths, or ``R`` is not a rotation.
+    """
+    K = np.asarray(K, dtype=np.float64)
+    E = np.asarray(E, dtype=np.float64)
+    if K.shape != (3, 3):
+        raise SchemaError("intrinsics", f"expected shape (3, 3), got {K.shape}", where=where)
+    if E.shape != (4, 4):
+        raise SchemaError("extrinsics", f"expected shape (4, 4), got {E.shape}", where=where)
+    if not np.all(np.isfinite(K)):
+        raise SchemaError("intrinsics", "contains non-finite values", where=where)
+    if not np.all(np.isfinite(E)):
+        raise SchemaError("extrinsics", "contains non-finite values", where=where)
+    if K[0, 0] <= 0 or K[1, 1] <= 0:
+        raise SchemaError("intrinsics", f"focal lengths must be positive, got fx={K[0, 0]}, fy={K[1, 1]}", where=where)
+    if not np.allclose(K[2], [0.0, 0.0, 1.0]) or K[1, 0] != 0 or K[2, 0] != 0:
+        raise SchemaError("intrinsics", "last row must be [0, 0, 1] and K upper triangular", where=where)
+    if not np.allclose(E[3], [0.0, 0.0, 0.0, 1.0]):
+        raise SchemaError("extrinsics", "last row must be [0, 0, 0, 1]", where=where)
+    R = E[:3, :3]
+    if not np.allclose(R @ R.T, np.eye(3), atol=rot_tol) or abs(np.linalg.det(R) - 1.0) > rot_tol:
+        raise SchemaError("extrinsics", "rotation block is not a proper rotation (R R^T != I or det != 1)", where=where)
+    return K, E
+
+
+# --------------------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class FrameRecord:
+    """One frame of a scene as a dataset reader describes it (no pixels loaded).
+
+    ``image_path`` is relative to the dataset root; readers whose images live inside container files
+    (pixelSplat chunks) use ``"<file>#<key>/<index>"``. ``intrinsics`` are in pixels of the stored
+    image of size ``image_size = (H, W)``; ``extrinsics`` are world-to-camera, OpenCV.
+    ``depth_path``/``mask_path`` are relative to the dataset root when the dataset has them;
+    ``depth_scale`` multiplies decoded depth values into scene units.
+    """
+
+    frame_id: str
+    image_path: str
+    image_size: tuple[int, int]
+    intrinsics: np.ndarray
+    extrinsics: np.ndarray
+    depth_path: str | None = None
+    depth_scale: float = 1.0
+    mask_path: str | None = None
+
+    def validate(self, where: str) -> None:
+        """Raise :class:`SchemaError` naming the field when the record breaks the contract."""
+        loc = f"{where} frame {self.frame_id!r}"
+        if not self.frame_id:
+            raise SchemaError("frame_id", "must be a non-empty string", where=where)
+        if len(self.image_size) != 2 or min(self.image_size) <= 0:
+            raise SchemaError("image_size", f"expected positive (H, W), got {self.image_size}", where=loc)
+        validate_camera(self.intrinsics, self.extrinsics, where=loc)
+        if not math.isfinite(self.depth_scale) or self.depth_scale <= 0:
+            raise SchemaError("depth_scale", f"must be positive and finite, got {self.depth_scale}", where=loc)
+
+
+@dataclass(frozen=True)
+class SceneRecord:
+    """All frames of one scene (clip / sequence), in capture order."""
+
+    dataset: str
+    split: str
+    scene_id: str
+    frames: tuple[FrameRecord, ...]
+
+    def validate(self) -> None:
+        """Validate every frame and that frame ids are unique."""
+        where = f"{self.dataset}/{self.split}/{self.scene_id}"
+        ids = [f.frame_id for f in self.frames]
+        if len(set(ids)) != len(ids):
+            raise SchemaError("frame_id", "frame ids of a scene must be unique", where=where)
+        for f in self.frames:
+            f.validate(where)
+
+
+def window_id(dataset: str, split: str, scene_id: str, frame_ids: Sequence[str], config: Mapping[str, Any]) -> str:
+    """Stable 16-hex-digit id of a window: a hash of dataset, split, scene, frame ids and config.
+
+    ``config`` holds everything that changes the cached values (grid, tau, backend, crop policy...);
+    it is serialised as sorted JSON, so key order does not matter.
+    """
+    payload = json.dumps(
+        [dataset, split, scene_id, list(frame_ids), dict(config)], sort_keys=True, separators=(",", ":"), default=str
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class WindowRecord:
+    """S frames of one scene processed together (all their points share one world frame)."""
+
+    window_id: str
+    dataset: str
+    split: str
+    scene_id: str
+    frames: tuple[FrameRecord, ...]
+
+    @property
+    def num_views(self) -> int:
+        return len(self.frames)
+
+    @property
+    def frame_ids(self) -> list[str]:
+        return [f.frame_id for f in self.frames]
+
+    @property
+    def image_paths(self) -> list[str]:
+        return [f.image_path for f in self.frames]
+
+
+@dataclass
+class WindowData:
+    """A window loaded in the canonical view: what a geometry backend consumes.
+
+    ``images`` ``[S, H, W, 3]`` uint8; ``intrinsics`` ``[S, 3, 3]`` in canonical pixels;
+    ``extrinsics`` ``[S, 4, 4]`` world-to-camera; ``depth`` ``[S, H, W]`` float32 z-depth with 0 for
+    invalid pixels, when the dataset has depth; ``masks`` ``[S, H, W]`` bool foreground, when it has
+    masks.
+    """
+
+    record: WindowRecord
+    images: np.ndarray
+    intrinsics: np.ndarray
+    extrinsics: np.ndarray
+    depth: np.ndarray | None = None
+    masks: np.ndarray | None = None
+
+    def validate(self) -> None:
+        """Check shapes and dtypes against each other; raise :class:`SchemaError` naming the field."""
+        where = f"window {self.record.window_id}"
+        S = self.record.num_views
+        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[0] != S or self.images.shape[-1] != 3:
+            raise SchemaError("images", f"expected uint8 [{S}, H, W, 3], got {self.images.dtype} {self.images.shape}", where=where)
+        H, W = self.images.shape[1:3]
+        _check_shape("intrinsics", self.intrinsics, (S, 3, 3), where)
+        _check_shape("extrinsics", self.extrinsics, (S, 4, 4), where)
+        if self.depth is not None:
+            _check_shape("depth", self.depth, (S, H, W), where)
+        if self.masks is not None:
+            _check_shape("masks", self.masks, (S, H, W), where)
+
+
+def _check_shape(name: str, arr: Any, shape: tuple[int, ...], where: str) -> None:
+    if tuple(arr.shape) != tuple(shape):
+        raise SchemaError(name, f"expected shape {tuple(shape)}, got {tuple(arr.shape)}", where=where)
+
+
+@dataclass
+class PointmapResult:
+    """Output of a geometry backend for one window (torch tensors on the backend's device).
+
+    ``points`` ``[S, H, W, 3]`` float32 in one frame shared by the window; ``valid`` ``[S, H, W]``
+    bool; ``conf`` ``[S, H, W]`` float32 (higher is better; 1 for ground truth); ``intrinsics``
+    ``[S, 3, 3]`` canonical-view pixels and ``extrinsics`` ``[S, 4, 4]`` world-to-camera in the frame
+    of ``points`` (ground truth or predicted).
+    """
+
+    points: "torch.Tensor"
+    valid: "torch.Tensor"
+    conf: "torch.Tensor"
+    intrinsics: "torch.Tensor"
+    extrinsics: "torch.Tensor"
+
+
+@dataclass
+class TokenCorrespondences:
+    """All-ordered-pairs token correspondences of one window (SPEC section 3).
+
+    ``points`` ``[S, h, w, 3]``, ``valid`` ``[S, h, w]``, ``conf`` ``[S, h, w]``; ``nn``, ``dist``,
+    ``mask`` ``[S, S, h*w]`` with ``nn[i, j, x]`` the token of view j nearest in 3D to token x of view i
+    (flattened row-major ``y*w + x``); the diagonal is the identity with ``dist = 0`` and
+    ``mask = valid``.
+    """
+
+    points: "torch.Tensor"
+    valid: "torch.Tensor"
+    conf: "torch.Tensor"
+    nn: "torch.Tensor"
+    dist: "torch.Tensor"
+    mask: "torch.Tensor"
+
+
+# ---------------------------------------------------------------------------------- cache layout
+@dataclass(frozen=True)
+class ArraySpec:
+    """One cache array: dtype and shape in terms of ``W`` (windows), ``S``, ``h``, ``w``, ``hw``."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple[str | int, ...]
+    doc: str
+
+    def shape(self, windows: int, views: int, grid: tuple[int, int]) -> tuple[int, ...]:
+        """Concrete shape for a shard of ``windows`` windows of ``views`` views on ``grid``."""
+        h, w = grid
+        sizes = {"W": windows, "S": views, "h": h, "w": w, "hw": h * w}
+        return tuple(sizes[d] if isinstance(d, str) else d for d in self.dims)
+
+
+CACHE_ARRAYS: dict[str, ArraySpec] = {
+    spec.name: spec
+    for spec in (
+        ArraySpec("points", np.dtype(np.float16), ("W", "S", "h", "w", 3), "token pointmaps"),
+        ArraySpec("valid", np.dtype(np.bool_), ("W", "S", "h", "w"), "token validity"),
+        ArraySpec("conf", np.dtype(np.float16), ("W", "S", "h", "w"), "token confidence"),
+        ArraySpec("nn", np.dtype(np.int16), ("W", "S", "S", "hw"), "nn[i, j] = P_ij as token indices"),
+        ArraySpec("dist", np.dtype(np.float16), ("W", "S", "S", "hw"), "3D distance to the nearest neighbour"),
+        ArraySpec("mask", np.dtype(np.bool_), ("W", "S", "S", "hw"), "cycle-consistency mask M_ij"),
+        ArraySpec("intrinsics", np.dtype(np.float32), ("W", "S", 3, 3), "canonical-view pixels"),
+        ArraySpec("extrinsics", np.dtype(np.float32), ("W", "S", 4, 4), "world-to-camera, OpenCV"),
+    )
+}
+"""Arrays of one shard group (``<cache>/shards/<shard_id>.zarr``), schema version 1."""
+
+
+def validate_window_arrays(arrays: Mapping[str, np.ndarray], views: int, grid: tuple[int, int], *, where: str) -> None:
+    """Check one window's arrays (the shard arrays without the leading ``W`` axis).
+
+    Every name of :data:`CACHE_ARRAYS` must be present with the exact dtype and shape; ``nn`` must
+    index inside the grid; masks may only be set where the query token is valid.
+    """
+    if grid[0] * grid[1] > MAX_TOKENS:
+        raise SchemaError("grid", f"{grid[0]}x{grid[1]} tokens do not fit the int16 'nn' array", where=where)
+    for name, spec in CACHE_ARRAYS.items():
+        if name not in arrays:
+            raise SchemaError(name, "missing", where=where)
+        arr = np.asarray(arrays[name])
+        expected = spec.shape(1, views, grid)[1:]
+        if arr.dtype != spec.dtype:
+            raise SchemaError(name, f"expected dtype {spec.dtype}, got {arr.dtype}", where=where)
+        if arr.shape != expected:
+            raise SchemaError(name, f"expected shape {expected}, got {arr.shape}", where=where)
+    nn = np.asarray(arrays["nn"])
+    if nn.size and (nn.min() < 0 or nn.max() >= grid[0] * grid[1]):
+        raise SchemaError("nn", "indices outside the token grid", where=where)
+    valid = np.asarray(arrays["valid"]).reshape(views, 1, -1)
+    if np.any(np.asarray(arrays["mask"]) & ~valid):
+        raise SchemaError("mask", "set for a query token that is not valid", where=where)
+
+
+MANIFEST_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("window_id", "string"),
+    ("dataset", "string"),
+    ("split", "string"),
+    ("scene_id", "string"),
+    ("frame_ids", "list<string>"),
+    ("image_paths", "list<string>"),
+    ("shard", "string"),
+    ("row", "int32"),
+    ("num_views", "int32"),
+    ("valid_frac", "float32"),
+    ("mask_frac", "float32"),
+    ("status", "string"),
+    ("error", "string"),
+)
+"""Manifest columns (one row per window) as ``(name, arrow type)``; ``error`` is null when ok."""
+
+WINDOW_STATUSES = ("ok", "failed")
+
+
+def manifest_schema() -> "pa.Schema":
+    """The pyarrow schema of a manifest fragment (``<cache>/manifest/part-*.parquet``)."""
+    import pyarrow as pa
+
+    types = {"string": pa.string(), "list<string>": pa.list_(pa.string()), "int32": pa.int32(), "float32": pa.float32()}
+    return pa.schema(
+        [pa.field(name, types[t], nullable=(name == "error" or name in ("shard", "row"))) for name, t in MANIFEST_COLUMNS],
+        metadata={b"cameo_corr_schema_version": str(SCHEMA_VERSION).encode()},
+    )
+
+
+@dataclass
+class CacheConfig:
+    """Contents of ``<cache>/cache.json``: everything needed to interpret and reproduce the cache.
+
+    ``backend`` holds ``name``, ``version``, ``model_id``, ``dtype`` and backend options (e.g.
+    ``points``: ``depth`` or ``head``, confidence threshold); ``crop`` holds the canonical view policy
+    (``policy``, ``size``); ``dataset`` holds ``name``, ``root`` and reader options; ``created_by``
+    holds package version, command line and time.
+    """
+
+    grid: tuple[int, int]
+    tau: float
+    views: int
+    backend: dict[str, Any]
+    crop: dict[str, Any]
+    dataset: dict[str, Any]
+    created_by: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The part of the config that changes cached values (goes into every ``window_id``)."""
+        return {
+            "schema_version": self.schema_version,
+            "grid": list(self.grid),
+            "tau": self.tau,
+            "backend": self.backend,
+            "crop": self.crop,
+        }
+
+    def validate(self, where: str = "cache.json") -> None:
+        """Raise :class:`SchemaError` naming the field on an invalid config."""
+        if self.schema_version != SCHEMA_VERSION:
+            raise SchemaError(
+                "schema_version", f"this code reads version {SCHEMA_VERSION}, the cache is version {self.schema_version}", where=where
+            )
+        if len(self.grid) != 2 or min(self.grid) <= 0:
+            raise SchemaError("grid", f"expected positive (h, w), got {self.grid}", where=where)
+        if self.grid[0] * self.grid[1] > MAX_TOKENS:
+            raise SchemaError("grid", f"{self.grid} has more than {MAX_TOKENS} tokens (int16 'nn')", where=where)
+        if not (math.isfinite(self.tau) and self.tau >= 0):
+            raise SchemaError("tau", f"must be a finite non-negative number, got {self.tau}", where=where)
+        if self.views < 2:
+            raise SchemaError("views", f"a window needs at least 2 views, got {self.views}", where=where)
+        for name in ("backend", "dataset"):
+            if "name" not in getattr(self, name):
+                raise SchemaError(f"{name}.name", "missing", where=where)
+        if "policy" not in self.crop or "size" not in self.crop:
+            raise SchemaError("crop", "needs 'policy' and 'size'", where=where)
+
+    def to_json(self) -> str:
+        """Serialise as pretty JSON (what ``cache.json`` holds)."""
+        d = asdict(self)
+        d["grid"] = list(self.grid)
+        return json.dumps(d, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "cache.json") -> "CacheConfig":
+        """Parse and validate ``cache.json`` text; errors name ``where`` and the field."""
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SchemaError("<json>", f"not valid JSON: {e}", where=where) from e
+        if not isinstance(d, dict):
+            raise SchemaError("<json>", "top level must be an object", where=where)
+        known = {f for f in cls.__dataclass_fields__}
+        missing = [k for k in ("grid", "tau", "views", "backend", "crop", "dataset", "schema_version") if k not in d]
+        if missing:
+            raise SchemaError(missing[0], "missing", where=where)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SchemaError(unknown[0], "unknown field", where=where)
+        d["grid"] = tuple(int(v) for v in d["grid"])
+        cfg = cls(**d)
+        cfg.validate(where)
+        return cfg
+
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "DEFAULT_GRID",
+    "DEFAULT_TAU",
+    "CANONICAL_SIZE",
+    "MAX_TOKENS",
+    "CameoCorrError",
+    "SchemaError",
+    "DatasetError",
+    "intrinsics_from_normalized",
+    "intrinsics_to_normalized",
+    "make_extrinsics",
+    "invert_extrinsics",
+    "camera_centers",
+    "project",
+    "pixel_centers",
+    "unproject_depth",
+    "pixel_to_token",
+    "token_coords",
+    "CO3D_INTRINSICS_FORMATS",
+    "pytorch3d_to_opencv",
+    "opencv_to_pytorch3d",
+    "validate_camera",
+    "FrameRecord",
+    "SceneRecord",
+    "window_id",
+    "WindowRecord",
+    "WindowData",
+    "PointmapResult",
+    "TokenCorrespondences",
+    "ArraySpec",
+    "CACHE_ARRAYS",
+    "validate_window_arrays",
+    "MANIFEST_COLUMNS",
+    "WINDOW_STATUSES",
+    "manifest_schema",
+    "CacheConfig",
+]
