@@ -1,0 +1,264 @@
+"""Cache writer + CorrCache reader: layout, atomicity, orphans, config mixing, fsspec URLs."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import zarr
+
+from cameo_corr.pipeline.cache import (
+    CacheLocation,
+    CacheMismatchError,
+    CacheWriter,
+    CorrCache,
+    WindowOutcome,
+    fragment_path,
+    shard_dir,
+    window_fractions,
+)
+from cameo_corr.schemas import CACHE_ARRAYS, CacheConfig, DatasetError, FrameRecord, SchemaError, WindowRecord, manifest_schema
+
+GRID = (4, 4)
+VIEWS = 3
+
+
+def config(**overrides) -> CacheConfig:
+    base = dict(
+        grid=GRID,
+        tau=1.5,
+        views=VIEWS,
+        backend={"name": "depth", "version": "1"},
+        crop={"policy": "center", "size": 64},
+        dataset={"name": "synthetic", "root": "data", "split": "train"},
+    )
+    base.update(overrides)
+    return CacheConfig(**base)
+
+
+def record(i: int) -> WindowRecord:
+    K = np.array([[50.0, 0, 32], [0, 50.0, 32], [0, 0, 1]])
+    frames = tuple(FrameRecord(f"{i}-{v}", f"scene{i % 2}/{v}.png", (64, 64), K, np.eye(4)) for v in range(VIEWS))
+    return WindowRecord(f"w{i:015d}", "synthetic", "train", f"scene{i % 2}", frames)
+
+
+def token_arrays(seed: int) -> dict[str, np.ndarray]:
+    """Schema-valid arrays of one window: brute-force 3D NN between random token pointmaps, cycle mask."""
+    rng = np.random.default_rng(seed)
+    h, w = GRID
+    hw = h * w
+    pts = rng.normal(size=(VIEWS, h, w, 3)).astype(np.float16)
+    valid = rng.random((VIEWS, h, w)) > 0.2
+    flat = pts.reshape(VIEWS, hw, 3).astype(np.float64)
+    vflat = valid.reshape(VIEWS, hw)
+    nn = np.zeros((VIEWS, VIEWS, hw), np.int16)
+    dist = np.full((VIEWS, VIEWS, hw), np.inf, np.float16)
+    mask = np.zeros((VIEWS, VIEWS, hw), bool)
+    xy = np.stack([np.arange(hw) % w, np.arange(hw) // w], -1)
+    for i in range(VIEWS):
+        nn[i, i] = np.arange(hw)
+        dist[i, i] = 0
+        mask[i, i] = vflat[i]
+        for j in range(VIEWS):
+            if i == j:
+                continue
+            d = np.linalg.norm(flat[i][:, None] - flat[j][None], axis=-1)
+            d[:, ~vflat[j]] = np.inf
+            nn[i, j] = d.argmin(1)
+            dist[i, j] = np.where(vflat[i], d.min(1), np.inf)
+            nn[i, j][~vflat[i]] = 0
+    for i in range(VIEWS):
+        for j in range(VIEWS):
+            if i != j:
+                cyc = nn[j, i][nn[i, j]]
+                mask[i, j] = vflat[i] & (np.linalg.norm(xy - xy[cyc], axis=-1) <= 1.5)
+    return {
+        "points": pts,
+        "valid": valid,
+        "conf": np.ones((VIEWS, h, w), np.float16),
+        "nn": nn,
+        "dist": dist,
+        "mask": mask,
+        "intrinsics": np.tile(np.eye(3, dtype=np.float32), (VIEWS, 1, 1)),
+        "extrinsics": np.tile(np.eye(4, dtype=np.float32), (VIEWS, 1, 1)) + seed,
+    }
+
+
+def outcomes(ids, failed=()) -> list[WindowOutcome]:
+    return [
+        WindowOutcome(record(i), error=f"DatasetError: frame {i} missing") if i in failed else WindowOutcome(record(i), arrays=token_arrays(i))
+        for i in ids
+    ]
+
+
+@pytest.fixture(params=["local", "file", "memory"])
+def cache_path(request, tmp_path):
+    if request.param == "local":
+        yield str(tmp_path / "cache")
+        return
+    if request.param == "file":
+        yield f"file://{tmp_path}/cache"
+        return
+    import fsspec
+
+    url = f"memory://cameo-test-{tmp_path.name}/cache"
+    yield url
+    fsspec.filesystem("memory").rm(url.removeprefix("memory://"), recursive=True)
+
+
+def test_write_read_roundtrip(cache_path):
+    writer = CacheWriter(cache_path, config())
+    writer.initialize()
+    t1 = writer.write_shard("aaaa", outcomes([0, 1, 2], failed=(1,)))
+    writer.write_shard("bbbb", outcomes([3]))
+    assert t1.schema.equals(manifest_schema(), check_metadata=False)
+
+    cache = CorrCache(cache_path)
+    assert cache.config.grid == GRID and cache.config.views == VIEWS
+    assert set(cache.window_ids()) == {record(i).window_id for i in (0, 2, 3)}
+    assert cache.manifest(None).num_rows == 4
+    (failed,) = cache.manifest("failed").to_pylist()
+    assert failed["window_id"] == record(1).window_id and failed["shard"] is None and failed["row"] is None
+    assert "frame 1 missing" in failed["error"] and np.isnan(failed["valid_frac"])
+    for i in (0, 2, 3):
+        wid = record(i).window_id
+        got = cache.window(wid)
+        want = token_arrays(i)
+        for name, spec in CACHE_ARRAYS.items():
+            assert got[name].dtype == spec.dtype and np.array_equal(got[name], want[name]), name
+        row = cache.row(wid)
+        assert row["status"] == "ok" and row["frame_ids"] == record(i).frame_ids
+        assert row["valid_frac"] == pytest.approx(window_fractions(want)[0])
+        assert row["mask_frac"] == pytest.approx(window_fractions(want)[1])
+    assert cache.row(record(2).window_id)["row"] == 1  # ok windows are packed: the failed one takes no row
+    tens = cache.window(record(0).window_id, torch=True)
+    import torch
+
+    assert isinstance(tens["nn"], torch.Tensor) and tens["nn"].dtype == torch.int16
+    with pytest.raises(KeyError, match="failed during preprocessing"):
+        cache.window(record(1).window_id)
+    with pytest.raises(KeyError, match="not in the manifest"):
+        cache.row("nope")
+    group = cache.open_shard("aaaa")
+    assert group.attrs["window_ids"] == [record(0).window_id, record(2).window_id]
+    assert group["nn"].shards == group["nn"].shape and group["nn"].chunks[0] == 1
+
+
+def test_one_shard_file_per_array_zstd(tmp_path):
+    writer = CacheWriter(tmp_path / "c", config())
+    writer.initialize()
+    writer.write_shard("s1", outcomes([0, 1, 2]))
+    arr = zarr.open_array(str(tmp_path / "c" / "shards" / "s1.zarr" / "dist"), mode="r")
+    assert arr.shards == (3, VIEWS, VIEWS, 16)
+    meta = json.loads((tmp_path / "c" / "shards" / "s1.zarr" / "dist" / "zarr.json").read_text())
+    codecs = meta["codecs"][0]["configuration"]["codecs"]
+    assert any(c["name"] == "zstd" for c in codecs)
+    chunk_files = [p for p in (tmp_path / "c" / "shards" / "s1.zarr" / "dist").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert len(chunk_files) == 1
+
+
+def test_pickled_cache_reads_in_another_process_style(tmp_path):
+    writer = CacheWriter(tmp_path / "c", config())
+    writer.initialize()
+    writer.write_shard("s1", outcomes([0]))
+    cache = CorrCache(tmp_path / "c")
+    cache.window(record(0).window_id)
+    clone = pickle.loads(pickle.dumps(cache))
+    assert np.array_equal(clone.window(record(0).window_id)["nn"], token_arrays(0)["nn"])
+
+
+def test_cache_json_written_once_and_mixing_refused(tmp_path):
+    path = tmp_path / "c"
+    CacheWriter(path, config()).initialize()
+    first = (path / "cache.json").read_text()
+    CacheWriter(path, config(created_by={"time": "later"})).initialize()  # same fingerprint: fine, untouched
+    assert (path / "cache.json").read_text() == first
+    with pytest.raises(CacheMismatchError, match="tau"):
+        CacheWriter(path, config(tau=2.0)).initialize()
+    with pytest.raises(CacheMismatchError, match="views"):
+        CacheWriter(path, config(views=4)).initialize()
+    with pytest.raises(CacheMismatchError, match="dataset"):
+        CacheWriter(path, config(dataset={"name": "co3d", "root": "data", "split": "train"})).initialize()
+
+
+def test_missing_or_bad_cache_json(tmp_path):
+    with pytest.raises(DatasetError, match="cache.json is missing"):
+        CorrCache(tmp_path)
+    (tmp_path / "cache.json").write_text('{"grid": [4, 4]}')
+    with pytest.raises(SchemaError, match="cache.json"):
+        CorrCache(tmp_path)
+
+
+def test_invalid_arrays_rejected_before_anything_is_written(tmp_path):
+    writer = CacheWriter(tmp_path / "c", config())
+    writer.initialize()
+    bad = token_arrays(0)
+    bad["nn"] = bad["nn"].astype(np.int32)
+    with pytest.raises(SchemaError, match="'nn'"):
+        writer.write_shard("s1", [WindowOutcome(record(0), arrays=bad)])
+    assert not (tmp_path / "c" / "shards").exists() or not any((tmp_path / "c" / "shards").iterdir())
+    assert not (tmp_path / "c" / fragment_path("s1")).exists()
+
+
+def test_orphans_removed_and_finished_shards_kept(tmp_path):
+    path = tmp_path / "c"
+    writer = CacheWriter(path, config())
+    writer.initialize()
+    writer.write_shard("done", outcomes([0]))
+    done_bytes = (path / shard_dir("done") / "nn" / "c" / "0" / "0" / "0" / "0").read_bytes()
+    # what killed workers leave: a half-written tmp group, a renamed group without fragment,
+    # a tmp fragment
+    writer.write_shard("nofrag", outcomes([1]))
+    (path / fragment_path("nofrag")).unlink()
+    tmp_group = path / "shards" / ".tmp-half-1234abcd.zarr"
+    tmp_group.mkdir()
+    (tmp_group / "zarr.json").write_text("{}")
+    (path / "manifest" / ".tmp-part-x.parquet-1234").write_bytes(b"PAR1")
+    cache = CorrCache(path)
+    assert cache.window_ids() == [record(0).window_id]  # nothing without a fragment is visible
+    removed = writer.remove_orphans()
+    assert sorted(removed) == sorted(["shards/.tmp-half-1234abcd.zarr", "manifest/.tmp-part-x.parquet-1234", "shards/nofrag.zarr"])
+    assert (path / shard_dir("done")).is_dir()
+    # a finished shard is never rewritten, even when asked to
+    rows = writer.write_shard("done", outcomes([5]))
+    assert rows.column("window_id").to_pylist() == [record(0).window_id]
+    assert (path / shard_dir("done") / "nn" / "c" / "0" / "0" / "0" / "0").read_bytes() == done_bytes
+    assert writer.done_window_ids() == {record(0).window_id}
+
+
+def test_all_failed_shard_has_fragment_only(tmp_path):
+    writer = CacheWriter(tmp_path / "c", config())
+    writer.initialize()
+    writer.write_shard("f", outcomes([0, 1], failed=(0, 1)))
+    assert not (tmp_path / "c" / shard_dir("f")).exists()
+    cache = CorrCache(tmp_path / "c")
+    assert cache.window_ids() == [] and cache.manifest("failed").num_rows == 2
+
+
+def test_float16_overflow_is_an_error():
+    from cameo_corr.pipeline.cache import window_arrays
+    from cameo_corr.schemas import PointmapResult, TokenCorrespondences
+    import torch
+
+    a = token_arrays(0)
+    corr = TokenCorrespondences(
+        points=torch.from_numpy(a["points"].astype(np.float32) * 1e6),
+        valid=torch.from_numpy(a["valid"]),
+        conf=torch.from_numpy(a["conf"].astype(np.float32)),
+        nn=torch.from_numpy(a["nn"].astype(np.int64)),
+        dist=torch.from_numpy(a["dist"].astype(np.float32)),
+        mask=torch.from_numpy(a["mask"]),
+    )
+    res = PointmapResult(None, None, None, torch.from_numpy(a["intrinsics"]).double(), torch.from_numpy(a["extrinsics"]).double())
+    with pytest.raises(SchemaError, match="overflow float16"):
+        window_arrays(corr, res)
+    corr.points = corr.points / 1e6
+    arrays = window_arrays(corr, res)
+    assert {k: v.dtype for k, v in arrays.items()} == {k: s.dtype for k, s in CACHE_ARRAYS.items()}
+
+
+def test_location_rejects_storage_options_for_local_paths(tmp_path):
+    with pytest.raises(ValueError, match="storage_options"):
+        CacheLocation(tmp_path, {"anon": True})

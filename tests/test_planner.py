@@ -1,0 +1,201 @@
+"""Window planner: sampling policies, clamping, determinism, failed scenes, sharding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cameo_corr.datasets.base import SceneReader
+from cameo_corr.pipeline.planner import (
+    PlanConfig,
+    default_plan_config,
+    make_shards,
+    plan_scene,
+    plan_windows,
+    random_indices,
+    shard_id_of,
+    stable_seed,
+    stride_indices,
+)
+from cameo_corr.schemas import DatasetError, FrameRecord, SceneRecord, SchemaError
+
+FP = {"schema_version": 1, "grid": [32, 32], "tau": 1.5, "backend": {"name": "depth"}, "crop": {"policy": "center", "size": 512}}
+K = np.array([[100.0, 0, 64], [0, 100.0, 64], [0, 0, 1]])
+
+
+def make_scene(scene_id: str, n: int, *, step_us: int = 33_333, dataset: str = "re10k") -> SceneRecord:
+    frames = tuple(
+        FrameRecord(str(1_000_000 + i * step_us), f"{scene_id}/{i}.png", (128, 128), K, np.eye(4)) for i in range(n)
+    )
+    return SceneRecord(dataset, "test", scene_id, frames)
+
+
+class ListReader(SceneReader):
+    """A reader over in-memory scene records; ``broken`` scene ids raise like a bad pose file."""
+
+    name = "re10k"
+
+    def __init__(self, root: Path, scenes: list[SceneRecord], broken: tuple[str, ...] = ()) -> None:
+        super().__init__(root, "test")
+        self._scenes = {s.scene_id: s for s in scenes}
+        self._broken = broken
+
+    def scene_ids(self) -> list[str]:
+        return sorted([*self._scenes, *self._broken])
+
+    def scene(self, scene_id: str) -> SceneRecord:
+        if scene_id in self._broken:
+            raise DatasetError(f"test/{scene_id}.txt", "malformed number", line=3, field="fx", scene_id=scene_id)
+        return self._scenes[scene_id]
+
+    def load_image(self, frame: FrameRecord) -> np.ndarray:
+        raise NotImplementedError("the planner never loads pixels")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(2, 80),
+    views=st.integers(2, 10),
+    lo=st.floats(0, 60),
+    extra=st.floats(0, 100),
+    gaps=st.lists(st.floats(0.5, 20), min_size=79, max_size=79),
+    seed=st.integers(0, 2**32),
+)
+def test_stride_indices_properties(n, views, lo, extra, gaps, seed):
+    if n < views:
+        with pytest.raises(ValueError):
+            stride_indices(np.arange(n, dtype=float), views, (lo, lo + extra), np.random.default_rng(seed))
+        return
+    p = np.concatenate([[0.0], np.cumsum(gaps[: n - 1])])
+    idx = stride_indices(p, views, (lo, lo + extra), np.random.default_rng(seed))
+    assert len(idx) == views and idx == sorted(set(idx)), "S distinct frames in capture order"
+    assert 0 <= idx[0] and idx[-1] < n
+    steps = np.diff(idx)
+    assert steps.max() - steps.min() <= 1, "uniform stride of frame indices"
+    span = p[idx[-1]] - p[idx[0]]
+    tightest = np.min(p[views - 1 :] - p[: n - views + 1])
+    whole = p[-1] - p[0]
+    lo_c = min(max(lo, tightest), whole)
+    hi_c = min(max(lo + extra, lo_c), whole)
+    # the end frame is the first at/after start + L, so the span may exceed L by one frame gap
+    assert span >= lo_c - 1e-6
+    if idx[-1] - idx[0] > views - 1:
+        assert p[idx[-1] - 1] - p[idx[0]] < hi_c + 1e-6
+
+
+def test_stride_clamps_short_clip_to_whole_clip():
+    # 16 frames, ~8 raw frames apart (like the real RealEstate10K sample clips): [S*48, S*144] is
+    # far above the clip's 120 raw frames, so the window covers the whole clip.
+    p = np.arange(16) * 8.0
+    idx = stride_indices(p, 8, (8 * 48, 8 * 144), np.random.default_rng(0))
+    assert idx[0] == 0 and idx[-1] == 15
+
+
+def test_stride_span_within_range_on_long_clip():
+    p = np.arange(3000, dtype=float)  # every raw frame listed
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        idx = stride_indices(p, 4, (4 * 48, 4 * 144), rng)
+        assert 4 * 48 <= p[idx[-1]] - p[idx[0]] <= 4 * 144 + 1
+
+
+def test_random_indices():
+    rng = np.random.default_rng(0)
+    idx = random_indices(30, 8, rng)
+    assert idx == sorted(set(idx)) and len(idx) == 8 and idx[-1] < 30
+    with pytest.raises(ValueError):
+        random_indices(3, 8, rng)
+
+
+def test_plan_scene_deterministic_and_seeded():
+    scene = make_scene("a", 400)
+    cfg = default_plan_config("re10k", views=4, windows_per_scene=3)
+    assert cfg.policy == "stride" and cfg.positions == "timestamp_us"
+    w1 = plan_scene(scene, cfg, FP)
+    w2 = plan_scene(scene, cfg, FP)
+    assert [w.record.window_id for w in w1] == [w.record.window_id for w in w2]
+    assert len(w1) == 3 and all(w.error is None and w.record.num_views == 4 for w in w1)
+    other = plan_scene(scene, default_plan_config("re10k", views=4, windows_per_scene=3, seed=7), FP)
+    assert [w.record.frame_ids for w in other] != [w.record.frame_ids for w in w1]
+    # timestamps at 30 fps: spans measured in raw frames (1 listed frame = 1 raw frame here)
+    for w in w1:
+        t = np.array([int(f) for f in w.record.frame_ids])
+        raw_span = (t[-1] - t[0]) * 30 / 1e6
+        assert 4 * 48 - 1e-6 <= raw_span <= 4 * 144 + 1.01
+    # the config goes into the window id
+    assert plan_scene(scene, cfg, {**FP, "tau": 2.0})[0].record.window_id != w1[0].record.window_id
+
+
+def test_stable_seed_is_not_python_hash():
+    assert stable_seed(0, "re10k", "test", "abc") == stable_seed(0, "re10k", "test", "abc")
+    assert stable_seed(0, "re10k", "test", "abc") != stable_seed(1, "re10k", "test", "abc")
+
+
+def test_duplicate_windows_dropped_on_tiny_scene():
+    scene = make_scene("b", 4)
+    cfg = PlanConfig(views=4, windows_per_scene=5, policy="random")
+    windows = plan_scene(scene, cfg, FP)
+    assert len(windows) == 1 and windows[0].record.frame_ids == [f.frame_id for f in scene.frames]
+
+
+def test_plan_windows_failed_scenes(tmp_path):
+    reader = ListReader(tmp_path, [make_scene("long", 40), make_scene("short", 3)], broken=("bad",))
+    cfg = PlanConfig(views=4, windows_per_scene=2, policy="random")
+    windows = plan_windows(reader, cfg, FP)
+    by_scene: dict[str, list] = {}
+    for w in windows:
+        by_scene.setdefault(w.record.scene_id, []).append(w)
+    assert [w.error is None for w in by_scene["long"]] == [True, True]
+    (short,) = by_scene["short"]
+    assert "fewer than the 4 views" in short.error and short.record.frames == ()
+    (bad,) = by_scene["bad"]
+    assert "test/bad.txt:3 [fx]" in bad.error
+    assert len({w.record.window_id for w in windows}) == len(windows)
+
+
+def test_timestamp_positions_need_integer_ids(tmp_path):
+    scene = make_scene("x", 20)
+    frames = tuple(FrameRecord(f"f{i}", f.image_path, f.image_size, f.intrinsics, f.extrinsics) for i, f in enumerate(scene.frames))
+    reader = ListReader(tmp_path, [SceneRecord("re10k", "test", "x", frames)])
+    (w,) = plan_windows(reader, default_plan_config("re10k", views=4), FP)
+    assert w.error is not None and "integer frame ids" in w.error and "[frame_id]" in w.error
+
+
+def test_plan_config_validation():
+    with pytest.raises(SchemaError, match="policy"):
+        PlanConfig(policy="bogus")
+    with pytest.raises(SchemaError, match="span_per_view"):
+        PlanConfig(span_per_view=(5, 1))
+    with pytest.raises(SchemaError, match="views"):
+        PlanConfig(views=1)
+
+
+def test_make_shards_resume_reproduces_shards(tmp_path):
+    reader = ListReader(tmp_path, [make_scene(f"s{i}", 30) for i in range(5)])
+    windows = plan_windows(reader, PlanConfig(views=4, windows_per_scene=2, policy="random"), FP)
+    shards = make_shards(windows, 3)
+    assert [len(s.windows) for s in shards] == [3, 3, 3, 1]
+    assert shards[0].shard_id == shard_id_of(shards[0].window_ids)
+    assert len({s.shard_id for s in shards}) == 4
+    done = set(shards[1].window_ids) | set(shards[3].window_ids)
+    rest = make_shards(windows, 3, skip=done)
+    assert [s.shard_id for s in rest] == [shards[0].shard_id, shards[2].shard_id]
+    with pytest.raises(SchemaError):
+        make_shards(windows, 0)
+
+
+def test_plan_real_re10k_clips(shared_data):
+    re10k = pytest.importorskip("cameo_corr.datasets.re10k", reason="RE10K reader not available")
+    reader = re10k.RE10KReader(shared_data / "re10k_clips", split="test")
+    windows = plan_windows(reader, default_plan_config("re10k", views=8, windows_per_scene=2), FP)
+    ok = [w for w in windows if w.error is None]
+    assert len({w.record.scene_id for w in ok}) == len(reader.scene_ids())
+    # the 4.2 s clips are far shorter than [8*48, 8*144] raw frames: whole clip, evenly strided
+    for w in ok:
+        scene = reader.scene(w.record.scene_id)
+        assert w.record.frame_ids[0] == scene.frames[0].frame_id
+        assert w.record.frame_ids[-1] == scene.frames[-1].frame_id
