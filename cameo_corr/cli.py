@@ -9,6 +9,8 @@ import importlib
 import sys
 
 _COMMAND_MODULES: tuple[str, ...] = (
+    "cameo_corr.pipeline.ray_job",
+    "cameo_corr.pipeline.cache_tools",
 )
 
 

@@ -1,0 +1,389 @@
+"""``cameo-corr cache stats|verify|viz``: inspect, check and picture a correspondence cache.
+
+* ``stats``: windows (ok / failed), scenes, shards, mask coverage histogram, valid-token share, bytes
+  on disk and per window, the most common failure reasons, orphans left by killed workers.
+* ``verify``: every ok manifest row has its shard row (the shard's ``window_ids`` attribute agrees),
+  every shard row is referenced once, shapes and dtypes match the schema
+  (:func:`~cameo_corr.schemas.validate_window_arrays`), ``nn`` diagonal is the identity, masks are
+  consistent with ``nn`` (``mask_ij[x]`` exactly when ``x`` is valid, view j has a valid token and the
+  cycle ``nn_ji[nn_ij[x]]`` lands within ``tau`` tokens of ``x``), ``nn`` only points at valid tokens,
+  and the manifest's ``valid_frac``/``mask_frac`` match the arrays. Exits 1 listing the problems.
+* ``viz``: a PNG with two views side by side and lines between corresponding tokens (masked ones,
+  coloured by the query token's grid position), the view-pair mask coverage matrix and the per-token
+  coverage of the first view. Images come from the dataset through ``CorrCache.reader()`` and
+  ``CorrCache.view()``, i.e. the same canonical crop the cache was computed on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from cameo_corr.pipeline.cache import CorrCache
+
+COVERAGE_BINS = 10
+
+
+# ------------------------------------------------------------------------------------------ stats
+def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS) -> dict[str, Any]:
+    """Summary numbers of a cache (see the module docstring)."""
+    from cameo_corr.pipeline.cache import MANIFEST_DIR, SHARDS_DIR, TMP_PREFIX, fragment_names
+
+    table = cache.manifest(None)
+    rows = table.select(["scene_id", "shard", "status", "valid_frac", "mask_frac", "error"]).to_pydict()
+    ok = [i for i, s in enumerate(rows["status"]) if s == "ok"]
+    failed = [i for i, s in enumerate(rows["status"]) if s == "failed"]
+    mask_frac = np.array([rows["mask_frac"][i] for i in ok], dtype=np.float64)
+    valid_frac = np.array([rows["valid_frac"][i] for i in ok], dtype=np.float64)
+    counts, edges = np.histogram(mask_frac, bins=bins, range=(0.0, 1.0))
+    reasons = Counter((rows["error"][i] or "").split(":", 1)[0] for i in failed)
+    loc = cache.location
+    finished = {n[len("part-") : -len(".parquet")] for n in fragment_names(loc)}
+    orphans = [
+        n for folder in (SHARDS_DIR, MANIFEST_DIR) for n in loc.listdir(folder)
+        if n.startswith(TMP_PREFIX) or (folder == SHARDS_DIR and n.endswith(".zarr") and n[: -len(".zarr")] not in finished)
+    ]
+    shard_bytes = loc.disk_usage(SHARDS_DIR)
+    manifest_bytes = loc.disk_usage(MANIFEST_DIR)
+    return {
+        "path": loc.display,
+        "views": cache.config.views,
+        "grid": list(cache.config.grid),
+        "tau": cache.config.tau,
+        "backend": cache.config.backend.get("name"),
+        "windows_ok": len(ok),
+        "windows_failed": len(failed),
+        "scenes_ok": len({rows["scene_id"][i] for i in ok}),
+        "scenes_total": len(set(rows["scene_id"])),
+        "shards": len({rows["shard"][i] for i in ok}),
+        "valid_frac_mean": float(valid_frac.mean()) if len(ok) else 0.0,
+        "mask_frac_mean": float(mask_frac.mean()) if len(ok) else 0.0,
+        "mask_frac_histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
+        "failure_reasons": dict(reasons.most_common()),
+        "failure_examples": [rows["error"][i] for i in failed[:5]],
+        "bytes_shards": shard_bytes,
+        "bytes_manifest": manifest_bytes,
+        "bytes_total": shard_bytes + manifest_bytes,
+        "bytes_per_window": shard_bytes / len(ok) if ok else 0.0,
+        "orphans": orphans,
+    }
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """Text report of :func:`cache_stats` with a bar chart of the mask coverage histogram."""
+    h = stats["mask_frac_histogram"]
+    top = max(h["counts"]) if h["counts"] and max(h["counts"]) else 1
+    lines = [
+        f"cache {stats['path']}: S={stats['views']} grid={stats['grid'][0]}x{stats['grid'][1]} tau={stats['tau']} "
+        f"backend={stats['backend']}",
+        f"windows: {stats['windows_ok']} ok, {stats['windows_failed']} failed; scenes: {stats['scenes_ok']} with ok windows "
+        f"of {stats['scenes_total']}; shards: {stats['shards']}",
+        f"valid tokens: {100 * stats['valid_frac_mean']:.1f}% mean; masked query tokens (i != j): "
+        f"{100 * stats['mask_frac_mean']:.1f}% mean",
+        "mask coverage per window (mask_frac):",
+    ]
+    for lo, hi, c in zip(h["edges"][:-1], h["edges"][1:], h["counts"]):
+        lines.append(f"  [{lo:.1f}, {hi:.1f}{']' if hi >= 1.0 else ')'} {c:6d} {'#' * int(round(40 * c / top))}")
+    lines.append(
+        f"bytes: {stats['bytes_total']:,} on disk ({stats['bytes_shards']:,} shards, {stats['bytes_manifest']:,} manifest), "
+        f"{stats['bytes_per_window']:,.0f} per ok window"
+    )
+    if stats["failure_reasons"]:
+        lines.append("failures: " + ", ".join(f"{k or '?'} x{v}" for k, v in stats["failure_reasons"].items()))
+        lines += [f"  e.g. {e}" for e in stats["failure_examples"]]
+    if stats["orphans"]:
+        lines.append(f"orphans (left by killed workers; removed by the next preprocess run): {len(stats['orphans'])}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ verify
+def check_window_consistency(arrays: dict[str, np.ndarray], tau: float, grid: tuple[int, int]) -> list[str]:
+    """Problems of one window's arrays beyond dtypes/shapes: diagonal, nn targets, cycle masks."""
+    problems = []
+    h, w = grid
+    hw = h * w
+    valid = np.asarray(arrays["valid"]).reshape(-1, hw)
+    nn = np.asarray(arrays["nn"]).astype(np.int64)
+    mask = np.asarray(arrays["mask"])
+    dist = np.asarray(arrays["dist"])
+    S = valid.shape[0]
+    ident = np.arange(hw)
+    xy = np.stack([ident % w, ident // w], axis=-1)
+    for i in range(S):
+        if not np.array_equal(nn[i, i], ident):
+            problems.append(f"nn[{i},{i}] is not the identity")
+        if not np.array_equal(mask[i, i], valid[i]):
+            problems.append(f"mask[{i},{i}] differs from valid[{i}]")
+        if np.any(dist[i, i] != 0):
+            problems.append(f"dist[{i},{i}] is not 0")
+    for i in range(S):
+        for j in range(S):
+            if i == j:
+                continue
+            queries = valid[i] & valid[j].any()
+            bad_target = queries & ~valid[j][nn[i, j]]
+            if bad_target.any():
+                problems.append(f"nn[{i},{j}] points at invalid tokens of view {j} for {int(bad_target.sum())} queries")
+            cycle = nn[j, i][nn[i, j]]
+            d2 = ((xy - xy[cycle]) ** 2).sum(-1)
+            expected = queries & (d2 <= tau * tau + 1e-9)
+            wrong = expected != mask[i, j]
+            if wrong.any():
+                problems.append(
+                    f"mask[{i},{j}] disagrees with the cycle test (|p(x) - p(nn_ji[nn_ij[x]])| <= {tau}) "
+                    f"at {int(wrong.sum())} tokens"
+                )
+    return problems
+
+
+def verify_cache(cache: "CorrCache", *, max_windows: int | None = None) -> list[str]:
+    """All problems found in the cache (empty list: the cache is consistent)."""
+    from cameo_corr.pipeline.cache import window_fractions
+    from cameo_corr.schemas import CACHE_ARRAYS, CameoCorrError, validate_window_arrays
+
+    cfg = cache.config
+    grid = tuple(cfg.grid)
+    problems: list[str] = []
+    rows = cache.manifest(None).to_pylist()
+    seen: Counter[str] = Counter(r["window_id"] for r in rows)
+    problems += [f"window {wid}: {n} manifest rows" for wid, n in seen.items() if n > 1]
+    by_shard: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        where = f"window {r['window_id']}"
+        if r["status"] not in ("ok", "failed"):
+            problems.append(f"{where}: unknown status {r['status']!r}")
+        elif r["status"] == "failed":
+            if r["shard"] is not None or r["row"] is not None or not r["error"]:
+                problems.append(f"{where}: failed row must have shard/row null and an error")
+        else:
+            if r["shard"] is None or r["row"] is None or r["error"] is not None:
+                problems.append(f"{where}: ok row must have shard and row and no error")
+                continue
+            if r["num_views"] != cfg.views or len(r["frame_ids"]) != cfg.views:
+                problems.append(f"{where}: {r['num_views']} views / {len(r['frame_ids'])} frame ids, cache has S={cfg.views}")
+            by_shard.setdefault(r["shard"], []).append(r)
+    checked = 0
+    for shard_id, shard_rows in sorted(by_shard.items()):
+        if max_windows is not None and checked >= max_windows:
+            break
+        try:
+            group = cache.open_shard(shard_id)
+        except CameoCorrError as e:
+            problems.append(f"shard {shard_id}: {e}")
+            continue
+        missing = [n for n in CACHE_ARRAYS if n not in group]
+        if missing:
+            problems.append(f"shard {shard_id}: arrays {missing} missing")
+            continue
+        ids = list(group.attrs.get("window_ids", []))
+        data = {n: np.asarray(group[n][...]) for n in CACHE_ARRAYS}
+        W = data["nn"].shape[0]
+        if len(ids) != W or any(data[n].shape[0] != W for n in CACHE_ARRAYS):
+            problems.append(f"shard {shard_id}: window_ids attribute and array lengths disagree")
+            continue
+        referenced = Counter(r["row"] for r in shard_rows)
+        unreferenced = sorted(set(range(W)) - set(referenced))
+        if unreferenced:
+            problems.append(f"shard {shard_id}: rows {unreferenced} have no manifest row")
+        for r in shard_rows:
+            if max_windows is not None and checked >= max_windows:
+                break
+            checked += 1
+            where = f"window {r['window_id']} (shard {shard_id} row {r['row']})"
+            k = r["row"]
+            if not 0 <= k < W:
+                problems.append(f"{where}: row outside the shard's {W} windows")
+                continue
+            if ids[k] != r["window_id"]:
+                problems.append(f"{where}: shard row holds window {ids[k]}")
+                continue
+            arrays = {n: data[n][k] for n in CACHE_ARRAYS}
+            try:
+                validate_window_arrays(arrays, cfg.views, grid, where=where)
+            except CameoCorrError as e:
+                problems.append(str(e))
+                continue
+            problems += [f"{where}: {p}" for p in check_window_consistency(arrays, cfg.tau, grid)]
+            valid_frac, mask_frac = window_fractions(arrays)
+            if abs(valid_frac - r["valid_frac"]) > 1e-6 or abs(mask_frac - r["mask_frac"]) > 1e-6:
+                problems.append(
+                    f"{where}: manifest valid_frac/mask_frac {r['valid_frac']:.6f}/{r['mask_frac']:.6f} != arrays "
+                    f"{valid_frac:.6f}/{mask_frac:.6f}"
+                )
+    return problems
+
+
+# ------------------------------------------------------------------------------------------ viz
+def load_window_images(cache: "CorrCache", window_id: str) -> np.ndarray:
+    """``[S, size, size, 3]`` uint8 canonical views of a cached window, read from its dataset."""
+    from cameo_corr.datasets.canonical import load_window
+    from cameo_corr.schemas import DatasetError, WindowRecord
+
+    row = cache.row(window_id)
+    reader = cache.reader()
+    scene = reader.scene(row["scene_id"])
+    by_id = {f.frame_id: f for f in scene.frames}
+    missing = [f for f in row["frame_ids"] if f not in by_id]
+    if missing:
+        raise DatasetError(str(reader.root), f"frames {missing} of window {window_id} are no longer in the dataset", scene_id=row["scene_id"])
+    record = WindowRecord(window_id, row["dataset"], row["split"], row["scene_id"], tuple(by_id[f] for f in row["frame_ids"]))
+    return load_window(reader, record, cache.view()).images
+
+
+def token_colors(grid: tuple[int, int]) -> np.ndarray:
+    """``[h*w, 3]`` RGB colour of each token from its grid position (red = x, blue = y)."""
+    h, w = grid
+    idx = np.arange(h * w)
+    x = (idx % w) / max(w - 1, 1)
+    y = (idx // w) / max(h - 1, 1)
+    return np.stack([x, 0.35 + 0.3 * (1 - np.abs(x - y)), y], axis=-1)
+
+
+def render_viz(
+    cache: "CorrCache", window_id: str, out: str | Path, *, pair: tuple[int, int] = (0, 1), max_lines: int = 200
+) -> Path:
+    """Write the correspondence picture of one window (see the module docstring) to ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arrays = cache.window(window_id)
+    images = load_window_images(cache, window_id)
+    S, size = images.shape[0], images.shape[1]
+    i, j = pair
+    if not (0 <= i < S and 0 <= j < S and i != j):
+        raise ValueError(f"pair {pair} must be two different views in [0, {S})")
+    h, w = tuple(cache.config.grid)
+    hw = h * w
+    nn, mask, valid = arrays["nn"].astype(np.int64), arrays["mask"], arrays["valid"].reshape(S, hw)
+    centres = np.stack([(np.arange(hw) % w + 0.5) * size / w, (np.arange(hw) // w + 0.5) * size / h], axis=-1)
+    queries = np.flatnonzero(mask[i, j])
+    if len(queries) > max_lines:
+        queries = queries[np.round(np.linspace(0, len(queries) - 1, max_lines)).astype(int)]
+    colors = token_colors((h, w))
+
+    fig = plt.figure(figsize=(14, 8.5), layout="constrained")
+    gs = fig.add_gridspec(2, 2, height_ratios=[1.15, 1])
+    ax = fig.add_subplot(gs[0, :])
+    ax.imshow(np.concatenate([images[i], images[j]], axis=1), extent=(0, 2 * size, size, 0))
+    for x in queries:
+        (u0, v0), (u1, v1) = centres[x], centres[nn[i, j, x]]
+        ax.plot([u0, u1 + size], [v0, v1], color=colors[x], linewidth=0.8, alpha=0.9)
+        ax.plot([u0, u1 + size], [v0, v1], "o", color=colors[x], markersize=2)
+    ax.set_title(f"window {window_id}: view {i} -> view {j}, {int(mask[i, j].sum())} masked of {int(valid[i].sum())} valid "
+                 f"query tokens ({len(queries)} drawn)")
+    ax.axis("off")
+
+    off = ~np.eye(S, dtype=bool)
+    coverage = mask.mean(axis=2)
+    ax = fig.add_subplot(gs[1, 0])
+    im = ax.imshow(np.where(off, coverage, np.nan), vmin=0, vmax=1, cmap="viridis")
+    for a in range(S):
+        for b in range(S):
+            if a != b:
+                ax.text(b, a, f"{coverage[a, b]:.2f}", ha="center", va="center", fontsize=7, color="w" if coverage[a, b] < 0.6 else "k")
+    ax.set_xlabel("key view j")
+    ax.set_ylabel("query view i")
+    ax.set_title("mask coverage: share of query tokens with a cycle-consistent match")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+
+    ax = fig.add_subplot(gs[1, 1])
+    per_token = mask[i][off[i]].mean(axis=0).reshape(h, w)
+    ax.imshow(images[i], extent=(0, size, size, 0))
+    im = ax.imshow(per_token, extent=(0, size, size, 0), vmin=0, vmax=1, cmap="magma", alpha=0.6, interpolation="nearest")
+    ax.set_title(f"view {i}: share of other views where each token is matched")
+    ax.axis("off")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _open(args: argparse.Namespace) -> "CorrCache":
+    from cameo_corr.pipeline.cache import CorrCache
+
+    return CorrCache(args.cache, dict(args.storage_option) or None)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    stats = cache_stats(_open(args), bins=args.bins)
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    cache = _open(args)
+    problems = verify_cache(cache, max_windows=args.max_windows)
+    n = len(cache.window_ids())
+    checked = n if args.max_windows is None else min(n, args.max_windows)
+    if problems:
+        print(f"{len(problems)} problem(s) in {cache.location.display}:", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    print(f"ok: {checked} of {n} windows verified in {cache.location.display}")
+    return 0
+
+
+def _viz(args: argparse.Namespace) -> int:
+    cache = _open(args)
+    window = args.window or cache.window_ids()[0]
+    out = render_viz(cache, window, args.out, pair=tuple(args.pair), max_lines=args.max_lines)
+    print(f"wrote {out}")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``cameo-corr cache {stats,verify,viz}``."""
+    from cameo_corr.pipeline.ray_job import key_value_arg
+
+    parser = subparsers.add_parser("cache", help="inspect, verify or visualise a correspondence cache")
+    sub = parser.add_subparsers(dest="cache_command", metavar="{stats,verify,viz}", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("cache", help="cache directory or fsspec URL")
+        p.add_argument("--storage-option", action="append", type=key_value_arg, default=[], metavar="KEY=VALUE",
+                       help="fsspec storage option (JSON value), repeatable")
+
+    p = sub.add_parser("stats", help="windows, scenes, failures, mask coverage histogram, bytes")
+    common(p)
+    p.add_argument("--bins", type=int, default=COVERAGE_BINS, help="histogram bins (default: 10)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_stats)
+
+    p = sub.add_parser("verify", help="check manifest <-> shards, schema, nn diagonal and cycle masks; exit 1 on problems")
+    common(p)
+    p.add_argument("--max-windows", type=int, default=None, help="check at most this many ok windows")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("viz", help="PNG: two views with correspondence lines + mask coverage heatmaps")
+    common(p)
+    p.add_argument("--window", default=None, help="window id (default: the first ok window)")
+    p.add_argument("--out", required=True, help="PNG path")
+    p.add_argument("--pair", type=int, nargs=2, default=(0, 1), metavar=("I", "J"), help="views to draw (default: 0 1)")
+    p.add_argument("--max-lines", type=int, default=200, help="at most this many correspondence lines")
+    p.set_defaults(func=_viz)
+
+
+__all__ = [
+    "cache_stats",
+    "format_stats",
+    "check_window_consistency",
+    "verify_cache",
+    "load_window_images",
+    "token_colors",
+    "render_viz",
+    "register_cli",
+]
