@@ -1,0 +1,356 @@
+"""RealEstate10K readers: the raw layout (camera ``.txt`` per clip + extracted frames) and pixelSplat
+``.torch`` chunks.
+
+Raw layout (:class:`RE10KReader`)::
+
+    <root>/<split>/<key>.txt                            line 1: video URL; then one frame per line:
+        timestamp_us fx fy cx cy 0 0 r00 r01 r02 t0 r10 r11 r12 t1 r20 r21 r22 t2
+    <frames_root>/<key>/<timestamp_us>.<png|jpg|jpeg>   (frames_root defaults to <root>/frames)
+
+Intrinsics are normalized by the image width/height; the pose is world-to-camera, OpenCV (SPEC
+section 1). The pixel intrinsics use the size of the stored frames, read from every frame's header
+(cheap: Pillow opens files lazily); all frames of a clip must share one size.
+
+pixelSplat chunks (:class:`RE10KChunkReader`)::
+
+    <root>/<split>/index.json       {key: chunk file name (relative to <root>/<split>)}
+    <root>/<split>/<chunk>.torch    torch.save(list[dict(url, timestamps int64 [N],
+                                    cameras float32 [N, 18], images list[uint8 JPEG bytes], key)])
+
+Chunks are loaded with ``torch.load(weights_only=True)`` only, never unpickled.
+
+Frame ids are the timestamps (integer microseconds, as written in the file).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cameo_corr.datasets.base import SceneReader
+from cameo_corr.schemas import (
+    DatasetError,
+    FrameRecord,
+    SceneRecord,
+    SchemaError,
+    intrinsics_from_normalized,
+    make_extrinsics,
+    validate_camera,
+)
+
+RAW_COLUMNS: tuple[str, ...] = (
+    "timestamp_us", "fx", "fy", "cx", "cy", "unused0", "unused1",
+    "r00", "r01", "r02", "t0", "r10", "r11", "r12", "t1", "r20", "r21", "r22", "t2",
+)
+"""The 19 numbers of one frame line of a raw RealEstate10K camera file."""
+CAMERA_COLUMNS: tuple[str, ...] = RAW_COLUMNS[1:]
+"""The 18 camera numbers (pixelSplat's ``cameras`` rows): everything after the timestamp."""
+FRAME_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+
+
+def camera_from_row(values: Sequence[float], width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel intrinsics ``K`` and world-to-camera ``E`` of one 18-number RealEstate10K camera row."""
+    fx, fy, cx, cy = (float(v) for v in values[:4])
+    K = intrinsics_from_normalized(fx, fy, cx, cy, width, height)
+    P = np.asarray(values[6:18], dtype=np.float64).reshape(3, 4)
+    return K, make_extrinsics(P[:, :3], P[:, 3])
+
+
+def _decode_rgb(source: Path | io.BytesIO, path: str, scene_id: str | None) -> np.ndarray:
+    """Decode an image file or buffer to RGB uint8 ``[H, W, 3]``; errors name ``path``."""
+    try:
+        with Image.open(source) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DatasetError(path, f"cannot decode image: {e}", field="image", scene_id=scene_id) from e
+
+
+def _image_size(source: Path | io.BytesIO, path: str, scene_id: str, **where: Any) -> tuple[int, int]:
+    """``(H, W)`` from an image header (no pixel decoding); errors name ``path``."""
+    try:
+        with Image.open(source) as im:
+            W, H = im.size
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DatasetError(path, f"cannot read image header: {e}", scene_id=scene_id, **where) from e
+    return int(H), int(W)
+
+
+def _checked_camera(values: Sequence[float], hw: tuple[int, int], path: str, scene_id: str, **where: Any) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`camera_from_row` + :func:`validate_camera`, errors turned into :class:`DatasetError`."""
+    K, E = camera_from_row(values, width=hw[1], height=hw[0])
+    try:
+        validate_camera(K, E, where="")
+    except SchemaError as e:
+        field = where.pop("field", None) or e.field
+        raise DatasetError(path, str(e), field=field, scene_id=scene_id, **where) from e
+    return K, E
+
+
+class RE10KReader(SceneReader):
+    """RealEstate10K raw layout: ``<root>/<split>/<key>.txt`` + ``<frames_root>/<key>/<timestamp>.*``.
+
+    ``image_path`` of a frame is relative to the dataset root when ``frames_root`` lies inside it
+    (the default ``<root>/frames`` gives ``frames/<key>/<timestamp>.jpg``); when ``frames_root`` lies
+    elsewhere it is relative to ``frames_root`` (``<key>/<timestamp>.jpg``) and :meth:`load_image`
+    joins it with ``frames_root``, which :meth:`options` records so the reader reopens identically.
+    """
+
+    name = "re10k"
+    default_crop_policy = "center"
+
+    def __init__(self, root: str | Path, split: str = "test", frames_root: str | Path | None = None) -> None:
+        super().__init__(root, split)
+        self.frames_root = Path(frames_root) if frames_root is not None else self.root / "frames"
+        self._explicit_frames_root = frames_root is not None
+        root_abs, frames_abs = self.root.resolve(), self.frames_root.resolve()
+        self.image_root = self.root if frames_abs.is_relative_to(root_abs) else self.frames_root
+        self._image_prefix = frames_abs.relative_to(root_abs) if self.image_root is self.root else Path()
+        self.split_dir = self.root / split
+        if not self.split_dir.is_dir():
+            raise DatasetError(str(self.split_dir), f"split directory of '{self.name}' split {split!r} does not exist")
+
+    def scene_ids(self) -> list[str]:
+        """Sorted clip keys (stems of ``<root>/<split>/*.txt``)."""
+        return sorted(p.stem for p in self.split_dir.glob("*.txt"))
+
+    def scene(self, scene_id: str) -> SceneRecord:
+        """Parse ``<root>/<split>/<scene_id>.txt`` and locate its frames; errors name file and line."""
+        path = self.split_dir / f"{scene_id}.txt"
+        if not path.is_file():
+            raise DatasetError(str(path), "camera file of the clip does not exist", scene_id=scene_id)
+        rows = self._parse(path, scene_id)
+        frame_dir = self.frames_root / scene_id
+        if not frame_dir.is_dir():
+            raise DatasetError(str(frame_dir), "frame directory of the clip does not exist", scene_id=scene_id)
+        files: dict[str, str] = {}
+        for entry in frame_dir.iterdir():
+            if entry.suffix.lower() in FRAME_EXTENSIONS:
+                if entry.stem in files:
+                    raise DatasetError(str(entry), f"two frame files for timestamp {entry.stem} ({files[entry.stem]})",
+                                       scene_id=scene_id)
+                files[entry.stem] = entry.name
+        frames: list[FrameRecord] = []
+        size: tuple[int, int] | None = None
+        first_file = ""
+        for line_no, ts, values in rows:
+            if ts not in files:
+                expected = frame_dir / f"{ts}.{{png,jpg,jpeg}}"
+                raise DatasetError(str(expected), f"missing frame file (listed in {path.name})", line=line_no,
+                                   field="timestamp_us", scene_id=scene_id)
+            file = frame_dir / files[ts]
+            hw = _image_size(file, str(file), scene_id, field="image")
+            if size is None:
+                size, first_file = hw, str(file)
+            elif hw != size:
+                raise DatasetError(str(file), f"frame size {hw} differs from {size} of {first_file}; all frames of a clip "
+                                   "must share one size", field="image_size", scene_id=scene_id)
+            K, E = _checked_camera(values, hw, str(path), scene_id, line=line_no, field=None)
+            rel = (self._image_prefix / scene_id / files[ts]).as_posix()
+            frames.append(FrameRecord(frame_id=ts, image_path=rel, image_size=hw, intrinsics=K, extrinsics=E))
+        return SceneRecord(self.name, self.split, scene_id, tuple(frames))
+
+    def load_image(self, frame: FrameRecord) -> np.ndarray:
+        """Decode the frame file as RGB uint8 ``[H, W, 3]``."""
+        path = self.image_root / frame.image_path
+        if not path.is_file():
+            raise DatasetError(str(path), "frame file does not exist", field="image")
+        return _decode_rgb(path, str(path), None)
+
+    def options(self) -> dict[str, Any]:
+        """``split`` and, when given explicitly, ``frames_root``."""
+        opts: dict[str, Any] = {"split": self.split}
+        if self._explicit_frames_root:
+            opts["frames_root"] = str(self.frames_root)
+        return opts
+
+    @staticmethod
+    def _parse(path: Path, scene_id: str) -> list[tuple[int, str, list[float]]]:
+        """``(line number, timestamp string, 18 camera numbers)`` of every frame line of a camera file."""
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DatasetError(str(path), f"cannot read camera file: {e}", scene_id=scene_id) from e
+        if not lines or not lines[0].strip():
+            raise DatasetError(str(path), "empty camera file (line 1 must be the video URL)", line=1, field="url",
+                               scene_id=scene_id)
+        first = lines[0].split()
+        if len(first) == len(RAW_COLUMNS) and first[0].isdigit():
+            raise DatasetError(str(path), "line 1 must be the video URL, found a camera line", line=1, field="url",
+                               scene_id=scene_id)
+        rows: list[tuple[int, str, list[float]]] = []
+        seen: dict[str, int] = {}
+        for line_no, line in enumerate(lines[1:], start=2):
+            tokens = line.split()
+            if not tokens:
+                continue
+            if len(tokens) != len(RAW_COLUMNS):
+                raise DatasetError(str(path), f"expected {len(RAW_COLUMNS)} numbers, got {len(tokens)}", line=line_no,
+                                   field="columns", scene_id=scene_id)
+            ts = tokens[0]
+            if not ts.isdigit():
+                raise DatasetError(str(path), f"timestamp {ts!r} is not a non-negative integer", line=line_no,
+                                   field="timestamp_us", scene_id=scene_id)
+            if ts in seen:
+                raise DatasetError(str(path), f"timestamp {ts} repeats line {seen[ts]}", line=line_no,
+                                   field="timestamp_us", scene_id=scene_id)
+            seen[ts] = line_no
+            values: list[float] = []
+            for name, tok in zip(CAMERA_COLUMNS, tokens[1:]):
+                try:
+                    v = float(tok)
+                except ValueError:
+                    raise DatasetError(str(path), f"malformed number {tok!r}", line=line_no, field=name,
+                                       scene_id=scene_id) from None
+                if not math.isfinite(v):
+                    raise DatasetError(str(path), f"non-finite value {tok!r}", line=line_no, field=name, scene_id=scene_id)
+                values.append(v)
+            rows.append((line_no, ts, values))
+        if not rows:
+            raise DatasetError(str(path), "camera file lists no frames", line=len(lines), scene_id=scene_id)
+        return rows
+
+
+class RE10KChunkReader(SceneReader):
+    """pixelSplat ``.torch`` chunks of RealEstate10K: ``<root>/<split>/index.json`` + chunk files.
+
+    ``image_path`` of a frame is ``"<split>/<chunk file>#<key>/<index>"`` (relative to the root);
+    :meth:`load_image` decodes the JPEG bytes stored at that index. The most recently loaded chunk is
+    kept in memory (chunks hold many clips and are read clip after clip).
+    """
+
+    name = "re10k-chunks"
+    default_crop_policy = "center"
+
+    def __init__(self, root: str | Path, split: str = "test") -> None:
+        super().__init__(root, split)
+        self.split_dir = self.root / split
+        index_path = self.split_dir / "index.json"
+        if not index_path.is_file():
+            raise DatasetError(str(index_path), f"chunk index of split {split!r} does not exist")
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DatasetError(str(index_path), f"cannot read the chunk index: {e}") from e
+        if not isinstance(index, dict):
+            raise DatasetError(str(index_path), "must map clip keys to chunk file names (a JSON object)")
+        for key, chunk in index.items():
+            if not isinstance(chunk, str) or not chunk:
+                raise DatasetError(str(index_path), f"chunk file name must be a non-empty string, got {chunk!r}", field=key)
+            if "/" in key or "#" in key:
+                raise DatasetError(str(index_path), "clip keys may not contain '/' or '#'", field=key)
+        self.index: dict[str, str] = index
+        self._chunk: tuple[str, dict[str, dict[str, Any]]] | None = None
+
+    def scene_ids(self) -> list[str]:
+        """Sorted clip keys of ``index.json``."""
+        return sorted(self.index)
+
+    def scene(self, scene_id: str) -> SceneRecord:
+        """The clip ``scene_id`` from its chunk, validated; errors name the chunk file and the field."""
+        if scene_id not in self.index:
+            raise DatasetError(str(self.split_dir / "index.json"), "clip key not in the chunk index", field=scene_id,
+                               scene_id=scene_id)
+        chunk_rel = f"{self.split}/{self.index[scene_id]}"
+        item = self._clip(chunk_rel, scene_id)
+        path = str(self.root / chunk_rel)
+        timestamps, cameras, images = self._validated(item, path, scene_id)
+        frames: list[FrameRecord] = []
+        size: tuple[int, int] | None = None
+        for i, (ts, cam, jpeg) in enumerate(zip(timestamps, cameras, images)):
+            hw = _image_size(io.BytesIO(jpeg.numpy().tobytes()), path, scene_id, field=f"images[{i}]")
+            if size is None:
+                size = hw
+            elif hw != size:
+                raise DatasetError(path, f"frame size {hw} differs from {size} of frame 0; all frames of a clip must "
+                                   "share one size", field=f"images[{i}]", scene_id=scene_id)
+            K, E = _checked_camera(cam, hw, path, scene_id, field=f"cameras[{i}]")
+            frames.append(FrameRecord(frame_id=str(ts), image_path=f"{chunk_rel}#{scene_id}/{i}", image_size=hw,
+                                      intrinsics=K, extrinsics=E))
+        ids = [f.frame_id for f in frames]
+        if len(set(ids)) != len(ids):
+            raise DatasetError(path, "timestamps of a clip must be unique", field="timestamps", scene_id=scene_id)
+        return SceneRecord(self.name, self.split, scene_id, tuple(frames))
+
+    def load_image(self, frame: FrameRecord) -> np.ndarray:
+        """Decode the JPEG bytes ``images[index]`` of the clip named by ``frame.image_path``."""
+        chunk_rel, sep, ref = frame.image_path.rpartition("#")
+        key, _, index = ref.rpartition("/")
+        if not sep or not key or not index.isdigit():
+            raise DatasetError(frame.image_path, "expected '<chunk file>#<key>/<index>'", field="image_path")
+        images = self._clip(chunk_rel, key).get("images")
+        i = int(index)
+        if not isinstance(images, list) or i >= len(images):
+            raise DatasetError(str(self.root / chunk_rel), f"clip has no image {i}", field="images", scene_id=key)
+        return _decode_rgb(io.BytesIO(images[i].numpy().tobytes()), f"{self.root / chunk_rel}#{key}/{i}", key)
+
+    # ------------------------------------------------------------------------------- internals
+    def _clip(self, chunk_rel: str, key: str) -> dict[str, Any]:
+        """The dict of clip ``key`` from chunk file ``chunk_rel`` (the last chunk stays cached)."""
+        if self._chunk is None or self._chunk[0] != chunk_rel:
+            self._chunk = (chunk_rel, self._load_chunk(self.root / chunk_rel, key))
+        clips = self._chunk[1]
+        if key not in clips:
+            raise DatasetError(str(self.root / chunk_rel), "chunk does not contain the clip", field=key, scene_id=key)
+        return clips[key]
+
+    @staticmethod
+    def _load_chunk(path: Path, key: str) -> dict[str, dict[str, Any]]:
+        """Load one chunk with ``torch.load(weights_only=True)`` and index its clips by key."""
+        import torch
+
+        if not path.is_file():
+            raise DatasetError(str(path), "chunk file does not exist", scene_id=key)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... on bad chunks
+            raise DatasetError(str(path), "cannot be loaded with torch.load(weights_only=True) (only tensors, lists, "
+                               f"dicts and strings are accepted; untrusted pickles are never executed): {e}",
+                               scene_id=key) from e
+        if not isinstance(data, list):
+            raise DatasetError(str(path), f"chunk must be a list of clip dicts, got {type(data).__name__}", scene_id=key)
+        clips: dict[str, dict[str, Any]] = {}
+        for i, item in enumerate(data):
+            if not isinstance(item, dict) or not isinstance(item.get("key"), str):
+                raise DatasetError(str(path), "every clip must be a dict with a string 'key'", field=f"[{i}].key", scene_id=key)
+            clips[item["key"]] = item
+        return clips
+
+    @staticmethod
+    def _validated(item: dict[str, Any], path: str, scene_id: str) -> tuple[list[int], np.ndarray, list[Any]]:
+        """Check ``timestamps``, ``cameras`` and ``images`` of one clip dict; errors name the field."""
+        import torch
+
+        for field in ("timestamps", "cameras", "images"):
+            if field not in item:
+                raise DatasetError(path, "missing", field=field, scene_id=scene_id)
+        ts, cams, images = item["timestamps"], item["cameras"], item["images"]
+        if not isinstance(ts, torch.Tensor) or ts.ndim != 1 or ts.dtype not in (torch.int64, torch.int32):
+            raise DatasetError(path, "expected an integer tensor [N]", field="timestamps", scene_id=scene_id)
+        n = int(ts.shape[0])
+        if n == 0:
+            raise DatasetError(path, "clip has no frames", field="timestamps", scene_id=scene_id)
+        if not isinstance(cams, torch.Tensor) or tuple(cams.shape) != (n, len(CAMERA_COLUMNS)) or not cams.is_floating_point():
+            shape = tuple(cams.shape) if isinstance(cams, torch.Tensor) else type(cams).__name__
+            raise DatasetError(path, f"expected a float tensor [{n}, {len(CAMERA_COLUMNS)}], got {shape}", field="cameras",
+                               scene_id=scene_id)
+        cam_np = cams.double().numpy()
+        bad = np.argwhere(~np.isfinite(cam_np))
+        if bad.size:
+            r, c = bad[0]
+            raise DatasetError(path, "non-finite value", field=f"cameras[{r}].{CAMERA_COLUMNS[c]}", scene_id=scene_id)
+        if not isinstance(images, list) or len(images) != n:
+            raise DatasetError(path, f"expected a list of {n} JPEG byte tensors", field="images", scene_id=scene_id)
+        for i, img in enumerate(images):
+            if not isinstance(img, torch.Tensor) or img.dtype != torch.uint8 or img.ndim != 1:
+                raise DatasetError(path, "expected a 1-D uint8 tensor of encoded image bytes", field=f"images[{i}]",
+                                   scene_id=scene_id)
+        return [int(t) for t in ts.tolist()], cam_np, images
+
+
+__all__ = ["RAW_COLUMNS", "CAMERA_COLUMNS", "FRAME_EXTENSIONS", "camera_from_row", "RE10KReader", "RE10KChunkReader"]
