@@ -1,0 +1,48 @@
+"""``cameo-corr train``: train the multi-view diffusion model with the CAMEO loss from a cache.
+
+``cameo-corr train --cache DIR --config YAML [--out DIR] [--max-steps N] [--resume auto|never|CKPT]
+[section.key=value ...]``. Multi-GPU: ``accelerate launch -m cameo_corr.cli train ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``train`` command."""
+    p = subparsers.add_parser(
+        "train",
+        help="train the multi-view diffusion model with the CAMEO loss from a correspondence cache",
+        description="Train from a correspondence cache with a YAML config and section.key=value overrides. "
+        "Multi-GPU: accelerate launch -m cameo_corr.cli train ...",
+    )
+    p.add_argument("--cache", help="cache directory or URL (overrides data.cache)")
+    p.add_argument("--config", help="YAML config (default: the built-in defaults)")
+    p.add_argument("--out", default="runs/train", help="run directory: config.yaml, metrics.jsonl, checkpoints/, logs/")
+    p.add_argument("--max-steps", type=int, help="total optimizer steps (overrides train.max_steps)")
+    p.add_argument("--resume", default="auto", help="auto (latest checkpoint in --out, if any), never, or a checkpoint directory")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. loss.cameo_weight=0")
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cameo_corr.train.config import load_config
+    from cameo_corr.train.loop import train
+
+    overrides = list(args.overrides)
+    if args.cache is not None:
+        overrides.append(f"data.cache={json.dumps(str(args.cache))}")
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={int(args.max_steps)}")
+    cfg = load_config(args.config, overrides)
+    result = train(cfg, args.out, resume=args.resume)
+    last = result.history[-1] if result.history else {}
+    summary = {
+        "step": result.step,
+        **{k: last[k] for k in ("diffusion", "cameo", "precision") if k in last},
+        "checkpoint": result.checkpoints[-1] if result.checkpoints else None,
+    }
+    print(json.dumps(summary))
+    return 0

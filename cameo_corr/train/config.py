@@ -1,0 +1,308 @@
+"""The training configuration: a YAML file of sections mapped onto dataclasses.
+
+A config file has the sections ``data``, ``model``, ``loss``, ``optim``, ``diffusion``, ``train`` and ``eval``
+(all optional; missing keys take the defaults below). Overrides ``section.key=value`` (the value
+parsed as YAML, e.g. ``train.max_steps=10``, ``model.layer=up_blocks.0.attentions.0``) are applied on
+top. Unknown sections or keys and values of the wrong type raise :class:`SchemaError` naming the file
+and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from cameo_corr.schemas import SchemaError
+
+
+@dataclass
+class DataConfig:
+    """The streaming dataset (:class:`cameo_corr.train.data.CorrStreamDataset`)."""
+
+    cache: str | None = None
+    """Cache directory or fsspec URL (the CLI's ``--cache`` overrides it)."""
+    dataset_root: str | None = None
+    """Read images from here instead of the dataset root recorded in the cache."""
+    split: str | None = None
+    num_views: int = 4
+    resolution: int = 64
+    min_ref: int = 1
+    max_ref: int | None = None
+    order: str = "uniform_push"
+    batch_size: int = 2
+    shuffle_buffer: int = 64
+    shard_shuffle: bool = True
+    num_workers: int = 0
+    multiprocessing_context: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """The multi-view diffusion model (:mod:`cameo_corr.train.model`)."""
+
+    pretrained: str | None = None
+    """Local directory with SD2.1-architecture ``unet/`` and ``vae/`` subfolders; ``None``: tiny model."""
+    layer: str | int = 0
+    """Supervised self-attention layer: a processor name or CAMEO's index (sorted names)."""
+    vae: str = "identity"
+    """``identity`` (pixel-unshuffled image as latents), ``tiny`` (random tiny AutoencoderKL), or
+    ``pretrained`` (the ``vae/`` subfolder of ``pretrained``)."""
+    cond_dropout: float = 0.1
+    gradient_checkpointing: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword options of the tiny model builder (e.g. ``block_out_channels``)."""
+
+
+@dataclass
+class LossConfig:
+    """The CAMEO attention loss (:mod:`cameo_corr.train.loss`)."""
+
+    cameo_weight: float = 0.02
+    """lambda; 0 trains the plain diffusion baseline (precision is still measured)."""
+    mode: str = "pair"
+    """``pair`` (paper: softmax per key view) or ``global`` (official code: over all other views)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (``diffusers.optimization.get_scheduler``)."""
+
+    lr: float = 2.5e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    lr_scheduler: str = "constant_with_warmup"
+    warmup_steps: int = 0
+
+
+@dataclass
+class DiffusionConfig:
+    """The DDPM noise schedule (``diffusers.DDPMScheduler``)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction_type: str = "v_prediction"
+
+
+@dataclass
+class RunConfig:
+    """The run: steps, precision, accumulation, checkpoints and logging."""
+
+    max_steps: int = 100
+    """Optimizer steps (each accumulates ``gradient_accumulation_steps`` batches)."""
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    seed: int = 0
+    checkpoint_every: int = 0
+    """Save a checkpoint every N optimizer steps (0: only at the end)."""
+    keep_checkpoints: int | None = 3
+    log_every: int = 10
+    tensorboard: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation on fixed batches (fixed timestep, noise and view choices)."""
+
+    every: int = 0
+    """Evaluate every N optimizer steps and at the end (0: never)."""
+    cache: str | None = None
+    """Cache of the evaluation windows (``None``: the training cache)."""
+    split: str | None = None
+    batches: int = 4
+    timestep: int = 500
+    seed: int = 1234
+
+
+@dataclass
+class TrainConfig:
+    """The whole training configuration (one section per dataclass)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON serialisable)."""
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        """The config as YAML text (loads back with :func:`load_config`)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check_type(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Return ``value`` converted to the annotation ``tp`` or raise SchemaError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _check_type(value, arm, key, where)
+            except SchemaError:
+                continue
+        raise SchemaError(key, f"{value!r} does not match {tp}", where=where)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise SchemaError(key, f"expected null, got {value!r}", where=where)
+    if tp is Any:
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise SchemaError(key, f"expected a list of {len(args)} values, got {value!r}", where=where)
+        return tuple(_check_type(v, a, key, where) for v, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SchemaError(key, f"expected a mapping, got {value!r}", where=where)
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise SchemaError(key, f"expected true/false, got {value!r}", where=where)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise SchemaError(key, f"expected an integer, got {value!r}", where=where)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise SchemaError(key, f"expected a number, got {value!r}", where=where)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise SchemaError(key, f"expected a string, got {value!r}", where=where)
+    raise SchemaError(key, f"unsupported annotation {tp}", where=where)
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str, where: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise SchemaError(prefix, f"expected a mapping, got {values!r}", where=where)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise SchemaError(f"{prefix}.{unknown[0]}" if prefix else unknown[0], f"unknown key (known: {', '.join(sorted(names))})", where=where)
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        key = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, key, where)
+        else:
+            kwargs[name] = _check_type(value, tp, key, where)
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: Sequence[str], where: str = "command line") -> dict[str, Any]:
+    """``["train.max_steps=10", ...]`` -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise SchemaError(item, "override must look like section.key=value", where=where)
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise SchemaError(key, "override key must be section.key", where=where)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise SchemaError(key, f"value {text!r} is not valid YAML: {e}", where=where) from e
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SchemaError(key, "conflicts with another override", where=where)
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) and k != "options":
+            out[k] = _merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def config_from_dict(values: Mapping[str, Any], *, where: str = "config") -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from nested plain values."""
+    cfg = _build(TrainConfig, values, "", where) if values else TrainConfig()
+    validate_config(cfg, where)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML config (``None``: defaults) and apply ``section.key=value`` overrides."""
+    values: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise SchemaError("<file>", f"cannot read: {e}", where=where) from e
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise SchemaError("<yaml>", f"not valid YAML: {e}", where=where) from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise SchemaError("<yaml>", "top level must be a mapping of sections", where=where)
+        values = loaded or {}
+    values = _merge(values, parse_overrides(overrides))
+    return config_from_dict(values, where=where)
+
+
+def validate_config(cfg: TrainConfig, where: str = "config") -> None:
+    """Value checks that types alone do not express; errors name the dotted key."""
+    d, r = cfg.data, cfg.train
+    if d.num_views < 2:
+        raise SchemaError("data.num_views", f"needs >= 2, got {d.num_views}", where=where)
+    max_ref = d.num_views - 1 if d.max_ref is None else d.max_ref
+    if not 1 <= d.min_ref <= max_ref <= d.num_views - 1:
+        raise SchemaError("data.min_ref", f"need 1 <= min_ref <= max_ref <= num_views - 1, got {d.min_ref}, {max_ref}", where=where)
+    for key, value in (("data.resolution", d.resolution), ("data.batch_size", d.batch_size), ("train.max_steps", r.max_steps),
+                       ("train.gradient_accumulation_steps", r.gradient_accumulation_steps), ("train.log_every", r.log_every)):
+        if value <= 0:
+            raise SchemaError(key, f"must be positive, got {value}", where=where)
+    if d.multiprocessing_context not in (None, "fork", "spawn", "forkserver"):
+        raise SchemaError("data.multiprocessing_context", f"expected fork, spawn or forkserver, got {d.multiprocessing_context!r}", where=where)
+    if r.mixed_precision not in ("no", "fp16", "bf16"):
+        raise SchemaError("train.mixed_precision", f"expected no, fp16 or bf16, got {r.mixed_precision!r}", where=where)
+    if cfg.loss.mode not in ("pair", "global"):
+        raise SchemaError("loss.mode", f"expected pair or global, got {cfg.loss.mode!r}", where=where)
+    if cfg.loss.cameo_weight < 0:
+        raise SchemaError("loss.cameo_weight", f"must be >= 0, got {cfg.loss.cameo_weight}", where=where)
+    if cfg.diffusion.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise SchemaError("diffusion.prediction_type", f"unknown {cfg.diffusion.prediction_type!r}", where=where)
+    e = cfg.eval
+    if e.every < 0 or e.batches <= 0:
+        raise SchemaError("eval.every" if e.every < 0 else "eval.batches", f"need every >= 0 and batches > 0, got {e.every}, {e.batches}", where=where)
+    if not 0 <= e.timestep < cfg.diffusion.num_train_timesteps:
+        raise SchemaError("eval.timestep", f"must be in [0, {cfg.diffusion.num_train_timesteps}), got {e.timestep}", where=where)
+    if r.checkpoint_every < 0:
+        raise SchemaError("train.checkpoint_every", f"must be >= 0, got {r.checkpoint_every}", where=where)
