@@ -1,0 +1,712 @@
+"""Multi-view diffusion model: a diffusers ``UNet2DConditionModel`` with 3D self-attention across views.
+
+Public API (signatures are part of the trainer contract)::
+
+    SD21_UNET_CONFIG: dict
+    self_attention_layers(unet) -> list[str]
+    resolve_layer(unet, layer: str | int) -> str
+    layer_grid(unet, layer: str | int, latent_hw: tuple[int, int]) -> tuple[int, int]
+    plucker_rays(K [..., 3, 3], E [..., 4, 4], h, w, image_size: int | (H, W)) -> Tensor [..., 6, h, w]
+    normalize_cameras(E [..., F, 4, 4]) -> Tensor [..., F, 4, 4]
+    camera_rays(K [B, F, 3, 3], E [B, F, 4, 4], latent_hw, image_size, *, normalize=True) -> [B, F, 6, h, w]
+    noise_targets(latents, noisy_latents, ref_mask [B, F]) -> Tensor        # references clean, targets noisy
+    class LatentCodec / IdentityCodec(factor=8) / VAECodec(vae, chunk=16)
+        encode(images [B, F, 3, H, W] in [0, 1]) -> latents [B, F, C, h, w]; decode(latents) -> images
+        latent_size((H, W)) -> (h, w)
+    class MultiViewOutput(NamedTuple): sample [B, F, C, h, w]; logits [B, heads, F*N, F*N] | None
+    class MultiViewUNet(nn.Module):
+        __init__(unet, *, layer: str | int, camera_dropout=0.1, null_tokens=1)
+        forward(latents [B, F, C, h, w], timesteps [B] | [B, F], *, plucker [B, F, 6, h, w],
+                ref_mask [B, F] bool, encoder_hidden_states [B, L, D] | None = None,
+                drop_camera [B] bool | None = None, return_logits=True) -> MultiViewOutput
+        grid(latent_hw) -> (h, w); check_grid(latent_hw, cache_grid); enable_gradient_checkpointing()
+    build_model(*, pretrained=None, layer=0, vae="identity", cond_dropout=0.1,
+                gradient_checkpointing=False, **options) -> (MultiViewUNet, LatentCodec)
+
+Multi-view attention. Every self-attention layer (``attn1`` of the transformer blocks) attends over the
+tokens of all F views of a sample: ``[B*F, N, C] -> [B, F*N, C]``, attention, and back (CAT3D /
+MVGenMaster style). Cross-attention layers (``attn2``) keep diffusers' default processor. Views of a
+sample must be consecutive in the UNet batch, which :class:`MultiViewUNet` guarantees.
+
+Supervised layer. One self-attention layer computes its attention explicitly (``q k^T * scale``, softmax
+in fp32) and hands its pre-softmax per-head logits ``[B, heads, F*N, F*N]`` to the caller; the others
+use ``F.scaled_dot_product_attention``. The explicit path is used for that layer on every call, so the
+network output does not depend on whether logits are requested, and gradient-checkpoint recomputation
+sees the same graph.
+
+Layer index. CAMEO addresses layers by their position in ``sorted(unet.attn_processors)`` of a UNet
+without text cross-attention, i.e. in the lexicographically sorted names of the self-attention
+processors. :func:`self_attention_layers` returns exactly that list (``attn1`` processors only, Python's
+``sorted``), so for the SD2.1 architecture index 10 is
+``up_blocks.2.attentions.0.transformer_blocks.0.attn1.processor`` (32x32 tokens for 512x512 images).
+For other configurations the index is the position in the same sorted list: with fewer than ten blocks
+per level and one transformer block per attention, sorted order equals execution order (down blocks,
+mid block, up blocks); with ten or more transformer blocks per attention (SDXL-style) the lexicographic
+sort places ``transformer_blocks.10`` before ``transformer_blocks.2``, so prefer names there.
+
+Conditioning. Plücker rays (6 channels, :func:`plucker_rays`) and a reference mask (1 channel, 1 for
+reference views) at latent resolution go through a zero-initialised 3x3 convolution whose output is
+added to ``conv_in``'s output, so a pretrained UNet's behaviour is unchanged at initialisation.
+Camera dropout (probability ``camera_dropout`` per sample, training mode only) zeroes the rays for
+classifier-free guidance; the reference mask is kept. Text conditioning: a learned null embedding
+(no text encoder) of the cross-attention width, or ``encoder_hidden_states`` from the caller.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+from torch import Tensor, nn
+
+from cameo_corr.schemas import SchemaError
+
+__all__ = [
+    "SD21_UNET_CONFIG",
+    "CAMERA_CHANNELS",
+    "self_attention_layers",
+    "resolve_layer",
+    "layer_grid",
+    "plucker_rays",
+    "normalize_cameras",
+    "camera_rays",
+    "noise_targets",
+    "LatentCodec",
+    "IdentityCodec",
+    "VAECodec",
+    "MultiViewAttnProcessor",
+    "MultiViewOutput",
+    "MultiViewUNet",
+    "build_model",
+    "tiny_unet_config",
+]
+
+CAMERA_CHANNELS = 7
+"""Conditioning channels per view: 6 Plücker ray channels + 1 reference-mask channel."""
+
+SD21_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "attention_head_dim": [5, 10, 20, 20],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 1024,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "sample_size": 96,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "upcast_attention": True,
+    "use_linear_projection": True,
+}
+"""``unet/config.json`` of Stable Diffusion 2.1 (768-v). Build it on the meta device to inspect layers."""
+
+
+# ------------------------------------------------------------------------------------ layer naming
+def _self_attention_modules(unet: nn.Module) -> dict[str, Attention]:
+    """``{processor name: module}`` of the self-attention ``attn1`` layers of ``unet``."""
+    out: dict[str, Attention] = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, Attention) and name.rsplit(".", 1)[-1] == "attn1" and not module.is_cross_attention:
+            out[f"{name}.processor"] = module
+    return out
+
+
+def self_attention_layers(unet: nn.Module) -> list[str]:
+    """Sorted processor names of the self-attention layers: the list CAMEO's layer index points into."""
+    return sorted(_self_attention_modules(unet))
+
+
+def resolve_layer(unet: nn.Module, layer: str | int) -> str:
+    """Full processor name of ``layer``: CAMEO's index into :func:`self_attention_layers`, or a name.
+
+    A name may be the full processor name, the module name (without ``.processor``), or a prefix that
+    selects exactly one self-attention layer (e.g. ``up_blocks.2.attentions.0``).
+    """
+    names = self_attention_layers(unet)
+    if not names:
+        raise SchemaError("layer", "the UNet has no self-attention (attn1) layers")
+    if isinstance(layer, bool):
+        raise SchemaError("layer", f"expected a layer index or name, got {layer!r}")
+    if isinstance(layer, int):
+        if not 0 <= layer < len(names):
+            raise SchemaError("layer", f"index {layer} out of range: this UNet has {len(names)} self-attention layers (0..{len(names) - 1})")
+        return names[layer]
+    if not isinstance(layer, str):
+        raise SchemaError("layer", f"expected a layer index or name, got {layer!r}")
+    matches = [n for n in names if n in (layer, f"{layer}.processor") or n.startswith(f"{layer}.")]
+    if len(matches) != 1:
+        what = "matches no" if not matches else f"matches {len(matches)}"
+        raise SchemaError("layer", f"{layer!r} {what} self-attention layers; choose one of: {', '.join(names)}")
+    return matches[0]
+
+
+def _downsample(size: int, times: int) -> int:
+    """Spatial size after ``times`` stride-2, padding-1, kernel-3 convolutions (diffusers' Downsample2D)."""
+    for _ in range(times):
+        size = (size - 1) // 2 + 1
+    return size
+
+
+def layer_grid(unet: UNet2DConditionModel, layer: str | int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """Token grid ``(h, w)`` that the self-attention ``layer`` sees for latents of size ``latent_hw``.
+
+    Down block ``i`` runs after ``i`` downsamplers, the mid block after ``n - 1`` and up block ``i``
+    at the resolution of down block ``n - 1 - i`` (every block but the last one of each path resamples).
+    """
+    name = resolve_layer(unet, layer)
+    n = len(unet.config.down_block_types)
+    head, _, rest = name.partition(".")
+    if head == "down_blocks":
+        steps = int(rest.split(".", 1)[0])
+    elif head == "mid_block":
+        steps = n - 1
+    elif head == "up_blocks":
+        steps = n - 1 - int(rest.split(".", 1)[0])
+    else:
+        raise SchemaError("layer", f"cannot place {name!r} in the UNet's down/mid/up blocks")
+    return _downsample(int(latent_hw[0]), steps), _downsample(int(latent_hw[1]), steps)
+
+
+# -------------------------------------------------------------------------------------- cameras
+def plucker_rays(K: Tensor, E: Tensor, h: int, w: int, image_size: int | tuple[int, int]) -> Tensor:
+    """Plücker ray embedding ``(d, o x d)`` of an ``h x w`` grid of pixels over the image: ``[..., 6, h, w]``.
+
+    ``K`` ``[..., 3, 3]`` are pixel intrinsics of the image of size ``image_size`` (``int`` or ``(H, W)``),
+    ``E`` ``[..., 4, 4]`` world-to-camera extrinsics (OpenCV); batch dims broadcast. Cell ``(r, c)`` of the
+    grid is the ray through the image point ``((c + 0.5) W / w, (r + 0.5) H / h)``, i.e. the centre of the
+    cell (pixel centres at +0.5). ``d`` is the unit world-space direction, ``o`` the camera centre.
+    Computed in at least float32.
+    """
+    H, W = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+    dtype = torch.promote_types(torch.promote_types(K.dtype, E.dtype), torch.float32)
+    K = K.to(dtype)
+    E = E.to(dtype)
+    u = (torch.arange(w, device=K.device, dtype=dtype) + 0.5) * (W / w)
+    v = (torch.arange(h, device=K.device, dtype=dtype) + 0.5) * (H / h)
+    vv, uu = torch.meshgrid(v, u, indexing="ij")
+    pix = torch.stack([uu, vv, torch.ones_like(uu)], dim=-1)  # [h, w, 3]
+    R = E[..., :3, :3]
+    t = E[..., :3, 3]
+    dirs_cam = torch.einsum("...ij,hwj->...hwi", torch.linalg.inv(K), pix)
+    dirs = torch.einsum("...ji,...hwj->...hwi", R, dirs_cam)  # R^T d_cam
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True)
+    origin = -torch.einsum("...ji,...j->...i", R, t)  # camera centre -R^T t
+    moment = torch.linalg.cross(origin[..., None, None, :].expand_as(dirs), dirs, dim=-1)
+    return torch.cat([dirs, moment], dim=-1).movedim(-1, -3)
+
+
+def normalize_cameras(E: Tensor) -> Tensor:
+    """Extrinsics ``[..., F, 4, 4]`` re-expressed in view 0's camera frame, scaled so the farthest camera
+    centre is at distance 1 from view 0 (unchanged scale when all centres coincide)."""
+    R0 = E[..., :1, :3, :3]
+    t0 = E[..., :1, :3, 3:]
+    inv0 = torch.zeros_like(E[..., :1, :, :])
+    inv0[..., :3, :3] = R0.transpose(-1, -2)
+    inv0[..., :3, 3:] = -R0.transpose(-1, -2) @ t0
+    inv0[..., 3, 3] = 1.0
+    rel = E @ inv0
+    centres = -(rel[..., :3, :3].transpose(-1, -2) @ rel[..., :3, 3:])[..., 0]  # [..., F, 3]
+    scale = centres.norm(dim=-1).amax(dim=-1)  # [...]
+    scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))
+    out = rel.clone()
+    out[..., :3, 3] = rel[..., :3, 3] / scale[..., None, None]
+    return out
+
+
+def camera_rays(
+    K: Tensor, E: Tensor, latent_hw: tuple[int, int], image_size: int | tuple[int, int], *, normalize: bool = True
+) -> Tensor:
+    """Plücker rays ``[B, F, 6, h, w]`` at latent resolution for cameras ``K``/``E`` ``[B, F, ...]``.
+
+    With ``normalize`` the cameras are first made relative to view 0 and scale-normalised
+    (:func:`normalize_cameras`), which removes the arbitrary world frame and scale of the clip.
+    """
+    if normalize:
+        E = normalize_cameras(E)
+    return plucker_rays(K, E, int(latent_hw[0]), int(latent_hw[1]), image_size)
+
+
+def noise_targets(latents: Tensor, noisy_latents: Tensor, ref_mask: Tensor) -> Tensor:
+    """``[B, F, C, h, w]`` model input: clean latents for reference views (``ref_mask`` ``[B, F]`` True),
+    noisy latents for target views."""
+    return torch.where(ref_mask.bool()[:, :, None, None, None], latents, noisy_latents)
+
+
+# --------------------------------------------------------------------------------------- codecs
+class LatentCodec(nn.Module, abc.ABC):
+    """Maps images ``[B, F, 3, H, W]`` in [0, 1] to diffusion latents ``[B, F, C, H/factor, W/factor]``."""
+
+    factor: int
+    latent_channels: int
+
+    def latent_size(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """Latent ``(h, w)`` of images of size ``image_hw``; both must be multiples of ``factor``."""
+        H, W = int(image_hw[0]), int(image_hw[1])
+        if H % self.factor or W % self.factor:
+            raise SchemaError("resolution", f"image size {H}x{W} is not a multiple of the latent factor {self.factor}")
+        return H // self.factor, W // self.factor
+
+    @abc.abstractmethod
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Latents ``[B, F, C, h, w]`` of images ``[B, F, 3, H, W]`` in [0, 1] (no gradient)."""
+
+    @abc.abstractmethod
+    def decode(self, latents: Tensor) -> Tensor:
+        """Images ``[B, F, 3, H, W]`` in [0, 1] of latents ``[B, F, C, h, w]`` (no gradient)."""
+
+
+class IdentityCodec(LatentCodec):
+    """Lossless "identity latents" for CPU runs: ``pixel_unshuffle(2 x - 1, factor)``, ``3 factor^2`` channels."""
+
+    def __init__(self, factor: int = 8) -> None:
+        super().__init__()
+        if factor < 1:
+            raise SchemaError("latent_factor", f"must be >= 1, got {factor}")
+        self.factor = int(factor)
+        self.latent_channels = 3 * self.factor**2
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``pixel_unshuffle`` of the images mapped to [-1, 1]; deterministic (``generator`` unused)."""
+        B, Fv = images.shape[:2]
+        z = F.pixel_unshuffle(images.flatten(0, 1) * 2.0 - 1.0, self.factor)
+        return z.unflatten(0, (B, Fv))
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Exact inverse of :meth:`encode` (clamped to [0, 1])."""
+        B, Fv = latents.shape[:2]
+        x = F.pixel_shuffle(latents.flatten(0, 1), self.factor)
+        return ((x + 1.0) / 2.0).clamp(0.0, 1.0).unflatten(0, (B, Fv))
+
+
+class VAECodec(LatentCodec):
+    """A frozen diffusers ``AutoencoderKL``: ``vae.encode(2 x - 1).latent_dist.sample() * scaling_factor``.
+
+    Images are encoded ``chunk`` at a time (large batches of big images exceed what one VAE call handles).
+    """
+
+    def __init__(self, vae: AutoencoderKL, chunk: int = 16) -> None:
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        self.chunk = int(chunk)
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_channels = int(vae.config.latent_channels)
+        self.scaling_factor = float(vae.config.scaling_factor)
+        shift = getattr(vae.config, "shift_factor", None)
+        self.shift_factor = float(shift) if shift is not None else 0.0
+
+    def train(self, mode: bool = True) -> "VAECodec":
+        """The VAE stays in eval mode (it is frozen)."""
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Sampled latents (``generator`` seeds the posterior sample), scaled by the VAE's scaling factor."""
+        B, Fv = images.shape[:2]
+        x = (images.flatten(0, 1) * 2.0 - 1.0).to(self.vae.dtype)
+        parts = [
+            self.vae.encode(x[i : i + self.chunk]).latent_dist.sample(generator) for i in range(0, x.shape[0], self.chunk)
+        ]
+        z = (torch.cat(parts) - self.shift_factor) * self.scaling_factor
+        return z.unflatten(0, (B, Fv))
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Decoded images in [0, 1]."""
+        B, Fv = latents.shape[:2]
+        z = latents.flatten(0, 1).to(self.vae.dtype) / self.scaling_factor + self.shift_factor
+        parts = [self.vae.decode(z[i : i + self.chunk]).sample for i in range(0, z.shape[0], self.chunk)]
+        return ((torch.cat(parts) + 1.0) / 2.0).clamp(0.0, 1.0).unflatten(0, (B, Fv))
+
+
+# ---------------------------------------------------------------------------- attention processor
+@dataclass
+class _MultiViewState:
+    """Per-forward state shared by the processors of one :class:`MultiViewUNet`."""
+
+    num_views: int = 1
+    recording: bool = False
+    logits: Tensor | None = None
+
+
+class MultiViewAttnProcessor:
+    """Self-attention over the tokens of all views of a sample (``[B*F, N, C] -> [B, F*N, C]``).
+
+    With ``explicit=True`` the attention is computed as ``softmax(q k^T * scale)`` (softmax in fp32) and,
+    while the owning model records, the pre-softmax logits ``[B, heads, F*N, F*N]`` are stored in the
+    shared state; otherwise ``F.scaled_dot_product_attention`` is used.
+    """
+
+    def __init__(self, state: _MultiViewState, *, explicit: bool = False) -> None:
+        self.state = state
+        self.explicit = explicit
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+    ) -> Tensor:
+        """Multi-view self-attention of ``hidden_states`` ``[B*F, N, C]`` (or ``[B*F, C, h, w]``)."""
+        if encoder_hidden_states is not None:
+            raise ValueError("MultiViewAttnProcessor is for self-attention layers; got encoder_hidden_states")
+        if attention_mask is not None:
+            raise ValueError("MultiViewAttnProcessor does not support attention masks")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            bf, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(bf, channel, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        bf, n, _ = hidden_states.shape
+        views = self.state.num_views
+        if bf % views:
+            raise ValueError(f"batch of {bf} images is not a multiple of the number of views {views}")
+        b = bf // views
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+
+        def split_heads(x: Tensor) -> Tensor:  # [B*F, N, heads*d] -> [B, heads, F*N, d]
+            return x.reshape(b, views * n, attn.heads, head_dim).transpose(1, 2)
+
+        query, key, value = split_heads(query), split_heads(key), split_heads(value)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if self.explicit:
+            if attn.upcast_attention:
+                logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
+            else:
+                logits = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
+            probs = logits.float().softmax(dim=-1).to(value.dtype)
+            out = torch.matmul(probs, value)
+            if self.state.recording:
+                self.state.logits = logits
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=attn.scale)
+
+        out = out.transpose(1, 2).reshape(bf, n, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(bf, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class _CameraConvIn(nn.Module):
+    """``conv_in(latents) + cond(camera)`` where the input is ``[latents, plucker, ref_mask]`` on channels.
+
+    ``cond`` is a zero-initialised 3x3 convolution, so the wrapped UNet initially behaves as before.
+    """
+
+    def __init__(self, conv_in: nn.Conv2d, cond_channels: int = CAMERA_CHANNELS) -> None:
+        super().__init__()
+        self.conv = conv_in
+        self.latent_channels = conv_in.in_channels
+        self.cond = nn.Conv2d(cond_channels, conv_in.out_channels, kernel_size=3, padding=1)
+        nn.init.zeros_(self.cond.weight)
+        nn.init.zeros_(self.cond.bias)
+        self.cond.to(device=conv_in.weight.device, dtype=conv_in.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Features of the latent channels plus the conditioning features."""
+        expected = self.latent_channels + self.cond.in_channels
+        if x.shape[1] != expected:
+            raise ValueError(f"conv_in expects {expected} channels (latents + camera), got {x.shape[1]}")
+        return self.conv(x[:, : self.latent_channels]) + self.cond(x[:, self.latent_channels :])
+
+
+# -------------------------------------------------------------------------------------- model
+class MultiViewOutput(NamedTuple):
+    """Output of :class:`MultiViewUNet`: the prediction and the supervised layer's logits."""
+
+    sample: Tensor
+    """``[B, F, C, h, w]`` model prediction (noise or velocity, per the caller's scheduler)."""
+    logits: Tensor | None
+    """``[B, heads, F*N, F*N]`` pre-softmax logits of the supervised layer (``None`` if not requested)."""
+
+
+class MultiViewUNet(nn.Module):
+    """A ``UNet2DConditionModel`` turned into a multi-view model (see the module docstring).
+
+    ``layer`` selects the supervised self-attention layer (CAMEO index or name, :func:`resolve_layer`).
+    ``camera_dropout`` is the per-sample probability of dropping the camera rays in training mode.
+    ``null_tokens`` is the length of the learned null text embedding.
+    """
+
+    def __init__(
+        self, unet: UNet2DConditionModel, *, layer: str | int, camera_dropout: float = 0.1, null_tokens: int = 1
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= camera_dropout <= 1.0:
+            raise SchemaError("cond_dropout", f"must be in [0, 1], got {camera_dropout}")
+        if null_tokens < 1:
+            raise SchemaError("null_tokens", f"must be >= 1, got {null_tokens}")
+        self.unet = unet
+        self.layer_name = resolve_layer(unet, layer)
+        self.camera_dropout = float(camera_dropout)
+        modules = _self_attention_modules(unet)
+        self.heads = int(modules[self.layer_name].heads)
+        self._state = _MultiViewState()
+        processors = dict(unet.attn_processors)
+        for name in modules:
+            processors[name] = MultiViewAttnProcessor(self._state, explicit=name == self.layer_name)
+        unet.set_attn_processor(processors)
+        unet.conv_in = _CameraConvIn(unet.conv_in)
+        width = unet.config.cross_attention_dim
+        if not isinstance(width, int):
+            raise SchemaError("cross_attention_dim", f"expected one cross-attention width, got {width!r}")
+        param = unet.conv_in.conv.weight
+        self.null_embedding = nn.Parameter(0.02 * torch.randn(null_tokens, width, device=param.device, dtype=param.dtype))
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latents the UNet denoises."""
+        return int(self.unet.config.in_channels)
+
+    def grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """Token grid ``(h, w)`` of the supervised layer for latents of size ``latent_hw``."""
+        return layer_grid(self.unet, self.layer_name, latent_hw)
+
+    def check_grid(self, latent_hw: tuple[int, int], cache_grid: int | tuple[int, int]) -> None:
+        """Raise :class:`SchemaError` unless the supervised layer's token grid equals the cache grid."""
+        want = (cache_grid, cache_grid) if isinstance(cache_grid, int) else (int(cache_grid[0]), int(cache_grid[1]))
+        got = self.grid(latent_hw)
+        if got != want:
+            raise SchemaError(
+                "layer",
+                f"supervised layer {self.layer_name} sees a {got[0]}x{got[1]} token grid for {latent_hw[0]}x{latent_hw[1]}"
+                f" latents but the cache grid is {want[0]}x{want[1]}; change the layer, the training resolution"
+                " or the cache grid",
+            )
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute UNet block activations in the backward pass (diffusers' non-reentrant checkpointing)."""
+        self.unet.enable_gradient_checkpointing()
+
+    def forward(
+        self,
+        latents: Tensor,
+        timesteps: Tensor | int,
+        *,
+        plucker: Tensor,
+        ref_mask: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        drop_camera: Tensor | None = None,
+        return_logits: bool = True,
+    ) -> MultiViewOutput:
+        """Denoise ``latents`` ``[B, F, C, h, w]`` (references clean, targets noisy; see :func:`noise_targets`).
+
+        ``timesteps``: ``[B]`` (shared by the views of a sample), ``[B, F]`` or a scalar. ``plucker``
+        ``[B, F, 6, h, w]`` from :func:`camera_rays`; ``ref_mask`` ``[B, F]`` bool, True for references.
+        ``encoder_hidden_states`` ``[B, L, D]`` or ``[B*F, L, D]``; ``None`` uses the learned null
+        embedding. ``drop_camera`` ``[B]`` bool forces camera dropout per sample (True = unconditional);
+        ``None`` applies random dropout with probability ``camera_dropout`` in training mode only.
+        """
+        if latents.ndim != 5:
+            raise ValueError(f"latents must be [B, F, C, h, w], got shape {tuple(latents.shape)}")
+        B, Fv, C, h, w = latents.shape
+        if tuple(plucker.shape) != (B, Fv, 6, h, w):
+            raise ValueError(f"plucker must be [B, F, 6, h, w] = {(B, Fv, 6, h, w)}, got {tuple(plucker.shape)}")
+        if tuple(ref_mask.shape) != (B, Fv):
+            raise ValueError(f"ref_mask must be [B, F] = {(B, Fv)}, got {tuple(ref_mask.shape)}")
+        dtype = latents.dtype
+        if drop_camera is None and self.training and self.camera_dropout > 0.0:
+            drop_camera = torch.rand(B, device=latents.device) < self.camera_dropout
+        if drop_camera is not None:
+            if tuple(drop_camera.shape) != (B,):
+                raise ValueError(f"drop_camera must be [B] = ({B},), got {tuple(drop_camera.shape)}")
+            plucker = plucker.masked_fill(drop_camera.to(plucker.device, torch.bool)[:, None, None, None, None], 0.0)
+        mask_map = ref_mask.to(device=latents.device, dtype=dtype)[:, :, None, None, None].expand(B, Fv, 1, h, w)
+        x = torch.cat([latents, plucker.to(dtype), mask_map], dim=2).flatten(0, 1)
+
+        t = torch.as_tensor(timesteps, device=latents.device)
+        if t.ndim == 0:
+            t = t.expand(B * Fv)
+        elif tuple(t.shape) == (B,):
+            t = t.repeat_interleave(Fv)
+        elif tuple(t.shape) == (B, Fv):
+            t = t.reshape(B * Fv)
+        else:
+            raise ValueError(f"timesteps must be a scalar, [B] or [B, F], got shape {tuple(t.shape)}")
+
+        if encoder_hidden_states is None:
+            ehs = self.null_embedding[None].expand(B * Fv, -1, -1)
+        elif encoder_hidden_states.ndim == 3 and encoder_hidden_states.shape[0] == B:
+            ehs = encoder_hidden_states.repeat_interleave(Fv, dim=0)
+        elif encoder_hidden_states.ndim == 3 and encoder_hidden_states.shape[0] == B * Fv:
+            ehs = encoder_hidden_states
+        else:
+            raise ValueError(f"encoder_hidden_states must be [B, L, D] or [B*F, L, D], got {tuple(encoder_hidden_states.shape)}")
+
+        state = self._state
+        state.num_views, state.recording, state.logits = Fv, return_logits, None
+        try:
+            sample = self.unet(x, t, encoder_hidden_states=ehs.to(dtype), return_dict=False)[0]
+            logits = state.logits
+        finally:
+            state.recording, state.logits = False, None
+        if return_logits:
+            gh, gw = self.grid((h, w))
+            expected = (B, self.heads, Fv * gh * gw, Fv * gh * gw)
+            if logits is None or tuple(logits.shape) != expected:
+                got = None if logits is None else tuple(logits.shape)
+                raise RuntimeError(f"supervised layer {self.layer_name} produced logits {got}, expected {expected}")
+        return MultiViewOutput(sample.unflatten(0, (B, Fv)), logits)
+
+
+# -------------------------------------------------------------------------------------- builder
+_TINY_DEFAULTS: dict[str, Any] = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 32,
+    "norm_num_groups": 8,
+    "latent_factor": 8,
+    "null_tokens": 1,
+}
+
+
+def tiny_unet_config(
+    latent_channels: int,
+    *,
+    block_out_channels: Sequence[int] = (32, 64),
+    layers_per_block: int = 1,
+    attention_head_dim: int = 8,
+    cross_attention_dim: int = 32,
+    norm_num_groups: int = 8,
+    sample_size: int = 8,
+) -> dict[str, Any]:
+    """Config of a small ``UNet2DConditionModel`` for CPU runs: cross-attention blocks at every level.
+
+    ``attention_head_dim`` follows diffusers' (SD-inherited) meaning: it is the number of heads.
+    """
+    n = len(block_out_channels)
+    return {
+        "sample_size": sample_size,
+        "in_channels": latent_channels,
+        "out_channels": latent_channels,
+        "layers_per_block": layers_per_block,
+        "block_out_channels": tuple(int(c) for c in block_out_channels),
+        "down_block_types": ("CrossAttnDownBlock2D",) * n,
+        "up_block_types": ("CrossAttnUpBlock2D",) * n,
+        "attention_head_dim": attention_head_dim,
+        "cross_attention_dim": cross_attention_dim,
+        "norm_num_groups": norm_num_groups,
+        "use_linear_projection": True,
+    }
+
+
+def _tiny_vae(latent_channels: int, factor: int, sample_size: int) -> AutoencoderKL:
+    """A randomly initialised small ``AutoencoderKL`` with downsampling ``factor`` (a power of two)."""
+    levels = int(round(math.log2(factor))) + 1
+    if 2 ** (levels - 1) != factor:
+        raise SchemaError("latent_factor", f"the tiny VAE needs a power of two, got {factor}")
+    channels = tuple(min(8 * 2**i, 32) for i in range(levels))
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=channels,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=sample_size,
+    )
+
+
+def build_model(
+    *,
+    pretrained: str | Path | None = None,
+    layer: str | int = 0,
+    vae: str = "identity",
+    cond_dropout: float = 0.1,
+    gradient_checkpointing: bool = False,
+    **options: Any,
+) -> tuple[MultiViewUNet, LatentCodec]:
+    """Build the multi-view model and its latent codec.
+
+    ``pretrained``: local directory with SD2.1-architecture ``unet/`` (and, for ``vae="pretrained"``,
+    ``vae/``) subfolders in diffusers format; ``None`` builds the tiny UNet of :func:`tiny_unet_config`
+    from scratch. ``vae``: ``"identity"`` (:class:`IdentityCodec`), ``"tiny"`` (random small
+    ``AutoencoderKL``) or ``"pretrained"``. ``options`` (tiny model only, except ``null_tokens``):
+    ``block_out_channels``, ``layers_per_block``, ``attention_head_dim``, ``cross_attention_dim``,
+    ``norm_num_groups``, ``latent_factor`` (identity / tiny VAE downsampling), ``null_tokens``.
+    """
+    unknown = sorted(set(options) - set(_TINY_DEFAULTS))
+    if unknown:
+        raise SchemaError(f"model.options.{unknown[0]}", f"unknown option (known: {', '.join(sorted(_TINY_DEFAULTS))})")
+    if vae not in ("identity", "tiny", "pretrained"):
+        raise SchemaError("model.vae", f"expected identity, tiny or pretrained, got {vae!r}")
+    opts = {**_TINY_DEFAULTS, **options}
+    null_tokens = int(opts.pop("null_tokens"))
+    factor = int(opts.pop("latent_factor"))
+
+    if pretrained is not None:
+        root = Path(pretrained)
+        if not (root / "unet" / "config.json").is_file():
+            raise SchemaError("model.pretrained", "no unet/config.json (expected a diffusers SD2.1-style directory)", where=str(root))
+        tiny_only = sorted(k for k in options if k not in ("null_tokens",))
+        if tiny_only:
+            raise SchemaError(f"model.options.{tiny_only[0]}", "only applies to the tiny model built without --pretrained")
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
+    else:
+        if vae == "pretrained":
+            raise SchemaError("model.vae", "vae=pretrained needs model.pretrained (a directory with a vae/ subfolder)")
+        latent_channels = 3 * factor**2 if vae == "identity" else 4
+        unet = UNet2DConditionModel(**tiny_unet_config(latent_channels, **opts))
+
+    codec: LatentCodec
+    if vae == "identity":
+        codec = IdentityCodec(factor)
+    elif vae == "tiny":
+        codec = VAECodec(_tiny_vae(int(unet.config.in_channels), factor, sample_size=int(unet.config.sample_size) * factor))
+    else:
+        assert pretrained is not None
+        vae_dir = Path(pretrained) / "vae"
+        if not (vae_dir / "config.json").is_file():
+            raise SchemaError("model.vae", "no vae/config.json in the pretrained directory", where=str(Path(pretrained)))
+        codec = VAECodec(AutoencoderKL.from_pretrained(pretrained, subfolder="vae"))
+    if codec.latent_channels != int(unet.config.in_channels):
+        raise SchemaError(
+            "model.vae",
+            f"the {vae} codec makes {codec.latent_channels}-channel latents but the UNet takes {unet.config.in_channels}",
+        )
+
+    model = MultiViewUNet(unet, layer=layer, camera_dropout=cond_dropout, null_tokens=null_tokens)
+    if gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model, codec
