@@ -46,12 +46,6 @@ def _rotation(rng: np.random.Generator) -> np.ndarray:
     return q if np.linalg.det(q) > 0 else -q
 
 
-def _points_in_front(rng: np.random.Generator, E: np.ndarray, n: int = 40) -> np.ndarray:
-    """World points with camera-frame depth in [0.5, 10] for the world-to-camera ``E``."""
-    Xc = np.concatenate([rng.uniform(-2, 2, (n, 2)), rng.uniform(0.5, 10, (n, 1))], axis=1)
-    return (Xc - E[:3, 3]) @ E[:3, :3]
-
-
 # ------------------------------------------------------------------------------------ intrinsics
 @settings(max_examples=50, deadline=None)
 @given(sizes, st.tuples(*[st.floats(0.05, 3.0)] * 2, *[st.floats(-0.5, 1.5)] * 2))
