@@ -380,11 +380,12 @@ class VGGTBackend(GeometryBackend):
 
     def _confident(self, conf: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Pixels passing the absolute and the per-window percentile confidence thresholds."""
-        keep = torch.isfinite(conf)
+        finite = torch.isfinite(conf)
+        keep = finite.clone()
         if self.conf_threshold is not None:
             keep &= conf >= self.conf_threshold
         if self.conf_percentile is not None:
-            values = conf[valid & keep]
+            values = conf[valid & finite]  # percentile of the window's valid pixels, independent of the absolute threshold
             if values.numel():
                 k = max(1, math.ceil(self.conf_percentile / 100.0 * values.numel()))
                 keep &= conf >= values.kthvalue(k).values
