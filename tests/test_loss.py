@@ -223,12 +223,14 @@ def test_bad_inputs_raise_schema_errors() -> None:
 
 
 # -------------------------------------------------------------------------------------- precision
-def _reference_precision(attn, corr_nn, corr_mask, w: int) -> float:
+def _reference_precision(attn, corr_nn, corr_mask, w: int, query_views=None) -> float:
     B, Q, _ = attn.shape
     Fv, hw = corr_nn.shape[1], corr_nn.shape[3]
     hits = total = 0
     for b in range(B):
         for i in range(Fv):
+            if query_views is not None and not query_views[b, i]:
+                continue
             for j in range(Fv):
                 if i == j:
                     continue
@@ -269,6 +271,9 @@ def test_attention_precision_head_mean_of_softmax_matches_reference() -> None:
     assert got.item() == pytest.approx(_reference_precision(probs, c["corr_nn"], c["corr_mask"], 2))
     got_p = attention_precision(c["logits"].softmax(-1), c["corr_nn"], c["corr_mask"], (2, 2), logits=False)
     assert got_p.item() == pytest.approx(got.item())
+    qv = torch.tensor([[False, True, True], [True, False, False]])
+    got_q = attention_precision(c["logits"], c["corr_nn"], c["corr_mask"], 2, query_views=qv)
+    assert got_q.item() == pytest.approx(_reference_precision(probs, c["corr_nn"], c["corr_mask"], 2, query_views=qv))
     # a map whose per-view argmax is the target everywhere scores 1
     B, Fv, hw = 2, 3, 4
     perfect = torch.zeros(B, Fv * hw, Fv * hw)

@@ -8,7 +8,7 @@ Public API (signatures are part of the trainer contract)::
                corr_dist [B, F, F, hw] | None, head_mlp, *, mode="pair" | "global",
                query_views [B, F] bool | None = None, query_chunk: int | None = None) -> Tensor  # fp32 scalar
     attention_precision(attn_or_logits [B, heads, Q, K] | [B, Q, K], corr_nn, corr_mask,
-                        grid: int | (h, w), *, logits=True) -> Tensor
+                        grid: int | (h, w), *, logits=True, query_views [B, F] bool | None = None) -> Tensor
 
 Token ``x`` of view ``i`` is query ``i*hw + x``; token ``y`` of view ``j`` is key ``j*hw + y`` (the layout
 of :class:`cameo_corr.train.model.MultiViewUNet`'s logits, views in batch order). ``corr_nn[b, i, j, x]``
@@ -200,15 +200,22 @@ def cameo_loss(
 
 @torch.no_grad()
 def attention_precision(
-    attn_or_logits: Tensor, corr_nn: Tensor, corr_mask: Tensor, grid: int | tuple[int, int], *, logits: bool = True
+    attn_or_logits: Tensor,
+    corr_nn: Tensor,
+    corr_mask: Tensor,
+    grid: int | tuple[int, int],
+    *,
+    logits: bool = True,
+    query_views: Tensor | None = None,
 ) -> Tensor:
     """Fraction of supervised entries ``(b, i, j != i, x)`` whose attention argmax over view ``j``'s tokens
     lies within Chebyshev distance 1 of ``corr_nn[b, i, j, x]`` on the ``grid``.
 
     ``attn_or_logits``: ``[B, heads, Q, K]`` per-head logits (``logits=True``: the attention is their
     softmax over all keys, as in the model) or probabilities (``logits=False``), averaged over heads;
-    or an already head-fused ``[B, Q, K]`` map (its argmax is used as is). Returns a 0-d fp32 tensor,
-    NaN when no entry is masked.
+    or an already head-fused ``[B, Q, K]`` map (its argmax is used as is). ``query_views`` ``[B, F]``
+    bool counts only the queries of those views (e.g. targets). Returns a 0-d fp32 tensor, NaN when no
+    entry is masked.
     """
     h, w = (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
     hw = h * w
@@ -235,7 +242,12 @@ def attention_precision(
     arg = probs.view(B, Fv, hw, Fv, hw).argmax(dim=-1)  # [B, i, x, j]
     target = corr_nn.to(device=arg.device, dtype=torch.long).permute(0, 1, 3, 2)
     off_diag = ~torch.eye(Fv, dtype=torch.bool, device=arg.device)
-    mask = (corr_mask.to(device=arg.device, dtype=torch.bool) & off_diag[None, :, :, None]).permute(0, 1, 3, 2)
+    mask = corr_mask.to(device=arg.device, dtype=torch.bool) & off_diag[None, :, :, None]
+    if query_views is not None:
+        if tuple(query_views.shape) != (B, Fv):
+            raise SchemaError("query_views", f"expected [B, F] = {(B, Fv)}, got {tuple(query_views.shape)}")
+        mask = mask & query_views.to(device=arg.device, dtype=torch.bool)[:, :, None, None]
+    mask = mask.permute(0, 1, 3, 2)
     cheb = torch.maximum((arg // w - target // w).abs(), (arg % w - target % w).abs())
     hits = ((cheb <= 1) & mask).sum()
     return hits.float() / mask.sum().float()
