@@ -11,6 +11,7 @@ import sys
 _COMMAND_MODULES: tuple[str, ...] = (
     "cameo_corr.pipeline.ray_job",
     "cameo_corr.pipeline.cache_tools",
+    "cameo_corr.pipeline.evaluate",
     "cameo_corr.train.cli",
 )
 

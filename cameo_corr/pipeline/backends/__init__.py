@@ -15,15 +15,18 @@ from __future__ import annotations
 import abc
 import argparse
 import importlib
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from cameo_corr.schemas import PointmapResult, SchemaError, WindowData
 
+if TYPE_CHECKING:  # pragma: no cover - typing only; torch is imported lazily so CLI parsers stay light
+    import torch
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
+
+def resolve_device(device: "str | torch.device | None") -> "torch.device":
     """``None`` -> ``cuda`` when a GPU is visible, else ``cpu``; strings and devices pass through."""
+    import torch
+
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

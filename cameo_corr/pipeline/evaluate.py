@@ -1,0 +1,423 @@
+"""``cameo-corr eval-corr``: how good are a backend's token correspondences, judged by ground-truth depth.
+
+For every window of a dataset with depth, the backend's pointmaps give token correspondences
+``P`` (``nn``) and cycle masks ``M`` (:func:`cameo_corr.pipeline.match.correspond`). The ground truth
+is *geometric*, never a nearest-neighbour search, so it is meaningful for every backend:
+
+* the query token's 3D point is the ground-truth token pointmap (the ``depth`` backend's output
+  tokenized exactly like the cache), in the dataset's world frame;
+* it is projected into the other view with the ground-truth cameras. It is **visible** there when it
+  lands inside the image in front of the camera and the ground-truth depth at that pixel agrees with
+  its depth within ``occlusion_tol`` (relative); **not visible** when outside the image, behind the
+  camera or occluded; **unknown** when the query token or the depth at the landing pixel is invalid
+  (holes), and then it is left out of every count.
+
+Per ordered pair ``(i, j)``, ``i != j``, binned by the angle between the two optical axes
+(default bins 0-30, 30-60, 60-90, 90-120 degrees):
+
+* ``precision`` = masked queries whose ``nn`` token lies within ``radius`` tokens (Euclidean, in
+  token units) of the reprojected location, over masked queries with a known ground truth (a masked
+  query that is not visible counts as wrong);
+* ``coverage`` = visible queries that are masked, over visible queries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from cameo_corr.schemas import DEFAULT_GRID, DEFAULT_TAU, CameoCorrError, PointmapResult, TokenCorrespondences, WindowData
+
+if TYPE_CHECKING:  # pragma: no cover - typing only; torch is imported lazily so the CLI parser stays light
+    import torch
+
+ANGLE_BINS: tuple[float, ...] = (0.0, 30.0, 60.0, 90.0, 120.0)
+"""Edges (degrees) of the view-angle bins: ``[0, 30), [30, 60), [60, 90), [90, 120]``."""
+
+
+# --------------------------------------------------------------------------------- geometry
+def optical_axis_angles(extrinsics: torch.Tensor) -> torch.Tensor:
+    """``[S, S]`` angles in degrees between the optical axes of world-to-camera matrices ``[S, 4, 4]``."""
+    import torch
+
+    axes = extrinsics[:, 2, :3].double()  # third row of R = camera z axis in world coordinates
+    axes = axes / axes.norm(dim=-1, keepdim=True)
+    cos = (axes @ axes.T).clamp(-1.0, 1.0)
+    return torch.rad2deg(torch.arccos(cos))
+
+
+@dataclass
+class ReprojectionTargets:
+    """Ground truth for every ordered pair of a window, ``[S, S, h*w]`` per query token.
+
+    ``target`` ``[S, S, hw, 2]`` continuous ``(x, y)`` token coordinates of the query's 3D point in the
+    key view; ``visible`` where it is seen there; ``known`` where the ground truth is defined (query
+    token valid and, if it lands in the key image in front of the camera, valid depth there).
+    """
+
+    target: torch.Tensor
+    visible: torch.Tensor
+    known: torch.Tensor
+
+
+def reprojection_targets(
+    points: torch.Tensor,
+    valid: torch.Tensor,
+    depth: torch.Tensor,
+    intrinsics: torch.Tensor,
+    extrinsics: torch.Tensor,
+    *,
+    occlusion_tol: float = 0.05,
+) -> ReprojectionTargets:
+    """Project each view's ground-truth token points into every view (see the module docstring).
+
+    ``points`` ``[S, h, w, 3]`` world token points and ``valid`` ``[S, h, w]``; ``depth`` ``[S, H, W]``
+    ground-truth z-depth (0 = invalid); ``intrinsics`` ``[S, 3, 3]`` pixels of the ``H x W`` view;
+    ``extrinsics`` ``[S, 4, 4]`` world-to-camera in the frame of ``points``.
+    """
+    import torch
+
+    S, h, w, _ = points.shape
+    H, W = depth.shape[-2:]
+    X = points.reshape(S, h * w, 3).double()
+    R = extrinsics[:, :3, :3].double()
+    t = extrinsics[:, :3, 3].double()
+    cam = torch.einsum("jab,ixb->ijxa", R, X) + t[None, :, None, :]  # [S_i, S_j, hw, 3]
+    z = cam[..., 2]
+    uvw = torch.einsum("jab,ijxb->ijxa", intrinsics.double(), cam)
+    safe_z = torch.where(z > 0, uvw[..., 2], torch.ones_like(z))
+    uv = uvw[..., :2] / safe_z.unsqueeze(-1)
+    inside = (z > 0) & (uv[..., 0] >= 0) & (uv[..., 0] < W) & (uv[..., 1] >= 0) & (uv[..., 1] < H)
+    col = uv[..., 0].floor().clamp(0, W - 1).long()
+    row = uv[..., 1].floor().clamp(0, H - 1).long()
+    view = torch.arange(S, device=depth.device)[None, :, None].expand_as(col)
+    d = depth[view, row, col].double()
+    d_ok = torch.isfinite(d) & (d > 0)
+    agrees = (z - d).abs() <= occlusion_tol * d
+    q_valid = valid.reshape(S, 1, h * w).expand(S, S, h * w)
+    visible = q_valid & inside & d_ok & agrees
+    known = q_valid & (~inside | d_ok)
+    target = torch.stack([uv[..., 0] * (w / W) - 0.5, uv[..., 1] * (h / H) - 0.5], dim=-1)
+    return ReprojectionTargets(target=target.float(), visible=visible, known=known)
+
+
+# ---------------------------------------------------------------------------------- scoring
+@dataclass
+class BinCounts:
+    """Counts accumulated over the ordered pairs of one view-angle bin."""
+
+    pairs: int = 0
+    masked: int = 0
+    correct: int = 0
+    visible: int = 0
+    covered: int = 0
+
+    def add(self, other: "BinCounts") -> None:
+        for name in ("pairs", "masked", "correct", "visible", "covered"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Counts plus ``precision`` and ``coverage`` (``None`` when their denominator is 0)."""
+        return {
+            "pairs": self.pairs,
+            "masked": self.masked,
+            "correct": self.correct,
+            "precision": self.correct / self.masked if self.masked else None,
+            "visible": self.visible,
+            "covered": self.covered,
+            "coverage": self.covered / self.visible if self.visible else None,
+        }
+
+
+def score_pairs(
+    nn: torch.Tensor,
+    mask: torch.Tensor,
+    gt: ReprojectionTargets,
+    angles: torch.Tensor,
+    grid: tuple[int, int],
+    *,
+    radius: float = 1.0,
+    bins: Sequence[float] = ANGLE_BINS,
+) -> list[BinCounts]:
+    """Per-bin counts of one window: ``nn``/``mask`` ``[S, S, hw]`` from the backend's correspondences,
+    ``gt`` from :func:`reprojection_targets`, ``angles`` ``[S, S]`` degrees. Pairs outside the bins and
+    the diagonal are skipped."""
+    import torch
+
+    S = nn.shape[0]
+    h, w = grid
+    pred = torch.stack([nn % w, torch.div(nn, w, rounding_mode="floor")], dim=-1).float()
+    close = (pred - gt.target.to(pred.device)).norm(dim=-1) <= radius
+    mask = mask.to(torch.bool)
+    known, visible = gt.known.to(mask.device), gt.visible.to(mask.device)
+    masked = mask & known
+    correct = masked & visible & close.to(mask.device)
+    covered = visible & mask
+    edges = list(bins)
+    out = [BinCounts() for _ in range(len(edges) - 1)]
+    for i in range(S):
+        for j in range(S):
+            if i == j:
+                continue
+            b = angle_bin(float(angles[i, j]), edges)
+            if b is None:
+                continue
+            out[b].add(
+                BinCounts(
+                    pairs=1,
+                    masked=int(masked[i, j].sum()),
+                    correct=int(correct[i, j].sum()),
+                    visible=int(visible[i, j].sum()),
+                    covered=int(covered[i, j].sum()),
+                )
+            )
+    return out
+
+
+def angle_bin(angle: float, edges: Sequence[float]) -> int | None:
+    """Index of the bin ``[edges[k], edges[k+1])`` holding ``angle`` (the last bin is closed), else ``None``."""
+    for k in range(len(edges) - 1):
+        last = k == len(edges) - 2
+        if edges[k] <= angle < edges[k + 1] or (last and angle == edges[k + 1]):
+            return k
+    return None
+
+
+def score_window(
+    window: WindowData,
+    gt: PointmapResult,
+    corr: TokenCorrespondences,
+    grid: tuple[int, int],
+    *,
+    radius: float = 1.0,
+    occlusion_tol: float = 0.05,
+    bins: Sequence[float] = ANGLE_BINS,
+) -> list[BinCounts]:
+    """Score a backend's correspondences ``corr`` of ``window`` against ground truth ``gt`` (the
+    ``depth`` backend's world-frame output for the same window)."""
+    import numpy as np
+    import torch
+
+    from cameo_corr.pipeline.match import tokenize
+
+    gt_pts, gt_valid, _ = tokenize(gt.points, gt.valid, gt.conf, grid)
+    depth = torch.from_numpy(np.asarray(window.depth, dtype=np.float32)).to(gt.points.device)
+    targets = reprojection_targets(gt_pts, gt_valid, depth, gt.intrinsics, gt.extrinsics, occlusion_tol=occlusion_tol)
+    angles = optical_axis_angles(gt.extrinsics)
+    return score_pairs(corr.nn, corr.mask, targets, angles, grid, radius=radius, bins=bins)
+
+
+# ------------------------------------------------------------------------------- evaluation
+@dataclass
+class EvalConfig:
+    """Settings of one evaluation run (recorded in the JSON report)."""
+
+    views: int = 4
+    windows: int = 8
+    windows_per_scene: int = 1
+    grid: tuple[int, int] = (DEFAULT_GRID, DEFAULT_GRID)
+    tau: float = DEFAULT_TAU
+    match_backend: str = "auto"
+    radius: float = 1.0
+    occlusion_tol: float = 0.05
+    bins: tuple[float, ...] = ANGLE_BINS
+    seed: int = 0
+    size: int = 512
+    policy: str | None = None
+    batch_size: int = 1
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the setting that is out of range."""
+        if self.views < 2:
+            raise ValueError(f"views must be >= 2, got {self.views}")
+        if self.windows < 1 or self.windows_per_scene < 1 or self.batch_size < 1:
+            raise ValueError("windows, windows_per_scene and batch_size must be >= 1")
+        if not (self.radius > 0 and math.isfinite(self.radius)):
+            raise ValueError(f"radius must be positive, got {self.radius}")
+        if not (self.occlusion_tol > 0 and math.isfinite(self.occlusion_tol)):
+            raise ValueError(f"occlusion_tol must be positive, got {self.occlusion_tol}")
+        if len(self.bins) < 2 or any(b1 <= b0 for b0, b1 in zip(self.bins, self.bins[1:])):
+            raise ValueError(f"bins must be increasing edges, got {self.bins}")
+
+
+def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress: bool = False) -> dict[str, Any]:
+    """Evaluate ``backend`` (a :class:`~cameo_corr.pipeline.backends.GeometryBackend`) on the first
+    ``config.windows`` planned windows of ``reader`` (a reader with depth). Returns the JSON report.
+
+    Windows are planned with the dataset's default sampling (:mod:`cameo_corr.pipeline.planner`); a
+    window whose loading or processing raises a :class:`~cameo_corr.schemas.CameoCorrError` is listed
+    under ``failed`` and the run goes on.
+    """
+    from tqdm import tqdm
+
+    from cameo_corr.datasets.canonical import CanonicalView, load_window
+    from cameo_corr.pipeline.backends.depth import DepthBackend
+    from cameo_corr.pipeline.match import correspond
+    from cameo_corr.pipeline.planner import default_plan_config, plan_windows
+
+    config.validate()
+    view = CanonicalView(size=config.size, policy=config.policy or reader.default_crop_policy)
+    plan = default_plan_config(reader.name, views=config.views, windows_per_scene=config.windows_per_scene, seed=config.seed)
+    fingerprint = {"eval_corr": backend.describe(), "grid": list(config.grid), "tau": config.tau, "crop": view.to_dict()}
+    planned = plan_windows(reader, plan, fingerprint)
+    failed: list[dict[str, Any]] = [
+        {"window_id": p.record.window_id, "scene_id": p.record.scene_id, "error": p.error} for p in planned if p.error
+    ]
+    todo = [p.record for p in planned if not p.error][: config.windows]
+    truth = DepthBackend(device=backend.device, frame="world")
+    totals = [BinCounts() for _ in range(len(config.bins) - 1)]
+    evaluated = 0
+    batches = [todo[k : k + config.batch_size] for k in range(0, len(todo), config.batch_size)]
+    for batch in tqdm(batches, desc="eval-corr", unit="batch", disable=not progress):
+        loaded: list[WindowData] = []
+        for record in batch:
+            try:
+                loaded.append(load_window(reader, record, view, with_depth=True))
+            except CameoCorrError as e:
+                failed.append({"window_id": record.window_id, "scene_id": record.scene_id, "error": f"{type(e).__name__}: {e}"})
+        if not loaded:
+            continue
+        try:
+            results = backend.run_batch(loaded)
+        except CameoCorrError as e:
+            failed.extend(
+                {"window_id": w.record.window_id, "scene_id": w.record.scene_id, "error": f"{type(e).__name__}: {e}"} for w in loaded
+            )
+            continue
+        for window, result, gt in zip(loaded, results, truth.run_batch(loaded)):
+            corr = correspond(result, grid=config.grid, tau=config.tau, backend=config.match_backend)
+            counts = score_window(
+                window, gt, corr, config.grid, radius=config.radius, occlusion_tol=config.occlusion_tol, bins=config.bins
+            )
+            for total, c in zip(totals, counts):
+                total.add(c)
+            evaluated += 1
+    overall = BinCounts()
+    for c in totals:
+        overall.add(c)
+    return {
+        "dataset": reader.describe(),
+        "backend": backend.describe(),
+        "config": {
+            "views": config.views,
+            "windows": config.windows,
+            "windows_per_scene": config.windows_per_scene,
+            "grid": list(config.grid),
+            "tau": config.tau,
+            "match_backend": config.match_backend,
+            "radius": config.radius,
+            "occlusion_tol": config.occlusion_tol,
+            "seed": config.seed,
+            "crop": view.to_dict(),
+        },
+        "windows_evaluated": evaluated,
+        "failed": failed,
+        "bins": [
+            {"range_deg": [config.bins[k], config.bins[k + 1]], **totals[k].to_dict()} for k in range(len(totals))
+        ],
+        "overall": overall.to_dict(),
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report's per-bin numbers as a fixed-width text table."""
+
+    def pct(v: float | None) -> str:
+        return "     -" if v is None else f"{100 * v:6.2f}"
+
+    header = f"{'angle (deg)':>12} {'pairs':>6} {'masked':>8} {'prec@1 %':>9} {'visible':>8} {'cover %':>8}"
+    lines = [
+        f"eval-corr: backend={report['backend']['name']} windows={report['windows_evaluated']} "
+        f"failed={len(report['failed'])} grid={report['config']['grid']} tau={report['config']['tau']}",
+        header,
+        "-" * len(header),
+    ]
+    rows = [(f"{b['range_deg'][0]:g}-{b['range_deg'][1]:g}", b) for b in report["bins"]] + [("all", report["overall"])]
+    for label, b in rows:
+        lines.append(
+            f"{label:>12} {b['pairs']:>6} {b['masked']:>8} {pct(b['precision']):>9} {b['visible']:>8} {pct(b['coverage']):>8}"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ command line
+def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``eval-corr`` command."""
+    from cameo_corr.pipeline.backends import add_backend_arguments
+
+    p = subparsers.add_parser(
+        "eval-corr",
+        help="precision/coverage of a backend's token correspondences against ground-truth depth",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    p.add_argument("--dataset", required=True, help="reader with depth: synthetic, co3d, 7scenes")
+    p.add_argument("--root", required=True, type=Path, help="dataset root")
+    p.add_argument("--split", default=None, help="dataset split (reader default when omitted)")
+    p.add_argument("--views", type=int, default=4, help="views per window (default 4)")
+    p.add_argument("--windows", type=int, default=8, help="windows to evaluate (default 8)")
+    p.add_argument("--windows-per-scene", type=int, default=1, help="windows drawn per scene (default 1)")
+    p.add_argument("--grid", type=int, default=DEFAULT_GRID, help=f"token grid side (default {DEFAULT_GRID})")
+    p.add_argument("--tau", type=float, default=DEFAULT_TAU, help=f"cycle threshold in tokens (default {DEFAULT_TAU})")
+    p.add_argument("--match-backend", default="auto", choices=("auto", "torch", "faiss", "kdtree"), help="exact NN method (default: auto)")
+    p.add_argument("--radius", type=float, default=1.0, help="a match is correct within this many tokens (default 1)")
+    p.add_argument("--occlusion-tol", type=float, default=0.05, help="relative depth tolerance of the visibility test")
+    p.add_argument("--seed", type=int, default=0, help="window sampling seed")
+    p.add_argument("--size", type=int, default=512, help="canonical view side in pixels (default 512)")
+    p.add_argument("--policy", default=None, help="canonical crop policy (default: the reader's)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per backend call (default 1)")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    add_backend_arguments(p)
+    p.set_defaults(func=_run_cli)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    from cameo_corr.datasets import open_dataset
+    from cameo_corr.pipeline.backends import backend_options_from_args, make_backend
+
+    reader_options = {} if args.split is None else {"split": args.split}
+    reader = open_dataset(args.dataset, args.root, **reader_options)
+    backend = make_backend(args.backend, **backend_options_from_args(args))
+    config = EvalConfig(
+        views=args.views,
+        windows=args.windows,
+        windows_per_scene=args.windows_per_scene,
+        grid=(args.grid, args.grid),
+        tau=args.tau,
+        match_backend=args.match_backend,
+        radius=args.radius,
+        occlusion_tol=args.occlusion_tol,
+        seed=args.seed,
+        size=args.size,
+        policy=args.policy,
+        batch_size=args.batch_size,
+    )
+    report = evaluate_backend(reader, backend, config, progress=sys.stderr.isatty())
+    print(format_table(report))
+    for f in report["failed"]:
+        print(f"failed window {f['window_id']} (scene {f['scene_id']}): {f['error']}", file=sys.stderr)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, sort_keys=True))
+        print(f"wrote {args.out}")
+    return 0 if report["windows_evaluated"] > 0 else 1
+
+
+__all__ = [
+    "ANGLE_BINS",
+    "optical_axis_angles",
+    "ReprojectionTargets",
+    "reprojection_targets",
+    "BinCounts",
+    "score_pairs",
+    "angle_bin",
+    "score_window",
+    "EvalConfig",
+    "evaluate_backend",
+    "format_table",
+    "register_cli",
+]
