@@ -348,6 +348,7 @@ def format_table(report: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------ command line
 def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the ``eval-corr`` command."""
+    from cameo_corr.datasets.base import DATASET_NAMES
     from cameo_corr.pipeline.backends import add_backend_arguments
 
     p = subparsers.add_parser(
@@ -355,7 +356,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         help="precision/coverage of a backend's token correspondences against ground-truth depth",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    p.add_argument("--dataset", required=True, help="reader with depth: synthetic, co3d, 7scenes")
+    p.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="a reader with depth: synthetic, co3d, 7scenes")
     p.add_argument("--root", required=True, type=Path, help="dataset root")
     p.add_argument("--split", default=None, help="dataset split (reader default when omitted)")
     p.add_argument("--views", type=int, default=4, help="views per window (default 4)")
@@ -367,8 +368,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--radius", type=float, default=1.0, help="a match is correct within this many tokens (default 1)")
     p.add_argument("--occlusion-tol", type=float, default=0.05, help="relative depth tolerance of the visibility test")
     p.add_argument("--seed", type=int, default=0, help="window sampling seed")
-    p.add_argument("--size", type=int, default=512, help="canonical view side in pixels (default 512)")
-    p.add_argument("--policy", default=None, help="canonical crop policy (default: the reader's)")
+    p.add_argument("--crop-size", type=int, default=512, help="canonical view side in pixels (default 512)")
+    p.add_argument("--crop-policy", choices=("center", "principal_point", "mask_bbox"), default=None,
+                   help="canonical crop (default: the reader's)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per backend call (default 1)")
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     add_backend_arguments(p)
@@ -392,8 +394,8 @@ def _run_cli(args: argparse.Namespace) -> int:
         radius=args.radius,
         occlusion_tol=args.occlusion_tol,
         seed=args.seed,
-        size=args.size,
-        policy=args.policy,
+        size=args.crop_size,
+        policy=args.crop_policy,
         batch_size=args.batch_size,
     )
     report = evaluate_backend(reader, backend, config, progress=sys.stderr.isatty())

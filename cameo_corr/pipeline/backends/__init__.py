@@ -110,7 +110,7 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", default="depth", help=f"one of {', '.join(BACKEND_NAMES)} or module:Class (default: depth)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--frame", choices=("world", "first"), default=None, help="depth: output frame (default: world)")
-    g.add_argument("--model", default=None, help="vggt: Hugging Face id, local directory or checkpoint file (default: facebook/VGGT-1B)")
+    g.add_argument("--vggt-model", "--model", dest="model", default=None, help="vggt: Hugging Face id, local directory or checkpoint file (default: facebook/VGGT-1B)")
     g.add_argument("--revision", default=None, help="vggt: Hugging Face revision (branch, tag or commit)")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=None, help="vggt: compute dtype (default: auto)")
     g.add_argument("--points", choices=("depth", "head"), default=None, help="vggt: pointmap from depth + cameras (default) or the point head")
