@@ -410,10 +410,12 @@ class CorrCache:
         self._manifest: pa.Table | None = None
         self._index: dict[str, int] | None = None
         self._shards: OrderedDict[str, zarr.Group] = OrderedDict()
+        self._arrays: dict[str, dict[str, zarr.Array]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_shards"] = OrderedDict()
+        state["_arrays"] = {}
         return state
 
     def __repr__(self) -> str:
@@ -427,6 +429,7 @@ class CorrCache:
         self._manifest = None
         self._index = None
         self._shards.clear()
+        self._arrays.clear()
 
     def _full_manifest(self) -> "pa.Table":
         if self._manifest is None:
@@ -471,17 +474,25 @@ class CorrCache:
         group = zarr.open_group(self.location.zarr_store(rel, read_only=True), mode="r")
         self._shards[shard_id] = group
         while len(self._shards) > self.max_open_shards:
-            self._shards.popitem(last=False)
+            evicted, _ = self._shards.popitem(last=False)
+            self._arrays.pop(evicted, None)
         return group
+
+    def _shard_arrays(self, shard_id: str) -> "dict[str, zarr.Array]":
+        """The opened arrays of a shard (array metadata is read once per shard, not per window)."""
+        group = self.open_shard(shard_id)
+        if shard_id not in self._arrays:
+            self._arrays[shard_id] = {name: group[name] for name in CACHE_ARRAYS}
+        return self._arrays[shard_id]
 
     def window(self, window_id: str, *, torch: bool = False) -> dict[str, Any]:
         """The arrays of one ok window (numpy, or torch tensors when ``torch=True``)."""
         row = self.row(window_id)
         if row["status"] != "ok":
             raise KeyError(f"window {window_id!r} failed during preprocessing: {row['error']}")
-        group = self.open_shard(row["shard"])
+        arrays = self._shard_arrays(row["shard"])
         r = int(row["row"])
-        out: dict[str, Any] = {name: np.asarray(group[name][r]) for name in CACHE_ARRAYS}
+        out: dict[str, Any] = {name: np.asarray(arr[r]) for name, arr in arrays.items()}
         if torch:
             import torch as _torch
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import logging
 import os
 import sys
 import time
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from cameo_corr.schemas import CANONICAL_SIZE, DEFAULT_GRID, DEFAULT_TAU, CameoCorrError, WindowRecord
+
+logger = logging.getLogger(__name__)
 
 DATA_ERRORS: tuple[type[BaseException], ...] = (CameoCorrError, OSError)
 """Exceptions that mean "this window's input is bad" (recorded as failed), not "the job is broken"."""
@@ -387,7 +390,9 @@ def run_preprocess(
                 try:
                     report = ray.get(ready[0])
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-                    prog.shard_errors.append((shard.shard_id, _error_text(e)))
+                    logger.error("shard %s failed: %s", shard.shard_id, e)
+                    cause = getattr(e, "cause", None)
+                    prog.shard_errors.append((shard.shard_id, _error_text(cause if isinstance(cause, BaseException) else e)))
                     if isinstance(e, ray.exceptions.RayActorError):
                         alive[a] = False
                     bar.update(len(shard.windows))
@@ -549,7 +554,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         max_retries=args.max_retries,
         storage_options=dict(args.storage_option),
         progress=not args.no_progress,
-        command=" ".join(sys.argv),
+        command=" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
     )
     print(format_summary(summary))
     if args.summary_json:
