@@ -93,7 +93,6 @@ def test_pair_loss_matches_dense_reference() -> None:
 
 
 def test_global_loss_matches_dense_reference() -> None:
-    pytest.importorskip("cameo_corr.pipeline.match", reason="global targets come from pipeline.match")
     c = _case(seed=1)
     got = cameo_loss(c["logits"], c["corr_nn"], c["corr_mask"], c["corr_dist"], c["head_mlp"], mode="global")
     ref = _reference_global(c["logits"], c["corr_nn"], c["corr_mask"], c["corr_dist"], c["head_mlp"])
@@ -121,8 +120,6 @@ def test_pair_loss_property(B: int, H: int, Fv: int, hw: int, seed: int, chunk: 
 
 @pytest.mark.parametrize("mode", ["pair", "global"])
 def test_self_blocks_and_unmasked_entries_do_not_matter(mode: str) -> None:
-    if mode == "global":
-        pytest.importorskip("cameo_corr.pipeline.match", reason="global targets come from pipeline.match")
     c = _case(seed=2)
     hw, Fv = 4, 3
     base = cameo_loss(c["logits"], c["corr_nn"], c["corr_mask"], c["corr_dist"], c["head_mlp"], mode=mode)
@@ -152,8 +149,6 @@ def test_self_blocks_and_unmasked_entries_do_not_matter(mode: str) -> None:
 
 @pytest.mark.parametrize("mode", ["pair", "global"])
 def test_gradients_reach_mlp_and_logits_not_self_blocks(mode: str) -> None:
-    if mode == "global":
-        pytest.importorskip("cameo_corr.pipeline.match", reason="global targets come from pipeline.match")
     c = _case(seed=3)
     logits = c["logits"].requires_grad_(True)
     loss = cameo_loss(logits, c["corr_nn"], c["corr_mask"], c["corr_dist"], c["head_mlp"], mode=mode)
