@@ -104,3 +104,59 @@ def test_cli_registered():
     parser = build_parser()
     args = parser.parse_args(["cache", "viz", "c", "--out", "x.png", "--pair", "1", "2"])
     assert args.pair == [1, 2] and args.func.__name__ == "_viz"
+
+
+@pytest.fixture(scope="module")
+def pipeline_cache(tmp_path_factory):
+    """A cache of real synthetic windows computed in process by the same parts the Ray workers use."""
+    synthetic = pytest.importorskip("cameo_corr.datasets.synthetic", reason="synthetic generator not available")
+    match = pytest.importorskip("cameo_corr.pipeline.match", reason="token matcher not available")
+    from cameo_corr.datasets.base import open_dataset
+    from cameo_corr.datasets.canonical import CanonicalView, load_window
+    from cameo_corr.pipeline.backends import make_backend
+    from cameo_corr.pipeline.cache import window_arrays
+    from cameo_corr.pipeline.planner import PlanConfig, plan_windows
+    from cameo_corr.schemas import CacheConfig
+
+    tmp = tmp_path_factory.mktemp("pipe")
+    root = synthetic.generate_dataset(tmp / "data", scenes=2, frames=8, image_size=96, seed=3)
+    reader = open_dataset("synthetic", root)
+    backend = make_backend("depth", device="cpu")
+    view = CanonicalView(size=96, policy=reader.default_crop_policy)
+    cfg = CacheConfig(grid=(12, 12), tau=1.5, views=4, backend=backend.describe(), crop=view.to_dict(), dataset=reader.describe())
+    windows = plan_windows(reader, PlanConfig(views=4, windows_per_scene=2, policy="random"), cfg.fingerprint())
+    outs = []
+    for w in windows:
+        data = load_window(reader, w.record, view, with_depth=True)
+        result = backend(data)
+        corr = match.correspond(result, grid=cfg.grid, tau=cfg.tau)
+        outs.append(WindowOutcome(w.record, arrays=window_arrays(corr, result)))
+    writer = CacheWriter(tmp / "cache", cfg)
+    writer.initialize()
+    writer.write_shard("s0", outs[:3])
+    writer.write_shard("s1", outs[3:])
+    return tmp / "cache"
+
+
+def test_verify_accepts_real_matcher_output(pipeline_cache):
+    cache = CorrCache(pipeline_cache)
+    assert len(cache.window_ids()) == 4
+    assert verify_cache(cache) == []
+    stats = cache_stats(cache)
+    assert stats["mask_frac_mean"] > 0.05 and stats["valid_frac_mean"] > 0.5
+
+
+def test_viz_png(pipeline_cache, tmp_path, capsys):
+    from PIL import Image
+
+    cache = CorrCache(pipeline_cache)
+    wid = cache.window_ids()[1]
+    out = tmp_path / "viz" / "w.png"
+    assert cli_main(["cache", "viz", str(pipeline_cache), "--window", wid, "--out", str(out), "--pair", "0", "2"]) == 0
+    img = np.asarray(Image.open(out).convert("RGB"))
+    assert img.shape[0] > 500 and img.shape[1] > 1000
+    assert img.std() > 20, "the figure must show images, lines and heatmaps, not a blank canvas"
+    with pytest.raises(ValueError, match="two different views"):
+        from cameo_corr.pipeline.cache_tools import render_viz
+
+        render_viz(cache, wid, tmp_path / "x.png", pair=(1, 1))

@@ -250,6 +250,28 @@ def _plain_json(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
+COMPARED_FIELDS = ("schema_version", "grid", "tau", "views", "crop", "dataset", "backend")
+"""``cache.json`` fields that must agree between a cache and a run writing into it."""
+
+
+def check_compatible(location: CacheLocation, config: CacheConfig, fields: Sequence[str] = COMPARED_FIELDS) -> None:
+    """Raise :class:`CacheMismatchError` if the cache at ``location`` has a config that differs from
+    ``config`` in any of ``fields``; a cache without ``cache.json`` is compatible with anything."""
+    if not location.exists(CONFIG_FILE):
+        return
+    existing = read_config(location)
+    diffs = [
+        (f, _plain_json(getattr(existing, f)), _plain_json(getattr(config, f)))
+        for f in fields
+        if _plain_json(getattr(existing, f)) != _plain_json(getattr(config, f))
+    ]
+    if diffs:
+        detail = "; ".join(f"{f}: cache has {theirs}, this run has {mine}" for f, theirs, mine in diffs)
+        raise CacheMismatchError(
+            diffs[0][0], f"refusing to mix configs in one cache ({detail}); write to a new --out", where=location.url(CONFIG_FILE)
+        )
+
+
 class CacheWriter:
     """Writes shards and manifest fragments of one cache (one instance per worker is fine)."""
 
@@ -261,22 +283,14 @@ class CacheWriter:
     def initialize(self) -> None:
         """Write ``cache.json`` if the cache is new; otherwise refuse a different config.
 
-        The comparison covers everything that changes the cached values or their meaning: the
-        fingerprint (schema version, grid, tau, backend, crop), the number of views and the dataset.
+        The comparison covers everything that changes the cached values or their meaning
+        (:data:`COMPARED_FIELDS`: the fingerprint's schema version, grid, tau, backend and crop, the
+        number of views and the dataset); ``created_by`` may differ.
         """
         if not self.location.exists(CONFIG_FILE):
             self.location.write_bytes_atomic(CONFIG_FILE, self.config.to_json().encode())
             return
-        existing = read_config(self.location)
-        mine = {"fingerprint": self.config.fingerprint(), "views": self.config.views, "dataset": self.config.dataset}
-        theirs = {"fingerprint": existing.fingerprint(), "views": existing.views, "dataset": existing.dataset}
-        mine, theirs = _plain_json(mine), _plain_json(theirs)
-        diffs = [k for k in mine if mine[k] != theirs[k]]
-        if diffs:
-            detail = "; ".join(f"{k}: cache has {theirs[k]}, this run has {mine[k]}" for k in diffs)
-            raise CacheMismatchError(
-                diffs[0], f"refusing to mix configs in one cache ({detail}); write to a new --out", where=self.location.url(CONFIG_FILE)
-            )
+        check_compatible(self.location, self.config)
 
     def done_window_ids(self) -> set[str]:
         """Ids of windows that already have a manifest row (ok or failed)."""
@@ -520,6 +534,8 @@ __all__ = [
     "TMP_PREFIX",
     "CacheMismatchError",
     "CacheLocation",
+    "COMPARED_FIELDS",
+    "check_compatible",
     "shard_dir",
     "fragment_path",
     "read_config",

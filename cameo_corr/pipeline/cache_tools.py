@@ -290,6 +290,8 @@ def render_viz(
         for b in range(S):
             if a != b:
                 ax.text(b, a, f"{coverage[a, b]:.2f}", ha="center", va="center", fontsize=7, color="w" if coverage[a, b] < 0.6 else "k")
+    ax.set_xticks(range(S))
+    ax.set_yticks(range(S))
     ax.set_xlabel("key view j")
     ax.set_ylabel("query view i")
     ax.set_title("mask coverage: share of query tokens with a cycle-consistent match")

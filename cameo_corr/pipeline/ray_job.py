@@ -298,7 +298,7 @@ def run_preprocess(
     import cameo_corr
     from cameo_corr.datasets.base import open_dataset
     from cameo_corr.datasets.canonical import CanonicalView
-    from cameo_corr.pipeline.cache import CacheWriter
+    from cameo_corr.pipeline.cache import COMPARED_FIELDS, CacheLocation, CacheWriter, check_compatible
     from cameo_corr.pipeline.planner import default_plan_config, make_shards, plan_windows
     from cameo_corr.schemas import CacheConfig
 
@@ -315,6 +315,12 @@ def run_preprocess(
         span_per_view=span_per_view, positions=positions, fps=fps, seed=seed,
     )
     view = CanonicalView(size=crop_size, policy=crop_policy or reader.default_crop_policy)
+
+    # refuse a mismatching cache before starting workers (the backend entry is checked once known)
+    provisional = CacheConfig(grid=grid_hw, tau=float(tau), views=views, backend={"name": backend}, crop=view.to_dict(),
+                              dataset=reader.describe())
+    provisional.validate()
+    check_compatible(CacheLocation(out, storage_options), provisional, [f for f in COMPARED_FIELDS if f != "backend"])
 
     started = _init_ray(num_cpus, workers * cpus_per_worker)
     actors: list[Any] = []

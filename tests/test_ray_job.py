@@ -1,0 +1,202 @@
+"""The Ray preprocessing job end to end on synthetic scenes: clean run, bad scenes, resume after a
+SIGKILL of the whole job, orphan clean-up, refused config mixing, CLI exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ray = pytest.importorskip("ray")
+synthetic = pytest.importorskip("cameo_corr.datasets.synthetic", reason="synthetic generator not available")
+pytest.importorskip("cameo_corr.pipeline.match", reason="token matcher not available")
+
+from cameo_corr.cli import main as cli_main  # noqa: E402
+from cameo_corr.datasets.base import open_dataset  # noqa: E402
+from cameo_corr.pipeline.cache import CacheMismatchError, CorrCache, fragment_names  # noqa: E402
+from cameo_corr.pipeline.cache_tools import verify_cache  # noqa: E402
+from cameo_corr.pipeline.ray_job import run_preprocess  # noqa: E402
+
+RUN = dict(backend="depth", grid=8, views=3, windows_per_scene=2, crop_size=48, shard_size=2, progress=False)
+GOOD, CORRUPT, MISSING, NAN_DEPTH = 0, 1, 2, 3
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray instance shared by the tests of this module (start-up costs seconds)."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """5 synthetic scenes; scene 1 has corrupt images, scene 2 missing images, scene 3 NaN depth."""
+    from PIL import Image
+
+    root = synthetic.generate_dataset(tmp_path_factory.mktemp("data") / "synth", scenes=5, frames=6, image_size=48, seed=0)
+    reader = open_dataset("synthetic", root)
+    sids = reader.scene_ids()
+    for f in reader.scene(sids[CORRUPT]).frames:
+        p = Path(root) / f.image_path
+        p.write_bytes(p.read_bytes()[:40])
+    for f in reader.scene(sids[MISSING]).frames:
+        (Path(root) / f.image_path).unlink()
+    for f in reader.scene(sids[NAN_DEPTH]).frames:
+        h, w = f.image_size
+        nan_bits = np.full((h, w), np.float16(np.nan)).view(np.uint16)
+        Image.fromarray(nan_bits).save(Path(root) / f.depth_path)
+    return Path(root)
+
+
+@pytest.fixture(scope="module")
+def clean(ray_session, dataset, tmp_path_factory) -> tuple[Path, dict]:
+    """A clean run through the CLI (exit code 0 although some windows fail) and its summary."""
+    tmp = tmp_path_factory.mktemp("clean")
+    out, summary_json = tmp / "cache", tmp / "summary.json"
+    rc = cli_main([
+        "preprocess", "--dataset", "synthetic", "--root", str(dataset), "--out", str(out), "--backend", "depth",
+        "--grid", "8", "--views", "3", "--windows-per-scene", "2", "--crop-size", "48", "--shard-size", "2",
+        "--workers", "1", "--no-progress", "--summary-json", str(summary_json),
+    ])
+    assert rc == 0
+    return out, json.loads(summary_json.read_text())
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    ca, cb = CorrCache(a), CorrCache(b)
+    assert sorted(ca.window_ids()) == sorted(cb.window_ids())
+    assert sorted(ca.manifest("failed").column("window_id").to_pylist()) == sorted(cb.manifest("failed").column("window_id").to_pylist())
+    for wid in ca.window_ids():
+        wa, wb = ca.window(wid), cb.window(wid)
+        for name in wa:
+            assert np.array_equal(wa[name], wb[name], equal_nan=True), (wid, name)
+        ra, rb = ca.row(wid), cb.row(wid)
+        assert {k: ra[k] for k in ("frame_ids", "image_paths", "valid_frac", "mask_frac")} == {
+            k: rb[k] for k in ("frame_ids", "image_paths", "valid_frac", "mask_frac")
+        }
+
+
+def test_clean_run(clean, dataset):
+    out, s = clean
+    sids = open_dataset("synthetic", dataset).scene_ids()
+    assert s["windows_planned"] == 10 and s["windows_skipped"] == 0 and not s["shard_errors"]
+    assert s["windows_ok"] == 4 and s["windows_failed"] == 6
+    cache = CorrCache(out)
+    failed = {r["scene_id"]: r["error"] for r in cache.manifest("failed").to_pylist()}
+    assert set(failed) == {sids[CORRUPT], sids[MISSING], sids[NAN_DEPTH]}
+    assert "no valid pointmap pixel" in failed[sids[NAN_DEPTH]]
+    assert {r["scene_id"] for r in cache.manifest().to_pylist()} == {sids[GOOD], sids[4]}
+    assert verify_cache(cache) == []
+    w = cache.window(cache.window_ids()[0])
+    assert w["nn"].shape == (3, 3, 64) and w["points"].shape == (3, 8, 8, 3)
+    reader = open_dataset("synthetic", dataset)
+    assert cache.config.crop["policy"] == reader.default_crop_policy and cache.config.crop["size"] == 48
+    assert cache.config.dataset == reader.describe()
+    assert cache.config.created_by["plan"]["policy"] == "random"
+    assert s["bytes_per_window"] > 0 and set(s["stage_seconds"]) >= {"read", "backend", "match", "write"}
+
+
+def test_rerun_skips_everything(clean, dataset, tmp_path):
+    out = tmp_path / "cache"
+    shutil.copytree(clean[0], out)
+    before = sorted(os.listdir(out / "shards"))
+    s = run_preprocess(dataset="synthetic", root=dataset, out=out, workers=1, **RUN)
+    assert s["windows_skipped"] == 10 and s["shards_written"] == 0 and s["windows_ok"] == 0
+    assert sorted(os.listdir(out / "shards")) == before
+
+
+def test_orphans_of_killed_workers_are_redone(clean, dataset, tmp_path):
+    out = tmp_path / "cache"
+    shutil.copytree(clean[0], out)
+    cache = CorrCache(out)
+    shard = cache.row(cache.window_ids()[0])["shard"]
+    (out / "manifest" / f"part-{shard}.parquet").unlink()  # killed between shard rename and fragment
+    (out / "shards" / ".tmp-0123456789abcdef-deadbeef.zarr").mkdir()  # killed mid-write
+    (out / "shards" / ".tmp-0123456789abcdef-deadbeef.zarr" / "zarr.json").write_text("{}")
+    s = run_preprocess(dataset="synthetic", root=dataset, out=out, workers=1, **RUN)
+    assert s["orphans_removed"] == 2 and s["shards_written"] == 1 and s["windows_skipped"] == 10 - s["windows_ok"] - s["windows_failed"]
+    assert not any(n.startswith(".tmp-") for n in os.listdir(out / "shards"))
+    assert_same_cache(clean[0], out)
+
+
+def test_sigkill_whole_job_then_rerun_equals_clean(clean, dataset, tmp_path):
+    """SIGKILL the CLI job (driver + its local Ray workers) mid-run, re-run, compare with a clean run."""
+    import psutil
+
+    out = tmp_path / "cache"
+    cmd = [
+        sys.executable, "-m", "cameo_corr.cli", "preprocess", "--dataset", "synthetic", "--root", str(dataset),
+        "--out", str(out), "--backend", "depth", "--grid", "8", "--views", "3", "--windows-per-scene", "2",
+        "--crop-size", "48", "--shard-size", "1", "--workers", "1", "--num-cpus", "2", "--no-progress",
+    ]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            children = psutil.Process(proc.pid).children(recursive=True) or children
+            if fragment_names(_loc(out)):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the job ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for child in children:  # Ray processes of the killed job (same session), by pid
+            if child.is_running():
+                child.kill()
+    done = len(fragment_names(_loc(out)))
+    assert 1 <= done < 10, f"expected a partial cache after the kill, found {done} of 10 shards"
+    # resume with two workers: the cache must not depend on how many workers wrote it
+    s = run_preprocess(dataset="synthetic", root=dataset, out=out, workers=2, **{**RUN, "shard_size": 1})
+    assert s["windows_skipped"] >= done and not s["shard_errors"]
+    assert not any(n.startswith(".tmp-") for n in os.listdir(out / "shards"))
+    assert verify_cache(CorrCache(out)) == []
+    assert_same_cache(clean[0], out)
+
+
+def _loc(path: Path):
+    from cameo_corr.pipeline.cache import CacheLocation
+
+    return CacheLocation(path)
+
+
+def test_config_mixing_refused(clean, dataset, tmp_path):
+    out = tmp_path / "cache"
+    shutil.copytree(clean[0], out)
+    with pytest.raises(CacheMismatchError, match="field 'tau'"):
+        run_preprocess(dataset="synthetic", root=dataset, out=out, workers=1, **{**RUN, "tau": 2.0})
+    with pytest.raises(CacheMismatchError, match="field 'backend'"):  # checked once the workers describe it
+        run_preprocess(dataset="synthetic", root=dataset, out=out, workers=1, **{**RUN, "backend_options": {"frame": "first"}})
+
+
+def test_cli_fail_fast_and_bad_options(ray_session, dataset, tmp_path, capsys):
+    sids = open_dataset("synthetic", dataset).scene_ids()
+    base = ["preprocess", "--dataset", "synthetic", "--root", str(dataset), "--backend", "depth", "--grid", "8", "--views", "3",
+            "--crop-size", "48", "--no-progress", "--scene", sids[CORRUPT]]
+    assert cli_main([*base, "--out", str(tmp_path / "b"), "--fail-fast"]) == 1
+    assert "failed 1" in capsys.readouterr().out
+    assert cli_main([*base, "--out", str(tmp_path / "c"), "--frame", "first", "--points", "head"]) == 2
+    assert "does not take --points" in capsys.readouterr().err
+
+
+def test_jobs_entry_point_help():
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(root / "jobs" / "preprocess.py"), "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "--gpus-per-worker" in res.stdout and "--fail-fast" in res.stdout
