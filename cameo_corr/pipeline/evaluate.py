@@ -15,9 +15,10 @@ is *geometric*, never a nearest-neighbour search, so it is meaningful for every 
 Per ordered pair ``(i, j)``, ``i != j``, binned by the angle between the two optical axes
 (default bins 0-30, 30-60, 60-90, 90-120 degrees):
 
-* ``precision`` = masked queries whose ``nn`` token lies within ``radius`` tokens (Euclidean, in
-  token units) of the reprojected location, over masked queries with a known ground truth (a masked
-  query that is not visible counts as wrong);
+* ``precision`` (precision at 1 token) = masked visible queries whose ``nn`` token lies within
+  ``radius`` tokens (Euclidean, token units) of the reprojected location, over masked visible queries;
+* ``mask_precision`` = masked queries that are visible, over masked queries with a known ground
+  truth (a masked query occluded or outside the key view is a wrong supervision target);
 * ``coverage`` = visible queries that are masked, over visible queries.
 """
 
@@ -109,7 +110,11 @@ def reprojection_targets(
 # ---------------------------------------------------------------------------------- scoring
 @dataclass
 class BinCounts:
-    """Counts accumulated over the ordered pairs of one view-angle bin."""
+    """Counts accumulated over the ordered pairs of one view-angle bin.
+
+    ``masked``: masked queries with a known ground truth; ``visible``: queries visible in the key
+    view; ``covered``: masked and visible; ``correct``: covered and within the radius.
+    """
 
     pairs: int = 0
     masked: int = 0
@@ -122,14 +127,15 @@ class BinCounts:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def to_dict(self) -> dict[str, Any]:
-        """Counts plus ``precision`` and ``coverage`` (``None`` when their denominator is 0)."""
+        """Counts plus ``precision``, ``mask_precision`` and ``coverage`` (``None`` for a zero denominator)."""
         return {
             "pairs": self.pairs,
             "masked": self.masked,
             "correct": self.correct,
-            "precision": self.correct / self.masked if self.masked else None,
             "visible": self.visible,
             "covered": self.covered,
+            "precision": self.correct / self.covered if self.covered else None,
+            "mask_precision": self.covered / self.masked if self.masked else None,
             "coverage": self.covered / self.visible if self.visible else None,
         }
 
@@ -330,7 +336,7 @@ def format_table(report: dict[str, Any]) -> str:
     def pct(v: float | None) -> str:
         return "     -" if v is None else f"{100 * v:6.2f}"
 
-    header = f"{'angle (deg)':>12} {'pairs':>6} {'masked':>8} {'prec@1 %':>9} {'visible':>8} {'cover %':>8}"
+    header = f"{'angle (deg)':>12} {'pairs':>6} {'masked':>8} {'mask prec %':>12} {'prec@1 %':>9} {'visible':>8} {'cover %':>8}"
     lines = [
         f"eval-corr: backend={report['backend']['name']} windows={report['windows_evaluated']} "
         f"failed={len(report['failed'])} grid={report['config']['grid']} tau={report['config']['tau']}",
@@ -340,7 +346,8 @@ def format_table(report: dict[str, Any]) -> str:
     rows = [(f"{b['range_deg'][0]:g}-{b['range_deg'][1]:g}", b) for b in report["bins"]] + [("all", report["overall"])]
     for label, b in rows:
         lines.append(
-            f"{label:>12} {b['pairs']:>6} {b['masked']:>8} {pct(b['precision']):>9} {b['visible']:>8} {pct(b['coverage']):>8}"
+            f"{label:>12} {b['pairs']:>6} {b['masked']:>8} {pct(b['mask_precision']):>12} {pct(b['precision']):>9} "
+            f"{b['visible']:>8} {pct(b['coverage']):>8}"
         )
     return "\n".join(lines)
 
