@@ -41,7 +41,9 @@ def _rotation(rng: np.random.Generator) -> np.ndarray:
     return q if np.linalg.det(q) > 0 else -q
 
 
-def _entry(seq: str, num: int, vp: dict[str, Any], hw: tuple[int, int], cat: str = "cat", **extra: Any) -> dict[str, Any]:
+def _entry(
+    seq: str, num: int, vp: dict[str, Any], hw: tuple[int, int], cat: str = "cat", **extra: Any
+) -> dict[str, Any]:
     return {"sequence_name": seq, "frame_number": num, "frame_timestamp": num / 30,
             "image": {"path": f"{cat}/{seq}/images/frame{num:06d}.jpg", "size": list(hw)}, "viewpoint": vp, **extra}
 
@@ -83,7 +85,8 @@ def test_projection_matches_pytorch3d_math_both_formats(tmp_path: Path) -> None:
         np.testing.assert_allclose(uv, _p3d_project(X, vp, hw), rtol=0, atol=1e-9)
         np.testing.assert_allclose(z, Xc[:, 2], atol=1e-12)
     # the two formats give different pixels for the same numbers (the test above can tell them apart)
-    iso, legacy = dict(vps[0], intrinsics_format="ndc_isotropic"), dict(vps[0], intrinsics_format="ndc_norm_image_bounds")
+    iso = dict(vps[0], intrinsics_format="ndc_isotropic")
+    legacy = dict(vps[0], intrinsics_format="ndc_norm_image_bounds")
     X = np.array([[0.3, -0.2, 0.0]]) @ np.asarray(vps[0]["R"]).T
     assert np.abs(_p3d_project(X, iso, hw) - _p3d_project(X, legacy, hw)).max() > 1.0
 
@@ -273,7 +276,9 @@ def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
         ("depth", {"path": "x.png", "scale_adjustment": float("inf")}, "depth.scale_adjustment", "positive finite"),
     ],
 )
-def test_bad_frame_fields_name_file_field_and_frame(tmp_path: Path, dotted: str, value: Any, field: str, message: str) -> None:
+def test_bad_frame_fields_name_file_field_and_frame(
+    tmp_path: Path, dotted: str, value: Any, field: str, message: str
+) -> None:
     entry = _good_entry()
     _set(entry, dotted, value)
     path = _write_category(tmp_path, [entry])

@@ -66,8 +66,9 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
 def test_render_depth_is_exact_on_hand_built_scene() -> None:
     tex = Texture.random(np.random.default_rng(0), period=(0.5, 0.5))
     lo, hi = np.array([-4.0, 0.0, -4.0]), np.array([4.0, 3.0, 5.0])
-    walls = [Wall(axis=a, value=float(v), lo=lo[[i for i in range(3) if i != a]], hi=hi[[i for i in range(3) if i != a]],
-                  texture=tex) for a in range(3) for v in (lo[a], hi[a])]
+    others = [[1, 2], [0, 2], [0, 1]]
+    walls = [Wall(axis=a, value=float(v), lo=lo[others[a]], hi=hi[others[a]], texture=tex)
+             for a in range(3) for v in (lo[a], hi[a])]
     sphere = Sphere(center=np.array([0.0, 1.5, 2.0]), radius=0.5, texture=tex)
     box = Box(lo=np.array([1.0, 1.0, 3.0]), hi=np.array([1.5, 2.0, 3.5]), texture=tex)
     scene = SyntheticScene(room_lo=lo, room_hi=hi, surfaces=(*walls, sphere, box), light=np.array([0.0, 2.8, 0.0]))

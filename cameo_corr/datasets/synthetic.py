@@ -64,7 +64,7 @@ from cameo_corr.datasets.co3d import (
     encode_depth_png,
     write_jgz,
 )
-from cameo_corr.schemas import DatasetError, invert_extrinsics, make_extrinsics, opencv_to_pytorch3d, pixel_centers
+from cameo_corr.schemas import DatasetError, make_extrinsics, opencv_to_pytorch3d, pixel_centers
 
 GENERATOR_VERSION = 1
 """Bumped whenever the same seed would produce a different dataset."""
@@ -440,7 +440,9 @@ class SyntheticScene:
 
 
 # ------------------------------------------------------------------------------------------ render
-def render(scene: SyntheticScene, K: np.ndarray, E: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def render(
+    scene: SyntheticScene, K: np.ndarray, E: np.ndarray, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Ray-cast ``scene`` seen by the OpenCV camera ``(K, E)`` into a ``height x width`` image.
 
     Returns ``(image, depth, surface_id)``: RGB uint8 ``[H, W, 3]``, z-depth float32 ``[H, W]`` (0 where
@@ -479,7 +481,9 @@ def render(scene: SyntheticScene, K: np.ndarray, E: np.ndarray, height: int, wid
 
 
 # ----------------------------------------------------------------------------------------- cameras
-def look_at(center: np.ndarray, target: np.ndarray, up: Sequence[float] = (0.0, 1.0, 0.0), roll: float = 0.0) -> np.ndarray:
+def look_at(
+    center: np.ndarray, target: np.ndarray, up: Sequence[float] = (0.0, 1.0, 0.0), roll: float = 0.0
+) -> np.ndarray:
     """World-to-camera OpenCV extrinsics of a camera at ``center`` looking at ``target`` (``roll`` in radians)."""
     center = np.asarray(center, dtype=np.float64)
     forward = np.asarray(target, dtype=np.float64) - center
@@ -493,7 +497,9 @@ def look_at(center: np.ndarray, target: np.ndarray, up: Sequence[float] = (0.0, 
     return make_extrinsics(R, -R @ center)
 
 
-def camera_path(rng: np.random.Generator, scene: SyntheticScene, frames: int, image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def camera_path(
+    rng: np.random.Generator, scene: SyntheticScene, frames: int, image_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """``(intrinsics [F, 3, 3], extrinsics [F, 4, 4])``: an orbit arc of 140-170 degrees around the objects.
 
     Angular steps are uneven (baselines vary), the radius dollies and is jittered, the height varies,
@@ -543,7 +549,9 @@ class SyntheticSequence:
     def num_frames(self) -> int:
         return len(self.extrinsics)
 
-    def render(self, index: int, image_size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def render(
+        self, index: int, image_size: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:func:`render` frame ``index``, optionally at another ``(H, W)`` (intrinsics scaled exactly)."""
         H, W = image_size or self.image_size
         scale = np.diag([W / self.image_size[1], H / self.image_size[0], 1.0])
@@ -746,7 +754,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=256, help="square image side in pixels (default: 256)")
     p.add_argument("--seed", type=int, default=0, help="random seed; equal arguments give identical files (default: 0)")
     p.add_argument("--layout", choices=LAYOUTS, default="co3d", help="directory layout (default: co3d)")
-    p.add_argument("--split", choices=SET_LIST_SPLITS, default="train", help="split holding the frames (default: train)")
+    p.add_argument("--split", choices=SET_LIST_SPLITS, default="train",
+                   help="split holding the frames (default: train)")
     p.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpg",
                    help=f"jpg (quality {JPEG_QUALITY}) or lossless png (default: jpg)")
     p.set_defaults(func=_synthesize)
