@@ -23,6 +23,7 @@ time (the orphan sweep at the start of a run assumes so).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -365,43 +366,54 @@ class CacheWriter:
         return table
 
     def _write_group(self, shard_id: str, ok: Sequence[WindowOutcome]) -> None:
-        import zarr
+        """Build the shard group under a temporary name (all arrays created and written concurrently
+        in one pass on zarr's event loop), then rename it into place."""
+        from zarr.api.asynchronous import open_group
         from zarr.codecs import ZstdCodec
 
         views, grid = self.config.views, tuple(self.config.grid)
         for o in ok:
             validate_window_arrays(o.arrays, views, grid, where=f"window {o.record.window_id}")  # type: ignore[arg-type]
+        data = {name: np.stack([o.arrays[name] for o in ok]) for name in CACHE_ARRAYS}  # type: ignore[index]
+        attrs = {
+            "shard_id": shard_id,
+            "window_ids": [o.record.window_id for o in ok],
+            "schema_version": SCHEMA_VERSION,
+            "views": views,
+            "grid": list(grid),
+        }
         tmp = f"{SHARDS_DIR}/{TMP_PREFIX}{shard_id}-{uuid.uuid4().hex[:8]}.zarr"
         store = self.location.zarr_store(tmp, read_only=False)
-        group = zarr.open_group(
-            store,
-            mode="w",
-            attributes={
-                "shard_id": shard_id,
-                "window_ids": [o.record.window_id for o in ok],
-                "schema_version": SCHEMA_VERSION,
-                "views": views,
-                "grid": list(grid),
-            },
-        )
-        W = len(ok)
-        for name, spec in CACHE_ARRAYS.items():
-            data = np.stack([o.arrays[name] for o in ok])  # type: ignore[index]
-            shape = spec.shape(W, views, grid)
-            arr = group.create_array(
-                name=name,
-                shape=shape,
-                dtype=spec.dtype,
-                chunks=(1, *shape[1:]),
-                shards=shape,
-                compressors=ZstdCodec(level=ZSTD_LEVEL),
-                fill_value=0,
+
+        async def write() -> None:
+            group = await open_group(store=store, mode="w", attributes=attrs)
+            await asyncio.gather(
+                *(
+                    group.create_array(
+                        name=name,
+                        data=values,
+                        chunks=(1, *values.shape[1:]),
+                        shards=values.shape,
+                        compressors=ZstdCodec(level=ZSTD_LEVEL),
+                        fill_value=0,
+                    )
+                    for name, values in data.items()
+                )
             )
-            arr[...] = data
+
+        run_on_zarr_loop(write())
         final = shard_dir(shard_id)
         if self.location.exists(final):
             self.location.remove(final)
         self.location.move(tmp, final)
+
+
+def run_on_zarr_loop(coro: Any) -> Any:
+    """Run a coroutine of zarr's async API on zarr's own event loop (what its sync API does), so
+    several array operations of one shard or window overlap instead of running one by one."""
+    from zarr.core.sync import sync
+
+    return sync(coro)
 
 
 # ------------------------------------------------------------------------------------------ reader
@@ -506,7 +518,11 @@ class CorrCache:
             raise KeyError(f"window {window_id!r} failed during preprocessing: {row['error']}")
         arrays = self._shard_arrays(row["shard"])
         r = int(row["row"])
-        out: dict[str, Any] = {name: np.asarray(arr[r]) for name, arr in arrays.items()}
+
+        async def read() -> list[Any]:
+            return await asyncio.gather(*(arr.async_array.getitem(r) for arr in arrays.values()))
+
+        out: dict[str, Any] = {name: np.asarray(v) for name, v in zip(arrays, run_on_zarr_loop(read()))}
         if torch:
             import torch as _torch
 
@@ -545,5 +561,6 @@ __all__ = [
     "window_fractions",
     "WindowOutcome",
     "CacheWriter",
+    "run_on_zarr_loop",
     "CorrCache",
 ]

@@ -1,0 +1,169 @@
+"""End-to-end preprocessing benchmark: depth backend on synthetic scenes, local Ray, 1 and 2 workers.
+
+Reports, in one run:
+
+* windows/s end to end (planning + Ray scheduling + load + backend + match + write; the Ray start-up
+  is timed separately and excluded) for each worker count;
+* the share of busy time per stage: read (decode + crop in CPU tasks), backend, match, write (the
+  worker's zarr shard + manifest fragment);
+* bytes per window on disk;
+* our write path (zarr v3 shards, one zstd inner chunk per window, one shard file per array, + parquet
+  fragment) against the common research-code path of one ``np.savez_compressed`` file per window, on
+  the same window arrays, plus the time to read one random window back from each.
+
+Usage: ``python benchmarks/bench_pipeline.py [--scenes 4 --frames 12 --image-size 256 --views 4
+--windows-per-scene 8 --grid 32 --crop-size 256 --shard-size 16] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def npz_write(arrays: list[dict[str, np.ndarray]], ids: list[str], out: Path) -> float:
+    """Write one compressed .npz per window; returns seconds."""
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for wid, a in zip(ids, arrays):
+        np.savez_compressed(out / f"{wid}.npz", **a)
+    return time.perf_counter() - t0
+
+
+def zarr_write(arrays: list[dict[str, np.ndarray]], records: list, config, out: Path, shard_size: int) -> float:
+    """Write the same windows through :class:`CacheWriter` (shards of ``shard_size``); returns seconds."""
+    from cameo_corr.pipeline.cache import CacheWriter, WindowOutcome
+    from cameo_corr.pipeline.planner import shard_id_of
+
+    writer = CacheWriter(out, config)
+    writer.initialize()
+    t0 = time.perf_counter()
+    for s in range(0, len(records), shard_size):
+        recs = records[s : s + shard_size]
+        outs = [WindowOutcome(r, arrays=a) for r, a in zip(recs, arrays[s : s + shard_size])]
+        writer.write_shard(shard_id_of([r.window_id for r in recs]), outs)
+    return time.perf_counter() - t0
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenes", type=int, default=4)
+    parser.add_argument("--frames", type=int, default=12)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--views", type=int, default=4)
+    parser.add_argument("--windows-per-scene", type=int, default=8)
+    parser.add_argument("--grid", type=int, default=32)
+    parser.add_argument("--crop-size", type=int, default=256)
+    parser.add_argument("--shard-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workdir", default=None, help="keep data and caches here (default: a temporary directory)")
+    parser.add_argument("--json", default=None, help="write the numbers to this JSON file")
+    args = parser.parse_args(argv)
+
+    import ray
+
+    from cameo_corr.datasets.synthetic import generate_dataset
+    from cameo_corr.pipeline.cache import CorrCache
+    from cameo_corr.pipeline.ray_job import run_preprocess
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_pipeline_"))
+    results: dict = {"settings": vars(args).copy(), "cpu_count": os.cpu_count(), "runs": {}}
+    try:
+        t0 = time.perf_counter()
+        data = generate_dataset(work / "data", scenes=args.scenes, frames=args.frames, image_size=args.image_size, seed=0)
+        results["generate_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ray.init(num_cpus=max(os.cpu_count() or 1, max(args.workers) + 1), include_dashboard=False, log_to_driver=False)
+        results["ray_init_seconds"] = time.perf_counter() - t0
+        print(f"data: {args.scenes} scenes x {args.frames} frames at {args.image_size}px "
+              f"(generated in {results['generate_seconds']:.1f} s); Ray init {results['ray_init_seconds']:.1f} s")
+        print(f"windows: S={args.views}, {args.windows_per_scene}/scene, crop {args.crop_size}px, grid {args.grid}, "
+              f"shard size {args.shard_size}\n")
+        print(f"{'workers':>7} {'windows':>7} {'seconds':>8} {'startup':>8} {'win/s':>7} {'win/s*':>7}  {'read':>6} {'backend':>7} "
+              f"{'match':>6} {'write':>6}  {'bytes/win':>9}")
+        for w in args.workers:
+            out = work / f"cache_w{w}"
+            shutil.rmtree(out, ignore_errors=True)
+            s = run_preprocess(
+                dataset="synthetic", root=data, out=out, backend="depth", grid=args.grid, views=args.views,
+                windows_per_scene=args.windows_per_scene, workers=w, shard_size=args.shard_size,
+                crop_size=args.crop_size, progress=False,
+            )
+            st = s["stage_seconds"]
+            busy = sum(st[k] for k in ("read", "backend", "match", "write"))
+            share = {k: st[k] / busy for k in ("read", "backend", "match", "write")}
+            keys = ("windows_ok", "windows_failed", "seconds", "startup_seconds", "windows_per_second",
+                    "processing_windows_per_second", "bytes_per_window")
+            results["runs"][w] = {**{k: s[k] for k in keys},
+                                  "stage_seconds": st, "stage_share": share}
+            print(f"{w:>7} {s['windows_ok']:>7} {s['seconds']:>8.2f} {s['startup_seconds']:>8.2f} {s['windows_per_second']:>7.2f} "
+                  f"{s['processing_windows_per_second']:>7.2f}  "
+                  + " ".join(f"{100 * share[k]:>5.0f}%" for k in ("read", "backend", "match", "write"))
+                  + f"  {s['bytes_per_window']:>9.0f}")
+        print("(win/s: end to end; win/s*: after start-up, i.e. without Ray worker + backend start)")
+        ray.shutdown()
+
+        cache = CorrCache(work / f"cache_w{args.workers[0]}")
+        ids = cache.window_ids()
+        arrays = [cache.window(i) for i in ids]
+        from cameo_corr.schemas import WindowRecord
+
+        records = []
+        for wid in ids:
+            r = cache.row(wid)
+            records.append(WindowRecord(wid, r["dataset"], r["split"], r["scene_id"], ()))
+        zdir, ndir = work / "write_zarr", work / "write_npz"
+        for d in (zdir, ndir):
+            shutil.rmtree(d, ignore_errors=True)
+        t_zarr = zarr_write(arrays, records, cache.config, zdir, args.shard_size)
+        t_npz = npz_write(arrays, ids, ndir)
+        b_zarr, b_npz = dir_bytes(zdir), dir_bytes(ndir)
+        f_zarr = sum(1 for p in zdir.rglob("*") if p.is_file())
+        f_npz = sum(1 for p in ndir.rglob("*") if p.is_file())
+        rng = np.random.default_rng(0)
+        picks = [ids[i] for i in rng.integers(len(ids), size=min(20, len(ids)))]
+        zc = CorrCache(zdir)
+        t0 = time.perf_counter()
+        for wid in picks:
+            zc.window(wid)
+        r_zarr = (time.perf_counter() - t0) / len(picks)
+        t0 = time.perf_counter()
+        for wid in picks:
+            with np.load(ndir / f"{wid}.npz") as z:
+                {k: z[k] for k in z.files}
+        r_npz = (time.perf_counter() - t0) / len(picks)
+        n = len(ids)
+        results["write_compare"] = {
+            "windows": n,
+            "zarr": {"seconds": t_zarr, "windows_per_second": n / t_zarr, "bytes_per_window": b_zarr / n, "files": f_zarr, "read_ms": 1e3 * r_zarr},
+            "npz": {"seconds": t_npz, "windows_per_second": n / t_npz, "bytes_per_window": b_npz / n, "files": f_npz, "read_ms": 1e3 * r_npz},
+        }
+        print(f"\nwrite path, same {n} windows:")
+        print(f"{'':>22} {'seconds':>8} {'win/s':>8} {'bytes/win':>10} {'files':>6} {'read 1 win':>11}")
+        for name, key in (("zarr shards (ours)", "zarr"), ("npz per window", "npz")):
+            c = results["write_compare"][key]
+            print(f"{name:>22} {c['seconds']:>8.3f} {c['windows_per_second']:>8.1f} {c['bytes_per_window']:>10.0f} {c['files']:>6} "
+                  f"{c['read_ms']:>8.2f} ms")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
