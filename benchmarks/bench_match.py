@@ -1,0 +1,232 @@
+"""Token matching benchmark: all ordered pairs of one window, exact NN + cycle masks (SPEC §3).
+
+For every S in ``--views`` and grid in ``--grids`` it times, on the same smooth random pointmaps
+(median of ``--repeats`` runs, one process, one table):
+
+* ``auto`` (ours; the ratios are relative to it) and the three exact backends of
+  :func:`cameo_corr.pipeline.match.match_tokens`: ``kdtree``, ``faiss``, ``torch``;
+* ``ckdtree/pair``: the common research-code baseline (DUSt3R/MASt3R): one ``cKDTree`` per view, one
+  ``k=1`` query per ordered pair, then the cycle mask (no tie handling);
+* ``faiss/pair``: one ``faiss.knn(k=1)`` per ordered pair, then the cycle mask (inexact float32 BLAS);
+* ``numpy loop``: a naive per-pair loop, full ``[hw, hw]`` distance matrix + argmin per pair;
+* ``matmul floor``: a lower bound for brute force: one dense ``[S*hw, S*hw]`` float32 matmul (row
+  chunks of 64 Mi elements) + argmin per key view, no cycle mask and not exact.
+
+The brute-force methods (``torch``, ``numpy loop``, ``matmul floor``) are first timed on 2 views and
+extrapolated; a size whose estimate exceeds ``--budget`` seconds is skipped and shown as ``skip (~N s)``.
+The exact backends must return the same ``nn`` and ``mask`` as ``auto``; a mismatch aborts the run.
+
+Usage: ``python benchmarks/bench_match.py [--views 4 8 16] [--grids 16 32 64] [--repeats 3]
+[--budget 12] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cameo_corr.pipeline.match import match_tokens
+
+
+def smooth_pointmaps(S: int, grid: int, seed: int = 0, invalid_frac: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """``S`` token pointmaps ``[S, g, g, 3]`` float32 of one smooth random surface seen from nearby cameras,
+    with ``invalid_frac`` random invalid tokens (``valid [S, g, g]``)."""
+    rng = np.random.default_rng(seed)
+    u = (np.arange(grid) + 0.5) / grid * 2 - 1
+    uu, vv = np.meshgrid(u, u, indexing="xy")
+    freqs = rng.uniform(0.5, 3.0, size=(4, 2))
+    phases = rng.uniform(0, 2 * np.pi, size=4)
+    amps = rng.uniform(0.05, 0.2, size=4)
+    pts = np.empty((S, grid, grid, 3))
+    for s in range(S):
+        ang = rng.uniform(-0.15, 0.15, size=3)
+        cx, cy, cz = np.cos(ang)
+        sx, sy, sz = np.sin(ang)
+        R = (
+            np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+            @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+            @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+        )
+        t = rng.uniform(-0.2, 0.2, size=3)
+        rays = np.stack([uu, vv, np.ones_like(uu)], -1) @ R.T
+        x, y = rays[..., 0] / rays[..., 2] + t[0], rays[..., 1] / rays[..., 2] + t[1]
+        z = 3.0 + sum(a * np.sin(f[0] * x + f[1] * y + p) for a, f, p in zip(amps, freqs, phases))
+        pts[s] = np.stack([x * z, y * z, z], -1)
+    valid = rng.random((S, grid, grid)) >= invalid_frac
+    return pts.astype(np.float32), valid
+
+
+def _cycle_mask(nn: np.ndarray, valid: np.ndarray, w: int, tau: float) -> np.ndarray:
+    """Cycle mask of baseline ``nn [S, S, hw]`` (same definition as the package)."""
+    S, _, hw = nn.shape
+    v = np.arange(S)
+    cyc = nn.swapaxes(0, 1)[v[:, None, None], v[None, :, None], nn]
+    x = np.arange(hw)
+    d2 = (x % w - cyc % w) ** 2 + (x // w - cyc // w) ** 2
+    return (d2 <= tau * tau) & valid[:, None, :]
+
+
+def ckdtree_per_pair(pts: np.ndarray, valid: np.ndarray, tau: float = 1.5) -> np.ndarray:
+    """DUSt3R-style baseline: one cKDTree per view on its valid tokens, one k=1 query per ordered pair."""
+    from scipy.spatial import cKDTree
+
+    S, g = pts.shape[0], pts.shape[1]
+    P = pts.reshape(S, -1, 3).astype(np.float64)
+    V = valid.reshape(S, -1)
+    idx = [np.flatnonzero(V[j]) for j in range(S)]
+    trees = [cKDTree(P[j, idx[j]]) for j in range(S)]
+    nn = np.zeros((S, S, P.shape[1]), dtype=np.int64)
+    for i in range(S):
+        for j in range(S):
+            if i != j:
+                nn[i, j, idx[i]] = idx[j][trees[j].query(P[i, idx[i]], k=1, workers=-1)[1]]
+    return _cycle_mask(nn, V, g, tau)
+
+
+def faiss_per_pair(pts: np.ndarray, valid: np.ndarray, tau: float = 1.5) -> np.ndarray:
+    """One ``faiss.knn(k=1)`` per ordered pair (float32, inexact) + cycle mask."""
+    import faiss
+
+    S, g = pts.shape[0], pts.shape[1]
+    P = np.ascontiguousarray(pts.reshape(S, -1, 3))
+    V = valid.reshape(S, -1)
+    idx = [np.flatnonzero(V[j]) for j in range(S)]
+    keys = [np.ascontiguousarray(P[j, idx[j]]) for j in range(S)]
+    nn = np.zeros((S, S, P.shape[1]), dtype=np.int64)
+    for i in range(S):
+        for j in range(S):
+            if i != j:
+                nn[i, j, idx[i]] = idx[j][faiss.knn(keys[i], keys[j], 1)[1][:, 0]]
+    return _cycle_mask(nn, V, g, tau)
+
+
+def numpy_loop(pts: np.ndarray, valid: np.ndarray, tau: float = 1.5) -> np.ndarray:
+    """Naive per-pair loop: full distance matrix by broadcasting + argmin, float64."""
+    S, g = pts.shape[0], pts.shape[1]
+    P = pts.reshape(S, -1, 3).astype(np.float64)
+    V = valid.reshape(S, -1)
+    nn = np.zeros((S, S, P.shape[1]), dtype=np.int64)
+    for i in range(S):
+        for j in range(S):
+            if i != j:
+                d2 = ((P[i][:, None, :] - P[j][None, :, :]) ** 2).sum(-1)
+                d2[:, ~V[j]] = np.inf
+                nn[i, j] = d2.argmin(1)
+    return _cycle_mask(nn, V, g, tau)
+
+
+def matmul_floor(pts: np.ndarray, valid: np.ndarray, chunk_elements: int = 1 << 26) -> torch.Tensor:
+    """Lower bound for brute force: dense ``[S*hw, S*hw]`` float32 ``|a|^2 + |b|^2 - 2ab`` + argmin per view."""
+    S = pts.shape[0]
+    X = torch.from_numpy(pts.reshape(-1, 3))
+    n = X.shape[0]
+    sq = (X * X).sum(1)
+    out = torch.empty(n, S, dtype=torch.long)
+    rows = max(1, chunk_elements // n)
+    for r0 in range(0, n, rows):
+        d = sq[r0 : r0 + rows, None] + sq[None, :] - 2.0 * (X[r0 : r0 + rows] @ X.T)
+        out[r0 : r0 + rows] = d.view(d.shape[0], S, -1).argmin(-1)
+    return out
+
+
+def _time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--views", type=int, nargs="+", default=[4, 8, 16], help="window sizes S")
+    parser.add_argument("--grids", type=int, nargs="+", default=[16, 32, 64], help="token grid sides")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
+    parser.add_argument("--budget", type=float, default=12.0, help="skip a brute-force run estimated above this (s)")
+    parser.add_argument("--tau", type=float, default=1.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+
+    backends = ["auto", "kdtree", "faiss", "torch"]
+    baselines: dict[str, Callable[[np.ndarray, np.ndarray], object]] = {
+        "ckdtree/pair": lambda p, v: ckdtree_per_pair(p, v, args.tau),
+        "faiss/pair": lambda p, v: faiss_per_pair(p, v, args.tau),
+        "numpy loop": lambda p, v: numpy_loop(p, v, args.tau),
+        "matmul floor": lambda p, v: matmul_floor(p, v),
+    }
+    brute_scale = {  # cost of S views relative to 2 views
+        "torch": lambda S: S * (S - 1) / 2,
+        "numpy loop": lambda S: S * (S - 1) / 2,
+        "matmul floor": lambda S: (S / 2) ** 2,
+    }
+    columns = backends + list(baselines)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; "
+          f"median of {args.repeats}; times in ms, (x) = time / auto")
+    match_tokens(torch.zeros(2, 2, 2, 3), torch.ones(2, 2, 2, dtype=torch.bool))  # imports outside timing
+    results = []
+    for S in args.views:
+        for g in args.grids:
+            pts, valid = smooth_pointmaps(S, g, seed=args.seed)
+            P, V = torch.from_numpy(pts), torch.from_numpy(valid)
+            ref = match_tokens(P, V, tau=args.tau, backend="auto")
+            row: dict[str, object] = {"S": S, "grid": g}
+            for name in columns:
+                if name in backends:
+                    def run(name: str = name, P: torch.Tensor = P, V: torch.Tensor = V) -> object:
+                        return match_tokens(P, V, tau=args.tau, backend=name)
+                    run2 = lambda name=name: match_tokens(P[:2], V[:2], tau=args.tau, backend=name)  # noqa: E731
+                else:
+                    run = lambda name=name, pts=pts, valid=valid: baselines[name](pts, valid)  # noqa: E731
+                    run2 = lambda name=name, pts=pts, valid=valid: baselines[name](pts[:2], valid[:2])  # noqa: E731
+                if name in brute_scale:
+                    estimate = _time(run2, 1) * brute_scale[name](S)
+                    if estimate > args.budget:
+                        row[name] = {"skipped": True, "estimate_s": estimate}
+                        continue
+                if name in backends and name != "auto":
+                    out = run()
+                    if not (torch.equal(out[0], ref[0]) and torch.equal(out[2], ref[2])):
+                        raise SystemExit(f"backend {name} disagrees with auto at S={S}, grid={g}")
+                row[name] = {"seconds": _time(run, args.repeats)}
+            results.append(row)
+            ours = row["auto"]["seconds"]
+            cells = []
+            for name in columns:
+                r = row[name]
+                if r.get("skipped"):
+                    cells.append(f"{name}: skip (~{r['estimate_s']:.0f} s)")
+                else:
+                    cells.append(f"{name}: {1e3 * r['seconds']:.1f} ({r['seconds'] / ours:.2f}x)")
+            print(f"S={S:2d} grid={g:2d} | " + " | ".join(cells), flush=True)
+
+    print()
+    header = "| S | grid | " + " | ".join(columns) + " |"
+    print(header)
+    print("|" + "---|" * (len(columns) + 2))
+    for row in results:
+        ours = row["auto"]["seconds"]
+        cells = []
+        for name in columns:
+            r = row[name]
+            if r.get("skipped"):
+                cells.append(f"skip (~{r['estimate_s']:.0f} s)")
+            else:
+                cells.append(f"{1e3 * r['seconds']:.1f} ({r['seconds'] / ours:.2f}x)")
+        print(f"| {row['S']} | {row['grid']} | " + " | ".join(cells) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"repeats": args.repeats, "tau": args.tau, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,476 @@
+"""Token pointmaps, exact all-pairs 3D nearest neighbours, cycle masks and CAMEO targets (SPEC §3).
+
+Public API::
+
+    tokenize(points [S,H,W,3], valid [S,H,W], conf [S,H,W], grid) -> (points [S,h,w,3], valid [S,h,w], conf [S,h,w])
+    match_tokens(points [S,h,w,3], valid [S,h,w], *, tau=1.5, backend="auto") -> (nn [S,S,hw], dist [S,S,hw], mask [S,S,hw])
+    correspond(result: PointmapResult, *, grid=(32, 32), tau=1.5, backend="auto") -> TokenCorrespondences
+    pair_targets(nn, mask) -> (target [...,S,S,hw], weight [...,S,S,hw])
+    global_targets(nn, dist, mask) -> (view [...,S,hw], token [...,S,hw], weight [...,S,hw])
+
+Tokens. ``tokenize`` is ``F.interpolate(points, (h, w), mode="bilinear", align_corners=False)`` (what
+CAMEO's code does). A pixel is usable when it is valid and its point and confidence are finite; unusable
+pixels are set to 0 before interpolation (no NaN can spread) and their indicator is interpolated with the
+same weights, so a token is valid only when **no** pixel with a non-zero bilinear weight is unusable.
+A valid token's confidence is the bilinear interpolation of its pixels' confidences (the same weights as
+its point); invalid tokens get point 0 and confidence 0.
+
+Nearest neighbours. For every ordered pair ``(i, j)``, ``i != j``, ``nn[i, j, x]`` is the valid token of
+view ``j`` nearest in 3D to valid token ``x`` of view ``i`` (flattened row-major ``y*w + x``), ``dist`` its
+Euclidean distance, ``cycle[i, j, x] = nn[j, i, nn[i, j, x]]`` and ``mask[i, j, x] = |p(x) - p(cycle)|_2
+<= tau`` in token units. An invalid query token, or a key view without any valid token, gives ``nn = 0``,
+``dist = +inf``, ``mask = False``. The diagonal is the identity: ``nn[i, i] = arange(hw)``, ``dist = 0``,
+``mask = valid[i]``.
+
+Exactness and ties. Every backend returns the argmin of one reference metric: the squared distance
+``(a0-b0)^2 + (a1-b1)^2 + (a2-b2)^2`` evaluated in float64 in that order on the float32 (or float64)
+token points. Among keys at exactly the same reference distance the **lowest token index** wins. Fast
+backends only propose candidates: the candidates of a query are re-ranked in the reference metric, and
+a query whose candidate list cannot be proven to contain every key at the minimum distance (the gap to
+the first excluded key is within the backend's rounding bound) is recomputed by exact brute force. So
+``"torch"``, ``"faiss"``, ``"kdtree"`` and ``"auto"`` return identical ``nn`` and ``mask``.
+
+Backends (``backend=``):
+
+* ``"kdtree"``: one ``scipy.spatial.cKDTree`` per key view, built once on its valid tokens, queried with
+  the valid tokens of all other views stacked (``k=2``, all cores). The second neighbour certifies that
+  the first is unique; rows with a (near) tie go to brute force.
+* ``"faiss"``: ``faiss.knn`` (CPU) or ``faiss.knn_gpu`` (CUDA tensors; needs a faiss build with GPUs) with
+  4 candidates, then the exact re-rank. faiss computes ``|a|^2 + |b|^2 - 2 a.b`` in float32, so a row is
+  certified only when its 4th candidate is further than the first by more than twice the error bound.
+* ``"torch"``: batched brute force in float64 with direct coordinate differences (no matmul expansion),
+  chunked so that at most ``max_elements`` distances are alive at once; runs on any device.
+* ``"auto"``: the fastest exact method for the tensor's device. On CPU that is the KD-tree path (measured
+  by ``benchmarks/bench_match.py``: faster than per-pair KD-trees, faiss and brute force at every size);
+  on CUDA the torch brute force (no host round trip).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cameo_corr.schemas import DEFAULT_GRID, DEFAULT_TAU, PointmapResult, SchemaError, TokenCorrespondences
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from torch import Tensor
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_MAX_ELEMENTS",
+    "resolve_backend",
+    "tokenize",
+    "match_tokens",
+    "correspond",
+    "pair_targets",
+    "global_targets",
+]
+
+BACKENDS = ("auto", "torch", "faiss", "kdtree")
+"""Accepted values of ``backend=``."""
+
+DEFAULT_MAX_ELEMENTS = 1 << 22
+"""Default bound on the number of query-key distances brute force holds at once (32 MiB in float64)."""
+
+_KDTREE_K = 2
+_KDTREE_PARALLEL_ROWS = 8192
+"""Queries per cKDTree call from which its threads pay off (measured on 2 cores; below, one thread)."""
+_FAISS_K = 4
+_KDTREE_TIE_RTOL = 1e-9
+"""cKDTree distances are float64 like the reference metric but may be summed differently; a second
+neighbour within this relative distance of the first is treated as a possible tie and resolved exactly."""
+_FAISS_ERR_CPU = 16 * 2.0**-24
+_FAISS_ERR_GPU = 16 * 2.0**-11
+"""Error bound of faiss's float32 ``|a|^2 + |b|^2 - 2 a.b`` relative to ``(|a| + |b|)^2`` (generous; the
+GPU bound also covers TF32 tensor-core GEMMs)."""
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _as_grid(grid: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``(h, w)`` from an int or a pair; raises :class:`SchemaError` (field ``grid``) otherwise."""
+    if isinstance(grid, (int, np.integer)):
+        h = w = int(grid)
+    else:
+        try:
+            h, w = (int(v) for v in grid)
+        except (TypeError, ValueError) as e:
+            raise SchemaError("grid", f"expected an int or (h, w), got {grid!r}") from e
+    if h <= 0 or w <= 0:
+        raise SchemaError("grid", f"expected positive (h, w), got {(h, w)}")
+    return h, w
+
+
+def _check_tau(tau: float) -> float:
+    tau = float(tau)
+    if not (math.isfinite(tau) and tau >= 0):
+        raise SchemaError("tau", f"must be a finite non-negative number, got {tau}")
+    return tau
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The concrete backend ``backend`` means for tensors on ``device`` (``"auto"`` resolved).
+
+    Raises :class:`SchemaError` (field ``backend``) for an unknown name, and for ``"faiss"`` on a CUDA
+    device when the installed faiss has no GPU support (never a silent fallback).
+    """
+    if backend not in BACKENDS:
+        raise SchemaError("backend", f"expected one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if backend == "auto":
+        return "torch" if device.type == "cuda" else "kdtree"
+    if backend == "faiss" and device.type == "cuda":
+        import faiss
+
+        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+            raise SchemaError(
+                "backend",
+                "'faiss' was asked for CUDA tensors but the installed faiss has no GPU support "
+                "(faiss.get_num_gpus() == 0); install faiss-gpu, or use backend='torch' or 'auto'",
+            )
+    return backend
+
+
+# ------------------------------------------------------------------------------------------ tokens
+def tokenize(
+    points: "Tensor", valid: "Tensor", conf: "Tensor", grid: int | tuple[int, int]
+) -> tuple["Tensor", "Tensor", "Tensor"]:
+    """Token pointmaps ``[S, h, w, 3]``, validity ``[S, h, w]`` and confidence ``[S, h, w]``.
+
+    Bilinear resize with ``align_corners=False`` of ``points [S, H, W, 3]``; see the module docstring for
+    how validity (no unusable pixel with a non-zero weight) and confidence (bilinear) are defined.
+    Results are float32 (float64 for float64 points) on the input device.
+    """
+    h, w = _as_grid(grid)
+    points = torch.as_tensor(points)
+    valid = torch.as_tensor(valid)
+    conf = torch.as_tensor(conf, device=points.device)
+    if points.ndim != 4 or points.shape[-1] != 3:
+        raise SchemaError("points", f"expected [S, H, W, 3], got {tuple(points.shape)}")
+    S, H, W, _ = points.shape
+    if tuple(valid.shape) != (S, H, W):
+        raise SchemaError("valid", f"expected {(S, H, W)} to match points, got {tuple(valid.shape)}")
+    if tuple(conf.shape) != (S, H, W):
+        raise SchemaError("conf", f"expected {(S, H, W)} to match points, got {tuple(conf.shape)}")
+    dtype = torch.float64 if points.dtype == torch.float64 else torch.float32
+    usable = valid.to(device=points.device, dtype=torch.bool) & torch.isfinite(points).all(-1) & torch.isfinite(conf)
+    zero = torch.zeros((), dtype=dtype, device=points.device)
+    stacked = torch.cat(
+        [
+            torch.where(usable[..., None], points.to(dtype), zero).permute(0, 3, 1, 2),
+            torch.where(usable, conf.to(dtype), zero)[:, None],
+            (~usable).to(dtype)[:, None],
+        ],
+        dim=1,
+    )  # [S, 5, H, W]: one interpolation for points, confidence and the unusable indicator
+    out = F.interpolate(stacked, size=(h, w), mode="bilinear", align_corners=False)
+    tok_valid = out[:, 4] == 0
+    tok_points = torch.where(tok_valid[..., None], out[:, :3].permute(0, 2, 3, 1), zero).contiguous()
+    tok_conf = torch.where(tok_valid, out[:, 3], zero).contiguous()
+    return tok_points, tok_valid, tok_conf
+
+
+# --------------------------------------------------------------------------- exact nearest neighbours
+# The CPU backends (cKDTree, faiss-cpu) run on numpy end to end: interleaving torch's OpenMP kernels with
+# scipy's/faiss's own worker threads makes the idle OpenMP threads spin against them (measured 5-10x
+# slower on 2 cores). The torch backend and faiss-gpu run on torch tensors on the input device.
+Array = Any  # a numpy array or a torch tensor (the helpers below use only operations both support)
+
+
+def _sqdist_rows(q: Array, k: Array) -> Array:
+    """Reference metric between matching rows ``q [..., 3]`` and ``k [..., 3]`` (float64, fixed order)."""
+    d = q - k
+    return d[..., 0] * d[..., 0] + d[..., 1] * d[..., 1] + d[..., 2] * d[..., 2]
+
+
+def _brute_np(queries: np.ndarray, keys: np.ndarray, max_elements: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact NN of float64 ``queries [n, 3]`` among ``keys [m, 3]`` -> ``(index [n], sqdist [n])``;
+    direct differences, first (lowest) index among exact ties, chunks of ``max_elements`` distances."""
+    n, m = len(queries), len(keys)
+    index = np.empty(n, dtype=np.int64)
+    sq = np.empty(n, dtype=np.float64)
+    rows = max(1, max_elements // max(m, 1))
+    for r0 in range(0, n, rows):
+        d2 = _sqdist_rows(queries[r0 : r0 + rows, None, :], keys[None, :, :])
+        arg = d2.argmin(axis=1)
+        index[r0 : r0 + rows] = arg
+        sq[r0 : r0 + rows] = np.take_along_axis(d2, arg[:, None], axis=1)[:, 0]
+    return index, sq
+
+
+def _brute_torch(queries: "Tensor", keys: "Tensor", max_elements: int) -> tuple["Tensor", "Tensor"]:
+    """:func:`_brute_np` on torch tensors (any device); ``argmin`` returns the first minimal index."""
+    n, m = queries.shape[0], keys.shape[0]
+    index = torch.empty(n, dtype=torch.long, device=queries.device)
+    sq = torch.empty(n, dtype=torch.float64, device=queries.device)
+    rows = max(1, max_elements // max(m, 1))
+    for r0 in range(0, n, rows):
+        d2 = _sqdist_rows(queries[r0 : r0 + rows, None, :], keys[None, :, :])
+        arg = d2.argmin(dim=1)
+        index[r0 : r0 + rows] = arg
+        sq[r0 : r0 + rows] = d2.gather(1, arg[:, None])[:, 0]
+    return index, sq
+
+
+def _select_np(
+    queries: np.ndarray, keys: np.ndarray, cand: np.ndarray, certified: np.ndarray, max_elements: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact NN from candidate lists: ``cand [n, k]`` (indices into ``keys``) re-ranked in the reference
+    metric for ``certified`` rows (lowest index on exact ties); brute force for the other rows."""
+    sq = _sqdist_rows(queries[:, None, :], keys[cand])
+    best = sq.min(axis=1)
+    index = np.where(sq == best[:, None], cand, np.iinfo(np.int64).max).min(axis=1)
+    redo = np.flatnonzero(~certified)
+    if redo.size:
+        index[redo], best[redo] = _brute_np(queries[redo], keys, max_elements)
+    return index, best
+
+
+def _select_torch(
+    queries: "Tensor", keys: "Tensor", cand: "Tensor", certified: "Tensor", max_elements: int
+) -> tuple["Tensor", "Tensor"]:
+    """:func:`_select_np` on torch tensors."""
+    sq = _sqdist_rows(queries[:, None, :], keys[cand])
+    best = sq.min(dim=1).values
+    index = torch.where(sq == best[:, None], cand, torch.iinfo(torch.long).max).min(dim=1).values
+    redo = torch.nonzero(~certified).flatten()
+    if redo.numel():
+        index[redo], best[redo] = _brute_torch(queries[redo], keys, max_elements)
+    return index, best
+
+
+def _kdtree_nn(queries: np.ndarray, keys: np.ndarray, max_elements: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact NN via one cKDTree on ``keys`` queried with all ``queries`` (``k=2``, all cores)."""
+    from scipy.spatial import cKDTree
+
+    k = min(_KDTREE_K, len(keys))
+    tree = cKDTree(keys, balanced_tree=False, compact_nodes=False)
+    workers = -1 if len(queries) >= _KDTREE_PARALLEL_ROWS else 1
+    d, cand = tree.query(queries, k=k, workers=workers)
+    d = d.reshape(len(queries), k)
+    cand = cand.reshape(len(queries), k).astype(np.int64, copy=False)
+    if k == len(keys):
+        certified = np.ones(len(queries), dtype=bool)
+    else:
+        certified = d[:, 1] > d[:, 0] * (1.0 + _KDTREE_TIE_RTOL)
+    return _select_np(queries, keys, cand, certified, max_elements)
+
+
+def _faiss_certified(D: Array, cand: Array, q_norm: Array, k_norm_max: Array, err_scale: float) -> Array:
+    """Rows whose ``k`` faiss candidates provably hold every key at the minimum reference distance."""
+    err = err_scale * (q_norm + k_norm_max) ** 2
+    return (D[:, -1] - D[:, 0] > 2.0 * err) & (cand >= 0).all(1)
+
+
+def _faiss_cpu_nn(queries: np.ndarray, keys: np.ndarray, max_elements: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact NN via ``faiss.knn`` candidates (float32, centred on the keys) + certified re-rank."""
+    import faiss
+
+    k = min(_FAISS_K, len(keys))
+    centre = keys.mean(axis=0)
+    q32 = np.ascontiguousarray(queries - centre, dtype=np.float32)
+    k32 = np.ascontiguousarray(keys - centre, dtype=np.float32)
+    D, cand = faiss.knn(q32, k32, k)
+    cand = cand.astype(np.int64, copy=False)
+    if k == len(keys):
+        certified = (cand >= 0).all(axis=1)
+    else:
+        certified = _faiss_certified(
+            D.astype(np.float64), cand, np.linalg.norm(q32, axis=1), np.linalg.norm(k32, axis=1).max(), _FAISS_ERR_CPU
+        )
+    return _select_np(queries, keys, np.maximum(cand, 0), certified, max_elements)
+
+
+_GPU_RESOURCES: dict[int, Any] = {}
+
+
+def _faiss_gpu_nn(queries: "Tensor", keys: "Tensor", max_elements: int) -> tuple["Tensor", "Tensor"]:
+    """Exact NN via ``faiss.knn_gpu`` on CUDA tensors (float32, centred) + certified re-rank."""
+    import faiss
+    import faiss.contrib.torch_utils  # noqa: F401  (lets knn_gpu take torch CUDA tensors)
+
+    dev = queries.device.index if queries.device.index is not None else torch.cuda.current_device()
+    res = _GPU_RESOURCES.get(dev)
+    if res is None:
+        res = _GPU_RESOURCES[dev] = faiss.StandardGpuResources()
+    k = min(_FAISS_K, keys.shape[0])
+    centre = keys.mean(dim=0)
+    q32 = (queries - centre).float().contiguous()
+    k32 = (keys - centre).float().contiguous()
+    D, cand = faiss.knn_gpu(res, q32, k32, k, device=dev)
+    cand = cand.to(torch.long)
+    if k == keys.shape[0]:
+        certified = (cand >= 0).all(1)
+    else:
+        certified = _faiss_certified(
+            D.double(), cand, q32.double().norm(dim=1), k32.double().norm(dim=1).max(), _FAISS_ERR_GPU
+        )
+    return _select_torch(queries, keys, cand.clamp_min(0), certified, max_elements)
+
+
+def _nearest_np(points: np.ndarray, valid: np.ndarray, nn_fn: Callable, max_elements: int) -> tuple[np.ndarray, np.ndarray]:
+    """``nn``/squared ``dist`` ``[S, S, hw]`` of all off-diagonal pairs (numpy; one call per key view)."""
+    S, hw = valid.shape
+    nn = np.zeros((S, S, hw), dtype=np.int64)
+    sq = np.full((S, S, hw), np.inf)
+    for j in range(S):
+        keys = np.flatnonzero(valid[j])
+        qi, qx = np.nonzero(valid & (np.arange(S) != j)[:, None])
+        if keys.size and qi.size:
+            local, best = nn_fn(points[qi, qx], points[j, keys], max_elements)
+            nn[qi, j, qx] = keys[local]
+            sq[qi, j, qx] = best
+    return nn, sq
+
+
+def _nearest_torch(points: "Tensor", valid: "Tensor", nn_fn: Callable, max_elements: int) -> tuple["Tensor", "Tensor"]:
+    """:func:`_nearest_np` on torch tensors on their device."""
+    S, hw = valid.shape
+    dev = points.device
+    nn = torch.zeros(S, S, hw, dtype=torch.long, device=dev)
+    sq = torch.full((S, S, hw), math.inf, dtype=torch.float64, device=dev)
+    views = torch.arange(S, device=dev)
+    for j in range(S):
+        keys = torch.nonzero(valid[j]).flatten()
+        qi, qx = torch.nonzero(valid & (views != j)[:, None], as_tuple=True)
+        if keys.numel() and qi.numel():
+            local, best = nn_fn(points[qi, qx], points[j, keys], max_elements)
+            nn[qi, j, qx] = keys[local]
+            sq[qi, j, qx] = best
+    return nn, sq
+
+
+def _cycle_mask(nn: Array, valid: Array, w: int, tau: float, views: Array, tokens: Array) -> Array:
+    """Cycle-consistency mask ``[S, S, hw]`` (numpy or torch: only operations both support).
+
+    ``nn`` already holds the identity on the diagonal; ``views = arange(S)``, ``tokens = arange(hw)``.
+    """
+    cycle = nn.swapaxes(0, 1)[views[:, None, None], views[None, :, None], nn]  # nn[j, i, nn[i, j, x]]
+    dx = tokens % w - cycle % w
+    dy = tokens // w - cycle // w
+    mask = (dx * dx + dy * dy <= tau * tau) & valid[:, None, :] & valid.any(1)[None, :, None]
+    mask[views, views] = valid
+    return mask
+
+
+def _check_finite(ok: bool) -> None:
+    if not ok:
+        raise SchemaError("points", "non-finite coordinates at valid tokens (tokenize marks them invalid)")
+
+
+def match_tokens(
+    points: "Tensor",
+    valid: "Tensor",
+    *,
+    tau: float = DEFAULT_TAU,
+    backend: str = "auto",
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> tuple["Tensor", "Tensor", "Tensor"]:
+    """All ordered pairs' exact 3D nearest tokens and cycle masks of one window.
+
+    ``points [S, h, w, 3]``, ``valid [S, h, w]`` -> ``nn`` int64, ``dist`` float32 and ``mask`` bool, each
+    ``[S, S, h*w]`` on the input device (conventions, exactness and ties: module docstring).
+    ``max_elements`` bounds the distances brute force holds at once. Raises :class:`SchemaError` on bad
+    shapes, an unknown backend, a bad ``tau`` or non-finite points at valid tokens.
+    """
+    tau = _check_tau(tau)
+    points = torch.as_tensor(points)
+    valid = torch.as_tensor(valid, device=points.device)
+    if points.ndim != 4 or points.shape[-1] != 3:
+        raise SchemaError("points", f"expected [S, h, w, 3], got {tuple(points.shape)}")
+    S, h, w, _ = points.shape
+    if tuple(valid.shape) != (S, h, w):
+        raise SchemaError("valid", f"expected {(S, h, w)} to match points, got {tuple(valid.shape)}")
+    if max_elements < 1:
+        raise SchemaError("max_elements", f"must be >= 1, got {max_elements}")
+    device = points.device
+    name = resolve_backend(backend, device)
+    hw = h * w
+    if name == "torch" or (name == "faiss" and device.type == "cuda"):
+        pts = points.reshape(S, hw, 3).to(torch.float64)
+        vflat = valid.to(torch.bool).reshape(S, hw)
+        _check_finite(bool(torch.isfinite(pts[vflat]).all()))
+        nn, sq = _nearest_torch(pts, vflat, _brute_torch if name == "torch" else _faiss_gpu_nn, max_elements)
+        views, tokens = torch.arange(S, device=device), torch.arange(hw, device=device)
+        nn[views, views] = tokens
+        sq[views, views] = 0.0
+        mask = _cycle_mask(nn, vflat, w, tau, views, tokens)
+        return nn, torch.sqrt(sq).to(torch.float32), mask
+    pts_np = points.detach().cpu().numpy().reshape(S, hw, 3).astype(np.float64)
+    valid_np = valid.cpu().numpy().reshape(S, hw).astype(bool, copy=False)
+    _check_finite(bool(np.isfinite(pts_np[valid_np]).all()))
+    nn_np, sq_np = _nearest_np(pts_np, valid_np, _kdtree_nn if name == "kdtree" else _faiss_cpu_nn, max_elements)
+    views_np, tokens_np = np.arange(S), np.arange(hw)
+    nn_np[views_np, views_np] = tokens_np
+    sq_np[views_np, views_np] = 0.0
+    mask_np = _cycle_mask(nn_np, valid_np, w, tau, views_np, tokens_np)
+    return (
+        torch.from_numpy(nn_np).to(device),
+        torch.from_numpy(np.sqrt(sq_np).astype(np.float32)).to(device),
+        torch.from_numpy(mask_np).to(device),
+    )
+
+
+def correspond(
+    result: PointmapResult,
+    *,
+    grid: int | tuple[int, int] = (DEFAULT_GRID, DEFAULT_GRID),
+    tau: float = DEFAULT_TAU,
+    backend: str = "auto",
+) -> TokenCorrespondences:
+    """Tokenize a backend's pointmaps on ``grid`` and match all ordered pairs (``tokenize`` + ``match_tokens``)."""
+    points, valid, conf = tokenize(result.points, result.valid, result.conf, grid)
+    nn, dist, mask = match_tokens(points, valid, tau=tau, backend=backend)
+    return TokenCorrespondences(points=points, valid=valid, conf=conf, nn=nn, dist=dist, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------- targets
+def _pair_shape(nn: "Tensor", name: str = "nn") -> int:
+    if nn.ndim < 3 or nn.shape[-3] != nn.shape[-2]:
+        raise SchemaError(name, f"expected [..., S, S, hw], got {tuple(nn.shape)}")
+    return int(nn.shape[-3])
+
+
+def pair_targets(nn: "Tensor", mask: "Tensor") -> tuple["Tensor", "Tensor"]:
+    """The paper's per-pair one-hot targets from cached ``nn``/``mask`` ``[..., S, S, hw]``.
+
+    Returns ``target`` int64 (``nn`` where supervised, else 0) and ``weight`` bool (``mask`` with the
+    self-view blocks ``i == j`` cleared), both ``[..., S, S, hw]`` torch tensors on ``nn``'s device.
+    """
+    nn = torch.as_tensor(nn)
+    mask = torch.as_tensor(mask, device=nn.device)
+    S = _pair_shape(nn)
+    if mask.shape != nn.shape:
+        raise SchemaError("mask", f"shape {tuple(mask.shape)} differs from nn {tuple(nn.shape)}")
+    off = ~torch.eye(S, dtype=torch.bool, device=nn.device)[:, :, None]
+    weight = mask.to(torch.bool) & off
+    target = torch.where(weight, nn.to(torch.long), torch.zeros((), dtype=torch.long, device=nn.device))
+    return target, weight
+
+
+def global_targets(nn: "Tensor", dist: "Tensor", mask: "Tensor") -> tuple["Tensor", "Tensor", "Tensor"]:
+    """The official code's global target per query token from cached ``nn``/``dist``/``mask``.
+
+    For query ``(i, x)``: ``view = j* = argmin_{j != i, mask[i, j, x]} dist[i, j, x]`` (lowest ``j`` on
+    ties), ``token = nn[i, j*, x]``, ``weight`` = some view ``j != i`` is masked. All three are
+    ``[..., S, hw]`` (``view``/``token`` int64 and 0 where ``weight`` is false) on ``nn``'s device.
+    """
+    nn = torch.as_tensor(nn)
+    dist = torch.as_tensor(dist, device=nn.device)
+    mask = torch.as_tensor(mask, device=nn.device)
+    S = _pair_shape(nn)
+    for name, t in (("dist", dist), ("mask", mask)):
+        if t.shape != nn.shape:
+            raise SchemaError(name, f"shape {tuple(t.shape)} differs from nn {tuple(nn.shape)}")
+    off = ~torch.eye(S, dtype=torch.bool, device=nn.device)[:, :, None]
+    sup = mask.to(torch.bool) & off  # [..., i, j, x]
+    d = dist if dist.dtype == torch.float64 else dist.to(torch.float32)
+    d = torch.where(sup, d, torch.full((), math.inf, dtype=d.dtype, device=d.device))
+    view = d.argmin(dim=-2)  # [..., i, x]; first (lowest j) among ties
+    weight = sup.any(dim=-2)
+    token = torch.gather(nn.to(torch.long), -2, view.unsqueeze(-2)).squeeze(-2)
+    zero = torch.zeros((), dtype=torch.long, device=nn.device)
+    return torch.where(weight, view, zero), torch.where(weight, token, zero), weight
