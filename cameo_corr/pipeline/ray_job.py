@@ -28,6 +28,7 @@ import argparse
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -288,7 +289,8 @@ def run_preprocess(
     restricts the run to some scene ids. ``sampling``/``span_per_view``/``positions``/``fps``/``seed``
     override :func:`~cameo_corr.pipeline.planner.default_plan_config`. ``crop_policy=None`` uses the
     reader's default. Summary keys: ``windows_planned``, ``windows_skipped`` (already in the
-    manifest), ``windows_ok``, ``windows_failed``, ``shards_written``, ``shard_errors``,
+    manifest), ``windows_ok``, ``windows_failed``, ``shard_size`` (``shard_size`` capped at
+    ``ceil(planned / workers)`` so small runs keep every worker busy), ``shards_written``, ``shard_errors``,
     ``stopped_early``, ``orphans_removed``, ``seconds``, ``windows_per_second`` (end to end),
     ``startup_seconds`` (Ray + workers + model load), ``processing_windows_per_second`` (after
     start-up: planning, scheduling and the stages), ``stage_seconds``,
@@ -366,7 +368,9 @@ def run_preprocess(
         orphans = writer.remove_orphans()
         done = writer.done_window_ids()
         planned = plan_windows(reader, plan, config.fingerprint(), scene_ids=scenes)
-        shards = deque(make_shards(planned, shard_size, skip=done))
+        # small runs: no bigger shards than needed to give every worker work
+        effective_shard_size = max(1, min(shard_size, math.ceil(len(planned) / workers)))
+        shards = deque(make_shards(planned, effective_shard_size, skip=done))
         total = sum(len(s.windows) for s in shards)
         config_json = config.to_json()
         crop = view.to_dict()
@@ -443,6 +447,7 @@ def run_preprocess(
         "windows_skipped": len(planned) - total,
         "windows_ok": prog.ok,
         "windows_failed": prog.failed,
+        "shard_size": effective_shard_size,
         "shards_written": prog.shards,
         "shard_errors": prog.shard_errors,
         "stopped_early": stopped,
@@ -517,7 +522,7 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per model actor (default: 0)")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per model actor (default: 1)")
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray instance")
-    parser.add_argument("--shard-size", type=int, default=16, help="windows per shard = unit of work (default: 16)")
+    parser.add_argument("--shard-size", type=int, default=16, help="windows per shard = unit of work (default: 16; capped at ceil(windows / workers))")
     parser.add_argument("--max-retries", type=int, default=3, help="Ray task retries / actor restarts (default: 3)")
     parser.add_argument("--storage-option", action="append", type=key_value_arg, default=[], metavar="KEY=VALUE",
                         help="fsspec storage option for --out (JSON value), repeatable")
