@@ -1,0 +1,475 @@
+"""Tests of cameo_corr.pipeline.match: tokenize, exact all-pairs NN backends, cycle masks, targets."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cameo_corr.pipeline.match import (
+    correspond,
+    global_targets,
+    match_tokens,
+    pair_targets,
+    resolve_backend,
+    tokenize,
+)
+from cameo_corr.schemas import PointmapResult, SchemaError
+
+EXACT_BACKENDS = ["torch", "kdtree", "faiss", "auto"]
+
+
+# ------------------------------------------------------------------------------------------ reference
+def reference_match(points: np.ndarray, valid: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SPEC §3 by explicit loops: float64 ``(a0-b0)^2 + (a1-b1)^2 + (a2-b2)^2``, lowest index on ties."""
+    S, h, w, _ = points.shape
+    P = points.reshape(S, h * w, 3).astype(np.float64)
+    V = valid.reshape(S, h * w)
+    hw = h * w
+    nn = np.zeros((S, S, hw), dtype=np.int64)
+    sq = np.full((S, S, hw), np.inf)
+    for i in range(S):
+        for j in range(S):
+            for x in range(hw):
+                if i == j:
+                    nn[i, j, x], sq[i, j, x] = x, 0.0
+                    continue
+                if not V[i, x]:
+                    continue
+                best, arg = math.inf, -1
+                for y in range(hw):
+                    if not V[j, y]:
+                        continue
+                    d = P[i, x] - P[j, y]
+                    d2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
+                    if d2 < best:
+                        best, arg = d2, y
+                if arg >= 0:
+                    nn[i, j, x], sq[i, j, x] = arg, best
+    mask = np.zeros((S, S, hw), dtype=bool)
+    for i in range(S):
+        for j in range(S):
+            for x in range(hw):
+                if i == j:
+                    mask[i, j, x] = V[i, x]
+                elif V[i, x] and V[j].any():
+                    c = nn[j, i, nn[i, j, x]]
+                    mask[i, j, x] = math.hypot(x % w - c % w, x // w - c // w) <= tau
+    return nn, np.sqrt(sq), mask
+
+
+def assert_matches_reference(points: np.ndarray, valid: np.ndarray, tau: float = 1.5, backends=EXACT_BACKENDS) -> None:
+    ref_nn, ref_dist, ref_mask = reference_match(points, valid, tau)
+    for backend in backends:
+        nn, dist, mask = match_tokens(torch.from_numpy(points), torch.from_numpy(valid), tau=tau, backend=backend)
+        assert nn.dtype == torch.int64 and dist.dtype == torch.float32 and mask.dtype == torch.bool, backend
+        np.testing.assert_array_equal(nn.numpy(), ref_nn, err_msg=backend)
+        np.testing.assert_array_equal(mask.numpy(), ref_mask, err_msg=backend)
+        np.testing.assert_allclose(dist.numpy(), ref_dist.astype(np.float32), rtol=1e-6, atol=1e-6, err_msg=backend)
+
+
+def smooth_views(S: int, h: int, w: int, seed: int) -> np.ndarray:
+    """Float32 pointmaps of one smooth surface seen with small shifts (overlapping views)."""
+    rng = np.random.default_rng(seed)
+    u, v = np.meshgrid(np.linspace(-1, 1, w), np.linspace(-1, 1, h))
+    out = []
+    for _ in range(S):
+        du, dv = rng.uniform(-0.2, 0.2, 2)
+        x, y = u + du, v + dv
+        z = 2.0 + 0.3 * np.sin(3 * x) * np.cos(2 * y)
+        out.append(np.stack([x * z, y * z, z], -1))
+    return np.stack(out).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------- backends agree
+@pytest.mark.parametrize("seed", [0, 1])
+def test_backends_match_reference_random(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    points = rng.normal(size=(3, 5, 6, 3)).astype(np.float32)
+    valid = rng.random((3, 5, 6)) > 0.2
+    assert_matches_reference(points, valid)
+
+
+def test_backends_match_reference_structured() -> None:
+    """Smooth overlapping views with holes, one view without valid tokens and one with a single one."""
+    points = smooth_views(5, 6, 7, seed=3)
+    valid = np.ones((5, 6, 7), dtype=bool)
+    valid[0, 2:4, 3:5] = False
+    valid[3] = False
+    valid[4] = False
+    valid[4, 2, 2] = True
+    assert_matches_reference(points, valid)
+
+
+def test_lattice_ties_take_lowest_index() -> None:
+    """Integer lattices shifted by half a cell: every query has 2 or 4 keys at exactly the same distance
+    (also forcing faiss's and the KD-tree's uncertified rows through the exact fallback)."""
+    g = 6
+    yy, xx = np.meshgrid(np.arange(g, dtype=np.float32), np.arange(g, dtype=np.float32), indexing="ij")
+    a = np.stack([xx, yy, np.zeros_like(xx)], -1)
+    points = np.stack([a, a + np.float32([0.5, 0.5, 0.0]), a + np.float32([0.5, 0.0, 0.0]), a.copy()])
+    valid = np.ones((4, g, g), dtype=bool)
+    assert_matches_reference(points, valid)
+    nn, _, _ = match_tokens(torch.from_numpy(points), torch.from_numpy(valid), backend="auto")
+    # token (1, 1) of view 0 is equidistant from keys (0,0), (1,0), (0,1), (1,1) of view 1: lowest wins
+    assert int(nn[0, 1, 1 * g + 1]) == 0
+
+
+def test_duplicate_keys_take_lowest_index() -> None:
+    points = np.zeros((2, 1, 4, 3), dtype=np.float32)
+    points[0, 0, :, 0] = [0.0, 1.0, 2.0, 3.0]
+    points[1, 0, :, 0] = [5.0, 1.0, 1.0, 1.0]  # keys 1, 2, 3 coincide
+    valid = np.ones((2, 1, 4), dtype=bool)
+    assert_matches_reference(points, valid)
+    nn, _, _ = match_tokens(torch.from_numpy(points), torch.from_numpy(valid))
+    assert nn[0, 1].tolist() == [1, 1, 1, 0]  # query 3.0 is 2 away from key 0 (5.0) and keys 1-3 (1.0)
+
+
+def test_near_ties_beyond_float32_resolution_are_exact() -> None:
+    """Six keys at distance 1 + (7 - k) * 1e-9 from the query (the highest index is nearest) next to a
+    far key: in float32 (faiss) all six are at distance 1, so its 4 candidates cannot be certified and
+    the row is re-done exactly."""
+    points = np.zeros((2, 1, 8, 3))
+    points[1, 0, 0] = [3e4, 0.0, 0.0]
+    for k, direction in enumerate(np.concatenate([np.eye(3), -np.eye(3)]), start=1):
+        points[1, 0, k] = direction * (1.0 + (7 - k) * 1e-9)
+    points[1, 0, 7] = [-3e4, 5.0, 0.0]
+    points[0, 0, 1:] = np.linspace(5.0, 6.0, 7)[:, None]
+    valid = np.ones((2, 1, 8), dtype=bool)
+    assert_matches_reference(points, valid)
+    nn, _, _ = match_tokens(torch.from_numpy(points), torch.from_numpy(valid), backend="faiss")
+    assert int(nn[0, 1, 0]) == 6
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    S=st.integers(2, 4),
+    h=st.integers(1, 4),
+    w=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+    integer=st.booleans(),
+    tau=st.sampled_from([0.0, 1.0, 1.5, 3.0]),
+)
+def test_backends_match_reference_property(S: int, h: int, w: int, seed: int, integer: bool, tau: float) -> None:
+    rng = np.random.default_rng(seed)
+    if integer:  # many exact ties
+        points = rng.integers(-2, 3, size=(S, h, w, 3)).astype(np.float32)
+    else:
+        points = rng.normal(size=(S, h, w, 3)).astype(np.float32)
+    valid = rng.random((S, h, w)) > 0.25
+    assert_matches_reference(points, valid, tau=tau)
+
+
+def test_backends_agree_on_larger_smooth_window() -> None:
+    points = smooth_views(4, 24, 24, seed=7)
+    valid = np.random.default_rng(7).random((4, 24, 24)) > 0.05
+    P, V = torch.from_numpy(points), torch.from_numpy(valid)
+    ref = match_tokens(P, V, backend="torch")
+    for backend in ("kdtree", "faiss", "auto"):
+        out = match_tokens(P, V, backend=backend)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[2], ref[2]), backend
+        torch.testing.assert_close(out[1], ref[1], rtol=1e-6, atol=1e-6)
+    chunked = match_tokens(P, V, backend="torch", max_elements=7)
+    assert all(torch.equal(a, b) for a, b in zip(chunked, ref))
+    assert ref[2][~torch.eye(4, dtype=torch.bool)].float().mean() > 0.5  # overlapping views: many matches
+
+
+# ------------------------------------------------------------------------------------- semantics
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+def test_identical_views_give_identity(backend: str) -> None:
+    view = smooth_views(1, 8, 9, seed=1)[0]
+    points = np.stack([view, view, view])
+    valid = np.ones((3, 8, 9), dtype=bool)
+    valid[:, 0, :3] = False
+    nn, dist, mask = match_tokens(torch.from_numpy(points), torch.from_numpy(valid), backend=backend)
+    v = torch.from_numpy(valid.reshape(3, -1))
+    ident = torch.arange(72).expand(3, 3, 72)
+    assert torch.equal(nn[:, :, v[0]], ident[:, :, v[0]])
+    assert torch.equal(dist[:, :, v[0]], torch.zeros_like(dist[:, :, v[0]]))
+    assert torch.equal(mask, v[:, None, :].expand(3, 3, 72))
+
+
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+def test_invalid_tokens_are_never_matched(backend: str) -> None:
+    rng = np.random.default_rng(5)
+    points = rng.normal(size=(3, 6, 6, 3)).astype(np.float32)
+    valid = rng.random((3, 6, 6)) > 0.4
+    points[~valid] = np.nan  # invalid tokens may hold anything
+    nn, dist, mask = match_tokens(torch.from_numpy(points), torch.from_numpy(valid), backend=backend)
+    V = torch.from_numpy(valid.reshape(3, -1))
+    for i in range(3):
+        for j in range(3):
+            if i == j:
+                continue
+            q = V[i]
+            assert bool(V[j][nn[i, j, q]].all()), "a valid query matched an invalid key"
+            assert not bool(mask[i, j, ~q].any()), "an invalid query is masked"
+            assert bool((nn[i, j, ~q] == 0).all()) and bool(torch.isinf(dist[i, j, ~q]).all())
+            targets = nn[i, j][mask[i, j]]
+            assert bool(V[j][targets].all()), "an invalid token is a target"
+
+
+def test_key_view_without_valid_tokens() -> None:
+    points = smooth_views(3, 4, 4, seed=2)
+    valid = np.ones((3, 4, 4), dtype=bool)
+    valid[2] = False
+    nn, dist, mask = match_tokens(torch.from_numpy(points), torch.from_numpy(valid))
+    assert bool((nn[:, 2][[0, 1]] == 0).all()) and bool(torch.isinf(dist[:, 2][[0, 1]]).all())
+    assert not bool(mask[:, 2].any()) and not bool(mask[2].any())
+
+
+@settings(max_examples=25, deadline=None)
+@given(S=st.integers(2, 4), h=st.integers(1, 5), w=st.integers(1, 5), seed=st.integers(0, 2**31 - 1),
+       tau=st.floats(0.0, 4.0))
+def test_mask_is_the_cycle_definition(S: int, h: int, w: int, seed: int, tau: float) -> None:
+    """mask_ij[x] = |p(x) - p(nn_ji[nn_ij[x]])| <= tau (explicit loop over the returned nn)."""
+    rng = np.random.default_rng(seed)
+    points = rng.normal(size=(S, h, w, 3)).astype(np.float32)
+    valid = rng.random((S, h, w)) > 0.2
+    nn, _, mask = match_tokens(torch.from_numpy(points), torch.from_numpy(valid), tau=tau)
+    V = valid.reshape(S, -1)
+    for i in range(S):
+        for j in range(S):
+            for x in range(h * w):
+                if i == j:
+                    expected = V[i, x]
+                elif not (V[i, x] and V[j].any()):
+                    expected = False
+                else:
+                    c = int(nn[j, i, nn[i, j, x]])
+                    expected = math.hypot(x % w - c % w, x // w - c // w) <= tau
+                assert bool(mask[i, j, x]) == expected
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), S=st.integers(2, 4), h=st.integers(1, 4), w=st.integers(1, 4))
+def test_mutual_neighbours_are_masked_for_any_tau(seed: int, S: int, h: int, w: int) -> None:
+    rng = np.random.default_rng(seed)
+    points = rng.integers(-3, 4, size=(S, h, w, 3)).astype(np.float32)
+    valid = rng.random((S, h, w)) > 0.2
+    nn, _, mask = match_tokens(torch.from_numpy(points), torch.from_numpy(valid), tau=0.0)
+    V = torch.from_numpy(valid.reshape(S, -1))
+    for i in range(S):
+        for j in range(S):
+            if i == j:
+                continue
+            x = torch.nonzero(V[i]).flatten()
+            if not bool(V[j].any()):  # nothing to match: nn = 0 by convention, never masked
+                assert not bool(mask[i, j].any())
+                continue
+            mutual = nn[j, i, nn[i, j, x]] == x
+            assert bool(mask[i, j, x[mutual]].all())
+            assert not bool(mask[i, j, x[~mutual]].any())  # tau = 0: only mutual neighbours
+
+
+_SIGNED_PERMUTATIONS = [(p, s) for p in ([0, 1, 2], [2, 0, 1], [1, 0, 2]) for s in ([1, 1, 1], [-1, 1, -1], [1, -1, 1])]
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), rot=st.sampled_from(_SIGNED_PERMUTATIONS),
+       shift=st.tuples(*[st.integers(-100, 100)] * 3), backend=st.sampled_from(["kdtree", "torch", "faiss"]))
+def test_rigid_transform_invariance(seed: int, rot: tuple, shift: tuple, backend: str) -> None:
+    """Rotations by signed axis permutations and integer translations are exact in float, so nn, mask
+    and dist must be unchanged, ties included (integer coordinates)."""
+    rng = np.random.default_rng(seed)
+    points = rng.integers(-4, 5, size=(3, 4, 4, 3)).astype(np.float32)
+    valid = rng.random((3, 4, 4)) > 0.2
+    perm, sign = rot
+    moved = (points[..., perm] * np.float32(sign) + np.float32(shift)).astype(np.float32)
+    a = match_tokens(torch.from_numpy(points), torch.from_numpy(valid), backend=backend)
+    b = match_tokens(torch.from_numpy(moved), torch.from_numpy(valid), backend=backend)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# -------------------------------------------------------------------------------------- tokenize
+def _contributors(src: int, dst: int) -> list[set[int]]:
+    """Source indices with a non-zero weight for each output index (bilinear, align_corners=False)."""
+    scale = src / dst
+    out = []
+    for t in range(dst):
+        c = max((t + 0.5) * scale - 0.5, 0.0)
+        i0 = min(int(math.floor(c)), src - 1)
+        i1 = min(i0 + 1, src - 1)
+        lam = c - i0
+        out.append({i for i, wgt in ((i0, 1.0 - lam), (i1, lam)) if wgt > 0})
+    return out
+
+
+def test_tokenize_matches_cameo_interpolation_on_valid_input() -> None:
+    rng = np.random.default_rng(0)
+    points = torch.from_numpy(rng.normal(size=(2, 64, 48, 3)).astype(np.float32))
+    conf = torch.from_numpy(rng.random((2, 64, 48)).astype(np.float32))
+    tp, tv, tc = tokenize(points, torch.ones(2, 64, 48, dtype=torch.bool), conf, (8, 6))
+    expected = F.interpolate(points.permute(0, 3, 1, 2), (8, 6), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    torch.testing.assert_close(tp, expected)
+    torch.testing.assert_close(tc, F.interpolate(conf[:, None], (8, 6), mode="bilinear", align_corners=False)[:, 0])
+    assert tv.all() and tp.shape == (2, 8, 6, 3) and tv.dtype == torch.bool
+
+
+@pytest.mark.parametrize("size,grid", [((64, 64), (4, 4)), ((50, 70), (8, 6)), ((20, 30), (20, 30)), ((12, 12), (32, 32))])
+def test_single_invalid_pixel_invalidates_exactly_its_tokens(size: tuple[int, int], grid: tuple[int, int]) -> None:
+    H, W = size
+    h, w = grid
+    rows, cols = _contributors(H, h), _contributors(W, w)
+    points = torch.ones(1, H, W, 3)
+    rng = np.random.default_rng(H * W)
+    for r, c in [(0, 0), (H - 1, W - 1), (H // 2, W // 3)] + [tuple(rng.integers(0, [H, W])) for _ in range(4)]:
+        for how in ("valid", "nan", "conf"):
+            valid = torch.ones(1, H, W, dtype=torch.bool)
+            pts, conf = points.clone(), torch.ones(1, H, W)
+            if how == "valid":
+                valid[0, r, c] = False
+            elif how == "nan":
+                pts[0, r, c, 1] = math.nan
+            else:
+                conf[0, r, c] = math.inf
+            tp, tv, tc = tokenize(pts, valid, conf, grid)
+            expected = torch.tensor([[not (r in rows[ty] and c in cols[tx]) for tx in range(w)] for ty in range(h)])
+            assert torch.equal(tv[0], expected), (r, c, how)
+            assert torch.isfinite(tp).all() and torch.isfinite(tc).all()
+            assert bool((tp[0][~expected] == 0).all()) and bool((tc[0][~expected] == 0).all())
+            torch.testing.assert_close(tp[0][expected], torch.ones_like(tp[0][expected]))
+
+
+def test_tokenize_canonical_512_to_32_uses_four_pixels() -> None:
+    rows = _contributors(512, 32)
+    assert all(r == {16 * t + 7, 16 * t + 8} for t, r in enumerate(rows))
+
+
+# ----------------------------------------------------------------------------------- correspond
+def test_correspond_on_pointmap_result() -> None:
+    S, H = 3, 64
+    pts = torch.from_numpy(np.repeat(smooth_views(1, H, H, seed=4), S, axis=0))
+    valid = torch.ones(S, H, H, dtype=torch.bool)
+    valid[1, :16, :16] = False
+    result = PointmapResult(points=pts, valid=valid, conf=torch.ones(S, H, H), intrinsics=torch.eye(3).expand(S, 3, 3),
+                            extrinsics=torch.eye(4).expand(S, 4, 4))
+    corr = correspond(result, grid=(8, 8), tau=1.5)
+    assert corr.points.shape == (S, 8, 8, 3) and corr.nn.shape == (S, S, 64) and corr.mask.shape == (S, S, 64)
+    assert not bool(corr.valid[1, :2, :2].any()) and bool(corr.valid[0].all())
+    # identical views: valid tokens map to themselves
+    q = corr.valid[0].flatten() & corr.valid[1].flatten()
+    assert torch.equal(corr.nn[0, 1, q], torch.arange(64)[q])
+    assert not bool(corr.mask[1, 0, ~corr.valid[1].flatten()].any())
+
+
+# -------------------------------------------------------------------------------------- targets
+def _random_cache(B: int, S: int, hw: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    nn = torch.randint(0, hw, (B, S, S, hw), generator=g)
+    dist = torch.randint(0, 4, (B, S, S, hw), generator=g).to(torch.float16)  # float16 cache, many ties
+    mask = torch.rand(B, S, S, hw, generator=g) < 0.5
+    for i in range(S):
+        nn[:, i, i] = torch.arange(hw)
+        dist[:, i, i] = 0
+        mask[:, i, i] = True  # diagonal = valid; it must never be a target
+    return nn, dist, mask
+
+
+def test_pair_targets() -> None:
+    nn, _, mask = _random_cache(2, 3, 5, seed=0)
+    target, weight = pair_targets(nn, mask)
+    assert target.dtype == torch.int64 and weight.dtype == torch.bool and target.shape == nn.shape
+    for b in range(2):
+        for i in range(3):
+            for j in range(3):
+                for x in range(5):
+                    sup = bool(mask[b, i, j, x]) and i != j
+                    assert bool(weight[b, i, j, x]) == sup
+                    assert int(target[b, i, j, x]) == (int(nn[b, i, j, x]) if sup else 0)
+    t2, w2 = pair_targets(nn[0].numpy(), mask[0].numpy())  # numpy input, no batch dim
+    assert torch.equal(t2, target[0]) and torch.equal(w2, weight[0])
+
+
+@settings(max_examples=20, deadline=None)
+@given(B=st.integers(1, 2), S=st.integers(2, 4), hw=st.integers(1, 6), seed=st.integers(0, 10_000))
+def test_global_targets_match_explicit_loop(B: int, S: int, hw: int, seed: int) -> None:
+    nn, dist, mask = _random_cache(B, S, hw, seed)
+    view, token, weight = global_targets(nn, dist, mask)
+    assert view.shape == token.shape == weight.shape == (B, S, hw)
+    for b in range(B):
+        for i in range(S):
+            for x in range(hw):
+                cands = [j for j in range(S) if j != i and mask[b, i, j, x]]
+                assert bool(weight[b, i, x]) == bool(cands)
+                if cands:
+                    js = min(cands, key=lambda j: (float(dist[b, i, j, x]), j))  # lowest j on ties
+                    assert int(view[b, i, x]) == js and int(token[b, i, x]) == int(nn[b, i, js, x])
+                else:
+                    assert int(view[b, i, x]) == 0 and int(token[b, i, x]) == 0
+
+
+def test_targets_from_real_matches() -> None:
+    points = smooth_views(3, 6, 6, seed=9)
+    nn, dist, mask = match_tokens(torch.from_numpy(points), torch.ones(3, 6, 6, dtype=torch.bool))
+    view, token, weight = global_targets(nn[None], dist[None], mask[None])
+    _, pw = pair_targets(nn[None], mask[None])
+    assert torch.equal(weight, pw.any(dim=-2))
+    assert not bool((view[0] == torch.arange(3)[:, None])[weight[0]].any())  # never the query's own view
+
+
+# --------------------------------------------------------------------------------------- errors
+def test_bad_inputs_raise_schema_errors() -> None:
+    pts, valid = torch.zeros(2, 3, 3, 3), torch.ones(2, 3, 3, dtype=torch.bool)
+    cases = [
+        (dict(backend="annoy"), "backend"),
+        (dict(tau=-1.0), "tau"),
+        (dict(tau=math.nan), "tau"),
+        (dict(max_elements=0), "max_elements"),
+    ]
+    for kwargs, field in cases:
+        with pytest.raises(SchemaError) as e:
+            match_tokens(pts, valid, **kwargs)
+        assert e.value.field == field
+    with pytest.raises(SchemaError) as e:
+        match_tokens(pts, valid[:, :2])
+    assert e.value.field == "valid"
+    with pytest.raises(SchemaError) as e:
+        match_tokens(pts[..., :2], valid)
+    assert e.value.field == "points"
+    bad = pts.clone()
+    bad[0, 0, 0, 0] = math.inf
+    for backend in ("kdtree", "torch"):
+        with pytest.raises(SchemaError, match="non-finite") as e:
+            match_tokens(bad, valid, backend=backend)
+        assert e.value.field == "points"
+    with pytest.raises(SchemaError) as e:
+        tokenize(torch.zeros(2, 8, 8, 3), torch.ones(2, 8, 8, dtype=torch.bool), torch.ones(2, 8, 7), 4)
+    assert e.value.field == "conf"
+    with pytest.raises(SchemaError) as e:
+        tokenize(torch.zeros(2, 8, 8, 3), torch.ones(2, 8, 8, dtype=torch.bool), torch.ones(2, 8, 8), (0, 4))
+    assert e.value.field == "grid"
+    with pytest.raises(SchemaError) as e:
+        global_targets(torch.zeros(2, 3, 4, dtype=torch.long), torch.zeros(2, 3, 4), torch.ones(2, 3, 4, dtype=torch.bool))
+    assert e.value.field == "nn"
+
+
+def test_backend_resolution() -> None:
+    assert resolve_backend("auto", "cpu") == "kdtree"
+    assert resolve_backend("auto", "cuda") == "torch"  # no CUDA call is made to decide
+    assert resolve_backend("faiss", "cpu") == "faiss"
+    import faiss
+
+    if faiss.get_num_gpus() == 0:
+        with pytest.raises(SchemaError, match="no GPU support") as e:
+            resolve_backend("faiss", "cuda")
+        assert e.value.field == "backend"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_torch_backend_equals_cpu() -> None:
+    points = torch.from_numpy(smooth_views(4, 16, 16, seed=11))
+    valid = torch.rand(4, 16, 16, generator=torch.Generator().manual_seed(0)) > 0.1
+    ref = match_tokens(points, valid, backend="kdtree")
+    out = match_tokens(points.cuda(), valid.cuda(), backend="auto")
+    assert out[0].device.type == "cuda"
+    assert torch.equal(out[0].cpu(), ref[0]) and torch.equal(out[2].cpu(), ref[2])
+    tp, tv, tc = tokenize(points.cuda(), valid.cuda(), torch.ones(4, 16, 16, device="cuda"), 8)
+    cp, cv, cc = tokenize(points, valid, torch.ones(4, 16, 16), 8)
+    assert torch.equal(tv.cpu(), cv)
+    torch.testing.assert_close(tp.cpu(), cp)
