@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -28,6 +29,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from cameo_corr.schemas import CameoCorrError
     from cameo_corr.train.config import load_config
     from cameo_corr.train.loop import train
 
@@ -36,8 +38,12 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"data.cache={json.dumps(str(args.cache))}")
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={int(args.max_steps)}")
-    cfg = load_config(args.config, overrides)
-    result = train(cfg, args.out, resume=args.resume)
+    try:
+        cfg = load_config(args.config, overrides)
+        result = train(cfg, args.out, resume=args.resume)
+    except CameoCorrError as e:
+        print(f"cameo-corr train: error: {e}", file=sys.stderr)
+        return 2
     last = result.history[-1] if result.history else {}
     summary = {
         "step": result.step,

@@ -1,0 +1,477 @@
+"""Streaming training data from a correspondence cache (no online geometry).
+
+:class:`CorrStreamDataset` is an ``IterableDataset`` over the ``ok`` windows of a cache manifest. Its
+sample order is a pure function of ``(seed, epoch)``, computed from the manifest alone:
+
+1. the shards are shuffled (shard-level shuffle, so reads stay sequential within a shard);
+2. the windows, read shard after shard, go through a seeded shuffle buffer of ``shuffle_buffer`` slots;
+3. the epoch order is padded by wrapping to a multiple of ``world_size`` (as ``DistributedSampler``
+   does, so every rank sees the same number of samples) and rank ``r`` takes every ``world_size``-th
+   window starting at ``r``;
+4. a rank's stream is cut into batches (or single samples) that the DataLoader workers take round-robin,
+   which is the order in which ``DataLoader`` returns them, so the loader yields the rank's stream in
+   order whatever the number of workers.
+
+Every per-sample random choice (which ``F`` of the window's ``S`` views, how many references, their
+order) is drawn from a generator keyed by ``(seed, epoch, index in the padded epoch order)``, so a
+sample does not depend on ranks, workers or on how far the stream was read before. The state of a
+stream is ``(epoch, position)`` with ``position`` counted in samples of this rank;
+:class:`StreamLoader` wraps the ``DataLoader``, counts what was consumed and offers
+``state_dict``/``load_state_dict`` so a resumed run yields exactly the remaining samples, in order.
+
+Images are loaded from the dataset root through the cache's reader with the cache's canonical view
+(same crop box as the pipeline) resized directly to the training resolution, so the cached token grid
+lines up with the pixels. The ``F x F`` block of ``nn``/``mask``/``dist`` is gathered and frames are
+reordered ``[references, targets]``; the same permutation is applied to every per-view axis and both
+view axes of the per-pair tensors (``nn`` values stay token indices of the key view).
+
+Output per sample (SPEC section 5): ``image`` float32 ``[F, 3, H, W]`` in ``[0, 1]``, ``intrinsic``
+float32 ``[F, 3, 3]`` (pixels of the training resolution), ``extrinsic`` float32 ``[F, 4, 4]``
+(world-to-camera, OpenCV, from the dataset), ``tag`` (window id), ``num_ref`` (int), ``corr_nn`` int64
+``[F, F, h*w]``, ``corr_mask`` bool ``[F, F, h*w]``, ``corr_dist`` float32 ``[F, F, h*w]``. Batches are
+collated with :func:`collate_samples` to ``[B, ...]`` (``tag`` becomes a list, ``num_ref`` ``[B]``).
+
+Reader, zarr groups and scene records are opened lazily per process (worker), and the dataset holds
+only plain Python data, so it is safe under the ``fork`` and ``spawn`` multiprocessing contexts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+
+from cameo_corr.schemas import DatasetError, SchemaError, WindowRecord
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from cameo_corr.datasets.base import SceneReader
+    from cameo_corr.datasets.canonical import CanonicalView
+    from cameo_corr.pipeline.cache import CorrCache
+
+ORDER_POLICIES = ("uniform_push", "shuffle", "capture")
+"""How the ``F`` chosen views are reordered ``[references, targets]``:
+
+* ``uniform_push`` (CAMEO's ``uniform_push_batch``): views in capture order; with one reference the
+  view at index ``F // 2 - 1``, otherwise ``linspace(0, F - 1, num_ref)`` (truncated) are references;
+  they are pushed to the front, the remaining views follow in capture order;
+* ``shuffle`` (CAMEO's ``shuffle_batch``): a random permutation; its first ``num_ref`` views are
+  references;
+* ``capture``: capture order; the first ``num_ref`` views are references.
+"""
+
+_CORR_KEYS = ("nn", "mask", "dist")
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """Where a rank's stream is: ``position`` samples of epoch ``epoch`` were already consumed."""
+
+    epoch: int = 0
+    position: int = 0
+
+
+@dataclass(frozen=True)
+class _Window:
+    """The manifest fields a sample needs (plain data, cheap to pickle into workers)."""
+
+    window_id: str
+    dataset: str
+    split: str
+    scene_id: str
+    frame_ids: tuple[str, ...]
+    shard: str
+    row: int
+
+
+def epoch_order(
+    shard_rows: Sequence[Sequence[int]], *, seed: int, epoch: int, shard_shuffle: bool = True, shuffle_buffer: int = 1
+) -> np.ndarray:
+    """The global order of one epoch: window indices after shard shuffle and buffer shuffle.
+
+    ``shard_rows[k]`` lists the window indices of shard ``k`` in storage order. Shards are permuted
+    (when ``shard_shuffle``), their windows streamed through a buffer of ``shuffle_buffer`` slots from
+    which a uniformly random slot is emitted and refilled (``shuffle_buffer <= 1``: no buffer shuffle).
+    Deterministic in ``(seed, epoch)``.
+    """
+    if shuffle_buffer < 0:
+        raise SchemaError("shuffle_buffer", f"must be >= 0, got {shuffle_buffer}")
+    shards = list(range(len(shard_rows)))
+    if shard_shuffle:
+        shards = list(np.random.default_rng([seed, epoch, 0]).permutation(len(shard_rows)))
+    stream = [int(i) for k in shards for i in shard_rows[k]]
+    if shuffle_buffer <= 1 or len(stream) <= 1:
+        return np.asarray(stream, dtype=np.int64)
+    rng = np.random.default_rng([seed, epoch, 1])
+    buffer: list[int] = []
+    out: list[int] = []
+    for item in stream:
+        if len(buffer) < shuffle_buffer:
+            buffer.append(item)
+            continue
+        slot = int(rng.integers(len(buffer)))
+        out.append(buffer[slot])
+        buffer[slot] = item
+    out.extend(buffer[i] for i in rng.permutation(len(buffer)))
+    return np.asarray(out, dtype=np.int64)
+
+
+def reference_order(num_views: int, num_ref: int, policy: str, rng: np.random.Generator) -> np.ndarray:
+    """Permutation of ``range(num_views)`` putting the ``num_ref`` references first (see ORDER_POLICIES)."""
+    if not 1 <= num_ref < num_views:
+        raise SchemaError("num_ref", f"must be in [1, {num_views - 1}] for {num_views} views, got {num_ref}")
+    idx = np.arange(num_views)
+    if policy == "uniform_push":
+        if num_ref == 1:
+            refs = np.array([max(num_views // 2 - 1, 0)])
+        else:
+            refs = np.linspace(0, num_views - 1, num_ref).astype(np.int64)
+        return np.concatenate([refs, idx[~np.isin(idx, refs)]])
+    if policy == "shuffle":
+        return rng.permutation(num_views)
+    if policy == "capture":
+        return idx
+    raise SchemaError("order", f"unknown policy {policy!r}; expected one of {ORDER_POLICIES}")
+
+
+def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack samples to a batch dict ``[B, ...]`` (``tag`` becomes a list of window ids)."""
+    return default_collate(list(samples))
+
+
+class _ProcessState:
+    """Per-process lazily opened resources: the cache, its reader, zarr shard groups, scene records."""
+
+    def __init__(self, owner: "CorrStreamDataset") -> None:
+        from cameo_corr.datasets.base import open_dataset
+        from cameo_corr.datasets.canonical import CanonicalView
+        from cameo_corr.pipeline.cache import CorrCache
+
+        self.pid = os.getpid()
+        self.cache: CorrCache = CorrCache(owner.cache_path, storage_options=owner.storage_options)
+        if owner.dataset_root is None:
+            self.reader: SceneReader = self.cache.reader()
+        else:
+            ds = dict(self.cache.config.dataset)
+            self.reader = open_dataset(ds.pop("name"), owner.dataset_root, **{k: v for k, v in ds.items() if k != "root"})
+        view = self.cache.view().to_dict()
+        view["size"] = owner.resolution
+        self.view: CanonicalView = CanonicalView.from_dict(view)
+        self.shards: OrderedDict[str, Any] = OrderedDict()
+        self.scenes: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.max_open = owner.max_open
+
+    def shard(self, shard_id: str) -> Any:
+        """The read-only zarr group of a shard (a few kept open, least recently used evicted)."""
+        if shard_id not in self.shards:
+            self.shards[shard_id] = self.cache.open_shard(shard_id)
+            while len(self.shards) > self.max_open:
+                self.shards.popitem(last=False)
+        self.shards.move_to_end(shard_id)
+        return self.shards[shard_id]
+
+    def frames(self, scene_id: str) -> dict[str, Any]:
+        """``frame_id -> FrameRecord`` of a scene (a few scenes kept, least recently used evicted)."""
+        if scene_id not in self.scenes:
+            scene = self.reader.scene(scene_id)
+            self.scenes[scene_id] = {f.frame_id: f for f in scene.frames}
+            while len(self.scenes) > self.max_open:
+                self.scenes.popitem(last=False)
+        self.scenes.move_to_end(scene_id)
+        return self.scenes[scene_id]
+
+
+class CorrStreamDataset(IterableDataset):
+    """Seeded, resumable stream of CAMEO training samples from a correspondence cache.
+
+    Args:
+        cache: cache directory or fsspec URL (``<cache>/cache.json``, ``manifest/``, ``shards/``).
+        num_views: ``F``, views per sample (``2 <= F <= S`` of every window).
+        resolution: side of the square training images (the canonical crop resized to it).
+        min_ref, max_ref: the number of references is uniform in ``[min_ref, max_ref]``
+            (default ``[1, F - 1]``).
+        order: reordering policy, one of :data:`ORDER_POLICIES`.
+        seed: seed of every random choice.
+        shard_shuffle, shuffle_buffer: shard-level shuffle and buffer size of the window shuffle.
+        rank, world_size: this process's data-parallel rank and the number of ranks (pass them
+            explicitly, e.g. ``accelerator.process_index`` / ``accelerator.num_processes``).
+        batch_size: when given, the stream yields collated batches of this many samples (use with
+            ``DataLoader(batch_size=None)``, as :class:`StreamLoader` does); ``None`` yields samples.
+        num_epochs: stop after this many epochs; ``None`` streams forever.
+        dataset_root: dataset root to read images from instead of the one recorded in ``cache.json``.
+        storage_options: fsspec options for a remote cache.
+        split: only windows of this dataset split (``None``: all ``ok`` windows).
+        max_open: shard groups and scene records kept open per process.
+    """
+
+    def __init__(
+        self,
+        cache: str | Path,
+        *,
+        num_views: int,
+        resolution: int,
+        min_ref: int = 1,
+        max_ref: int | None = None,
+        order: str = "uniform_push",
+        seed: int = 0,
+        shard_shuffle: bool = True,
+        shuffle_buffer: int = 64,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int | None = None,
+        num_epochs: int | None = None,
+        dataset_root: str | Path | None = None,
+        storage_options: dict[str, Any] | None = None,
+        split: str | None = None,
+        max_open: int = 8,
+    ) -> None:
+        from cameo_corr.pipeline.cache import CorrCache
+
+        super().__init__()
+        self.cache_path = str(cache)
+        self.storage_options = storage_options
+        self.dataset_root = None if dataset_root is None else str(dataset_root)
+        self.num_views = int(num_views)
+        self.resolution = int(resolution)
+        self.min_ref = int(min_ref)
+        self.max_ref = self.num_views - 1 if max_ref is None else int(max_ref)
+        self.order = order
+        self.seed = int(seed)
+        self.shard_shuffle = bool(shard_shuffle)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.num_epochs = num_epochs
+        self.max_open = int(max_open)
+        self._check_options()
+
+        cache_obj = CorrCache(self.cache_path, storage_options=storage_options)
+        self.grid: tuple[int, int] = tuple(cache_obj.config.grid)  # type: ignore[assignment]
+        table = cache_obj.manifest(status="ok")
+        if split is not None:
+            import pyarrow.compute as pc
+
+            table = table.filter(pc.equal(table["split"], split))
+        cols = {name: table.column(name).to_pylist() for name in ("window_id", "dataset", "split", "scene_id", "frame_ids", "shard", "row", "num_views")}
+        where = f"{self.cache_path}/manifest"
+        if not cols["window_id"]:
+            raise DatasetError(where, "no 'ok' windows" + (f" in split {split!r}" if split is not None else ""), field="status")
+        windows: list[_Window] = []
+        for i, wid in enumerate(cols["window_id"]):
+            if cols["num_views"][i] < self.num_views:
+                raise DatasetError(
+                    where, f"window {wid} has {cols['num_views'][i]} views, fewer than num_views={self.num_views}", field="num_views"
+                )
+            windows.append(
+                _Window(wid, cols["dataset"][i], cols["split"][i], cols["scene_id"][i], tuple(cols["frame_ids"][i]), cols["shard"][i], int(cols["row"][i]))
+            )
+        self.windows: tuple[_Window, ...] = tuple(windows)
+        by_shard: dict[str, list[int]] = {}
+        for i, w in enumerate(self.windows):
+            by_shard.setdefault(w.shard, []).append(i)
+        self.shard_rows: tuple[tuple[int, ...], ...] = tuple(
+            tuple(sorted(by_shard[s], key=lambda i: self.windows[i].row)) for s in sorted(by_shard)
+        )
+        self.epoch_length = math.ceil(len(self.windows) / self.world_size)
+        """Samples per epoch on each rank (the padded epoch order divided by ``world_size``)."""
+        self.state = StreamState()
+        self._proc: _ProcessState | None = None
+
+    def _check_options(self) -> None:
+        if self.num_views < 2:
+            raise SchemaError("num_views", f"needs at least 2 views (a reference and a target), got {self.num_views}")
+        if not 1 <= self.min_ref <= self.max_ref <= self.num_views - 1:
+            raise SchemaError("min_ref", f"need 1 <= min_ref <= max_ref <= num_views - 1, got {self.min_ref}, {self.max_ref}, F={self.num_views}")
+        if self.order not in ORDER_POLICIES:
+            raise SchemaError("order", f"unknown policy {self.order!r}; expected one of {ORDER_POLICIES}")
+        if not 0 <= self.rank < self.world_size:
+            raise SchemaError("rank", f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
+        if self.resolution <= 0:
+            raise SchemaError("resolution", f"must be positive, got {self.resolution}")
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise SchemaError("batch_size", f"must be positive, got {self.batch_size}")
+        if self.num_epochs is not None and self.num_epochs <= 0:
+            raise SchemaError("num_epochs", f"must be positive or None, got {self.num_epochs}")
+
+    # ------------------------------------------------------------------------------ order and state
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_proc"] = None  # open readers and zarr groups never cross a process boundary
+        return state
+
+    def rank_order(self, epoch: int) -> np.ndarray:
+        """``[epoch_length, 2]`` of ``(window index, index in the padded epoch order)`` for this rank."""
+        order = epoch_order(self.shard_rows, seed=self.seed, epoch=epoch, shard_shuffle=self.shard_shuffle, shuffle_buffer=self.shuffle_buffer)
+        padded = self.epoch_length * self.world_size
+        q = np.arange(padded, dtype=np.int64)
+        windows = order[q % len(order)]
+        mine = slice(self.rank, padded, self.world_size)
+        return np.stack([windows[mine], q[mine]], axis=1)
+
+    def state_dict(self) -> dict[str, int]:
+        """The start state of the next iteration, ``{"epoch", "position"}``."""
+        return {"epoch": self.state.epoch, "position": self.state.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Start the next iteration at ``state`` (as returned by :meth:`state_dict` or :meth:`state_after`)."""
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0:
+            raise SchemaError("epoch", f"must be >= 0, got {epoch}")
+        if not 0 <= position < self.epoch_length:
+            raise SchemaError("position", f"must be in [0, {self.epoch_length}) (samples per epoch on this rank), got {position}")
+        self.state = StreamState(epoch, position)
+
+    def state_after(self, consumed: int, start: StreamState | None = None) -> StreamState:
+        """The state after ``consumed`` more samples from ``start`` (default: the current start state)."""
+        start = self.state if start is None else start
+        g = start.epoch * self.epoch_length + start.position + int(consumed)
+        return StreamState(g // self.epoch_length, g % self.epoch_length)
+
+    def _positions(self) -> Iterator[tuple[int, int, int]]:
+        """``(epoch, window index, padded index)`` of this rank's stream from the start state."""
+        epoch, pos = self.state.epoch, self.state.position
+        while self.num_epochs is None or epoch < self.num_epochs:
+            order = self.rank_order(epoch)
+            for w, q in order[pos:]:
+                yield epoch, int(w), int(q)
+            epoch, pos = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if self.batch_size is None:
+            for k, (epoch, w, q) in enumerate(self._positions()):
+                if k % workers == worker:
+                    yield self.sample(w, epoch, q)
+            return
+        batch: list[tuple[int, int, int]] = []
+        b = 0
+        for item in self._positions():
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                if b % workers == worker:
+                    yield collate_samples([self.sample(w, e, q) for e, w, q in batch])
+                batch, b = [], b + 1
+        if batch and b % workers == worker:
+            yield collate_samples([self.sample(w, e, q) for e, w, q in batch])
+
+    # -------------------------------------------------------------------------------------- samples
+    def _process(self) -> _ProcessState:
+        if self._proc is None or self._proc.pid != os.getpid():
+            self._proc = _ProcessState(self)
+        return self._proc
+
+    def choose(self, window: int, epoch: int, q: int) -> tuple[np.ndarray, int]:
+        """The views of a sample, in output order (indices into the window's S views), and ``num_ref``."""
+        rng = np.random.default_rng([self.seed, epoch, q, 2])
+        S = len(self.windows[window].frame_ids)
+        chosen = np.sort(rng.choice(S, size=self.num_views, replace=False))
+        num_ref = int(rng.integers(self.min_ref, self.max_ref + 1))
+        return chosen[reference_order(self.num_views, num_ref, self.order, rng)], num_ref
+
+    def sample(self, window: int, epoch: int = 0, q: int = 0) -> dict[str, Any]:
+        """The training sample of window index ``window`` at padded epoch index ``q`` of ``epoch``."""
+        proc = self._process()
+        win = self.windows[window]
+        views, num_ref = self.choose(window, epoch, q)
+        group = proc.shard(win.shard)
+        corr = {}
+        for key in _CORR_KEYS:
+            block = np.asarray(group[key][win.row])
+            S = block.shape[0]
+            if block.shape[:2] != (S, S) or S != len(win.frame_ids):
+                raise SchemaError(key, f"row {win.row} has shape {block.shape}, manifest lists {len(win.frame_ids)} views", where=f"shard {win.shard}")
+            corr[key] = block[np.ix_(views, views)]
+        frames_by_id = proc.frames(win.scene_id)
+        frames = []
+        for i in views:
+            fid = win.frame_ids[i]
+            if fid not in frames_by_id:
+                raise DatasetError(
+                    str(proc.reader.root), f"frame {fid!r} of window {win.window_id} not found in scene {win.scene_id!r}", field="frame_ids", scene_id=win.scene_id
+                )
+            frames.append(frames_by_id[fid])
+        from cameo_corr.datasets.canonical import load_window
+
+        record = WindowRecord(win.window_id, win.dataset, win.split, win.scene_id, tuple(frames))
+        data = load_window(proc.reader, record, proc.view, with_depth=False)
+        image = torch.from_numpy(np.ascontiguousarray(data.images)).permute(0, 3, 1, 2).float().div_(255.0)
+        return {
+            "image": image,
+            "intrinsic": torch.from_numpy(np.asarray(data.intrinsics, dtype=np.float32)),
+            "extrinsic": torch.from_numpy(np.asarray(data.extrinsics, dtype=np.float32)),
+            "tag": win.window_id,
+            "num_ref": num_ref,
+            "corr_nn": torch.from_numpy(corr["nn"].astype(np.int64)),
+            "corr_mask": torch.from_numpy(corr["mask"].astype(np.bool_)),
+            "corr_dist": torch.from_numpy(corr["dist"].astype(np.float32)),
+        }
+
+
+class StreamLoader:
+    """A ``DataLoader`` over a :class:`CorrStreamDataset` that knows how far it was read.
+
+    The dataset yields collated batches itself (``batch_size`` set on the dataset), so the wrapped
+    ``DataLoader`` runs with ``batch_size=None``; workers take batches round-robin, which is the order
+    the ``DataLoader`` returns them in. :meth:`state_dict` is the stream state after the batches
+    consumed so far; after :meth:`load_state_dict` the next iteration yields exactly the remaining
+    batches. Every iteration starts fresh workers with a copy of the dataset at the current state
+    (persistent workers would keep a stale start state, so they are not offered). The
+    ``DataLoader``'s own base seed comes from a private generator, so iterating never touches the
+    global torch RNG (which the training loop checkpoints).
+    """
+
+    def __init__(
+        self,
+        dataset: CorrStreamDataset,
+        *,
+        num_workers: int = 0,
+        multiprocessing_context: str | None = None,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+    ) -> None:
+        if dataset.batch_size is None:
+            raise SchemaError("batch_size", "StreamLoader needs a dataset built with batch_size")
+        if multiprocessing_context is not None and num_workers == 0:
+            raise SchemaError("multiprocessing_context", "given but num_workers is 0")
+        self.dataset = dataset
+        self.num_workers = int(num_workers)
+        self.multiprocessing_context = multiprocessing_context
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self._consumed = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Restart from what was consumed: the workers get a dataset copy starting there.
+        self.dataset.state = self.dataset.state_after(self._consumed)
+        self._consumed = 0
+        generator = torch.Generator().manual_seed(self.dataset.seed)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            multiprocessing_context=self.multiprocessing_context,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor,
+            generator=generator,
+        )
+        for batch in loader:
+            self._consumed += len(batch["tag"])
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "position"}`` after the samples consumed so far."""
+        s = self.dataset.state_after(self._consumed)
+        return {"epoch": s.epoch, "position": s.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from ``state`` at the next iteration."""
+        self.dataset.load_state_dict(state)
+        self._consumed = 0

@@ -1,0 +1,244 @@
+"""The streaming training dataset over a real (tiny) cache: order, splits, resume, permutation, workers."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cameo_corr.schemas import DatasetError, SchemaError
+from cameo_corr.train.data import (
+    CorrStreamDataset,
+    StreamLoader,
+    collate_samples,
+    epoch_order,
+    reference_order,
+)
+
+CROP = 64  # canonical crop of the test cache (pixels)
+GRID = 8
+VIEWS = 5  # S of a cached window
+F = 3  # views per training sample
+
+
+def build_tiny_cache(base: Path, *, scenes: int = 3, windows_per_scene: int = 2, shard_size: int = 2) -> tuple[Path, Path]:
+    """Synthetic scenes -> cache through the real preprocessing job (depth backend, exact GT)."""
+    from cameo_corr.datasets.synthetic import generate_dataset
+    from cameo_corr.pipeline.ray_job import run_preprocess
+
+    root = generate_dataset(base / "data", scenes=scenes, frames=10, image_size=CROP, seed=0, layout="co3d")
+    out = base / "cache"
+    summary = run_preprocess(
+        dataset="synthetic", root=root, out=out, backend="depth", grid=GRID, views=VIEWS, windows_per_scene=windows_per_scene,
+        shard_size=shard_size, crop_size=CROP, workers=1, progress=False,
+    )
+    assert summary["windows_ok"] == scenes * windows_per_scene, summary
+    return root, out
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_cache(tmp_path_factory.mktemp("train_data"))[1]
+
+
+def make(cache: Path, **kw) -> CorrStreamDataset:
+    opts = dict(num_views=F, resolution=32, seed=3, shuffle_buffer=3)
+    opts.update(kw)
+    return CorrStreamDataset(cache, **opts)
+
+
+def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x["tag"] == y["tag"]
+        for k in ("image", "intrinsic", "extrinsic", "num_ref", "corr_nn", "corr_mask", "corr_dist"):
+            assert torch.equal(x[k], y[k]), k
+
+
+# ------------------------------------------------------------------------------------------ order
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 6), min_size=1, max_size=6),
+    seed=st.integers(0, 2**31),
+    epoch=st.integers(0, 5),
+    buffer=st.integers(0, 8),
+)
+def test_epoch_order_is_a_seeded_permutation(sizes: list[int], seed: int, epoch: int, buffer: int) -> None:
+    start = np.cumsum([0] + sizes)
+    shard_rows = [list(range(start[k], start[k + 1])) for k in range(len(sizes))]
+    order = epoch_order(shard_rows, seed=seed, epoch=epoch, shuffle_buffer=buffer)
+    assert sorted(order.tolist()) == list(range(sum(sizes)))
+    assert np.array_equal(order, epoch_order(shard_rows, seed=seed, epoch=epoch, shuffle_buffer=buffer))
+    if buffer <= 1:  # shard shuffle only: each shard's windows stay together and in storage order
+        pos = {w: i for i, w in enumerate(order.tolist())}
+        for rows in shard_rows:
+            if rows:
+                idx = [pos[w] for w in rows]
+                assert idx == list(range(idx[0], idx[0] + len(rows)))
+
+
+def test_buffer_shuffle_keeps_locality() -> None:
+    shard_rows = [list(range(10 * k, 10 * k + 10)) for k in range(10)]
+    order = epoch_order(shard_rows, seed=0, epoch=0, shard_shuffle=False, shuffle_buffer=4).tolist()
+    assert order != sorted(order)
+    # an item leaves the buffer at most (buffer - 1) places early, so position >= index - 3
+    assert all(i >= w - 3 for i, w in enumerate(order))
+
+
+def test_reference_order_matches_cameo_uniform_push() -> None:
+    rng = np.random.default_rng(0)
+    # CAMEO uniform_push_batch: one reference -> index F // 2 - 1; else linspace(0, F - 1, n).long()
+    assert reference_order(4, 1, "uniform_push", rng).tolist() == [1, 0, 2, 3]
+    assert reference_order(4, 2, "uniform_push", rng).tolist() == [0, 3, 1, 2]
+    assert reference_order(5, 3, "uniform_push", rng).tolist() == [0, 2, 4, 1, 3]
+    assert reference_order(4, 2, "capture", rng).tolist() == [0, 1, 2, 3]
+    perm = reference_order(6, 2, "shuffle", rng)
+    assert sorted(perm.tolist()) == list(range(6))
+    with pytest.raises(SchemaError, match="num_ref"):
+        reference_order(4, 4, "uniform_push", rng)
+    with pytest.raises(SchemaError, match="order"):
+        reference_order(4, 1, "random", rng)
+
+
+# ------------------------------------------------------------------------------------ the dataset
+def test_sample_contract_and_canonical_view(tiny_cache: Path) -> None:
+    from cameo_corr.pipeline.cache import CorrCache
+
+    ds = make(tiny_cache, num_epochs=1)
+    cache = CorrCache(tiny_cache)
+    samples = list(ds)
+    assert len(samples) == len(cache.window_ids()) == ds.epoch_length
+    assert Counter(s["tag"] for s in samples) == Counter(cache.window_ids())
+    for s in samples:
+        assert s["image"].shape == (F, 3, 32, 32) and s["image"].dtype == torch.float32
+        assert 0.0 <= float(s["image"].min()) and float(s["image"].max()) <= 1.0
+        assert s["corr_nn"].shape == (F, F, GRID * GRID) and s["corr_nn"].dtype == torch.int64
+        assert s["corr_mask"].dtype == torch.bool and s["corr_dist"].dtype == torch.float32
+        assert 1 <= s["num_ref"] <= F - 1
+        # intrinsics: the cache's canonical-view intrinsics scaled to the training resolution
+        # (same crop box), matched view by view through the extrinsics.
+        arrays = cache.window(s["tag"])
+        src = match_views(s["extrinsic"].numpy(), arrays["extrinsics"])
+        expected = arrays["intrinsics"][src].copy()
+        expected[:, :2] *= 32 / CROP
+        np.testing.assert_allclose(s["intrinsic"].numpy(), expected, rtol=1e-5, atol=1e-4)
+    batch = collate_samples(samples[:2])
+    assert batch["image"].shape == (2, F, 3, 32, 32) and batch["corr_nn"].shape == (2, F, F, GRID * GRID)
+    assert batch["tag"] == [samples[0]["tag"], samples[1]["tag"]] and batch["num_ref"].shape == (2,)
+
+
+def match_views(extrinsics: np.ndarray, cached: np.ndarray) -> np.ndarray:
+    """Index of the cached view of every sample view (identified by its camera pose)."""
+    d = np.abs(extrinsics[:, None] - cached[None]).reshape(len(extrinsics), len(cached), -1).max(-1)
+    src = d.argmin(1)
+    assert np.all(d[np.arange(len(src)), src] < 1e-4), "sample view not found among the window's cached views"
+    assert len(set(src.tolist())) == len(src)
+    return src
+
+
+@pytest.mark.parametrize("order", ["uniform_push", "shuffle"])
+def test_reordering_keeps_correspondences_geometric(tiny_cache: Path, order: str) -> None:
+    """After the [references, targets] reordering corr_nn[i, j] still maps view i's tokens to their
+    matches in view j: with the views identified independently (by camera pose), the cached token
+    points of the masked pairs are at distance corr_dist and are nearest neighbours in 3D."""
+    from cameo_corr.pipeline.cache import CorrCache
+
+    cache = CorrCache(tiny_cache)
+    ds = make(tiny_cache, order=order, num_epochs=2)
+    checked = 0
+    for s in ds:
+        arrays = cache.window(s["tag"])
+        src = match_views(s["extrinsic"].numpy(), arrays["extrinsics"])
+        points = arrays["points"].astype(np.float64).reshape(VIEWS, -1, 3)[src]  # [F, hw, 3] in sample order
+        valid = arrays["valid"].reshape(VIEWS, -1)[src]
+        extent = np.ptp(points[valid], axis=0).max()
+        nn, mask, dist = s["corr_nn"].numpy(), s["corr_mask"].numpy(), s["corr_dist"].numpy()
+        for i in range(F):
+            assert np.array_equal(nn[i, i], np.arange(GRID * GRID)) and np.array_equal(mask[i, i], valid[i])
+            for j in range(F):
+                if i == j:
+                    continue
+                m = mask[i, j]
+                gap = np.linalg.norm(points[i][m] - points[j][nn[i, j][m]], axis=-1)
+                np.testing.assert_allclose(gap, dist[i, j][m], rtol=2e-2, atol=2e-3 * extent)
+                # ... and corr_nn[i, j] is the nearest valid token of view j (the defining property)
+                all_d = np.linalg.norm(points[i][m][:, None] - points[j][None], axis=-1)
+                all_d[:, ~valid[j]] = np.inf
+                assert np.all(gap <= all_d.min(axis=1) + 1e-3 * extent)
+                checked += int(m.sum())
+        if order == "uniform_push":  # references, then targets, each group in capture order
+            k = int(s["num_ref"])
+            assert np.all(np.diff(src[:k]) > 0) and np.all(np.diff(src[k:]) > 0)
+    assert checked > 100
+
+
+def test_same_seed_same_stream_other_seed_differs(tiny_cache: Path) -> None:
+    a = list(make(tiny_cache, batch_size=2, num_epochs=2))
+    b = list(make(tiny_cache, batch_size=2, num_epochs=2))
+    assert_batches_equal(a, b)
+    c = list(make(tiny_cache, batch_size=2, num_epochs=2, seed=4))
+    assert [x["tag"] for x in a] != [x["tag"] for x in c] or any(not torch.equal(x["corr_nn"], y["corr_nn"]) for x, y in zip(a, c))
+    # epochs differ in order (reshuffled) but cover the same windows
+    first, second = [t for x in a[:3] for t in x["tag"]], [t for x in a[3:] for t in x["tag"]]
+    assert sorted(first) == sorted(second)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_rank_split_disjoint_and_complete(tiny_cache: Path, world: int) -> None:
+    n = len(make(tiny_cache).windows)
+    tags = [[s["tag"] for s in make(tiny_cache, rank=r, world_size=world, num_epochs=1)] for r in range(world)]
+    assert len({len(t) for t in tags}) == 1  # equal length per rank (DDP stays in step)
+    everything = [t for ts in tags for t in ts]
+    assert set(everything) == set(make(tiny_cache).windows[i].window_id for i in range(n))
+    padding = len(everything) - n
+    assert padding == (-n) % world
+    if padding == 0:
+        assert len(set(everything)) == n
+
+
+def test_worker_split_yields_the_rank_stream_in_order(tiny_cache: Path) -> None:
+    ref = list(make(tiny_cache, batch_size=2, num_epochs=2))
+    for workers in (1, 2):
+        loader = StreamLoader(make(tiny_cache, batch_size=2, num_epochs=2), num_workers=workers, multiprocessing_context="fork")
+        assert_batches_equal(list(loader), ref)
+
+
+def test_spawn_workers(tiny_cache: Path) -> None:
+    ref = list(make(tiny_cache, batch_size=2, num_epochs=1))
+    loader = StreamLoader(make(tiny_cache, batch_size=2, num_epochs=1), num_workers=2, multiprocessing_context="spawn")
+    assert_batches_equal(list(loader), ref)
+
+
+def test_resume_yields_exactly_the_remaining_batches(tiny_cache: Path) -> None:
+    full = list(StreamLoader(make(tiny_cache, batch_size=2, num_epochs=3)))
+    assert len(full) == 9  # 6 windows x 3 epochs / 2
+    for cut in (1, 4, 5):  # inside the first epoch, at the boundary, inside the second
+        loader = StreamLoader(make(tiny_cache, batch_size=2, num_epochs=3))
+        it = iter(loader)
+        head = [next(it) for _ in range(cut)]
+        state = loader.state_dict()
+        assert state == {"epoch": (2 * cut) // 6, "position": (2 * cut) % 6}
+        resumed = StreamLoader(make(tiny_cache, batch_size=2, num_epochs=3), num_workers=2, multiprocessing_context="fork")
+        resumed.load_state_dict(state)
+        assert_batches_equal(head + list(resumed), full)
+
+
+def test_bad_options_raise_naming_the_field(tiny_cache: Path) -> None:
+    with pytest.raises(DatasetError, match="num_views"):
+        make(tiny_cache, num_views=VIEWS + 1)
+    with pytest.raises(SchemaError, match="min_ref"):
+        make(tiny_cache, min_ref=F)
+    with pytest.raises(SchemaError, match="rank"):
+        make(tiny_cache, rank=2, world_size=2)
+    with pytest.raises(DatasetError, match="no 'ok' windows"):
+        make(tiny_cache, split="no-such-split")
+    ds = make(tiny_cache)
+    with pytest.raises(SchemaError, match="position"):
+        ds.load_state_dict({"epoch": 0, "position": ds.epoch_length})
+    with pytest.raises(SchemaError, match="batch_size"):
+        StreamLoader(make(tiny_cache))
