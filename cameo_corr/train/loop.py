@@ -1,0 +1,461 @@
+"""The lean CAMEO training loop: accelerate, DDPM v-prediction, CAMEO attention loss, exact resume.
+
+One optimizer step accumulates ``gradient_accumulation_steps`` batches from the cache stream
+(:class:`~cameo_corr.train.data.StreamLoader`). Per batch: images -> latents (frozen codec); one
+timestep per sample; references stay clean (timestep 0), targets are noised by the
+``DDPMScheduler``; the multi-view UNet predicts ``v`` (or epsilon/sample per config) and returns the
+pre-softmax logits of the supervised layer. The loss is the diffusion MSE over target views plus
+``cameo_weight`` times the CAMEO loss (fp32, computed by :func:`cameo_corr.train.loss.cameo_loss`).
+The attention correspondence precision of the supervised layer (head-mean attention, per key view,
+argmax within one token of the cached target) is logged with both losses.
+
+Randomness that shapes a step (timesteps, noise, camera-condition dropout) is drawn from a generator
+seeded by ``(seed, rank, step, micro-batch)``, so it does not depend on history. A checkpoint
+(``accelerator.save_state``) holds the model + head MLP as safetensors, the optimizer, the learning
+rate schedule, the data stream position, the frozen codec and every process's RNG states; resuming
+from it continues bit-for-bit like the uninterrupted run.
+
+Multi-GPU: ``accelerate launch -m cameo_corr.cli train ...``; every rank reads its own part of the
+cache stream (rank and world size are handed to the dataset explicitly, the DataLoader is not
+prepared by accelerate).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from cameo_corr.schemas import SchemaError
+from cameo_corr.train.config import TrainConfig, load_config
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    from cameo_corr.train.data import StreamLoader
+    from cameo_corr.train.model import LatentCodec, MultiViewUNet
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+_CKPT_RE = re.compile(r"^step-(\d+)$")
+
+
+class CameoTrainable(nn.Module):
+    """Everything the optimizer updates: the multi-view UNet and, when lambda > 0, the head MLP."""
+
+    def __init__(self, model: "MultiViewUNet", head_mlp: nn.Module | None) -> None:
+        super().__init__()
+        self.model = model
+        self.head_mlp = head_mlp
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The multi-view UNet's forward (the head MLP is applied inside the loss)."""
+        return self.model(*args, **kwargs)
+
+
+@dataclass
+class LoopState:
+    """Checkpointed loop state: optimizer steps done and the data stream position."""
+
+    step: int = 0
+    loader: "StreamLoader | None" = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "data": None if self.loader is None else self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        if self.loader is not None and state["data"] is not None:
+            self.loader.load_state_dict(state["data"])
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: steps done, per-step metrics and checkpoint paths."""
+
+    step: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device) -> torch.Generator:
+    """The generator of one micro-batch: a pure function of ``(seed, rank, step, micro)``."""
+    state = np.random.SeedSequence([seed, rank, step, micro]).generate_state(2, dtype=np.uint32)
+    g = torch.Generator(device=device)
+    g.manual_seed(int(state[0]) << 31 ^ int(state[1]))
+    return g
+
+
+def make_noise_scheduler(cfg: TrainConfig) -> "DDPMScheduler":
+    """The DDPM training scheduler of the config (SD2.1 defaults: scaled-linear betas, v-prediction)."""
+    from diffusers import DDPMScheduler
+
+    d = cfg.diffusion
+    return DDPMScheduler(
+        num_train_timesteps=d.num_train_timesteps,
+        beta_schedule=d.beta_schedule,
+        beta_start=d.beta_start,
+        beta_end=d.beta_end,
+        prediction_type=d.prediction_type,
+    )
+
+
+def batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move the tensors of a batch dict to ``device`` (non-tensors such as ``tag`` are kept)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+
+def compute_losses(
+    trainable: nn.Module,
+    head_mlp: nn.Module | None,
+    codec: "LatentCodec",
+    noise_scheduler: "DDPMScheduler",
+    batch: dict[str, Any],
+    cfg: TrainConfig,
+    grid: tuple[int, int],
+    generator: torch.Generator,
+    *,
+    timestep: int | None = None,
+    camera_dropout: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Losses and attention precision of one batch (already on the model's device).
+
+    Returns ``loss`` (diffusion + ``cameo_weight`` * CAMEO; what is back-propagated), ``diffusion``,
+    ``cameo`` (``nan`` when ``head_mlp`` is ``None``, i.e. lambda = 0) and ``precision`` (attention
+    correspondence precision of the supervised layer on the token ``grid``; ``nan`` when no query is
+    masked). ``timestep`` fixes every sample's timestep (evaluation); ``camera_dropout=False`` keeps
+    every camera condition. All randomness comes from ``generator``.
+    """
+    from cameo_corr.train.loss import attention_precision, cameo_loss
+    from cameo_corr.train.model import camera_rays, noise_targets
+
+    images = batch["image"]
+    B, F, _, H, W = images.shape
+    device = images.device
+    latents = codec.encode(images, generator=generator)
+    ref_mask = torch.arange(F, device=device)[None, :] < batch["num_ref"].to(device)[:, None]
+    T = int(noise_scheduler.config.num_train_timesteps)
+    if timestep is None:
+        t = torch.randint(0, T, (B,), generator=generator, device=device)
+    else:
+        t = torch.full((B,), int(timestep), device=device, dtype=torch.long)
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    model_in = noise_targets(latents, noisy, ref_mask)
+    timesteps = torch.where(ref_mask, torch.zeros_like(t)[:, None], t[:, None])  # references are clean: t = 0
+    drop_p = cfg.model.cond_dropout if camera_dropout else 0.0
+    drop = torch.rand((B,), generator=generator, device=device) < drop_p
+    plucker = camera_rays(batch["intrinsic"], batch["extrinsic"], tuple(latents.shape[-2:]), (H, W))
+    out = trainable(model_in, timesteps, plucker=plucker, ref_mask=ref_mask, drop_camera=drop, return_logits=True)
+
+    prediction = cfg.diffusion.prediction_type
+    if prediction == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, t)
+    elif prediction == "epsilon":
+        target = noise
+    else:
+        target = latents
+    err = (out.sample.float() - target.float()).pow(2).mean(dim=(2, 3, 4))  # [B, F]
+    diffusion = err[~ref_mask].mean()
+    if head_mlp is not None:
+        cameo = cameo_loss(out.logits, batch["corr_nn"], batch["corr_mask"], batch["corr_dist"], head_mlp, mode=cfg.loss.mode)
+        loss = diffusion + cfg.loss.cameo_weight * cameo
+    else:
+        cameo = torch.full((), float("nan"), device=device)
+        loss = diffusion
+    with torch.no_grad():
+        precision = attention_precision(out.logits.detach().float(), batch["corr_nn"], batch["corr_mask"], grid, logits=True)
+    return {"loss": loss, "diffusion": diffusion.detach(), "cameo": cameo.detach(), "precision": precision.detach()}
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def checkpoint_dirs(out: str | Path) -> list[Path]:
+    """Finished checkpoints under ``<out>/checkpoints`` (``step-<N>``), oldest first."""
+    root = Path(out) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CKPT_RE.match(p.name)) and (p / "loop_state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(out: str | Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: ``auto`` (latest under ``out``, if any), ``never``, or a path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = checkpoint_dirs(out)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "loop_state.json").is_file():
+        raise SchemaError("resume", "not a finished checkpoint (no loop_state.json)", where=str(path))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ setup
+def make_loader(cfg: TrainConfig, *, cache: str, rank: int, world_size: int, split: str | None = None,
+                seed: int | None = None, num_epochs: int | None = None) -> "StreamLoader":
+    """The training stream of this rank (``cfg.data``), as a resumable loader."""
+    from cameo_corr.train.data import CorrStreamDataset, StreamLoader
+
+    d = cfg.data
+    dataset = CorrStreamDataset(
+        cache,
+        num_views=d.num_views,
+        resolution=d.resolution,
+        min_ref=d.min_ref,
+        max_ref=d.max_ref,
+        order=d.order,
+        seed=d.seed if seed is None else seed,
+        shard_shuffle=d.shard_shuffle,
+        shuffle_buffer=d.shuffle_buffer,
+        rank=rank,
+        world_size=world_size,
+        batch_size=d.batch_size,
+        num_epochs=num_epochs,
+        dataset_root=d.dataset_root,
+        split=d.split if split is None else split,
+    )
+    return StreamLoader(dataset, num_workers=d.num_workers, multiprocessing_context=d.multiprocessing_context,
+                        pin_memory=torch.cuda.is_available())
+
+
+@torch.no_grad()
+def evaluate(
+    trainable: nn.Module,
+    head_mlp: nn.Module | None,
+    codec: "LatentCodec",
+    noise_scheduler: "DDPMScheduler",
+    batches: Iterable[dict[str, Any]],
+    cfg: TrainConfig,
+    grid: tuple[int, int],
+    device: torch.device,
+) -> dict[str, float]:
+    """Mean losses and precision over fixed batches at the fixed timestep ``cfg.eval.timestep``,
+    with fixed noise and no camera dropout (comparable between runs and steps)."""
+    was_training = trainable.training
+    trainable.eval()
+    sums: dict[str, list[float]] = {}
+    try:
+        for i, batch in enumerate(batches):
+            g = step_generator(cfg.eval.seed, 0, 0, i, device)
+            m = compute_losses(trainable, head_mlp, codec, noise_scheduler, batch_to(batch, device), cfg, grid, g,
+                               timestep=cfg.eval.timestep, camera_dropout=False)
+            for k in ("diffusion", "cameo", "precision"):
+                sums.setdefault(k, []).append(float(m[k]))
+    finally:
+        trainable.train(was_training)
+    return {f"eval_{k}": float(np.nanmean(v)) if not np.all(np.isnan(v)) else math.nan for k, v in sums.items()}
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig` and runs optimizer steps (see :func:`train`)."""
+
+    def __init__(self, cfg: TrainConfig, out: str | Path) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+        from diffusers.optimization import get_scheduler
+
+        from cameo_corr.pipeline.cache import CorrCache
+        from cameo_corr.train.loss import HeadMLP
+        from cameo_corr.train.model import build_model
+
+        if cfg.data.cache is None:
+            raise SchemaError("data.cache", "no cache given (use --cache or data.cache in the config)")
+        self.cfg = cfg
+        self.out = Path(out)
+        r = cfg.train
+        self.accelerator: Accelerator = Accelerator(
+            mixed_precision=r.mixed_precision,
+            gradient_accumulation_steps=r.gradient_accumulation_steps,
+            log_with="tensorboard" if r.tensorboard else None,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+        )
+        acc = self.accelerator
+        set_seed(r.seed)
+        model, codec = build_model(
+            pretrained=cfg.model.pretrained,
+            layer=cfg.model.layer,
+            vae=cfg.model.vae,
+            cond_dropout=cfg.model.cond_dropout,
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
+            **cfg.model.options,
+        )
+        cache = CorrCache(cfg.data.cache)
+        latent_hw = codec.latent_size((cfg.data.resolution, cfg.data.resolution))
+        model.check_grid(latent_hw, tuple(cache.config.grid))
+        self.grid: tuple[int, int] = tuple(model.grid(latent_hw))  # type: ignore[assignment]
+        if cfg.eval.every > 0 and cfg.eval.cache is not None:
+            model.check_grid(latent_hw, tuple(CorrCache(cfg.eval.cache).config.grid))
+        head_mlp = HeadMLP(model.heads) if cfg.loss.cameo_weight > 0 else None
+        trainable = CameoTrainable(model, head_mlp)
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(
+            [p for p in trainable.parameters() if p.requires_grad], lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+        )
+        self.lr_scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=r.max_steps)
+        self.trainable, self.optimizer = acc.prepare(trainable, optimizer)
+        self.codec = codec.to(acc.device)
+        self.head_mlp = acc.unwrap_model(self.trainable).head_mlp
+        self.noise_scheduler = make_noise_scheduler(cfg)
+        self.loader = make_loader(cfg, cache=cfg.data.cache, rank=acc.process_index, world_size=acc.num_processes)
+        self.state = LoopState(step=0, loader=self.loader)
+        acc.register_for_checkpointing(self.lr_scheduler, self.state, self.codec)
+        self.eval_batches: list[dict[str, Any]] = []
+        if cfg.eval.every > 0:
+            eval_loader = make_loader(cfg, cache=cfg.eval.cache or cfg.data.cache, rank=acc.process_index,
+                                      world_size=acc.num_processes, split=cfg.eval.split, seed=cfg.eval.seed, num_epochs=1)
+            for i, batch in enumerate(eval_loader):
+                if i >= cfg.eval.batches:
+                    break
+                self.eval_batches.append(batch)
+
+    # ----------------------------------------------------------------------------------- state
+    def save(self) -> Path:
+        """Write ``<out>/checkpoints/step-<N>`` (model + head MLP as safetensors, optimizer, LR
+        schedule, data position, codec, RNG states); prune to ``keep_checkpoints``."""
+        acc = self.accelerator
+        path = self.out / CHECKPOINT_DIR / f"step-{self.state.step:08d}"
+        acc.save_state(str(path), safe_serialization=True)
+        if acc.is_main_process:
+            (path / "loop_state.json").write_text(json.dumps({"step": self.state.step, "data": self.loader.state_dict()}))
+            keep = self.cfg.train.keep_checkpoints
+            if keep is not None:
+                for old in checkpoint_dirs(self.out)[:-keep]:
+                    shutil.rmtree(old)
+        acc.wait_for_everyone()
+        return path
+
+    def load(self, path: str | Path) -> None:
+        """Restore everything :meth:`save` wrote."""
+        self.accelerator.load_state(str(path))
+
+    # ------------------------------------------------------------------------------------ run
+    def batches(self) -> Iterator[dict[str, Any]]:
+        """The rank's batches on the training device, streamed forever from the current position."""
+        while True:
+            for batch in self.loader:
+                yield batch_to(batch, self.accelerator.device)
+
+    def run(self, max_steps: int | None = None) -> TrainResult:
+        """Train until ``max_steps`` optimizer steps (default ``cfg.train.max_steps``) are done."""
+        from tqdm.auto import tqdm
+
+        acc, cfg = self.accelerator, self.cfg
+        total = cfg.train.max_steps if max_steps is None else int(max_steps)
+        result = TrainResult(step=self.state.step)
+        if cfg.train.tensorboard:
+            acc.init_trackers("cameo", config=_flat(cfg.to_dict()))
+        metrics_path = self.out / METRICS_FILE
+        progress = tqdm(total=total, initial=self.state.step, disable=not acc.is_local_main_process, desc="train", unit="step")
+        stream = self.batches()
+        micro = 0
+        acc_metrics: dict[str, list[torch.Tensor]] = {}
+        t0 = time.perf_counter()
+        while self.state.step < total:
+            batch = next(stream)
+            g = step_generator(cfg.train.seed, acc.process_index, self.state.step, micro, acc.device)
+            with acc.accumulate(self.trainable):
+                m = compute_losses(self.trainable, self.head_mlp, self.codec, self.noise_scheduler, batch, cfg, self.grid, g)
+                acc.backward(m["loss"])
+                if acc.sync_gradients and cfg.optim.max_grad_norm is not None:
+                    acc.clip_grad_norm_(self.trainable.parameters(), cfg.optim.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for k in ("loss", "diffusion", "cameo", "precision"):
+                acc_metrics.setdefault(k, []).append(m[k].detach().float())
+            micro += 1
+            if not acc.sync_gradients:
+                continue
+            self.lr_scheduler.step()
+            self.state.step += 1
+            micro = 0
+            row = {"step": self.state.step, "lr": float(self.lr_scheduler.get_last_lr()[0])}
+            for k, values in acc_metrics.items():
+                v = acc.reduce(torch.stack(values).nanmean().reshape(1), reduction="mean")
+                row[k] = float(v)
+            acc_metrics = {}
+            row["time"] = time.perf_counter() - t0
+            if cfg.eval.every > 0 and (self.state.step % cfg.eval.every == 0 or self.state.step == total):
+                ev = evaluate(self.trainable, self.head_mlp, self.codec, self.noise_scheduler, self.eval_batches, cfg, self.grid, acc.device)
+                row.update({k: float(acc.reduce(torch.tensor([v], device=acc.device), reduction="mean")) for k, v in ev.items()})
+                result.evals.append({"step": self.state.step, **ev})
+            result.history.append(row)
+            if acc.is_main_process:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if cfg.train.tensorboard:
+                acc.log({k: v for k, v in row.items() if k != "step" and not math.isnan(v)}, step=self.state.step)
+            progress.update(1)
+            if self.state.step % cfg.train.log_every == 0 or self.state.step == total:
+                progress.set_postfix({k: f"{row[k]:.4g}" for k in ("diffusion", "cameo", "precision") if k in row})
+            every = cfg.train.checkpoint_every
+            if (every and self.state.step % every == 0) or self.state.step == total:
+                result.checkpoints.append(str(self.save()))
+        progress.close()
+        if cfg.train.tensorboard:
+            acc.end_training()
+        result.step = self.state.step
+        return result
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested config for tensorboard hparams (lists and None become strings)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{key}."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def train(cfg: TrainConfig, out: str | Path, *, resume: str = "auto", max_steps: int | None = None) -> TrainResult:
+    """Train from ``cfg`` writing into ``out`` (config, ``metrics.jsonl``, ``checkpoints/``, ``logs/``).
+
+    ``resume``: ``auto`` continues from the latest checkpoint under ``out`` when there is one,
+    ``never`` starts fresh (refusing an ``out`` that already has checkpoints), or a checkpoint path.
+    ``max_steps`` overrides ``cfg.train.max_steps`` (the LR schedule still uses the config's value).
+    """
+    out = Path(out)
+    start = resolve_resume(out, resume)
+    if resume == "never" and checkpoint_dirs(out):
+        raise SchemaError("resume", "output directory already has checkpoints; use --resume auto or a new --out", where=str(out))
+    trainer = Trainer(cfg, out)
+    if trainer.accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
+        if start is None and (out / METRICS_FILE).exists():
+            (out / METRICS_FILE).unlink()
+    trainer.accelerator.wait_for_everyone()
+    if start is not None:
+        trainer.load(start)
+        if trainer.accelerator.is_main_process:
+            _truncate_metrics(out / METRICS_FILE, trainer.state.step)
+    return trainer.run(max_steps)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows after ``step`` (written by a run that was interrupted after its checkpoint)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def read_metrics(out: str | Path) -> list[dict[str, float]]:
+    """The per-step metric rows of a run directory (``metrics.jsonl``)."""
+    path = Path(out) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

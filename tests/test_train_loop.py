@@ -1,0 +1,124 @@
+"""The training loop on a tiny real cache: exact resume, lambda = 0, grid checks, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cameo_corr.schemas import SchemaError
+from cameo_corr.train.config import load_config
+from cameo_corr.train.loop import checkpoint_dirs, read_metrics, train
+from test_train_data import build_tiny_cache
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny_cpu.yaml"
+BASE = ["data.num_views=3", "data.batch_size=2", "data.shuffle_buffer=3", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_cache(tmp_path_factory.mktemp("train_loop"))[1]
+
+
+def config(cache: Path, *overrides: str):
+    return load_config(TINY, [f"data.cache={cache}", *BASE, *overrides])
+
+
+def model_state(run: Path) -> dict[str, torch.Tensor]:
+    last = checkpoint_dirs(run)[-1]
+    return load_file(str(last / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_resume_is_exact(cache: Path, tmp_path: Path) -> None:
+    """N steps straight == N/2 steps, a new process-like Trainer resuming, N/2 more (with grad accumulation)."""
+    cfg = config(cache, "train.max_steps=4", "train.checkpoint_every=2", "train.gradient_accumulation_steps=2")
+    straight = train(cfg, tmp_path / "a", resume="never")
+    assert straight.step == 4 and len(straight.history) == 4
+    half = train(cfg, tmp_path / "b", resume="never", max_steps=2)
+    assert half.step == 2 and [p.rsplit("-", 1)[-1] for p in half.checkpoints] == ["00000002"]
+    rest = train(cfg, tmp_path / "b", resume="auto")
+    assert rest.step == 4 and [r["step"] for r in rest.history] == [3, 4]
+
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "diffusion", "cameo", "precision", "lr"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-7), (ra["step"], k)
+    sa, sb = model_state(tmp_path / "a"), model_state(tmp_path / "b")
+    assert sa.keys() == sb.keys() and any(k.startswith("head_mlp.") for k in sa)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-6, atol=1e-7)
+    # the data position was checkpointed: 4 steps x 2 micro-batches x 2 samples over 6 windows
+    state = json.loads((checkpoint_dirs(tmp_path / "b")[-1] / "loop_state.json").read_text())
+    assert state == {"step": 4, "data": {"epoch": 16 // 6, "position": 16 % 6}}
+    # the parameters moved
+    fresh = train(config(cache, "train.max_steps=1", "optim.lr=0"), tmp_path / "c", resume="never")
+    assert fresh.step == 1
+    sc = model_state(tmp_path / "c")
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa if k in sc)
+
+
+@pytest.mark.slow
+def test_baseline_without_cameo_loss_logs_precision(cache: Path, tmp_path: Path) -> None:
+    cfg = config(cache, "train.max_steps=2", "loss.cameo_weight=0", "train.tensorboard=true", "eval.every=2", "eval.batches=1")
+    result = train(cfg, tmp_path / "run", resume="never")
+    assert result.step == 2
+    for row in result.history:
+        assert math.isnan(row["cameo"]) and math.isfinite(row["diffusion"]) and 0.0 <= row["precision"] <= 1.0
+    assert result.evals and 0.0 <= result.evals[-1]["eval_precision"] <= 1.0
+    assert not any(k.startswith("head_mlp.") for k in model_state(tmp_path / "run"))
+    assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_supervised_layer_must_match_the_cache_grid(cache: Path, tmp_path: Path) -> None:
+    cfg = config(cache, "model.layer=up_blocks.0.attentions.0")  # 4x4 tokens, the cache has 8x8
+    with pytest.raises(SchemaError, match="cache grid is 8x8"):
+        train(cfg, tmp_path / "run", resume="never")
+
+
+def test_resume_never_refuses_a_used_directory(cache: Path, tmp_path: Path) -> None:
+    (tmp_path / "run" / "checkpoints" / "step-00000001").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step-00000001" / "loop_state.json").write_text("{}")
+    with pytest.raises(SchemaError, match="already has checkpoints"):
+        train(config(cache), tmp_path / "run", resume="never")
+
+
+@pytest.mark.slow
+def test_cli_trains_checkpoints_and_resumes(cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def cli(*args: str) -> dict:
+        cmd = [sys.executable, "-m", "cameo_corr.cli", "train", "--cache", str(cache), "--config", str(TINY), "--out", str(out), *args, *BASE]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first = cli("--max-steps", "2", "train.checkpoint_every=1", "train.keep_checkpoints=1")
+    assert first["step"] == 2 and first["checkpoint"].endswith("step-00000002")
+    ckpts = checkpoint_dirs(out)
+    assert [p.name for p in ckpts] == ["step-00000002"]  # older ones pruned
+    files = {p.name for p in ckpts[0].iterdir()}
+    assert {"model.safetensors", "optimizer.bin", "loop_state.json"} <= files
+    second = cli("--max-steps", "3")
+    assert second["step"] == 3 and math.isfinite(second["cameo"]) and math.isfinite(second["diffusion"])
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert (out / "config.yaml").is_file()
+
+
+def test_cli_reports_config_errors_naming_the_key(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cameo_corr.cli import main
+
+    assert main(["train", "--cache", str(cache), "--out", str(tmp_path / "x"), "data.num_views=two"]) == 2
+    assert "data.num_views" in capsys.readouterr().err
+    assert main(["train", "--cache", str(cache), "--out", str(tmp_path / "x"), "--config", str(TINY), "loss.typo=1"]) == 2
+    assert "loss.typo" in capsys.readouterr().err
