@@ -33,16 +33,24 @@ the first excluded key is within the backend's rounding bound) is recomputed by 
 Backends (``backend=``):
 
 * ``"kdtree"``: one ``scipy.spatial.cKDTree`` per key view, built once on its valid tokens, queried with
-  the valid tokens of all other views stacked (``k=2``, all cores). The second neighbour certifies that
-  the first is unique; rows with a (near) tie go to brute force.
+  the valid tokens of all other views stacked (one call per key view instead of one per pair; ``k=2``,
+  both cores for large calls). cKDTree sums the same float64 squares, so its first neighbour is the
+  reference argmin whenever the second is further by a relative 1e-9; rows with a (near) tie go to
+  brute force. The second neighbour costs ~25 % more tree search than ``k=1``: the price of the
+  deterministic tie rule.
 * ``"faiss"``: ``faiss.knn`` (CPU) or ``faiss.knn_gpu`` (CUDA tensors; needs a faiss build with GPUs) with
   4 candidates, then the exact re-rank. faiss computes ``|a|^2 + |b|^2 - 2 a.b`` in float32, so a row is
   certified only when its 4th candidate is further than the first by more than twice the error bound.
 * ``"torch"``: batched brute force in float64 with direct coordinate differences (no matmul expansion),
   chunked so that at most ``max_elements`` distances are alive at once; runs on any device.
-* ``"auto"``: the fastest exact method for the tensor's device. On CPU that is the KD-tree path (measured
-  by ``benchmarks/bench_match.py``: faster than per-pair KD-trees, faiss and brute force at every size);
-  on CUDA the torch brute force (no host round trip).
+* ``"auto"``: the fastest exact method for the tensor's device. On CPU that is the KD-tree path
+  (``benchmarks/bench_match.py`` on 2 cores: an order of magnitude faster than faiss and brute force;
+  1.2-10x faster than per-pair KD-tree queries where per-call overhead dominates, and on par within
+  run-to-run noise at 64x64 grids, where tree search dominates); on CUDA the torch brute force (no host
+  round trip).
+
+The CPU backends run on numpy end to end; the torch backend and faiss-gpu on torch tensors on the input
+device. Results are torch tensors on the input device.
 """
 
 from __future__ import annotations
@@ -74,7 +82,8 @@ BACKENDS = ("auto", "torch", "faiss", "kdtree")
 """Accepted values of ``backend=``."""
 
 DEFAULT_MAX_ELEMENTS = 1 << 22
-"""Default bound on the number of query-key distances brute force holds at once (32 MiB in float64)."""
+"""Default bound on the number of query-key distances brute force holds at once (32 MiB per float64
+temporary)."""
 
 _KDTREE_K = 2
 _KDTREE_PARALLEL_ROWS = 8192
@@ -175,9 +184,9 @@ def tokenize(
 
 # --------------------------------------------------------------------------- exact nearest neighbours
 # The CPU backends (cKDTree, faiss-cpu) run on numpy end to end: interleaving torch's OpenMP kernels with
-# scipy's/faiss's own worker threads makes the idle OpenMP threads spin against them (measured 5-10x
-# slower on 2 cores). The torch backend and faiss-gpu run on torch tensors on the input device.
-Array = Any  # a numpy array or a torch tensor (the helpers below use only operations both support)
+# scipy's worker threads makes the idle OpenMP threads spin against them (measured 5-10x slower on 2
+# cores). The torch backend and faiss-gpu run on torch tensors on the input device.
+Array = Any  # a numpy array or a torch tensor
 
 
 def _sqdist_rows(q: Array, k: Array) -> Array:
@@ -219,14 +228,15 @@ def _select_np(
     queries: np.ndarray, keys: np.ndarray, cand: np.ndarray, certified: np.ndarray, max_elements: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact NN from candidate lists: ``cand [n, k]`` (indices into ``keys``) re-ranked in the reference
-    metric for ``certified`` rows (lowest index on exact ties); brute force for the other rows."""
+    metric for ``certified`` rows (lowest index on exact ties); brute force for the other rows.
+    Returns ``(index [n], distance [n])``."""
     sq = _sqdist_rows(queries[:, None, :], keys[cand])
     best = sq.min(axis=1)
     index = np.where(sq == best[:, None], cand, np.iinfo(np.int64).max).min(axis=1)
     redo = np.flatnonzero(~certified)
     if redo.size:
         index[redo], best[redo] = _brute_np(queries[redo], keys, max_elements)
-    return index, best
+    return index, np.sqrt(best)
 
 
 def _select_torch(
@@ -239,24 +249,31 @@ def _select_torch(
     redo = torch.nonzero(~certified).flatten()
     if redo.numel():
         index[redo], best[redo] = _brute_torch(queries[redo], keys, max_elements)
-    return index, best
+    return index, torch.sqrt(best)
 
 
 def _kdtree_nn(queries: np.ndarray, keys: np.ndarray, max_elements: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact NN via one cKDTree on ``keys`` queried with all ``queries`` (``k=2``, all cores)."""
+    """Exact NN via one cKDTree on ``keys`` queried with all ``queries`` (``k=2``).
+
+    cKDTree evaluates the same float64 sum as the reference metric, so its first neighbour is the
+    reference argmin whenever the second one is further by more than :data:`_KDTREE_TIE_RTOL`; the other
+    rows (ties, duplicates) are re-done by brute force.
+    """
     from scipy.spatial import cKDTree
 
+    n = len(queries)
     k = min(_KDTREE_K, len(keys))
-    tree = cKDTree(keys, balanced_tree=False, compact_nodes=False)
-    workers = -1 if len(queries) >= _KDTREE_PARALLEL_ROWS else 1
-    d, cand = tree.query(queries, k=k, workers=workers)
-    d = d.reshape(len(queries), k)
-    cand = cand.reshape(len(queries), k).astype(np.int64, copy=False)
-    if k == len(keys):
-        certified = np.ones(len(queries), dtype=bool)
-    else:
-        certified = d[:, 1] > d[:, 0] * (1.0 + _KDTREE_TIE_RTOL)
-    return _select_np(queries, keys, cand, certified, max_elements)
+    tree = cKDTree(keys)
+    d, cand = tree.query(queries, k=k, workers=-1 if n >= _KDTREE_PARALLEL_ROWS else 1)
+    d, cand = d.reshape(n, k), cand.reshape(n, k)
+    index, dist = cand[:, 0], d[:, 0]
+    if k > 1:
+        redo = np.flatnonzero(d[:, 1] <= d[:, 0] * (1.0 + _KDTREE_TIE_RTOL))
+        if redo.size:
+            index, dist = index.copy(), dist.copy()
+            index[redo], sq = _brute_np(queries[redo], keys, max_elements)
+            dist[redo] = np.sqrt(sq)
+    return index, dist
 
 
 def _faiss_certified(D: Array, cand: Array, q_norm: Array, k_norm_max: Array, err_scale: float) -> Array:
@@ -311,48 +328,66 @@ def _faiss_gpu_nn(queries: "Tensor", keys: "Tensor", max_elements: int) -> tuple
     return _select_torch(queries, keys, cand.clamp_min(0), certified, max_elements)
 
 
+def _brute_torch_nn(queries: "Tensor", keys: "Tensor", max_elements: int) -> tuple["Tensor", "Tensor"]:
+    """The ``torch`` backend: :func:`_brute_torch` returning ``(index, distance)``."""
+    index, sq = _brute_torch(queries, keys, max_elements)
+    return index, torch.sqrt(sq)
+
+
 def _nearest_np(points: np.ndarray, valid: np.ndarray, nn_fn: Callable, max_elements: int) -> tuple[np.ndarray, np.ndarray]:
-    """``nn``/squared ``dist`` ``[S, S, hw]`` of all off-diagonal pairs (numpy; one call per key view)."""
+    """``nn`` int64 and ``dist`` float32 ``[S, S, hw]`` of all ordered pairs (numpy; one ``nn_fn`` call per
+    key view with the valid tokens of all other views). The diagonal is the identity at distance 0."""
     S, hw = valid.shape
     nn = np.zeros((S, S, hw), dtype=np.int64)
-    sq = np.full((S, S, hw), np.inf)
+    dist = np.full((S, S, hw), np.inf, dtype=np.float32)
     for j in range(S):
+        nn[j, j] = np.arange(hw)
+        dist[j, j] = 0.0
         keys = np.flatnonzero(valid[j])
-        qi, qx = np.nonzero(valid & (np.arange(S) != j)[:, None])
-        if keys.size and qi.size:
-            local, best = nn_fn(points[qi, qx], points[j, keys], max_elements)
-            nn[qi, j, qx] = keys[local]
-            sq[qi, j, qx] = best
-    return nn, sq
+        queries = valid.copy()
+        queries[j] = False
+        if keys.size and queries.any():
+            local, d = nn_fn(points[queries], points[j, keys], max_elements)
+            nn[:, j][queries] = keys[local]
+            dist[:, j][queries] = d
+    return nn, dist
 
 
 def _nearest_torch(points: "Tensor", valid: "Tensor", nn_fn: Callable, max_elements: int) -> tuple["Tensor", "Tensor"]:
     """:func:`_nearest_np` on torch tensors on their device."""
     S, hw = valid.shape
-    dev = points.device
-    nn = torch.zeros(S, S, hw, dtype=torch.long, device=dev)
-    sq = torch.full((S, S, hw), math.inf, dtype=torch.float64, device=dev)
-    views = torch.arange(S, device=dev)
+    nn = torch.zeros(S, S, hw, dtype=torch.long, device=points.device)
+    dist = torch.full((S, S, hw), math.inf, dtype=torch.float32, device=points.device)
     for j in range(S):
+        nn[j, j] = torch.arange(hw, device=points.device)
+        dist[j, j] = 0.0
         keys = torch.nonzero(valid[j]).flatten()
-        qi, qx = torch.nonzero(valid & (views != j)[:, None], as_tuple=True)
-        if keys.numel() and qi.numel():
-            local, best = nn_fn(points[qi, qx], points[j, keys], max_elements)
-            nn[qi, j, qx] = keys[local]
-            sq[qi, j, qx] = best
-    return nn, sq
+        queries = valid.clone()
+        queries[j] = False
+        if keys.numel() and bool(queries.any()):
+            local, d = nn_fn(points[queries], points[j, keys], max_elements)
+            nn[:, j][queries] = keys[local]
+            dist[:, j][queries] = d.to(torch.float32)
+    return nn, dist
 
 
-def _cycle_mask(nn: Array, valid: Array, w: int, tau: float, views: Array, tokens: Array) -> Array:
-    """Cycle-consistency mask ``[S, S, hw]`` (numpy or torch: only operations both support).
-
-    ``nn`` already holds the identity on the diagonal; ``views = arange(S)``, ``tokens = arange(hw)``.
-    """
-    cycle = nn.swapaxes(0, 1)[views[:, None, None], views[None, :, None], nn]  # nn[j, i, nn[i, j, x]]
-    dx = tokens % w - cycle % w
-    dy = tokens // w - cycle // w
-    mask = (dx * dx + dy * dy <= tau * tau) & valid[:, None, :] & valid.any(1)[None, :, None]
-    mask[views, views] = valid
+def _cycle_mask(nn: Array, valid: Array, w: int, tau: float) -> Array:
+    """Cycle-consistency mask ``[S, S, hw]`` of ``nn`` (numpy array or torch tensor; the diagonal of
+    ``nn`` is already the identity, and the diagonal of the mask is set to ``valid``)."""
+    S, hw = valid.shape
+    if isinstance(nn, np.ndarray):
+        cycle = np.take_along_axis(nn.swapaxes(0, 1), nn, 2)  # cycle[i, j, x] = nn[j, i, nn[i, j, x]]
+        tokens = np.arange(hw, dtype=np.int32)
+    else:
+        cycle = torch.gather(nn.transpose(0, 1), 2, nn)
+        tokens = torch.arange(hw, dtype=torch.int32, device=nn.device)
+    col, row = tokens % w, tokens // w
+    dx, dy = col - col[cycle], row - row[cycle]
+    mask = dx * dx + dy * dy <= tau * tau
+    mask &= valid[:, None, :]
+    mask &= valid.any(1)[None, :, None]
+    for i in range(S):
+        mask[i, i] = valid[i]
     return mask
 
 
@@ -393,25 +428,14 @@ def match_tokens(
         pts = points.reshape(S, hw, 3).to(torch.float64)
         vflat = valid.to(torch.bool).reshape(S, hw)
         _check_finite(bool(torch.isfinite(pts[vflat]).all()))
-        nn, sq = _nearest_torch(pts, vflat, _brute_torch if name == "torch" else _faiss_gpu_nn, max_elements)
-        views, tokens = torch.arange(S, device=device), torch.arange(hw, device=device)
-        nn[views, views] = tokens
-        sq[views, views] = 0.0
-        mask = _cycle_mask(nn, vflat, w, tau, views, tokens)
-        return nn, torch.sqrt(sq).to(torch.float32), mask
+        nn, dist = _nearest_torch(pts, vflat, _brute_torch_nn if name == "torch" else _faiss_gpu_nn, max_elements)
+        return nn, dist, _cycle_mask(nn, vflat, w, tau)
     pts_np = points.detach().cpu().numpy().reshape(S, hw, 3).astype(np.float64)
     valid_np = valid.cpu().numpy().reshape(S, hw).astype(bool, copy=False)
     _check_finite(bool(np.isfinite(pts_np[valid_np]).all()))
-    nn_np, sq_np = _nearest_np(pts_np, valid_np, _kdtree_nn if name == "kdtree" else _faiss_cpu_nn, max_elements)
-    views_np, tokens_np = np.arange(S), np.arange(hw)
-    nn_np[views_np, views_np] = tokens_np
-    sq_np[views_np, views_np] = 0.0
-    mask_np = _cycle_mask(nn_np, valid_np, w, tau, views_np, tokens_np)
-    return (
-        torch.from_numpy(nn_np).to(device),
-        torch.from_numpy(np.sqrt(sq_np).astype(np.float32)).to(device),
-        torch.from_numpy(mask_np).to(device),
-    )
+    nn_np, dist_np = _nearest_np(pts_np, valid_np, _kdtree_nn if name == "kdtree" else _faiss_cpu_nn, max_elements)
+    mask_np = _cycle_mask(nn_np, valid_np, w, tau)
+    return torch.from_numpy(nn_np).to(device), torch.from_numpy(dist_np).to(device), torch.from_numpy(mask_np).to(device)
 
 
 def correspond(
