@@ -12,14 +12,20 @@ For every S in ``--views`` and grid in ``--grids`` it times, on the same smooth 
 * ``matmul floor``: a lower bound for brute force: one dense ``[S*hw, S*hw]`` float32 matmul (row
   chunks of 64 Mi elements) + argmin per key view, no cycle mask and not exact.
 
-Every run of every method is timed, round robin over the methods; the table shows the median. The
-brute-force methods (``faiss``, ``torch``, ``faiss/pair``, ``numpy loop``, ``matmul floor``) are first
-timed on 2 views and extrapolated; a size whose estimate exceeds ``--budget`` seconds is skipped and
-shown as ``skip (~N s)``, and a method whose first run exceeds ``--slow`` seconds is timed only once.
+Each method runs once untimed (warm-up and agreement check), then ``--repeats`` timed runs in a row;
+the table shows the median. The brute-force methods (``faiss``, ``torch``, ``faiss/pair``, ``numpy
+loop``, ``matmul floor``) are first timed on 2 views and extrapolated; a size whose estimate exceeds
+``--budget`` seconds is skipped and shown as ``skip (~N s)``, and a method whose warm-up exceeds
+``--slow`` seconds is reported by that one run.
+
+torch and faiss bring two OpenMP runtimes whose idle threads busy-wait by default; on 2 cores they
+starve each other (and scipy's threads), inflating faiss calls by up to 100x. Unless the caller set
+it, the benchmark runs with ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep), which is fair to every
+method.
 The exact backends must return the same ``nn`` and ``mask`` as ``auto``; a mismatch aborts the run.
 
 Usage: ``python benchmarks/bench_match.py [--views 4 8 16] [--grids 16 32 64] [--repeats 5]
-[--budget 8] [--slow 1.5] [--json out.json]``.
+[--budget 12] [--slow 1.5] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -31,10 +37,12 @@ import statistics
 import time
 from typing import Callable
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when the OpenMP runtimes load (imports below)
 
-from cameo_corr.pipeline.match import match_tokens
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from cameo_corr.pipeline.match import match_tokens  # noqa: E402
 
 
 def smooth_pointmaps(S: int, grid: int, seed: int = 0, invalid_frac: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
@@ -169,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--views", type=int, nargs="+", default=[4, 8, 16], help="window sizes S")
     parser.add_argument("--grids", type=int, nargs="+", default=[16, 32, 64], help="token grid sides")
     parser.add_argument("--repeats", type=int, default=5, help="runs per measurement (median)")
-    parser.add_argument("--budget", type=float, default=8.0, help="skip a brute-force run estimated above this (s)")
-    parser.add_argument("--slow", type=float, default=1.5, help="a method whose first run takes longer is timed once (s)")
+    parser.add_argument("--budget", type=float, default=12.0, help="skip a brute-force run estimated above this (s)")
+    parser.add_argument("--slow", type=float, default=1.5, help="a method whose warm-up takes longer is reported by that run (s)")
     parser.add_argument("--tau", type=float, default=1.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results here")
@@ -192,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         "matmul floor": lambda S: (S / 2) ** 2,
     }
     columns = backends + list(baselines)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; "
-          f"median of {args.repeats}; times in ms, (x) = time / auto")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; median of {args.repeats}; times in ms, (x) = time / auto")
     match_tokens(torch.zeros(2, 2, 2, 3), torch.ones(2, 2, 2, dtype=torch.bool))  # imports outside timing
     results = []
     for S in args.views:
@@ -201,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
             pts, valid = smooth_pointmaps(S, g, seed=args.seed)
             ref = match_tokens(torch.from_numpy(pts), torch.from_numpy(valid), tau=args.tau, backend="auto")
             row: dict[str, dict] = {}
-            runs: dict[str, Callable[[], object]] = {}
             times: dict[str, list[float]] = {}
             for name in columns:
                 if name in brute_scale:
@@ -211,15 +218,11 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                 run = _runner(name, pts, valid, args.tau, baselines)
                 t0 = time.perf_counter()
-                out = run()  # first run: exact backends must agree with auto
-                times[name] = [time.perf_counter() - t0]
+                out = run()  # warm-up: exact backends must agree with auto
+                first = time.perf_counter() - t0
                 if name in backends and not (torch.equal(out[0], ref[0]) and torch.equal(out[2], ref[2])):
                     raise SystemExit(f"backend {name} disagrees with auto at S={S}, grid={g}")
-                if times[name][0] < args.slow:
-                    runs[name] = run
-            for _ in range(args.repeats - 1):  # round robin: every method sees the same machine load
-                for name, run in runs.items():
-                    times[name].append(_time(run, 1))
+                times[name] = [first] if first >= args.slow else [_time(run, 1) for _ in range(args.repeats)]
             for name, ts in times.items():
                 row[name] = {"seconds": statistics.median(ts), "runs": ts}
             results.append({"S": S, "grid": g, **row})
