@@ -146,7 +146,8 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class _ProcessState:
-    """Per-process lazily opened resources: the cache, its reader, zarr shard groups, scene records."""
+    """Per-process lazily opened resources: the cache (and its zarr shard groups), the dataset reader
+    and the frame records of recently used scenes."""
 
     def __init__(self, owner: "CorrStreamDataset") -> None:
         from cameo_corr.datasets.base import open_dataset
@@ -163,18 +164,12 @@ class _ProcessState:
         view = self.cache.view().to_dict()
         view["size"] = owner.resolution
         self.view: CanonicalView = CanonicalView.from_dict(view)
-        self.shards: OrderedDict[str, Any] = OrderedDict()
         self.scenes: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.max_open = owner.max_open
 
     def shard(self, shard_id: str) -> Any:
-        """The read-only zarr group of a shard (a few kept open, least recently used evicted)."""
-        if shard_id not in self.shards:
-            self.shards[shard_id] = self.cache.open_shard(shard_id)
-            while len(self.shards) > self.max_open:
-                self.shards.popitem(last=False)
-        self.shards.move_to_end(shard_id)
-        return self.shards[shard_id]
+        """The read-only zarr group of a shard (kept open by the cache's own LRU)."""
+        return self.cache.open_shard(shard_id)
 
     def frames(self, scene_id: str) -> dict[str, Any]:
         """``frame_id -> FrameRecord`` of a scene (a few scenes kept, least recently used evicted)."""
@@ -207,7 +202,7 @@ class CorrStreamDataset(IterableDataset):
         dataset_root: dataset root to read images from instead of the one recorded in ``cache.json``.
         storage_options: fsspec options for a remote cache.
         split: only windows of this dataset split (``None``: all ``ok`` windows).
-        max_open: shard groups and scene records kept open per process.
+        max_open: scenes whose frame records are kept per process.
     """
 
     def __init__(

@@ -316,10 +316,16 @@ class Trainer:
         if cfg.eval.every > 0:
             eval_loader = make_loader(cfg, cache=cfg.eval.cache or cfg.data.cache, rank=acc.process_index,
                                       world_size=acc.num_processes, split=cfg.eval.split, seed=cfg.eval.seed, num_epochs=1)
-            for i, batch in enumerate(eval_loader):
-                if i >= cfg.eval.batches:
-                    break
+            for batch in eval_loader:
                 self.eval_batches.append(batch)
+                if len(self.eval_batches) == cfg.eval.batches:
+                    break
+            if len(self.eval_batches) < cfg.eval.batches:
+                raise SchemaError(
+                    "eval.batches",
+                    f"the evaluation windows give only {len(self.eval_batches)} batches of {cfg.data.batch_size} on this rank,"
+                    f" fewer than eval.batches={cfg.eval.batches}",
+                )
 
     # ----------------------------------------------------------------------------------- state
     def save(self) -> Path:

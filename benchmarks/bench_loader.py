@@ -1,0 +1,181 @@
+"""Samples/s of the cached training loader vs computing the same targets online from pointmaps.
+
+The online path is what the official CAMEO code does in its training loop: for every sample, load
+the views with their pointmaps (here ground-truth depth through the ``depth`` backend, the cheapest
+possible geometry), tokenize and match all ordered pairs with :func:`cameo_corr.pipeline.match.correspond`,
+resize the images to the training resolution. The cached path is :class:`CorrStreamDataset`: images
+plus a zarr read of the ``F x F`` block. Both produce the same sample (same windows, same view
+choice and order); the script also reports how often the online targets equal the cached ones.
+
+Usage: ``python benchmarks/bench_loader.py [--cache DIR] [--samples N] ...``. Without ``--cache`` a
+synthetic dataset and its cache are built in a temporary directory first (not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def build_cache(base: Path, args: argparse.Namespace) -> Path:
+    """Synthetic scenes -> a cache through the real preprocessing job (depth backend)."""
+    from cameo_corr.datasets.synthetic import generate_dataset
+    from cameo_corr.pipeline.ray_job import run_preprocess
+
+    root = generate_dataset(base / "data", scenes=args.scenes, frames=args.frames, image_size=args.image_size, seed=0, layout="co3d")
+    out = base / "cache"
+    summary = run_preprocess(
+        dataset="synthetic", root=root, out=out, backend="depth", grid=args.grid, views=args.views,
+        windows_per_scene=args.windows_per_scene, crop_size=args.crop_size, workers=1, progress=False,
+    )
+    print(f"built cache: {summary['windows_ok']} windows in {summary['seconds']:.1f} s")
+    return out
+
+
+class OnlineTargets:
+    """The official-code path: per sample, load pointmaps and match tokens in the loop."""
+
+    def __init__(self, cache_path: Path, resolution: int, match_backend: str) -> None:
+        from cameo_corr.pipeline.backends import make_backend
+        from cameo_corr.pipeline.cache import CorrCache
+
+        cache = CorrCache(cache_path)
+        self.reader = cache.reader()
+        self.view = cache.view()
+        self.grid = tuple(cache.config.grid)
+        self.tau = float(cache.config.tau)
+        self.backend = make_backend("depth", device="cpu")
+        self.resolution = resolution
+        self.match_backend = match_backend
+        self.scenes: dict[str, dict[str, Any]] = {}
+
+    def sample(self, window: Any, views: np.ndarray, num_ref: int) -> dict[str, Any]:
+        from cameo_corr.datasets.canonical import load_window
+        from cameo_corr.pipeline.match import correspond
+        from cameo_corr.schemas import WindowRecord
+
+        if window.scene_id not in self.scenes:
+            self.scenes[window.scene_id] = {f.frame_id: f for f in self.reader.scene(window.scene_id).frames}
+        frames = tuple(self.scenes[window.scene_id][window.frame_ids[i]] for i in views)
+        record = WindowRecord(window.window_id, window.dataset, window.split, window.scene_id, frames)
+        data = load_window(self.reader, record, self.view, with_depth=True)
+        result = self.backend(data)
+        corr = correspond(result, grid=self.grid, tau=self.tau, backend=self.match_backend)
+        images = torch.from_numpy(data.images).permute(0, 3, 1, 2).float().div_(255.0)
+        images = F.interpolate(images, size=(self.resolution, self.resolution), mode="bilinear", antialias=True, align_corners=False)
+        K = torch.from_numpy(data.intrinsics).float().clone()
+        K[:, :2] *= self.resolution / self.view.size
+        n = len(views)
+        return {
+            "image": images.clamp_(0.0, 1.0),
+            "intrinsic": K,
+            "extrinsic": torch.from_numpy(data.extrinsics).float(),
+            "tag": window.window_id,
+            "num_ref": num_ref,
+            "corr_nn": corr.nn.reshape(n, n, -1).long(),
+            "corr_mask": corr.mask.reshape(n, n, -1).bool(),
+            "corr_dist": corr.dist.reshape(n, n, -1).float(),
+        }
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cache", type=Path, help="existing cache (default: build a synthetic one)")
+    p.add_argument("--scenes", type=int, default=4)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--crop-size", type=int, default=256, help="canonical view size of the built cache")
+    p.add_argument("--grid", type=int, default=32)
+    p.add_argument("--views", type=int, default=8, help="S of a cached window")
+    p.add_argument("--windows-per-scene", type=int, default=4)
+    p.add_argument("--num-views", type=int, default=4, help="F views per training sample")
+    p.add_argument("--resolution", type=int, default=128, help="training resolution")
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--match-backend", default="auto")
+    p.add_argument("--json", type=Path, help="also write the numbers here")
+    args = p.parse_args(argv)
+
+    from cameo_corr.train.data import CorrStreamDataset
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = args.cache or build_cache(Path(tmp), args)
+        ds = CorrStreamDataset(cache, num_views=args.num_views, resolution=args.resolution, seed=0, shuffle_buffer=8)
+        order = np.concatenate([ds.rank_order(e) for e in range(args.samples // max(ds.epoch_length, 1) + 2)])
+        epochs = np.concatenate([np.full(ds.epoch_length, e) for e in range(len(order) // ds.epoch_length)])
+        items = [(int(e), int(w), int(q)) for e, (w, q) in zip(epochs, order)][: args.samples + 1]
+        online = OnlineTargets(Path(cache), args.resolution, args.match_backend)
+
+        ds.sample(items[0][1], items[0][0], items[0][2])  # warm-up (opens reader and shards)
+        t0 = time.perf_counter()
+        cached = [ds.sample(w, e, q) for e, w, q in items[1:]]
+        t_cached = time.perf_counter() - t0
+
+        v, r = ds.choose(items[0][1], items[0][0], items[0][2])
+        online.sample(ds.windows[items[0][1]], v, r)  # warm-up
+        t0 = time.perf_counter()
+        computed = []
+        for e, w, q in items[1:]:
+            views, num_ref = ds.choose(w, e, q)
+            computed.append(online.sample(ds.windows[w], views, num_ref))
+        t_online = time.perf_counter() - t0
+
+        # where the cached loader's time goes: the zarr read + gather of the targets alone
+        from cameo_corr.pipeline.cache import CorrCache
+
+        store = CorrCache(cache)
+        t0 = time.perf_counter()
+        for e, w, q in items[1:]:
+            views, _ = ds.choose(w, e, q)
+            win = ds.windows[w]
+            group = store.open_shard(win.shard)
+            for key in ("nn", "mask", "dist"):
+                np.asarray(group[key][win.row])[np.ix_(views, views)]
+        t_targets = time.perf_counter() - t0
+
+    both = same_nn = mask_equal = total = 0
+    max_image_diff = 0.0
+    for a, b in zip(cached, computed):
+        assert a["tag"] == b["tag"]
+        m = a["corr_mask"] & b["corr_mask"]
+        both += int(m.sum())
+        same_nn += int((a["corr_nn"][m] == b["corr_nn"][m]).sum())
+        mask_equal += int((a["corr_mask"] == b["corr_mask"]).sum())
+        total += a["corr_mask"].numel()
+        max_image_diff = max(max_image_diff, float((a["image"] - b["image"]).abs().max()))
+    n = len(cached)
+    res = {
+        "samples": n,
+        "cached_samples_per_s": n / t_cached,
+        "online_samples_per_s": n / t_online,
+        "speedup": t_online / t_cached,
+        "cached_targets_ms_per_sample": 1000 * t_targets / len(cached),
+        "cached_images_ms_per_sample": 1000 * (t_cached - t_targets) / len(cached),
+        "online_ms_per_sample": 1000 * t_online / len(cached),
+        "nn_agreement_on_masked": same_nn / max(both, 1),
+        "mask_agreement": mask_equal / max(total, 1),
+        "max_image_abs_diff": max_image_diff,
+    }
+    print(
+        f"cached loader : {res['cached_samples_per_s']:8.2f} samples/s\n"
+        f"online targets: {res['online_samples_per_s']:8.2f} samples/s (load GT depth, unproject, tokenize + match per sample)\n"
+        f"  cached: {res['cached_targets_ms_per_sample']:.2f} ms/sample for the targets (zarr), "
+        f"{res['cached_images_ms_per_sample']:.2f} ms/sample for images; online: {res['online_ms_per_sample']:.2f} ms/sample\n"
+        f"ratio cached/online: {res['speedup']:.1f}x   "
+        f"(targets agree: nn {100 * res['nn_agreement_on_masked']:.2f}% of masked entries, mask {100 * res['mask_agreement']:.2f}%)"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+    return res
+
+
+if __name__ == "__main__":
+    main()
