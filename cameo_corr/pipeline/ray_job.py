@@ -478,10 +478,11 @@ def key_value_arg(text: str) -> tuple[str, Any]:
 def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``cameo-corr preprocess`` (shared with ``jobs/preprocess.py``).
 
-    Backend flags mirror :func:`cameo_corr.pipeline.backends.add_backend_arguments` (same ``dest``
-    names, read back by ``backend_options_from_args``) without importing torch at parser build time.
+    Backend flags come from :func:`cameo_corr.pipeline.backends.add_backend_arguments` (read back by
+    ``backend_options_from_args``); that module imports torch lazily, so the parser stays light.
     """
     from cameo_corr.datasets.base import DATASET_NAMES
+    from cameo_corr.pipeline.backends import add_backend_arguments
     from cameo_corr.pipeline.planner import POSITION_UNITS, SAMPLING_POLICIES
 
     parser.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="dataset reader")
@@ -504,18 +505,7 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop-policy", choices=("center", "principal_point", "mask_bbox"), default=None,
                         help="canonical crop (default: the reader's; CO3D with masks: pass mask_bbox)")
     parser.add_argument("--crop-size", type=int, default=CANONICAL_SIZE, help="canonical view side in pixels (default: 512)")
-    g = parser.add_argument_group("geometry backend (options are checked against the backend)")
-    g.add_argument("--backend", default="depth", help="depth (GT depth), vggt, or module:Class (default: depth)")
-    g.add_argument("--device", default=None, help="torch device of the workers (default: cuda if visible, else cpu)")
-    g.add_argument("--frame", choices=("world", "first"), default=None, help="depth: output frame (default: world)")
-    g.add_argument("--vggt-model", "--model", dest="model", default=None,
-                   help="vggt: Hugging Face id, local directory or checkpoint (default: facebook/VGGT-1B)")
-    g.add_argument("--revision", default=None, help="vggt: Hugging Face revision")
-    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=None, help="vggt: compute dtype (default: auto)")
-    g.add_argument("--points", choices=("depth", "head"), default=None, help="vggt: pointmap from depth + cameras (default) or point head")
-    g.add_argument("--conf-threshold", type=float, default=None, help="vggt: pixels with confidence below this are invalid")
-    g.add_argument("--conf-percentile", type=float, default=None, help="vggt: pixels below this percentile of the window are invalid")
-    g.add_argument("--frames-chunk-size", type=int, default=None, help="vggt: frames per DPT-head chunk (memory knob)")
+    add_backend_arguments(parser)
     parser.add_argument("--match-backend", default="auto", choices=("auto", "torch", "faiss", "kdtree"), help="exact NN method (default: auto)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per backend call (VGGT batching; default: 1)")
     parser.add_argument("--workers", type=int, default=1, help="model actors (default: 1)")
