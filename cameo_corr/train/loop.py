@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from cameo_corr.schemas import SchemaError
-from cameo_corr.train.config import TrainConfig, load_config
+from cameo_corr.train.config import TrainConfig
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from accelerate import Accelerator
