@@ -2,7 +2,7 @@
 
 Builds a synthetic training set and a held-out synthetic evaluation set (other scenes), caches both
 (depth backend, 8x8 token grid on 64x64 canonical views), then trains the tiny CPU model of
-``configs/tiny_cpu.yaml`` twice with the same seed and the same data stream: once with the CAMEO loss
+the ``tiny_cpu`` preset twice with the same seed and the same data stream: once with the CAMEO loss
 (lambda = ``--lam``) and once with lambda = 0. Every ``--eval-every`` steps both runs are evaluated
 on the same fixed held-out batches (fixed timestep, noise, views; no camera dropout): the attention
 correspondence precision of the supervised layer (head-mean attention; a masked query counts when its
@@ -42,10 +42,10 @@ def build(base: Path, name: str, *, scenes: int, frames: int, seed: int, windows
 
 def run(cfg_overrides: list[str], out: Path, steps: int) -> list[dict[str, Any]]:
     """Train (or resume) one run; return its evaluation rows."""
-    from cameo_corr.train.config import load_config
+    from cameo_corr.train.config import load_config, preset_path
     from cameo_corr.train.loop import read_metrics, train
 
-    cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", [*cfg_overrides, f"train.max_steps={steps}"])
+    cfg = load_config(preset_path("tiny_cpu"), [*cfg_overrides, f"train.max_steps={steps}"])
     train(cfg, out, resume="auto")
     return read_metrics(out)
 

@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from cameo_corr.schemas import SchemaError
-from cameo_corr.train.config import load_config
+from cameo_corr.train.config import load_config, preset_path
 from cameo_corr.train.loop import checkpoint_dirs, read_metrics, train
 from test_train_data import build_tiny_cache
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny_cpu.yaml"
+TINY = preset_path("tiny_cpu")
 BASE = ["data.num_views=3", "data.batch_size=2", "data.shuffle_buffer=3", "train.log_every=1"]
 
 
@@ -120,5 +120,16 @@ def test_cli_reports_config_errors_naming_the_key(cache: Path, tmp_path: Path, c
 
     assert main(["train", "--cache", str(cache), "--out", str(tmp_path / "x"), "data.num_views=two"]) == 2
     assert "data.num_views" in capsys.readouterr().err
-    assert main(["train", "--cache", str(cache), "--out", str(tmp_path / "x"), "--config", str(TINY), "loss.typo=1"]) == 2
+    assert main(["train", "--cache", str(cache), "--out", str(tmp_path / "x"), "--config", "tiny_cpu", "loss.typo=1"]) == 2
     assert "loss.typo" in capsys.readouterr().err
+
+
+def test_presets_load_by_name_and_unknown_names_are_errors(tmp_path: Path) -> None:
+    tiny = load_config("tiny_cpu")
+    assert (tiny.data.resolution, tiny.model.layer) == (64, "up_blocks.1.attentions.0")
+    sd21 = load_config("sd21_cameo", ["train.max_steps=7"])
+    assert (sd21.model.layer, sd21.loss.query_chunk, sd21.train.max_steps) == (10, 256, 7)
+    with pytest.raises(SchemaError, match="no built-in config 'nope'"):
+        preset_path("nope")
+    with pytest.raises(SchemaError, match="loss.query_chunk"):
+        load_config("tiny_cpu", ["loss.query_chunk=0"])

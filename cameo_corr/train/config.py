@@ -68,6 +68,8 @@ class LossConfig:
     """lambda; 0 trains the plain diffusion baseline (precision is still measured)."""
     mode: str = "pair"
     """``pair`` (paper: softmax per key view) or ``global`` (official code: over all other views)."""
+    query_chunk: int | None = None
+    """Score this many query tokens at a time (bounded memory for SD2.1-size layers, e.g. 256)."""
 
 
 @dataclass
@@ -256,10 +258,33 @@ def config_from_dict(values: Mapping[str, Any], *, where: str = "config") -> Tra
     return cfg
 
 
+PRESETS_DIR = Path(__file__).with_name("presets")
+"""Built-in configs shipped with the package (``tiny_cpu``, ``sd21_cameo``)."""
+
+
+def preset_names() -> list[str]:
+    """Names of the built-in configs (usable wherever a config path is accepted)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    """Path of the built-in config ``name``; an unknown name is an error listing the presets."""
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise SchemaError("config", f"no built-in config {name!r}; presets: {', '.join(preset_names())}")
+    return path
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a YAML config (``None``: defaults) and apply ``section.key=value`` overrides."""
+    """Read a YAML config and apply ``section.key=value`` overrides.
+
+    ``path`` is a YAML file, the name of a built-in preset (:func:`preset_names`, e.g. ``tiny_cpu``)
+    or ``None`` for the defaults.
+    """
     values: dict[str, Any] = {}
     where = "config"
+    if path is not None and not Path(path).exists() and str(path) in preset_names():
+        path = preset_path(str(path))
     if path is not None:
         where = str(path)
         try:
@@ -295,6 +320,8 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
         raise SchemaError("train.mixed_precision", f"expected no, fp16 or bf16, got {r.mixed_precision!r}", where=where)
     if cfg.loss.mode not in ("pair", "global"):
         raise SchemaError("loss.mode", f"expected pair or global, got {cfg.loss.mode!r}", where=where)
+    if cfg.loss.query_chunk is not None and cfg.loss.query_chunk < 1:
+        raise SchemaError("loss.query_chunk", f"must be >= 1, got {cfg.loss.query_chunk}", where=where)
     if cfg.loss.cameo_weight < 0:
         raise SchemaError("loss.cameo_weight", f"must be >= 0, got {cfg.loss.cameo_weight}", where=where)
     if cfg.diffusion.prediction_type not in ("epsilon", "v_prediction", "sample"):

@@ -170,7 +170,8 @@ def compute_losses(
     err = (out.sample.float() - target.float()).pow(2).mean(dim=(2, 3, 4))  # [B, F]
     diffusion = err[~ref_mask].mean()
     if head_mlp is not None:
-        cameo = cameo_loss(out.logits, batch["corr_nn"], batch["corr_mask"], batch["corr_dist"], head_mlp, mode=cfg.loss.mode)
+        cameo = cameo_loss(out.logits, batch["corr_nn"], batch["corr_mask"], batch["corr_dist"], head_mlp, mode=cfg.loss.mode,
+                           query_chunk=cfg.loss.query_chunk)
         loss = diffusion + cfg.loss.cameo_weight * cameo
     else:
         cameo = torch.full((), float("nan"), device=device)
