@@ -9,11 +9,12 @@ import importlib
 import sys
 
 _COMMAND_MODULES: tuple[str, ...] = (
+    "cameo_corr.demo",
+    "cameo_corr.datasets.synthetic",
     "cameo_corr.pipeline.ray_job",
     "cameo_corr.pipeline.cache_tools",
     "cameo_corr.pipeline.evaluate",
     "cameo_corr.train.cli",
-    "cameo_corr.datasets.synthetic",
 )
 
 
