@@ -196,6 +196,17 @@ def test_cli_fail_fast_and_bad_options(ray_session, dataset, tmp_path, capsys):
     assert "does not take --points" in capsys.readouterr().err
 
 
+def test_cli_errors_before_starting_workers(dataset, tmp_path, capsys, monkeypatch):
+    base = ["preprocess", "--dataset", "synthetic", "--grid", "8", "--views", "3", "--no-progress", "--out", str(tmp_path / "c")]
+    monkeypatch.setitem(sys.modules, "vggt", None)  # as on a machine without the optional extra
+    assert cli_main([*base, "--root", str(dataset), "--backend", "vggt"]) == 2
+    err = capsys.readouterr().err
+    assert "needs the vggt package" in err and "pip install git+https://github.com/facebookresearch/vggt" in err
+    assert cli_main([*base, "--root", str(tmp_path / "missing")]) == 2
+    assert "missing: dataset root of 'synthetic' is not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
 def test_jobs_entry_point_help():
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, str(root / "jobs" / "preprocess.py"), "--help"], capture_output=True, text=True, timeout=60)

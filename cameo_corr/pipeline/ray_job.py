@@ -302,6 +302,7 @@ def run_preprocess(
     import cameo_corr
     from cameo_corr.datasets.base import open_dataset
     from cameo_corr.datasets.canonical import CanonicalView
+    from cameo_corr.pipeline.backends import backend_class
     from cameo_corr.pipeline.cache import COMPARED_FIELDS, CacheLocation, CacheWriter, check_compatible
     from cameo_corr.pipeline.planner import default_plan_config, make_shards, plan_windows
     from cameo_corr.schemas import CacheConfig
@@ -325,6 +326,7 @@ def run_preprocess(
                               dataset=reader.describe())
     provisional.validate()
     check_compatible(CacheLocation(out, storage_options), provisional, [f for f in COMPARED_FIELDS if f != "backend"])
+    backend_class(backend).check_requirements()
 
     started = _init_ray(num_cpus, workers * cpus_per_worker)
     actors: list[Any] = []
@@ -524,45 +526,50 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the job from parsed arguments, print the summary, return the exit code."""
     from cameo_corr.pipeline.backends import backend_options_from_args
+    from cameo_corr.schemas import CameoCorrError
 
     try:
         backend_options = backend_options_from_args(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = run_preprocess(
-        dataset=args.dataset,
-        root=args.root,
-        out=args.out,
-        backend=args.backend,
-        grid=args.grid,
-        views=args.views,
-        tau=args.tau,
-        workers=args.workers,
-        gpus_per_worker=args.gpus_per_worker,
-        cpus_per_worker=args.cpus_per_worker,
-        windows_per_scene=args.windows_per_scene,
-        split=args.split,
-        shard_size=args.shard_size,
-        fail_fast=args.fail_fast,
-        backend_options=backend_options,
-        dataset_options=dict(args.dataset_option),
-        crop_policy=args.crop_policy,
-        crop_size=args.crop_size,
-        sampling=args.sampling,
-        span_per_view=tuple(args.span_per_view) if args.span_per_view else None,
-        positions=args.positions,
-        fps=args.fps,
-        seed=args.seed,
-        scenes=args.scene,
-        match_backend=args.match_backend,
-        batch_size=args.batch_size,
-        num_cpus=args.num_cpus,
-        max_retries=args.max_retries,
-        storage_options=dict(args.storage_option),
-        progress=not args.no_progress,
-        command=" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
-    )
+    try:
+        summary = run_preprocess(
+            dataset=args.dataset,
+            root=args.root,
+            out=args.out,
+            backend=args.backend,
+            grid=args.grid,
+            views=args.views,
+            tau=args.tau,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker,
+            windows_per_scene=args.windows_per_scene,
+            split=args.split,
+            shard_size=args.shard_size,
+            fail_fast=args.fail_fast,
+            backend_options=backend_options,
+            dataset_options=dict(args.dataset_option),
+            crop_policy=args.crop_policy,
+            crop_size=args.crop_size,
+            sampling=args.sampling,
+            span_per_view=tuple(args.span_per_view) if args.span_per_view else None,
+            positions=args.positions,
+            fps=args.fps,
+            seed=args.seed,
+            scenes=args.scene,
+            match_backend=args.match_backend,
+            batch_size=args.batch_size,
+            num_cpus=args.num_cpus,
+            max_retries=args.max_retries,
+            storage_options=dict(args.storage_option),
+            progress=not args.no_progress,
+            command=" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+        )
+    except (CameoCorrError, ImportError) as e:
+        print(f"cameo-corr preprocess: error: {e}", file=sys.stderr)
+        return 2
     print(format_summary(summary))
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))

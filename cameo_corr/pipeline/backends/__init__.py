@@ -51,6 +51,14 @@ class GeometryBackend(abc.ABC):
     def __init__(self, device: str | torch.device | None = None) -> None:
         self.device = resolve_device(device)
 
+    @classmethod
+    def check_requirements(cls) -> None:
+        """Raise :class:`ImportError` with an install hint when an optional dependency is missing.
+
+        Called by drivers before they start workers, so a missing package fails at once instead of
+        inside every remote actor. The default has no optional dependency.
+        """
+
     @abc.abstractmethod
     def __call__(self, window: WindowData) -> PointmapResult:
         """Pointmaps of one window, as tensors on :attr:`device`."""

@@ -209,6 +209,11 @@ class VGGTBackend(GeometryBackend):
     version: ClassVar[str] = "1"
     needs_depth: ClassVar[bool] = False
 
+    @classmethod
+    def check_requirements(cls) -> None:
+        """The vggt package must be importable (install hint otherwise)."""
+        import_vggt_class()
+
     def __init__(
         self,
         model: str | Path | nn.Module = DEFAULT_MODEL_ID,
