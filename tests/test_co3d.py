@@ -209,6 +209,7 @@ def test_depth_png_decode_exact_scale_and_masks(tmp_path: Path) -> None:
     reader = CO3DReader(tmp_path, subset=None)
     f0, f1 = reader.scene("cat/s").frames
     assert f0.depth_scale == 2.5 and f1.mask_path is None
+    assert reader.preferred_crop_policy() == "principal_point"  # frame 1 has no foreground mask
     depth = reader.load_depth(f0)
     expected = raw.astype(np.float32) * np.float32(2.5)
     expected[~np.isfinite(expected) | (expected < 0) | ~valid] = 0.0
@@ -230,7 +231,7 @@ def test_depth_png_decode_exact_scale_and_masks(tmp_path: Path) -> None:
 
 def test_load_window_principal_point_crop(apple_root: Path) -> None:
     reader = CO3DReader(apple_root, subset=None)
-    assert reader.default_crop_policy == "principal_point"
+    assert reader.default_crop_policy == reader.preferred_crop_policy() == "principal_point"  # no masks
     scene = reader.scene(reader.scene_ids()[0])
     record = WindowRecord("w", "co3d", "train", scene.scene_id, scene.frames[:2])
     data = load_window(reader, record, CanonicalView(size=64, policy=reader.default_crop_policy))
@@ -324,3 +325,11 @@ def test_roots_categories_and_splits(tmp_path: Path) -> None:
         CO3DReader(tmp_path, split="dev")
     with pytest.raises(DatasetError, match="unknown scene"):
         only.scene("apple/s")
+
+
+def test_mask_bbox_crop_preferred_when_every_frame_has_a_mask(tmp_path: Path) -> None:
+    vp = {"R": np.eye(3).tolist(), "T": [0, 0, 5], "focal_length": [2, 2], "principal_point": [0, 0],
+          "intrinsics_format": "ndc_isotropic"}
+    masked = [_entry("s", i, vp, (12, 16), mask={"path": f"cat/s/masks/f{i}.png", "mass": 1.0}) for i in range(2)]
+    _write_category(tmp_path, masked)
+    assert CO3DReader(tmp_path, subset=None).preferred_crop_policy() == "mask_bbox"

@@ -56,6 +56,14 @@ class SceneReader(abc.ABC):
         """Foreground mask ``[H, W]`` bool; ``None`` if the dataset has none."""
         return None
 
+    def preferred_crop_policy(self) -> str:
+        """The canonical crop used when the user picks none (recorded in ``cache.json``).
+
+        ``default_crop_policy`` unless the reader knows better from its data (CO3D: ``mask_bbox``
+        when every frame has a foreground mask).
+        """
+        return self.default_crop_policy
+
     def options(self) -> dict[str, Any]:
         """Keyword options that reopen this reader with :func:`open_dataset` (recorded in the cache)."""
         return {"split": self.split}

@@ -30,10 +30,11 @@ Depth: a uint16 PNG whose bits are float16 values (:func:`decode_depth_png`), ti
 (``depth.mask_path``, CO3D's geometric-consistency mask), when present, is ANDed in. Foreground masks
 are ``mask PNG > 0.5 * 255`` (CO3D stores ``P(foreground) * 255``).
 
-Crop: :attr:`CO3DReader.default_crop_policy` is ``principal_point`` (a square centred on the principal
-point), which needs no mask. The SPEC's mask-centred crop is chosen explicitly with the
-``mask_bbox`` policy (``cameo-corr preprocess --crop-policy mask_bbox``); it needs a non-empty
-foreground mask for every frame of a window, which CO3D provides for its annotated frames.
+Crop: a square centred on the principal point (``principal_point``), or on the foreground-mask bounding
+box (``mask_bbox``) when masks exist: :meth:`CO3DReader.preferred_crop_policy` picks ``mask_bbox`` when
+every annotated frame of the reader's categories names a mask (CO3D v2 does), else
+``principal_point``. ``cameo-corr preprocess --crop-policy`` overrides the choice; the policy is
+recorded in ``cache.json`` and the trainer re-applies it.
 
 Each category's ``frame_annotations.jgz`` is parsed once per reader and kept in memory; frames are
 converted (and checked) when their scene is requested, so a bad frame fails its scene only.
@@ -148,6 +149,12 @@ class _Category:
     """sequence name -> ``(entry index, entry)`` sorted by frame number."""
     depth_masks: dict[str, str | None]
     """depth path -> depth mask path (``None`` when the frame has no depth mask)."""
+
+    @property
+    def all_masked(self) -> bool:
+        """Whether every frame annotation names a foreground mask (``mask.path``)."""
+        return all(isinstance(e.get("mask"), dict) and e["mask"].get("path")
+                   for entries in self.sequences.values() for _, e in entries)
 
 
 @dataclass(frozen=True)
@@ -345,6 +352,11 @@ class CO3DReader(SceneReader):
                                        "annotations", field="categories")
         self._parsed: dict[str, _Category] = {}
         self._set_lists: dict[str, _SetList] = {}
+
+    def preferred_crop_policy(self) -> str:
+        """``mask_bbox`` when every annotated frame of the reader's categories has a foreground mask, else
+        ``principal_point`` (SPEC: CO3D crops centre on the principal point, or the mask bbox when masks exist)."""
+        return "mask_bbox" if all(self._category(cat).all_masked for cat in self.categories) else self.default_crop_policy
 
     # ------------------------------------------------------------------------------- scenes
     def scene_ids(self) -> list[str]:

@@ -732,6 +732,10 @@ class SyntheticReader(CO3DReader):
     ) -> None:
         super().__init__(root, split=split, categories=categories, subset=subset)
 
+    def preferred_crop_policy(self) -> str:
+        """Always ``principal_point``: the scene is the whole room, while the masks cover the objects only."""
+        return self.default_crop_policy
+
     def sequence(self, scene_id: str) -> SyntheticSequence:
         """The :class:`SyntheticSequence` of a scene, from its ``scene.json``."""
         return SyntheticSequence.read(self.root / scene_id / "scene.json", scene_id=scene_id)

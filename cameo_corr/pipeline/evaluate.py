@@ -267,7 +267,7 @@ def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress:
     from cameo_corr.pipeline.planner import default_plan_config, plan_windows
 
     config.validate()
-    view = CanonicalView(size=config.size, policy=config.policy or reader.default_crop_policy)
+    view = CanonicalView(size=config.size, policy=config.policy or reader.preferred_crop_policy())
     plan = default_plan_config(reader.name, views=config.views, windows_per_scene=config.windows_per_scene, seed=config.seed)
     fingerprint = {"eval_corr": backend.describe(), "grid": list(config.grid), "tau": config.tau, "crop": view.to_dict()}
     planned = plan_windows(reader, plan, fingerprint)

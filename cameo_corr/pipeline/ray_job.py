@@ -319,7 +319,7 @@ def run_preprocess(
         dataset, views=views, windows_per_scene=windows_per_scene, policy=sampling,
         span_per_view=span_per_view, positions=positions, fps=fps, seed=seed,
     )
-    view = CanonicalView(size=crop_size, policy=crop_policy or reader.default_crop_policy)
+    view = CanonicalView(size=crop_size, policy=crop_policy or reader.preferred_crop_policy())
 
     # refuse a mismatching cache before starting workers (the backend entry is checked once known)
     provisional = CacheConfig(grid=grid_hw, tau=float(tau), views=views, backend={"name": backend}, crop=view.to_dict(),
