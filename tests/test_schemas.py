@@ -233,6 +233,18 @@ def test_cache_config_round_trip() -> None:
         (lambda d: d.update(views=1), "views"),
         (lambda d: d["backend"].pop("name"), "backend.name"),
         (lambda d: d.update(crop={"policy": "center"}), "crop"),
+        # wrong JSON types name the field too (no bare TypeError, no silent int() truncation)
+        (lambda d: d.update(grid=32), "grid"),
+        (lambda d: d.update(grid=["a", 32]), "grid"),
+        (lambda d: d.update(grid=[32.7, 32]), "grid"),
+        (lambda d: d.update(tau="1.5"), "tau"),
+        (lambda d: d.update(tau=None), "tau"),
+        (lambda d: d.update(views="4"), "views"),
+        (lambda d: d.update(views=2.5), "views"),
+        (lambda d: d.update(backend=None), "backend"),
+        (lambda d: d.update(crop=[]), "crop"),
+        (lambda d: d.update(created_by="me"), "created_by"),
+        (lambda d: d.update(schema_version=str(SCHEMA_VERSION)), "schema_version"),
     ],
 )
 def test_cache_config_errors_name_the_field(change, field: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -377,6 +378,11 @@ class WindowData:
             _check_shape("masks", self.masks, (S, H, W), where)
 
 
+def _is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer (Python or numpy), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _check_shape(name: str, arr: Any, shape: tuple[int, ...], where: str) -> None:
     if tuple(arr.shape) != tuple(shape):
         raise SchemaError(name, f"expected shape {tuple(shape)}, got {tuple(arr.shape)}", where=where)
@@ -536,13 +542,20 @@ class CacheConfig:
         }
 
     def validate(self, where: str = "cache.json") -> None:
-        """Raise :class:`SchemaError` naming the field on an invalid config."""
-        if self.schema_version != SCHEMA_VERSION:
+        """Raise :class:`SchemaError` naming the field on an invalid config (wrong type or value)."""
+        if not _is_int(self.schema_version) or self.schema_version != SCHEMA_VERSION:
             raise SchemaError(
-                "schema_version", f"this code reads version {SCHEMA_VERSION}, the cache is version {self.schema_version}", where=where
+                "schema_version", f"this code reads version {SCHEMA_VERSION}, the cache is version {self.schema_version!r}", where=where
             )
-        if len(self.grid) != 2 or min(self.grid) <= 0:
-            raise SchemaError("grid", f"expected positive (h, w), got {self.grid}", where=where)
+        if not isinstance(self.grid, (tuple, list)) or len(self.grid) != 2 or not all(_is_int(v) and v > 0 for v in self.grid):
+            raise SchemaError("grid", f"expected positive integer (h, w), got {self.grid!r}", where=where)
+        if isinstance(self.tau, bool) or not isinstance(self.tau, numbers.Real):
+            raise SchemaError("tau", f"must be a number, got {self.tau!r}", where=where)
+        if not _is_int(self.views):
+            raise SchemaError("views", f"must be an integer, got {self.views!r}", where=where)
+        for name in ("backend", "crop", "dataset", "created_by"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise SchemaError(name, f"must be an object, got {getattr(self, name)!r}", where=where)
         if self.grid[0] * self.grid[1] > MAX_TOKENS:
             raise SchemaError("grid", f"{self.grid} has more than {MAX_TOKENS} tokens (int16 'nn')", where=where)
         if not (math.isfinite(self.tau) and self.tau >= 0):
@@ -577,7 +590,8 @@ class CacheConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise SchemaError(unknown[0], "unknown field", where=where)
-        d["grid"] = tuple(int(v) for v in d["grid"])
+        if isinstance(d["grid"], list):
+            d["grid"] = tuple(d["grid"])
         cfg = cls(**d)
         cfg.validate(where)
         return cfg
