@@ -146,6 +146,27 @@ def test_captured_logits_equal_manual_qk() -> None:
     torch.testing.assert_close(again.sample, out.sample, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_logits_are_fp32_under_autocast(dtype: torch.dtype) -> None:
+    """Mixed precision (accelerate autocast) must not coarsen the supervised logits: they are the fp32
+    product of the layer's (half-precision) q and k, as the fp32 CAMEO loss needs."""
+    model = MultiViewUNet(_tiny_unet(), layer="up_blocks.1.attentions.0", camera_dropout=0.0).eval()
+    attn = model.unet.get_submodule(model.layer_name.removesuffix(".processor"))
+    qk: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: qk.append(out.detach())) for m in (attn.to_q, attn.to_k)]
+    B, Fv = 2, 3
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        out = model(**_inputs(model, B=B, Fv=Fv))
+    for h in hooks:
+        h.remove()
+    q, k = qk
+    assert q.dtype == dtype  # the layer itself ran in half precision
+    d = q.shape[-1] // attn.heads
+    q, k = (x.float().reshape(B, -1, attn.heads, d).transpose(1, 2) for x in (q, k))
+    assert out.logits.dtype == torch.float32
+    torch.testing.assert_close(out.logits, q @ k.transpose(-1, -2) * attn.scale, atol=1e-5, rtol=1e-5)
+
+
 def test_gradient_checkpointing_keeps_logit_gradients() -> None:
     model_a = MultiViewUNet(_tiny_unet(), layer=3, camera_dropout=0.0).train()
     model_b = copy.deepcopy(model_a)

@@ -28,9 +28,9 @@ tokens of all F views of a sample: ``[B*F, N, C] -> [B, F*N, C]``, attention, an
 MVGenMaster style). Cross-attention layers (``attn2``) keep diffusers' default processor. Views of a
 sample must be consecutive in the UNet batch, which :class:`MultiViewUNet` guarantees.
 
-Supervised layer. One self-attention layer computes its attention explicitly (``q k^T * scale``, softmax
-in fp32) and hands its pre-softmax per-head logits ``[B, heads, F*N, F*N]`` to the caller; the others
-use ``F.scaled_dot_product_attention``. The explicit path is used for that layer on every call, so the
+Supervised layer. One self-attention layer computes its attention explicitly (``q k^T * scale`` and softmax
+in fp32, autocast off) and hands its pre-softmax per-head logits ``[B, heads, F*N, F*N]`` (fp32) to the
+caller; the others use ``F.scaled_dot_product_attention``. The explicit path is used for that layer on every call, so the
 network output does not depend on whether logits are requested, and gradient-checkpoint recomputation
 sees the same graph.
 
@@ -352,9 +352,10 @@ class _MultiViewState:
 class MultiViewAttnProcessor:
     """Self-attention over the tokens of all views of a sample (``[B*F, N, C] -> [B, F*N, C]``).
 
-    With ``explicit=True`` the attention is computed as ``softmax(q k^T * scale)`` (softmax in fp32) and,
-    while the owning model records, the pre-softmax logits ``[B, heads, F*N, F*N]`` are stored in the
-    shared state; otherwise ``F.scaled_dot_product_attention`` is used.
+    With ``explicit=True`` the attention is computed as ``softmax(q k^T * scale)`` (logits and softmax
+    in fp32, also under autocast) and, while the owning model records, the pre-softmax logits
+    ``[B, heads, F*N, F*N]`` are stored in the shared state; otherwise ``F.scaled_dot_product_attention``
+    is used.
     """
 
     def __init__(self, state: _MultiViewState, *, explicit: bool = False) -> None:
@@ -404,11 +405,12 @@ class MultiViewAttnProcessor:
             key = attn.norm_k(key)
 
         if self.explicit:
-            if attn.upcast_attention:
+            # fp32 logits with autocast off: under bf16/fp16 autocast a matmul runs in half precision
+            # even on fp32 inputs, which would coarsen the logits the fp32 CAMEO loss is computed on
+            # and overflow fp16 for SD2.1 (the reason for its upcast_attention).
+            with torch.autocast(device_type=query.device.type, enabled=False):
                 logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
-            else:
-                logits = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
-            probs = logits.float().softmax(dim=-1).to(value.dtype)
+            probs = logits.softmax(dim=-1).to(value.dtype)
             out = torch.matmul(probs, value)
             if self.state.recording:
                 self.state.logits = logits
