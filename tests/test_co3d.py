@@ -177,6 +177,17 @@ def test_set_list_frame_missing_from_annotations(tmp_path: Path) -> None:
     assert e.value.field == "train"
 
 
+def test_set_listed_frame_with_malformed_image_section(tmp_path: Path) -> None:
+    """A non-object ``image`` of a set-listed frame is a DatasetError naming it (not an AttributeError)."""
+    entries = [_good_entry()]
+    listed = [["s", 4, entries[0]["image"]["path"]]]
+    entries[0]["image"] = "cat/s/images/frame000004.jpg"
+    path = _write_category(tmp_path, entries, set_lists={"dev": {"train": listed, "val": [], "test": []}})
+    with pytest.raises(DatasetError, match="expected an object") as e:
+        CO3DReader(tmp_path, subset="dev").scene("cat/s")
+    assert e.value.path == str(path) and e.value.field == "image" and e.value.scene_id == "cat/s"
+
+
 # ------------------------------------------------------------------------------------ pixels
 def test_depth_png_decode_exact_scale_and_masks(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
@@ -275,6 +286,7 @@ def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
         ("image.size", [64], "image.size", "expected \\[H, W\\]"),
         ("image.path", _DELETE, "image.path", "non-empty string"),
         ("depth", {"path": "x.png", "scale_adjustment": float("inf")}, "depth.scale_adjustment", "positive finite"),
+        ("depth", {"path": "x.png", "scale_adjustment": 1.0, "mask_path": 3}, "depth.mask_path", "string or null"),
     ],
 )
 def test_bad_frame_fields_name_file_field_and_frame(

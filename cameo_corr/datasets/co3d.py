@@ -306,6 +306,10 @@ def frame_record(entry: Mapping[str, Any], path: Path, scene_id: str) -> FrameRe
             raise DatasetError(str(path), f"{where}: expected a positive finite number, got {scale!r}",
                                field="depth.scale_adjustment", scene_id=scene_id)
         depth_scale = float(scale)
+        depth_mask = depth.get("mask_path")
+        if depth_mask is not None and (not isinstance(depth_mask, str) or not depth_mask):
+            raise DatasetError(str(path), f"{where}: expected a non-empty string or null, got {depth_mask!r}",
+                               field="depth.mask_path", scene_id=scene_id)
     mask = _optional_section(entry, "mask", path, where, scene_id)
     mask_path = _string(mask, "path", path, "mask.path", where, scene_id) if mask is not None else None
     return FrameRecord(frame_id=str(entry["frame_number"]), image_path=image_path, image_size=hw, intrinsics=K,
@@ -387,7 +391,8 @@ class CO3DReader(SceneReader):
                 if num not in by_number:
                     raise DatasetError(str(wanted.path), f"frame {num} of sequence {seq!r} is not in {parsed.path}",
                                        field=self.split, scene_id=scene_id)
-                annotated = (by_number[num].get("image") or {}).get("path")
+                annotated = _section(by_number[num], "image", parsed.path, f"frame {num} of sequence {seq!r}",
+                                     scene_id).get("path")
                 if annotated != image_path:
                     raise DatasetError(str(wanted.path), f"frame {num} of sequence {seq!r}: image path {image_path!r} "
                                        f"differs from the annotation's {annotated!r}", field=self.split,
