@@ -148,3 +148,27 @@ def test_bad_files(stairs: Path, tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="does not exist") as e:
         reader.scene("seq-01")
     assert e.value.field == "depth" and e.value.path.endswith("frame-000002.depth.png")
+
+
+def test_depth_decoded_as_int32_mode_i(stairs: Path, tmp_path: Path) -> None:
+    """Pillow < 10.3 hands 16-bit grey PNGs back in mode "I" (int32): same metres, and 8-bit depth is refused.
+
+    The "I" image is stored as a TIFF under the ``.depth.png`` name (Pillow identifies files by content), which
+    reproduces what those Pillow releases return for the real PNG.
+    """
+    root = _copy_scene(stairs, tmp_path)
+    reader = SevenScenesReader(root)
+    frame = reader.scene("seq-01").frames[0]
+    expected = reader.load_depth(frame)
+    path = root / frame.depth_path
+    with Image.open(path) as im:
+        raw = np.asarray(im).astype(np.int32)
+    assert np.isin(raw, (0, 65535)).any() and (raw > 0).any()
+    Image.fromarray(raw).save(path, format="TIFF")
+    with Image.open(path) as im:
+        assert im.mode == "I"
+    np.testing.assert_array_equal(reader.load_depth(frame), expected)
+    Image.fromarray((raw // 256).astype(np.uint8)).save(path, format="PNG")
+    with pytest.raises(DatasetError, match="16-bit single-channel") as e:
+        reader.load_depth(frame)
+    assert e.value.path == str(path) and e.value.field == "depth"

@@ -41,6 +41,7 @@ DEPTH_SCALE = 0.001
 INVALID_DEPTH = (0, 65535)
 _SEQUENCE_RE = re.compile(r"^sequence(\d+)$")
 _FRAME_SUFFIX = ".pose.txt"
+_DEPTH_PNG_MODES = ("I;16", "I;16L", "I;16B", "I")
 
 
 def _read_lines(path: Path, scene_id: str | None = None) -> list[str]:
@@ -189,11 +190,16 @@ class SevenScenesReader(SceneReader):
         path = self.root / frame.depth_path
         try:
             with Image.open(path) as im:
+                mode = im.mode
                 raw = np.asarray(im)
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise DatasetError(str(path), f"cannot decode depth PNG: {e}", field="depth") from e
-        if raw.dtype != np.uint16 or raw.ndim != 2:
-            raise DatasetError(str(path), f"expected a 16-bit single-channel PNG, got {raw.dtype} {raw.shape}", field="depth")
+        # Pillow >= 10.3 opens 16-bit grey PNGs as "I;16" (uint16), older releases as "I" (int32)
+        if (mode not in _DEPTH_PNG_MODES or raw.ndim != 2 or raw.dtype.kind not in "iu"
+                or (raw.size and (raw.min() < 0 or raw.max() > 0xFFFF))):
+            raise DatasetError(str(path), f"expected a 16-bit single-channel PNG, got mode {mode!r} ({raw.dtype} "
+                               f"{raw.shape})", field="depth")
+        raw = raw.astype(np.uint16)
         depth = raw.astype(np.float32) * np.float32(frame.depth_scale)
         depth[np.isin(raw, INVALID_DEPTH)] = 0.0
         return depth
