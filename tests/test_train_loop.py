@@ -133,3 +133,27 @@ def test_presets_load_by_name_and_unknown_names_are_errors(tmp_path: Path) -> No
         preset_path("nope")
     with pytest.raises(SchemaError, match="loss.query_chunk"):
         load_config("tiny_cpu", ["loss.query_chunk=0"])
+
+
+def test_checkpoint_is_marked_finished_only_after_every_rank_saved(cache: Path, tmp_path: Path) -> None:
+    """``loop_state.json`` marks a checkpoint finished (and lets older ones be pruned), so on multi-GPU it
+    must be written after a barrier that follows every rank's ``save_state`` (each rank writes its own
+    RNG state file); the barrier calls are recorded with what was on disk at that moment."""
+    from cameo_corr.train.loop import Trainer
+
+    trainer = Trainer(config(cache), tmp_path / "run")
+    path = tmp_path / "run" / "checkpoints" / "step-00000000"
+    seen: list[tuple[bool, bool]] = []
+    barrier = trainer.accelerator.wait_for_everyone
+    trainer.accelerator.wait_for_everyone = lambda: (  # type: ignore[method-assign]
+        seen.append(((path / "random_states_0.pkl").is_file(), (path / "loop_state.json").is_file())), barrier())[1]
+    assert trainer.save() == path
+    assert (True, False) in seen, seen  # a barrier after this rank's state was written, before the marker
+    assert (path / "loop_state.json").is_file()
+
+
+def test_keep_checkpoints_must_be_positive_or_null() -> None:
+    for bad in ("0", "-1"):  # [:-0] would silently keep every checkpoint, [:-(-1)] delete the oldest only
+        with pytest.raises(SchemaError, match="train.keep_checkpoints"):
+            load_config("tiny_cpu", [f"train.keep_checkpoints={bad}"])
+    assert load_config("tiny_cpu", ["train.keep_checkpoints=null"]).train.keep_checkpoints is None

@@ -331,5 +331,7 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
         raise SchemaError("eval.every" if e.every < 0 else "eval.batches", f"need every >= 0 and batches > 0, got {e.every}, {e.batches}", where=where)
     if not 0 <= e.timestep < cfg.diffusion.num_train_timesteps:
         raise SchemaError("eval.timestep", f"must be in [0, {cfg.diffusion.num_train_timesteps}), got {e.timestep}", where=where)
+    if r.keep_checkpoints is not None and r.keep_checkpoints < 1:
+        raise SchemaError("train.keep_checkpoints", f"must be >= 1 or null (keep all), got {r.keep_checkpoints}", where=where)
     if r.checkpoint_every < 0:
         raise SchemaError("train.checkpoint_every", f"must be >= 0, got {r.checkpoint_every}", where=where)

@@ -335,6 +335,7 @@ class Trainer:
         acc = self.accelerator
         path = self.out / CHECKPOINT_DIR / f"step-{self.state.step:08d}"
         acc.save_state(str(path), safe_serialization=True)
+        acc.wait_for_everyone()  # every rank's RNG state is on disk before the checkpoint is marked finished
         if acc.is_main_process:
             (path / "loop_state.json").write_text(json.dumps({"step": self.state.step, "data": self.loader.state_dict()}))
             keep = self.cfg.train.keep_checkpoints
