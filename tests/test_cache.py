@@ -16,6 +16,7 @@ from cameo_corr.pipeline.cache import (
     CorrCache,
     WindowOutcome,
     fragment_path,
+    read_manifest,
     shard_dir,
     window_fractions,
 )
@@ -262,3 +263,116 @@ def test_float16_overflow_is_an_error():
 def test_location_rejects_storage_options_for_local_paths(tmp_path):
     with pytest.raises(ValueError, match="storage_options"):
         CacheLocation(tmp_path, {"anon": True})
+
+
+def _object_store_fs_class():
+    """A ``memory``-backed fsspec filesystem with the two object-store traits that matter to the cache
+    writer (both as in s3fs): a "directory" is only a key prefix, so copying one fails like S3's
+    CopyObject on a prefix; and listings are cached per filesystem instance (fsspec's ``dircache``,
+    consulted by ``info``/``exists`` through ``_ls_from_cache``), refreshed by the instance's own writes
+    and by ``invalidate_cache(path)`` (which drops ``path`` and its parents), never by writes of other
+    instances (zarr's store, other processes)."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class ObjectStoreFS(MemoryFileSystem):
+        protocol = ("objstore",)
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return super()._strip_protocol(str(path).removeprefix("objstore://"))
+
+        def invalidate_cache(self, path=None):
+            if path is None:
+                self.dircache.clear()
+                return
+            path = self._strip_protocol(path)
+            while path:
+                self.dircache.pop(path, None)
+                path = self._parent(path) if path != "/" else ""
+
+        def ls(self, path, detail=True, **kwargs):
+            path = self._strip_protocol(path)
+            if path not in self.dircache:
+                self.dircache[path] = super().ls(path, detail=True)
+            out = self.dircache[path]
+            return out if detail else [o["name"] for o in out]
+
+        def info(self, path, **kwargs):
+            path = self._strip_protocol(path)
+            cached = self._ls_from_cache(path)  # FileNotFoundError when a cached parent listing lacks it
+            if cached is None:
+                return super().info(path, **kwargs)
+            match = [o for o in cached if o["name"].rstrip("/") == path]
+            return match[0] if match else {"name": path, "size": 0, "type": "directory"}
+
+        def cp_file(self, path1, path2, **kwargs):
+            if not super().isfile(self._strip_protocol(path1)):
+                raise FileNotFoundError(f"no object at {path1} (a prefix is not an object)")
+            self.dircache.clear()
+            super().cp_file(path1, path2, **kwargs)
+
+        def _open(self, path, mode="rb", **kwargs):
+            if "r" not in mode:
+                self.dircache.clear()
+            return super()._open(path, mode, **kwargs)
+
+        def rm(self, path, recursive=False, maxdepth=None):
+            self.dircache.clear()
+            super().rm(path, recursive=recursive, maxdepth=maxdepth)
+            self.dircache.clear()
+
+        def makedirs(self, path, exist_ok=False):
+            self.dircache.clear()
+            super().makedirs(path, exist_ok=exist_ok)
+
+    return ObjectStoreFS
+
+
+@pytest.fixture
+def object_store(tmp_path):
+    """``(filesystem class, cache URL)`` on the object-store double, registered as ``objstore://``."""
+    import fsspec
+
+    cls = _object_store_fs_class()
+    fsspec.register_implementation("objstore", cls, clobber=True)
+    root = f"cameo-objstore-{tmp_path.name}/cache"
+    yield cls, f"objstore://{root}"
+    memory = fsspec.filesystem("memory")
+    if memory.exists(root):
+        memory.rm(root, recursive=True)
+
+
+def test_object_store_moves_shard_groups_file_by_file(object_store):
+    """Shard groups are renamed into place on object stores too (regression: fsspec's recursive
+    ``mv`` tried to copy the group's key prefixes and failed every shard on s3://)."""
+    _, object_store_url = object_store
+    writer = CacheWriter(object_store_url, config())
+    writer.initialize()
+    writer.write_shard("aaaa", outcomes([0, 1]))
+    writer.write_shard("aaaa-stale", outcomes([2]))
+    writer.location.remove(fragment_path("aaaa-stale"))  # a renamed group without fragment: replaced on rewrite
+    writer.write_shard("aaaa-stale", outcomes([2]))
+    assert writer.location.listdir("shards") == ["aaaa-stale.zarr", "aaaa.zarr"]  # no temporary group left
+    cache = CorrCache(object_store_url)
+    assert sorted(cache.window_ids()) == [record(i).window_id for i in (0, 1, 2)]
+    for i in (0, 1, 2):
+        got = cache.window(record(i).window_id)
+        assert all(np.array_equal(got[n], v) for n, v in token_arrays(i).items())
+
+
+def test_object_store_listings_see_other_writers(object_store):
+    """A long-lived process (the job's driver) sees shards other processes wrote since it last listed
+    (regression: cached listings hid new manifest fragments, so a finished shard looked unfinished and
+    was rewritten, and an in-process reader missed the new windows)."""
+    cls, url = object_store
+    driver = CacheWriter(url, config())
+    driver.initialize()
+    driver.write_shard("first", outcomes([0]))
+    assert driver.remove_orphans() == [] and driver.done_window_ids() == {record(0).window_id}
+    cls.clear_instance_cache()  # a worker process has its own filesystem instance
+    CacheWriter(url, config()).write_shard("s1", outcomes([1, 2]))
+    assert driver.done_window_ids() == {record(i).window_id for i in (0, 1, 2)}
+    assert driver.remove_orphans() == []
+    rows = driver.write_shard("s1", outcomes([5]))  # finished elsewhere: returned, never rewritten
+    assert rows.column("window_id").to_pylist() == [record(1).window_id, record(2).window_id]
+    assert sorted(read_manifest(driver.location).column("window_id").to_pylist()) == [record(i).window_id for i in (0, 1, 2)]

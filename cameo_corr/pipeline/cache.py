@@ -99,12 +99,22 @@ class CacheLocation:
         p = self.path(*parts)
         return p if self.local else self.fs.unstrip_protocol(p)
 
+    def _fresh(self, path: str) -> str:
+        """``path`` after dropping cached listings of it and its parents.
+
+        Object-store filesystems (s3fs, gcsfs) cache directory listings per instance and answer
+        ``exists``/``info``/``ls`` from them; writes by other processes (workers) and by zarr's own
+        store instance never reach that cache, so every query here starts from the store itself.
+        """
+        self.fs.invalidate_cache(path)
+        return path
+
     def exists(self, *parts: str) -> bool:
-        return bool(self.fs.exists(self.path(*parts)))
+        return bool(self.fs.exists(self._fresh(self.path(*parts))))
 
     def listdir(self, *parts: str) -> list[str]:
         """Names (not paths) of the entries directly under ``parts``; empty when it does not exist."""
-        base = self.path(*parts)
+        base = self._fresh(self.path(*parts))
         if not self.fs.exists(base):
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
@@ -114,11 +124,25 @@ class CacheLocation:
         self.fs.rm(self.path(*parts), recursive=True)
 
     def move(self, src: str, dst: str) -> None:
-        """Rename ``src`` to ``dst`` (relative paths): atomic ``os.rename`` locally, ``fs.mv`` otherwise."""
-        if self.local:
+        """Rename ``src`` to ``dst`` (relative paths): atomic ``os.rename`` locally (also ``file://``).
+
+        On object stores (``s3://``, ``gs://``...) a directory is only a key prefix, and fsspec's
+        recursive ``mv`` also tries to copy the prefixes themselves (and raises), so a directory is
+        moved as the list of its files (server-side copies), then the source is deleted.
+        """
+        from fsspec.implementations.local import LocalFileSystem
+
+        if self.local or isinstance(self.fs, LocalFileSystem):
             os.rename(self.path(src), self.path(dst))
-        else:
-            self.fs.mv(self.path(src), self.path(dst), recursive=True)
+            return
+        src_path, dst_path = self._fresh(self.path(src)), self._fresh(self.path(dst))
+        if not self.fs.isdir(src_path):
+            self.fs.mv(src_path, dst_path)
+            return
+        files = self.fs.find(src_path)
+        if files:
+            self.fs.copy(files, [dst_path + f[len(src_path) :] for f in files], on_error="raise")
+        self.fs.rm(src_path, recursive=True)
 
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
         """Write ``data`` to ``rel`` through a temporary name in the same folder, then rename."""
@@ -130,7 +154,7 @@ class CacheLocation:
         self.move(tmp, rel)
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open(self.path(rel), "rb") as f:
+        with self.fs.open(self._fresh(self.path(rel)), "rb") as f:
             return f.read()
 
     def zarr_store(self, rel: str, *, read_only: bool) -> Any:
@@ -147,7 +171,7 @@ class CacheLocation:
 
     def disk_usage(self, *parts: str) -> int:
         """Total bytes of the files under ``parts`` (0 when absent)."""
-        base = self.path(*parts)
+        base = self._fresh(self.path(*parts))
         if not self.fs.exists(base):
             return 0
         return int(sum(info["size"] for info in self.fs.find(base, detail=True).values()))
