@@ -157,3 +157,15 @@ def test_keep_checkpoints_must_be_positive_or_null() -> None:
         with pytest.raises(SchemaError, match="train.keep_checkpoints"):
             load_config("tiny_cpu", [f"train.keep_checkpoints={bad}"])
     assert load_config("tiny_cpu", ["train.keep_checkpoints=null"]).train.keep_checkpoints is None
+
+
+@pytest.mark.slow
+def test_codec_saved_only_when_its_weights_exist_nowhere_else(cache: Path, tmp_path: Path) -> None:
+    """The tiny random VAE goes into checkpoints (and resumes); the identity codec adds nothing."""
+    tiny = config(cache, "train.max_steps=2", "train.checkpoint_every=1", "model.vae=tiny")
+    train(tiny, tmp_path / "tiny", resume="never", max_steps=1)
+    assert train(tiny, tmp_path / "tiny", resume="auto").step == 2
+    ident = config(cache, "train.max_steps=1")
+    train(ident, tmp_path / "ident", resume="never")
+    custom = [sorted(p.name for p in checkpoint_dirs(tmp_path / run)[-1].glob("custom_checkpoint_*")) for run in ("tiny", "ident")]
+    assert len(custom[0]) == len(custom[1]) + 1

@@ -12,7 +12,8 @@ argmax within one token of the cached target) is logged with both losses.
 Randomness that shapes a step (timesteps, noise, camera-condition dropout) is drawn from a generator
 seeded by ``(seed, rank, step, micro-batch)``, so it does not depend on history. A checkpoint
 (``accelerator.save_state``) holds the model + head MLP as safetensors, the optimizer, the learning
-rate schedule, the data stream position, the frozen codec and every process's RNG states; resuming
+rate schedule, the data stream position, the frozen codec when it is the tiny random VAE (a pretrained
+one is reloaded from its directory) and every process's RNG states; resuming
 from it continues bit-for-bit like the uninterrupted run.
 
 Multi-GPU: ``accelerate launch -m cameo_corr.cli train ...``; every rank reads its own part of the
@@ -312,7 +313,10 @@ class Trainer:
         self.noise_scheduler = make_noise_scheduler(cfg)
         self.loader = make_loader(cfg, cache=cfg.data.cache, rank=acc.process_index, world_size=acc.num_processes)
         self.state = LoopState(step=0, loader=self.loader)
-        acc.register_for_checkpointing(self.lr_scheduler, self.state, self.codec)
+        # The frozen codec is saved only where its weights exist nowhere else (the tiny random VAE): a
+        # pretrained VAE is reloaded from model.pretrained (~335 MB per checkpoint saved), identity has none.
+        extra_state = [self.codec] if cfg.model.vae == "tiny" else []
+        acc.register_for_checkpointing(self.lr_scheduler, self.state, *extra_state)
         self.eval_batches: list[dict[str, Any]] = []
         if cfg.eval.every > 0:
             eval_loader = make_loader(cfg, cache=cfg.eval.cache or cfg.data.cache, rank=acc.process_index,
