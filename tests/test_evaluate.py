@@ -187,6 +187,18 @@ def test_eval_corr_cli_on_synthetic_scenes_depth_backend_scores_about_one(tmp_pa
     assert report["backend"]["name"] == "depth" and report["config"]["grid"] == [16, 16]
 
 
+def test_eval_corr_cli_input_errors_exit_2(tmp_path, capsys) -> None:
+    from cameo_corr.cli import main
+    from cameo_corr.datasets.synthetic import generate_dataset
+
+    assert main(["eval-corr", "--dataset", "synthetic", "--root", str(tmp_path / "missing")]) == 2
+    assert "missing: dataset root of 'synthetic' is not a directory" in capsys.readouterr().err
+    generate_dataset(tmp_path / "synth", scenes=1, frames=3, image_size=16)
+    assert main(["eval-corr", "--dataset", "synthetic", "--root", str(tmp_path / "synth"), "--backend", "depth",
+                 "--points", "head"]) == 2
+    assert "does not take --points" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_eval_corr_on_real_sevenscenes_depth(shared_data, tmp_path) -> None:
     from cameo_corr.datasets import open_dataset

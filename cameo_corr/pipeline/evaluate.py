@@ -387,10 +387,15 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
 def _run_cli(args: argparse.Namespace) -> int:
     from cameo_corr.datasets import open_dataset
     from cameo_corr.pipeline.backends import backend_options_from_args, make_backend
+    from cameo_corr.schemas import CameoCorrError
 
     reader_options = {} if args.split is None else {"split": args.split}
-    reader = open_dataset(args.dataset, args.root, **reader_options)
-    backend = make_backend(args.backend, **backend_options_from_args(args))
+    try:
+        reader = open_dataset(args.dataset, args.root, **reader_options)
+        backend = make_backend(args.backend, **backend_options_from_args(args))
+    except (CameoCorrError, ImportError, ValueError) as e:
+        print(f"cameo-corr eval-corr: error: {e}", file=sys.stderr)
+        return 2
     config = EvalConfig(
         views=args.views,
         windows=args.windows,
