@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from cameo_corr.cli import main as cli_main  # noqa: E402
 from cameo_corr.datasets.base import open_dataset  # noqa: E402
 from cameo_corr.pipeline.cache import CacheMismatchError, CorrCache, fragment_names  # noqa: E402
 from cameo_corr.pipeline.cache_tools import verify_cache  # noqa: E402
-from cameo_corr.pipeline.ray_job import run_preprocess  # noqa: E402
+from cameo_corr.pipeline.ray_job import preflight_backend, run_preprocess  # noqa: E402
 
 RUN = dict(backend="depth", grid=8, views=3, windows_per_scene=2, crop_size=48, shard_size=2, progress=False)
 GOOD, CORRUPT, MISSING, NAN_DEPTH = 0, 1, 2, 3
@@ -205,6 +206,29 @@ def test_cli_errors_before_starting_workers(dataset, tmp_path, capsys, monkeypat
     assert cli_main([*base, "--root", str(tmp_path / "missing")]) == 2
     assert "missing: dataset root of 'synthetic' is not a directory" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_preflight_warns_when_a_gpu_backend_gets_no_gpu(monkeypatch):
+    from cameo_corr.pipeline.backends.vggt import VGGTBackend
+
+    monkeypatch.setattr(VGGTBackend, "check_requirements", classmethod(lambda cls: None))
+    with pytest.warns(UserWarning, match="backend runs on CPU"):
+        preflight_backend("vggt", 0, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        preflight_backend("vggt", 1, None)
+        preflight_backend("vggt", 0, {"device": "cpu"})
+        preflight_backend("depth", 0, None)
+
+
+def test_runtime_envs_parse_and_the_vggt_one_extends_the_base():
+    import yaml
+
+    jobs = Path(__file__).resolve().parents[1] / "jobs"
+    base = yaml.safe_load((jobs / "runtime_env.yaml").read_text())
+    vggt = yaml.safe_load((jobs / "runtime_env_vggt.yaml").read_text())
+    assert set(base["pip"]) < set(vggt["pip"]) and base["excludes"] == vggt["excludes"]
+    assert "git+https://github.com/facebookresearch/vggt" in vggt["pip"]
 
 
 def test_jobs_entry_point_help():

@@ -32,6 +32,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,6 +245,18 @@ def _init_ray(num_cpus: int | None, needed_cpus: float) -> bool:
     return True
 
 
+def preflight_backend(backend: str, gpus_per_worker: float, backend_options: Mapping[str, Any] | None) -> None:
+    """Driver-side checks before any worker starts: the backend's optional packages are installed
+    (:class:`ImportError` with an install hint otherwise), and a GPU backend given no GPU is warned about."""
+    from cameo_corr.pipeline.backends import backend_class
+
+    cls = backend_class(backend)
+    cls.check_requirements()
+    if cls.wants_gpu and gpus_per_worker <= 0 and (backend_options or {}).get("device") != "cpu":
+        warnings.warn(f"--gpus-per-worker is 0: Ray gives the workers no GPU, so the {backend!r} backend runs on CPU "
+                      "in fp32 (pass --gpus-per-worker 1, or --device cpu to silence this)", stacklevel=3)
+
+
 def _absolute_root(root: str | Path) -> str:
     text = str(root)
     return text if "://" in text else os.path.abspath(text)
@@ -302,7 +315,6 @@ def run_preprocess(
     import cameo_corr
     from cameo_corr.datasets.base import open_dataset
     from cameo_corr.datasets.canonical import CanonicalView
-    from cameo_corr.pipeline.backends import backend_class
     from cameo_corr.pipeline.cache import COMPARED_FIELDS, CacheLocation, CacheWriter, check_compatible
     from cameo_corr.pipeline.planner import default_plan_config, make_shards, plan_windows
     from cameo_corr.schemas import CacheConfig
@@ -326,7 +338,7 @@ def run_preprocess(
                               dataset=reader.describe())
     provisional.validate()
     check_compatible(CacheLocation(out, storage_options), provisional, [f for f in COMPARED_FIELDS if f != "backend"])
-    backend_class(backend).check_requirements()
+    preflight_backend(backend, gpus_per_worker, backend_options)
 
     started = _init_ray(num_cpus, workers * cpus_per_worker)
     actors: list[Any] = []

@@ -47,6 +47,8 @@ class GeometryBackend(abc.ABC):
     """Bumped whenever the backend's output for the same input and options changes."""
     needs_depth: ClassVar[bool] = False
     """Whether windows must be loaded with ``load_window(..., with_depth=True)``."""
+    wants_gpu: ClassVar[bool] = False
+    """A network that is impractically slow on CPU (drivers warn when no GPU is given to it)."""
 
     def __init__(self, device: str | torch.device | None = None) -> None:
         self.device = resolve_device(device)

@@ -208,6 +208,7 @@ class VGGTBackend(GeometryBackend):
     name: ClassVar[str] = "vggt"
     version: ClassVar[str] = "1"
     needs_depth: ClassVar[bool] = False
+    wants_gpu: ClassVar[bool] = True
 
     @classmethod
     def check_requirements(cls) -> None:
