@@ -27,6 +27,7 @@ from cameo_corr.datasets.base import open_dataset  # noqa: E402
 from cameo_corr.pipeline.cache import CacheMismatchError, CorrCache, fragment_names  # noqa: E402
 from cameo_corr.pipeline.cache_tools import verify_cache  # noqa: E402
 from cameo_corr.pipeline.ray_job import preflight_backend, run_preprocess  # noqa: E402
+from cameo_corr.schemas import SchemaError  # noqa: E402
 
 RUN = dict(backend="depth", grid=8, views=3, windows_per_scene=2, crop_size=48, shard_size=2, progress=False)
 GOOD, CORRUPT, MISSING, NAN_DEPTH = 0, 1, 2, 3
@@ -220,6 +221,16 @@ def test_preflight_warns_when_a_gpu_backend_gets_no_gpu(monkeypatch):
         preflight_backend("vggt", 1, None)
         preflight_backend("vggt", 0, {"device": "cpu"})
         preflight_backend("depth", 0, None)
+
+
+def test_depth_backend_on_a_dataset_without_depth_is_refused_up_front(shared_data, tmp_path, capsys):
+    re10k = open_dataset("re10k", shared_data / "re10k_clips")
+    assert not re10k.has_depth and open_dataset("7scenes", shared_data / "sevenscenes_stairs").has_depth
+    with pytest.raises(SchemaError, match="field 'backend': the 'depth' backend needs depth, and dataset 're10k' has none"):
+        preflight_backend("depth", 0, None, re10k)
+    assert cli_main(["preprocess", "--dataset", "re10k", "--root", str(shared_data / "re10k_clips"), "--out",
+                     str(tmp_path / "c"), "--backend", "depth", "--views", "4", "--no-progress"]) == 2
+    assert "needs depth" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
 def test_runtime_envs_parse_and_the_vggt_one_extends_the_base():

@@ -48,6 +48,11 @@ class SceneReader(abc.ABC):
     def load_image(self, frame: FrameRecord) -> np.ndarray:
         """RGB uint8 ``[H, W, 3]`` pixels of ``frame`` (its ``image_size``)."""
 
+    @property
+    def has_depth(self) -> bool:
+        """Whether the dataset stores depth at all (readers with depth override :meth:`load_depth`)."""
+        return type(self).load_depth is not SceneReader.load_depth
+
     def load_depth(self, frame: FrameRecord) -> np.ndarray | None:
         """z-depth ``[H, W]`` float32 in scene units, 0 where invalid; ``None`` if the dataset has none."""
         return None

@@ -36,9 +36,12 @@ import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from cameo_corr.schemas import CANONICAL_SIZE, DEFAULT_GRID, DEFAULT_TAU, CameoCorrError, WindowRecord
+from cameo_corr.schemas import CANONICAL_SIZE, DEFAULT_GRID, DEFAULT_TAU, CameoCorrError, SchemaError, WindowRecord
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from cameo_corr.datasets.base import SceneReader
 
 logger = logging.getLogger(__name__)
 
@@ -245,13 +248,19 @@ def _init_ray(num_cpus: int | None, needed_cpus: float) -> bool:
     return True
 
 
-def preflight_backend(backend: str, gpus_per_worker: float, backend_options: Mapping[str, Any] | None) -> None:
+def preflight_backend(
+    backend: str, gpus_per_worker: float, backend_options: Mapping[str, Any] | None, reader: "SceneReader | None" = None
+) -> None:
     """Driver-side checks before any worker starts: the backend's optional packages are installed
-    (:class:`ImportError` with an install hint otherwise), and a GPU backend given no GPU is warned about."""
+    (:class:`ImportError` with an install hint otherwise), a backend that needs depth gets a dataset that
+    has depth (:class:`SchemaError` naming ``backend``), and a GPU backend given no GPU is warned about."""
     from cameo_corr.pipeline.backends import backend_class
 
     cls = backend_class(backend)
     cls.check_requirements()
+    if reader is not None and cls.needs_depth and not reader.has_depth:
+        raise SchemaError("backend", f"the {backend!r} backend needs depth, and dataset {reader.name!r} has none "
+                          "(use a geometry model such as --backend vggt)", where=str(reader.root))
     if cls.wants_gpu and gpus_per_worker <= 0 and (backend_options or {}).get("device") != "cpu":
         warnings.warn(f"--gpus-per-worker is 0: Ray gives the workers no GPU, so the {backend!r} backend runs on CPU "
                       "in fp32 (pass --gpus-per-worker 1, or --device cpu to silence this)", stacklevel=3)
@@ -338,7 +347,7 @@ def run_preprocess(
                               dataset=reader.describe())
     provisional.validate()
     check_compatible(CacheLocation(out, storage_options), provisional, [f for f in COMPARED_FIELDS if f != "backend"])
-    preflight_backend(backend, gpus_per_worker, backend_options)
+    preflight_backend(backend, gpus_per_worker, backend_options, reader)
 
     started = _init_ray(num_cpus, workers * cpus_per_worker)
     actors: list[Any] = []
