@@ -197,6 +197,9 @@ def test_eval_corr_cli_input_errors_exit_2(tmp_path, capsys) -> None:
     assert main(["eval-corr", "--dataset", "synthetic", "--root", str(tmp_path / "synth"), "--backend", "depth",
                  "--points", "head"]) == 2
     assert "does not take --points" in capsys.readouterr().err
+    (tmp_path / "re" / "test").mkdir(parents=True)
+    assert main(["eval-corr", "--dataset", "re10k", "--root", str(tmp_path / "re")]) == 2
+    assert "compares against ground-truth depth, and 're10k' has none" in capsys.readouterr().err
 
 
 @pytest.mark.slow

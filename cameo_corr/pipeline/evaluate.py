@@ -32,7 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from cameo_corr.schemas import DEFAULT_GRID, DEFAULT_TAU, CameoCorrError, PointmapResult, TokenCorrespondences, WindowData
+from cameo_corr.schemas import (
+    DEFAULT_GRID,
+    DEFAULT_TAU,
+    CameoCorrError,
+    PointmapResult,
+    SchemaError,
+    TokenCorrespondences,
+    WindowData,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; torch is imported lazily so the CLI parser stays light
     import torch
@@ -387,11 +395,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
 def _run_cli(args: argparse.Namespace) -> int:
     from cameo_corr.datasets import open_dataset
     from cameo_corr.pipeline.backends import backend_options_from_args, make_backend
-    from cameo_corr.schemas import CameoCorrError
-
     reader_options = {} if args.split is None else {"split": args.split}
     try:
         reader = open_dataset(args.dataset, args.root, **reader_options)
+        if not reader.has_depth:
+            raise SchemaError("dataset", f"eval-corr compares against ground-truth depth, and {args.dataset!r} has none",
+                              where=str(reader.root))
         backend = make_backend(args.backend, **backend_options_from_args(args))
     except (CameoCorrError, ImportError, ValueError) as e:
         print(f"cameo-corr eval-corr: error: {e}", file=sys.stderr)
