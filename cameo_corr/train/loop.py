@@ -207,8 +207,8 @@ def resolve_resume(out: str | Path, resume: str) -> Path | None:
 
 # ------------------------------------------------------------------------------------------ setup
 def make_loader(cfg: TrainConfig, *, cache: str, rank: int, world_size: int, split: str | None = None,
-                seed: int | None = None, num_epochs: int | None = None) -> "StreamLoader":
-    """The training stream of this rank (``cfg.data``), as a resumable loader."""
+                seed: int | None = None, num_epochs: int | None = None, pin_memory: bool = False) -> "StreamLoader":
+    """The training stream of this rank (``cfg.data``), as a resumable loader (``pin_memory`` for CUDA training)."""
     from cameo_corr.train.data import CorrStreamDataset, StreamLoader
 
     d = cfg.data
@@ -230,7 +230,7 @@ def make_loader(cfg: TrainConfig, *, cache: str, rank: int, world_size: int, spl
         split=d.split if split is None else split,
     )
     return StreamLoader(dataset, num_workers=d.num_workers, multiprocessing_context=d.multiprocessing_context,
-                        pin_memory=torch.cuda.is_available())
+                        pin_memory=pin_memory)
 
 
 @torch.no_grad()
@@ -311,7 +311,9 @@ class Trainer:
         self.codec = codec.to(acc.device)
         self.head_mlp = acc.unwrap_model(self.trainable).head_mlp
         self.noise_scheduler = make_noise_scheduler(cfg)
-        self.loader = make_loader(cfg, cache=cfg.data.cache, rank=acc.process_index, world_size=acc.num_processes)
+        pin = acc.device.type == "cuda"
+        self.loader = make_loader(cfg, cache=cfg.data.cache, rank=acc.process_index, world_size=acc.num_processes,
+                                  pin_memory=pin)
         self.state = LoopState(step=0, loader=self.loader)
         # The frozen codec is saved only where its weights exist nowhere else (the tiny random VAE): a
         # pretrained VAE is reloaded from model.pretrained (~335 MB per checkpoint saved), identity has none.
