@@ -392,7 +392,8 @@ class Trainer:
             micro += 1
             if not acc.sync_gradients:
                 continue
-            self.lr_scheduler.step()
+            if not acc.optimizer_step_was_skipped:  # fp16: the grad scaler skipped an overflowing step
+                self.lr_scheduler.step()
             self.state.step += 1
             micro = 0
             row = {"step": self.state.step, "lr": float(self.lr_scheduler.get_last_lr()[0])}
