@@ -59,7 +59,7 @@ def test_resume_is_exact(cache: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-6, atol=1e-7)
     # the data position was checkpointed: 4 steps x 2 micro-batches x 2 samples over 6 windows
     state = json.loads((checkpoint_dirs(tmp_path / "b")[-1] / "loop_state.json").read_text())
-    assert state == {"step": 4, "data": {"epoch": 16 // 6, "position": 16 % 6}}
+    assert state == {"step": 4, "world_size": 1, "data": {"epoch": 16 // 6, "position": 16 % 6}}
     # the parameters moved
     fresh = train(config(cache, "train.max_steps=1", "optim.lr=0"), tmp_path / "c", resume="never")
     assert fresh.step == 1
@@ -169,3 +169,14 @@ def test_codec_saved_only_when_its_weights_exist_nowhere_else(cache: Path, tmp_p
     train(ident, tmp_path / "ident", resume="never")
     custom = [sorted(p.name for p in checkpoint_dirs(tmp_path / run)[-1].glob("custom_checkpoint_*")) for run in ("tiny", "ident")]
     assert len(custom[0]) == len(custom[1]) + 1
+
+
+def test_resuming_with_another_process_count_warns() -> None:
+    from cameo_corr.train.loop import LoopState
+
+    saved = LoopState(step=7, world_size=2).state_dict()
+    with pytest.warns(UserWarning, match="written by 2 processes and is resumed by 1"):
+        LoopState(world_size=1).load_state_dict(saved)
+    same = LoopState(world_size=2)
+    same.load_state_dict(saved)
+    assert same.step == 7

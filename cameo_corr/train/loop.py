@@ -28,6 +28,7 @@ import math
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
@@ -70,11 +71,17 @@ class LoopState:
 
     step: int = 0
     loader: "StreamLoader | None" = None
+    world_size: int = 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "data": None if self.loader is None else self.loader.state_dict()}
+        return {"step": self.step, "world_size": self.world_size,
+                "data": None if self.loader is None else self.loader.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = int(state.get("world_size", self.world_size))
+        if saved != self.world_size:
+            warnings.warn(f"the checkpoint was written by {saved} processes and is resumed by {self.world_size}: the "
+                          "data position is per rank, so the sample stream does not continue exactly", stacklevel=2)
         self.step = int(state["step"])
         if self.loader is not None and state["data"] is not None:
             self.loader.load_state_dict(state["data"])
@@ -314,7 +321,7 @@ class Trainer:
         pin = acc.device.type == "cuda"
         self.loader = make_loader(cfg, cache=cfg.data.cache, rank=acc.process_index, world_size=acc.num_processes,
                                   pin_memory=pin)
-        self.state = LoopState(step=0, loader=self.loader)
+        self.state = LoopState(step=0, loader=self.loader, world_size=acc.num_processes)
         # The frozen codec is saved only where its weights exist nowhere else (the tiny random VAE): a
         # pretrained VAE is reloaded from model.pretrained (~335 MB per checkpoint saved), identity has none.
         extra_state = [self.codec] if cfg.model.vae == "tiny" else []
@@ -343,7 +350,7 @@ class Trainer:
         acc.save_state(str(path), safe_serialization=True)
         acc.wait_for_everyone()  # every rank's RNG state is on disk before the checkpoint is marked finished
         if acc.is_main_process:
-            (path / "loop_state.json").write_text(json.dumps({"step": self.state.step, "data": self.loader.state_dict()}))
+            (path / "loop_state.json").write_text(json.dumps(self.state.state_dict()))
             keep = self.cfg.train.keep_checkpoints
             if keep is not None:
                 for old in checkpoint_dirs(self.out)[:-keep]:
