@@ -28,6 +28,10 @@ from pathlib import Path
 import numpy as np
 
 
+WRITE_REPEATS = 5
+"""Timed runs of each write path (median reported), alternating zarr and npz after one warm-up pair."""
+
+
 def npz_write(arrays: list[dict[str, np.ndarray]], ids: list[str], out: Path) -> float:
     """Write one compressed .npz per window; returns seconds."""
     out.mkdir(parents=True, exist_ok=True)
@@ -124,10 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             r = cache.row(wid)
             records.append(WindowRecord(wid, r["dataset"], r["split"], r["scene_id"], ()))
         zdir, ndir = work / "write_zarr", work / "write_npz"
-        for d in (zdir, ndir):
-            shutil.rmtree(d, ignore_errors=True)
-        t_zarr = zarr_write(arrays, records, cache.config, zdir, args.shard_size)
-        t_npz = npz_write(arrays, ids, ndir)
+        t_zarr_runs, t_npz_runs = [], []
+        for _ in range(WRITE_REPEATS + 1):  # alternating, the first pair is a warm-up
+            for d in (zdir, ndir):
+                shutil.rmtree(d, ignore_errors=True)
+            t_zarr_runs.append(zarr_write(arrays, records, cache.config, zdir, args.shard_size))
+            t_npz_runs.append(npz_write(arrays, ids, ndir))
+        t_zarr, t_npz = float(np.median(t_zarr_runs[1:])), float(np.median(t_npz_runs[1:]))
         b_zarr, b_npz = dir_bytes(zdir), dir_bytes(ndir)
         f_zarr = sum(1 for p in zdir.rglob("*") if p.is_file())
         f_npz = sum(1 for p in ndir.rglob("*") if p.is_file())
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             "zarr": {"seconds": t_zarr, "windows_per_second": n / t_zarr, "bytes_per_window": b_zarr / n, "files": f_zarr, "read_ms": 1e3 * r_zarr},
             "npz": {"seconds": t_npz, "windows_per_second": n / t_npz, "bytes_per_window": b_npz / n, "files": f_npz, "read_ms": 1e3 * r_npz},
         }
-        print(f"\nwrite path, same {n} windows:")
+        print(f"\nwrite path, same {n} windows (median of {WRITE_REPEATS} alternating runs after a warm-up):")
         print(f"{'':>22} {'seconds':>8} {'win/s':>8} {'bytes/win':>10} {'files':>6} {'read 1 win':>11}")
         for name, key in (("zarr shards (ours)", "zarr"), ("npz per window", "npz")):
             c = results["write_compare"][key]
