@@ -51,9 +51,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from cameo_corr.datasets.base import SceneReader
+from cameo_corr.datasets.image_io import read_image, read_png16
 from cameo_corr.schemas import (
     CO3D_INTRINSICS_FORMATS,
     DatasetError,
@@ -73,7 +74,6 @@ LEGACY_INTRINSICS_FORMAT = "ndc_norm_image_bounds"
 """``intrinsics_format`` of a viewpoint that does not name one (CO3D's dataclass default)."""
 MASK_THRESHOLD = 0.5
 """Foreground where ``mask PNG / 255 > MASK_THRESHOLD``."""
-_DEPTH_PNG_MODES = ("I;16", "I;16L", "I;16B", "I")
 
 
 # ------------------------------------------------------------------------------------ file formats
@@ -104,19 +104,7 @@ def write_jgz(path: Path, obj: Any) -> None:
 
 def decode_depth_png(path: Path, *, scene_id: str | None = None) -> np.ndarray:
     """CO3D depth PNG -> float32 ``[H, W]``: the uint16 pixel bits reinterpreted as float16 (unscaled)."""
-    try:
-        with Image.open(path) as im:
-            if im.mode not in _DEPTH_PNG_MODES:
-                raise DatasetError(str(path), f"expected a 16-bit single-channel PNG, got mode {im.mode!r}",
-                                   field="depth", scene_id=scene_id)
-            pixels = np.asarray(im)
-    except FileNotFoundError:
-        raise DatasetError(str(path), "depth file does not exist", field="depth", scene_id=scene_id) from None
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DatasetError(str(path), f"cannot decode depth PNG: {e}", field="depth", scene_id=scene_id) from e
-    if pixels.dtype.kind not in "iu" or (pixels.size and (pixels.min() < 0 or pixels.max() > 0xFFFF)):
-        raise DatasetError(str(path), "depth PNG values do not fit 16 bits", field="depth", scene_id=scene_id)
-    return pixels.astype(np.uint16).view(np.float16).astype(np.float32)
+    return read_png16(path, field="depth", scene_id=scene_id).view(np.float16).astype(np.float32)
 
 
 def encode_depth_png(depth: np.ndarray, path: Path) -> None:
@@ -126,17 +114,6 @@ def encode_depth_png(depth: np.ndarray, path: Path) -> None:
         raise ValueError(f"depth must be [H, W], got shape {depth.shape}")
     bits = np.ascontiguousarray(depth.astype(np.float16)).view(np.uint16)
     Image.fromarray(bits).save(path, format="PNG")
-
-
-def _read_png(path: Path, what: str, mode: str, scene_id: str | None) -> np.ndarray:
-    """Decode a PNG/JPEG converted to Pillow ``mode``; errors name the file and ``what``."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert(mode))
-    except FileNotFoundError:
-        raise DatasetError(str(path), f"{what} file does not exist", field=what, scene_id=scene_id) from None
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DatasetError(str(path), f"cannot decode {what}: {e}", field=what, scene_id=scene_id) from e
 
 
 # ------------------------------------------------------------------------------------ annotations
@@ -412,7 +389,7 @@ class CO3DReader(SceneReader):
     # ------------------------------------------------------------------------------- pixels
     def load_image(self, frame: FrameRecord) -> np.ndarray:
         """RGB uint8 ``[H, W, 3]`` of ``<root>/<image.path>``."""
-        return np.asarray(_read_png(self.root / frame.image_path, "image", "RGB", None), dtype=np.uint8)
+        return read_image(self.root / frame.image_path, "RGB")
 
     def load_depth(self, frame: FrameRecord) -> np.ndarray | None:
         """Scaled z-depth float32 ``[H, W]``, 0 where non-finite, negative or outside the depth mask."""
@@ -428,7 +405,7 @@ class CO3DReader(SceneReader):
                                "reader", field="depth.path")
         mask_path = parsed.depth_masks[frame.depth_path]
         if mask_path is not None:
-            valid = _read_png(self.root / mask_path, "depth.mask_path", "L", None) > 0
+            valid = read_image(self.root / mask_path, "L", field="depth.mask_path") > 0
             if valid.shape != depth.shape:
                 raise DatasetError(str(self.root / mask_path), f"depth mask size {valid.shape} differs from the depth "
                                    f"map's {depth.shape} ({path})", field="depth.mask_path")
@@ -439,7 +416,7 @@ class CO3DReader(SceneReader):
         """Foreground bool ``[H, W]``: mask PNG ``> 0.5 * 255``; ``None`` when the frame has no mask."""
         if frame.mask_path is None:
             return None
-        return _read_png(self.root / frame.mask_path, "mask", "L", None) > MASK_THRESHOLD * 255
+        return read_image(self.root / frame.mask_path, "L", field="mask") > MASK_THRESHOLD * 255
 
     def options(self) -> dict[str, Any]:
         """``split``, ``subset`` and, when given explicitly, ``categories``."""

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from cameo_corr.datasets.base import SceneReader
+from cameo_corr.datasets.image_io import read_image, read_image_size
 from cameo_corr.schemas import (
     DatasetError,
     FrameRecord,
@@ -60,25 +60,6 @@ def camera_from_row(values: Sequence[float], width: int, height: int) -> tuple[n
     K = intrinsics_from_normalized(fx, fy, cx, cy, width, height)
     P = np.asarray(values[6:18], dtype=np.float64).reshape(3, 4)
     return K, make_extrinsics(P[:, :3], P[:, 3])
-
-
-def _decode_rgb(source: Path | io.BytesIO, path: str, scene_id: str | None) -> np.ndarray:
-    """Decode an image file or buffer to RGB uint8 ``[H, W, 3]``; errors name ``path``."""
-    try:
-        with Image.open(source) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DatasetError(path, f"cannot decode image: {e}", field="image", scene_id=scene_id) from e
-
-
-def _image_size(source: Path | io.BytesIO, path: str, scene_id: str, **where: Any) -> tuple[int, int]:
-    """``(H, W)`` from an image header (no pixel decoding); errors name ``path``."""
-    try:
-        with Image.open(source) as im:
-            W, H = im.size
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DatasetError(path, f"cannot read image header: {e}", scene_id=scene_id, **where) from e
-    return int(H), int(W)
 
 
 def _checked_camera(values: Sequence[float], hw: tuple[int, int], path: str, scene_id: str, **where: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +125,7 @@ class RE10KReader(SceneReader):
                 raise DatasetError(str(expected), f"missing frame file (listed in {path.name})", line=line_no,
                                    field="timestamp_us", scene_id=scene_id)
             file = frame_dir / files[ts]
-            hw = _image_size(file, str(file), scene_id, field="image")
+            hw = read_image_size(file, str(file), scene_id, field="image")
             if size is None:
                 size, first_file = hw, str(file)
             elif hw != size:
@@ -160,7 +141,7 @@ class RE10KReader(SceneReader):
         path = self.image_root / frame.image_path
         if not path.is_file():
             raise DatasetError(str(path), "frame file does not exist", field="image")
-        return _decode_rgb(path, str(path), None)
+        return read_image(path, "RGB")
 
     def options(self) -> dict[str, Any]:
         """``split`` and, when given explicitly, ``frames_root``."""
@@ -263,7 +244,7 @@ class RE10KChunkReader(SceneReader):
         frames: list[FrameRecord] = []
         size: tuple[int, int] | None = None
         for i, (ts, cam, jpeg) in enumerate(zip(timestamps, cameras, images)):
-            hw = _image_size(io.BytesIO(jpeg.numpy().tobytes()), path, scene_id, field=f"images[{i}]")
+            hw = read_image_size(io.BytesIO(jpeg.numpy().tobytes()), path, scene_id, field=f"images[{i}]")
             if size is None:
                 size = hw
             elif hw != size:
@@ -287,7 +268,8 @@ class RE10KChunkReader(SceneReader):
         i = int(index)
         if not isinstance(images, list) or i >= len(images):
             raise DatasetError(str(self.root / chunk_rel), f"clip has no image {i}", field="images", scene_id=key)
-        return _decode_rgb(io.BytesIO(images[i].numpy().tobytes()), f"{self.root / chunk_rel}#{key}/{i}", key)
+        return read_image(io.BytesIO(images[i].numpy().tobytes()), "RGB", path=f"{self.root / chunk_rel}#{key}/{i}",
+                          scene_id=key)
 
     # ------------------------------------------------------------------------------- internals
     def _clip(self, chunk_rel: str, key: str) -> dict[str, Any]:

@@ -27,9 +27,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from cameo_corr.datasets.base import SceneReader
+from cameo_corr.datasets.image_io import read_image, read_image_size, read_png16
 from cameo_corr.schemas import DatasetError, FrameRecord, SceneRecord, SchemaError, invert_extrinsics, validate_camera
 
 SPLIT_FILES = {"train": ("TrainSplit.txt",), "test": ("TestSplit.txt",), "all": ("TrainSplit.txt", "TestSplit.txt")}
@@ -41,7 +41,6 @@ DEPTH_SCALE = 0.001
 INVALID_DEPTH = (0, 65535)
 _SEQUENCE_RE = re.compile(r"^sequence(\d+)$")
 _FRAME_SUFFIX = ".pose.txt"
-_DEPTH_PNG_MODES = ("I;16", "I;16L", "I;16B", "I")
 
 
 def _read_lines(path: Path, scene_id: str | None = None) -> list[str]:
@@ -176,30 +175,13 @@ class SevenScenesReader(SceneReader):
 
     def load_image(self, frame: FrameRecord) -> np.ndarray:
         """The colour JPEG as RGB uint8 ``[480, 640, 3]`` (not registered to the depth camera)."""
-        path = self.root / frame.image_path
-        try:
-            with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise DatasetError(str(path), f"cannot decode image: {e}", field="image") from e
+        return read_image(self.root / frame.image_path, "RGB")
 
     def load_depth(self, frame: FrameRecord) -> np.ndarray:
         """Depth in metres, float32 ``[H, W]``; 0 where the sensor reports 0 or 65535."""
         if frame.depth_path is None:
             raise DatasetError(frame.image_path, "frame record has no depth_path", field="depth_path")
-        path = self.root / frame.depth_path
-        try:
-            with Image.open(path) as im:
-                mode = im.mode
-                raw = np.asarray(im)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise DatasetError(str(path), f"cannot decode depth PNG: {e}", field="depth") from e
-        # Pillow >= 10.3 opens 16-bit grey PNGs as "I;16" (uint16), older releases as "I" (int32)
-        if (mode not in _DEPTH_PNG_MODES or raw.ndim != 2 or raw.dtype.kind not in "iu"
-                or (raw.size and (raw.min() < 0 or raw.max() > 0xFFFF))):
-            raise DatasetError(str(path), f"expected a 16-bit single-channel PNG, got mode {mode!r} ({raw.dtype} "
-                               f"{raw.shape})", field="depth")
-        raw = raw.astype(np.uint16)
+        raw = read_png16(self.root / frame.depth_path)
         depth = raw.astype(np.float32) * np.float32(frame.depth_scale)
         depth[np.isin(raw, INVALID_DEPTH)] = 0.0
         return depth
@@ -223,9 +205,4 @@ class SevenScenesReader(SceneReader):
     def _header_size(path: Path, field: str, scene_id: str) -> tuple[int, int]:
         if not path.is_file():
             raise DatasetError(str(path), "file does not exist", field=field, scene_id=scene_id)
-        try:
-            with Image.open(path) as im:
-                W, H = im.size
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise DatasetError(str(path), f"cannot read image header: {e}", field=field, scene_id=scene_id) from e
-        return int(H), int(W)
+        return read_image_size(path, str(path), scene_id, field=field)
