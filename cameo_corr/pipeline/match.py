@@ -62,7 +62,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cameo_corr.schemas import DEFAULT_GRID, DEFAULT_TAU, PointmapResult, SchemaError, TokenCorrespondences
+from cameo_corr.schemas import DEFAULT_GRID, DEFAULT_TAU, PointmapResult, SchemaError, TokenCorrespondences, as_grid
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from torch import Tensor
@@ -99,20 +99,6 @@ GPU bound also covers TF32 tensor-core GEMMs)."""
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _as_grid(grid: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """``(h, w)`` from an int or a pair; raises :class:`SchemaError` (field ``grid``) otherwise."""
-    if isinstance(grid, (int, np.integer)):
-        h = w = int(grid)
-    else:
-        try:
-            h, w = (int(v) for v in grid)
-        except (TypeError, ValueError) as e:
-            raise SchemaError("grid", f"expected an int or (h, w), got {grid!r}") from e
-    if h <= 0 or w <= 0:
-        raise SchemaError("grid", f"expected positive (h, w), got {(h, w)}")
-    return h, w
-
-
 def _check_tau(tau: float) -> float:
     tau = float(tau)
     if not (math.isfinite(tau) and tau >= 0):
@@ -153,7 +139,7 @@ def tokenize(
     how validity (no unusable pixel with a non-zero weight) and confidence (bilinear) are defined.
     Results are float32 (float64 for float64 points) on the input device.
     """
-    h, w = _as_grid(grid)
+    h, w = as_grid(grid)
     points = torch.as_tensor(points)
     valid = torch.as_tensor(valid)
     conf = torch.as_tensor(conf, device=points.device)

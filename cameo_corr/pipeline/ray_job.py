@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from cameo_corr.schemas import CANONICAL_SIZE, DEFAULT_GRID, DEFAULT_TAU, CameoCorrError, SchemaError, WindowRecord
+from cameo_corr.schemas import CANONICAL_SIZE, DEFAULT_GRID, DEFAULT_TAU, CameoCorrError, SchemaError, WindowRecord, as_grid
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.datasets.base import SceneReader
@@ -331,7 +331,7 @@ def run_preprocess(
     t_start = time.perf_counter()
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    grid_hw = (int(grid), int(grid)) if isinstance(grid, int) else tuple(int(v) for v in grid)
+    grid_hw = as_grid(grid)
     ds_options = dict(dataset_options or {})
     if split is not None:
         ds_options["split"] = split

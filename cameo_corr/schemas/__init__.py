@@ -177,6 +177,20 @@ def token_coords(grid: tuple[int, int]) -> np.ndarray:
     return np.stack([idx % w, idx // w], axis=-1)
 
 
+def as_grid(grid: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """Token grid ``(h, w)`` from an int (square grid) or a pair; raises :class:`SchemaError` (field ``grid``) otherwise."""
+    if isinstance(grid, (int, np.integer)):
+        h = w = int(grid)
+    else:
+        try:
+            h, w = (int(v) for v in grid)
+        except (TypeError, ValueError) as e:
+            raise SchemaError("grid", f"expected an int or (h, w), got {grid!r}") from e
+    if h <= 0 or w <= 0:
+        raise SchemaError("grid", f"expected positive (h, w), got {(h, w)}")
+    return h, w
+
+
 # PyTorch3D (row-vector, +X left, +Y up, NDC intrinsics) <-> OpenCV.
 _P3D_FLIP = np.diag([-1.0, -1.0, 1.0])
 CO3D_INTRINSICS_FORMATS = ("ndc_isotropic", "ndc_norm_image_bounds")
@@ -616,6 +630,7 @@ __all__ = [
     "unproject_depth",
     "pixel_to_token",
     "token_coords",
+    "as_grid",
     "CO3D_INTRINSICS_FORMATS",
     "pytorch3d_to_opencv",
     "opencv_to_pytorch3d",

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from cameo_corr.schemas import SchemaError
+from cameo_corr.schemas import SchemaError, as_grid
 
 __all__ = ["DEFAULT_CAMEO_WEIGHT", "HeadMLP", "cameo_loss", "attention_precision"]
 
@@ -217,7 +217,7 @@ def attention_precision(
     bool counts only the queries of those views (e.g. targets). Returns a 0-d fp32 tensor, NaN when no
     entry is masked.
     """
-    h, w = (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
+    h, w = as_grid(grid)
     hw = h * w
     if corr_nn.ndim != 4 or corr_nn.shape[-1] != hw:
         raise SchemaError("corr_nn", f"expected [B, F, F, {hw}] for a {h}x{w} grid, got {tuple(corr_nn.shape)}")

@@ -66,7 +66,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
-from cameo_corr.schemas import SchemaError
+from cameo_corr.schemas import SchemaError, as_grid
 
 __all__ = [
     "SD21_UNET_CONFIG",
@@ -504,7 +504,7 @@ class MultiViewUNet(nn.Module):
 
     def check_grid(self, latent_hw: tuple[int, int], cache_grid: int | tuple[int, int]) -> None:
         """Raise :class:`SchemaError` unless the supervised layer's token grid equals the cache grid."""
-        want = (cache_grid, cache_grid) if isinstance(cache_grid, int) else (int(cache_grid[0]), int(cache_grid[1]))
+        want = as_grid(cache_grid)
         got = self.grid(latent_hw)
         if got != want:
             raise SchemaError(
