@@ -66,6 +66,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
+from cameo_corr.pipeline.backends.geometry import invert_rigid
 from cameo_corr.schemas import SchemaError, as_grid
 
 __all__ = [
@@ -215,13 +216,7 @@ def plucker_rays(K: Tensor, E: Tensor, h: int, w: int, image_size: int | tuple[i
 def normalize_cameras(E: Tensor) -> Tensor:
     """Extrinsics ``[..., F, 4, 4]`` re-expressed in view 0's camera frame, scaled so the farthest camera
     centre is at distance 1 from view 0 (unchanged scale when all centres coincide)."""
-    R0 = E[..., :1, :3, :3]
-    t0 = E[..., :1, :3, 3:]
-    inv0 = torch.zeros_like(E[..., :1, :, :])
-    inv0[..., :3, :3] = R0.transpose(-1, -2)
-    inv0[..., :3, 3:] = -R0.transpose(-1, -2) @ t0
-    inv0[..., 3, 3] = 1.0
-    rel = E @ inv0
+    rel = E @ invert_rigid(E[..., :1, :, :])
     centres = -(rel[..., :3, :3].transpose(-1, -2) @ rel[..., :3, 3:])[..., 0]  # [..., F, 3]
     scale = centres.norm(dim=-1).amax(dim=-1)  # [...]
     scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))
