@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cameo_corr.schemas import token_coords
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.pipeline.cache import CorrCache
 
@@ -115,7 +117,7 @@ def check_window_consistency(arrays: dict[str, np.ndarray], tau: float, grid: tu
     dist = np.asarray(arrays["dist"])
     S = valid.shape[0]
     ident = np.arange(hw)
-    xy = np.stack([ident % w, ident // w], axis=-1)
+    xy = token_coords(grid)
     for i in range(S):
         if not np.array_equal(nn[i, i], ident):
             problems.append(f"nn[{i},{i}] is not the identity")
@@ -240,9 +242,9 @@ def load_window_images(cache: "CorrCache", window_id: str) -> np.ndarray:
 def token_colors(grid: tuple[int, int]) -> np.ndarray:
     """``[h*w, 3]`` RGB colour of each token from its grid position (red = x, blue = y)."""
     h, w = grid
-    idx = np.arange(h * w)
-    x = (idx % w) / max(w - 1, 1)
-    y = (idx // w) / max(h - 1, 1)
+    xy = token_coords(grid)
+    x = xy[:, 0] / max(w - 1, 1)
+    y = xy[:, 1] / max(h - 1, 1)
     return np.stack([x, 0.35 + 0.3 * (1 - np.abs(x - y)), y], axis=-1)
 
 
@@ -264,7 +266,8 @@ def render_viz(
     h, w = tuple(cache.config.grid)
     hw = h * w
     nn, mask, valid = arrays["nn"].astype(np.int64), arrays["mask"], arrays["valid"].reshape(S, hw)
-    centres = np.stack([(np.arange(hw) % w + 0.5) * size / w, (np.arange(hw) // w + 0.5) * size / h], axis=-1)
+    xy = token_coords((h, w))
+    centres = np.stack([(xy[:, 0] + 0.5) * size / w, (xy[:, 1] + 0.5) * size / h], axis=-1)
     queries = np.flatnonzero(mask[i, j])
     if len(queries) > max_lines:
         queries = queries[np.round(np.linspace(0, len(queries) - 1, max_lines)).astype(int)]
