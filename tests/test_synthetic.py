@@ -245,6 +245,6 @@ def test_cli_synthesize(tmp_path: Path) -> None:
     assert reader.load_image(frame).shape == (16, 16, 3)
     np.testing.assert_allclose(frame.extrinsics, make_sequence(4, 0, 2, (16, 16)).extrinsics[1], atol=1e-6)
     again = _cli("synthesize", "--out", str(out))
-    assert again.returncode == 2 and "not an empty directory" in again.stdout
+    assert again.returncode == 2 and "cameo-corr synthesize: error:" in again.stderr and "not an empty directory" in again.stderr
     with Image.open(out / "synthetic" / "scene_0000" / "images" / "frame000000.jpg") as im:
         assert im.format == "JPEG"

@@ -48,6 +48,7 @@ import abc
 import argparse
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
@@ -773,7 +774,7 @@ def _synthesize(args: argparse.Namespace) -> int:
         root = generate_dataset(Path(args.out), scenes=args.scenes, frames=args.frames, image_size=args.size,
                                 seed=args.seed, layout=args.layout, split=args.split, image_format=args.image_format)
     except (ValueError, FileExistsError) as e:
-        print(f"error: {e}")
+        print(f"cameo-corr synthesize: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.scenes} scenes x {args.frames} frames ({args.size}px, {args.layout} layout, split "
           f"{args.split}) to {root} in {time.perf_counter() - t0:.1f} s")

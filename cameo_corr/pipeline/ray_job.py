@@ -552,7 +552,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         backend_options = backend_options_from_args(args)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"cameo-corr preprocess: error: {e}", file=sys.stderr)
         return 2
     try:
         summary = run_preprocess(
