@@ -18,9 +18,12 @@ the file, the camera and the field (undistort with ``colmap image_undistorter`` 
 quaternion, scalar first) and translation in OpenCV axes, i.e. exactly our extrinsics
 (:func:`qvec_to_rotmat`); a quaternion whose norm is off 1 by more than 1e-3 is an error.
 
-Pixel convention: COLMAP puts the upper-left image corner at ``(0, 0)`` and the centre of the
-upper-left pixel at ``(0.5, 0.5)`` (its documentation of the camera models; its default principal
-point is ``(w/2, h/2)``), the project's convention, so ``cx, cy`` are used unchanged.
+Pixel convention: "COLMAP uses the convention that the upper left image corner has coordinate
+``(0, 0)`` and the center of the upper left most pixel has coordinate ``(0.5, 0.5)``" (COLMAP's
+database format documentation, keypoints; its default principal point is ``(w/2, h/2)`` and pycolmap's
+own examples cast rays through pixel index + 0.5). That is the project's convention, so ``cx, cy`` are
+used unchanged (no half-pixel shift); the synthetic COLMAP scenes, rendered through ``(col + 0.5, row +
+0.5)`` and written with unchanged ``cx, cy``, read back onto the exact analytic surfaces.
 
 Depth maps: COLMAP's dense array format, a text header ``width&height&channels&`` followed by
 little-endian float32 values in column-major ``[width, height, channels]`` order (x fastest), one
