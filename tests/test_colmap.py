@@ -4,7 +4,6 @@ hand-packed bytes, downscaled images, bad input naming file, line and field, and
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 
@@ -229,22 +228,3 @@ def test_good_text_model_and_options(tmp_path: Path) -> None:
     np.testing.assert_array_equal(reader.load_depth(frames[0]), np.full((6, 8), 2.0, np.float32))  # resampled
     with pytest.raises(DatasetError, match="a depth map has 1 channel, this array has 3"):
         reader.load_depth(frames[1])
-
-
-# ------------------------------------------------------------------------------------ eval-corr
-@pytest.mark.slow
-def test_eval_corr_depth_backend_on_colmap_layout(tmp_path: Path) -> None:
-    from cameo_corr.cli import main
-
-    root = tmp_path / "colmap"
-    assert main(["synthesize", "--out", str(root), "--scenes", "2", "--frames", "8", "--size", "96", "--seed", "3",
-                 "--layout", "colmap", "--image-format", "png"]) == 0
-    out = tmp_path / "eval.json"
-    assert main(["eval-corr", "--dataset", "colmap", "--root", str(root), "--backend", "depth", "--views", "3",
-                 "--windows", "2", "--grid", "16", "--crop-size", "128", "--device", "cpu", "--out", str(out)]) == 0
-    report = json.loads(out.read_text())
-    overall = report["overall"]
-    assert report["windows_evaluated"] == 2 and report["failed"] == []
-    # measured: 97.09 % precision@1, 91.25 % coverage (one text, one binary model)
-    assert overall["precision"] >= 0.97 and overall["coverage"] >= 0.85
-    assert report["dataset"]["name"] == "colmap"

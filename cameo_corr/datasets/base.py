@@ -17,6 +17,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import numpy as np
 
+from cameo_corr.datasets.image_io import read_image
 from cameo_corr.schemas import DatasetError, FrameRecord, SceneRecord
 
 
@@ -140,6 +141,55 @@ def existing_files(root: Path, rel_paths: Iterable[str]) -> set[str]:
             raise DatasetError(str(root / parent), f"cannot list the folder: {e}") from e
         found.update(f"{parent}/{n}" if parent else n for n in names if n in listed)
     return found
+
+
+DEFAULT_MAX_DEPTH = 3
+"""How many folder levels below the root :class:`SceneFolderReader` looks for scenes by default."""
+
+
+class SceneFolderReader(SceneReader):
+    """A reader whose scenes are folders found below the root by :meth:`is_scene` (nerfstudio, COLMAP).
+
+    Options shared by these layouts: ``downscale`` (read the ``images_N`` copies; 1 = full size) and
+    ``max_depth`` (folder levels searched, see :func:`find_scene_dirs`). ``scene_marker`` describes
+    what makes a folder a scene, for the error when none is found.
+    """
+
+    scene_marker: ClassVar[str]
+
+    def __init__(self, root: str | Path, split: str, downscale: int, max_depth: int) -> None:
+        super().__init__(root, split)
+        if isinstance(downscale, bool) or not isinstance(downscale, int) or downscale < 1:
+            raise DatasetError(str(self.root), f"must be a positive integer, got {downscale!r}", field="downscale")
+        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 0:
+            raise DatasetError(str(self.root), f"must be a non-negative integer, got {max_depth!r}", field="max_depth")
+        self.downscale = downscale
+        self.max_depth = max_depth
+        self._scene_dirs = find_scene_dirs(self.root, self.is_scene, max_depth)
+        if not self._scene_dirs:
+            raise DatasetError(str(self.root), f"no {self.scene_marker} within {max_depth} folder levels", field="root")
+
+    @abc.abstractmethod
+    def is_scene(self, folder: Path) -> bool:
+        """Whether ``folder`` holds a scene of this layout."""
+
+    def scene_ids(self) -> list[str]:
+        """Sorted scene ids: folder paths relative to the root (the root's name when it is the scene)."""
+        return sorted(self._scene_dirs)
+
+    def scene_folder(self, scene_id: str) -> str:
+        """The folder of ``scene_id`` relative to the root (posix, ``""`` for the root itself)."""
+        if scene_id not in self._scene_dirs:
+            raise DatasetError(str(self.root), f"unknown scene {scene_id!r}", field="scene_id", scene_id=scene_id)
+        return self._scene_dirs[scene_id]
+
+    def load_image(self, frame: FrameRecord) -> np.ndarray:
+        """RGB uint8 ``[H, W, 3]`` of the frame's image file."""
+        return read_image(self.root / frame.image_path, "RGB")
+
+    def options(self) -> dict[str, Any]:
+        """``split``, ``downscale`` and ``max_depth``."""
+        return {"split": self.split, "downscale": self.downscale, "max_depth": self.max_depth}
 
 
 _READERS: dict[str, str] = {

@@ -43,13 +43,12 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 
-from cameo_corr.datasets.base import SceneReader, existing_files, find_scene_dirs
-from cameo_corr.datasets.image_io import downscaled_size, read_image, resize_nearest
-from cameo_corr.datasets.nerfstudio import DEFAULT_MAX_DEPTH, check_downscale
+from cameo_corr.datasets.base import DEFAULT_MAX_DEPTH, SceneFolderReader, existing_files
+from cameo_corr.datasets.image_io import downscaled_size, resize_nearest
 from cameo_corr.schemas import DatasetError, FrameRecord, SceneRecord, SchemaError, make_extrinsics, validate_camera
 
 MODEL_DIRS = ("sparse/0", "sparse")
@@ -389,7 +388,7 @@ def _model_dir(folder: Path) -> Path | None:
     return None
 
 
-class ColmapReader(SceneReader):
+class ColmapReader(SceneFolderReader):
     """COLMAP reconstructions under ``root``, one scene per project folder (see the module docstring).
 
     Options: ``split`` (only ``all``), ``downscale`` (read ``images_N``), ``max_depth`` (search depth).
@@ -397,29 +396,20 @@ class ColmapReader(SceneReader):
 
     name = "colmap"
     default_crop_policy = "center"
+    scene_marker = "COLMAP model (sparse/0/ or sparse/ with cameras.* and images.*)"
 
     def __init__(self, root: str | Path, split: str = "all", downscale: int = 1, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
-        super().__init__(root, split)
+        super().__init__(root, split, downscale, max_depth)
         if split != "all":
             raise DatasetError(str(self.root), f"COLMAP models have no splits; split must be 'all', got {split!r}", field="split")
-        self.downscale = check_downscale(downscale, self.root)
-        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 0:
-            raise DatasetError(str(self.root), f"must be a non-negative integer, got {max_depth!r}", field="max_depth")
-        self.max_depth = max_depth
-        self._scene_dirs = find_scene_dirs(self.root, lambda d: _model_dir(d) is not None, max_depth)
-        if not self._scene_dirs:
-            raise DatasetError(str(self.root), f"no COLMAP model ({' or '.join(MODEL_DIRS)}/cameras.* + images.*) within "
-                               f"{max_depth} folder levels", field="sparse")
 
-    def scene_ids(self) -> list[str]:
-        """Sorted scene ids: folder paths relative to the root (the root's name when it is the scene)."""
-        return sorted(self._scene_dirs)
+    def is_scene(self, folder: Path) -> bool:
+        """A folder with a model in ``sparse/0`` or ``sparse``."""
+        return _model_dir(folder) is not None
 
     def scene(self, scene_id: str) -> SceneRecord:
         """The registered images of the scene's model, sorted by name; errors name file, line and field."""
-        if scene_id not in self._scene_dirs:
-            raise DatasetError(str(self.root), f"unknown scene {scene_id!r}", field="scene_id", scene_id=scene_id)
-        rel = self._scene_dirs[scene_id]
+        rel = self.scene_folder(scene_id)
         prefix = f"{rel}/" if rel else ""
         model = _model_dir(self.root / rel)
         assert model is not None  # found at construction
@@ -483,10 +473,6 @@ class ColmapReader(SceneReader):
                                       depth_path=depth_paths[n] if depth_paths[n] in present else None))
         return SceneRecord(self.tag, self.split, scene_id, tuple(frames))
 
-    def load_image(self, frame: FrameRecord) -> np.ndarray:
-        """RGB uint8 ``[H, W, 3]`` of the frame's image file."""
-        return read_image(self.root / frame.image_path, "RGB")
-
     def load_depth(self, frame: FrameRecord) -> np.ndarray | None:
         """z-depth float32 ``[H, W]`` from the dense depth map (0 where ``<= 0`` or non-finite), at the image
         size; ``None`` when the frame has no depth map."""
@@ -499,10 +485,6 @@ class ColmapReader(SceneReader):
         depth = arr[..., 0]
         depth = np.where(np.isfinite(depth) & (depth > 0), depth, np.float32(0.0)).astype(np.float32)
         return resize_nearest(depth, frame.image_size, path=str(path), field="depth")
-
-    def options(self) -> dict[str, Any]:
-        """``split``, ``downscale`` and ``max_depth``."""
-        return {"split": self.split, "downscale": self.downscale, "max_depth": self.max_depth}
 
 
 __all__ = [

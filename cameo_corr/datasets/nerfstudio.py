@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from cameo_corr.datasets.base import SceneReader, existing_files, find_scene_dirs
+from cameo_corr.datasets.base import DEFAULT_MAX_DEPTH, SceneFolderReader, existing_files
 from cameo_corr.datasets.image_io import downscaled_size, read_image, read_png16, resize_nearest
 from cameo_corr.schemas import DatasetError, FrameRecord, SceneRecord, SchemaError, invert_extrinsics, validate_camera
 
@@ -63,7 +63,6 @@ DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
 SPLITS = ("all", "train", "val", "test")
 DEFAULT_DEPTH_UNIT_SCALE = 1e-3
 """nerfstudio's default ``depth_unit_scale_factor`` (millimetre PNGs to metres)."""
-DEFAULT_MAX_DEPTH = 3
 OPENGL_TO_OPENCV = np.diag([1.0, -1.0, -1.0, 1.0])
 """Flips camera y and z: OpenGL camera axes (x right, y up, z back) <-> OpenCV (x right, y down, z forward)."""
 
@@ -92,7 +91,7 @@ def read_json(path: Path, scene_id: str | None = None) -> Any:
         raise DatasetError(str(path), f"invalid JSON: {e.msg} (column {e.colno})", line=e.lineno, scene_id=scene_id) from e
 
 
-class NerfstudioReader(SceneReader):
+class NerfstudioReader(SceneFolderReader):
     """Scenes of nerfstudio ``transforms.json`` files under ``root`` (see the module docstring).
 
     Options: ``split`` (``all``, ``train``, ``val``, ``test``), ``downscale`` (read ``images_N``),
@@ -101,6 +100,7 @@ class NerfstudioReader(SceneReader):
 
     name = "nerfstudio"
     default_crop_policy = "center"
+    scene_marker = TRANSFORMS
 
     def __init__(
         self,
@@ -110,30 +110,21 @@ class NerfstudioReader(SceneReader):
         depth_unit_scale_factor: float = DEFAULT_DEPTH_UNIT_SCALE,
         max_depth: int = DEFAULT_MAX_DEPTH,
     ) -> None:
-        super().__init__(root, split)
+        super().__init__(root, split, downscale, max_depth)
         if split not in SPLITS:
             raise DatasetError(str(self.root), f"unknown split {split!r}; expected one of {SPLITS}", field="split")
-        self.downscale = check_downscale(downscale, self.root)
         scale = depth_unit_scale_factor
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
             raise DatasetError(str(self.root), f"must be a positive number, got {scale!r}", field="depth_unit_scale_factor")
         self.depth_unit_scale_factor = float(scale)
-        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 0:
-            raise DatasetError(str(self.root), f"must be a non-negative integer, got {max_depth!r}", field="max_depth")
-        self.max_depth = max_depth
-        self._scene_dirs = find_scene_dirs(self.root, lambda d: (d / TRANSFORMS).is_file(), max_depth)
-        if not self._scene_dirs:
-            raise DatasetError(str(self.root), f"no {TRANSFORMS} within {max_depth} folder levels", field=TRANSFORMS)
 
-    def scene_ids(self) -> list[str]:
-        """Sorted scene ids: folder paths relative to the root (the root's name when it is the scene)."""
-        return sorted(self._scene_dirs)
+    def is_scene(self, folder: Path) -> bool:
+        """A folder holding a ``transforms.json``."""
+        return (folder / TRANSFORMS).is_file()
 
     def scene(self, scene_id: str) -> SceneRecord:
         """Parse and check the scene's ``transforms.json``; errors name the file and the key."""
-        if scene_id not in self._scene_dirs:
-            raise DatasetError(str(self.root), f"unknown scene {scene_id!r}", field="scene_id", scene_id=scene_id)
-        rel = self._scene_dirs[scene_id]
+        rel = self.scene_folder(scene_id)
         path = self.root / rel / TRANSFORMS
         meta = read_json(path, scene_id)
         parser = _Transforms(meta, path, scene_id)
@@ -174,10 +165,6 @@ class NerfstudioReader(SceneReader):
                                       mask_path=e["mask"]))
         return SceneRecord(self.tag, self.split, scene_id, tuple(frames))
 
-    def load_image(self, frame: FrameRecord) -> np.ndarray:
-        """RGB uint8 ``[H, W, 3]`` of the frame's image file."""
-        return read_image(self.root / frame.image_path, "RGB")
-
     def load_depth(self, frame: FrameRecord) -> np.ndarray | None:
         """z-depth float32 ``[H, W]`` (PNG value * ``depth_unit_scale_factor``, 0 = invalid), at the image size."""
         if frame.depth_path is None:
@@ -196,9 +183,8 @@ class NerfstudioReader(SceneReader):
         return resize_nearest(mask, frame.image_size, path=str(path), field="mask")
 
     def options(self) -> dict[str, Any]:
-        """``split``, ``downscale``, ``depth_unit_scale_factor`` and ``max_depth``."""
-        return {"split": self.split, "downscale": self.downscale, "depth_unit_scale_factor": self.depth_unit_scale_factor,
-                "max_depth": self.max_depth}
+        """``split``, ``downscale``, ``max_depth`` and ``depth_unit_scale_factor``."""
+        return {**super().options(), "depth_unit_scale_factor": self.depth_unit_scale_factor}
 
     def _hint(self, rel: str) -> str:
         folder = self.root / rel
@@ -206,13 +192,6 @@ class NerfstudioReader(SceneReader):
         if self.downscale == 1 and scaled and not (folder / "images").is_dir():
             return f" (the scene has {', '.join(scaled)}: pass the option downscale=N to read images_N)"
         return ""
-
-
-def check_downscale(value: Any, root: Path) -> int:
-    """The ``downscale`` option: a positive integer (1 = full-size images)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise DatasetError(str(root), f"must be a positive integer, got {value!r}", field="downscale")
-    return value
 
 
 def _under(scene_rel: str, rel: str, path: Path, field: str, scene_id: str) -> str:
@@ -345,6 +324,5 @@ __all__ = [
     "opengl_c2w_to_opencv_w2c",
     "opencv_w2c_to_opengl_c2w",
     "read_json",
-    "check_downscale",
     "NerfstudioReader",
 ]
