@@ -30,7 +30,7 @@ little-endian float32 values in column-major ``[width, height, channels]`` order
 channel; z-depth in model units, values ``<= 0`` or non-finite invalid (0). A depth map at another size
 than its image (``--PatchMatchStereo.max_image_size``, or ``downscale``) is resampled nearest-neighbour
 at pixel centres. Image sizes come from ``cameras.*`` (no image is opened) unless ``downscale=N``,
-where one header per camera gives the size, which must be within a pixel of ``(w/N, h/N)``, and
+where one image header per distinct camera size gives the size, which must be within a pixel of ``(w/N, h/N)``, and
 ``K' = diag(W'/w, H'/h, 1) K``.
 
 Frames are the registered images sorted by name; ``frame_id`` is the image name. COLMAP models carry
@@ -445,7 +445,7 @@ class ColmapReader(SceneFolderReader):
         image_paths = {n: f"{prefix}{image_dir}/{n}" for n in names}
         depth_paths = {n: f"{prefix}{DEPTH_DIR}/{n}{DEPTH_SUFFIX}" for n in names}
         present = existing_files(self.root, [*image_paths.values(), *depth_paths.values()])
-        sizes: dict[int, tuple[int, int]] = {}
+        sizes: dict[tuple[int, int], tuple[int, int]] = {}
         frames = []
         for n in names:
             im = by_name[n]
@@ -457,10 +457,10 @@ class ColmapReader(SceneFolderReader):
             if N == 1:
                 hw = full
             else:
-                if cam.camera_id not in sizes:
-                    sizes[cam.camera_id] = downscaled_size(self.root / image_paths[n], full, N, path=str(cam_path),
-                                                           field="image", scene_id=scene_id)
-                hw = sizes[cam.camera_id]
+                if full not in sizes:  # one header per distinct camera size (per-image cameras share it)
+                    sizes[full] = downscaled_size(self.root / image_paths[n], full, N, path=str(cam_path),
+                                                  field="image", scene_id=scene_id)
+                hw = sizes[full]
             K = np.diag([hw[1] / full[1], hw[0] / full[0], 1.0]) @ camera_matrix(cam.model, cam.params)
             q = np.asarray(im.qvec) / np.linalg.norm(im.qvec)
             E = make_extrinsics(qvec_to_rotmat(q), im.tvec)
