@@ -49,6 +49,7 @@ def test_tag_names_the_dataset_everywhere(clips: Path) -> None:
     ({"tag": "co3d"}, "tag", "is the name of another reader"),
     ({"tag": "a/b"}, "tag", "letters, digits"),
     ({"tag": ""}, "tag", "letters, digits"),
+    ({"downscale": 2}, "downscale", r"unknown option 'downscale' of reader 're10k'; it takes \['split', 'frames_root', 'tag'\]"),
 ])
 def test_bad_tags(clips: Path, options: dict, field: str, match: str) -> None:
     with pytest.raises(DatasetError, match=match) as e:

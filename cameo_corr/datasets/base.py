@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import inspect
 import os
 import re
 from pathlib import Path
@@ -222,8 +223,14 @@ def open_dataset(name: str, root: str | Path, /, *, tag: str | None = None, **op
             raise DatasetError(str(root), f"dataset tag must be letters, digits, '.', '_' or '-', got {tag!r}", field="tag")
         if tag != name and tag in _READERS:
             raise DatasetError(str(root), f"dataset tag {tag!r} is the name of another reader", field="tag")
-    module, cls = _READERS[name].split(":")
-    reader = getattr(importlib.import_module(module), cls)(root, **options)
+    module, cls_name = _READERS[name].split(":")
+    cls = getattr(importlib.import_module(module), cls_name)
+    accepted = [p for p in inspect.signature(cls).parameters if p != "root"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise DatasetError(str(root), f"unknown option {unknown[0]!r} of reader {name!r}; it takes {accepted + ['tag']}",
+                           field=unknown[0])
+    reader = cls(root, **options)
     if tag is not None:
         reader.tag = tag
     return reader
