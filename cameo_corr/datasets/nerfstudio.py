@@ -26,7 +26,8 @@ our world-to-camera OpenCV extrinsics are ``inv(c2w @ diag(1, -1, -1, 1))``
 kept as written: nerfstudio's own re-centring/re-scaling (``auto_orient_and_center_poses``) is a
 similarity of the world that correspondences do not need, and depth stays in the units of the poses.
 
-Downscaled images (``downscale=N``) follow nerfstudio's ``_get_fname``: ``images_N/<file name>``,
+Downscaled images (``downscale=N``; unlike nerfstudio, which picks a factor by itself when none is
+given, the default is always the full-size ``images/``) follow nerfstudio's ``_get_fname``: ``images_N/<file name>``,
 ``depths_N/<file name>``, ``masks_N/<file name>`` beside ``transforms.json``. Their size is read from
 one image header per distinct ``(w, h)`` of the scene (usually one per scene) and must be within a
 pixel of ``(w/N, h/N)``; intrinsics follow the size actually read: ``K' = diag(W'/w, H'/h, 1) K``,
