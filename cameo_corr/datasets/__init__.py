@@ -1,5 +1,6 @@
-"""Dataset readers (RealEstate10K raw and pixelSplat chunks, CO3D v2, 7-Scenes RGB-D, synthetic
-scenes), the canonical training view shared by pipeline and trainer, and the synthetic generator."""
+"""Dataset readers (RealEstate10K raw and pixelSplat chunks, CO3D v2, 7-Scenes RGB-D, nerfstudio
+``transforms.json`` scenes, COLMAP reconstructions, synthetic scenes), the canonical training view
+shared by pipeline and trainer, and the synthetic generator."""
 
 from cameo_corr.datasets.base import DATASET_NAMES, SceneReader, open_dataset
 

@@ -379,7 +379,7 @@ class CO3DReader(SceneReader):
             raise DatasetError(str(parsed.path), f"sequence {seq!r} has no annotated frames", field="sequence_name",
                                scene_id=scene_id)
         frames = tuple(frame_record(e, parsed.path, scene_id) for _, e in entries)
-        record = SceneRecord(self.name, self.split, scene_id, frames)
+        record = SceneRecord(self.tag, self.split, scene_id, frames)
         try:
             record.validate()
         except SchemaError as e:

@@ -58,4 +58,35 @@ def read_png16(path: Path, *, field: str = "depth", scene_id: str | None = None)
     return raw.astype(np.uint16)
 
 
-__all__ = ["PNG16_MODES", "read_image", "read_image_size", "read_png16"]
+def resize_nearest(arr: np.ndarray, hw: tuple[int, int], *, path: str, field: str,
+                   scene_id: str | None = None) -> np.ndarray:
+    """Resample a depth map or mask ``[h, w]`` to ``hw = (H, W)`` by nearest neighbour at pixel centres.
+
+    Output pixel ``(r, c)`` takes source pixel ``(floor((r + 0.5) h / H), floor((c + 0.5) w / W))``, so
+    invalid depth (0) never mixes with valid depth. The source must be a scaled copy of the image
+    (same aspect ratio up to one pixel of rounding); anything else is a :class:`DatasetError`.
+    """
+    h, w = arr.shape[:2]
+    H, W = hw
+    if (h, w) == (H, W):
+        return arr
+    if abs(h * W - w * H) > W + H:
+        raise DatasetError(path, f"{field} has size {(h, w)}, not a scaled copy of the {(H, W)} image",
+                           field=field, scene_id=scene_id)
+    rows = np.minimum(((np.arange(H) + 0.5) * (h / H)).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(W) + 0.5) * (w / W)).astype(np.int64), w - 1)
+    return arr[np.ix_(rows, cols)]
+
+
+def downscaled_size(source: Path, full_hw: tuple[int, int], factor: int, *, path: str, field: str,
+                    scene_id: str | None = None) -> tuple[int, int]:
+    """``(H, W)`` of a ``1/factor`` downscaled copy (``images_<factor>/``) of a ``full_hw`` image, read
+    from the header of ``source``; a size more than one pixel away from ``full_hw / factor`` is an error."""
+    hw = read_image_size(source, str(source), scene_id, field=field)
+    if any(abs(n - f / factor) > 1 for n, f in zip(hw, full_hw)):
+        raise DatasetError(str(source), f"size {hw} is not a 1/{factor} copy of the {full_hw} size in {path}",
+                           field=field, scene_id=scene_id)
+    return hw
+
+
+__all__ = ["PNG16_MODES", "read_image", "read_image_size", "read_png16", "resize_nearest", "downscaled_size"]

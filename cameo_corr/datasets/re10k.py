@@ -134,7 +134,7 @@ class RE10KReader(SceneReader):
             K, E = _checked_camera(values, hw, str(path), scene_id, line=line_no, field=None)
             rel = (self._image_prefix / scene_id / files[ts]).as_posix()
             frames.append(FrameRecord(frame_id=ts, image_path=rel, image_size=hw, intrinsics=K, extrinsics=E))
-        return SceneRecord(self.name, self.split, scene_id, tuple(frames))
+        return SceneRecord(self.tag, self.split, scene_id, tuple(frames))
 
     def load_image(self, frame: FrameRecord) -> np.ndarray:
         """Decode the frame file as RGB uint8 ``[H, W, 3]``."""
@@ -256,7 +256,7 @@ class RE10KChunkReader(SceneReader):
         ids = [f.frame_id for f in frames]
         if len(set(ids)) != len(ids):
             raise DatasetError(path, "timestamps of a clip must be unique", field="timestamps", scene_id=scene_id)
-        return SceneRecord(self.name, self.split, scene_id, tuple(frames))
+        return SceneRecord(self.tag, self.split, scene_id, tuple(frames))
 
     def load_image(self, frame: FrameRecord) -> np.ndarray:
         """Decode the JPEG bytes ``images[index]`` of the clip named by ``frame.image_path``."""

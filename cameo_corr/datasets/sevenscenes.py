@@ -171,7 +171,7 @@ class SevenScenesReader(SceneReader):
                     depth_scale=DEPTH_SCALE,
                 )
             )
-        return SceneRecord(self.name, self.split, scene_id, tuple(frames))
+        return SceneRecord(self.tag, self.split, scene_id, tuple(frames))
 
     def load_image(self, frame: FrameRecord) -> np.ndarray:
         """The colour JPEG as RGB uint8 ``[480, 640, 3]`` (not registered to the depth camera)."""

@@ -38,6 +38,29 @@ Writers (:func:`generate_dataset`):
       <root>/frames/<seq>/<timestamp_us>.<jpg|png>
       <root>/frames/<seq>/scene.json
 
+* ``nerfstudio`` layout, read by :class:`~cameo_corr.datasets.nerfstudio.NerfstudioReader`; even scenes
+  have global intrinsics and ``camera_model`` OPENCV with zero distortion, odd scenes per-frame
+  intrinsics, PINHOLE and their frames listed in reverse order; ``<split>_filenames`` lists every frame
+  in the chosen split (the other splits are empty)::
+
+      <root>/<seq>/transforms.json                    OpenGL camera-to-world transform_matrix
+      <root>/<seq>/images/frame_NNNNN.<jpg|png>       (NNNNN from 00001, as ns-process-data names them)
+      <root>/<seq>/depths/frame_NNNNN.png             uint16 millimetres (depth_unit_scale_factor 1e-3)
+      <root>/<seq>/masks/frame_NNNNN.png              objects = 255
+      <root>/<seq>/images_2/, depths_2/, masks_2/     the same rendered at half size (rounded up)
+      <root>/<seq>/scene.json
+
+* ``colmap`` layout, read by :class:`~cameo_corr.datasets.colmap.ColmapReader` (no splits); even scenes
+  write text models, odd scenes binary ones, and the camera model cycles through SIMPLE_PINHOLE,
+  PINHOLE, SIMPLE_RADIAL, RADIAL, OPENCV (distortion 0) with the scene index; image ids run backwards
+  and the first image carries two unmatched 2D points::
+
+      <root>/<seq>/sparse/0/cameras.<txt|bin>, images.<txt|bin>, points3D.<txt|bin> (empty)
+      <root>/<seq>/images/frame_NNNNN.<jpg|png>
+      <root>/<seq>/images_2/frame_NNNNN.<jpg|png>     rendered at half size (rounded up)
+      <root>/<seq>/stereo/depth_maps/frame_NNNNN.<jpg|png>.geometric.bin   exact float32 z-depth
+      <root>/<seq>/scene.json
+
 ``scene.json`` holds the scene and the cameras, so exact ground truth can be re-rendered at any
 resolution (:meth:`SyntheticSequence.render`).
 """
@@ -65,6 +88,8 @@ from cameo_corr.datasets.co3d import (
     encode_depth_png,
     write_jgz,
 )
+from cameo_corr.datasets import colmap
+from cameo_corr.datasets.nerfstudio import DEFAULT_DEPTH_UNIT_SCALE, TRANSFORMS, opencv_w2c_to_opengl_c2w
 from cameo_corr.schemas import DatasetError, make_extrinsics, opencv_to_pytorch3d, pixel_centers
 
 GENERATOR_VERSION = 1
@@ -73,7 +98,7 @@ CATEGORY = "synthetic"
 """Category folder of the CO3D layout."""
 SUBSET = "synthetic"
 """Set list name of the CO3D layout (``set_lists/set_lists_synthetic.json``)."""
-LAYOUTS = ("co3d", "re10k")
+LAYOUTS = ("co3d", "re10k", "nerfstudio", "colmap")
 IMAGE_FORMATS = ("jpg", "png")
 JPEG_QUALITY = 95
 FPS = 30.0
@@ -664,6 +689,75 @@ def write_re10k_sequence(root: Path, seq: SyntheticSequence, split: str, image_f
     (frame_dir / "scene.json").write_text(json.dumps(seq.to_dict()), encoding="utf-8")
 
 
+def _write_mask(ids: np.ndarray, path: Path) -> None:
+    Image.fromarray(((ids >= FIRST_OBJECT_ID) * 255).astype(np.uint8)).save(path, format="PNG")
+
+
+def write_nerfstudio_sequence(root: Path, seq: SyntheticSequence, index: int, split: str, image_format: str) -> None:
+    """Render and write one sequence in the nerfstudio layout (see the module docstring)."""
+    H, W = seq.image_size
+    folder = root / seq.name
+    sizes = {"": (H, W), "_2": ((H + 1) // 2, (W + 1) // 2)}
+    for suffix in sizes:
+        for sub in ("images", "depths", "masks"):
+            (folder / f"{sub}{suffix}").mkdir(parents=True, exist_ok=True)
+    per_frame = index % 2 == 1
+    frames: list[dict[str, Any]] = []
+    for i in range(seq.num_frames):
+        stem = f"frame_{i + 1:05d}"
+        for suffix, hw in sizes.items():
+            image, depth, ids = seq.render(i, hw)
+            _save_image(image, folder / f"images{suffix}" / f"{stem}.{image_format}", image_format)
+            units = np.round(depth.astype(np.float64) / DEFAULT_DEPTH_UNIT_SCALE)
+            if units.max() > np.iinfo(np.uint16).max:
+                raise ValueError(f"depth {depth.max()} does not fit a uint16 PNG in millimetres")
+            Image.fromarray(units.astype(np.uint16)).save(folder / f"depths{suffix}" / f"{stem}.png", format="PNG")
+            _write_mask(ids, folder / f"masks{suffix}" / f"{stem}.png")
+        K = seq.intrinsics[i]
+        frame: dict[str, Any] = {"file_path": f"images/{stem}.{image_format}",
+                                 "transform_matrix": opencv_w2c_to_opengl_c2w(seq.extrinsics[i]).tolist(),
+                                 "depth_file_path": f"depths/{stem}.png", "mask_path": f"masks/{stem}.png"}
+        if per_frame:
+            frame.update(fl_x=K[0, 0], fl_y=K[1, 1], cx=K[0, 2], cy=K[1, 2], w=W, h=H)
+        frames.append(frame)
+    meta: dict[str, Any] = {"camera_model": "PINHOLE" if per_frame else "OPENCV"}
+    if not per_frame:
+        K = seq.intrinsics[0]
+        meta.update(fl_x=K[0, 0], fl_y=K[1, 1], cx=K[0, 2], cy=K[1, 2], w=W, h=H, k1=0.0, k2=0.0, p1=0.0, p2=0.0)
+    meta["frames"] = frames[::-1] if per_frame else frames
+    names = [f["file_path"] for f in frames]
+    meta.update({f"{name}_filenames": names if name == split else [] for name in SET_LIST_SPLITS})
+    (folder / TRANSFORMS).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    (folder / "scene.json").write_text(json.dumps(seq.to_dict()), encoding="utf-8")
+
+
+def write_colmap_sequence(root: Path, seq: SyntheticSequence, index: int, image_format: str) -> None:
+    """Render and write one sequence as a COLMAP project with dense depth maps (see the module docstring)."""
+    H, W = seq.image_size
+    folder = root / seq.name
+    half = ((H + 1) // 2, (W + 1) // 2)
+    for sub in ("images", "images_2"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    model = tuple(colmap.CAMERA_PARAMS)[index % len(colmap.CAMERA_PARAMS)]
+    K = seq.intrinsics[0]
+    names = colmap.CAMERA_PARAMS[model]
+    pinhole = [K[0, 0], K[0, 2], K[1, 2]] if names[0] == "f" else [K[0, 0], K[1, 1], K[0, 2], K[1, 2]]
+    camera = colmap.Camera(1, model, W, H, tuple(pinhole + [0.0] * (len(names) - len(pinhole))), None)
+    images = []
+    for i in range(seq.num_frames):
+        name = f"frame_{i + 1:05d}.{image_format}"
+        image, depth, _ = seq.render(i)
+        _save_image(image, folder / "images" / name, image_format)
+        _save_image(seq.render(i, half)[0], folder / "images_2" / name, image_format)
+        colmap.write_colmap_array(folder / colmap.DEPTH_DIR / f"{name}{colmap.DEPTH_SUFFIX}", depth)
+        E = seq.extrinsics[i]
+        images.append(colmap.ColmapImage(seq.num_frames - i, tuple(colmap.rotmat_to_qvec(E[:3, :3])), tuple(E[:3, 3]),
+                                         1, name, None))
+    points2d = [[(1.5, 2.5, -1), (W - 0.5, H - 0.5, -1)]] + [[] for _ in images[1:]]
+    colmap.write_colmap_model(folder / "sparse" / "0", [camera], images, binary=index % 2 == 1, points2d=points2d)
+    (folder / "scene.json").write_text(json.dumps(seq.to_dict()), encoding="utf-8")
+
+
 def generate_dataset(
     out: Path,
     *,
@@ -678,7 +772,9 @@ def generate_dataset(
     """Generate ``scenes`` sequences of ``frames`` square ``image_size`` frames under ``out``; return ``out``.
 
     ``layout="co3d"`` is read by :class:`SyntheticReader` (``open_dataset("synthetic", out, split=split)``),
-    ``layout="re10k"`` by :class:`~cameo_corr.datasets.re10k.RE10KReader` (``split=split``). The same
+    ``layout="re10k"`` by :class:`~cameo_corr.datasets.re10k.RE10KReader` (``split=split``),
+    ``layout="nerfstudio"`` by ``open_dataset("nerfstudio", out)`` (``split`` names the frame list
+    holding every frame) and ``layout="colmap"`` by ``open_dataset("colmap", out)`` (no splits). The same
     arguments always produce byte-identical files. ``out`` must not exist or be empty.
     """
     if scenes < 1 or frames < 2 or image_size < 8:
@@ -697,6 +793,14 @@ def generate_dataset(
     if layout == "re10k":
         for seq in sequences:
             write_re10k_sequence(out, seq, split, image_format)
+        return out
+    if layout == "nerfstudio":
+        for index, seq in enumerate(sequences):
+            write_nerfstudio_sequence(out, seq, index, split, image_format)
+        return out
+    if layout == "colmap":
+        for index, seq in enumerate(sequences):
+            write_colmap_sequence(out, seq, index, image_format)
         return out
     annotations: list[dict[str, Any]] = []
     for seq in sequences:
@@ -747,11 +851,14 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add ``cameo-corr synthesize``."""
     p = subparsers.add_parser(
         "synthesize",
-        help="generate analytic synthetic scenes with exact depth (CO3D or RealEstate10K layout)",
+        help="generate analytic synthetic scenes with exact depth (CO3D, RealEstate10K, nerfstudio or COLMAP layout)",
         description="Render seeded synthetic rooms with textured objects by exact ray casting and write them in "
                     "the CO3D layout (images, float16 depth PNGs, depth and object masks, PyTorch3D cameras; read "
-                    "with --dataset synthetic) or the RealEstate10K raw layout (read with --dataset re10k). Each "
-                    "scene also gets a scene.json with its analytic description.",
+                    "with --dataset synthetic), the RealEstate10K raw layout (read with --dataset re10k), the "
+                    "nerfstudio layout (transforms.json, millimetre depth PNGs, masks, half-size images_2 copies; "
+                    "--dataset nerfstudio) or COLMAP projects (sparse/0 text or binary models, dense "
+                    "stereo/depth_maps; --dataset colmap). Each scene also gets a scene.json with its analytic "
+                    "description.",
     )
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--scenes", type=int, default=4, help="number of scenes / sequences (default: 4)")
@@ -804,6 +911,8 @@ __all__ = [
     "make_sequence",
     "write_co3d_sequence",
     "write_re10k_sequence",
+    "write_nerfstudio_sequence",
+    "write_colmap_sequence",
     "generate_dataset",
     "SyntheticReader",
     "register_cli",

@@ -371,7 +371,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         help="precision/coverage of a backend's token correspondences against ground-truth depth",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    p.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="a reader with depth: synthetic, co3d, 7scenes")
+    p.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="a reader with depth: synthetic, co3d, 7scenes, nerfstudio, colmap")
     p.add_argument("--root", required=True, type=Path, help="dataset root")
     p.add_argument("--split", default=None, help="dataset split (reader default when omitted)")
     p.add_argument("--views", type=int, default=4, help="views per window (default 4)")

@@ -242,7 +242,7 @@ def plan_windows(
             scene = reader.scene(sid)
             out.extend(plan_scene(scene, config, fingerprint))
         except CameoCorrError as e:
-            out.append(failed_window(reader.name, reader.split, sid, fingerprint, f"{type(e).__name__}: {e}"))
+            out.append(failed_window(reader.tag, reader.split, sid, fingerprint, f"{type(e).__name__}: {e}"))
     ids = [w.record.window_id for w in out]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
