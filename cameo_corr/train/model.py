@@ -483,15 +483,16 @@ class _PixelCondEncoder(nn.Module):
     zero-initialised 3x3 convolution ``256 -> out_channels`` at latent resolution.
     """
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, **factory: Any) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         prev = in_channels
         for i, (ch, groups) in enumerate(((32, 8), (64, 16), (128, 32), (256, 64))):
-            layers += [nn.Conv2d(prev, ch, 3, stride=1 if i == 0 else 2, padding=1), nn.GroupNorm(groups, ch, eps=1e-6), nn.SiLU()]
+            conv = nn.Conv2d(prev, ch, 3, stride=1 if i == 0 else 2, padding=1, **factory)
+            layers += [conv, nn.GroupNorm(groups, ch, eps=1e-6, **factory), nn.SiLU()]
             prev = ch
         self.body = nn.Sequential(*layers)
-        self.out = nn.Conv2d(prev, out_channels, 3, padding=1)
+        self.out = nn.Conv2d(prev, out_channels, 3, padding=1, **factory)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -516,15 +517,15 @@ class _CameraConvIn(nn.Module):
         super().__init__()
         self.conv = conv_in
         self.cond: nn.Module
+        factory = {"device": conv_in.weight.device, "dtype": conv_in.weight.dtype}
         if encoder == "latent":
-            self.cond = nn.Conv2d(cond_channels, conv_in.out_channels, kernel_size=3, padding=1)
+            self.cond = nn.Conv2d(cond_channels, conv_in.out_channels, kernel_size=3, padding=1, **factory)
             nn.init.zeros_(self.cond.weight)
             nn.init.zeros_(self.cond.bias)
         elif encoder == "pixel":
-            self.cond = _PixelCondEncoder(cond_channels, conv_in.out_channels)
+            self.cond = _PixelCondEncoder(cond_channels, conv_in.out_channels, **factory)
         else:
             raise SchemaError("model.cond_encoder", f"expected one of {', '.join(COND_ENCODERS)}, got {encoder!r}")
-        self.cond.to(device=conv_in.weight.device, dtype=conv_in.weight.dtype)
         self.pending: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -555,9 +556,9 @@ def _add_qk_norm(unet: nn.Module) -> None:
     for module in unet.modules():
         if isinstance(module, Attention):
             head_dim = module.inner_dim // module.heads
-            ref = module.to_q.weight
-            module.norm_q = nn.LayerNorm(head_dim, eps=1e-5).to(device=ref.device, dtype=ref.dtype)
-            module.norm_k = nn.LayerNorm(head_dim, eps=1e-5).to(device=ref.device, dtype=ref.dtype)
+            factory = {"device": module.to_q.weight.device, "dtype": module.to_q.weight.dtype}
+            module.norm_q = nn.LayerNorm(head_dim, eps=1e-5, **factory)
+            module.norm_k = nn.LayerNorm(head_dim, eps=1e-5, **factory)
 
 
 def check_domain_dict(domain_dict: Mapping[str, int], where: str | None = None) -> int:
