@@ -33,6 +33,7 @@ from cameo_corr.train.model import (
     self_attention_layers,
     tiny_unet_config,
 )
+from test_model import _cameras, _inputs, _rotation
 
 DOMAINS = {"re10k": 0, "co3d": 1, "others": 2}
 
@@ -40,32 +41,6 @@ DOMAINS = {"re10k": 0, "co3d": 1, "others": 2}
 def _unet(seed: int = 0, channels: int = 4) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(**tiny_unet_config(channels, block_out_channels=(16, 32), attention_head_dim=4, cross_attention_dim=16))
-
-
-def _rotation(rng: np.random.Generator) -> np.ndarray:
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    return q if np.linalg.det(q) > 0 else -q
-
-
-def _cameras(B: int, Fv: int, size: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    rng = np.random.default_rng(seed)
-    K = np.array([[0.9 * size, 0, 0.5 * size], [0, 0.95 * size, 0.48 * size], [0, 0, 1.0]])
-    Es = [[make_extrinsics(_rotation(rng), rng.normal(size=3)) for _ in range(Fv)] for _ in range(B)]
-    return torch.tensor(K, dtype=dtype).expand(B, Fv, 3, 3).clone(), torch.tensor(np.array(Es), dtype=dtype)
-
-
-def _inputs(model: MultiViewUNet, B: int = 2, Fv: int = 3, hw: int = 8, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    K, E = _cameras(B, Fv, hw * 8, seed)
-    ref = torch.zeros(B, Fv, dtype=torch.bool)
-    ref[:, 0] = True
-    return {
-        "latents": torch.randn(B, Fv, model.latent_channels, hw, hw, generator=g),
-        "timesteps": torch.randint(0, 1000, (B,), generator=g),
-        "plucker": camera_rays(K, E, model.ray_hw((hw, hw)), hw * 8),
-        "ref_mask": ref,
-    }
 
 
 def _attention_reference(attn: Attention, x: torch.Tensor, views: int) -> torch.Tensor:
@@ -123,7 +98,7 @@ def test_no_text_cross_attn_removes_attn2_and_the_null_embedding() -> None:
     assert blocks and all(b.attn2 is None and b.norm2 is None for b in blocks)
     assert sorted(model.unet.attn_processors) == self_attention_layers(model.unet)  # CAMEO's index space
     assert model.null_embedding is None and not any("null_embedding" in n for n, _ in model.named_parameters())
-    inp = _inputs(model)
+    inp = _inputs(model, 2, 3)
     with torch.no_grad():
         out = model(**inp)
     assert torch.isfinite(out.sample).all()
@@ -166,7 +141,7 @@ def test_domain_embedding_is_zero_initialised_and_selected_by_the_dataset_tag() 
     emb = model.unet.class_embedding
     assert isinstance(emb, nn.Embedding) and emb.weight.shape == (3, model.unet.time_embedding.linear_2.out_features)
     assert emb.weight.eq(0).all() and model.unet.config.num_class_embeds == 3
-    inp = _inputs(model, B=3)
+    inp = _inputs(model, 3, 3)
     labels = domain_labels(["re10k", "co3d", "scannet"], DOMAINS)
     with torch.no_grad():
         base = plain(**inp, return_logits=False).sample
@@ -198,7 +173,7 @@ def test_pixel_encoder_layout_mask_first_and_zero_initialised() -> None:
     model = MultiViewUNet(_unet(seed=2), layer=0, cond_encoder="pixel", camera_dropout=0.0).eval()
     model.null_embedding.data.copy_(plain.null_embedding.data)
     assert model.ray_hw((8, 8)) == (64, 64)
-    inp = _inputs(model)
+    inp = _inputs(model, 2, 3)
     seen: list[torch.Tensor] = []
     model.unet.conv_in.cond.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
     plain_inp = dict(inp, plucker=torch.zeros(2, 3, 6, 8, 8))
