@@ -21,6 +21,25 @@ import yaml
 from cameo_corr.schemas import SchemaError
 
 
+CAMERA_NORMS = ("first_view", "official", "none")
+"""Camera normalisations of :func:`cameo_corr.train.model.camera_rays` (``model.camera_norm``)."""
+
+COND_ENCODERS = ("latent", "pixel")
+"""Conditioning encoders (``model.cond_encoder``): ``latent`` (rays + reference mask at latent resolution,
+one zero-initialised 3x3 convolution) or ``pixel`` (the official layout: target mask + rays at image
+resolution through a stride-2 convolution stack)."""
+
+
+def check_domain_dict(domain_dict: Mapping[str, int], where: str | None = None) -> int:
+    """Validate a domain dictionary (an ``others`` entry, labels ``0..n-1`` all used) and return ``n``."""
+    if "others" not in domain_dict:
+        raise SchemaError("model.domain_dict", "needs an 'others' entry (the label of datasets it does not list)", where=where)
+    labels = sorted({int(v) for v in domain_dict.values()})
+    if labels != list(range(len(labels))):
+        raise SchemaError("model.domain_dict", f"labels must be 0..n-1, got {labels}", where=where)
+    return len(labels)
+
+
 @dataclass
 class DataConfig:
     """The streaming dataset (:class:`cameo_corr.train.data.CorrStreamDataset`)."""
@@ -376,8 +395,6 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
 
 def _validate_recipe(cfg: TrainConfig, where: str) -> None:
     """Checks of the model-recipe and noise-schedule options."""
-    from cameo_corr.train.model import CAMERA_NORMS, COND_ENCODERS, check_domain_dict
-
     m, d = cfg.model, cfg.diffusion
     for key, value, allowed in (("model.cond_encoder", m.cond_encoder, COND_ENCODERS), ("model.camera_norm", m.camera_norm, CAMERA_NORMS),
                                 ("model.cond_dropout_scope", m.cond_dropout_scope, ("sample", "batch")),

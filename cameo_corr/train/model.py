@@ -10,7 +10,7 @@ Public API (signatures are part of the trainer contract)::
         -> Tensor [..., 6, h, w]
     normalize_cameras(E [..., F, 4, 4]) / normalize_cameras_official(E) -> Tensor [..., F, 4, 4]
     camera_rays(K [B, F, 3, 3], E [B, F, 4, 4], ray_hw, image_size, *, norm="first_view") -> [B, F, 6, h, w]
-    domain_labels(tags, domain_dict) -> Tensor [B]; check_domain_dict(domain_dict) -> int
+    domain_labels(tags, domain_dict) -> Tensor [B]
     noise_targets(latents, noisy_latents, ref_mask [B, F]) -> Tensor        # references clean, targets noisy
     class LatentCodec / IdentityCodec(factor=8) / VAECodec(vae, chunk=16)
         encode(images [B, F, 3, H, W] in [0, 1]) -> latents [B, F, C, h, w]; decode(latents) -> images
@@ -83,6 +83,7 @@ from torch import Tensor, nn
 
 from cameo_corr.pipeline.backends.geometry import invert_rigid
 from cameo_corr.schemas import SchemaError, as_grid
+from cameo_corr.train.config import CAMERA_NORMS, COND_ENCODERS, check_domain_dict
 
 __all__ = [
     "SD21_UNET_CONFIG",
@@ -94,10 +95,7 @@ __all__ = [
     "normalize_cameras",
     "normalize_cameras_official",
     "camera_rays",
-    "CAMERA_NORMS",
-    "COND_ENCODERS",
     "domain_labels",
-    "check_domain_dict",
     "noise_targets",
     "LatentCodec",
     "IdentityCodec",
@@ -262,10 +260,6 @@ def normalize_cameras_official(E: Tensor) -> Tensor:
     out = rel.clone()
     out[..., :3, 3] = rel[..., :3, 3] / (farthest[..., None, None] + 1e-8)
     return out
-
-
-CAMERA_NORMS = ("first_view", "official", "none")
-"""Camera normalisations of :func:`camera_rays`."""
 
 
 def camera_rays(
@@ -501,12 +495,6 @@ class _PixelCondEncoder(nn.Module):
         return self.out(self.body(x))
 
 
-COND_ENCODERS = ("latent", "pixel")
-"""Conditioning encoders: ``latent`` (rays + reference mask at latent resolution, one zero-initialised 3x3
-convolution) or ``pixel`` (the official layout: target mask + rays at image resolution through
-:class:`_PixelCondEncoder`)."""
-
-
 class _CameraConvIn(nn.Module):
     """``conv_in(latents) + cond(conditioning)``; the conditioning tensor is handed over in ``pending``.
 
@@ -561,16 +549,6 @@ def _add_qk_norm(unet: nn.Module) -> None:
             module.norm_k = nn.LayerNorm(head_dim, eps=1e-5, **factory)
 
 
-def check_domain_dict(domain_dict: Mapping[str, int], where: str | None = None) -> int:
-    """Validate a domain dictionary (an ``others`` entry, labels ``0..n-1`` all used) and return ``n``."""
-    if "others" not in domain_dict:
-        raise SchemaError("model.domain_dict", "needs an 'others' entry (the label of datasets it does not list)", where=where)
-    labels = sorted({int(v) for v in domain_dict.values()})
-    if labels != list(range(len(labels))):
-        raise SchemaError("model.domain_dict", f"labels must be 0..n-1, got {labels}", where=where)
-    return len(labels)
-
-
 def domain_labels(tags: Sequence[str], domain_dict: Mapping[str, int], device: torch.device | str | None = None) -> Tensor:
     """Domain class labels ``[B]`` of the batch's dataset ``tags``: ``domain_dict[tag]``, or
     ``domain_dict["others"]`` for a tag it does not list (the official rule)."""
@@ -601,7 +579,8 @@ class MultiViewUNet(nn.Module):
       attend within each frame only (diffusers' ``AttnProcessor2_0``), all others across the views;
     - ``domain_dict``: a zero-initialised class embedding (one row per label) added to the timestep
       embedding, selected per sample by ``class_labels`` (:func:`domain_labels`);
-    - ``cond_encoder``: ``latent`` or ``pixel`` (:data:`COND_ENCODERS`); ``pixel`` needs ``latent_factor`` 8.
+    - ``cond_encoder``: ``latent`` or ``pixel`` (:data:`cameo_corr.train.config.COND_ENCODERS`); ``pixel``
+      needs ``latent_factor`` 8.
     """
 
     def __init__(
