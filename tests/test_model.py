@@ -48,11 +48,11 @@ def _rotation(rng: np.random.Generator) -> np.ndarray:
     return q
 
 
-def _cameras(B: int, Fv: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _cameras(B: int, Fv: int, size: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     rng = np.random.default_rng(seed)
     K = np.array([[0.9 * size, 0, 0.5 * size], [0, 0.95 * size, 0.48 * size], [0, 0, 1.0]])
     Es = [[make_extrinsics(_rotation(rng), rng.normal(size=3)) for _ in range(Fv)] for _ in range(B)]
-    return torch.tensor(K).expand(B, Fv, 3, 3).float(), torch.tensor(np.array(Es)).float()
+    return torch.tensor(K, dtype=dtype).expand(B, Fv, 3, 3).clone(), torch.tensor(np.array(Es), dtype=dtype)
 
 
 def _inputs(model: MultiViewUNet, B: int, Fv: int, hw: int = 8, seed: int = 0) -> dict:
@@ -63,7 +63,7 @@ def _inputs(model: MultiViewUNet, B: int, Fv: int, hw: int = 8, seed: int = 0) -
     return {
         "latents": torch.randn(B, Fv, model.latent_channels, hw, hw, generator=g),
         "timesteps": torch.randint(0, 1000, (B,), generator=g),
-        "plucker": camera_rays(K, E, (hw, hw), hw * 8),
+        "plucker": camera_rays(K, E, model.ray_hw((hw, hw)), hw * 8),
         "ref_mask": ref,
     }
 

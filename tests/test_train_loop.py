@@ -180,3 +180,44 @@ def test_resuming_with_another_process_count_warns() -> None:
     same = LoopState(world_size=2)
     same.load_state_dict(saved)
     assert same.step == 7
+
+
+OFFICIAL_RECIPE = [
+    "model.qk_norm=true", "model.no_text_cross_attn=true", "model.frame_local_width=64", "model.cond_encoder=pixel",
+    "model.domain_dict={re10k: 0, co3d: 1, others: 2}", "model.camera_norm=official", "model.ref_timestep=sample",
+    "model.cond_dropout_scope=batch", "diffusion.beta_schedule=snr_rescale", "diffusion.snr_rescale=4",
+    "diffusion.rescale_betas_zero_snr=true", "optim.lr_scheduler=constant_with_warmup", "optim.warmup_steps=4",
+]
+
+
+@pytest.mark.slow
+def test_official_recipe_trains_with_adamw_warmup_and_clipping(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The official model recipe on the tiny model, end to end: AdamW settings, linear warm-up of the
+    constant_with_warmup schedule, gradient clipping at max_grad_norm every optimizer step."""
+    from accelerate import Accelerator
+
+    from cameo_corr.train.loop import Trainer
+
+    clips: list[float] = []
+    clip = Accelerator.clip_grad_norm_
+
+    def spy(self: Accelerator, parameters, max_norm: float, norm_type: int = 2):
+        clips.append(max_norm)
+        return clip(self, parameters, max_norm, norm_type)
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", spy)
+    cfg = config(cache, "train.max_steps=2", *OFFICIAL_RECIPE)
+    (tmp_path / "run").mkdir()
+    trainer = Trainer(cfg, tmp_path / "run")
+    opt = trainer.optimizer.optimizer
+    assert isinstance(opt, torch.optim.AdamW)
+    assert {(g["weight_decay"], g["betas"], g["eps"]) for g in opt.param_groups} == {(0.01, (0.9, 0.999), 1e-8)}
+    result = trainer.run()
+    assert [r["lr"] for r in result.history] == pytest.approx([cfg.optim.lr / 4, cfg.optim.lr / 2])  # 1/4, 2/4 of warm-up
+    assert clips == [1.0, 1.0]
+    for row in result.history:
+        assert all(math.isfinite(row[k]) for k in ("loss", "diffusion", "cameo"))
+    state = model_state(tmp_path / "run")
+    assert "model.unet.class_embedding.weight" in state and "model.unet.conv_in.cond.out.weight" in state
+    assert any(k.endswith("attn1.norm_q.weight") for k in state)
+    assert not any(".attn2." in k or "null_embedding" in k for k in state)

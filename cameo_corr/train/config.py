@@ -21,6 +21,25 @@ import yaml
 from cameo_corr.schemas import SchemaError
 
 
+CAMERA_NORMS = ("first_view", "official", "none")
+"""Camera normalisations of :func:`cameo_corr.train.model.camera_rays` (``model.camera_norm``)."""
+
+COND_ENCODERS = ("latent", "pixel")
+"""Conditioning encoders (``model.cond_encoder``): ``latent`` (rays + reference mask at latent resolution,
+one zero-initialised 3x3 convolution) or ``pixel`` (the official layout: target mask + rays at image
+resolution through a stride-2 convolution stack)."""
+
+
+def check_domain_dict(domain_dict: Mapping[str, int], where: str | None = None) -> int:
+    """Validate a domain dictionary (an ``others`` entry, labels ``0..n-1`` all used) and return ``n``."""
+    if "others" not in domain_dict:
+        raise SchemaError("model.domain_dict", "needs an 'others' entry (the label of datasets it does not list)", where=where)
+    labels = sorted({int(v) for v in domain_dict.values()})
+    if labels != list(range(len(labels))):
+        raise SchemaError("model.domain_dict", f"labels must be 0..n-1, got {labels}", where=where)
+    return len(labels)
+
+
 @dataclass
 class DataConfig:
     """The streaming dataset (:class:`cameo_corr.train.data.CorrStreamDataset`)."""
@@ -55,9 +74,39 @@ class ModelConfig:
     """``identity`` (pixel-unshuffled image as latents), ``tiny`` (random tiny AutoencoderKL), or
     ``pretrained`` (the ``vae/`` subfolder of ``pretrained``)."""
     cond_dropout: float = 0.1
+    """Probability of dropping the camera rays (classifier-free guidance; official ``cfg_training_rate``)."""
+    cond_dropout_scope: str = "sample"
+    """``sample``: an independent draw per sample; ``batch``: one draw drops the whole batch (official)."""
     gradient_checkpointing: bool = False
+    qk_norm: bool = False
+    """LayerNorm on queries and keys of every attention layer (official ``qk_norm``)."""
+    no_text_cross_attn: bool = False
+    """Remove text cross-attention (official ``no_text_cross_attn``)."""
+    frame_local_width: int | None = None
+    """Self-attention layers of this width attend within each frame only (official: 320)."""
+    domain_dict: dict[str, int] | None = None
+    """Dataset tag -> domain label of a zero-initialised class embedding; needs ``others`` (official
+    ``domain_dict``: re10k 0, co3d 1, others 2). ``None``: no domain embedding."""
+    cond_encoder: str = "latent"
+    """``latent`` (rays + reference mask at latent resolution) or ``pixel`` (official: target mask + rays
+    at image resolution through a stride-2 convolution stack)."""
+    camera_norm: str = "first_view"
+    """``first_view`` (relative to view 0, farthest centre at distance 1), ``official``
+    (``normalize_extrinsic`` + ``normalize_t``) or ``none``."""
+    ref_timestep: str = "zero"
+    """Timestep of the clean reference views: ``zero`` or ``sample`` (the sample's timestep, official)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword options of the tiny model builder (e.g. ``block_out_channels``)."""
+
+    def recipe(self) -> dict[str, Any]:
+        """The recipe keyword arguments of :class:`~cameo_corr.train.model.MultiViewUNet` / ``build_model``."""
+        return {
+            "qk_norm": self.qk_norm,
+            "no_text_cross_attn": self.no_text_cross_attn,
+            "frame_local_width": self.frame_local_width,
+            "domain_dict": self.domain_dict,
+            "cond_encoder": self.cond_encoder,
+        }
 
 
 @dataclass
@@ -91,8 +140,14 @@ class DiffusionConfig:
 
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"
+    """A diffusers schedule (``scaled_linear``, ``linear``, ...) or ``snr_rescale`` (MVGenMaster's:
+    scaled-linear betas with the per-step SNR ``(1 - beta) / beta`` divided by ``sqrt(snr_rescale)``)."""
     beta_start: float = 0.00085
     beta_end: float = 0.012
+    snr_rescale: float = 1.0
+    """The ``snr_rescale`` schedule's factor (official: 4)."""
+    rescale_betas_zero_snr: bool = False
+    """Rescale the betas to zero terminal SNR (Lin et al. 2023; official: true)."""
     prediction_type: str = "v_prediction"
 
 
@@ -244,7 +299,7 @@ def parse_overrides(overrides: Sequence[str], where: str = "command line") -> di
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) and k != "options":
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) and k not in ("options", "domain_dict"):
             out[k] = _merge(dict(out[k]), v)
         else:
             out[k] = v
@@ -324,6 +379,7 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
         raise SchemaError("loss.query_chunk", f"must be >= 1, got {cfg.loss.query_chunk}", where=where)
     if cfg.loss.cameo_weight < 0:
         raise SchemaError("loss.cameo_weight", f"must be >= 0, got {cfg.loss.cameo_weight}", where=where)
+    _validate_recipe(cfg, where)
     if cfg.diffusion.prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise SchemaError("diffusion.prediction_type", f"unknown {cfg.diffusion.prediction_type!r}", where=where)
     e = cfg.eval
@@ -335,3 +391,25 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
         raise SchemaError("train.keep_checkpoints", f"must be >= 1 or null (keep all), got {r.keep_checkpoints}", where=where)
     if r.checkpoint_every < 0:
         raise SchemaError("train.checkpoint_every", f"must be >= 0, got {r.checkpoint_every}", where=where)
+
+
+def _validate_recipe(cfg: TrainConfig, where: str) -> None:
+    """Checks of the model-recipe and noise-schedule options."""
+    m, d = cfg.model, cfg.diffusion
+    for key, value, allowed in (("model.cond_encoder", m.cond_encoder, COND_ENCODERS), ("model.camera_norm", m.camera_norm, CAMERA_NORMS),
+                                ("model.cond_dropout_scope", m.cond_dropout_scope, ("sample", "batch")),
+                                ("model.ref_timestep", m.ref_timestep, ("zero", "sample"))):
+        if value not in allowed:
+            raise SchemaError(key, f"expected one of {', '.join(allowed)}, got {value!r}", where=where)
+    if not 0.0 <= m.cond_dropout <= 1.0:
+        raise SchemaError("model.cond_dropout", f"must be in [0, 1], got {m.cond_dropout}", where=where)
+    if m.frame_local_width is not None and m.frame_local_width < 1:
+        raise SchemaError("model.frame_local_width", f"must be a positive width or null, got {m.frame_local_width}", where=where)
+    if m.domain_dict is not None:
+        if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in m.domain_dict.items()):
+            raise SchemaError("model.domain_dict", f"expected a mapping of dataset tag -> integer label, got {m.domain_dict!r}", where=where)
+        check_domain_dict(m.domain_dict, where)
+    if d.snr_rescale <= 0:
+        raise SchemaError("diffusion.snr_rescale", f"must be > 0, got {d.snr_rescale}", where=where)
+    if d.snr_rescale != 1.0 and d.beta_schedule != "snr_rescale":
+        raise SchemaError("diffusion.snr_rescale", f"only applies to beta_schedule snr_rescale, not {d.beta_schedule!r}", where=where)

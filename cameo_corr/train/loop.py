@@ -2,8 +2,11 @@
 
 One optimizer step accumulates ``gradient_accumulation_steps`` batches from the cache stream
 (:class:`~cameo_corr.train.data.StreamLoader`). Per batch: images -> latents (frozen codec); one
-timestep per sample; references stay clean (timestep 0), targets are noised by the
-``DDPMScheduler``; the multi-view UNet predicts ``v`` (or epsilon/sample per config) and returns the
+timestep per sample; references stay clean (conditioned on timestep 0, or on the sample's timestep
+with ``model.ref_timestep: sample`` as the official code does), targets are noised by the
+``DDPMScheduler``; camera rays (``model.camera_norm``) are dropped with probability ``model.cond_dropout``
+per sample or per batch; the dataset ``tag`` selects the domain label (``model.domain_dict``); the
+multi-view UNet predicts ``v`` (or epsilon/sample per config) and returns the
 pre-softmax logits of the supervised layer. The loss is the diffusion MSE over target views plus
 ``cameo_weight`` times the CAMEO loss (fp32, computed by :func:`cameo_corr.train.loss.cameo_loss`).
 The attention correspondence precision of the supervised layer (head-mean attention, per key view,
@@ -105,17 +108,33 @@ def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.de
     return g
 
 
+def snr_rescale_betas(num_train_timesteps: int, beta_start: float, beta_end: float, snr_rescale: float) -> torch.Tensor:
+    """MVGenMaster's ``snr_rescale`` betas (float32, as its scheduler computes them): scaled-linear betas
+    ``beta``, per-step SNR ``(1 - beta) / beta`` divided by ``sqrt(snr_rescale)``, ``beta' = 1 / (SNR' + 1)``."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    snr = (1 - betas) / betas / math.sqrt(snr_rescale)
+    return 1 / (snr + 1)
+
+
 def make_noise_scheduler(cfg: TrainConfig) -> "DDPMScheduler":
-    """The DDPM training scheduler of the config (SD2.1 defaults: scaled-linear betas, v-prediction)."""
+    """The DDPM training scheduler of the config (SD2.1 defaults: scaled-linear betas, v-prediction).
+
+    ``snr_rescale`` is passed to diffusers as ``trained_betas`` (:func:`snr_rescale_betas`); diffusers then
+    applies ``rescale_betas_zero_snr`` to them, as the official scheduler does.
+    """
     from diffusers import DDPMScheduler
 
     d = cfg.diffusion
+    kwargs: dict[str, Any] = {"beta_schedule": d.beta_schedule}
+    if d.beta_schedule == "snr_rescale":
+        kwargs = {"trained_betas": snr_rescale_betas(d.num_train_timesteps, d.beta_start, d.beta_end, d.snr_rescale).numpy()}
     return DDPMScheduler(
         num_train_timesteps=d.num_train_timesteps,
-        beta_schedule=d.beta_schedule,
         beta_start=d.beta_start,
         beta_end=d.beta_end,
         prediction_type=d.prediction_type,
+        rescale_betas_zero_snr=d.rescale_betas_zero_snr,
+        **kwargs,
     )
 
 
@@ -147,7 +166,7 @@ def compute_losses(
     every camera condition. All randomness comes from ``generator``.
     """
     from cameo_corr.train.loss import attention_precision, cameo_loss
-    from cameo_corr.train.model import camera_rays, noise_targets
+    from cameo_corr.train.model import camera_rays, domain_labels, noise_targets
 
     images = batch["image"]
     B, F, _, H, W = images.shape
@@ -162,11 +181,19 @@ def compute_losses(
     noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
     noisy = noise_scheduler.add_noise(latents, noise, t)
     model_in = noise_targets(latents, noisy, ref_mask)
-    timesteps = torch.where(ref_mask, torch.zeros_like(t)[:, None], t[:, None])  # references are clean: t = 0
-    drop_p = cfg.model.cond_dropout if camera_dropout else 0.0
-    drop = torch.rand((B,), generator=generator, device=device) < drop_p
-    plucker = camera_rays(batch["intrinsic"], batch["extrinsic"], tuple(latents.shape[-2:]), (H, W))
-    out = trainable(model_in, timesteps, plucker=plucker, ref_mask=ref_mask, drop_camera=drop, return_logits=True)
+    m = cfg.model
+    if m.ref_timestep == "zero":  # references are clean: t = 0
+        timesteps = torch.where(ref_mask, torch.zeros_like(t)[:, None], t[:, None])
+    else:  # the sample's timestep on every view (official)
+        timesteps = t
+    drop_p = m.cond_dropout if camera_dropout else 0.0
+    draws = 1 if m.cond_dropout_scope == "batch" else B
+    drop = (torch.rand((draws,), generator=generator, device=device) < drop_p).expand(B)
+    ray_hw = tuple(latents.shape[-2:]) if m.cond_encoder == "latent" else (H, W)
+    plucker = camera_rays(batch["intrinsic"], batch["extrinsic"], ray_hw, (H, W), norm=m.camera_norm)
+    labels = domain_labels(batch["tag"], m.domain_dict, device) if m.domain_dict is not None else None
+    out = trainable(model_in, timesteps, plucker=plucker, ref_mask=ref_mask, class_labels=labels, drop_camera=drop,
+                    return_logits=True)
 
     prediction = cfg.diffusion.prediction_type
     if prediction == "v_prediction":
@@ -299,6 +326,7 @@ class Trainer:
             vae=cfg.model.vae,
             cond_dropout=cfg.model.cond_dropout,
             gradient_checkpointing=cfg.model.gradient_checkpointing,
+            **cfg.model.recipe(),
             **cfg.model.options,
         )
         cache = CorrCache(cfg.data.cache)

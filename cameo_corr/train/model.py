@@ -6,26 +6,34 @@ Public API (signatures are part of the trainer contract)::
     self_attention_layers(unet) -> list[str]
     resolve_layer(unet, layer: str | int) -> str
     layer_grid(unet, layer: str | int, latent_hw: tuple[int, int]) -> tuple[int, int]
-    plucker_rays(K [..., 3, 3], E [..., 4, 4], h, w, image_size: int | (H, W)) -> Tensor [..., 6, h, w]
-    normalize_cameras(E [..., F, 4, 4]) -> Tensor [..., F, 4, 4]
-    camera_rays(K [B, F, 3, 3], E [B, F, 4, 4], latent_hw, image_size, *, normalize=True) -> [B, F, 6, h, w]
+    plucker_rays(K [..., 3, 3], E [..., 4, 4], h, w, image_size: int | (H, W), *, offset=(0.5, 0.5))
+        -> Tensor [..., 6, h, w]
+    normalize_cameras(E [..., F, 4, 4]) / normalize_cameras_official(E) -> Tensor [..., F, 4, 4]
+    camera_rays(K [B, F, 3, 3], E [B, F, 4, 4], ray_hw, image_size, *, norm="first_view") -> [B, F, 6, h, w]
+    domain_labels(tags, domain_dict) -> Tensor [B]
     noise_targets(latents, noisy_latents, ref_mask [B, F]) -> Tensor        # references clean, targets noisy
     class LatentCodec / IdentityCodec(factor=8) / VAECodec(vae, chunk=16)
         encode(images [B, F, 3, H, W] in [0, 1]) -> latents [B, F, C, h, w]; decode(latents) -> images
         latent_size((H, W)) -> (h, w)
     class MultiViewOutput(NamedTuple): sample [B, F, C, h, w]; logits [B, heads, F*N, F*N] | None
     class MultiViewUNet(nn.Module):
-        __init__(unet, *, layer: str | int, camera_dropout=0.1, null_tokens=1)
-        forward(latents [B, F, C, h, w], timesteps [B] | [B, F], *, plucker [B, F, 6, h, w],
+        __init__(unet, *, layer: str | int, camera_dropout=0.1, null_tokens=1, qk_norm=False,
+                 no_text_cross_attn=False, frame_local_width=None, domain_dict=None, cond_encoder="latent",
+                 latent_factor=8)
+        forward(latents [B, F, C, h, w], timesteps [B] | [B, F], *, plucker [B, F, 6, *ray_hw],
                 ref_mask [B, F] bool, encoder_hidden_states [B, L, D] | None = None,
-                drop_camera [B] bool | None = None, return_logits=True) -> MultiViewOutput
-        grid(latent_hw) -> (h, w); check_grid(latent_hw, cache_grid); enable_gradient_checkpointing()
-    build_model(*, pretrained=None, layer=0, vae="identity", cond_dropout=0.1,
-                gradient_checkpointing=False, **options) -> (MultiViewUNet, LatentCodec)
+                class_labels [B] | None = None, drop_camera [B] bool | None = None,
+                return_logits=True) -> MultiViewOutput
+        grid(latent_hw) -> (h, w); ray_hw(latent_hw) -> (h, w); check_grid(latent_hw, cache_grid);
+        enable_gradient_checkpointing()
+    build_model(*, pretrained=None, layer=0, vae="identity", cond_dropout=0.1, gradient_checkpointing=False,
+                qk_norm=False, no_text_cross_attn=False, frame_local_width=None, domain_dict=None,
+                cond_encoder="latent", **options) -> (MultiViewUNet, LatentCodec)
 
 Multi-view attention. Every self-attention layer (``attn1`` of the transformer blocks) attends over the
 tokens of all F views of a sample: ``[B*F, N, C] -> [B, F*N, C]``, attention, and back (CAT3D /
-MVGenMaster style). Cross-attention layers (``attn2``) keep diffusers' default processor. Views of a
+MVGenMaster style), except the layers of width ``frame_local_width``, which attend within each frame
+(diffusers' ``AttnProcessor2_0``). Cross-attention layers (``attn2``) keep diffusers' default processor. Views of a
 sample must be consecutive in the UNet batch, which :class:`MultiViewUNet` guarantees.
 
 Supervised layer. One self-attention layer computes its attention explicitly (``q k^T * scale`` and softmax
@@ -44,12 +52,19 @@ per level and one transformer block per attention, sorted order equals execution
 mid block, up blocks); with ten or more transformer blocks per attention (SDXL-style) the lexicographic
 sort places ``transformer_blocks.10`` before ``transformer_blocks.2``, so prefer names there.
 
-Conditioning. Plücker rays (6 channels, :func:`plucker_rays`) and a reference mask (1 channel, 1 for
-reference views) at latent resolution go through a zero-initialised 3x3 convolution whose output is
-added to ``conv_in``'s output, so a pretrained UNet's behaviour is unchanged at initialisation.
-Camera dropout (probability ``camera_dropout`` per sample, training mode only) zeroes the rays for
-classifier-free guidance; the reference mask is kept. Text conditioning: a learned null embedding
-(no text encoder) of the cross-attention width, or ``encoder_hidden_states`` from the caller.
+Conditioning. Plücker rays (6 channels, :func:`plucker_rays`) and a reference mask (1 channel) go
+through an encoder ending in a zero-initialised convolution whose output is added to ``conv_in``'s
+output, so a pretrained UNet's behaviour is unchanged at initialisation: ``cond_encoder="latent"``
+(rays + mask with 1 for references, at latent resolution, one 3x3 convolution) or ``"pixel"`` (the
+official CAMEO/MVGenMaster layout: mask with 1 for targets + rays, at image resolution, through a
+stride-2 convolution stack). Camera dropout zeroes the rays for classifier-free guidance; the mask
+is kept. Text conditioning: a learned null embedding (no text encoder) of the cross-attention width,
+or ``encoder_hidden_states`` from the caller; ``no_text_cross_attn`` removes text cross-attention.
+
+The official recipe (CAMEO's ``configs/config.yaml`` on MVGenMaster's UNet) adds LayerNorm on queries
+and keys (``qk_norm``), no text cross-attention, per-frame attention in the 320-channel layers
+(``frame_local_width=320``: ``down_blocks.0`` and ``up_blocks.3``), a zero-initialised domain class
+embedding (``domain_dict``) and the ``pixel`` encoder; see :class:`MultiViewUNet`.
 """
 
 from __future__ import annotations
@@ -58,16 +73,17 @@ import abc
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor, nn
 
 from cameo_corr.pipeline.backends.geometry import invert_rigid
 from cameo_corr.schemas import SchemaError, as_grid
+from cameo_corr.train.config import CAMERA_NORMS, COND_ENCODERS, check_domain_dict
 
 __all__ = [
     "SD21_UNET_CONFIG",
@@ -77,7 +93,9 @@ __all__ = [
     "layer_grid",
     "plucker_rays",
     "normalize_cameras",
+    "normalize_cameras_official",
     "camera_rays",
+    "domain_labels",
     "noise_targets",
     "LatentCodec",
     "IdentityCodec",
@@ -186,21 +204,23 @@ def layer_grid(unet: UNet2DConditionModel, layer: str | int, latent_hw: tuple[in
 
 
 # -------------------------------------------------------------------------------------- cameras
-def plucker_rays(K: Tensor, E: Tensor, h: int, w: int, image_size: int | tuple[int, int]) -> Tensor:
+def plucker_rays(
+    K: Tensor, E: Tensor, h: int, w: int, image_size: int | tuple[int, int], *, offset: tuple[float, float] = (0.5, 0.5)
+) -> Tensor:
     """Plücker ray embedding ``(d, o x d)`` of an ``h x w`` grid of pixels over the image: ``[..., 6, h, w]``.
 
     ``K`` ``[..., 3, 3]`` are pixel intrinsics of the image of size ``image_size`` (``int`` or ``(H, W)``),
     ``E`` ``[..., 4, 4]`` world-to-camera extrinsics (OpenCV); batch dims broadcast. Cell ``(r, c)`` of the
-    grid is the ray through the image point ``((c + 0.5) W / w, (r + 0.5) H / h)``, i.e. the centre of the
-    cell (pixel centres at +0.5). ``d`` is the unit world-space direction, ``o`` the camera centre.
-    Computed in at least float32.
+    grid is the ray through the image point ``((c + ox) W / w, (r + oy) H / h)`` with ``offset = (ox, oy)``;
+    the default ``(0.5, 0.5)`` is the centre of the cell (pixel centres at +0.5). ``d`` is the unit
+    world-space direction, ``o`` the camera centre. Computed in at least float32.
     """
     H, W = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
     dtype = torch.promote_types(torch.promote_types(K.dtype, E.dtype), torch.float32)
     K = K.to(dtype)
     E = E.to(dtype)
-    u = (torch.arange(w, device=K.device, dtype=dtype) + 0.5) * (W / w)
-    v = (torch.arange(h, device=K.device, dtype=dtype) + 0.5) * (H / h)
+    u = (torch.arange(w, device=K.device, dtype=dtype) + offset[0]) * (W / w)
+    v = (torch.arange(h, device=K.device, dtype=dtype) + offset[1]) * (H / h)
     vv, uu = torch.meshgrid(v, u, indexing="ij")
     pix = torch.stack([uu, vv, torch.ones_like(uu)], dim=-1)  # [h, w, 3]
     R = E[..., :3, :3]
@@ -225,17 +245,44 @@ def normalize_cameras(E: Tensor) -> Tensor:
     return out
 
 
-def camera_rays(
-    K: Tensor, E: Tensor, latent_hw: tuple[int, int], image_size: int | tuple[int, int], *, normalize: bool = True
-) -> Tensor:
-    """Plücker rays ``[B, F, 6, h, w]`` at latent resolution for cameras ``K``/``E`` ``[B, F, ...]``.
+def normalize_cameras_official(E: Tensor) -> Tensor:
+    """The official CAMEO/MVGenMaster camera normalisation of extrinsics ``[..., F, 4, 4]`` (world-to-camera).
 
-    With ``normalize`` the cameras are first made relative to view 0 and scale-normalised
-    (:func:`normalize_cameras`), which removes the arbitrary world frame and scale of the clip.
+    ``normalize_extrinsic`` (reference view ``-1``, the last one): ``E_i <- inverse(E_last) @ E_i``, a
+    *left* product, so the last view becomes the identity but the result is not the clip re-expressed
+    in the last camera's frame (that would be ``E_i @ inverse(E_last)``, :func:`normalize_cameras`);
+    it depends on the world frame the dataset chose. ``normalize_t``: camera centres divided by the
+    largest absolute centre coordinate over the views and x, y, z, plus ``1e-8``.
     """
-    if normalize:
-        E = normalize_cameras(E)
-    return plucker_rays(K, E, int(latent_hw[0]), int(latent_hw[1]), image_size)
+    rel = torch.linalg.inv(E[..., -1:, :, :]) @ E
+    centres = -(rel[..., :3, :3].transpose(-1, -2) @ rel[..., :3, 3:])[..., 0]  # [..., F, 3]
+    farthest = centres.abs().amax(dim=(-1, -2))  # [...]
+    out = rel.clone()
+    out[..., :3, 3] = rel[..., :3, 3] / (farthest[..., None, None] + 1e-8)
+    return out
+
+
+def camera_rays(
+    K: Tensor, E: Tensor, ray_hw: tuple[int, int], image_size: int | tuple[int, int], *, norm: str = "first_view"
+) -> Tensor:
+    """Plücker rays ``[B, F, 6, h, w]`` on an ``ray_hw`` grid (latent or image resolution) for cameras
+    ``K``/``E`` ``[B, F, ...]``.
+
+    ``norm``: ``first_view`` makes the cameras relative to view 0 and scale-normalised
+    (:func:`normalize_cameras`), which removes the arbitrary world frame and scale of the clip;
+    ``official`` is the official code's ``normalize_extrinsic`` + ``normalize_t``
+    (:func:`normalize_cameras_official`) with its pixel grid ``(c - 0.5, r + 0.5)`` (the official x
+    coordinate is shifted by one pixel against y; use it on a full-resolution grid to match); ``none``
+    keeps the dataset's cameras.
+    """
+    h, w = int(ray_hw[0]), int(ray_hw[1])
+    if norm == "first_view":
+        return plucker_rays(K, normalize_cameras(E), h, w, image_size)
+    if norm == "official":
+        return plucker_rays(K, normalize_cameras_official(E), h, w, image_size, offset=(-0.5, 0.5))
+    if norm == "none":
+        return plucker_rays(K, E, h, w, image_size)
+    raise SchemaError("model.camera_norm", f"expected one of {', '.join(CAMERA_NORMS)}, got {norm!r}")
 
 
 def noise_targets(latents: Tensor, noisy_latents: Tensor, ref_mask: Tensor) -> Tensor:
@@ -422,27 +469,90 @@ class MultiViewAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-class _CameraConvIn(nn.Module):
-    """``conv_in(latents) + cond(camera)`` where the input is ``[latents, plucker, ref_mask]`` on channels.
+class _PixelCondEncoder(nn.Module):
+    """The official conditioning encoder (MVGenMaster's ``ExConvEncoder``) for image-resolution inputs.
 
-    ``cond`` is a zero-initialised 3x3 convolution, so the wrapped UNet initially behaves as before.
+    A 3x3 convolution ``cond -> 32`` then three stride-2 ones ``32 -> 64 -> 128 -> 256`` (8x downsampling,
+    the VAE factor), each followed by ``GroupNorm`` (8, 16, 32, 64 groups, eps 1e-6) and SiLU, and a
+    zero-initialised 3x3 convolution ``256 -> out_channels`` at latent resolution.
     """
 
-    def __init__(self, conv_in: nn.Conv2d, cond_channels: int = CAMERA_CHANNELS) -> None:
+    def __init__(self, in_channels: int, out_channels: int, **factory: Any) -> None:
         super().__init__()
-        self.conv = conv_in
-        self.latent_channels = conv_in.in_channels
-        self.cond = nn.Conv2d(cond_channels, conv_in.out_channels, kernel_size=3, padding=1)
-        nn.init.zeros_(self.cond.weight)
-        nn.init.zeros_(self.cond.bias)
-        self.cond.to(device=conv_in.weight.device, dtype=conv_in.weight.dtype)
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for i, (ch, groups) in enumerate(((32, 8), (64, 16), (128, 32), (256, 64))):
+            conv = nn.Conv2d(prev, ch, 3, stride=1 if i == 0 else 2, padding=1, **factory)
+            layers += [conv, nn.GroupNorm(groups, ch, eps=1e-6, **factory), nn.SiLU()]
+            prev = ch
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Conv2d(prev, out_channels, 3, padding=1, **factory)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Features of the latent channels plus the conditioning features."""
-        expected = self.latent_channels + self.cond.in_channels
-        if x.shape[1] != expected:
-            raise ValueError(f"conv_in expects {expected} channels (latents + camera), got {x.shape[1]}")
-        return self.conv(x[:, : self.latent_channels]) + self.cond(x[:, self.latent_channels :])
+        """Latent-resolution features of ``x`` ``[N, in_channels, 8h, 8w]``."""
+        return self.out(self.body(x))
+
+
+class _CameraConvIn(nn.Module):
+    """``conv_in(latents) + cond(conditioning)``; the conditioning tensor is handed over in ``pending``.
+
+    ``cond`` ends in a zero-initialised convolution, so the wrapped UNet initially behaves as before.
+    """
+
+    def __init__(self, conv_in: nn.Conv2d, encoder: str = "latent", cond_channels: int = CAMERA_CHANNELS) -> None:
+        super().__init__()
+        self.conv = conv_in
+        self.cond: nn.Module
+        factory = {"device": conv_in.weight.device, "dtype": conv_in.weight.dtype}
+        if encoder == "latent":
+            self.cond = nn.Conv2d(cond_channels, conv_in.out_channels, kernel_size=3, padding=1, **factory)
+            nn.init.zeros_(self.cond.weight)
+            nn.init.zeros_(self.cond.bias)
+        elif encoder == "pixel":
+            self.cond = _PixelCondEncoder(cond_channels, conv_in.out_channels, **factory)
+        else:
+            raise SchemaError("model.cond_encoder", f"expected one of {', '.join(COND_ENCODERS)}, got {encoder!r}")
+        self.pending: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Features of the latents plus those of the pending conditioning (set by :class:`MultiViewUNet`)."""
+        if self.pending is None:
+            raise RuntimeError("conv_in called without conditioning: call the UNet through MultiViewUNet")
+        feats = self.cond(self.pending.to(x.dtype))
+        if feats.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"conditioning features {tuple(feats.shape[-2:])} do not match the latents {tuple(x.shape[-2:])}")
+        return self.conv(x) + feats
+
+
+def _remove_text_cross_attention(unet: nn.Module) -> None:
+    """Drop ``attn2``/``norm2`` of every transformer block: the official ``no_text_cross_attn`` builds the
+    UNet with ``cross_attention_dim=None``, so its blocks have self-attention and the MLP only."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    for module in unet.modules():
+        if isinstance(module, BasicTransformerBlock):
+            module.attn2 = None
+            module.norm2 = None
+
+
+def _add_qk_norm(unet: nn.Module) -> None:
+    """LayerNorm over the head dimension of queries and keys in every attention layer: the modules
+    diffusers' ``Attention(qk_norm="layer_norm")`` creates (``norm_q``/``norm_k``, eps 1e-5, affine),
+    added after loading as the official code does (its processors apply them after the head split)."""
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            head_dim = module.inner_dim // module.heads
+            factory = {"device": module.to_q.weight.device, "dtype": module.to_q.weight.dtype}
+            module.norm_q = nn.LayerNorm(head_dim, eps=1e-5, **factory)
+            module.norm_k = nn.LayerNorm(head_dim, eps=1e-5, **factory)
+
+
+def domain_labels(tags: Sequence[str], domain_dict: Mapping[str, int], device: torch.device | str | None = None) -> Tensor:
+    """Domain class labels ``[B]`` of the batch's dataset ``tags``: ``domain_dict[tag]``, or
+    ``domain_dict["others"]`` for a tag it does not list (the official rule)."""
+    return torch.tensor([int(domain_dict.get(t, domain_dict["others"])) for t in tags], dtype=torch.long, device=device)
 
 
 # -------------------------------------------------------------------------------------- model
@@ -459,34 +569,85 @@ class MultiViewUNet(nn.Module):
     """A ``UNet2DConditionModel`` turned into a multi-view model (see the module docstring).
 
     ``layer`` selects the supervised self-attention layer (CAMEO index or name, :func:`resolve_layer`).
-    ``camera_dropout`` is the per-sample probability of dropping the camera rays in training mode.
-    ``null_tokens`` is the length of the learned null text embedding.
+    ``camera_dropout`` is the per-sample probability of dropping the camera rays in training mode when
+    the caller does not decide (``drop_camera``). ``null_tokens`` is the length of the learned null text
+    embedding. The official recipe's options (all off by default):
+
+    - ``qk_norm``: LayerNorm on queries and keys of every attention layer (:func:`_add_qk_norm`);
+    - ``no_text_cross_attn``: no text cross-attention (``attn2`` removed; no null embedding);
+    - ``frame_local_width``: self-attention layers of this width (``inner_dim``; 320 officially)
+      attend within each frame only (diffusers' ``AttnProcessor2_0``), all others across the views;
+    - ``domain_dict``: a zero-initialised class embedding (one row per label) added to the timestep
+      embedding, selected per sample by ``class_labels`` (:func:`domain_labels`);
+    - ``cond_encoder``: ``latent`` or ``pixel`` (:data:`cameo_corr.train.config.COND_ENCODERS`); ``pixel``
+      needs ``latent_factor`` 8.
     """
 
     def __init__(
-        self, unet: UNet2DConditionModel, *, layer: str | int, camera_dropout: float = 0.1, null_tokens: int = 1
+        self,
+        unet: UNet2DConditionModel,
+        *,
+        layer: str | int,
+        camera_dropout: float = 0.1,
+        null_tokens: int = 1,
+        qk_norm: bool = False,
+        no_text_cross_attn: bool = False,
+        frame_local_width: int | None = None,
+        domain_dict: Mapping[str, int] | None = None,
+        cond_encoder: str = "latent",
+        latent_factor: int = 8,
     ) -> None:
         super().__init__()
         if not 0.0 <= camera_dropout <= 1.0:
             raise SchemaError("cond_dropout", f"must be in [0, 1], got {camera_dropout}")
         if null_tokens < 1:
             raise SchemaError("null_tokens", f"must be >= 1, got {null_tokens}")
+        if cond_encoder == "pixel" and latent_factor != 8:
+            raise SchemaError("model.cond_encoder", f"the pixel encoder downsamples 8x but the latents are {latent_factor}x smaller")
         self.unet = unet
+        if no_text_cross_attn:
+            _remove_text_cross_attention(unet)
+        if qk_norm:
+            _add_qk_norm(unet)
         self.layer_name = resolve_layer(unet, layer)
         self.camera_dropout = float(camera_dropout)
+        self.cond_encoder = cond_encoder
+        self.latent_factor = int(latent_factor)
         modules = _self_attention_modules(unet)
+        self.frame_local_layers = sorted(n for n, m in modules.items() if frame_local_width is not None and m.inner_dim == frame_local_width)
+        if self.layer_name in self.frame_local_layers:
+            raise SchemaError("model.layer", f"{self.layer_name} attends within each frame (frame_local_width={frame_local_width});"
+                              " the supervised layer must attend across views")
         self.heads = int(modules[self.layer_name].heads)
         self._state = _MultiViewState()
         processors = dict(unet.attn_processors)
         for name in modules:
-            processors[name] = MultiViewAttnProcessor(self._state, explicit=name == self.layer_name)
+            if name in self.frame_local_layers:
+                processors[name] = AttnProcessor2_0()
+            else:
+                processors[name] = MultiViewAttnProcessor(self._state, explicit=name == self.layer_name)
         unet.set_attn_processor(processors)
-        unet.conv_in = _CameraConvIn(unet.conv_in)
-        width = unet.config.cross_attention_dim
-        if not isinstance(width, int):
-            raise SchemaError("cross_attention_dim", f"expected one cross-attention width, got {width!r}")
+        unet.conv_in = _CameraConvIn(unet.conv_in, cond_encoder)
         param = unet.conv_in.conv.weight
-        self.null_embedding = nn.Parameter(0.02 * torch.randn(null_tokens, width, device=param.device, dtype=param.dtype))
+        self.domain_dict = dict(domain_dict) if domain_dict is not None else None
+        if self.domain_dict is not None:
+            if unet.class_embedding is not None:
+                raise SchemaError("model.domain_dict", "the UNet already has a class embedding")
+            n = check_domain_dict(self.domain_dict)
+            unet.class_embedding = nn.Embedding(n, unet.time_embedding.linear_2.out_features, device=param.device, dtype=param.dtype)
+            nn.init.zeros_(unet.class_embedding.weight)
+            unet.register_to_config(num_class_embeds=n)
+        self.null_embedding: nn.Parameter | None = None
+        if not no_text_cross_attn:
+            width = unet.config.cross_attention_dim
+            if not isinstance(width, int):
+                raise SchemaError("cross_attention_dim", f"expected one cross-attention width, got {width!r}")
+            self.null_embedding = nn.Parameter(0.02 * torch.randn(null_tokens, width, device=param.device, dtype=param.dtype))
+
+    def ray_hw(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """Grid of the camera rays the model takes: the latent grid, or the image grid for ``pixel``."""
+        f = self.latent_factor if self.cond_encoder == "pixel" else 1
+        return int(latent_hw[0]) * f, int(latent_hw[1]) * f
 
     @property
     def latent_channels(self) -> int:
@@ -521,22 +682,26 @@ class MultiViewUNet(nn.Module):
         plucker: Tensor,
         ref_mask: Tensor,
         encoder_hidden_states: Tensor | None = None,
+        class_labels: Tensor | None = None,
         drop_camera: Tensor | None = None,
         return_logits: bool = True,
     ) -> MultiViewOutput:
         """Denoise ``latents`` ``[B, F, C, h, w]`` (references clean, targets noisy; see :func:`noise_targets`).
 
         ``timesteps``: ``[B]`` (shared by the views of a sample), ``[B, F]`` or a scalar. ``plucker``
-        ``[B, F, 6, h, w]`` from :func:`camera_rays`; ``ref_mask`` ``[B, F]`` bool, True for references.
-        ``encoder_hidden_states`` ``[B, L, D]`` or ``[B*F, L, D]``; ``None`` uses the learned null
-        embedding. ``drop_camera`` ``[B]`` bool forces camera dropout per sample (True = unconditional);
-        ``None`` applies random dropout with probability ``camera_dropout`` in training mode only.
+        ``[B, F, 6, *ray_hw]`` from :func:`camera_rays` on the grid :meth:`ray_hw`; ``ref_mask`` ``[B, F]``
+        bool, True for references. ``encoder_hidden_states`` ``[B, L, D]`` or ``[B*F, L, D]``; ``None``
+        uses the learned null embedding (and must be ``None`` without text cross-attention).
+        ``class_labels`` ``[B]`` domain labels (required with a domain embedding). ``drop_camera`` ``[B]``
+        bool forces camera dropout per sample (True = unconditional); ``None`` applies random dropout
+        with probability ``camera_dropout`` in training mode only.
         """
         if latents.ndim != 5:
             raise ValueError(f"latents must be [B, F, C, h, w], got shape {tuple(latents.shape)}")
         B, Fv, C, h, w = latents.shape
-        if tuple(plucker.shape) != (B, Fv, 6, h, w):
-            raise ValueError(f"plucker must be [B, F, 6, h, w] = {(B, Fv, 6, h, w)}, got {tuple(plucker.shape)}")
+        rh, rw = self.ray_hw((h, w))
+        if tuple(plucker.shape) != (B, Fv, 6, rh, rw):
+            raise ValueError(f"plucker must be [B, F, 6, {rh}, {rw}] = {(B, Fv, 6, rh, rw)}, got {tuple(plucker.shape)}")
         if tuple(ref_mask.shape) != (B, Fv):
             raise ValueError(f"ref_mask must be [B, F] = {(B, Fv)}, got {tuple(ref_mask.shape)}")
         dtype = latents.dtype
@@ -546,8 +711,11 @@ class MultiViewUNet(nn.Module):
             if tuple(drop_camera.shape) != (B,):
                 raise ValueError(f"drop_camera must be [B] = ({B},), got {tuple(drop_camera.shape)}")
             plucker = plucker.masked_fill(drop_camera.to(plucker.device, torch.bool)[:, None, None, None, None], 0.0)
-        mask_map = ref_mask.to(device=latents.device, dtype=dtype)[:, :, None, None, None].expand(B, Fv, 1, h, w)
-        x = torch.cat([latents, plucker.to(dtype), mask_map], dim=2).flatten(0, 1)
+        ref = ref_mask.to(device=latents.device, dtype=torch.bool)[:, :, None, None, None]
+        if self.cond_encoder == "pixel":  # the official layout: [mask (1 = target), rays] at image resolution
+            cond = torch.cat([(~ref).to(dtype).expand(B, Fv, 1, rh, rw), plucker.to(dtype)], dim=2)
+        else:
+            cond = torch.cat([plucker.to(dtype), ref.to(dtype).expand(B, Fv, 1, h, w)], dim=2)
 
         t = torch.as_tensor(timesteps, device=latents.device)
         if t.ndim == 0:
@@ -559,7 +727,21 @@ class MultiViewUNet(nn.Module):
         else:
             raise ValueError(f"timesteps must be a scalar, [B] or [B, F], got shape {tuple(t.shape)}")
 
-        if encoder_hidden_states is None:
+        labels = None
+        if self.domain_dict is not None:
+            if class_labels is None or tuple(class_labels.shape) != (B,):
+                got = None if class_labels is None else tuple(class_labels.shape)
+                raise ValueError(f"class_labels [B] = ({B},) are required with the domain embedding, got {got}")
+            labels = class_labels.to(latents.device).repeat_interleave(Fv)
+        elif class_labels is not None:
+            raise ValueError("class_labels given but the model has no domain embedding (model.domain_dict)")
+
+        ehs: Tensor | None
+        if self.null_embedding is None:
+            if encoder_hidden_states is not None:
+                raise ValueError("the model has no text cross-attention (no_text_cross_attn): encoder_hidden_states must be None")
+            ehs = None
+        elif encoder_hidden_states is None:
             ehs = self.null_embedding[None].expand(B * Fv, -1, -1)
         elif encoder_hidden_states.ndim == 3 and encoder_hidden_states.shape[0] == B:
             ehs = encoder_hidden_states.repeat_interleave(Fv, dim=0)
@@ -569,12 +751,16 @@ class MultiViewUNet(nn.Module):
             raise ValueError(f"encoder_hidden_states must be [B, L, D] or [B*F, L, D], got {tuple(encoder_hidden_states.shape)}")
 
         state = self._state
+        conv_in = self.unet.conv_in
         state.num_views, state.recording, state.logits = Fv, return_logits, None
+        conv_in.pending = cond.flatten(0, 1)
         try:
-            sample = self.unet(x, t, encoder_hidden_states=ehs.to(dtype), return_dict=False)[0]
+            sample = self.unet(latents.flatten(0, 1), t, encoder_hidden_states=None if ehs is None else ehs.to(dtype),
+                               class_labels=labels, return_dict=False)[0]
             logits = state.logits
         finally:
             state.recording, state.logits = False, None
+            conv_in.pending = None
         if return_logits:
             gh, gw = self.grid((h, w))
             expected = (B, self.heads, Fv * gh * gw, Fv * gh * gw)
@@ -652,6 +838,11 @@ def build_model(
     vae: str = "identity",
     cond_dropout: float = 0.1,
     gradient_checkpointing: bool = False,
+    qk_norm: bool = False,
+    no_text_cross_attn: bool = False,
+    frame_local_width: int | None = None,
+    domain_dict: Mapping[str, int] | None = None,
+    cond_encoder: str = "latent",
     **options: Any,
 ) -> tuple[MultiViewUNet, LatentCodec]:
     """Build the multi-view model and its latent codec.
@@ -659,7 +850,8 @@ def build_model(
     ``pretrained``: local directory with SD2.1-architecture ``unet/`` (and, for ``vae="pretrained"``,
     ``vae/``) subfolders in diffusers format; ``None`` builds the tiny UNet of :func:`tiny_unet_config`
     from scratch. ``vae``: ``"identity"`` (:class:`IdentityCodec`), ``"tiny"`` (random small
-    ``AutoencoderKL``) or ``"pretrained"``. ``options`` (tiny model only, except ``null_tokens``):
+    ``AutoencoderKL``) or ``"pretrained"``. ``qk_norm`` ... ``cond_encoder``: the recipe options of
+    :class:`MultiViewUNet`. ``options`` (tiny model only, except ``null_tokens``):
     ``block_out_channels``, ``layers_per_block``, ``attention_head_dim``, ``cross_attention_dim``,
     ``norm_num_groups``, ``latent_factor`` (identity / tiny VAE downsampling), ``null_tokens``.
     """
@@ -703,7 +895,18 @@ def build_model(
             f"the {vae} codec makes {codec.latent_channels}-channel latents but the UNet takes {unet.config.in_channels}",
         )
 
-    model = MultiViewUNet(unet, layer=layer, camera_dropout=cond_dropout, null_tokens=null_tokens)
+    model = MultiViewUNet(
+        unet,
+        layer=layer,
+        camera_dropout=cond_dropout,
+        null_tokens=null_tokens,
+        qk_norm=qk_norm,
+        no_text_cross_attn=no_text_cross_attn,
+        frame_local_width=frame_local_width,
+        domain_dict=domain_dict,
+        cond_encoder=cond_encoder,
+        latent_factor=codec.factor,
+    )
     if gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model, codec
