@@ -649,10 +649,13 @@ def _run_pipeline(
         watcher = threading.Thread(target=_watch_progress, args=(counter, todo.num_rows, stop), daemon=True)
         watcher.start()
     sink = ShardSink(out, storage_options, config.to_json(), shard_size, fail_fast, counter)
-    # retries: Ray Data's defaults are unlimited; --max-retries bounds them (Ray marks these remote
-    # args deprecated in favour of its own defaults, hence the filter)
+    # retries (jobs/README.md): --max-retries bounds the retries of a load/commit task and the restarts
+    # of a model actor (-1: Ray Data's default, unlimited). Calls on an actor are always retried
+    # (Ray Data's default): after a node loss they fail fast with "actor unavailable" until Ray has
+    # declared the node dead and restarted the actor elsewhere, so any bound would abort the job.
+    # Ray marks these remote args deprecated in favour of its own defaults, hence the filter.
     task_retries = {} if max_retries < 0 else {"max_retries": max_retries}
-    actor_retries = {} if max_retries < 0 else {"max_restarts": max_retries, "max_task_retries": max_retries}
+    actor_retries = {} if max_retries < 0 else {"max_restarts": max_retries}
     blocks = [todo.slice(i, batch_size) for i in range(0, todo.num_rows, batch_size)]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
