@@ -29,7 +29,7 @@ from cameo_corr.datasets.base import open_dataset  # noqa: E402
 from cameo_corr.pipeline.cache import CacheMismatchError, CorrCache, fragment_names  # noqa: E402
 from cameo_corr.pipeline.cache_tools import verify_cache  # noqa: E402
 from cameo_corr.pipeline.ray_job import planned_table, preflight_backend, run_preprocess, window_record  # noqa: E402
-from cameo_corr.schemas import SchemaError  # noqa: E402
+from cameo_corr.schemas import DatasetError, SchemaError  # noqa: E402
 
 RUN = dict(backend="depth", grid=8, views=3, windows_per_scene=2, crop_size=48, shard_size=2, progress=False)
 GOOD, CORRUPT, MISSING, NAN_DEPTH = 0, 1, 2, 3
@@ -312,6 +312,10 @@ def test_resume_from_a_moved_dataset_root(clean, dataset, tmp_path):
     assert s["windows_skipped"] < 10 and s["windows_ok"] >= 1 and not s["shard_errors"]
     assert_same_cache(clean[0], out)
     assert CorrCache(out).config.dataset["root"] == str(dataset)  # recorded once, not part of the identity
+    gone = CorrCache(out)
+    gone.config.dataset["root"] = str(tmp_path / "gone")  # as after moving the original root away
+    with pytest.raises(DatasetError, match=r"gone \[dataset.root\]: .*data.dataset_root=<dir> to train"):
+        gone.reader()
 
 
 def test_a_run_without_any_ok_window_fails_loudly(ray_session, shared_data, tmp_path, capsys):

@@ -621,7 +621,12 @@ class CorrCache:
         from cameo_corr.datasets.base import open_dataset
 
         options = dict(self.config.dataset)
-        return open_dataset(options.pop("name"), options.pop("root"), **options)
+        root = options.pop("root")
+        if "://" not in str(root) and not os.path.isdir(root):
+            raise DatasetError(str(root), "the dataset root recorded in cache.json is not a directory (moved? the root is not "
+                               "part of the cache's identity: pass the new one, e.g. data.dataset_root=<dir> to train, "
+                               "--root to preprocess)", field="dataset.root")
+        return open_dataset(options.pop("name"), root, **options)
 
     def view(self) -> "CanonicalView":
         """The canonical view (crop policy + size) the cache was computed on."""
