@@ -3,8 +3,9 @@
 A head and two worker nodes (``ray start``, 1 CPU each, free ports only, token authentication on with
 a token of the test's own), the job sent with ``ray job submit`` exactly as the README says; one
 worker node's raylet is SIGKILLed mid-run and the job must still end with rc 0 and a cache equal to
-the pipeline functions called directly. Then, on the two nodes left (2 nodes x 1 CPU), a job with two
-model actors must finish (the deadlock case). Every process the test started is killed by PID.
+the pipeline functions called directly; a second job submitted at the same time on the same cache
+is refused. Then, on the two nodes left (2 nodes x 1 CPU), a job with two model actors must finish
+(the deadlock case). Every process the test started is killed by PID.
 """
 
 from __future__ import annotations
@@ -147,11 +148,24 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
     return out
 
 
-def test_node_loss_then_two_nodes_of_one_cpu(cluster, data, tmp_path, reference_of, assert_equals_reference):
-    # 1. a worker node's raylet is killed mid-run: the job itself completes, rc 0, cache == reference
+def test_concurrent_job_refused_node_loss_survived_two_nodes_of_one_cpu_finish(cluster, data, tmp_path, reference_of, assert_equals_reference):
+    # 1. two jobs submitted together on one cache: one runs, the other is refused naming the holder
     out = tmp_path / "cache"
-    job = cluster.submit(out, data, "--workers", "2")
+    jobs = [cluster.submit(out, data, "--workers", "2") for _ in range(2)]
     deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and all(j.poll() is None for j in jobs) and not fragment_names(CacheLocation(out)):
+        time.sleep(0.05)
+    refused = [j for j in jobs if j.poll() is not None]
+    if not refused:  # a commit came first: the loser may still be starting
+        while time.monotonic() < deadline and all(j.poll() is None for j in jobs):
+            time.sleep(0.05)
+        refused = [j for j in jobs if j.poll() is not None]
+    assert len(refused) == 1, "expected exactly one of two concurrent jobs to be refused"
+    (job,) = [j for j in jobs if j is not refused[0]]
+    refused_log = finish(refused[0], 30)
+    assert refused[0].returncode != 0 and "cameo-corr preprocess: error:" in refused_log, refused_log[-3000:]
+    assert "being written by another job" in refused_log and "pass --force" in refused_log, refused_log[-3000:]
+    # 2. a worker node's raylet is killed mid-run: the job itself completes, rc 0, cache == reference
     while time.monotonic() < deadline and job.poll() is None and not fragment_names(CacheLocation(out)):
         time.sleep(0.05)
     assert job.poll() is None, f"the job ended before a node could be killed:\n{job.stdout.read()[-3000:]}"
@@ -164,7 +178,7 @@ def test_node_loss_then_two_nodes_of_one_cpu(cluster, data, tmp_path, reference_
     assert verify_cache(cache) == []
     assert_equals_reference(out, reference)
 
-    # 2. the two nodes left have one CPU each; two model actors must not starve the load/commit tasks
+    # 3. the two nodes left have one CPU each; two model actors must not starve the load/commit tasks
     out2 = tmp_path / "cache2"
     job = cluster.submit(out2, data, "--workers", "2")
     log = finish(job, 300)
