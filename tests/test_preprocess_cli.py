@@ -46,7 +46,7 @@ def assert_ray_not_started() -> None:
     [
         (["--workers", "0"], ["--workers must be >= 1", "got 0"]),
         (["--backend", "nosuch"], ["--backend nosuch", "unknown geometry backend", "depth"]),
-        (["--dataset-option", "foo=1"], ["--dataset-option foo", "has no option 'foo'", "it takes:"]),
+        (["--dataset-option", "foo=1"], ["[foo]: unknown option 'foo' of reader 'synthetic'; it takes"]),
         (["--shard-size", "0"], ["--shard-size must be >= 1"]),
         (["--crop-size", "7"], ["--crop-size must be an integer >= the token grid side (8 for --grid 8", "got 7"]),
         (["--batch-size", "0"], ["--batch-size must be >= 1"]),

@@ -39,7 +39,6 @@ import collections
 import datetime as _dt
 import errno
 import functools
-import inspect
 import json
 import logging
 import math
@@ -378,26 +377,6 @@ def check_job_options(*, workers: int, gpus_per_worker: float, cpus_per_worker: 
             raise UsageError(message)
 
 
-def open_reader(dataset: str, root: str | Path, options: Mapping[str, Any]) -> "SceneReader":
-    """``open_dataset`` with an unknown reader option reported as a :class:`UsageError` naming the
-    option and the options the reader takes."""
-    from cameo_corr.datasets.base import _READERS, open_dataset
-
-    try:
-        return open_dataset(dataset, _absolute_root(root), **options)
-    except TypeError as e:
-        import importlib
-
-        module, cls_name = _READERS[dataset].split(":")
-        params = inspect.signature(getattr(importlib.import_module(module), cls_name)).parameters
-        known = [n for n, p in params.items() if n != "root" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        unknown = [k for k in options if k not in known]
-        if not unknown:
-            raise
-        raise UsageError(f"--dataset-option {unknown[0]}: the {dataset!r} reader has no option {unknown[0]!r} "
-                         f"(it takes: {', '.join(known) or 'none'})") from None
-
-
 def check_out(out: str | Path, storage_options: Mapping[str, Any] | None) -> "Any":
     """The cache location, refusing an ``--out`` that is a file (:class:`UsageError`)."""
     from cameo_corr.pipeline.cache import CacheLocation
@@ -489,8 +468,8 @@ def run_preprocess(
     import ray
 
     import cameo_corr
+    from cameo_corr.datasets.base import open_dataset
     from cameo_corr.datasets.canonical import CanonicalView
-    from cameo_corr.pipeline.backends import backend_class
     from cameo_corr.pipeline.cache import COMPARED_FIELDS, CacheWriter, check_compatible, fragment_names, read_config, read_manifest
     from cameo_corr.pipeline.lease import DEFAULT_LEASE_TIMEOUT, CacheLease
     from cameo_corr.pipeline.planner import default_plan_config, plan_windows
@@ -505,7 +484,7 @@ def run_preprocess(
     ds_options = dict(dataset_options or {})
     if split is not None:
         ds_options["split"] = split
-    reader = open_reader(dataset, root, ds_options)
+    reader = open_dataset(dataset, _absolute_root(root), **ds_options)
     plan = default_plan_config(
         dataset, views=views, windows_per_scene=windows_per_scene, policy=sampling,
         span_per_view=span_per_view, positions=positions, fps=fps, seed=seed,
@@ -882,7 +861,6 @@ __all__ = [
     "GeometryStage",
     "preflight_backend",
     "check_job_options",
-    "open_reader",
     "check_out",
     "run_preprocess",
     "key_value_arg",
