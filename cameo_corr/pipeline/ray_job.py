@@ -500,7 +500,7 @@ def run_preprocess(
     if location.exists("cache.json"):
         recorded = read_config(location).backend
         given = {"name": backend, **(backend_options or {})}
-        diff = {k: (recorded[k], v) for k, v in given.items() if k in recorded and recorded[k] != v}
+        diff = {k: (recorded[k], v) for k, v in given.items() if k in recorded and v != "auto" and recorded[k] != v}
         if diff:
             from cameo_corr.pipeline.cache import CacheMismatchError
 
