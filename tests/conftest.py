@@ -22,3 +22,61 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real sample data not found at {SHARED_DATA} (expected ../shared/data beside the project)")
     return SHARED_DATA
+
+
+def pipeline_reference(dataset_root: Path, config, views: int, windows_per_scene: int) -> dict:
+    """Every planned window's cache arrays computed by calling the pipeline functions directly (no
+    Ray): planner -> load_window -> depth backend -> check_pointmaps -> correspond -> window_arrays;
+    ``None`` for a window whose computation fails. The reference of the Ray job's output."""
+    from cameo_corr.datasets.base import open_dataset
+    from cameo_corr.datasets.canonical import CanonicalView, load_window
+    from cameo_corr.pipeline.backends import make_backend
+    from cameo_corr.pipeline.cache import window_arrays
+    from cameo_corr.pipeline.match import correspond
+    from cameo_corr.pipeline.planner import default_plan_config, plan_windows
+    from cameo_corr.pipeline.ray_job import DATA_ERRORS, check_pointmaps
+
+    reader = open_dataset("synthetic", dataset_root)
+    backend = make_backend("depth", device="cpu")
+    plan = default_plan_config("synthetic", views=views, windows_per_scene=windows_per_scene)
+    out: dict = {}
+    for w in plan_windows(reader, plan, config.fingerprint()):
+        out[w.record.window_id] = None
+        if w.error is not None:
+            continue
+        try:
+            result = backend(load_window(reader, w.record, CanonicalView.from_dict(config.crop), with_depth=True))
+            if check_pointmaps(result, w.record) is None:
+                out[w.record.window_id] = window_arrays(correspond(result, grid=tuple(config.grid), tau=config.tau), result)
+        except DATA_ERRORS:
+            pass
+    return out
+
+
+def assert_cache_equals_reference(cache_path, reference: dict) -> None:
+    """The cache has one manifest row per planned window and the reference's arrays for the ok ones."""
+    import numpy as np
+
+    from cameo_corr.pipeline.cache import CorrCache
+
+    cache = CorrCache(cache_path)
+    ids = cache.manifest(None).column("window_id").to_pylist()
+    assert sorted(ids) == sorted(reference), "manifest rows differ from the planned windows (missing or duplicated)"
+    assert sorted(cache.window_ids()) == sorted(k for k, v in reference.items() if v is not None)
+    for wid in cache.window_ids():
+        got = cache.window(wid)
+        assert set(got) == set(reference[wid])
+        for name, value in reference[wid].items():
+            assert got[name].dtype == value.dtype and np.array_equal(got[name], value, equal_nan=True), (wid, name)
+
+
+@pytest.fixture(scope="session")
+def reference_of():
+    """``reference_of(root, config, views, windows_per_scene)``: :func:`pipeline_reference`."""
+    return pipeline_reference
+
+
+@pytest.fixture(scope="session")
+def assert_equals_reference():
+    """:func:`assert_cache_equals_reference` for test modules."""
+    return assert_cache_equals_reference

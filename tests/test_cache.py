@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 
 import numpy as np
@@ -170,12 +171,17 @@ def test_pickled_cache_reads_in_another_process_style(tmp_path):
     assert np.array_equal(clone.window(record(0).window_id)["nn"], token_arrays(0)["nn"])
 
 
-def test_cache_json_written_once_and_mixing_refused(tmp_path):
+def test_cache_json_written_at_first_commit_once_and_mixing_refused(tmp_path):
     path = tmp_path / "c"
     CacheWriter(path, config()).initialize()
+    assert not (path / "cache.json").exists()  # nothing committed yet: no config left behind
+    CacheWriter(path, config()).write_shard("s0", outcomes([0]))
     first = (path / "cache.json").read_text()
     CacheWriter(path, config(created_by={"time": "later"})).initialize()  # same fingerprint: fine, untouched
+    CacheWriter(path, config(created_by={"time": "later"})).write_shard("s1", outcomes([1]))
     assert (path / "cache.json").read_text() == first
+    moved = config(dataset={**config().dataset, "root": "/elsewhere"})
+    CacheWriter(path, moved).initialize()  # the dataset root is recorded, not part of the identity
     with pytest.raises(CacheMismatchError, match="tau"):
         CacheWriter(path, config(tau=2.0)).initialize()
     with pytest.raises(CacheMismatchError, match="views"):
@@ -226,7 +232,7 @@ def test_orphans_removed_and_finished_shards_kept(tmp_path):
     rows = writer.write_shard("done", outcomes([5]))
     assert rows.column("window_id").to_pylist() == [record(0).window_id]
     assert (path / shard_dir("done") / "nn" / "c" / "0" / "0" / "0" / "0").read_bytes() == done_bytes
-    assert writer.done_window_ids() == {record(0).window_id}
+    assert set(writer.done_window_ids().to_pylist()) == {record(0).window_id}
 
 
 def test_all_failed_shard_has_fragment_only(tmp_path):
@@ -368,11 +374,41 @@ def test_object_store_listings_see_other_writers(object_store):
     driver = CacheWriter(url, config())
     driver.initialize()
     driver.write_shard("first", outcomes([0]))
-    assert driver.remove_orphans() == [] and driver.done_window_ids() == {record(0).window_id}
+    assert driver.remove_orphans() == [] and set(driver.done_window_ids().to_pylist()) == {record(0).window_id}
     cls.clear_instance_cache()  # a worker process has its own filesystem instance
     CacheWriter(url, config()).write_shard("s1", outcomes([1, 2]))
-    assert driver.done_window_ids() == {record(i).window_id for i in (0, 1, 2)}
+    assert set(driver.done_window_ids().to_pylist()) == {record(i).window_id for i in (0, 1, 2)}
     assert driver.remove_orphans() == []
     rows = driver.write_shard("s1", outcomes([5]))  # finished elsewhere: returned, never rewritten
     assert rows.column("window_id").to_pylist() == [record(1).window_id, record(2).window_id]
     assert sorted(read_manifest(driver.location).column("window_id").to_pylist()) == [record(i).window_id for i in (0, 1, 2)]
+
+
+def test_repair_deletes_fragments_of_missing_shards(tmp_path):
+    path = tmp_path / "c"
+    writer = CacheWriter(path, config())
+    writer.write_shard("keep", outcomes([0]))
+    writer.write_shard("lost", outcomes([1, 2], failed=(2,)))
+    writer.write_shard("failedonly", outcomes([3], failed=(3,)))
+    import shutil
+
+    shutil.rmtree(path / shard_dir("lost"))
+    assert writer.repair_missing_shards() == ["lost"]
+    assert not (path / fragment_path("lost")).exists() and (path / fragment_path("failedonly")).exists()
+    assert sorted(writer.done_window_ids().to_pylist()) == sorted([record(0).window_id, record(3).window_id])
+    assert writer.repair_missing_shards() == []
+
+
+def test_drop_failed_rows_supersedes_without_duplicates(tmp_path):
+    path = tmp_path / "c"
+    writer = CacheWriter(path, config())
+    writer.write_shard("mixed", outcomes([0, 1], failed=(1,)))
+    writer.write_shard("failedonly", outcomes([2], failed=(2,)))
+    assert sorted(writer.drop_failed_rows()) == sorted([record(1).window_id, record(2).window_id])
+    assert not (path / fragment_path("failedonly")).exists()
+    assert writer.done_window_ids().to_pylist() == [record(0).window_id]
+    assert not any(n.startswith(".tmp-") for n in os.listdir(path / "manifest"))
+    writer.write_shard("redo", outcomes([1, 2]))
+    cache = CorrCache(path)
+    assert sorted(cache.manifest(None).column("window_id").to_pylist()) == sorted(record(i).window_id for i in (0, 1, 2))
+    assert cache.manifest("failed").num_rows == 0

@@ -1,5 +1,7 @@
-"""The Ray preprocessing job end to end on synthetic scenes: clean run, bad scenes, resume after a
-SIGKILL of the whole job, orphan clean-up, refused config mixing, CLI exit codes."""
+"""The Ray Data preprocessing job end to end on synthetic scenes: clean run with arrays equal to the
+pipeline functions called directly, bad scenes, resume after a SIGKILL of the whole job, orphan
+clean-up, repair of a deleted shard, --retry-failed, resume from a moved dataset root, one writer per
+cache (lease), refused config mixing, CLI exit codes and one-line errors."""
 
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ from cameo_corr.cli import main as cli_main  # noqa: E402
 from cameo_corr.datasets.base import open_dataset  # noqa: E402
 from cameo_corr.pipeline.cache import CacheMismatchError, CorrCache, fragment_names  # noqa: E402
 from cameo_corr.pipeline.cache_tools import verify_cache  # noqa: E402
-from cameo_corr.pipeline.ray_job import preflight_backend, run_preprocess  # noqa: E402
-from cameo_corr.schemas import SchemaError  # noqa: E402
+from cameo_corr.pipeline.ray_job import planned_table, preflight_backend, run_preprocess, window_record  # noqa: E402
+from cameo_corr.schemas import DatasetError, SchemaError  # noqa: E402
 
 RUN = dict(backend="depth", grid=8, views=3, windows_per_scene=2, crop_size=48, shard_size=2, progress=False)
 GOOD, CORRUPT, MISSING, NAN_DEPTH = 0, 1, 2, 3
@@ -38,7 +40,7 @@ def ray_session():
     """One local Ray instance shared by the tests of this module (start-up costs seconds)."""
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     yield
     if started:
         ray.shutdown()
@@ -112,6 +114,30 @@ def test_clean_run(clean, dataset):
     assert s["bytes_per_window"] > 0 and set(s["stage_seconds"]) >= {"read", "backend", "match", "write"}
 
 
+def test_arrays_equal_the_pipeline_functions_called_directly(clean, dataset, reference_of, assert_equals_reference):
+    cache = CorrCache(clean[0])
+    assert_equals_reference(clean[0], reference_of(dataset, cache.config, RUN["views"], RUN["windows_per_scene"]))
+
+
+def test_planned_table_rebuilds_the_planner_records(dataset):
+    from cameo_corr.pipeline.planner import default_plan_config, plan_windows, PlannedWindow
+    from cameo_corr.schemas import WindowRecord
+
+    reader = open_dataset("synthetic", dataset)
+    planned = plan_windows(reader, default_plan_config("synthetic", views=3, windows_per_scene=2), {"x": 1})
+    planned.append(PlannedWindow(WindowRecord("wfail", "synthetic", reader.split, "gone", ()), error="DatasetError: gone"))
+    table = planned_table(planned)
+    assert table.schema.field("frame_ids").type.value_type == "string" and table.num_rows == len(planned)
+    key = json.dumps(reader.describe(), sort_keys=True, default=str)
+    for w, row in zip(planned, table.to_pylist()):
+        got = window_record(key, row)
+        assert row["error"] == w.error and len(got.frames) == len(w.record.frames)
+        assert all(np.array_equal(a.intrinsics, b.intrinsics) and np.array_equal(a.extrinsics, b.extrinsics)
+                   for a, b in zip(got.frames, w.record.frames))
+        assert (got.window_id, got.scene_id, got.frame_ids, got.image_paths) == (
+            w.record.window_id, w.record.scene_id, w.record.frame_ids, w.record.image_paths)
+
+
 def test_rerun_skips_everything(clean, dataset, tmp_path):
     out = tmp_path / "cache"
     shutil.copytree(clean[0], out)
@@ -165,8 +191,13 @@ def test_sigkill_whole_job_then_rerun_equals_clean(clean, dataset, tmp_path):
                 child.kill()
     done = len(fragment_names(_loc(out)))
     assert 1 <= done < 10, f"expected a partial cache after the kill, found {done} of 10 shards"
+    # the killed job's lease is live for its timeout: a resume is refused naming it, --force takes over
+    from cameo_corr.pipeline.lease import LeaseHeldError
+
+    with pytest.raises(LeaseHeldError, match=f"pid {proc.pid}.*pass --force"):
+        run_preprocess(dataset="synthetic", root=dataset, out=out, workers=2, **{**RUN, "shard_size": 1})
     # resume with two workers: the cache must not depend on how many workers wrote it
-    s = run_preprocess(dataset="synthetic", root=dataset, out=out, workers=2, **{**RUN, "shard_size": 1})
+    s = run_preprocess(dataset="synthetic", root=dataset, out=out, workers=2, force=True, **{**RUN, "shard_size": 1})
     assert s["windows_skipped"] >= done and not s["shard_errors"]
     assert not any(n.startswith(".tmp-") for n in os.listdir(out / "shards"))
     assert verify_cache(CorrCache(out)) == []
@@ -233,17 +264,124 @@ def test_depth_backend_on_a_dataset_without_depth_is_refused_up_front(shared_dat
     assert "needs depth" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
-def test_runtime_envs_parse_and_the_vggt_one_extends_the_base():
+def test_runtime_env_ships_code_only():
+    """The runtime env must work whether Ray lives in a venv or an image: no per-job pip/conda env."""
     import yaml
 
-    jobs = Path(__file__).resolve().parents[1] / "jobs"
-    base = yaml.safe_load((jobs / "runtime_env.yaml").read_text())
-    vggt = yaml.safe_load((jobs / "runtime_env_vggt.yaml").read_text())
-    assert set(base["pip"]) < set(vggt["pip"]) and base["excludes"] == vggt["excludes"]
-    assert "git+https://github.com/facebookresearch/vggt" in vggt["pip"]
+    env = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "runtime_env.yaml").read_text())
+    assert not {"pip", "conda", "uv"} & set(env) and ".git" in env["excludes"]
 
 
 def test_jobs_entry_point_help():
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, str(root / "jobs" / "preprocess.py"), "--help"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "--gpus-per-worker" in res.stdout and "--fail-fast" in res.stdout
+
+
+def test_deleted_shard_is_repaired(clean, dataset, tmp_path):
+    out = tmp_path / "cache"
+    shutil.copytree(clean[0], out)
+    cache = CorrCache(out)
+    shard = cache.row(cache.window_ids()[0])["shard"]
+    shutil.rmtree(out / "shards" / f"{shard}.zarr")
+    s = run_preprocess(dataset="synthetic", root=dataset, out=out, workers=1, **RUN)
+    assert s["shards_repaired"] == 1 and s["windows_ok"] >= 1 and not s["shard_errors"]
+    assert verify_cache(CorrCache(out)) == []
+    assert_same_cache(clean[0], out)
+
+
+def test_retry_failed_supersedes_the_failed_rows(clean, dataset, tmp_path):
+    out = tmp_path / "cache"
+    shutil.copytree(clean[0], out)
+    s = run_preprocess(dataset="synthetic", root=dataset, out=out, workers=1, retry_failed=True, **RUN)
+    assert s["failed_retried"] == 6 and s["windows_failed"] == 6 and s["windows_skipped"] == 4  # the data is still bad
+    ids = CorrCache(out).manifest(None).column("window_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 10  # superseded, never duplicated
+    assert_same_cache(clean[0], out)
+
+
+def test_resume_from_a_moved_dataset_root(clean, dataset, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(dataset, moved)
+    out = tmp_path / "cache"
+    shutil.copytree(clean[0], out)
+    cache = CorrCache(out)
+    shard = cache.row(cache.window_ids()[-1])["shard"]
+    (out / "manifest" / f"part-{shard}.parquet").unlink()  # some work left to do
+    s = run_preprocess(dataset="synthetic", root=moved, out=out, workers=1, **RUN)
+    assert s["windows_skipped"] < 10 and s["windows_ok"] >= 1 and not s["shard_errors"]
+    assert_same_cache(clean[0], out)
+    assert CorrCache(out).config.dataset["root"] == str(dataset)  # recorded once, not part of the identity
+    gone = CorrCache(out)
+    gone.config.dataset["root"] = str(tmp_path / "gone")  # as after moving the original root away
+    with pytest.raises(DatasetError, match=r"gone \[dataset.root\]: .*data.dataset_root=<dir> to train"):
+        gone.reader()
+
+
+def test_a_run_without_any_ok_window_fails_loudly(ray_session, shared_data, tmp_path, capsys):
+    """7-Scenes sample scenes have 3 frames: with the default 8 views every window fails."""
+    rc = cli_main(["preprocess", "--dataset", "7scenes", "--root", str(shared_data / "sevenscenes_stairs"), "--out",
+                   str(tmp_path / "c"), "--grid", "8", "--crop-size", "64", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    err = [line for line in captured.err.splitlines() if line.startswith("cameo-corr preprocess: error:")]
+    assert len(err) == 1 and "no window succeeded: all 2 windows failed" in err[0] and "--views 8" in err[0]
+    assert "Traceback" not in captured.err
+
+
+INJECT_ENOSPC = '''
+import errno
+from cameo_corr.pipeline import cache
+
+
+def _full_disk(self, shard_id, outcomes):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+cache.CacheWriter.write_shard = _full_disk
+'''
+
+
+def _cli(dataset: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cameo_corr.cli", "preprocess", "--dataset", "synthetic", "--root", str(dataset),
+            "--out", str(out), "--grid", "8", "--views", "3", "--windows-per-scene", "2", "--crop-size", "48",
+            "--num-cpus", "2", *extra]
+
+
+def test_full_disk_is_one_line_and_exit_1(dataset, tmp_path):
+    """ENOSPC injected into every process of the run (driver and local Ray workers import
+    sitecustomize from PYTHONPATH); also: Ray's token-auth notice is not printed on a local start."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(INJECT_ENOSPC)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run(_cli(dataset, tmp_path / "c", "--no-progress"), env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr[-3000:]
+    err = [line for line in res.stderr.splitlines() if line.startswith("cameo-corr preprocess: error:")]
+    assert len(err) == 1 and "No space left on device" in err[0] and "the disk is full" in err[0], res.stderr[-3000:]
+    assert "Traceback (most recent call last)" not in res.stderr.split("cameo-corr preprocess: error:")[-1]
+    assert "Token authentication is enabled" not in res.stderr
+
+
+def test_ctrl_c_is_one_line(dataset, tmp_path):
+    out = tmp_path / "c"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(_cli(dataset, out, "--shard-size", "1"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None and not fragment_names(_loc(out)):
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job ended before Ctrl-C"
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole foreground group
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode in (130, 1), err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("cameo-corr preprocess: error:")]
+    assert len(lines) == 1 and "interrupted" in lines[0] and "re-run the same command to resume" in lines[0], err[-3000:]
+    assert "KeyboardInterrupt" not in err and "will be retried" not in err, err[-3000:]
+    assert not (out / "lease.json").exists()

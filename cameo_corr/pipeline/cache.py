@@ -18,7 +18,20 @@ before a run redoes them. A shard with a fragment is finished and never rewritte
 
 Local paths use zarr's ``LocalStore``; any URL (``s3://``, ``gs://``, ``file://``, ``memory://``) goes
 through fsspec and zarr's ``FsspecStore`` with ``storage_options``. Only one job may write a cache at a
-time (the orphan sweep at the start of a run assumes so).
+time (the orphan sweep at the start of a run assumes so): the job holds the cache's lease
+(:mod:`cameo_corr.pipeline.lease`) while it writes.
+
+Life cycle of a cache (what a new manifest format must keep):
+
+* ``cache.json`` is written by the first shard commit (:meth:`CacheWriter.write_shard`, before that
+  shard's fragment), never by a run that fails before committing anything; a run only *checks* an
+  existing one (:meth:`CacheWriter.initialize`). Its identity (:data:`COMPARED_FIELDS`) leaves out the
+  dataset root (:data:`IDENTITY_EXCLUDED`): the same data read from a moved root is the same cache.
+* Repair (:meth:`CacheWriter.repair_missing_shards`): a fragment whose ok rows point at a shard group
+  that is missing (found with one listing of ``shards/``) is deleted, so its windows are redone.
+* Retry of failed windows (:meth:`CacheWriter.drop_failed_rows`): every fragment holding failed rows
+  is atomically rewritten without them (deleted when nothing is left) *before* the windows are
+  redone, so a window never has two rows, even if the run dies in between (it is then simply not done).
 """
 
 from __future__ import annotations
@@ -276,7 +289,19 @@ def _plain_json(value: Any) -> Any:
 
 
 COMPARED_FIELDS = ("schema_version", "grid", "tau", "views", "crop", "dataset", "backend")
-"""``cache.json`` fields that must agree between a cache and a run writing into it."""
+"""``cache.json`` fields that must agree between a cache and a run writing into it (its identity)."""
+
+IDENTITY_EXCLUDED: dict[str, tuple[str, ...]] = {"dataset": ("root",)}
+"""Keys of :data:`COMPARED_FIELDS` entries that are recorded but not compared: the dataset root (a cache
+resumed from a moved copy of the dataset stays the same cache; ``cache.json`` keeps the first root)."""
+
+
+def _identity(config: CacheConfig, name: str) -> Any:
+    """The compared value of field ``name`` of ``config`` (JSON round trip, excluded keys dropped)."""
+    value = _plain_json(getattr(config, name))
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k not in IDENTITY_EXCLUDED.get(name, ())}
+    return value
 
 
 def check_compatible(location: CacheLocation, config: CacheConfig, fields: Sequence[str] = COMPARED_FIELDS) -> None:
@@ -285,11 +310,7 @@ def check_compatible(location: CacheLocation, config: CacheConfig, fields: Seque
     if not location.exists(CONFIG_FILE):
         return
     existing = read_config(location)
-    diffs = [
-        (f, _plain_json(getattr(existing, f)), _plain_json(getattr(config, f)))
-        for f in fields
-        if _plain_json(getattr(existing, f)) != _plain_json(getattr(config, f))
-    ]
+    diffs = [(f, _identity(existing, f), _identity(config, f)) for f in fields if _identity(existing, f) != _identity(config, f)]
     if diffs:
         detail = "; ".join(f"{f}: cache has {theirs}, this run has {mine}" for f, theirs, mine in diffs)
         raise CacheMismatchError(
@@ -306,20 +327,58 @@ class CacheWriter:
         self.config = config
 
     def initialize(self) -> None:
-        """Write ``cache.json`` if the cache is new; otherwise refuse a different config.
+        """Refuse to write into a cache whose ``cache.json`` has a different identity.
 
-        The comparison covers everything that changes the cached values or their meaning
+        Nothing is written here: ``cache.json`` is written by the first shard commit
+        (:meth:`write_shard`), so a run that fails before committing leaves no config behind. The
+        comparison covers everything that changes the cached values or their meaning
         (:data:`COMPARED_FIELDS`: the fingerprint's schema version, grid, tau, backend and crop, the
-        number of views and the dataset); ``created_by`` may differ.
+        number of views and the dataset without its root); ``created_by`` may differ.
         """
-        if not self.location.exists(CONFIG_FILE):
-            self.location.write_bytes_atomic(CONFIG_FILE, self.config.to_json().encode())
-            return
         check_compatible(self.location, self.config)
 
-    def done_window_ids(self) -> set[str]:
-        """Ids of windows that already have a manifest row (ok or failed)."""
-        return set(read_manifest(self.location).column("window_id").to_pylist())
+    def done_window_ids(self) -> "pa.Array":
+        """Ids of windows that already have a manifest row (ok or failed), as a pyarrow string array."""
+        return read_manifest(self.location).column("window_id").combine_chunks()
+
+    def repair_missing_shards(self) -> list[str]:
+        """Delete the manifest fragments whose ok rows point at a missing shard group; return their
+        shard ids. One listing of ``shards/`` finds the missing groups; the windows of a deleted
+        fragment (ok and failed rows alike) are then not done and a run redoes them."""
+        import pyarrow.compute as pc
+
+        present = {n[: -len(".zarr")] for n in self.location.listdir(SHARDS_DIR) if n.endswith(".zarr")}
+        referenced = pc.unique(read_manifest(self.location).column("shard").drop_null()).to_pylist()
+        missing = sorted(s for s in referenced if s not in present)
+        for shard_id in missing:
+            self.location.remove(fragment_path(shard_id))
+        return missing
+
+    def drop_failed_rows(self) -> list[str]:
+        """Supersede the failed rows (``--retry-failed``): rewrite every fragment holding failed rows
+        without them (atomically; deleted when only failed rows were in it) and return the window ids
+        dropped. Call before redoing those windows, so no window ever has two manifest rows."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        dropped: list[str] = []
+        for name in fragment_names(self.location):
+            rel = f"{MANIFEST_DIR}/{name}"
+            with self.location.fs.open(self.location.path(rel), "rb") as f:
+                table = pq.read_table(f, schema=manifest_schema())
+            failed = pc.equal(table.column("status"), "failed")
+            if not pc.any(failed).as_py():
+                continue
+            dropped += table.filter(failed).column("window_id").to_pylist()
+            kept = table.filter(pc.invert(failed))
+            if kept.num_rows == 0:
+                self.location.remove(rel)
+                continue
+            sink = pa.BufferOutputStream()
+            pq.write_table(kept, sink, compression="zstd")
+            self.location.write_bytes_atomic(rel, sink.getvalue().to_pybytes())
+        return dropped
 
     def remove_orphans(self) -> list[str]:
         """Delete what killed workers left behind; returns the removed relative paths.
@@ -347,7 +406,9 @@ class CacheWriter:
     def write_shard(self, shard_id: str, outcomes: Sequence[WindowOutcome]) -> "pa.Table":
         """Write one shard (its ok windows) and then its manifest fragment; return the fragment rows.
 
-        Failed windows get a row with their error, ``shard``/``row`` null and NaN fractions.
+        Failed windows get a row with their error, ``shard``/``row`` null and NaN fractions. The first
+        commit into a new cache writes ``cache.json`` (before the fragment, so no fragment exists
+        without it; concurrent first commits of one job write the same bytes).
 
         A shard whose fragment already exists is finished: nothing is written and its rows are
         returned (an actor retried after finishing). A stale group without a fragment is replaced.
@@ -361,6 +422,8 @@ class CacheWriter:
         ok = [o for o in outcomes if o.arrays is not None]
         if ok:
             self._write_group(shard_id, ok)
+        if not self.location.exists(CONFIG_FILE):  # the first commit of a new cache
+            self.location.write_bytes_atomic(CONFIG_FILE, self.config.to_json().encode())
         rows = []
         row_of = {o.record.window_id: r for r, o in enumerate(ok)}
         for o in outcomes:
@@ -558,7 +621,12 @@ class CorrCache:
         from cameo_corr.datasets.base import open_dataset
 
         options = dict(self.config.dataset)
-        return open_dataset(options.pop("name"), options.pop("root"), **options)
+        root = options.pop("root")
+        if "://" not in str(root) and not os.path.isdir(root):
+            raise DatasetError(str(root), "the dataset root recorded in cache.json is not a directory (moved? the root is not "
+                               "part of the cache's identity: pass the new one, e.g. data.dataset_root=<dir> to train, "
+                               "--root to preprocess)", field="dataset.root")
+        return open_dataset(options.pop("name"), root, **options)
 
     def view(self) -> "CanonicalView":
         """The canonical view (crop policy + size) the cache was computed on."""
@@ -575,6 +643,7 @@ __all__ = [
     "CacheMismatchError",
     "CacheLocation",
     "COMPARED_FIELDS",
+    "IDENTITY_EXCLUDED",
     "check_compatible",
     "shard_dir",
     "fragment_path",

@@ -1,97 +1,176 @@
-"""The resumable Ray preprocessing job: dataset -> windows -> pointmaps -> correspondences -> cache.
+"""The resumable preprocessing job on Ray Data: dataset -> windows -> pointmaps -> correspondences -> cache.
 
-Topology (one Ray job, local by default):
+Pipeline (Ray Data's streaming executor; local Ray by default, a cluster under ``ray job submit``):
 
-* the **driver** opens the dataset, asks one worker for the backend description (it decides dtype and
-  model id), writes or checks ``cache.json``, sweeps orphans of killed runs, plans the windows
-  (:mod:`.planner`), skips windows that already have manifest rows and hands out shards;
-* **CPU tasks** (``_load_window``) read, decode and crop one window each (``load_window``) and put
-  the :class:`~cameo_corr.schemas.WindowData` in the object store; they are submitted ahead, two
-  shards per worker, so decoding overlaps the model;
-* **worker actors** (``ShardWorker``, ``num_gpus=gpus_per_worker``) hold the geometry backend, run it
-  on the loaded windows (``run_batch`` in groups of ``batch_size``), match tokens on the backend's
-  device (:func:`cameo_corr.pipeline.match.correspond`) and write the shard they computed, so each
-  shard has exactly one writer.
+1. **source**: an Arrow table of the planned, not yet done windows (:data:`PLANNED_SCHEMA`: ids, scene
+   and frame ids, and the planner's error for scenes that cannot give a window), ``ray.data.from_arrow``
+   in blocks of ``--batch-size`` rows;
+2. **load** (CPU tasks, ``map_batches``, 1 CPU each): :func:`load_batch` rebuilds each
+   :class:`~cameo_corr.schemas.WindowRecord` from ``reader.scene(scene_id)`` (the reader and a small LRU
+   of scenes are cached per worker process) and reads, decodes and crops it (``load_window``);
+3. **geometry** (an actor pool of ``--workers`` :class:`GeometryStage` actors, ``--gpus-per-worker``
+   GPUs and ``--cpus-per-worker`` CPUs each, ``--batch-size`` windows per call): the backend, the
+   pointmap checks and the token matcher on the backend's device;
+4. **commit** (:class:`~cameo_corr.pipeline.commit.ShardSink`, a Ray Data ``Datasink`` with ``min_rows_per_write = shard size``):
+   every write task commits its rows as one shard with :meth:`CacheWriter.write_shard` (shard group
+   under a temporary name, rename, ``cache.json`` at the first commit, manifest fragment last).
+
+Backpressure between the stages, resource reservation, task retries, actor restarts and lineage
+reconstruction of blocks lost with a node are Ray Data's. Model actors reserve no CPU by default
+(``--cpus-per-worker 0``): they are bounded by ``--workers`` and their GPUs, so they can never hold
+every CPU while load and commit tasks wait for one (the deadlock of a scheduler whose actors each took
+a CPU), whatever the ratio of workers to CPUs, also after a node is lost.
 
 Failures: a bad window (missing frame, corrupt image, non-finite or empty pointmap, too few frames)
 is a *data* error, recorded as a ``status=failed`` manifest row with its error text; the job goes on
-and exits non-zero only with ``fail_fast`` (which also stops handing out shards). Anything else
-(worker crash, out of memory, a bug) is a *system* error: Ray retries tasks (``max_retries``) and
-restarts actors (``max_restarts``, with ``max_task_retries`` for the shard in flight); a shard that
-still fails is not recorded, the job exits non-zero and a re-run redoes it. ``ray.init()`` is called
-plainly: a local instance unless ``RAY_ADDRESS`` is set (``ray job submit`` sets it).
+(``--fail-fast`` stops it after the shard holding the first failure is committed). Anything else
+(worker crash, node loss, out of memory) is a *system* error that Ray retries (``--max-retries``); a
+bug in our code fails the run, which exits 1 and a re-run resumes.
+
+One job per cache: the driver holds the cache's lease (:mod:`cameo_corr.pipeline.lease`) from before
+Ray starts until the job ends. Before planning it sweeps orphans of killed runs, repairs fragments
+whose shard group is missing and, with ``retry_failed``, supersedes the failed rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime as _dt
+import errno
+import functools
 import json
 import logging
 import math
 import os
+import pickle
 import sys
+import threading
 import time
 import warnings
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from cameo_corr.schemas import CANONICAL_SIZE, DEFAULT_GRID, DEFAULT_TAU, CameoCorrError, SchemaError, WindowRecord, as_grid
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    import pyarrow as pa
+
     from cameo_corr.datasets.base import SceneReader
+    from cameo_corr.pipeline.planner import PlannedWindow
 
 logger = logging.getLogger(__name__)
 
 DATA_ERRORS: tuple[type[BaseException], ...] = (CameoCorrError, OSError)
 """Exceptions that mean "this window's input is bad" (recorded as failed), not "the job is broken"."""
 
-SHARDS_IN_FLIGHT_PER_WORKER = 2
+SCENE_CACHE_SIZE = 8
+"""Scene records kept per worker process by the load stage (windows of one scene are planned together)."""
+
+STAGES = ("read", "backend", "match", "write")
+"""Busy-time stages of the summary (load, model, matcher, shard commit)."""
+
+
+class UsageError(CameoCorrError):
+    """A command-line value that cannot work (the CLI exits 2 with the message)."""
 
 
 def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-# ----------------------------------------------------------------------------- CPU loading tasks
-@dataclass
-class LoadedWindow:
-    """Result of a load task: the window in the canonical view, or the data error that stopped it."""
+# ----------------------------------------------------------------------------- source table
+def planned_schema() -> "pa.Schema":
+    """The Ray Data source: one row per planned window (``error`` null = to compute)."""
+    import pyarrow as pa
 
-    data: Any
-    error: str | None
-    seconds: float
-
-
-_READER_CACHE: dict[str, Any] = {}
+    return pa.schema([
+        ("window_id", pa.string()), ("dataset", pa.string()), ("split", pa.string()), ("scene_id", pa.string()),
+        ("frame_ids", pa.list_(pa.string())), ("error", pa.string()),
+    ])
 
 
-def _reader(dataset: Mapping[str, Any]) -> Any:
-    """The dataset reader of this worker process for ``dataset`` (opened once per process)."""
+def planned_table(planned: Sequence["PlannedWindow"]) -> "pa.Table":
+    """The planner's windows as the Arrow source table of the pipeline (:func:`planned_schema`)."""
+    import pyarrow as pa
+
+    columns: dict[str, list[Any]] = {name: [] for name in planned_schema().names}
+    for w in planned:
+        r = w.record
+        for name, value in (("window_id", r.window_id), ("dataset", r.dataset), ("split", r.split), ("scene_id", r.scene_id),
+                            ("frame_ids", r.frame_ids), ("error", w.error)):
+            columns[name].append(value)
+    return pa.table(columns, schema=planned_schema())
+
+
+# ----------------------------------------------------------------------------- load stage (CPU tasks)
+@functools.lru_cache(maxsize=4)
+def _reader(dataset_json: str) -> "SceneReader":
+    """The dataset reader of this worker process (opened once per process and dataset)."""
     from cameo_corr.datasets.base import open_dataset
 
-    key = json.dumps(dataset, sort_keys=True, default=str)
-    if key not in _READER_CACHE:
-        options = dict(dataset)
-        _READER_CACHE[key] = open_dataset(options.pop("name"), options.pop("root"), **options)
-    return _READER_CACHE[key]
+    options = json.loads(dataset_json)
+    return open_dataset(options.pop("name"), options.pop("root"), **options)
 
 
-def _load_window(dataset: Mapping[str, Any], record: WindowRecord, crop: Mapping[str, Any], with_depth: bool) -> LoadedWindow:
-    """Read + decode + crop one window (a Ray task body). Data errors are returned, not raised."""
+_SCENES: "collections.OrderedDict[tuple[str, str], Any]" = collections.OrderedDict()
+
+
+def _scene(dataset_json: str, scene_id: str) -> Any:
+    """``reader.scene(scene_id)`` through a small per-process LRU."""
+    key = (dataset_json, scene_id)
+    if key in _SCENES:
+        _SCENES.move_to_end(key)
+        return _SCENES[key]
+    scene = _reader(dataset_json).scene(scene_id)
+    _SCENES[key] = scene
+    while len(_SCENES) > SCENE_CACHE_SIZE:
+        _SCENES.popitem(last=False)
+    return scene
+
+
+def window_record(dataset_json: str, row: Mapping[str, Any]) -> WindowRecord:
+    """Rebuild a planned window's record: its scene's frames selected by id (none for a failed plan)."""
+    if row["error"] is not None:
+        return WindowRecord(row["window_id"], row["dataset"], row["split"], row["scene_id"], ())
+    scene = _scene(dataset_json, row["scene_id"])
+    by_id = {f.frame_id: f for f in scene.frames}
+    missing = [fid for fid in row["frame_ids"] if fid not in by_id]
+    if missing:
+        raise SchemaError("frame_ids", f"frames {missing} are not in the scene any more", where=f"window {row['window_id']}")
+    return WindowRecord(row["window_id"], row["dataset"], row["split"], row["scene_id"], tuple(by_id[f] for f in row["frame_ids"]))
+
+
+def load_batch(batch: "pa.Table", *, dataset_json: str, crop: Mapping[str, Any], with_depth: bool) -> "pa.Table":
+    """Load stage body: read + decode + crop each window; data errors become the row's ``error``.
+
+    Output columns: ``window_id``, ``record`` (pickled :class:`WindowRecord`), ``data`` (pickled
+    :class:`~cameo_corr.schemas.WindowData`, null when failed), ``error``, ``read_seconds``.
+    """
+    import pyarrow as pa
+
     from cameo_corr.datasets.canonical import CanonicalView, load_window
 
-    t0 = time.perf_counter()
-    try:
-        data = load_window(_reader(dataset), record, CanonicalView.from_dict(crop), with_depth=with_depth)
-        return LoadedWindow(data, None, time.perf_counter() - t0)
-    except DATA_ERRORS as e:
-        return LoadedWindow(None, _error_text(e), time.perf_counter() - t0)
+    view = CanonicalView.from_dict(crop)
+    out: dict[str, list[Any]] = {"window_id": [], "record": [], "data": [], "error": [], "read_seconds": []}
+    for row in batch.to_pylist():
+        t0 = time.perf_counter()
+        record = WindowRecord(row["window_id"], row["dataset"], row["split"], row["scene_id"], ())
+        data, error = None, row["error"]
+        if error is None:
+            try:
+                record = window_record(dataset_json, row)
+                data = pickle.dumps(load_window(_reader(dataset_json), record, view, with_depth=with_depth), protocol=5)
+            except DATA_ERRORS as e:
+                error = _error_text(e)
+        for name, value in (("window_id", row["window_id"]), ("record", pickle.dumps(record, protocol=5)), ("data", data),
+                            ("error", error), ("read_seconds", time.perf_counter() - t0)):
+            out[name].append(value)
+    return pa.table(out, schema=pa.schema([("window_id", pa.string()), ("record", pa.large_binary()), ("data", pa.large_binary()),
+                                           ("error", pa.string()), ("read_seconds", pa.float64())]))
 
 
-# ----------------------------------------------------------------------------- GPU worker actors
+# ----------------------------------------------------------------------------- geometry stage (actors)
 def check_pointmaps(result: Any, record: WindowRecord) -> str | None:
     """Why a backend result is unusable (non-finite points where valid, a view without valid pixel)."""
     import torch
@@ -106,157 +185,165 @@ def check_pointmaps(result: Any, record: WindowRecord) -> str | None:
     return None
 
 
-class ShardWorker:
-    """One model replica: backend + matcher + the writer of the shards it computes (a Ray actor)."""
+def describe_backend(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The backend entry of ``cache.json``, whether windows need depth and the device, from a backend
+    built with ``spec`` where the model actors will run (a Ray task with their resources)."""
+    from cameo_corr.pipeline.backends import make_backend
+
+    backend = make_backend(spec["backend"], **spec["backend_options"])
+    return {"backend": backend.describe(), "needs_depth": bool(backend.needs_depth), "device": str(backend.device)}
+
+
+class GeometryStage:
+    """One model replica of the actor pool: the geometry backend and the token matcher.
+
+    ``spec`` holds ``backend``, ``backend_options``, ``match_backend``, ``grid``, ``tau`` and
+    ``expected`` (the backend description the cache's config was built with; an actor whose backend
+    describes itself differently, e.g. another dtype on another GPU type, refuses to start).
+    """
 
     def __init__(self, spec: Mapping[str, Any]) -> None:
         from cameo_corr.pipeline.backends import make_backend
 
         self.spec = dict(spec)
         self.backend = make_backend(spec["backend"], **spec["backend_options"])
+        described = self.backend.describe()
+        if json.dumps(described, sort_keys=True, default=str) != json.dumps(spec["expected"], sort_keys=True, default=str):
+            raise RuntimeError(f"this worker's backend describes itself as {described}, the cache config says {spec['expected']}")
+        self.ready_time = time.time()
 
-    def describe(self) -> dict[str, Any]:
-        """The backend entry of ``cache.json`` and whether windows need depth."""
-        return {"backend": self.backend.describe(), "needs_depth": bool(self.backend.needs_depth), "device": str(self.backend.device)}
+    def __call__(self, batch: "pa.Table") -> "pa.Table":
+        """Pointmaps + correspondences of the loaded windows of ``batch`` (drops the ``data`` column).
 
-    def process_shard(
-        self,
-        shard_id: str,
-        windows: Sequence[tuple[WindowRecord, str | None]],
-        loads: Sequence[list],
-        config_json: str,
-    ) -> dict[str, Any]:
-        """Compute and write one shard; return counts, errors, stage seconds and bytes written.
-
-        ``loads[k]`` is ``[ObjectRef]`` of window k's load task (wrapped in a list so Ray hands the
-        reference over unresolved and the actor fetches windows one batch at a time), or ``[]`` for a
-        window the planner already marked failed.
+        Adds ``arrays`` (pickled cache arrays, null when failed), ``backend_seconds``,
+        ``match_seconds`` and ``ready_time`` (when this actor finished loading its model, UNIX time).
         """
-        import ray
+        import pyarrow as pa
 
-        from cameo_corr.pipeline.cache import CacheWriter, WindowOutcome, fragment_path, shard_dir
-        from cameo_corr.schemas import CacheConfig
-
-        config = CacheConfig.from_json(config_json)
-        stages = {"read": 0.0, "read_wait": 0.0, "backend": 0.0, "match": 0.0, "write": 0.0}
-        outcomes: dict[int, WindowOutcome] = {}
-        todo: list[int] = []
-        for k, (record, error) in enumerate(windows):
-            if error is not None:
-                outcomes[k] = WindowOutcome(record, error=error)
+        rows = batch.to_pylist()
+        records = [pickle.loads(r["record"]) for r in rows]
+        errors: list[str | None] = [r["error"] for r in rows]
+        arrays: list[bytes | None] = [None] * len(rows)
+        backend_s, match_s = [0.0] * len(rows), [0.0] * len(rows)
+        ready = [k for k, r in enumerate(rows) if r["error"] is None]
+        t0 = time.perf_counter()
+        results = self._pointmaps([pickle.loads(rows[k]["data"]) for k in ready])
+        share = (time.perf_counter() - t0) / max(len(ready), 1)
+        for k, result in zip(ready, results):
+            backend_s[k] = share
+            t1 = time.perf_counter()
+            outcome = self._correspond(records[k], result)
+            match_s[k] = time.perf_counter() - t1
+            if isinstance(outcome, str):
+                errors[k] = outcome
             else:
-                todo.append(k)
-        batch = max(1, int(self.spec.get("batch_size", 1)))
-        for start in range(0, len(todo), batch):
-            group = todo[start : start + batch]
-            t0 = time.perf_counter()
-            loaded: list[LoadedWindow] = [ray.get(loads[k][0]) for k in group]
-            stages["read_wait"] += time.perf_counter() - t0
-            ready = []
-            for k, lw in zip(group, loaded):
-                stages["read"] += lw.seconds
-                if lw.error is not None:
-                    outcomes[k] = WindowOutcome(windows[k][0], error=lw.error)
-                else:
-                    ready.append((k, lw.data))
-            for k, result in self._pointmaps(ready, stages):
-                outcomes[k] = self._correspond(windows[k][0], result, config, stages)
-        writer = CacheWriter(self.spec["out"], config, self.spec.get("storage_options"))
-        t0 = time.perf_counter()
-        writer.write_shard(shard_id, [outcomes[k] for k in range(len(windows))])
-        stages["write"] += time.perf_counter() - t0
-        loc = writer.location
-        nbytes = loc.disk_usage(shard_dir(shard_id)) + loc.disk_usage(fragment_path(shard_id))
-        failed = [(o.record.window_id, o.error) for o in outcomes.values() if o.error is not None]
-        return {
-            "shard_id": shard_id,
-            "ok": len(windows) - len(failed),
-            "failed": len(failed),
-            "errors": failed,
-            "stages": stages,
-            "bytes": nbytes,
-        }
+                arrays[k] = pickle.dumps(outcome, protocol=5)
+        return pa.table(
+            {"window_id": [r["window_id"] for r in rows], "record": [r["record"] for r in rows], "arrays": arrays, "error": errors,
+             "read_seconds": [r["read_seconds"] for r in rows], "backend_seconds": backend_s, "match_seconds": match_s,
+             "ready_time": [self.ready_time] * len(rows)},
+            schema=pa.schema([("window_id", pa.string()), ("record", pa.large_binary()), ("arrays", pa.large_binary()),
+                              ("error", pa.string()), ("read_seconds", pa.float64()), ("backend_seconds", pa.float64()),
+                              ("match_seconds", pa.float64()), ("ready_time", pa.float64())]),
+        )
 
-    def _pointmaps(self, ready: list[tuple[int, Any]], stages: dict[str, float]) -> list[tuple[int, Any]]:
+    def _pointmaps(self, windows: list[Any]) -> list[Any]:
         """Backend outputs (or error strings) for loaded windows, batched, isolating data errors."""
-        if not ready:
+        if not windows:
             return []
-        t0 = time.perf_counter()
         try:
-            results: list[Any] = self.backend.run_batch([d for _, d in ready])
+            return list(self.backend.run_batch(windows))
         except DATA_ERRORS as e:
-            if len(ready) == 1:
-                results = [_error_text(e)]
-            else:  # find the bad window(s): one by one
-                results = []
-                for _, d in ready:
-                    try:
-                        results.append(self.backend(d))
-                    except DATA_ERRORS as e1:
-                        results.append(_error_text(e1))
-        stages["backend"] += time.perf_counter() - t0
-        return [(k, r) for (k, _), r in zip(ready, results)]
+            if len(windows) == 1:
+                return [_error_text(e)]
+        results: list[Any] = []
+        for d in windows:  # find the bad window(s): one by one
+            try:
+                results.append(self.backend(d))
+            except DATA_ERRORS as e1:
+                results.append(_error_text(e1))
+        return results
 
-    def _correspond(self, record: WindowRecord, result: Any, config: Any, stages: dict[str, float]) -> Any:
-        from cameo_corr.pipeline.cache import WindowOutcome, window_arrays
+    def _correspond(self, record: WindowRecord, result: Any) -> "dict[str, Any] | str":
+        """The window's cache arrays, or the error text of a data error."""
+        from cameo_corr.pipeline.cache import window_arrays
         from cameo_corr.pipeline.match import correspond
 
         if isinstance(result, str):
-            return WindowOutcome(record, error=result)
+            return result
         problem = check_pointmaps(result, record)
         if problem is not None:
-            return WindowOutcome(record, error=problem)
-        t0 = time.perf_counter()
+            return problem
         try:
-            corr = correspond(result, grid=tuple(config.grid), tau=config.tau, backend=self.spec.get("match_backend", "auto"))
-            arrays = window_arrays(corr, result)
+            corr = correspond(result, grid=tuple(self.spec["grid"]), tau=self.spec["tau"], backend=self.spec["match_backend"])
+            return window_arrays(corr, result)
         except DATA_ERRORS as e:
-            return WindowOutcome(record, error=_error_text(e))
-        finally:
-            stages["match"] += time.perf_counter() - t0
-        return WindowOutcome(record, arrays=arrays)
+            return _error_text(e)
+
+
+def _watch_progress(counter: Any, total: int, stop: threading.Event) -> None:
+    """Driver thread: a tqdm bar of committed windows with ok / failed counts and the rate."""
+    import ray
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="win", desc="preprocess", dynamic_ncols=True)
+    try:
+        while True:
+            stopping = stop.wait(1.0)
+            try:
+                ok, failed = ray.get(counter.get.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - progress only: the counter may be restarting
+                ok, failed = bar.n, 0
+            bar.update(ok + failed - bar.n)
+            bar.set_postfix(ok=ok, failed=failed, refresh=True)
+            if stopping:
+                return
+    finally:
+        bar.close()
 
 
 # ----------------------------------------------------------------------------- driver
-@dataclass
-class _Progress:
-    ok: int = 0
-    failed: int = 0
-    shards: int = 0
-    bytes: int = 0
-    stages: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "read_wait": 0.0, "backend": 0.0, "match": 0.0, "write": 0.0})
-    errors: list[tuple[str, str]] = field(default_factory=list)
-    shard_errors: list[tuple[str, str]] = field(default_factory=list)
-
-
 def _init_ray(num_cpus: int | None, needed_cpus: float) -> bool:
-    """``ray.init()`` unless already connected; returns whether this call started the connection.
+    """Connect to ``RAY_ADDRESS`` if set (a cluster, or ``ray job submit``), else start a local
+    instance (never an unrelated ``ray start`` cluster of this machine); returns whether this call
+    connected. A local instance gets ``num_cpus`` logical CPUs, by default enough for one load and
+    one commit task next to the actors' reservation (logical CPUs only gate scheduling).
 
-    With ``RAY_ADDRESS`` set (a cluster, or ``ray job submit``) the cluster's resources are used as
-    they are. A local instance gets ``num_cpus`` logical CPUs, by default enough for the workers plus
-    one loader even on a 2-core machine (logical CPUs only gate scheduling).
+    Ray >= 2.5x enables token authentication for new local instances (a token in ``~/.ray``) and logs
+    a warning saying so on every start; a local start keeps that default and drops the notice.
     """
     import ray
 
     if ray.is_initialized():
         return False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        cpus = num_cpus if num_cpus is not None else max(os.cpu_count() or 1, int(needed_cpus + 0.999) + 1)
-        ray.init(num_cpus=cpus, include_dashboard=False)
+        ray.init(log_to_driver=True)
+        return True
+    cpus = num_cpus if num_cpus is not None else max(os.cpu_count() or 1, int(needed_cpus + 0.999) + 2)
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = auth_log.level
+    auth_log.setLevel(logging.ERROR)  # Ray's default (token auth on) stays; only its per-start notice goes
+    try:
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False)
+    finally:
+        auth_log.setLevel(level)
     return True
 
 
 def preflight_backend(
     backend: str, gpus_per_worker: float, backend_options: Mapping[str, Any] | None, reader: "SceneReader | None" = None
 ) -> None:
-    """Driver-side checks before any worker starts: the backend's optional packages are installed
-    (:class:`ImportError` with an install hint otherwise), a backend that needs depth gets a dataset that
-    has depth (:class:`SchemaError` naming ``backend``), and a GPU backend given no GPU is warned about."""
+    """Driver-side checks before any worker starts: the backend exists (:class:`UsageError`), its
+    optional packages are installed (:class:`ImportError` with an install hint otherwise), a backend
+    that needs depth gets a dataset that has depth (:class:`SchemaError` naming ``backend``), and a GPU
+    backend given no GPU is warned about."""
     from cameo_corr.pipeline.backends import backend_class
 
-    cls = backend_class(backend)
+    try:
+        cls = backend_class(backend)
+    except ValueError as e:
+        raise UsageError(f"--backend {backend}: {e}") from None
     cls.check_requirements()
     if reader is not None and cls.needs_depth and not reader.has_depth:
         raise SchemaError("backend", f"the {backend!r} backend needs depth, and dataset {reader.name!r} has none "
@@ -271,6 +358,57 @@ def _absolute_root(root: str | Path) -> str:
     return text if "://" in text else os.path.abspath(text)
 
 
+def check_job_options(*, workers: int, gpus_per_worker: float, cpus_per_worker: float, shard_size: int, batch_size: int,
+                      max_retries: int, crop_size: int, grid: tuple[int, int], lease_timeout: float) -> None:
+    """Refuse values that cannot work, naming the flag and what is valid (:class:`UsageError`)."""
+    checks = [
+        (workers >= 1, f"--workers must be >= 1 (model actors), got {workers}"),
+        (gpus_per_worker >= 0, f"--gpus-per-worker must be >= 0, got {gpus_per_worker}"),
+        (cpus_per_worker >= 0, f"--cpus-per-worker must be >= 0, got {cpus_per_worker}"),
+        (shard_size >= 1, f"--shard-size must be >= 1 (windows per shard), got {shard_size}"),
+        (batch_size >= 1, f"--batch-size must be >= 1 (windows per backend call), got {batch_size}"),
+        (max_retries >= -1, f"--max-retries must be >= 0, or -1 for unlimited, got {max_retries}"),
+        (crop_size >= max(grid), f"--crop-size must be an integer >= the token grid side ({max(grid)} for --grid "
+                                 f"{grid[0] if grid[0] == grid[1] else grid}: every token needs at least one pixel), got {crop_size}"),
+        (lease_timeout > 0, f"--lease-timeout must be > 0 seconds, got {lease_timeout}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def check_out(out: str | Path, storage_options: Mapping[str, Any] | None) -> "Any":
+    """The cache location, refusing an ``--out`` that is a file (:class:`UsageError`)."""
+    from cameo_corr.pipeline.cache import CacheLocation
+
+    try:
+        location = CacheLocation(out, storage_options)
+    except ValueError as e:
+        raise UsageError(f"--out {out}: {e}") from None
+    if location.fs.isfile(location.root):
+        raise UsageError(f"--out {out}: is a file; give a cache directory (new or existing)")
+    return location
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The first of our errors (or an ``OSError``) behind a Ray/Ray Data exception chain, else ``e``."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [e]
+    while stack:
+        x = stack.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, (CameoCorrError, OSError)) and not type(x).__module__.startswith("ray"):
+            return x
+        stack += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    return e
+
+
+class CacheWriteError(CameoCorrError):
+    """The cache storage refused a write (full disk, permissions, quota): the run failed."""
+
+
 def run_preprocess(
     *,
     dataset: str,
@@ -282,7 +420,7 @@ def run_preprocess(
     tau: float = DEFAULT_TAU,
     workers: int = 1,
     gpus_per_worker: float = 0.0,
-    cpus_per_worker: float = 1.0,
+    cpus_per_worker: float = 0.0,
     windows_per_scene: int = 1,
     split: str | None = None,
     shard_size: int = 16,
@@ -302,6 +440,9 @@ def run_preprocess(
     num_cpus: int | None = None,
     max_retries: int = 3,
     storage_options: Mapping[str, Any] | None = None,
+    retry_failed: bool = False,
+    force: bool = False,
+    lease_timeout: float | None = None,
     progress: bool = True,
     command: str | None = None,
 ) -> dict[str, Any]:
@@ -310,28 +451,36 @@ def run_preprocess(
     ``grid`` is ``h = w`` or ``(h, w)``; ``split=None`` uses the reader's default split; ``scenes``
     restricts the run to some scene ids. ``sampling``/``span_per_view``/``positions``/``fps``/``seed``
     override :func:`~cameo_corr.pipeline.planner.default_plan_config`. ``crop_policy=None`` uses the
-    reader's default. Summary keys: ``windows_planned``, ``windows_skipped`` (already in the
-    manifest), ``windows_ok``, ``windows_failed``, ``shard_size`` (``shard_size`` capped at
-    ``ceil(planned / workers)`` so small runs keep every worker busy), ``shards_written``, ``shard_errors``,
-    ``stopped_early``, ``orphans_removed``, ``seconds``, ``windows_per_second`` (end to end),
-    ``startup_seconds`` (Ray + workers + model load), ``processing_windows_per_second`` (after
-    start-up: planning, scheduling and the stages), ``stage_seconds``,
-    ``bytes_written``, ``bytes_per_window``, ``errors`` (first 20 window errors).
+    reader's default. ``retry_failed`` redoes the windows that have failed rows (the rows are
+    superseded); ``force`` takes over another job's lease; ``lease_timeout`` (default
+    :data:`~cameo_corr.pipeline.lease.DEFAULT_LEASE_TIMEOUT`) is when an unrenewed lease is stale.
+
+    Summary keys: ``windows_planned``, ``windows_skipped`` (already in the manifest),
+    ``windows_ok``, ``windows_failed`` (rows this run committed), ``shard_size`` (``shard_size`` capped
+    at ``ceil(to do / workers)`` so small runs keep every worker busy), ``shards_written``,
+    ``shard_errors`` (``(where, error)`` of a run that failed), ``stopped_early``, ``orphans_removed``,
+    ``shards_repaired``, ``failed_retried``, ``seconds``, ``windows_per_second`` (end to end),
+    ``startup_seconds`` (until the first model actor was ready), ``processing_windows_per_second``
+    (after start-up), ``stage_seconds``, ``bytes_written``, ``bytes_per_window``, ``errors`` (first 20
+    window errors).
     """
+    import pyarrow.compute as pc
     import ray
-    from tqdm import tqdm
 
     import cameo_corr
     from cameo_corr.datasets.base import open_dataset
     from cameo_corr.datasets.canonical import CanonicalView
-    from cameo_corr.pipeline.cache import COMPARED_FIELDS, CacheLocation, CacheWriter, check_compatible
-    from cameo_corr.pipeline.planner import default_plan_config, make_shards, plan_windows
+    from cameo_corr.pipeline.cache import COMPARED_FIELDS, CacheWriter, check_compatible, fragment_names, read_config, read_manifest
+    from cameo_corr.pipeline.lease import DEFAULT_LEASE_TIMEOUT, CacheLease
+    from cameo_corr.pipeline.planner import default_plan_config, plan_windows
     from cameo_corr.schemas import CacheConfig
 
-    t_start = time.perf_counter()
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    t_start, t_start_wall = time.perf_counter(), time.time()
     grid_hw = as_grid(grid)
+    lease_timeout = DEFAULT_LEASE_TIMEOUT if lease_timeout is None else float(lease_timeout)
+    check_job_options(workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, shard_size=shard_size,
+                      batch_size=batch_size, max_retries=max_retries, crop_size=crop_size, grid=grid_hw, lease_timeout=lease_timeout)
+    location = check_out(out, storage_options)
     ds_options = dict(dataset_options or {})
     if split is not None:
         ds_options["split"] = split
@@ -342,38 +491,43 @@ def run_preprocess(
     )
     view = CanonicalView(size=crop_size, policy=crop_policy or reader.preferred_crop_policy())
 
-    # refuse a mismatching cache before starting workers (the backend entry is checked once known)
+    # refuse a mismatching cache before starting Ray (the full backend entry is checked once described)
     provisional = CacheConfig(grid=grid_hw, tau=float(tau), views=views, backend={"name": backend}, crop=view.to_dict(),
                               dataset=reader.describe())
     provisional.validate()
-    check_compatible(CacheLocation(out, storage_options), provisional, [f for f in COMPARED_FIELDS if f != "backend"])
+    check_compatible(location, provisional, [f for f in COMPARED_FIELDS if f != "backend"])
     preflight_backend(backend, gpus_per_worker, backend_options, reader)
+    if location.exists("cache.json"):
+        recorded = read_config(location).backend
+        given = {"name": backend, **(backend_options or {})}
+        diff = {k: (recorded[k], v) for k, v in given.items() if k in recorded and v != "auto" and recorded[k] != v}
+        if diff:
+            from cameo_corr.pipeline.cache import CacheMismatchError
 
-    started = _init_ray(num_cpus, workers * cpus_per_worker)
-    actors: list[Any] = []
+            detail = "; ".join(f"{k}: cache has {a}, this run has {b}" for k, (a, b) in diff.items())
+            raise CacheMismatchError("backend", f"refusing to mix configs in one cache ({detail}); write to a new --out",
+                                     where=location.url("cache.json"))
+
     try:
-        worker_cls = ray.remote(ShardWorker).options(
-            num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=max_retries, max_task_retries=max_retries
-        )
-        spec = {
-            "backend": backend,
-            "backend_options": dict(backend_options or {}),
-            "out": str(out),
-            "storage_options": dict(storage_options or {}) or None,
-            "match_backend": match_backend,
-            "batch_size": batch_size,
-        }
-        actors = [worker_cls.remote(spec) for _ in range(workers)]
-        descriptions = ray.get([a.describe.remote() for a in actors])
-        if any(d["backend"] != descriptions[0]["backend"] for d in descriptions):
-            raise RuntimeError(f"workers disagree on the backend description: {[d['backend'] for d in descriptions]}")
-        needs_depth = descriptions[0]["needs_depth"]
-        t_ready = time.perf_counter()
+        lease = CacheLease(location, timeout=lease_timeout, force=force).acquire()
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write the cache there ({e.strerror or e})") from None
+    started = False
+    try:
+        started = _init_ray(num_cpus, workers * cpus_per_worker)
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
+        if workers * cpus_per_worker > cluster_cpus - 1:
+            raise UsageError(f"--workers {workers} x --cpus-per-worker {cpus_per_worker} leaves no CPU of the cluster's "
+                             f"{cluster_cpus:g} for the load and commit tasks; lower --cpus-per-worker (0 is fine)")
+        spec = {"backend": backend, "backend_options": dict(backend_options or {}), "match_backend": match_backend,
+                "grid": list(grid_hw), "tau": float(tau)}
+        describe = ray.remote(describe_backend).options(num_cpus=0, num_gpus=gpus_per_worker, max_retries=max_retries)
+        described = ray.get(describe.remote(spec))
         config = CacheConfig(
             grid=grid_hw,
             tau=float(tau),
             views=views,
-            backend=descriptions[0]["backend"],
+            backend=described["backend"],
             crop=view.to_dict(),
             dataset=reader.describe(),
             created_by={
@@ -382,108 +536,141 @@ def run_preprocess(
                 "command": command or "run_preprocess",
                 "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "plan": plan.to_dict(),
-                "devices": sorted({d["device"] for d in descriptions}),
+                "devices": [described["device"]],
             },
         )
         config.validate()
         writer = CacheWriter(out, config, storage_options)
         writer.initialize()
         orphans = writer.remove_orphans()
-        done = writer.done_window_ids()
-        planned = plan_windows(reader, plan, config.fingerprint(), scene_ids=scenes)
-        # small runs: no bigger shards than needed to give every worker work
-        effective_shard_size = max(1, min(shard_size, math.ceil(len(planned) / workers)))
-        shards = deque(make_shards(planned, effective_shard_size, skip=done))
-        total = sum(len(s.windows) for s in shards)
-        config_json = config.to_json()
-        crop = view.to_dict()
-        dataset_spec = reader.describe()
-        load_task = ray.remote(_load_window).options(num_cpus=1, max_retries=max_retries)
-
-        prog = _Progress()
-        pending: dict[Any, tuple[int, Any]] = {}
-        alive = [True] * len(actors)
-        stopped = False
-
-        def submit(a: int) -> None:
-            shard = shards.popleft()
-            loads = [
-                [load_task.remote(dataset_spec, w.record, crop, needs_depth)] if w.error is None else []
-                for w in shard.windows
-            ]
-            windows = [(w.record, w.error) for w in shard.windows]
-            pending[actors[a].process_shard.remote(shard.shard_id, windows, loads, config_json)] = (a, shard)
-
-        for _ in range(SHARDS_IN_FLIGHT_PER_WORKER):
-            for a in range(len(actors)):
-                if shards:
-                    submit(a)
-        bar = tqdm(total=total, unit="win", desc="preprocess", disable=not progress, dynamic_ncols=True)
-        try:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                a, shard = pending.pop(ready[0])
-                try:
-                    report = ray.get(ready[0])
-                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-                    logger.error("shard %s failed: %s", shard.shard_id, e)
-                    cause = getattr(e, "cause", None)
-                    prog.shard_errors.append((shard.shard_id, _error_text(cause if isinstance(cause, BaseException) else e)))
-                    if isinstance(e, ray.exceptions.RayActorError):
-                        alive[a] = False
-                    bar.update(len(shard.windows))
-                else:
-                    prog.ok += report["ok"]
-                    prog.failed += report["failed"]
-                    prog.shards += 1
-                    prog.bytes += report["bytes"]
-                    prog.errors.extend(report["errors"])
-                    for k, v in report["stages"].items():
-                        prog.stages[k] += v
-                    bar.update(report["ok"] + report["failed"])
-                bar.set_postfix(ok=prog.ok, failed=prog.failed, errors=len(prog.shard_errors), refresh=False)
-                if fail_fast and (prog.failed or prog.shard_errors):
-                    stopped = stopped or bool(shards)
-                    shards.clear()
-                if shards:
-                    target = a if alive[a] else next((i for i, ok in enumerate(alive) if ok), None)
-                    if target is not None:
-                        submit(target)
-                    elif not pending:
-                        prog.shard_errors.append(("*", f"all workers died; {len(shards)} shards not processed"))
-                        stopped = True
-                        shards.clear()
-        finally:
-            bar.close()
+        repaired = writer.repair_missing_shards()
+        retried = writer.drop_failed_rows() if retry_failed else []
+        table = planned_table(plan_windows(reader, plan, config.fingerprint(), scene_ids=scenes))
+        todo = table.filter(pc.invert(pc.is_in(table.column("window_id"), value_set=writer.done_window_ids())))
+        total = todo.num_rows
+        effective_shard_size = max(1, min(shard_size, math.ceil(total / workers))) if total else shard_size
+        fragments_before = set(fragment_names(location))
+        sink, stopped, shard_errors = None, False, []
+        t_ready = time.perf_counter()
+        if total:
+            sink, stopped, shard_errors, t_ready = _run_pipeline(
+                todo, config, reader, spec, described["needs_depth"], view, str(out), storage_options, workers=workers,
+                gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
+                shard_size=effective_shard_size, max_retries=max_retries, fail_fast=fail_fast, progress=progress,
+                t_start=(t_start, t_start_wall),
+            )
+        if lease.lost:
+            shard_errors.append(("lease", f"the cache's lease was taken over by {lease.lost} during the run"))
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        lease.release()
         if started:
             ray.shutdown()
 
     t_end = time.perf_counter()
+    manifest = read_manifest(location)
+    mine = manifest.filter(pc.is_in(manifest.column("window_id"), value_set=todo.column("window_id")))
+    failed_rows = mine.filter(pc.equal(mine.column("status"), "failed"))
+    n_failed = failed_rows.num_rows
+    n_ok = mine.num_rows - n_failed
+    results = sink.results if sink is not None else []
+    stages = {k: float(sum(r["stages"][k] for r in results)) for k in STAGES}
+    nbytes = sum(r["bytes"] for r in results)
     seconds = t_end - t_start
-    processed = prog.ok + prog.failed
+    processed = n_ok + n_failed
     return {
         "out": str(out),
-        "windows_planned": len(planned),
-        "windows_skipped": len(planned) - total,
-        "windows_ok": prog.ok,
-        "windows_failed": prog.failed,
+        "windows_planned": table.num_rows,
+        "windows_skipped": table.num_rows - total,
+        "windows_ok": n_ok,
+        "windows_failed": n_failed,
         "shard_size": effective_shard_size,
-        "shards_written": prog.shards,
-        "shard_errors": prog.shard_errors,
+        "shards_written": len(set(fragment_names(location)) - fragments_before),
+        "shard_errors": shard_errors,
         "stopped_early": stopped,
         "orphans_removed": len(orphans),
+        "shards_repaired": len(repaired),
+        "failed_retried": len(retried),
         "seconds": seconds,
         "windows_per_second": processed / seconds if seconds > 0 else 0.0,
         "startup_seconds": t_ready - t_start,
         "processing_windows_per_second": processed / (t_end - t_ready) if t_end > t_ready else 0.0,
-        "stage_seconds": prog.stages,
-        "bytes_written": prog.bytes,
-        "bytes_per_window": prog.bytes / prog.ok if prog.ok else 0.0,
-        "errors": prog.errors[:20],
+        "stage_seconds": stages,
+        "bytes_written": nbytes,
+        "bytes_per_window": nbytes / n_ok if n_ok and nbytes else 0.0,
+        "errors": list(zip(failed_rows.column("window_id").to_pylist()[:20], failed_rows.column("error").to_pylist()[:20])),
     }
+
+
+def _run_pipeline(
+    todo: "pa.Table", config: Any, reader: "SceneReader", spec: dict[str, Any], needs_depth: bool, view: Any, out: str,
+    storage_options: Mapping[str, Any] | None, *, workers: int, gpus_per_worker: float, cpus_per_worker: float,
+    batch_size: int, shard_size: int, max_retries: int, fail_fast: bool, progress: bool, t_start: tuple[float, float],
+) -> tuple[Any, bool, list[tuple[str, str]], float]:
+    """Build and run the Ray Data pipeline over ``todo``; return the sink (its write results), whether
+    ``--fail-fast`` stopped it, the run's errors and the (perf-counter) time the first actor was ready."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+    from ray.util.debug import log_once
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from cameo_corr.pipeline.commit import FailFastStop, ProgressCounter, ShardSink
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver shows ok / failed / rate itself ...
+    log_once("ray_data_progress_manager_disabled")  # ... so Ray Data's notice about its own bars is moot
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    counter, stop, watcher = None, threading.Event(), None
+    if progress:
+        counter = ray.remote(ProgressCounter).options(
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        ).remote()
+        watcher = threading.Thread(target=_watch_progress, args=(counter, todo.num_rows, stop), daemon=True)
+        watcher.start()
+    sink = ShardSink(out, storage_options, config.to_json(), shard_size, fail_fast, counter)
+    # retries (jobs/README.md): --max-retries bounds the retries of a load/commit task and the restarts
+    # of a model actor (-1: Ray Data's default, unlimited). Calls on an actor are always retried
+    # (Ray Data's default): after a node loss they fail fast with "actor unavailable" until Ray has
+    # declared the node dead and restarted the actor elsewhere, so any bound would abort the job.
+    # Ray marks these remote args deprecated in favour of its own defaults, hence the filter.
+    task_retries = {} if max_retries < 0 else {"max_retries": max_retries}
+    actor_retries = {} if max_retries < 0 else {"max_restarts": max_retries}
+    blocks = [todo.slice(i, batch_size) for i in range(0, todo.num_rows, batch_size)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        ds = ray.data.from_arrow(blocks)
+        ds = ds.map_batches(
+            load_batch, batch_format="pyarrow", batch_size=batch_size, num_cpus=1, **task_retries,
+            fn_kwargs={"dataset_json": json.dumps(reader.describe(), sort_keys=True, default=str), "crop": view.to_dict(),
+                       "with_depth": needs_depth},
+        )
+        ds = ds.map_batches(
+            GeometryStage, batch_format="pyarrow", batch_size=batch_size, compute=ActorPoolStrategy(size=workers),
+            num_gpus=gpus_per_worker, num_cpus=cpus_per_worker, **actor_retries,
+            fn_constructor_kwargs={"spec": {**spec, "expected": config.backend}},
+        )
+    stopped, errors = False, []
+    try:
+        ds.write_datasink(sink, ray_remote_args={**task_retries, "num_cpus": 1})
+    except Exception as e:  # noqa: BLE001 - classified below: ours, storage, or a failed run
+        cause = _root_cause(e)
+        if isinstance(cause, FailFastStop):
+            stopped = True
+            errors = []
+        elif isinstance(cause, OSError):
+            raise CacheWriteError(f"cannot write the cache at {out}: {cause.strerror or cause}"
+                                  + (" (the disk is full)" if cause.errno == errno.ENOSPC else "")) from None
+        elif isinstance(cause, CameoCorrError):
+            raise cause from None
+        else:
+            errors = [("*", " ".join(f"{type(cause).__name__}: {cause}".split())[:500])]
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join(timeout=15)
+    ready = min((r["ready"] for r in sink.results), default=math.inf)
+    t_ready = t_start[0] + (ready - t_start[1]) if math.isfinite(ready) else time.perf_counter()
+    return sink, stopped, errors, t_ready
 
 
 # ----------------------------------------------------------------------------- command line
@@ -533,10 +720,16 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="windows per backend call (VGGT batching; default: 1)")
     parser.add_argument("--workers", type=int, default=1, help="model actors (default: 1)")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per model actor (default: 0)")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per model actor (default: 1)")
+    parser.add_argument("--cpus-per-worker", type=float, default=0.0,
+                        help="logical CPUs reserved per model actor (default: 0, so actors never starve the load and commit tasks)")
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray instance")
-    parser.add_argument("--shard-size", type=int, default=16, help="windows per shard = unit of work (default: 16; capped at ceil(windows / workers))")
-    parser.add_argument("--max-retries", type=int, default=3, help="Ray task retries / actor restarts (default: 3)")
+    parser.add_argument("--shard-size", type=int, default=16, help="windows per shard = unit of commit (default: 16; capped at ceil(windows / workers))")
+    parser.add_argument("--max-retries", type=int, default=3,
+                        help="Ray retries of a load/commit task and restarts of a model actor after a system failure (default: 3; -1: unlimited)")
+    parser.add_argument("--retry-failed", action="store_true", help="redo the windows recorded as failed (their rows are superseded)")
+    parser.add_argument("--force", action="store_true", help="take over the cache's lease even if another job renewed it recently")
+    parser.add_argument("--lease-timeout", type=float, default=None,
+                        help="seconds without renewal after which another job's lease is stale (default: 180)")
     parser.add_argument("--storage-option", action="append", type=key_value_arg, default=[], metavar="KEY=VALUE",
                         help="fsspec storage option for --out (JSON value), repeatable")
     parser.add_argument("--fail-fast", action="store_true", help="stop and exit non-zero at the first failed window")
@@ -545,15 +738,22 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Run the job from parsed arguments, print the summary, return the exit code."""
+    """Run the job from parsed arguments, print the summary, return the exit code.
+
+    Input and usage errors (bad flag values, a busy or unwritable ``--out``, a mismatching cache)
+    exit 2 before Ray starts; a failed run (storage error, Ray failure, ``--fail-fast``, no window
+    succeeded) exits 1; Ctrl-C exits 130. Every error is one line on stderr.
+    """
     from cameo_corr.pipeline.backends import backend_options_from_args
-    from cameo_corr.schemas import CameoCorrError
+
+    def error(message: str, code: int) -> int:
+        print(f"cameo-corr preprocess: error: {' '.join(str(message).split())}", file=sys.stderr)
+        return code
 
     try:
         backend_options = backend_options_from_args(args)
     except ValueError as e:
-        print(f"cameo-corr preprocess: error: {e}", file=sys.stderr)
-        return 2
+        return error(str(e), 2)
     try:
         summary = run_preprocess(
             dataset=args.dataset,
@@ -585,19 +785,29 @@ def run_from_args(args: argparse.Namespace) -> int:
             num_cpus=args.num_cpus,
             max_retries=args.max_retries,
             storage_options=dict(args.storage_option),
+            retry_failed=args.retry_failed,
+            force=args.force,
+            lease_timeout=args.lease_timeout,
             progress=not args.no_progress,
             command=" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
         )
+    except KeyboardInterrupt:
+        return error(f"interrupted; the shards already committed to {args.out} are kept, re-run the same command to resume", 130)
+    except CacheWriteError as e:
+        return error(str(e), 1)
     except (CameoCorrError, ImportError) as e:
-        print(f"cameo-corr preprocess: error: {e}", file=sys.stderr)
-        return 2
+        return error(str(e), 2)
     print(format_summary(summary))
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
     if summary["shard_errors"]:
-        return 1
-    if args.fail_fast and summary["windows_failed"]:
-        return 1
+        return error(f"the run failed ({summary['shard_errors'][0][1]}); committed shards are kept, re-run to resume", 1)
+    if summary["stopped_early"] or (args.fail_fast and summary["windows_failed"]):
+        return error(f"--fail-fast: stopped at the first failed window ({summary['errors'][0][1] if summary['errors'] else '?'})", 1)
+    if summary["windows_planned"] and not summary["windows_ok"] and not summary["windows_skipped"]:
+        first = summary["errors"][0][1] if summary["errors"] else "no error recorded"
+        return error(f"no window succeeded: all {summary['windows_failed']} windows failed, first: {first} (see the 'failed' "
+                     f"lines above; e.g. fewer frames per scene than --views {args.views}?)", 1)
     return 0
 
 
@@ -610,6 +820,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"windows: planned {summary['windows_planned']}, already done {summary['windows_skipped']}, "
         f"ok {summary['windows_ok']}, failed {summary['windows_failed']}",
         f"shards written: {summary['shards_written']}, orphans removed: {summary['orphans_removed']}, "
+        f"shards repaired: {summary['shards_repaired']}, failed windows retried: {summary['failed_retried']}, "
         f"shard errors: {len(summary['shard_errors'])}" + (" (stopped early)" if summary["stopped_early"] else ""),
         f"time: {summary['seconds']:.1f} s ({summary['startup_seconds']:.1f} s start-up), "
         f"{summary['windows_per_second']:.2f} windows/s end to end, {summary['processing_windows_per_second']:.2f} after start-up; stages "
@@ -627,9 +838,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "preprocess",
         help="build or resume a correspondence cache with Ray",
         description=(
-            "Plan windows of a dataset, run a geometry backend on Ray workers, match tokens and write "
-            "a sharded zarr cache + parquet manifest. Re-running resumes: windows with manifest rows "
-            "are skipped. Local Ray by default; set RAY_ADDRESS or use `ray job submit` for a cluster."
+            "Plan windows of a dataset, run a geometry backend on a Ray Data pipeline, match tokens and "
+            "write a sharded zarr cache + parquet manifest. Re-running resumes: windows with manifest rows "
+            "are skipped, shards whose folder is missing are redone. One job per cache (a lease). Local "
+            "Ray by default; set RAY_ADDRESS or use `ray job submit` for a cluster (see jobs/README.md)."
         ),
     )
     add_preprocess_arguments(parser)
@@ -638,9 +850,18 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 __all__ = [
     "DATA_ERRORS",
-    "LoadedWindow",
+    "UsageError",
+    "CacheWriteError",
+    "planned_schema",
+    "planned_table",
+    "window_record",
+    "load_batch",
     "check_pointmaps",
-    "ShardWorker",
+    "describe_backend",
+    "GeometryStage",
+    "preflight_backend",
+    "check_job_options",
+    "check_out",
     "run_preprocess",
     "key_value_arg",
     "add_preprocess_arguments",
