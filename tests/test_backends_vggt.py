@@ -19,14 +19,17 @@ from torch import nn
 from cameo_corr.pipeline.backends import make_backend
 from cameo_corr.pipeline.backends.depth import DepthBackend
 from cameo_corr.pipeline.backends.vggt import (
+    TINY_VGGT_OPTIONS,
     VGGT_RESOLUTION,
     CheckpointError,
     PredictionError,
     VGGTBackend,
+    build_tiny_vggt,
     checkpoint_shapes,
     load_state_dict_strict,
     load_vggt,
     resolve_dtype,
+    tiny_vggt_architecture,
     verify_checkpoint,
 )
 from cameo_corr.schemas import invert_extrinsics
@@ -424,22 +427,18 @@ def test_checkpoint_verification_names_the_file(tmp_path) -> None:
 
 # --------------------------------------------------------------------- real vggt (if installed)
 @pytest.fixture
-def tiny_vggt(monkeypatch: pytest.MonkeyPatch):
+def tiny_vggt():
     """A real ``vggt.models.vggt.VGGT`` shrunk to ~1.75 M parameters (SPEC section 2), random weights,
-    with the camera head's last layer set so every view decodes to an identity pose and 1 rad fov."""
+    with the camera head's last layer set so every view decodes to an identity pose and 1 rad fov.
+    The tiny architecture stays active during the test, so loading routes build it too."""
     vm = pytest.importorskip("vggt.models.vggt", reason="the real vggt package is not installed (optional extra)")
-    from vggt.heads.dpt_head import DPTHead
-    from vggt.models.aggregator import Aggregator
-
-    monkeypatch.setattr(vm, "Aggregator", functools.partial(Aggregator, depth=4, num_heads=4, patch_embed="conv"))
-    monkeypatch.setattr(vm, "DPTHead", functools.partial(DPTHead, features=32, out_channels=[32] * 4, intermediate_layer_idx=[0, 1, 2, 3]))
-    torch.manual_seed(0)
-    model = vm.VGGT(embed_dim=64, enable_track=False).eval()
-    last = model.camera_head.pose_branch.fc2
-    with torch.no_grad():
-        last.weight.zero_()
-        last.bias.copy_(torch.tensor([0, 0, 0, 0, 0, 0, 0.25, 0.25, 0.25]))  # 4 refinement steps sum to this x4
-    return vm, model
+    with tiny_vggt_architecture():
+        model = build_tiny_vggt(seed=0)
+        last = model.camera_head.pose_branch.fc2
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.copy_(torch.tensor([0, 0, 0, 0, 0, 0, 0.25, 0.25, 0.25]))  # 4 refinement steps sum to this x4
+        yield vm, model
 
 
 @pytest.mark.vggt
@@ -484,7 +483,7 @@ def test_real_vggt_loads_a_saved_directory_and_rejects_a_wrong_one(tiny_vggt, tm
 @pytest.mark.filterwarnings("ignore:.*torch.cuda.amp.autocast:FutureWarning")
 def test_real_vggt_loads_a_single_checkpoint_file(tiny_vggt, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     vm, model = tiny_vggt
-    monkeypatch.setattr(vm, "VGGT", functools.partial(vm.VGGT, embed_dim=64, enable_track=False))
+    monkeypatch.setattr(vm, "VGGT", functools.partial(vm.VGGT, **TINY_VGGT_OPTIONS))
     path = tmp_path / "model.pt"
     torch.save(model.state_dict(), str(path))
     loaded = load_vggt(str(path))

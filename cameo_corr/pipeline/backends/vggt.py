@@ -31,7 +31,7 @@ import contextlib
 import functools
 import math
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -185,6 +185,45 @@ def load_vggt(model: str | Path = DEFAULT_MODEL_ID, *, revision: str | None = No
     else:
         net = _strict_vggt_class(VGGT).from_pretrained(str(model), revision=revision)
     return net.eval()
+
+
+TINY_VGGT_OPTIONS: dict[str, Any] = {"embed_dim": 64, "enable_track": False}
+"""``VGGT(**TINY_VGGT_OPTIONS)`` inside :func:`tiny_vggt_architecture` is the tiny model."""
+
+
+@contextlib.contextmanager
+def tiny_vggt_architecture() -> Iterator[type[nn.Module]]:
+    """While active, VGGT built by vggt's own code (its constructor, also inside ``from_pretrained``)
+    has a small aggregator (depth 4, 4 heads, convolutional patch embedding: no DINOv2 weights) and
+    small DPT heads (32 features reading aggregator layers 0-3). Yields the ``VGGT`` class.
+
+    VGGT's constructor takes none of these settings, so vggt's module-level ``Aggregator`` and
+    ``DPTHead`` names are swapped and restored on exit. Raises :class:`ImportError` with the install
+    hint without the vggt package.
+    """
+    VGGT = import_vggt_class()
+    import vggt.models.vggt as vm
+    from vggt.heads.dpt_head import DPTHead
+    from vggt.models.aggregator import Aggregator
+
+    originals = vm.Aggregator, vm.DPTHead
+    vm.Aggregator = functools.partial(Aggregator, depth=4, num_heads=4, patch_embed="conv")
+    vm.DPTHead = functools.partial(DPTHead, features=32, out_channels=[32] * 4, intermediate_layer_idx=[0, 1, 2, 3])
+    try:
+        yield VGGT
+    finally:
+        vm.Aggregator, vm.DPTHead = originals
+
+
+def build_tiny_vggt(seed: int = 0) -> nn.Module:
+    """A real ``vggt.models.vggt.VGGT`` shrunk to ~1.75 M parameters with random weights (seeded,
+    without touching the global RNG), in eval mode on the CPU: the architecture code and output
+    keys/shapes of the released model at a size that runs 4 frames at 518x518 in seconds on a CPU.
+    For checks and benchmarks of the adapter without the 1B checkpoint (:func:`tiny_vggt_architecture`).
+    """
+    with tiny_vggt_architecture() as VGGT, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VGGT(**TINY_VGGT_OPTIONS).eval()
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -445,6 +484,9 @@ __all__ = [
     "verify_checkpoint",
     "load_state_dict_strict",
     "load_vggt",
+    "TINY_VGGT_OPTIONS",
+    "tiny_vggt_architecture",
+    "build_tiny_vggt",
     "resolve_dtype",
     "VGGTBackend",
 ]
