@@ -533,34 +533,64 @@ def measure_step(step: Callable[[], None], device: "torch.device", *, repeats: i
     return peak, statistics.median(times)
 
 
+LAYER_GRAD_TOLERANCE = 8 * UNIT_ROUNDOFF["bfloat16"]
+"""Largest relative difference of the input gradients between the dense and the chunked supervised
+layer (bf16 autocast on the layer, the loss in fp32 on the same q and k: only summation order differs)."""
+
+
+def comparison_rows(result: dict[str, Any], device: str, what: str) -> list[Row]:
+    """Rows of a dense-vs-chunked measurement in the format of
+    ``cameo_corr.train.loss.measure_supervised_layer`` (``dense``/``chunked`` with ``peak_bytes``,
+    ``seconds``, ``loss``; ``memory_ratio``, ``time_ratio``, ``grad_max_rel_diff``)."""
+    tolerance = "measurement (no tolerance)"
+    dense, chunked = result["dense"], result["chunked"]
+    rows = [Row("supervised layer dense", device, "ok",
+                f"peak {_fmt_bytes(int(dense['peak_bytes']))}, {dense['seconds'] * 1000:.0f} ms/step ({what})", dense["seconds"], tolerance)]
+    diff = float(result["grad_max_rel_diff"])
+    same = math.isfinite(dense["loss"]) and math.isfinite(chunked["loss"]) and diff <= LAYER_GRAD_TOLERANCE
+    rows.append(Row(
+        "supervised layer chunked", device, "ok" if same else "FAIL",
+        f"peak {_fmt_bytes(int(chunked['peak_bytes']))} ({result['memory_ratio']:.1f}x less), {chunked['seconds'] * 1000:.0f} ms/step "
+        f"({result['time_ratio']:.2f}x the dense time); loss {chunked['loss']:.6g} vs {dense['loss']:.6g}, grad rel diff {diff:.1e}",
+        chunked["seconds"], f"grad rel diff <= 8 u(bf16) = {LAYER_GRAD_TOLERANCE:.1e}"))
+    return rows
+
+
 def check_supervised_layer(ctx: Context) -> list[Row]:
-    """Peak GPU memory and time of the dense and the chunked supervised layer at SD2.1 layer-10 size."""
+    """Peak GPU memory and time of the dense and the chunked supervised layer at SD2.1 layer-10 size.
+
+    With ``cameo_corr.train.loss.measure_supervised_layer`` (the chunked CAMEO layer) both paths are
+    measured by it, alternating, in one harness. Without it (a build before the chunked layer) the
+    dense step of :func:`dense_supervised_step` is measured and the chunked row says it is missing.
+    """
     import torch
 
     from cameo_corr.train import loss as loss_module
 
     dev = str(ctx.device)
     size = sd21_layer_size()
-    what = f"B={size.batch}, F={size.views}, {size.grid[0]}x{size.grid[1]} tokens, {size.module.heads} heads"
+    what = f"B={size.batch}, F={size.views}, {size.grid[0]}x{size.grid[1]} tokens, {size.module.heads} heads, SD2.1 layer 10, bf16"
     tolerance = "measurement (no tolerance)"
     if ctx.device.type != "cuda":
         reason = "peak GPU memory needs CUDA (CPU: benchmarks/bench_cameo_memory.py)"
         return [Row("supervised layer dense", dev, "skip", reason, tolerance=tolerance),
                 Row("supervised layer chunked", dev, "skip", reason, tolerance=tolerance)]
-    rows = []
+    measure = getattr(loss_module, "measure_supervised_layer", None)
     try:
+        if measure is not None:
+            result = measure(ctx.device, torch.bfloat16, batch=size.batch, views=size.views, heads=size.module.heads,
+                             head_dim=size.module.to_q.out_features // size.module.heads, grid=size.grid)
+            return comparison_rows(result, dev, what)
         peak, seconds = measure_step(dense_supervised_step(size, ctx.device), ctx.device)
-        rows.append(Row("supervised layer dense", dev, "ok", f"peak {_fmt_bytes(peak or 0)}, {seconds * 1000:.0f} ms/step ({what}, SD2.1 layer 10)", seconds, tolerance))
+        return [Row("supervised layer dense", dev, "ok", f"peak {_fmt_bytes(peak or 0)}, {seconds * 1000:.0f} ms/step ({what})", seconds, tolerance),
+                Row("supervised layer chunked", dev, "skip",
+                    "not in this build: cameo_corr.train.loss.measure_supervised_layer (the chunked CAMEO layer) is missing",
+                    tolerance=tolerance)]
     except torch.OutOfMemoryError:
         total = torch.cuda.get_device_properties(ctx.device).total_memory
-        rows.append(Row("supervised layer dense", dev, "skip", f"out of memory on this {_fmt_bytes(total)} GPU ({what})", tolerance=tolerance))
+        return [Row("supervised layer", dev, "skip", f"out of memory on this {_fmt_bytes(total)} GPU ({what})", tolerance=tolerance)]
     finally:
         torch.cuda.empty_cache()
-    if not hasattr(loss_module, "measure_supervised_layer"):
-        rows.append(Row("supervised layer chunked", dev, "skip",
-                        "not in this build: cameo_corr.train.loss.measure_supervised_layer (the chunked CAMEO layer) is missing",
-                        tolerance=tolerance))
-    return rows
 
 
 # ------------------------------------------------------------------------------------- driver

@@ -183,3 +183,18 @@ def test_cli_selfcheck_cpu_mode_end_to_end(tmp_path: Path) -> None:
     assert all(f"{r['status']}: {r['result']}" in proc.stdout for r in rows.values())
     assert lines[-1].endswith(" s") and " failed" in lines[-1] and "0 failed" in lines[-1]
     assert {name for name, _ in CHECKS} == {"matching", "vggt", "ray job", "trainer", "supervised layer"}
+
+
+def test_dense_and_chunked_layer_rows_from_one_measurement() -> None:
+    result = {
+        "dense": {"peak_bytes": 6.0 * 2**30, "seconds": 0.2, "loss": 8.3},
+        "chunked": {"peak_bytes": 1.0 * 2**30, "seconds": 0.25, "loss": 8.3},
+        "memory_ratio": 6.0, "time_ratio": 1.25, "grad_max_rel_diff": 1e-6,
+    }
+    dense, chunked = selfcheck.comparison_rows(result, "cuda:0", "SD2.1 layer 10")
+    assert (dense.status, chunked.status) == ("ok", "ok")
+    assert "peak 6.00 GiB, 200 ms/step" in dense.result and "peak 1.00 GiB (6.0x less)" in chunked.result
+    result["grad_max_rel_diff"] = 0.5
+    assert selfcheck.comparison_rows(result, "cuda:0", "")[1].status == "FAIL"
+    result["grad_max_rel_diff"], result["chunked"]["loss"] = 0.0, math.nan
+    assert selfcheck.comparison_rows(result, "cuda:0", "")[1].status == "FAIL"
