@@ -26,6 +26,7 @@ every check picks its CUDA or CPU variant from it:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import statistics
@@ -615,8 +616,9 @@ def run_selfcheck(device: "str | torch.device | None" = None, *, workdir: str | 
 
     dev = resolve_device(device)
     log = log or (lambda text: None)
-    with tempfile.TemporaryDirectory(prefix="cameo-selfcheck-") as tmp:
-        ctx = Context(dev, Path(workdir) if workdir is not None else Path(tmp), log=log)
+    scratch = tempfile.TemporaryDirectory(prefix="cameo-selfcheck-") if workdir is None else contextlib.nullcontext(str(workdir))
+    with scratch as base:
+        ctx = Context(dev, Path(base), log=log)
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         rows: list[Row] = []
         for name, check in CHECKS:
