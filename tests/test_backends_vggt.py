@@ -489,6 +489,10 @@ def test_real_vggt_loads_a_single_checkpoint_file(tiny_vggt, tmp_path, monkeypat
     loaded = load_vggt(str(path))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     assert not loaded.training
+    bad = tmp_path / "bad.pt"
+    torch.save({**model.state_dict(), "camera_head.pose_branch.fc2.bias": torch.zeros(10)}, str(bad))
+    with pytest.raises(CheckpointError, match=r"bad\.pt: .*1 shape-mismatched key\(s\) \(e\.g\. camera_head\.pose_branch\.fc2\.bias\)"):
+        load_vggt(str(bad))
 
 
 @pytest.mark.vggt
