@@ -165,9 +165,9 @@ def test_vggt_check_on_cpu(tmp_path: Path) -> None:
 def test_cli_selfcheck_cpu_mode_end_to_end(tmp_path: Path) -> None:
     """``cameo-corr selfcheck`` on a CPU: every check that applies runs and passes, the others are
     listed as skipped with a reason, exit code 0."""
-    out = tmp_path / "rows.json"
-    proc = subprocess.run([sys.executable, "-m", "cameo_corr.cli", "selfcheck", "--device", "cpu", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    out, workdir = tmp_path / "rows.json", tmp_path / "work"
+    proc = subprocess.run([sys.executable, "-m", "cameo_corr.cli", "selfcheck", "--device", "cpu", "--json", str(out),
+                           "--workdir", str(workdir)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0].split() == ["check", "device", "result", "time", "tolerance"]
@@ -183,6 +183,8 @@ def test_cli_selfcheck_cpu_mode_end_to_end(tmp_path: Path) -> None:
     assert all(f"{r['status']}: {r['result']}" in proc.stdout for r in rows.values())
     assert lines[-1].endswith(" s") and " failed" in lines[-1] and "0 failed" in lines[-1]
     assert {name for name, _ in CHECKS} == {"matching", "vggt", "ray job", "trainer", "supervised layer"}
+    # the CUDA-vs-CPU cache comparison of a GPU run, here on the CPU cache against itself
+    assert selfcheck.compare_caches(workdir / "cache-cpu", workdir / "cache-cpu") == (1.0, 1.0, [])
 
 
 def test_dense_and_chunked_layer_rows_from_one_measurement() -> None:
