@@ -410,7 +410,8 @@ def check_trainer(ctx: Context) -> list[Row]:
     cfg = load_config(preset_path("tiny_cpu"), [f"data.cache={ctx.cache}", f"data.num_views={RAY_VIEWS}", f"data.batch_size={TRAIN_BATCH[kind]}",
                                                 "data.shuffle_buffer=1"])
     torch.manual_seed(0)
-    model, codec = build_model(pretrained=None, layer=cfg.model.layer, vae=cfg.model.vae, cond_dropout=0.0, **cfg.model.options)
+    model, codec = build_model(pretrained=None, layer=cfg.model.layer, vae=cfg.model.vae, cond_dropout=0.0,
+                               **cfg.model.recipe(), **cfg.model.options)  # as the Trainer builds it
     head_mlp = HeadMLP(model.heads)
     trainable = CameoTrainable(model, head_mlp).to(ctx.device).train()
     codec = codec.to(ctx.device)
