@@ -15,6 +15,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "cameo_corr.pipeline.cache_tools",
     "cameo_corr.pipeline.evaluate",
     "cameo_corr.train.cli",
+    "cameo_corr.selfcheck",
 )
 
 

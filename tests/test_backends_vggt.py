@@ -19,14 +19,17 @@ from torch import nn
 from cameo_corr.pipeline.backends import make_backend
 from cameo_corr.pipeline.backends.depth import DepthBackend
 from cameo_corr.pipeline.backends.vggt import (
+    TINY_VGGT_OPTIONS,
     VGGT_RESOLUTION,
     CheckpointError,
     PredictionError,
     VGGTBackend,
+    build_tiny_vggt,
     checkpoint_shapes,
     load_state_dict_strict,
     load_vggt,
     resolve_dtype,
+    tiny_vggt_architecture,
     verify_checkpoint,
 )
 from cameo_corr.schemas import invert_extrinsics
@@ -195,8 +198,13 @@ def test_option_validation() -> None:
     ]:
         with pytest.raises(ValueError, match=msg):
             VGGTBackend(VGGTDouble(), device="cpu", **kwargs)
-    with pytest.raises(ValueError, match="needs the model's aggregator, camera_head, depth_head"):
+    with pytest.raises(ValueError, match="frames_chunk_size needs VGGT's submodules .* this model only has a forward"):
         VGGTBackend(FixedOutputs({}), device="cpu", frames_chunk_size=2)
+    no_points = VGGTDouble()
+    no_points.point_head = None  # a VGGT built with enable_point=False
+    with pytest.raises(ValueError, match="points='head' needs the model's point_head"):
+        VGGTBackend(no_points, device="cpu", points="head")
+    VGGTBackend(no_points, device="cpu")  # the depth pointmap does not need the point head
 
 
 # ---------------------------------------------------------------------------- post-processing
@@ -231,16 +239,37 @@ def test_random_double_end_to_end_cameras_and_rays() -> None:
     assert d["model_id"] == "double-v0" and d["points"] == "depth" and d["conf"] == "depth_conf"
 
 
-def test_frames_chunk_size_runs_the_heads_in_chunks_with_the_same_result() -> None:
+def test_default_runs_only_the_needed_head_in_chunks_of_8_with_forwards_outputs() -> None:
+    double = VGGTDouble()
+    images = torch.rand(1, 10, 3, 28, 28)
+    reference = double(images)  # VGGT.forward: both dense heads, each chunked by its default
+    for points, head, keys in (("depth", "depth_head", ("depth", "depth_conf")),
+                               ("head", "point_head", ("world_points", "world_points_conf"))):
+        backend = VGGTBackend(double, device="cpu", points=points)
+        double.depth_head.chunks.clear()
+        double.point_head.chunks.clear()
+        out = backend.predict(images)
+        assert getattr(double, head).chunks == [8, 2]
+        other = double.point_head if head == "depth_head" else double.depth_head
+        assert other.chunks == []  # the unused dense head never runs
+        assert set(out) == {"pose_enc", *keys}
+        for k in out:
+            assert torch.equal(out[k], reference[k]), k
+
+
+def test_frames_chunk_size_changes_memory_not_values() -> None:
     window = make_window(room_cameras(3), size=28)
     double = VGGTDouble()
-    full = VGGTBackend(double, device="cpu")(window)
+    default = VGGTBackend(double, device="cpu")(window)
     double.depth_head.chunks.clear()
-    double.point_head.chunks.clear()
     chunked = VGGTBackend(double, device="cpu", frames_chunk_size=2)(window)
-    assert double.depth_head.chunks == [2, 1] and double.point_head.chunks == []  # only the needed head
-    assert torch.allclose(full.points, chunked.points, atol=1e-5)
-    assert torch.equal(full.valid, chunked.valid)
+    assert double.depth_head.chunks == [2, 1] and double.point_head.chunks == []
+    double.depth_head.chunks.clear()
+    whole = VGGTBackend(double, device="cpu", frames_chunk_size=None)(window)
+    assert double.depth_head.chunks == [3]
+    for other in (chunked, whole):
+        assert torch.allclose(default.points, other.points, atol=1e-5)
+        assert torch.equal(default.valid, other.valid)
 
 
 def test_point_head_mode_resizes_world_points_bilinearly() -> None:
@@ -398,22 +427,18 @@ def test_checkpoint_verification_names_the_file(tmp_path) -> None:
 
 # --------------------------------------------------------------------- real vggt (if installed)
 @pytest.fixture
-def tiny_vggt(monkeypatch: pytest.MonkeyPatch):
+def tiny_vggt():
     """A real ``vggt.models.vggt.VGGT`` shrunk to ~1.75 M parameters (SPEC section 2), random weights,
-    with the camera head's last layer set so every view decodes to an identity pose and 1 rad fov."""
+    with the camera head's last layer set so every view decodes to an identity pose and 1 rad fov.
+    The tiny architecture stays active during the test, so loading routes build it too."""
     vm = pytest.importorskip("vggt.models.vggt", reason="the real vggt package is not installed (optional extra)")
-    from vggt.heads.dpt_head import DPTHead
-    from vggt.models.aggregator import Aggregator
-
-    monkeypatch.setattr(vm, "Aggregator", functools.partial(Aggregator, depth=4, num_heads=4, patch_embed="conv"))
-    monkeypatch.setattr(vm, "DPTHead", functools.partial(DPTHead, features=32, out_channels=[32] * 4, intermediate_layer_idx=[0, 1, 2, 3]))
-    torch.manual_seed(0)
-    model = vm.VGGT(embed_dim=64, enable_track=False).eval()
-    last = model.camera_head.pose_branch.fc2
-    with torch.no_grad():
-        last.weight.zero_()
-        last.bias.copy_(torch.tensor([0, 0, 0, 0, 0, 0, 0.25, 0.25, 0.25]))  # 4 refinement steps sum to this x4
-    return vm, model
+    with tiny_vggt_architecture():
+        model = build_tiny_vggt(seed=0)
+        last = model.camera_head.pose_branch.fc2
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.copy_(torch.tensor([0, 0, 0, 0, 0, 0, 0.25, 0.25, 0.25]))  # 4 refinement steps sum to this x4
+        yield vm, model
 
 
 @pytest.mark.vggt
@@ -458,9 +483,75 @@ def test_real_vggt_loads_a_saved_directory_and_rejects_a_wrong_one(tiny_vggt, tm
 @pytest.mark.filterwarnings("ignore:.*torch.cuda.amp.autocast:FutureWarning")
 def test_real_vggt_loads_a_single_checkpoint_file(tiny_vggt, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     vm, model = tiny_vggt
-    monkeypatch.setattr(vm, "VGGT", functools.partial(vm.VGGT, embed_dim=64, enable_track=False))
+    monkeypatch.setattr(vm, "VGGT", functools.partial(vm.VGGT, **TINY_VGGT_OPTIONS))
     path = tmp_path / "model.pt"
     torch.save(model.state_dict(), str(path))
     loaded = load_vggt(str(path))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     assert not loaded.training
+    bad = tmp_path / "bad.pt"
+    torch.save({**model.state_dict(), "camera_head.pose_branch.fc2.bias": torch.zeros(10)}, str(bad))
+    with pytest.raises(CheckpointError, match=r"bad\.pt: .*1 shape-mismatched key\(s\) \(e\.g\. camera_head\.pose_branch\.fc2\.bias\)"):
+        load_vggt(str(bad))
+
+
+@pytest.mark.vggt
+@pytest.mark.filterwarnings("ignore:.*torch.cuda.amp.autocast:FutureWarning")
+def test_real_vggt_single_head_outputs_equal_forward(tiny_vggt) -> None:
+    """The default path (aggregator + camera head + one DPT head, 8 frames per pass) gives exactly
+    ``VGGT.forward``'s outputs for that head; 9 frames make the head run two chunks."""
+    _, model = tiny_vggt
+    images = torch.rand(1, 9, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        reference = model(images)
+    for points, keys in (("depth", ("depth", "depth_conf")), ("head", ("world_points", "world_points_conf"))):
+        out = VGGTBackend(model, device="cpu", points=points).predict(images)
+        assert set(out) == {"pose_enc", *keys}
+        for k in out:
+            assert torch.equal(out[k], reference[k]), (points, k)
+
+
+def _mismatched_checkpoint(model: nn.Module, directory) -> None:
+    """``save_pretrained`` layout whose weights have one tensor of the wrong shape."""
+    from safetensors.torch import save_file
+
+    model.save_pretrained(str(directory))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["camera_head.pose_branch.fc2.bias"] = torch.zeros(10)
+    save_file(state, str(directory / "model.safetensors"))
+
+
+@pytest.mark.vggt
+@pytest.mark.filterwarnings("ignore:.*torch.cuda.amp.autocast:FutureWarning")
+def test_real_vggt_shape_mismatched_directory_raises_checkpoint_error(tiny_vggt, tmp_path) -> None:
+    _, model = tiny_vggt
+    _mismatched_checkpoint(model, tmp_path / "bad")
+    with pytest.raises(CheckpointError, match=r"bad/model\.safetensors: .*1 shape-mismatched key\(s\) \(e\.g\. camera_head\.pose_branch\.fc2\.bias\)"):
+        load_vggt(str(tmp_path / "bad"))
+
+
+@pytest.mark.vggt
+@pytest.mark.filterwarnings("ignore:.*torch.cuda.amp.autocast:FutureWarning")
+def test_real_vggt_hub_id_from_an_offline_cache(tiny_vggt, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Hub id resolved from a Hugging Face cache (``HF_HUB_OFFLINE=1``): a good snapshot loads, a
+    shape-mismatched one raises CheckpointError naming the snapshot's weights file."""
+    from huggingface_hub import constants
+
+    _, model = tiny_vggt
+    cache = tmp_path / "hub"
+    for repo, commit, good in (("good", "a" * 40, True), ("bad", "b" * 40, False)):
+        snapshot = cache / f"models--acme--{repo}" / "snapshots" / commit
+        if good:
+            model.save_pretrained(str(snapshot))
+        else:
+            _mismatched_checkpoint(model, snapshot)
+        (cache / f"models--acme--{repo}" / "refs").mkdir()
+        (cache / f"models--acme--{repo}" / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+    loaded = load_vggt("acme/good")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(CheckpointError, match=r"models--acme--bad/snapshots/b{40}/model\.safetensors: .*shape-mismatched"):
+        load_vggt("acme/bad")

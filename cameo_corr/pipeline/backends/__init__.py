@@ -126,7 +126,7 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--points", choices=("depth", "head"), default=None, help="vggt: pointmap from depth + cameras (default) or the point head")
     g.add_argument("--conf-threshold", type=float, default=None, help="vggt: pixels with confidence below this are invalid")
     g.add_argument("--conf-percentile", type=float, default=None, help="vggt: pixels below this percentile (0-100) of the window's confidence are invalid")
-    g.add_argument("--frames-chunk-size", type=int, default=None, help="vggt: frames per DPT-head chunk (memory knob)")
+    g.add_argument("--frames-chunk-size", type=int, default=None, help="vggt: frames per pass of the dense head (memory knob; default 8, as VGGT)")
 
 
 _ARG_OPTIONS: dict[str, tuple[str, ...]] = {

@@ -10,6 +10,8 @@ Pipeline of one batch of windows with equal S (all on the backend's device):
 1. canonical views ``[S, H, W, 3]`` uint8 -> ``[B, S, 3, 518, 518]`` floats in ``[0, 1]`` (bicubic,
    antialiased, as VGGT's own loader);
 2. the network, fp32 on CPU, ``torch.autocast`` with bf16 (compute capability >= 8) or fp16 on CUDA;
+   only the aggregator, the camera head and the one dense head the pointmap uses run (outputs
+   identical to ``VGGT.forward``'s for that head, without the cost of the other one);
 3. cameras from ``pose_enc`` (``[t, quaternion xyzw, fov_h, fov_w]``, world-to-camera, view 0 ~
    identity): VGGT's principal point ``(W/2, H/2)`` uses integer pixel centres, so it is shifted by
    +0.5 and the intrinsics are scaled to the window's pixels (exact in the +0.5 convention);
@@ -26,9 +28,10 @@ Points and extrinsics are VGGT's: the first view's camera frame, up to an unknow
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -49,6 +52,8 @@ from cameo_corr.schemas import CameoCorrError, PointmapResult, WindowData
 DEFAULT_MODEL_ID = "facebook/VGGT-1B"
 VGGT_RESOLUTION = 518
 """Side of VGGT's square input (a multiple of its patch size 14)."""
+DEFAULT_FRAMES_CHUNK_SIZE = 8
+"""Frames per DPT-head pass (``DPTHead.forward``'s default, what ``VGGT.forward`` uses)."""
 INSTALL_HINT = (
     "install it with `pip install git+https://github.com/facebookresearch/vggt` and the extra "
     "`pip install 'cameo-corr[vggt]'` (einops, huggingface_hub, safetensors)"
@@ -56,7 +61,6 @@ INSTALL_HINT = (
 POINT_SOURCES = ("depth", "head")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SAFETENSORS = "model.safetensors"
-_PICKLE_WEIGHTS = "pytorch_model.bin"
 
 
 class CheckpointError(CameoCorrError, ValueError):
@@ -136,15 +140,24 @@ def load_state_dict_strict(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def _hub_weights_file(model_id: str, revision: str | None) -> Path:
-    """Local path of the weights file ``from_pretrained`` used for a Hub model (already in the cache)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+@functools.cache
+def _strict_vggt_class(VGGT: type[nn.Module]) -> type[nn.Module]:
+    """``VGGT`` whose ``from_pretrained`` verifies and loads its weights file strictly.
 
-    try:
-        return Path(hf_hub_download(model_id, _SAFETENSORS, revision=revision))
-    except EntryNotFoundError:
-        return Path(hf_hub_download(model_id, _PICKLE_WEIGHTS, revision=revision))
+    ``PyTorchModelHubMixin.from_pretrained`` resolves ``config.json`` and the weights file (a local
+    directory, or the Hugging Face cache / Hub) and then calls ``_load_as_safetensor`` /
+    ``_load_as_pickle`` with the resolved file; it loads with ``strict=False``, which keeps random
+    weights for missing keys and raises a bare ``RuntimeError: size mismatch`` for wrong shapes. Both
+    hooks are overridden here so every ``from_pretrained`` route runs :func:`load_state_dict_strict`,
+    which raises :class:`CheckpointError` naming the resolved file.
+    """
+
+    def load_strict(cls: type, model: nn.Module, model_file: str, map_location: str, strict: bool) -> nn.Module:
+        load_state_dict_strict(model, model_file)
+        return model.eval()
+
+    hook = classmethod(load_strict)
+    return type(VGGT.__name__, (VGGT,), {"__doc__": VGGT.__doc__, "_load_as_safetensor": hook, "_load_as_pickle": hook})
 
 
 def load_vggt(model: str | Path = DEFAULT_MODEL_ID, *, revision: str | None = None) -> nn.Module:
@@ -153,8 +166,9 @@ def load_vggt(model: str | Path = DEFAULT_MODEL_ID, *, revision: str | None = No
     ``model`` is a Hugging Face model id (``facebook/VGGT-1B``), a local directory in
     ``save_pretrained`` layout (``config.json`` + ``model.safetensors``), or one checkpoint file
     (``.safetensors``, ``.pt``/``.pth``/``.bin`` state dict, e.g. the released ``model.pt``) loaded
-    into the default ``VGGT()``. Every path verifies that the file's keys and shapes match the model
-    exactly and raises :class:`CheckpointError` naming the file otherwise.
+    into the default ``VGGT()``. Every route verifies that the file's keys and shapes match the model
+    exactly before loading it (strictly) and raises :class:`CheckpointError` naming the file otherwise,
+    also for a Hub id resolved from the Hugging Face cache (the file under ``snapshots/``).
     """
     VGGT = import_vggt_class()
     path = Path(model).expanduser()
@@ -165,14 +179,51 @@ def load_vggt(model: str | Path = DEFAULT_MODEL_ID, *, revision: str | None = No
         weights = path / _SAFETENSORS
         if not weights.is_file():
             raise CheckpointError(weights, "not found: a local VGGT directory needs config.json + model.safetensors (save_pretrained layout)")
-        net = VGGT.from_pretrained(str(path))
-        verify_checkpoint(net, weights)
+        net = _strict_vggt_class(VGGT).from_pretrained(str(path))
     elif str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
         raise CheckpointError(path, "neither an existing file or directory nor a Hugging Face id 'owner/name'")
     else:
-        net = VGGT.from_pretrained(str(model), revision=revision)
-        verify_checkpoint(net, _hub_weights_file(str(model), revision))
+        net = _strict_vggt_class(VGGT).from_pretrained(str(model), revision=revision)
     return net.eval()
+
+
+TINY_VGGT_OPTIONS: dict[str, Any] = {"embed_dim": 64, "enable_track": False}
+"""``VGGT(**TINY_VGGT_OPTIONS)`` inside :func:`tiny_vggt_architecture` is the tiny model."""
+
+
+@contextlib.contextmanager
+def tiny_vggt_architecture() -> Iterator[type[nn.Module]]:
+    """While active, VGGT built by vggt's own code (its constructor, also inside ``from_pretrained``)
+    has a small aggregator (depth 4, 4 heads, convolutional patch embedding: no DINOv2 weights) and
+    small DPT heads (32 features reading aggregator layers 0-3). Yields the ``VGGT`` class.
+
+    VGGT's constructor takes none of these settings, so vggt's module-level ``Aggregator`` and
+    ``DPTHead`` names are swapped and restored on exit. Raises :class:`ImportError` with the install
+    hint without the vggt package.
+    """
+    VGGT = import_vggt_class()
+    import vggt.models.vggt as vm
+    from vggt.heads.dpt_head import DPTHead
+    from vggt.models.aggregator import Aggregator
+
+    originals = vm.Aggregator, vm.DPTHead
+    vm.Aggregator = functools.partial(Aggregator, depth=4, num_heads=4, patch_embed="conv")
+    vm.DPTHead = functools.partial(DPTHead, features=32, out_channels=[32] * 4, intermediate_layer_idx=[0, 1, 2, 3])
+    try:
+        yield VGGT
+    finally:
+        vm.Aggregator, vm.DPTHead = originals
+
+
+def build_tiny_vggt(seed: int = 0) -> nn.Module:
+    """A real ``vggt.models.vggt.VGGT`` shrunk to ~1.75 M parameters with random weights (seeded,
+    without touching the global RNG), in eval mode on the CPU: the architecture code and output
+    keys/shapes of the released model at a size that runs 4 frames at 518x518 in seconds on a CPU.
+    For checks and benchmarks of the adapter without the 1B checkpoint (:func:`tiny_vggt_architecture`).
+    """
+    with tiny_vggt_architecture() as VGGT, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VGGT(**TINY_VGGT_OPTIONS).eval()
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -198,11 +249,19 @@ class VGGTBackend(GeometryBackend):
     """VGGT pointmaps, confidences and predicted cameras mapped back to the canonical view.
 
     ``model``: Hugging Face id or local path (see :func:`load_vggt`), or an already built
-    ``nn.Module`` with VGGT's ``forward(images [B, S, 3, H, W]) -> dict`` (then ``model_id`` labels it
-    in :meth:`describe`). ``frames_chunk_size`` (memory only) runs the model stage by stage so the
-    DPT head processes that many frames at a time; it needs VGGT's ``aggregator``/``camera_head``/
-    ``depth_head``/``point_head`` submodules. ``conf_threshold`` (absolute) and ``conf_percentile``
-    (0-100, per window over its valid pixels) mark low-confidence pixels invalid; both may be given.
+    ``nn.Module`` (then ``model_id`` labels it in :meth:`describe`).
+
+    A VGGT model (one with an ``aggregator``) runs only what the pointmap needs: the aggregator, the
+    camera head and the depth head (``points="depth"``) or the point head (``points="head"``), with
+    the same calls, precision and outputs as ``VGGT.forward`` for those heads (which also runs the
+    unused dense head and, given query points, the track head). The DPT head processes
+    ``frames_chunk_size`` frames at a time (default 8, VGGT's own default; ``None``: all frames of a
+    window at once); this is a memory knob and does not change the values. A module without an
+    ``aggregator`` (e.g. a wrapper returning VGGT's output dict) runs through its ``forward``, which
+    then decides the chunking, so a non-default ``frames_chunk_size`` is refused for it.
+
+    ``conf_threshold`` (absolute) and ``conf_percentile`` (0-100, per window over its valid pixels)
+    mark low-confidence pixels invalid; both may be given.
     """
 
     name: ClassVar[str] = "vggt"
@@ -224,7 +283,7 @@ class VGGTBackend(GeometryBackend):
         points: str = "depth",
         conf_threshold: float | None = None,
         conf_percentile: float | None = None,
-        frames_chunk_size: int | None = None,
+        frames_chunk_size: int | None = DEFAULT_FRAMES_CHUNK_SIZE,
         revision: str | None = None,
         model_id: str | None = None,
     ) -> None:
@@ -252,11 +311,20 @@ class VGGTBackend(GeometryBackend):
             if revision is not None:
                 self.model_id += f"@{revision}"
         self.model = net.to(self.device).eval()
-        if frames_chunk_size is not None:
-            head = "depth_head" if points == "depth" else "point_head"
-            missing = [a for a in ("aggregator", "camera_head", head) if getattr(self.model, a, None) is None]
+        self.head = "depth_head" if points == "depth" else "point_head"
+        self.single_head = getattr(self.model, "aggregator", None) is not None
+        if self.single_head:
+            missing = [a for a in ("camera_head", self.head) if getattr(self.model, a, None) is None]
             if missing:
-                raise ValueError(f"vggt backend: frames_chunk_size needs the model's {', '.join(missing)} (VGGT's submodules)")
+                raise ValueError(
+                    f"vggt backend: points={points!r} needs the model's {' and '.join(missing)} "
+                    "(a VGGT built with that head enabled)"
+                )
+        elif frames_chunk_size != DEFAULT_FRAMES_CHUNK_SIZE:
+            raise ValueError(
+                "vggt backend: frames_chunk_size needs VGGT's submodules (aggregator, camera_head, "
+                f"{self.head}); this model only has a forward"
+            )
 
     def options(self) -> dict[str, Any]:
         return {
@@ -304,7 +372,7 @@ class VGGTBackend(GeometryBackend):
         """Network outputs needed for :attr:`points` (``pose_enc``, depth or world points, confidence), float32."""
         need = ("pose_enc", "depth", "depth_conf") if self.points == "depth" else ("pose_enc", "world_points", "world_points_conf")
         with torch.inference_mode(), self._autocast():
-            out = self.model(images) if self.frames_chunk_size is None else self._staged_forward(images)
+            out = self._single_head_forward(images) if self.single_head else self.model(images)
         B, S, _, H, W = images.shape
         shapes = {
             "pose_enc": (B, S, 9),
@@ -328,21 +396,27 @@ class VGGTBackend(GeometryBackend):
         return contextlib.nullcontext()
 
     def _heads_full_precision(self) -> contextlib.AbstractContextManager[Any]:
-        # VGGT.forward runs its heads with autocast disabled; the staged forward does the same.
+        # VGGT.forward runs its heads with autocast disabled; the single-head forward does the same.
         if self.device.type == "cuda":
             return torch.autocast("cuda", enabled=False)
         return contextlib.nullcontext()
 
-    def _staged_forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """VGGT.forward for the heads we need, passing ``frames_chunk_size`` to the DPT head."""
+    def _single_head_forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``VGGT.forward`` restricted to the camera head and the dense head of :attr:`points`.
+
+        Same calls in the same order and precision: the aggregator under the caller's autocast, the
+        heads with autocast disabled, the DPT head chunked by :attr:`frames_chunk_size` frames.
+        """
         m = self.model
         tokens, patch_start_idx = m.aggregator(images)
         out: dict[str, torch.Tensor] = {}
         with self._heads_full_precision():
             out["pose_enc"] = m.camera_head(tokens)[-1]
-            head, keys = (m.depth_head, ("depth", "depth_conf")) if self.points == "depth" else (m.point_head, ("world_points", "world_points_conf"))
-            pred, conf = head(tokens, images=images, patch_start_idx=patch_start_idx, frames_chunk_size=self.frames_chunk_size)
-        out[keys[0]], out[keys[1]] = pred, conf
+            keys = ("depth", "depth_conf") if self.points == "depth" else ("world_points", "world_points_conf")
+            head = getattr(m, self.head)
+            out[keys[0]], out[keys[1]] = head(
+                tokens, images=images, patch_start_idx=patch_start_idx, frames_chunk_size=self.frames_chunk_size
+            )
         return out
 
     def postprocess(self, windows: list[WindowData], outputs: dict[str, torch.Tensor]) -> list[PointmapResult]:
@@ -401,6 +475,7 @@ class VGGTBackend(GeometryBackend):
 __all__ = [
     "DEFAULT_MODEL_ID",
     "VGGT_RESOLUTION",
+    "DEFAULT_FRAMES_CHUNK_SIZE",
     "INSTALL_HINT",
     "CheckpointError",
     "PredictionError",
@@ -409,6 +484,9 @@ __all__ = [
     "verify_checkpoint",
     "load_state_dict_strict",
     "load_vggt",
+    "TINY_VGGT_OPTIONS",
+    "tiny_vggt_architecture",
+    "build_tiny_vggt",
     "resolve_dtype",
     "VGGTBackend",
 ]

@@ -1,0 +1,710 @@
+"""``cameo-corr selfcheck`` (also ``python -m cameo_corr.selfcheck``): check a machine's compute paths.
+
+Run it once on a new GPU machine (a few minutes on one GPU). It prints one row per check (check,
+device, result, time, tolerance) and exits 1 when any check fails, 0 otherwise; skipped checks are
+listed with the reason. The device is ``--device`` (default: ``cuda`` when visible, else ``cpu``);
+every check picks its CUDA or CPU variant from it:
+
+* **matching**: the exact token matchers ``kdtree``, ``torch`` and ``faiss`` (faiss-gpu on CUDA
+  tensors) on one window of tokens on the device, with exact distance ties, must return the ``nn``
+  and ``mask`` of the float64 brute-force reference bit for bit (``dist`` within float32 rounding).
+* **vggt single-head** (needs the vggt package): the adapter's default path (aggregator, camera head,
+  depth head, 8 frames per pass) against ``VGGT.forward`` on the tiny real model with random weights.
+* **vggt bf16 / fp16** (CUDA): the adapter in mixed precision against fp32 on the tiny real model,
+  relative errors of every output against tolerances derived from the unit roundoff of the dtype.
+* **ray job**: the ``depth`` backend and token matching in the Ray preprocessing job on a small
+  synthetic set (``gpus_per_worker=1`` on CUDA), through :func:`cameo_corr.pipeline.ray_job.run_preprocess`:
+  every window done, the cache verified, and on CUDA the cache compared with a CPU run of the job.
+* **trainer**: tiny-model CAMEO training steps on one fixed batch of that cache (fixed timestep and
+  noise), bf16 autocast on CUDA (20 steps, batch 2), fp32 on CPU (8 steps, batch 1): the loss and
+  its CAMEO part finite, the mean of the last quarter of the steps below that of the first quarter.
+* **supervised layer** (CUDA): peak memory and time of forward + CAMEO loss + backward of the
+  supervised attention layer at SD2.1 layer-10 size (random weights) for the dense path and the
+  chunked path (when this build provides it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import math
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover - typing only; torch is imported lazily so the CLI parser stays light
+    import torch
+
+STATUSES = ("ok", "FAIL", "skip")
+
+MATCH_VIEWS = 4
+MATCH_GRID = 32
+MATCH_LATTICE = 16
+"""Token coordinates are multiples of ``1 / MATCH_LATTICE``: many exactly equal distances (ties)."""
+
+VGGT_SINGLE_HEAD_VIEWS = 9
+"""Frames of the single-head check: two passes of the 8-frame DPT chunking."""
+VGGT_PRECISION_VIEWS = 4
+HALF_PRECISION_FACTOR = 8
+"""Tolerance of a mixed-precision VGGT output = this factor x the dtype's unit roundoff ``u``, as
+relative L2 error ``|half - fp32| / |fp32|``. Measured on the tiny real model (4 frames at 518, random
+weights) with CPU autocast, which lowers the same convolutions, linears, matmuls and attention as
+CUDA autocast: bf16 gives 0.5-1.3 u (pose_enc 5.0e-3, depth 2.0e-3, depth_conf 3.1e-3; u = 2^-8),
+fp16 0.5-1.8 u (9.0e-4, 2.5e-4, 3.5e-4; u = 2^-11), fp32 against fp64 <= 4e-7. 8 u leaves 4x for
+GPU kernels that round and accumulate differently; a broken path (overflow, a head run in the wrong
+precision or a mixed-up output) gives errors of order 1."""
+UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
+
+RAY_SCENES = 2
+RAY_FRAMES = 6
+RAY_VIEWS = 3
+RAY_GRID = 8
+RAY_SIZE = 64
+"""The synthetic set of the Ray check: its cache is also the trainer check's input (the tiny
+trainer preset sees an 8x8 token grid at 64x64 pixels)."""
+RAY_MATCH_AGREEMENT = 0.99
+"""Share of query tokens whose ``nn`` and ``mask`` must agree between the CUDA and the CPU job. The
+matchers are exact, but the depth backend's points differ in the last float32 bits between devices,
+and a synthetic room has exact ties between equidistant tokens that such bits can resolve either way."""
+
+TRAIN_STEPS = {"cuda": 20, "cpu": 8}
+TRAIN_BATCH = {"cuda": 2, "cpu": 1}
+"""Steps and batch size of the trainer check (the CPU variant is kept short: CI runs it)."""
+TRAIN_TIMESTEP = 500
+
+
+@dataclass
+class Row:
+    """One line of the selfcheck table."""
+
+    check: str
+    device: str
+    status: str
+    """``ok``, ``FAIL`` or ``skip``."""
+    result: str
+    """What was measured, or why the check failed or was skipped."""
+    seconds: float | None = None
+    tolerance: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+
+
+@dataclass
+class Context:
+    """What the checks share: the device, a scratch directory, and the cache the Ray check wrote."""
+
+    device: "torch.device"
+    workdir: Path
+    cache: Path | None = None
+    log: Callable[[str], None] = print
+    """Progress lines (the CLI prints them on stderr)."""
+
+
+# ------------------------------------------------------------------------------------- helpers
+def _synchronize(device: "torch.device") -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: "torch.device") -> tuple[Any, float]:
+    """``fn()`` and its wall time in seconds (CUDA work included: synchronized before and after)."""
+    _synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _synchronize(device)
+    return out, time.perf_counter() - t0
+
+
+def relative_error(value: "torch.Tensor", reference: "torch.Tensor") -> float:
+    """``|value - reference| / |reference|`` (L2 over all finite reference entries, in float64)."""
+    import torch
+
+    ref = reference.double()
+    val = value.double()
+    keep = torch.isfinite(ref)
+    diff = torch.where(keep, val - ref, torch.zeros_like(ref))
+    norm = torch.where(keep, ref, torch.zeros_like(ref)).norm()
+    if not bool(torch.isfinite(diff).all()):
+        return math.inf
+    return float(diff.norm() / norm) if float(norm) > 0 else float(diff.norm())
+
+
+def decreasing(values: Sequence[float], k: int) -> bool:
+    """Whether the mean of the last ``k`` values is below the mean of the first ``k`` (robust to the
+    step-to-step noise of single values)."""
+    if k < 1 or len(values) < 2 * k:
+        raise ValueError(f"need at least {2 * k} values to compare the first and last {k}, got {len(values)}")
+    return statistics.fmean(values[-k:]) < statistics.fmean(values[:k])
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+# ------------------------------------------------------------------------------------ matching
+def match_backends(device: "torch.device") -> list[tuple[str, str | None]]:
+    """``(backend, reason it cannot run on device or None)`` for ``kdtree``, ``torch``, ``faiss``."""
+    from cameo_corr.pipeline.match import resolve_backend
+    from cameo_corr.schemas import SchemaError
+
+    out: list[tuple[str, str | None]] = []
+    for name in ("kdtree", "torch", "faiss"):
+        try:
+            resolve_backend(name, device)
+            out.append((name, None))
+        except (SchemaError, ImportError) as e:
+            out.append((name, f"{e}; `pip install 'cameo-corr[gpu]'` adds faiss-gpu" if name == "faiss" else str(e)))
+    return out
+
+
+def lattice_tokens(device: "torch.device", *, views: int = MATCH_VIEWS, grid: int = MATCH_GRID, seed: int = 0) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Token points ``[S, g, g, 3]`` on a coarse lattice (exact distance ties) and ``valid`` with ~10 %
+    invalid tokens, on ``device``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    points = torch.randint(0, MATCH_LATTICE, (views, grid, grid, 3), generator=g).double() / MATCH_LATTICE
+    valid = torch.rand(views, grid, grid, generator=g) > 0.1
+    return points.float().to(device), valid.to(device)
+
+
+def check_matching(ctx: Context) -> list[Row]:
+    """kdtree / torch / faiss on device tensors against the float64 brute-force reference on the CPU."""
+    import torch
+
+    from cameo_corr.pipeline.match import match_tokens
+
+    points, valid = lattice_tokens(ctx.device)
+    ref_nn, ref_dist, ref_mask = match_tokens(points.cpu().double(), valid.cpu(), backend="torch")
+    tolerance = "nn, mask exact; dist rel 1e-6"
+    rows = []
+    for name, reason in match_backends(ctx.device):
+        check = f"matching {name}"
+        if reason is not None:
+            rows.append(Row(check, str(ctx.device), "skip", reason, tolerance=tolerance))
+            continue
+        match_tokens(points, valid, backend=name)  # warm-up (faiss GPU resources, CUDA kernels)
+        (nn, dist, mask), seconds = timed(lambda: match_tokens(points, valid, backend=name), ctx.device)
+        where = f"S={MATCH_VIEWS}, {MATCH_GRID}x{MATCH_GRID} tokens"
+        if nn.device != points.device:
+            rows.append(Row(check, str(ctx.device), "FAIL", f"results on {nn.device}, inputs on {points.device}", seconds, tolerance))
+            continue
+        bad_nn = int((nn.cpu() != ref_nn).sum())
+        bad_mask = int((mask.cpu() != ref_mask).sum())
+        finite = torch.isfinite(ref_dist)
+        same_inf = torch.equal(torch.isfinite(dist.cpu()), finite)
+        dist_err = float(((dist.cpu().double() - ref_dist.double()).abs() / ref_dist.double().clamp_min(1e-12))[finite].max())
+        if bad_nn or bad_mask or not same_inf or dist_err > 1e-6:
+            result = f"{bad_nn} nn and {bad_mask} mask entries differ from the reference, dist rel err {dist_err:.1e}"
+            rows.append(Row(check, str(ctx.device), "FAIL", result, seconds, tolerance))
+        else:
+            rows.append(Row(check, str(ctx.device), "ok", f"identical ({where}, dist rel err {dist_err:.1e})", seconds, tolerance))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- vggt
+def vggt_precisions(device: "torch.device") -> list[tuple[str, str | None]]:
+    """``(dtype, reason it cannot run or None)`` of the mixed-precision VGGT checks on ``device``."""
+    import torch
+
+    if device.type != "cuda":
+        return [(d, "mixed precision runs through CUDA autocast only (the adapter uses fp32 on CPU)") for d in UNIT_ROUNDOFF]
+    out: list[tuple[str, str | None]] = []
+    for name in UNIT_ROUNDOFF:
+        ok = name != "bfloat16" or torch.cuda.is_bf16_supported()
+        out.append((name, None if ok else "this GPU has no bf16 support (compute capability < 8.0)"))
+    return out
+
+
+def vggt_images(device: "torch.device", views: int, size: int, seed: int = 0) -> "torch.Tensor":
+    """Random ``[1, views, 3, size, size]`` images in [0, 1] on ``device``."""
+    import torch
+
+    return torch.rand(1, views, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def check_vggt(ctx: Context) -> list[Row]:
+    """The adapter's single-head path against ``VGGT.forward``; bf16/fp16 against fp32 (CUDA)."""
+    import torch
+
+    from cameo_corr.pipeline.backends.vggt import VGGT_RESOLUTION, VGGTBackend, build_tiny_vggt
+
+    dev = str(ctx.device)
+    try:
+        model = build_tiny_vggt(seed=0).to(ctx.device)
+    except ImportError:
+        return [Row("vggt", dev, "skip", "the optional vggt package is not installed (pip install git+https://github.com/facebookresearch/vggt)")]
+    rows = []
+    # single head vs forward: the CPU run uses a smaller input (any multiple of 14 works) to stay quick
+    size = VGGT_RESOLUTION if ctx.device.type == "cuda" else 112
+    images = vggt_images(ctx.device, VGGT_SINGLE_HEAD_VIEWS, size)
+    exact = ctx.device.type != "cuda"
+    tolerance = "identical" if exact else "rel 1e-6 (kernel nondeterminism)"
+    with torch.inference_mode():
+        reference = model(images)
+    out, seconds = timed(lambda: VGGTBackend(model, device=ctx.device, dtype="float32").predict(images), ctx.device)
+    errors = {k: relative_error(v, reference[k]) for k, v in out.items()}
+    equal = all(torch.equal(v, reference[k]) for k, v in out.items())
+    ok = equal if exact else max(errors.values()) <= 1e-6
+    detail = f"S={VGGT_SINGLE_HEAD_VIEWS} at {size}px, keys {', '.join(out)}: " + ("identical" if equal else f"max rel err {max(errors.values()):.1e}")
+    rows.append(Row("vggt single-head vs forward", dev, "ok" if ok else "FAIL", detail, seconds, tolerance))
+
+    images = vggt_images(ctx.device, VGGT_PRECISION_VIEWS, VGGT_RESOLUTION, seed=1)
+    reference_out: dict[str, torch.Tensor] | None = None
+    for name, reason in vggt_precisions(ctx.device):
+        u = UNIT_ROUNDOFF[name]
+        tol = HALF_PRECISION_FACTOR * u
+        tolerance = f"rel L2 <= {HALF_PRECISION_FACTOR} u = {tol:.1e}"
+        check = f"vggt {name} vs float32"
+        if reason is not None:
+            rows.append(Row(check, dev, "skip", reason, tolerance=tolerance))
+            continue
+        if reference_out is None:
+            reference_out = VGGTBackend(model, device=ctx.device, dtype="float32").predict(images)
+        out, seconds = timed(lambda: VGGTBackend(model, device=ctx.device, dtype=name).predict(images), ctx.device)
+        errors = {k: relative_error(v, reference_out[k]) for k, v in out.items()}
+        worst = max(errors, key=errors.get)
+        detail = ", ".join(f"{k} {e:.1e}" for k, e in errors.items())
+        status = "ok" if errors[worst] <= tol else "FAIL"
+        rows.append(Row(check, dev, status, f"rel err {detail}", seconds, tolerance))
+    return rows
+
+
+# ------------------------------------------------------------------------------------- ray job
+def preprocess_options(device: "torch.device") -> dict[str, Any]:
+    """Keyword arguments of :func:`~cameo_corr.pipeline.ray_job.run_preprocess` for the Ray check on
+    ``device`` (one worker with one GPU on CUDA; the backend picks the GPU Ray assigns it)."""
+    options: dict[str, Any] = dict(
+        dataset="synthetic", backend="depth", grid=RAY_GRID, views=RAY_VIEWS, windows_per_scene=2,
+        crop_size=RAY_SIZE, shard_size=2, workers=1, progress=False,
+    )
+    if device.type == "cuda":
+        options["gpus_per_worker"] = 1
+    else:
+        options["gpus_per_worker"] = 0
+        options["backend_options"] = {"device": "cpu"}
+    return options
+
+
+def compare_caches(cache: Path, reference: Path) -> tuple[float, float, list[str]]:
+    """``(nn agreement, mask agreement, problems)`` of two caches of the same windows: agreement is the
+    share of valid query tokens of all pairs; problems list differing window sets, valid maps or
+    points beyond float16 rounding."""
+    import numpy as np
+
+    from cameo_corr.pipeline.cache import CorrCache
+
+    a, b = CorrCache(cache), CorrCache(reference)
+    ids = sorted(a.window_ids())
+    problems = []
+    if ids != sorted(b.window_ids()):
+        problems.append(f"window ids differ: {ids} vs {sorted(b.window_ids())}")
+        return 0.0, 0.0, problems
+    same_nn = same_mask = total = 0
+    for wid in ids:
+        x, y = a.window(wid), b.window(wid)
+        if not np.array_equal(x["valid"], y["valid"]):
+            problems.append(f"window {wid}: valid tokens differ")
+            continue
+        pts_x, pts_y = x["points"].astype(np.float64), y["points"].astype(np.float64)
+        if not np.allclose(pts_x, pts_y, rtol=2.0**-9, atol=1e-6):
+            problems.append(f"window {wid}: points differ by up to {np.abs(pts_x - pts_y).max():.3g}")
+        S = x["valid"].shape[0]
+        query = np.broadcast_to(x["valid"].reshape(S, 1, -1), x["nn"].shape) & ~np.eye(S, dtype=bool)[:, :, None]
+        same_nn += int((x["nn"] == y["nn"])[query].sum())
+        same_mask += int((x["mask"] == y["mask"])[query].sum())
+        total += int(query.sum())
+    if total == 0:
+        problems.append("no valid query token in the caches")
+        return 0.0, 0.0, problems
+    return same_nn / total, same_mask / total, problems
+
+
+def check_ray_job(ctx: Context) -> list[Row]:
+    """The depth backend + matching in the Ray job (GPU worker on CUDA); sets ``ctx.cache``."""
+    from cameo_corr.datasets.synthetic import generate_dataset
+    from cameo_corr.pipeline.cache import CorrCache
+    from cameo_corr.pipeline.cache_tools import verify_cache
+    from cameo_corr.pipeline.ray_job import run_preprocess
+
+    dev = str(ctx.device)
+    root = generate_dataset(ctx.workdir / "data", scenes=RAY_SCENES, frames=RAY_FRAMES, image_size=RAY_SIZE, seed=0)
+    rows = []
+    caches = {}
+    devices = [ctx.device] if ctx.device.type == "cpu" else [ctx.device, _cpu()]
+    for device in devices:
+        out = ctx.workdir / f"cache-{device.type}"
+        options = preprocess_options(device)
+        summary, seconds = timed(lambda: run_preprocess(root=root, out=out, command="cameo-corr selfcheck", **options), device)
+        planned, done, failed = summary["windows_planned"], summary["windows_ok"], summary["windows_failed"]
+        problems = verify_cache(CorrCache(out))
+        recorded = CorrCache(out).config.created_by.get("devices", [])
+        check = f"ray job depth+match (gpus_per_worker={options['gpus_per_worker']})"
+        tolerance = "all windows ok, cache verified"
+        if device.type == "cuda" and not any(str(d).startswith("cuda") for d in recorded):
+            problems.append(f"the worker ran on {recorded}, not on a GPU")
+        if planned == 0 or done != planned or failed or problems:
+            errors = "; ".join(f"{w}: {e}" for w, e in (summary.get("errors") or [])[:2])
+            result = f"{done}/{planned} windows ok, {failed} failed; " + "; ".join(problems[:3] + ([errors] if errors else []))
+            rows.append(Row(check, str(device), "FAIL", result, seconds, tolerance))
+            return rows
+        rows.append(Row(check, str(device), "ok", f"{done} windows ({RAY_VIEWS} views, {RAY_GRID}x{RAY_GRID} tokens) on {', '.join(map(str, recorded))}, cache verified", seconds, tolerance))
+        caches[device.type] = out
+    ctx.cache = caches[ctx.device.type]
+    if "cuda" in caches:
+        (nn_share, mask_share, problems), seconds = timed(lambda: compare_caches(caches["cuda"], caches["cpu"]), _cpu())
+        tolerance = f"valid identical, points within fp16 rounding, nn and mask >= {RAY_MATCH_AGREEMENT:.0%} equal"
+        ok = not problems and min(nn_share, mask_share) >= RAY_MATCH_AGREEMENT
+        result = f"nn {nn_share:.2%} and mask {mask_share:.2%} of query tokens equal" + ("; " + "; ".join(problems[:3]) if problems else "")
+        rows.append(Row("ray job cuda vs cpu cache", dev, "ok" if ok else "FAIL", result, seconds, tolerance))
+    return rows
+
+
+def _cpu() -> "torch.device":
+    import torch
+
+    return torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------- trainer
+def trainer_precision(device: "torch.device") -> tuple["torch.dtype | None", str]:
+    """The autocast dtype of the trainer check (``None``: fp32) and its label."""
+    import torch
+
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "bf16"
+        return None, "fp32 (no bf16 on this GPU)"
+    return None, "fp32"
+
+
+def check_trainer(ctx: Context) -> list[Row]:
+    """CAMEO training steps of the tiny model on one fixed batch of the Ray check's cache."""
+    import torch
+
+    from cameo_corr.train.config import load_config, preset_path
+    from cameo_corr.train.loop import CameoTrainable, batch_to, compute_losses, make_loader, make_noise_scheduler, step_generator
+    from cameo_corr.train.loss import HeadMLP
+    from cameo_corr.train.model import build_model
+
+    dev = str(ctx.device)
+    kind = "cuda" if ctx.device.type == "cuda" else "cpu"
+    steps = TRAIN_STEPS[kind]
+    k = max(2, steps // 4)
+    dtype, label = trainer_precision(ctx.device)
+    check = f"trainer {steps} steps {label}"
+    tolerance = f"finite; mean of last {k} < mean of first {k}"
+    if ctx.cache is None:
+        return [Row(check, dev, "skip", "needs the cache of the ray job check, which did not finish", tolerance=tolerance)]
+    cfg = load_config(preset_path("tiny_cpu"), [f"data.cache={ctx.cache}", f"data.num_views={RAY_VIEWS}", f"data.batch_size={TRAIN_BATCH[kind]}",
+                                                "data.shuffle_buffer=1"])
+    torch.manual_seed(0)
+    model, codec = build_model(pretrained=None, layer=cfg.model.layer, vae=cfg.model.vae, cond_dropout=0.0,
+                               **cfg.model.recipe(), **cfg.model.options)  # as the Trainer builds it
+    head_mlp = HeadMLP(model.heads)
+    trainable = CameoTrainable(model, head_mlp).to(ctx.device).train()
+    codec = codec.to(ctx.device)
+    optimizer = torch.optim.AdamW(trainable.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    scheduler = make_noise_scheduler(cfg)
+    batch = batch_to(next(iter(make_loader(cfg, cache=str(ctx.cache), rank=0, world_size=1))), ctx.device)
+    grid = model.grid(codec.latent_size((cfg.data.resolution, cfg.data.resolution)))
+    losses: list[float] = []
+    cameo: list[float] = []
+
+    def run() -> None:
+        for step in range(steps):
+            g = step_generator(0, 0, 0, 0, ctx.device)  # the same timestep draw and noise every step
+            with torch.autocast(ctx.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                m = compute_losses(trainable, head_mlp, codec, scheduler, batch, cfg, grid, g, timestep=TRAIN_TIMESTEP, camera_dropout=False)
+            m["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.optim.max_grad_norm or math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(m["loss"].detach()))
+            cameo.append(float(m["cameo"]))
+            ctx.log(f"selfcheck:   trainer step {step + 1}/{steps}: loss {losses[-1]:.5g}, CAMEO {cameo[-1]:.5g}")
+
+    _, seconds = timed(run, ctx.device)
+    finite = all(math.isfinite(v) for v in losses + cameo)
+    ok = finite and decreasing(losses, k) and decreasing(cameo, k)
+    result = (f"loss {statistics.fmean(losses[:k]):.4g} -> {statistics.fmean(losses[-k:]):.4g}, "
+              f"CAMEO {statistics.fmean(cameo[:k]):.4g} -> {statistics.fmean(cameo[-k:]):.4g} (means of first/last {k})")
+    if not finite:
+        result = "non-finite loss: " + result
+    return [Row(check, dev, "ok" if ok else "FAIL", result, seconds, tolerance)]
+
+
+# ---------------------------------------------------------------------------- supervised layer
+@dataclass(frozen=True)
+class LayerSize:
+    """Shape of one supervised-layer problem: ``batch`` samples of ``views`` views, a token ``grid``."""
+
+    batch: int
+    views: int
+    grid: tuple[int, int]
+    module: Any
+    """The self-attention module (diffusers ``Attention``; on the meta device: shapes only)."""
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+def sd21_layer_size(layer: int | str = 10, *, image_size: int = 512, batch: int = 2, views: int = 4) -> LayerSize:
+    """The supervised layer of SD2.1 (``layer``, CAMEO's index; 10 by default: 640 channels, 10 heads
+    of 64, a 32x32 grid at 512x512 pixels), built on the meta device from ``SD21_UNET_CONFIG``."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from cameo_corr.train.model import SD21_UNET_CONFIG, layer_grid, resolve_layer
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD21_UNET_CONFIG)
+    name = resolve_layer(unet, layer)
+    latent = image_size // 8
+    return LayerSize(batch, views, layer_grid(unet, layer, (latent, latent)), unet.get_submodule(name.removesuffix(".processor")))
+
+
+def dense_supervised_step(size: LayerSize, device: "torch.device", *, query_chunk: int | None = 256, seed: int = 0) -> Callable[[], None]:
+    """One training step of the supervised layer as the model computes it today: the explicit
+    attention of :class:`~cameo_corr.train.model.MultiViewAttnProcessor` (fp32 logits
+    ``[B, heads, F*N, F*N]`` materialised), the CAMEO loss on those logits (``query_chunk`` chunks its
+    head MLP) and the backward pass, with random weights, features and correspondences, under bf16
+    autocast on CUDA. Returns a closure that runs it."""
+    import torch
+
+    from cameo_corr.train.loss import HeadMLP, cameo_loss
+    from cameo_corr.train.model import MultiViewAttnProcessor
+
+    g = torch.Generator().manual_seed(seed)
+    attn = copy.deepcopy(size.module).to_empty(device=device)
+    for p in attn.parameters():
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    state = types.SimpleNamespace(num_views=size.views, recording=True, logits=None)
+    attn.set_processor(MultiViewAttnProcessor(state, explicit=True))
+    head_mlp = HeadMLP(attn.heads).to(device)
+    B, Fv, hw = size.batch, size.views, size.tokens
+    channels = attn.to_q.in_features
+    hidden = (torch.randn(B * Fv, hw, channels, generator=g) * 0.5).to(device).requires_grad_(True)
+    corr_nn = torch.randint(0, hw, (B, Fv, Fv, hw), generator=g).to(device)
+    corr_mask = (torch.rand(B, Fv, Fv, hw, generator=g) < 0.5).to(device)
+    half = device.type == "cuda"
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=half):
+            out = attn(hidden)
+            loss = out.float().pow(2).mean() + cameo_loss(state.logits, corr_nn, corr_mask, None, head_mlp, query_chunk=query_chunk)
+        state.logits = None
+        loss.backward()
+        attn.zero_grad(set_to_none=True)
+        head_mlp.zero_grad(set_to_none=True)
+        hidden.grad = None
+
+    return step
+
+
+def measure_step(step: Callable[[], None], device: "torch.device", *, repeats: int = 3) -> tuple[int | None, float]:
+    """``(peak bytes above the memory in use before, median seconds)`` of ``step`` after one warm-up;
+    the peak is CUDA's ``max_memory_allocated`` (``None`` on other devices)."""
+    import torch
+
+    step()
+    times = []
+    peak = None
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        _, seconds = timed(step, device)
+        times.append(seconds)
+        if device.type == "cuda":
+            peak = max(peak or 0, torch.cuda.max_memory_allocated(device) - base)
+    return peak, statistics.median(times)
+
+
+LAYER_GRAD_TOLERANCE = 8 * UNIT_ROUNDOFF["bfloat16"]
+"""Largest relative difference of the input gradients between the dense and the chunked supervised
+layer (bf16 autocast on the layer, the loss in fp32 on the same q and k: only summation order differs)."""
+
+
+def comparison_rows(result: dict[str, Any], device: str, what: str) -> list[Row]:
+    """Rows of a dense-vs-chunked measurement in the format of
+    ``cameo_corr.train.loss.measure_supervised_layer`` (``dense``/``chunked`` with ``peak_bytes``,
+    ``seconds``, ``loss``; ``memory_ratio``, ``time_ratio``, ``grad_max_rel_diff``)."""
+    tolerance = "measurement (no tolerance)"
+    dense, chunked = result["dense"], result["chunked"]
+    rows = [Row("supervised layer dense", device, "ok",
+                f"peak {_fmt_bytes(int(dense['peak_bytes']))}, {dense['seconds'] * 1000:.0f} ms/step ({what})", dense["seconds"], tolerance)]
+    diff = float(result["grad_max_rel_diff"])
+    same = math.isfinite(dense["loss"]) and math.isfinite(chunked["loss"]) and diff <= LAYER_GRAD_TOLERANCE
+    rows.append(Row(
+        "supervised layer chunked", device, "ok" if same else "FAIL",
+        f"peak {_fmt_bytes(int(chunked['peak_bytes']))} ({result['memory_ratio']:.1f}x less), {chunked['seconds'] * 1000:.0f} ms/step "
+        f"({result['time_ratio']:.2f}x the dense time); loss {chunked['loss']:.6g} vs {dense['loss']:.6g}, grad rel diff {diff:.1e}",
+        chunked["seconds"], f"grad rel diff <= 8 u(bf16) = {LAYER_GRAD_TOLERANCE:.1e}"))
+    return rows
+
+
+def check_supervised_layer(ctx: Context) -> list[Row]:
+    """Peak GPU memory and time of the dense and the chunked supervised layer at SD2.1 layer-10 size.
+
+    With ``cameo_corr.train.loss.measure_supervised_layer`` (the chunked CAMEO layer) both paths are
+    measured by it, alternating, in one harness. Without it (a build before the chunked layer) the
+    dense step of :func:`dense_supervised_step` is measured and the chunked row says it is missing.
+    """
+    import torch
+
+    from cameo_corr.train import loss as loss_module
+
+    dev = str(ctx.device)
+    size = sd21_layer_size()
+    what = f"B={size.batch}, F={size.views}, {size.grid[0]}x{size.grid[1]} tokens, {size.module.heads} heads, SD2.1 layer 10, bf16"
+    tolerance = "measurement (no tolerance)"
+    if ctx.device.type != "cuda":
+        reason = "peak GPU memory needs CUDA (CPU: benchmarks/bench_cameo_memory.py)"
+        return [Row("supervised layer dense", dev, "skip", reason, tolerance=tolerance),
+                Row("supervised layer chunked", dev, "skip", reason, tolerance=tolerance)]
+    measure = getattr(loss_module, "measure_supervised_layer", None)
+    try:
+        if measure is not None:
+            result = measure(ctx.device, torch.bfloat16, batch=size.batch, views=size.views, heads=size.module.heads,
+                             head_dim=size.module.to_q.out_features // size.module.heads, grid=size.grid)
+            return comparison_rows(result, dev, what)
+        peak, seconds = measure_step(dense_supervised_step(size, ctx.device), ctx.device)
+        return [Row("supervised layer dense", dev, "ok", f"peak {_fmt_bytes(peak or 0)}, {seconds * 1000:.0f} ms/step ({what})", seconds, tolerance),
+                Row("supervised layer chunked", dev, "skip",
+                    "not in this build: cameo_corr.train.loss.measure_supervised_layer (the chunked CAMEO layer) is missing",
+                    tolerance=tolerance)]
+    except torch.OutOfMemoryError:
+        total = torch.cuda.get_device_properties(ctx.device).total_memory
+        return [Row("supervised layer", dev, "skip", f"out of memory on this {_fmt_bytes(total)} GPU ({what})", tolerance=tolerance)]
+    finally:
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------- driver
+CHECKS: tuple[tuple[str, Callable[[Context], list[Row]]], ...] = (
+    ("matching", check_matching),
+    ("vggt", check_vggt),
+    ("ray job", check_ray_job),
+    ("trainer", check_trainer),
+    ("supervised layer", check_supervised_layer),
+)
+"""The checks in run order (the trainer reads the cache the Ray job writes)."""
+
+
+def run_selfcheck(device: "str | torch.device | None" = None, *, workdir: str | Path | None = None,
+                  log: Callable[[str], None] | None = None) -> list[Row]:
+    """Run every check on ``device`` (default: ``cuda`` when visible, else ``cpu``) and return the rows.
+
+    ``workdir`` holds the synthetic data and caches (default: a temporary directory, removed after).
+    A check that raises is reported as a failed row with the exception; the others still run.
+    """
+    from cameo_corr.pipeline.backends import resolve_device
+
+    dev = resolve_device(device)
+    log = log or (lambda text: None)
+    scratch = tempfile.TemporaryDirectory(prefix="cameo-selfcheck-") if workdir is None else contextlib.nullcontext(str(workdir))
+    with scratch as base:
+        ctx = Context(dev, Path(base), log=log)
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        rows: list[Row] = []
+        for name, check in CHECKS:
+            log(f"selfcheck: {name} on {dev} ...")
+            t0 = time.perf_counter()
+            try:
+                new = check(ctx)
+            except Exception as e:  # noqa: BLE001 - a crashing check is a failed check, the others still run
+                detail = traceback.format_exception_only(type(e), e)[-1].strip()
+                new = [Row(name, str(dev), "FAIL", f"raised {detail}", time.perf_counter() - t0)]
+            for row in new:
+                log(f"selfcheck:   {row.status:<4} {row.check}: {row.result}")
+            rows.extend(new)
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """The rows as an aligned text table (check, device, result, time, tolerance)."""
+    header = ("check", "device", "result", "time", "tolerance")
+    lines = [(r.check, r.device, f"{r.status}: {r.result}", "-" if r.seconds is None else f"{r.seconds:.2f} s", r.tolerance) for r in rows]
+    widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*x) for x in lines]
+    return "\n".join(line.rstrip() for line in out)
+
+
+def exit_code(rows: Sequence[Row]) -> int:
+    """1 when any row failed, else 0 (skips do not fail the run)."""
+    return 1 if any(r.status == "FAIL" for r in rows) else 0
+
+
+def summary_line(rows: Sequence[Row], seconds: float) -> str:
+    """``N ok, N failed, N skipped in T s``."""
+    count = {s: sum(r.status == s for r in rows) for s in STATUSES}
+    return f"{count['ok']} ok, {count['FAIL']} failed, {count['skip']} skipped in {seconds:.1f} s"
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="torch device to check (default: cuda if visible, else cpu)")
+    parser.add_argument("--workdir", default=None, help="keep the synthetic data and caches here (default: a temporary directory)")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON to this file")
+
+
+def _run(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    prog = "cameo-corr selfcheck"
+    try:
+        device = torch.device(args.device) if args.device is not None else None
+    except RuntimeError as e:
+        print(f"{prog}: error: {e}, --device", file=sys.stderr)
+        return 2
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        print(f"{prog}: error: no CUDA device is visible, --device {args.device}", file=sys.stderr)
+        return 2
+    if device is not None and device.type not in ("cuda", "cpu"):
+        print(f"{prog}: error: only cuda and cpu devices are checked, --device {args.device}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    rows = run_selfcheck(device, workdir=args.workdir, log=lambda text: print(text, file=sys.stderr, flush=True))
+    print(format_table(rows))
+    print(summary_line(rows, time.perf_counter() - t0))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+    return exit_code(rows)
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``cameo-corr selfcheck``."""
+    p = subparsers.add_parser("selfcheck", help="check this machine's GPU (or CPU) paths end to end",
+                              description=__doc__.split("\n\n")[0])
+    _add_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cameo_corr.selfcheck``."""
+    parser = argparse.ArgumentParser(prog="python -m cameo_corr.selfcheck", description=__doc__.split("\n\n")[0])
+    _add_arguments(parser)
+    return _run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""``cameo-corr selfcheck``: the device selection of every check (CUDA variants chosen on a CPU-only
+machine without calling CUDA), the checks that run on CPU, failure reporting, and the CLI end to end
+in CPU mode."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cameo_corr import selfcheck
+from cameo_corr.selfcheck import (
+    CHECKS,
+    Context,
+    LayerSize,
+    Row,
+    check_matching,
+    decreasing,
+    dense_supervised_step,
+    exit_code,
+    format_table,
+    match_backends,
+    measure_step,
+    preprocess_options,
+    relative_error,
+    run_selfcheck,
+    trainer_precision,
+    vggt_precisions,
+)
+
+CUDA = torch.device("cuda")
+CPU = torch.device("cpu")
+
+
+def test_decreasing_compares_the_means_of_the_first_and_last_k() -> None:
+    assert decreasing([5, 6, 4, 3, 4, 2], 2)
+    assert not decreasing([5, 1, 4, 3, 4, 6], 2)  # one low value early does not make a trend
+    assert decreasing([3, 9, 1, 1, 8, 1], 3)  # first 13/3, last 10/3
+    assert not decreasing([1, 8, 1, 3, 9, 1], 3)
+    with pytest.raises(ValueError, match="at least 6 values"):
+        decreasing([1, 2, 3], 3)
+
+
+def test_relative_error_is_l2_over_finite_reference_entries() -> None:
+    ref = torch.tensor([3.0, 4.0, math.inf])
+    assert relative_error(torch.tensor([3.0, 4.0, 0.0]), ref) == 0.0
+    assert relative_error(torch.tensor([3.0, 4.5, 0.0]), ref) == pytest.approx(0.1)
+    assert relative_error(torch.tensor([math.nan, 4.0, 0.0]), ref) == math.inf
+
+
+def test_cuda_variants_are_chosen_by_device_without_calling_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert [reason is None for _, reason in match_backends(CPU)] == [True, True, True]
+    cuda_backends = dict(match_backends(CUDA))  # resolving names only: no CUDA call
+    assert cuda_backends["kdtree"] is None and cuda_backends["torch"] is None
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources"):  # faiss-cpu: the faiss-gpu row is a skip with the fix
+        assert "no GPU support" in cuda_backends["faiss"] and "cameo-corr[gpu]" in cuda_backends["faiss"]
+
+    assert all(reason and "CUDA autocast" in reason for _, reason in vggt_precisions(CPU))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert dict(vggt_precisions(CUDA)) == {"bfloat16": "this GPU has no bf16 support (compute capability < 8.0)", "float16": None}
+    assert trainer_precision(CUDA) == (None, "fp32 (no bf16 on this GPU)")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert dict(vggt_precisions(CUDA)) == {"bfloat16": None, "float16": None}
+    assert trainer_precision(CUDA) == (torch.bfloat16, "bf16")
+    assert trainer_precision(CPU) == (None, "fp32")
+
+
+def test_preprocess_options_use_only_keywords_run_preprocess_takes() -> None:
+    from cameo_corr.pipeline.ray_job import run_preprocess
+
+    gpu, cpu = preprocess_options(CUDA), preprocess_options(CPU)
+    assert gpu["gpus_per_worker"] == 1 and "backend_options" not in gpu  # the backend takes the GPU Ray assigns
+    assert cpu["gpus_per_worker"] == 0 and cpu["backend_options"] == {"device": "cpu"}
+    accepted = set(inspect.signature(run_preprocess).parameters)
+    assert set(gpu) | set(cpu) | {"root", "out", "command"} <= accepted
+
+
+def test_matching_check_passes_on_cpu_and_catches_a_wrong_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = check_matching(Context(CPU, tmp_path))
+    assert [(r.check, r.status) for r in rows] == [("matching kdtree", "ok"), ("matching torch", "ok"), ("matching faiss", "ok")]
+    assert all("identical" in r.result and r.seconds is not None for r in rows)
+
+    from cameo_corr.pipeline import match
+
+    real = match.match_tokens
+
+    def off_by_one(points, valid, *, backend="auto", **kw):
+        nn, dist, mask = real(points, valid, backend=backend, **kw)
+        if backend == "faiss":
+            nn = nn.clone()
+            nn[0, 1, :3] += 1
+        return nn, dist, mask
+
+    monkeypatch.setattr(match, "match_tokens", off_by_one)
+    rows = check_matching(Context(CPU, tmp_path))
+    assert [r.status for r in rows] == ["ok", "ok", "FAIL"] and "3 nn" in rows[2].result
+
+
+def test_dense_supervised_step_runs_forward_loss_and_backward_on_cpu() -> None:
+    from diffusers.models.attention_processor import Attention
+
+    attn = Attention(query_dim=32, heads=2, dim_head=16, bias=False, upcast_attention=True)
+    size = LayerSize(batch=1, views=2, grid=(4, 4), module=attn.to("meta"))
+    step = dense_supervised_step(size, CPU, query_chunk=8)
+    peak, seconds = measure_step(step, CPU, repeats=2)
+    assert peak is None and seconds > 0  # peak memory is measured on CUDA only
+
+
+def test_sd21_layer_10_size() -> None:
+    size = selfcheck.sd21_layer_size()
+    assert size.grid == (32, 32) and size.tokens == 1024
+    assert size.module.heads == 10 and size.module.to_q.in_features == 640
+    assert size.module.to_q.weight.device.type == "meta"
+
+
+def test_a_crashing_check_is_a_failed_row_and_exit_code_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(ctx: Context) -> list[Row]:
+        raise RuntimeError("boom")
+
+    def fine(ctx: Context) -> list[Row]:
+        return [Row("fine", str(ctx.device), "ok", "measured", 0.5, "exact")]
+
+    monkeypatch.setattr(selfcheck, "CHECKS", (("broken", broken), ("fine", fine)))
+    rows = run_selfcheck("cpu", workdir=tmp_path)
+    assert [(r.check, r.status) for r in rows] == [("broken", "FAIL"), ("fine", "ok")]
+    assert rows[0].result == "raised RuntimeError: boom"
+    assert exit_code(rows) == 1 and exit_code(rows[1:]) == 0
+    table = format_table(rows)
+    assert table.splitlines()[0].split() == ["check", "device", "result", "time", "tolerance"]
+    assert "FAIL: raised RuntimeError: boom" in table and "0.50 s" in table
+    with pytest.raises(ValueError, match="status must be one of"):
+        Row("x", "cpu", "passed", "")
+
+
+def test_cli_refuses_cuda_without_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    from cameo_corr.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert main(["selfcheck", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip() == "cameo-corr selfcheck: error: no CUDA device is visible, --device cuda"
+    assert main(["selfcheck", "--device", "mps"]) == 2
+    assert "only cuda and cpu devices are checked" in capsys.readouterr().err
+
+
+@pytest.mark.vggt
+@pytest.mark.filterwarnings("ignore:.*torch.cuda.amp.autocast:FutureWarning")
+def test_vggt_check_on_cpu(tmp_path: Path) -> None:
+    pytest.importorskip("vggt.models.vggt", reason="the real vggt package is not installed (optional extra)")
+    rows = selfcheck.check_vggt(Context(CPU, tmp_path))
+    assert [(r.check, r.status) for r in rows] == [
+        ("vggt single-head vs forward", "ok"), ("vggt bfloat16 vs float32", "skip"), ("vggt float16 vs float32", "skip")]
+    assert "identical" in rows[0].result
+
+
+@pytest.mark.slow
+def test_cli_selfcheck_cpu_mode_end_to_end(tmp_path: Path) -> None:
+    """``cameo-corr selfcheck`` on a CPU: every check that applies runs and passes, the others are
+    listed as skipped with a reason, exit code 0."""
+    out, workdir = tmp_path / "rows.json", tmp_path / "work"
+    proc = subprocess.run([sys.executable, "-m", "cameo_corr.cli", "selfcheck", "--device", "cpu", "--json", str(out),
+                           "--workdir", str(workdir)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["check", "device", "result", "time", "tolerance"]
+    rows = {r["check"]: r for r in json.loads(out.read_text())}
+    for name in ("matching kdtree", "matching torch", "matching faiss", "ray job depth+match (gpus_per_worker=0)"):
+        assert rows[name]["status"] == "ok" and rows[name]["device"] == "cpu", rows[name]
+    trainer = [r for name, r in rows.items() if name.startswith("trainer")]
+    assert len(trainer) == 1 and trainer[0]["status"] == "ok" and "fp32" in trainer[0]["check"]
+    for name in ("supervised layer dense", "supervised layer chunked"):
+        assert rows[name]["status"] == "skip" and "CUDA" in rows[name]["result"]
+    vggt = [r for name, r in rows.items() if name.startswith("vggt")]
+    assert vggt and all(r["status"] in ("ok", "skip") for r in vggt)
+    assert all(f"{r['status']}: {r['result']}" in proc.stdout for r in rows.values())
+    assert lines[-1].endswith(" s") and " failed" in lines[-1] and "0 failed" in lines[-1]
+    assert {name for name, _ in CHECKS} == {"matching", "vggt", "ray job", "trainer", "supervised layer"}
+    # the CUDA-vs-CPU cache comparison of a GPU run, here on the CPU cache against itself
+    assert selfcheck.compare_caches(workdir / "cache-cpu", workdir / "cache-cpu") == (1.0, 1.0, [])
+
+
+def test_dense_and_chunked_layer_rows_from_one_measurement() -> None:
+    result = {
+        "dense": {"peak_bytes": 6.0 * 2**30, "seconds": 0.2, "loss": 8.3},
+        "chunked": {"peak_bytes": 1.0 * 2**30, "seconds": 0.25, "loss": 8.3},
+        "memory_ratio": 6.0, "time_ratio": 1.25, "grad_max_rel_diff": 1e-6,
+    }
+    dense, chunked = selfcheck.comparison_rows(result, "cuda:0", "SD2.1 layer 10")
+    assert (dense.status, chunked.status) == ("ok", "ok")
+    assert "peak 6.00 GiB, 200 ms/step" in dense.result and "peak 1.00 GiB (6.0x less)" in chunked.result
+    result["grad_max_rel_diff"] = 0.5
+    assert selfcheck.comparison_rows(result, "cuda:0", "")[1].status == "FAIL"
+    result["grad_max_rel_diff"], result["chunked"]["loss"] = 0.0, math.nan
+    assert selfcheck.comparison_rows(result, "cuda:0", "")[1].status == "FAIL"
