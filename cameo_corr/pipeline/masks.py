@@ -65,26 +65,32 @@ DEFAULT_VISIBILITY_TOL = 0.03
 Array = Any  # a numpy array or a torch tensor
 
 
-def check_tau(tau: float) -> float:
-    """``tau`` as a float; :class:`SchemaError` (field ``tau``) unless finite and non-negative."""
-    tau = float(tau)
+def _number(value: Any, field: str, where: str | None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise SchemaError(field, f"must be a number, got {value!r}", where=where)
+    return float(value)
+
+
+def check_tau(tau: float, field: str = "tau", where: str | None = None) -> float:
+    """``tau`` as a float; :class:`SchemaError` naming ``field`` unless finite and non-negative."""
+    tau = _number(tau, field, where)
     if not (math.isfinite(tau) and tau >= 0):
-        raise SchemaError("tau", f"must be a finite non-negative number, got {tau}")
+        raise SchemaError(field, f"must be a finite non-negative number, got {tau}", where=where)
     return tau
 
 
-def check_policy(policy: str) -> str:
-    """``policy`` if it is one of :data:`MASK_POLICIES`, else :class:`SchemaError` (field ``mask_policy``)."""
+def check_policy(policy: str, field: str = "mask_policy", where: str | None = None) -> str:
+    """``policy`` if it is one of :data:`MASK_POLICIES`, else :class:`SchemaError` naming ``field``."""
     if policy not in MASK_POLICIES:
-        raise SchemaError("mask_policy", f"expected one of {MASK_POLICIES}, got {policy!r}")
+        raise SchemaError(field, f"expected one of {MASK_POLICIES}, got {policy!r}", where=where)
     return policy
 
 
-def check_visibility_tol(tol: float) -> float:
-    """``tol`` as a float; :class:`SchemaError` (field ``visibility_tol``) unless finite and positive."""
-    tol = float(tol)
+def check_visibility_tol(tol: float, field: str = "visibility_tol", where: str | None = None) -> float:
+    """``tol`` as a float; :class:`SchemaError` naming ``field`` unless finite and positive."""
+    tol = _number(tol, field, where)
     if not (math.isfinite(tol) and tol > 0):
-        raise SchemaError("visibility_tol", f"must be a finite positive number, got {tol}")
+        raise SchemaError(field, f"must be a finite positive number, got {tol}", where=where)
     return tol
 
 

@@ -262,6 +262,9 @@ def make_loader(cfg: TrainConfig, *, cache: str, rank: int, world_size: int, spl
         num_epochs=num_epochs,
         dataset_root=d.dataset_root,
         split=d.split if split is None else split,
+        tau=d.tau,
+        mask_policy=d.mask_policy,
+        visibility_tol=d.visibility_tol,
     )
     return StreamLoader(dataset, num_workers=d.num_workers, multiprocessing_context=d.multiprocessing_context,
                         pin_memory=pin_memory)
