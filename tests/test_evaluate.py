@@ -183,14 +183,15 @@ def test_eval_corr_cli_on_synthetic_scenes_depth_backend_scores_about_one(tmp_pa
         "mask policy: cycle", "mask policy: visibility", "mask policy: both"]
     report = json.loads(out.read_text())
     assert report["windows_evaluated"] == 2 and report["failed"] == []
-    overall = report["policies"]["cycle"]["overall"]
+    overall = report["overall"]
     assert overall["masked"] > 0 and overall["visible"] > 0
     # Ground-truth pointmaps: where the cycle mask is on and the point is visible, the match is right.
     assert overall["precision"] >= 0.95
     assert overall["coverage"] >= 0.8
     # The cycle mask alone also admits occluded / out-of-view queries at wide baselines (measured ~0.7).
     assert 0.5 <= overall["mask_precision"] < 1.0
-    assert sum(b["pairs"] for b in report["policies"]["cycle"]["bins"]) <= 2 * 3 * 2
+    assert sum(b["pairs"] for b in report["bins"]) <= 2 * 3 * 2
+    assert report["policies"]["cycle"] == {"bins": report["bins"], "overall": overall}
     assert report["backend"]["name"] == "depth" and report["config"]["grid"] == [16, 16]
     # The visibility test drops most occluded / out-of-view queries and keeps most correct ones.
     both = report["policies"]["both"]["overall"]
@@ -229,10 +230,10 @@ def test_eval_corr_on_real_sevenscenes_depth(shared_data, tmp_path) -> None:
     reader = open_dataset("7scenes", shared_data / "sevenscenes_stairs", split="all")
     report = evaluate_backend(reader, DepthBackend(device="cpu"), EvalConfig(views=3, windows=2, grid=(16, 16), size=128))
     assert report["windows_evaluated"] == 2
-    overall = report["policies"]["cycle"]["overall"]
+    overall = report["overall"]
     # Real, holey, noisy depth: ground-truth depth still matches its own reprojection almost always.
     assert overall["masked"] > 0 and overall["precision"] >= 0.9
     assert overall["mask_precision"] >= 0.9 and overall["coverage"] >= 0.9
-    assert report["policies"]["cycle"]["bins"][0]["pairs"] == 2 * 3 * 2  # consecutive frames: all pairs in the 0-30 degree bin
+    assert report["bins"][0]["pairs"] == 2 * 3 * 2  # consecutive frames: all pairs in the 0-30 degree bin
     both = report["policies"]["both"]["overall"]
     assert both["mask_precision"] >= overall["mask_precision"] and both["retained"] >= 0.8

@@ -300,7 +300,9 @@ class EvalConfig:
 
 def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress: bool = False) -> dict[str, Any]:
     """Evaluate ``backend`` (a :class:`~cameo_corr.pipeline.backends.GeometryBackend`) on the first
-    ``config.windows`` planned windows of ``reader`` (a reader with depth). Returns the JSON report.
+    ``config.windows`` planned windows of ``reader`` (a reader with depth). Returns the JSON report:
+    ``bins`` and ``overall`` score the cycle mask (what a cache stores), ``policies`` maps each of
+    ``config.mask_policies`` to its own ``bins`` and ``overall``.
 
     Windows are planned with the dataset's default sampling (:mod:`cameo_corr.pipeline.planner`); a
     window whose loading or processing raises a :class:`~cameo_corr.schemas.CameoCorrError` is listed
@@ -375,6 +377,7 @@ def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress:
         },
         "windows_evaluated": evaluated,
         "failed": failed,
+        **_policy_report(totals, "cycle", config.bins),
         "policies": {p: _policy_report(totals, p, config.bins) for p in config.mask_policies},
     }
 
