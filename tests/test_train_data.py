@@ -288,3 +288,20 @@ def test_mask_config_keys() -> None:
         load_config(None, ["data.tau=-1"])
     with pytest.raises(SchemaError, match="field 'data.visibility_tol'"):
         load_config(None, ["data.visibility_tol=0"])
+    with pytest.raises(SchemaError, match="field 'eval.mask_policy'"):
+        load_config(None, ["eval.mask_policy=all"])
+
+
+def test_eval_batches_can_fix_their_mask(tiny_cache: Path) -> None:
+    """Runs trained with different masks are compared on the same evaluation targets (eval.mask_policy)."""
+    from cameo_corr.train.config import load_config
+    from cameo_corr.train.loop import make_loader
+
+    cfg = load_config(None, [f"data.num_views={F}", "data.resolution=32", "data.mask_policy=both", "eval.mask_policy=cycle"])
+    train_loader = make_loader(cfg, cache=str(tiny_cache), rank=0, world_size=1)
+    eval_loader = make_loader(cfg, cache=str(tiny_cache), rank=0, world_size=1, num_epochs=1, mask_policy=cfg.eval.mask_policy)
+    assert train_loader.dataset.mask_options["policy"] == "both"
+    stored = make_loader(load_config(None, [f"data.num_views={F}", "data.resolution=32"]), cache=str(tiny_cache), rank=0,
+                         world_size=1, num_epochs=1)
+    assert eval_loader.dataset.mask_options is None
+    assert_batches_equal(list(eval_loader), list(stored))

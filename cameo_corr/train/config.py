@@ -186,6 +186,9 @@ class EvalConfig:
     batches: int = 4
     timestep: int = 500
     seed: int = 1234
+    mask_policy: str | None = None
+    """Mask of the evaluation targets (``None``: ``data.mask_policy``); fix it to compare runs trained
+    with different masks on the same targets."""
 
 
 @dataclass
@@ -380,6 +383,8 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
         check_tau(d.tau, "data.tau", where)
     check_policy(d.mask_policy, "data.mask_policy", where)
     check_visibility_tol(d.visibility_tol, "data.visibility_tol", where)
+    if cfg.eval.mask_policy is not None:
+        check_policy(cfg.eval.mask_policy, "eval.mask_policy", where)
     if d.multiprocessing_context not in (None, "fork", "spawn", "forkserver"):
         raise SchemaError("data.multiprocessing_context", f"expected fork, spawn or forkserver, got {d.multiprocessing_context!r}", where=where)
     if r.mixed_precision not in ("no", "fp16", "bf16"):
