@@ -9,7 +9,7 @@ correspondence precision of the supervised layer (head-mean attention; a masked 
 per-key-view argmax is within one token of the cached target). Writes the two curves to a PNG and the
 numbers to a JSON file next to it.
 
-Usage: ``python benchmarks/cameo_vs_baseline.py [--steps 300] [--png docs/cameo_vs_baseline.png]``.
+Usage: ``python benchmarks/cameo_vs_baseline.py [--steps 300] [--png docs/cameo_vs_baseline.png] [--set KEY=VALUE ...]``.
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--eval-scenes", type=int, default=4)
     p.add_argument("--frames", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for both runs, repeatable (e.g. data.mask_policy=both eval.mask_policy=both)")
     args = p.parse_args(argv)
 
     import matplotlib
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common = [
         f"data.cache={train_cache}", f"eval.cache={eval_cache}", f"eval.every={args.eval_every}",
         f"eval.batches={args.eval_batches}", f"train.seed={args.seed}", f"data.seed={args.seed}", "train.checkpoint_every=0",
+        *args.set,
     ]
     rows = {
         "cameo": run([*common, f"loss.cameo_weight={args.lam}"], args.work / "run_cameo", args.steps),

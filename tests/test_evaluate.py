@@ -145,18 +145,23 @@ def test_report_table_formatting() -> None:
     overall = BinCounts()
     for c in totals:
         overall.add(c)
+    numbers = {
+        "bins": [{"range_deg": [ANGLE_BINS[k], ANGLE_BINS[k + 1]], **c.to_dict(), "retained": 0.5 if k == 0 else None}
+                 for k, c in enumerate(totals)],
+        "overall": {**overall.to_dict(), "retained": 0.5},
+    }
     report = {
         "backend": {"name": "depth"},
         "windows_evaluated": 1,
         "failed": [],
-        "config": {"grid": [16, 16], "tau": 1.5},
-        "bins": [{"range_deg": [ANGLE_BINS[k], ANGLE_BINS[k + 1]], **c.to_dict()} for k, c in enumerate(totals)],
-        "overall": overall.to_dict(),
+        "config": {"grid": [16, 16], "tau": 1.5, "visibility_tol": 0.03},
+        "policies": {"cycle": numbers, "both": numbers},
     }
-    table = format_table(report)
-    row = table.splitlines()[3].split()
-    assert row == ["0-30", "2", "10", "100.00", "90.00", "20", "50.00"]
-    assert table.splitlines()[-1].split()[0] == "all" and "mask prec %" in table
+    lines = format_table(report).splitlines()
+    assert lines[2] == "mask policy: cycle" and lines[11] == "mask policy: both"
+    assert lines[5].split() == ["0-30", "2", "10", "100.00", "90.00", "20", "50.00", "50.00"]
+    assert lines[6].split()[-1] == "-"
+    assert lines[-1].split()[0] == "all" and "mask prec %" in lines[3] and "kept %" in lines[3]
 
 
 # ------------------------------------------------------------------------------- end to end
@@ -174,6 +179,8 @@ def test_eval_corr_cli_on_synthetic_scenes_depth_backend_scores_about_one(tmp_pa
     assert code == 0
     printed = capsys.readouterr().out
     assert "prec@1" in printed and "all" in printed
+    assert [line for line in printed.splitlines() if line.startswith("mask policy:")] == [
+        "mask policy: cycle", "mask policy: visibility", "mask policy: both"]
     report = json.loads(out.read_text())
     assert report["windows_evaluated"] == 2 and report["failed"] == []
     overall = report["overall"]
@@ -184,7 +191,13 @@ def test_eval_corr_cli_on_synthetic_scenes_depth_backend_scores_about_one(tmp_pa
     # The cycle mask alone also admits occluded / out-of-view queries at wide baselines (measured ~0.7).
     assert 0.5 <= overall["mask_precision"] < 1.0
     assert sum(b["pairs"] for b in report["bins"]) <= 2 * 3 * 2
+    assert report["policies"]["cycle"] == {"bins": report["bins"], "overall": overall}
     assert report["backend"]["name"] == "depth" and report["config"]["grid"] == [16, 16]
+    # The visibility test drops most occluded / out-of-view queries and keeps most correct ones.
+    both = report["policies"]["both"]["overall"]
+    assert both["mask_precision"] > overall["mask_precision"] and both["mask_precision"] >= 0.95
+    assert both["retained"] >= 0.8 and overall["retained"] == 1.0
+    assert both["masked"] <= overall["masked"]
 
 
 def test_eval_corr_cli_input_errors_exit_2(tmp_path, capsys) -> None:
@@ -200,6 +213,12 @@ def test_eval_corr_cli_input_errors_exit_2(tmp_path, capsys) -> None:
     (tmp_path / "re" / "test").mkdir(parents=True)
     assert main(["eval-corr", "--dataset", "re10k", "--root", str(tmp_path / "re")]) == 2
     assert "compares against ground-truth depth, and 're10k' has none" in capsys.readouterr().err
+    assert main(["eval-corr", "--dataset", "synthetic", "--root", str(tmp_path / "synth"), "--backend", "depth",
+                 "--visibility-tol", "0"]) == 2
+    assert "cameo-corr eval-corr: error: visibility_tol must be positive, got 0.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval-corr", "--dataset", "synthetic", "--root", str(tmp_path / "synth"), "--mask-policy", "occlusion"])
+    assert exit_info.value.code == 2 and "invalid choice: 'occlusion'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -216,3 +235,5 @@ def test_eval_corr_on_real_sevenscenes_depth(shared_data, tmp_path) -> None:
     assert overall["masked"] > 0 and overall["precision"] >= 0.9
     assert overall["mask_precision"] >= 0.9 and overall["coverage"] >= 0.9
     assert report["bins"][0]["pairs"] == 2 * 3 * 2  # consecutive frames: all pairs in the 0-30 degree bin
+    both = report["policies"]["both"]["overall"]
+    assert both["mask_precision"] >= overall["mask_precision"] and both["retained"] >= 0.8

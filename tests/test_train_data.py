@@ -242,3 +242,66 @@ def test_bad_options_raise_naming_the_field(tiny_cache: Path) -> None:
         ds.load_state_dict({"epoch": 0, "position": ds.epoch_length})
     with pytest.raises(SchemaError, match="batch_size"):
         StreamLoader(make(tiny_cache))
+
+
+# ------------------------------------------------------------------------------ masks at load time
+def test_mask_policies_at_load_time(tiny_cache: Path) -> None:
+    from cameo_corr.pipeline.cache import CorrCache
+    from cameo_corr.pipeline.masks import cycle_mask, visibility_mask
+
+    cache = CorrCache(tiny_cache)
+    default = list(make(tiny_cache, num_epochs=1))
+    # The cache's own tau, recomputed: bit-identical samples to the stored masks.
+    assert_batches_equal(list(make(tiny_cache, num_epochs=1, batch_size=2, tau=cache.config.tau)),
+                         list(make(tiny_cache, num_epochs=1, batch_size=2)))
+    size = (CROP, CROP)
+    for tau, policy in ((0.5, "cycle"), (None, "visibility"), (3.0, "both")):
+        other = list(make(tiny_cache, num_epochs=1, tau=tau, mask_policy=policy))
+        for s, d in zip(other, default):
+            assert s["tag"] == d["tag"] and torch.equal(s["corr_nn"], d["corr_nn"]) and torch.equal(s["image"], d["image"])
+            arrays = cache.window(s["tag"])
+            views = match_views(s["extrinsic"].numpy(), arrays["extrinsics"])
+            expected = np.ones(arrays["mask"].shape, dtype=bool)
+            if policy != "visibility":
+                expected &= cycle_mask(arrays["nn"], arrays["valid"], tau)
+            if policy != "cycle":
+                expected &= visibility_mask(arrays["points"], arrays["valid"], arrays["intrinsics"], arrays["extrinsics"], size)
+            assert np.array_equal(s["corr_mask"].numpy(), expected[np.ix_(views, views)]), (tau, policy)
+        assert any(not torch.equal(s["corr_mask"], d["corr_mask"]) for s, d in zip(other, default)), (tau, policy)
+    with pytest.raises(SchemaError, match="field 'mask_policy'"):
+        make(tiny_cache, mask_policy="occlusion")
+    with pytest.raises(SchemaError, match="field 'tau'"):
+        make(tiny_cache, tau=-1.0)
+    with pytest.raises(SchemaError, match="field 'visibility_tol'"):
+        make(tiny_cache, mask_policy="both", visibility_tol=0.0)
+
+
+def test_mask_config_keys() -> None:
+    from cameo_corr.train.config import load_config
+
+    cfg = load_config(None, ["data.tau=2", "data.mask_policy=both", "data.visibility_tol=0.05"])
+    assert (cfg.data.tau, cfg.data.mask_policy, cfg.data.visibility_tol) == (2, "both", 0.05)
+    assert load_config(None).data.tau is None and load_config(None).data.mask_policy == "cycle"
+    with pytest.raises(SchemaError, match="field 'data.mask_policy': expected one of"):
+        load_config(None, ["data.mask_policy=occlusion"])
+    with pytest.raises(SchemaError, match="field 'data.tau'"):
+        load_config(None, ["data.tau=-1"])
+    with pytest.raises(SchemaError, match="field 'data.visibility_tol'"):
+        load_config(None, ["data.visibility_tol=0"])
+    with pytest.raises(SchemaError, match="field 'eval.mask_policy'"):
+        load_config(None, ["eval.mask_policy=all"])
+
+
+def test_eval_batches_can_fix_their_mask(tiny_cache: Path) -> None:
+    """Runs trained with different masks are compared on the same evaluation targets (eval.mask_policy)."""
+    from cameo_corr.train.config import load_config
+    from cameo_corr.train.loop import make_loader
+
+    cfg = load_config(None, [f"data.num_views={F}", "data.resolution=32", "data.mask_policy=both", "eval.mask_policy=cycle"])
+    train_loader = make_loader(cfg, cache=str(tiny_cache), rank=0, world_size=1)
+    eval_loader = make_loader(cfg, cache=str(tiny_cache), rank=0, world_size=1, num_epochs=1, mask_policy=cfg.eval.mask_policy)
+    assert train_loader.dataset.mask_options["policy"] == "both"
+    stored = make_loader(load_config(None, [f"data.num_views={F}", "data.resolution=32"]), cache=str(tiny_cache), rank=0,
+                         world_size=1, num_epochs=1)
+    assert eval_loader.dataset.mask_options is None
+    assert_batches_equal(list(eval_loader), list(stored))

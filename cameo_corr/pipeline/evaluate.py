@@ -19,7 +19,15 @@ Per ordered pair ``(i, j)``, ``i != j``, binned by the angle between the two opt
   ``radius`` tokens (Euclidean, token units) of the reprojected location, over masked visible queries;
 * ``mask_precision`` = masked queries that are visible, over masked queries with a known ground
   truth (a masked query occluded or outside the key view is a wrong supervision target);
-* ``coverage`` = visible queries that are masked, over visible queries.
+* ``coverage`` = visible queries that are masked, over visible queries;
+* ``retained`` = the share of the cycle mask's correct entries (masked, visible and within the radius
+  under the ``cycle`` policy) that the policy's mask also keeps (1 for ``cycle`` itself).
+
+Each of the mask policies of :mod:`cameo_corr.pipeline.masks` (``--mask-policy``: ``cycle``, the
+paper's cycle-consistency mask; ``visibility``, the depth-consistency test on the backend's own token
+points and cameras; ``both``) is scored on the same correspondences. With the ``depth`` backend the
+visibility test sees the ground-truth geometry at token resolution, so its score measures what the
+token grid loses; with a predicted geometry (``vggt``) it also measures the prediction's errors.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from cameo_corr.schemas import (
     TokenCorrespondences,
     WindowData,
 )
+from cameo_corr.pipeline.masks import DEFAULT_VISIBILITY_TOL, MASK_POLICIES
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; torch is imported lazily so the CLI parser stays light
     import torch
@@ -208,12 +217,14 @@ def score_window(
     corr: TokenCorrespondences,
     grid: tuple[int, int],
     *,
+    masks: dict[str, torch.Tensor] | None = None,
     radius: float = 1.0,
     occlusion_tol: float = 0.05,
     bins: Sequence[float] = ANGLE_BINS,
-) -> list[BinCounts]:
+) -> dict[str, list[BinCounts]]:
     """Score a backend's correspondences ``corr`` of ``window`` against ground truth ``gt`` (the
-    ``depth`` backend's world-frame output for the same window)."""
+    ``depth`` backend's world-frame output for the same window), once per mask of ``masks``
+    (``{name: [S, S, hw] bool}``; default ``{"cycle": corr.mask}``). Returns ``{name: per-bin counts}``."""
     import numpy as np
     import torch
 
@@ -223,7 +234,29 @@ def score_window(
     depth = torch.from_numpy(np.asarray(window.depth, dtype=np.float32)).to(gt.points.device)
     targets = reprojection_targets(gt_pts, gt_valid, depth, gt.intrinsics, gt.extrinsics, occlusion_tol=occlusion_tol)
     angles = optical_axis_angles(gt.extrinsics)
-    return score_pairs(corr.nn, corr.mask, targets, angles, grid, radius=radius, bins=bins)
+    masks = {"cycle": corr.mask} if masks is None else masks
+    return {name: score_pairs(corr.nn, m, targets, angles, grid, radius=radius, bins=bins) for name, m in masks.items()}
+
+
+def policy_masks(
+    window: WindowData, result: PointmapResult, corr: TokenCorrespondences, policies: Sequence[str], visibility_tol: float
+) -> dict[str, torch.Tensor]:
+    """``{policy: [S, S, hw] bool}`` for one window: always ``cycle`` (the matcher's mask), and
+    ``visibility`` and ``both`` when any policy other than ``cycle`` is asked for. The visibility test
+    runs on the backend's own token points and cameras (its own frame), on the canonical view of
+    ``window``."""
+    import torch
+
+    from cameo_corr.pipeline.masks import visibility_mask
+
+    out: dict[str, torch.Tensor] = {"cycle": corr.mask.to(torch.bool)}
+    if any(p != "cycle" for p in policies):
+        vis = visibility_mask(
+            corr.points, corr.valid, result.intrinsics, result.extrinsics, tuple(window.images.shape[1:3]), tol=visibility_tol
+        ).to(out["cycle"].device)
+        out["visibility"] = vis
+        out["both"] = vis & out["cycle"]
+    return out
 
 
 # ------------------------------------------------------------------------------- evaluation
@@ -244,6 +277,8 @@ class EvalConfig:
     size: int = 512
     policy: str | None = None
     batch_size: int = 1
+    mask_policies: tuple[str, ...] = MASK_POLICIES
+    visibility_tol: float = DEFAULT_VISIBILITY_TOL
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the setting that is out of range."""
@@ -257,11 +292,17 @@ class EvalConfig:
             raise ValueError(f"occlusion_tol must be positive, got {self.occlusion_tol}")
         if len(self.bins) < 2 or any(b1 <= b0 for b0, b1 in zip(self.bins, self.bins[1:])):
             raise ValueError(f"bins must be increasing edges, got {self.bins}")
+        if not self.mask_policies or any(p not in MASK_POLICIES for p in self.mask_policies):
+            raise ValueError(f"mask_policies must be one or more of {MASK_POLICIES}, got {self.mask_policies}")
+        if not (self.visibility_tol > 0 and math.isfinite(self.visibility_tol)):
+            raise ValueError(f"visibility_tol must be positive, got {self.visibility_tol}")
 
 
 def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress: bool = False) -> dict[str, Any]:
     """Evaluate ``backend`` (a :class:`~cameo_corr.pipeline.backends.GeometryBackend`) on the first
-    ``config.windows`` planned windows of ``reader`` (a reader with depth). Returns the JSON report.
+    ``config.windows`` planned windows of ``reader`` (a reader with depth). Returns the JSON report:
+    ``bins`` and ``overall`` score the cycle mask (what a cache stores), ``policies`` maps each of
+    ``config.mask_policies`` to its own ``bins`` and ``overall``.
 
     Windows are planned with the dataset's default sampling (:mod:`cameo_corr.pipeline.planner`); a
     window whose loading or processing raises a :class:`~cameo_corr.schemas.CameoCorrError` is listed
@@ -284,7 +325,10 @@ def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress:
     ]
     todo = [p.record for p in planned if not p.error][: config.windows]
     truth = DepthBackend(device=backend.device, frame="world")
-    totals = [BinCounts() for _ in range(len(config.bins) - 1)]
+    # ``both`` is counted whenever the visibility test runs: ``visibility & cycle == both`` gives every
+    # policy's share of the cycle mask's correct entries.
+    counted = ["cycle", *config.mask_policies] + (["both"] if "visibility" in config.mask_policies else [])
+    totals = {name: [BinCounts() for _ in range(len(config.bins) - 1)] for name in dict.fromkeys(counted)}
     evaluated = 0
     batches = [todo[k : k + config.batch_size] for k in range(0, len(todo), config.batch_size)]
     for batch in tqdm(batches, desc="eval-corr", unit="batch", disable=not progress):
@@ -305,15 +349,15 @@ def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress:
             continue
         for window, result, gt in zip(loaded, results, truth.run_batch(loaded)):
             corr = correspond(result, grid=config.grid, tau=config.tau, backend=config.match_backend)
+            masks = policy_masks(window, result, corr, config.mask_policies, config.visibility_tol)
             counts = score_window(
-                window, gt, corr, config.grid, radius=config.radius, occlusion_tol=config.occlusion_tol, bins=config.bins
+                window, gt, corr, config.grid, masks={k: masks[k] for k in totals},
+                radius=config.radius, occlusion_tol=config.occlusion_tol, bins=config.bins,
             )
-            for total, c in zip(totals, counts):
-                total.add(c)
+            for name, per_bin in counts.items():
+                for total, c in zip(totals[name], per_bin):
+                    total.add(c)
             evaluated += 1
-    overall = BinCounts()
-    for c in totals:
-        overall.add(c)
     return {
         "dataset": reader.describe(),
         "backend": backend.describe(),
@@ -328,35 +372,57 @@ def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress:
             "occlusion_tol": config.occlusion_tol,
             "seed": config.seed,
             "crop": view.to_dict(),
+            "mask_policies": list(config.mask_policies),
+            "visibility_tol": config.visibility_tol,
         },
         "windows_evaluated": evaluated,
         "failed": failed,
-        "bins": [
-            {"range_deg": [config.bins[k], config.bins[k + 1]], **totals[k].to_dict()} for k in range(len(totals))
-        ],
-        "overall": overall.to_dict(),
+        **_policy_report(totals, "cycle", config.bins),
+        "policies": {p: _policy_report(totals, p, config.bins) for p in config.mask_policies},
     }
 
 
+def _policy_report(totals: dict[str, list[BinCounts]], policy: str, bins: Sequence[float]) -> dict[str, Any]:
+    """Per-bin and overall numbers of one policy, with the share of the cycle mask's correct entries
+    it keeps (``retained``: correct entries of ``policy & cycle``, which is ``both`` for every policy
+    but ``cycle``, over those of ``cycle``)."""
+    kept_by = totals["cycle" if policy == "cycle" else "both"]
+
+    def entry(c: BinCounts, kept: BinCounts, cycle: BinCounts) -> dict[str, Any]:
+        return {**c.to_dict(), "retained": kept.correct / cycle.correct if cycle.correct else None}
+
+    overall = {name: BinCounts() for name in ("policy", "kept", "cycle")}
+    rows = []
+    for k, (c, kept, cyc) in enumerate(zip(totals[policy], kept_by, totals["cycle"])):
+        for name, value in (("policy", c), ("kept", kept), ("cycle", cyc)):
+            overall[name].add(value)
+        rows.append({"range_deg": [bins[k], bins[k + 1]], **entry(c, kept, cyc)})
+    return {"bins": rows, "overall": entry(overall["policy"], overall["kept"], overall["cycle"])}
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """The report's per-bin numbers as a fixed-width text table."""
+    """The report's per-bin numbers as fixed-width text, one table per mask policy."""
 
     def pct(v: float | None) -> str:
         return "     -" if v is None else f"{100 * v:6.2f}"
 
-    header = f"{'angle (deg)':>12} {'pairs':>6} {'masked':>8} {'mask prec %':>12} {'prec@1 %':>9} {'visible':>8} {'cover %':>8}"
+    cfg = report["config"]
+    header = (
+        f"{'angle (deg)':>12} {'pairs':>6} {'masked':>8} {'mask prec %':>12} {'prec@1 %':>9} {'visible':>8} "
+        f"{'cover %':>8} {'kept %':>7}"
+    )
     lines = [
         f"eval-corr: backend={report['backend']['name']} windows={report['windows_evaluated']} "
-        f"failed={len(report['failed'])} grid={report['config']['grid']} tau={report['config']['tau']}",
-        header,
-        "-" * len(header),
+        f"failed={len(report['failed'])} grid={cfg['grid']} tau={cfg['tau']} visibility_tol={cfg['visibility_tol']}"
     ]
-    rows = [(f"{b['range_deg'][0]:g}-{b['range_deg'][1]:g}", b) for b in report["bins"]] + [("all", report["overall"])]
-    for label, b in rows:
-        lines.append(
-            f"{label:>12} {b['pairs']:>6} {b['masked']:>8} {pct(b['mask_precision']):>12} {pct(b['precision']):>9} "
-            f"{b['visible']:>8} {pct(b['coverage']):>8}"
-        )
+    for policy, numbers in report["policies"].items():
+        lines += ["", f"mask policy: {policy}", header, "-" * len(header)]
+        rows = [(f"{b['range_deg'][0]:g}-{b['range_deg'][1]:g}", b) for b in numbers["bins"]] + [("all", numbers["overall"])]
+        for label, b in rows:
+            lines.append(
+                f"{label:>12} {b['pairs']:>6} {b['masked']:>8} {pct(b['mask_precision']):>12} {pct(b['precision']):>9} "
+                f"{b['visible']:>8} {pct(b['coverage']):>8} {pct(b['retained']):>7}"
+            )
     return "\n".join(lines)
 
 
@@ -381,7 +447,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--tau", type=float, default=DEFAULT_TAU, help=f"cycle threshold in tokens (default {DEFAULT_TAU})")
     p.add_argument("--match-backend", default="auto", choices=("auto", "torch", "faiss", "kdtree"), help="exact NN method (default: auto)")
     p.add_argument("--radius", type=float, default=1.0, help="a match is correct within this many tokens (default 1)")
-    p.add_argument("--occlusion-tol", type=float, default=0.05, help="relative depth tolerance of the visibility test")
+    p.add_argument("--occlusion-tol", type=float, default=0.05, help="relative depth tolerance of the ground truth's visibility")
+    p.add_argument("--mask-policy", nargs="+", choices=MASK_POLICIES, default=list(MASK_POLICIES), metavar="POLICY",
+                   help=f"mask policies to score, one or more of {', '.join(MASK_POLICIES)} (default: all)")
+    p.add_argument("--visibility-tol", type=float, default=DEFAULT_VISIBILITY_TOL,
+                   help=f"relative depth tolerance of the visibility mask (default {DEFAULT_VISIBILITY_TOL})")
     p.add_argument("--seed", type=int, default=0, help="window sampling seed")
     p.add_argument("--crop-size", type=int, default=512, help="canonical view side in pixels (default 512)")
     p.add_argument("--crop-policy", choices=("center", "principal_point", "mask_bbox"), default=None,
@@ -418,7 +488,14 @@ def _run_cli(args: argparse.Namespace) -> int:
         size=args.crop_size,
         policy=args.crop_policy,
         batch_size=args.batch_size,
+        mask_policies=tuple(dict.fromkeys(args.mask_policy)),
+        visibility_tol=args.visibility_tol,
     )
+    try:
+        config.validate()
+    except ValueError as e:
+        print(f"cameo-corr eval-corr: error: {e}", file=sys.stderr)
+        return 2
     report = evaluate_backend(reader, backend, config, progress=sys.stderr.isatty())
     print(format_table(report))
     for f in report["failed"]:
@@ -439,6 +516,7 @@ __all__ = [
     "score_pairs",
     "angle_bin",
     "score_window",
+    "policy_masks",
     "EvalConfig",
     "evaluate_backend",
     "format_table",

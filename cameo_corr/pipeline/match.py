@@ -20,7 +20,8 @@ view ``j`` nearest in 3D to valid token ``x`` of view ``i`` (flattened row-major
 Euclidean distance, ``cycle[i, j, x] = nn[j, i, nn[i, j, x]]`` and ``mask[i, j, x] = |p(x) - p(cycle)|_2
 <= tau`` in token units. An invalid query token, or a key view without any valid token, gives ``nn = 0``,
 ``dist = +inf``, ``mask = False``. The diagonal is the identity: ``nn[i, i] = arange(hw)``, ``dist = 0``,
-``mask = valid[i]``.
+``mask = valid[i]``. The mask is :func:`cameo_corr.pipeline.masks.cycle_mask`, which loaders call to
+recompute it for another ``tau`` (or combine it with a visibility test) without any geometry.
 
 Exactness and ties. Every backend returns the argmin of one reference metric: the squared distance
 ``(a0-b0)^2 + (a1-b1)^2 + (a2-b2)^2`` evaluated in float64 in that order on the float32 (or float64)
@@ -62,6 +63,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cameo_corr.pipeline.masks import check_tau, cycle_mask
 from cameo_corr.schemas import DEFAULT_GRID, DEFAULT_TAU, PointmapResult, SchemaError, TokenCorrespondences, as_grid
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -99,13 +101,6 @@ GPU bound also covers TF32 tensor-core GEMMs)."""
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _check_tau(tau: float) -> float:
-    tau = float(tau)
-    if not (math.isfinite(tau) and tau >= 0):
-        raise SchemaError("tau", f"must be a finite non-negative number, got {tau}")
-    return tau
-
-
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """The concrete backend ``backend`` means for tensors on ``device`` (``"auto"`` resolved).
 
@@ -357,26 +352,6 @@ def _nearest_torch(points: "Tensor", valid: "Tensor", nn_fn: Callable, max_eleme
     return nn, dist
 
 
-def _cycle_mask(nn: Array, valid: Array, w: int, tau: float) -> Array:
-    """Cycle-consistency mask ``[S, S, hw]`` of ``nn`` (numpy array or torch tensor; the diagonal of
-    ``nn`` is already the identity, and the diagonal of the mask is set to ``valid``)."""
-    S, hw = valid.shape
-    if isinstance(nn, np.ndarray):
-        cycle = np.take_along_axis(nn.swapaxes(0, 1), nn, 2)  # cycle[i, j, x] = nn[j, i, nn[i, j, x]]
-        tokens = np.arange(hw, dtype=np.int32)
-    else:
-        cycle = torch.gather(nn.transpose(0, 1), 2, nn)
-        tokens = torch.arange(hw, dtype=torch.int32, device=nn.device)
-    col, row = tokens % w, tokens // w
-    dx, dy = col - col[cycle], row - row[cycle]
-    mask = dx * dx + dy * dy <= tau * tau
-    mask &= valid[:, None, :]
-    mask &= valid.any(1)[None, :, None]
-    for i in range(S):
-        mask[i, i] = valid[i]
-    return mask
-
-
 def _check_finite(ok: bool) -> None:
     if not ok:
         raise SchemaError("points", "non-finite coordinates at valid tokens (tokenize marks them invalid)")
@@ -397,7 +372,7 @@ def match_tokens(
     ``max_elements`` bounds the distances brute force holds at once. Raises :class:`SchemaError` on bad
     shapes, an unknown backend, a bad ``tau`` or non-finite points at valid tokens.
     """
-    tau = _check_tau(tau)
+    tau = check_tau(tau)
     points = torch.as_tensor(points)
     valid = torch.as_tensor(valid, device=points.device)
     if points.ndim != 4 or points.shape[-1] != 3:
@@ -415,12 +390,12 @@ def match_tokens(
         vflat = valid.to(torch.bool).reshape(S, hw)
         _check_finite(bool(torch.isfinite(pts[vflat]).all()))
         nn, dist = _nearest_torch(pts, vflat, _brute_torch_nn if name == "torch" else _faiss_gpu_nn, max_elements)
-        return nn, dist, _cycle_mask(nn, vflat, w, tau)
+        return nn, dist, cycle_mask(nn, vflat.reshape(S, h, w), tau)
     pts_np = points.detach().cpu().numpy().reshape(S, hw, 3).astype(np.float64)
     valid_np = valid.cpu().numpy().reshape(S, hw).astype(bool, copy=False)
     _check_finite(bool(np.isfinite(pts_np[valid_np]).all()))
     nn_np, dist_np = _nearest_np(pts_np, valid_np, _kdtree_nn if name == "kdtree" else _faiss_cpu_nn, max_elements)
-    mask_np = _cycle_mask(nn_np, valid_np, w, tau)
+    mask_np = cycle_mask(nn_np, valid_np.reshape(S, h, w), tau)
     return torch.from_numpy(nn_np).to(device), torch.from_numpy(dist_np).to(device), torch.from_numpy(mask_np).to(device)
 
 

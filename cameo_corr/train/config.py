@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from cameo_corr.pipeline.masks import DEFAULT_VISIBILITY_TOL, check_policy, check_tau, check_visibility_tol
 from cameo_corr.schemas import SchemaError
 
 
@@ -60,6 +61,12 @@ class DataConfig:
     num_workers: int = 0
     multiprocessing_context: str | None = None
     seed: int = 0
+    tau: float | None = None
+    """Cycle-mask threshold in tokens; ``None``: the cache's (its stored ``mask``)."""
+    mask_policy: str = "cycle"
+    """Supervision mask: ``cycle``, ``visibility`` or ``both`` (:mod:`cameo_corr.pipeline.masks`)."""
+    visibility_tol: float = DEFAULT_VISIBILITY_TOL
+    """Relative depth tolerance of the visibility mask."""
 
 
 @dataclass
@@ -179,6 +186,9 @@ class EvalConfig:
     batches: int = 4
     timestep: int = 500
     seed: int = 1234
+    mask_policy: str | None = None
+    """Mask of the evaluation targets (``None``: ``data.mask_policy``); fix it to compare runs trained
+    with different masks on the same targets."""
 
 
 @dataclass
@@ -369,6 +379,12 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
                        ("train.gradient_accumulation_steps", r.gradient_accumulation_steps), ("train.log_every", r.log_every)):
         if value <= 0:
             raise SchemaError(key, f"must be positive, got {value}", where=where)
+    if d.tau is not None:
+        check_tau(d.tau, "data.tau", where)
+    check_policy(d.mask_policy, "data.mask_policy", where)
+    check_visibility_tol(d.visibility_tol, "data.visibility_tol", where)
+    if cfg.eval.mask_policy is not None:
+        check_policy(cfg.eval.mask_policy, "eval.mask_policy", where)
     if d.multiprocessing_context not in (None, "fork", "spawn", "forkserver"):
         raise SchemaError("data.multiprocessing_context", f"expected fork, spawn or forkserver, got {d.multiprocessing_context!r}", where=where)
     if r.mixed_precision not in ("no", "fp16", "bf16"):

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from cameo_corr.pipeline.masks import DEFAULT_VISIBILITY_TOL, check_policy, check_tau, check_visibility_tol, mask_inputs, recompute_mask
 from cameo_corr.schemas import DatasetError, SchemaError, WindowRecord
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -203,6 +204,10 @@ class CorrStreamDataset(IterableDataset):
         storage_options: fsspec options for a remote cache.
         split: only windows of this dataset split (``None``: all ``ok`` windows).
         max_open: scenes whose frame records are kept per process.
+        tau, mask_policy, visibility_tol: the supervision mask (:mod:`cameo_corr.pipeline.masks`).
+            With ``tau=None`` and ``mask_policy="cycle"`` (defaults) it is the stored ``mask``; otherwise
+            it is recomputed per window from the cached arrays: the cycle mask at ``tau`` (``None``: the
+            cache's), the depth-consistency ``visibility`` test, or ``both``.
     """
 
     def __init__(
@@ -225,6 +230,9 @@ class CorrStreamDataset(IterableDataset):
         storage_options: dict[str, Any] | None = None,
         split: str | None = None,
         max_open: int = 8,
+        tau: float | None = None,
+        mask_policy: str = "cycle",
+        visibility_tol: float = DEFAULT_VISIBILITY_TOL,
     ) -> None:
         from cameo_corr.pipeline.cache import CorrCache
 
@@ -249,6 +257,12 @@ class CorrStreamDataset(IterableDataset):
 
         cache_obj = CorrCache(self.cache_path, storage_options=storage_options)
         self.grid: tuple[int, int] = tuple(cache_obj.config.grid)  # type: ignore[assignment]
+        self.mask_options: dict[str, Any] | None = None
+        """Keyword arguments of :func:`~cameo_corr.pipeline.masks.recompute_mask`; ``None``: stored mask."""
+        if tau is not None or check_policy(mask_policy) != "cycle":
+            size = cache_obj.view().size
+            self.mask_options = {"tau": check_tau(cache_obj.config.tau if tau is None else tau), "policy": mask_policy,
+                                 "image_size": (size, size), "tol": check_visibility_tol(visibility_tol)}
         table = cache_obj.manifest(status="ok")
         if split is not None:
             import pyarrow.compute as pc
@@ -379,7 +393,7 @@ class CorrStreamDataset(IterableDataset):
         group = proc.shard(win.shard)
         corr = {}
         for key in _CORR_KEYS:
-            block = np.asarray(group[key][win.row])
+            block = self._mask(group, win.row) if key == "mask" and self.mask_options else np.asarray(group[key][win.row])
             S = block.shape[0]
             if block.shape[:2] != (S, S) or S != len(win.frame_ids):
                 raise SchemaError(key, f"row {win.row} has shape {block.shape}, manifest lists {len(win.frame_ids)} views", where=f"shard {win.shard}")
@@ -408,6 +422,12 @@ class CorrStreamDataset(IterableDataset):
             "corr_mask": torch.from_numpy(corr["mask"].astype(np.bool_)),
             "corr_dist": torch.from_numpy(corr["dist"].astype(np.float32)),
         }
+
+
+    def _mask(self, group: Any, row: int) -> np.ndarray:
+        """Row ``row``'s mask recomputed from its cached arrays under :attr:`mask_options`."""
+        arrays = {key: np.asarray(group[key][row]) for key in mask_inputs(self.mask_options["policy"])}  # type: ignore[index]
+        return recompute_mask(arrays, **self.mask_options)  # type: ignore[arg-type]
 
 
 class StreamLoader:

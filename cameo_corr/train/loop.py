@@ -241,8 +241,10 @@ def resolve_resume(out: str | Path, resume: str) -> Path | None:
 
 # ------------------------------------------------------------------------------------------ setup
 def make_loader(cfg: TrainConfig, *, cache: str, rank: int, world_size: int, split: str | None = None,
-                seed: int | None = None, num_epochs: int | None = None, pin_memory: bool = False) -> "StreamLoader":
-    """The training stream of this rank (``cfg.data``), as a resumable loader (``pin_memory`` for CUDA training)."""
+                seed: int | None = None, num_epochs: int | None = None, pin_memory: bool = False,
+                mask_policy: str | None = None) -> "StreamLoader":
+    """The training stream of this rank (``cfg.data``), as a resumable loader (``pin_memory`` for CUDA training;
+    ``split``, ``seed`` and ``mask_policy`` override ``cfg.data``'s)."""
     from cameo_corr.train.data import CorrStreamDataset, StreamLoader
 
     d = cfg.data
@@ -262,6 +264,9 @@ def make_loader(cfg: TrainConfig, *, cache: str, rank: int, world_size: int, spl
         num_epochs=num_epochs,
         dataset_root=d.dataset_root,
         split=d.split if split is None else split,
+        tau=d.tau,
+        mask_policy=d.mask_policy if mask_policy is None else mask_policy,
+        visibility_tol=d.visibility_tol,
     )
     return StreamLoader(dataset, num_workers=d.num_workers, multiprocessing_context=d.multiprocessing_context,
                         pin_memory=pin_memory)
@@ -357,7 +362,8 @@ class Trainer:
         self.eval_batches: list[dict[str, Any]] = []
         if cfg.eval.every > 0:
             eval_loader = make_loader(cfg, cache=cfg.eval.cache or cfg.data.cache, rank=acc.process_index,
-                                      world_size=acc.num_processes, split=cfg.eval.split, seed=cfg.eval.seed, num_epochs=1)
+                                      world_size=acc.num_processes, split=cfg.eval.split, seed=cfg.eval.seed, num_epochs=1,
+                                      mask_policy=cfg.eval.mask_policy)
             for batch in eval_loader:
                 self.eval_batches.append(batch)
                 if len(self.eval_batches) == cfg.eval.batches:
