@@ -91,8 +91,11 @@ def test_depth_nearest_matches_intrinsics(params: tuple) -> None:
     X = unproject_depth(np.full((size, size), 2.0), view.apply_intrinsics(K, box), E)
     uv, _ = project(X, K, E)
     src = np.floor(uv + 1e-9).astype(np.int64)
-    np.testing.assert_array_equal(sampled % W, np.clip(src[..., 0], 0, W - 1))
-    np.testing.assert_array_equal(sampled // W, np.clip(src[..., 1], 0, H - 1))
+    # a ray landing on a pixel boundary (to rounding) may be sampled from either neighbour
+    clear = np.all(np.abs(uv - np.round(uv)) > 1e-6, axis=-1)
+    assert clear.mean() > 0.5
+    np.testing.assert_array_equal((sampled % W)[clear], np.clip(src[..., 0], 0, W - 1)[clear])
+    np.testing.assert_array_equal((sampled // W)[clear], np.clip(src[..., 1], 0, H - 1)[clear])
 
 
 @pytest.mark.parametrize("box,size", [((30.0, 10.0, 180.0), 60), ((0.5, 0.0, 200.0), 200), ((40.25, 5.5, 90.0), 120)])
