@@ -206,7 +206,7 @@ def compute_losses(
     diffusion = err[~ref_mask].mean()
     if head_mlp is not None:
         cameo = cameo_loss(out.logits, batch["corr_nn"], batch["corr_mask"], batch["corr_dist"], head_mlp, mode=cfg.loss.mode,
-                           query_chunk=cfg.loss.query_chunk)
+                           ref_views=ref_mask, query_chunk=cfg.loss.query_chunk)
         loss = diffusion + cfg.loss.cameo_weight * cameo
     else:
         cameo = torch.full((), float("nan"), device=device)
@@ -253,6 +253,8 @@ def make_loader(cfg: TrainConfig, *, cache: str, rank: int, world_size: int, spl
         min_ref=d.min_ref,
         max_ref=d.max_ref,
         order=d.order,
+        shuffle_prob=d.shuffle_prob,
+        tags=d.tags,
         seed=d.seed if seed is None else seed,
         shard_shuffle=d.shard_shuffle,
         shuffle_buffer=d.shuffle_buffer,
