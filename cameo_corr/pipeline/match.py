@@ -479,7 +479,9 @@ def global_targets(nn: "Tensor", dist: "Tensor", mask: "Tensor") -> tuple["Tenso
             raise SchemaError(name, f"shape {tuple(t.shape)} differs from nn {tuple(nn.shape)}")
     off = ~torch.eye(S, dtype=torch.bool, device=nn.device)[:, :, None]
     d = dist if dist.dtype == torch.float64 else dist.to(torch.float32)
-    d = torch.where(off & torch.isfinite(d), d, torch.full((), math.inf, dtype=d.dtype, device=d.device))
+    big = torch.full((), torch.finfo(d.dtype).max, dtype=d.dtype, device=d.device)  # after every finite distance
+    d = torch.where(torch.isfinite(d), d, big)
+    d = torch.where(off, d, torch.full((), math.inf, dtype=d.dtype, device=d.device))  # never the query's own view
     view = d.argmin(dim=-2, keepdim=True)  # [..., i, 1, x]; first (lowest j) among ties
     weight = torch.gather(mask.to(torch.bool) & off, -2, view).squeeze(-2)
     token = torch.gather(nn.to(torch.long), -2, view).squeeze(-2)
