@@ -11,7 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cameo_corr.schemas import SchemaError
-from cameo_corr.train.loss import DEFAULT_CAMEO_WEIGHT, LOSS_MODES, HeadMLP, QueryKey, attention_precision, cameo_loss
+from cameo_corr.train.loss import (
+    DEFAULT_CAMEO_WEIGHT,
+    LOSS_MODES,
+    HeadMLP,
+    QueryKey,
+    attention_precision,
+    cameo_loss,
+    measure_supervised_layer,
+)
 
 
 def _case(B: int = 2, H: int = 3, Fv: int = 3, hw: int = 4, seed: int = 0, p_mask: float = 0.6,
@@ -335,3 +343,51 @@ def test_attention_precision_head_mean_of_softmax_matches_reference() -> None:
     assert attention_precision(perfect, c["corr_nn"], c["corr_mask"], 2).item() == 1.0
     with pytest.raises(SchemaError, match="grid"):
         attention_precision(perfect, c["corr_nn"], c["corr_mask"], 3)
+
+
+def test_chunked_query_key_loss_never_forms_the_logit_matrix() -> None:
+    """No tensor of the forward or backward pass of the chunked loss is as large as the logits
+    [B, heads, Q, K]: the largest is one chunk's head-MLP activation."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    B, H, Fv, hw, d, chunk = 2, 2, 3, 16, 4, 8
+    c = _case(B=B, H=H, Fv=Fv, hw=hw, seed=9, p_mask=1.0, dtype=torch.float32)
+    q = torch.randn(B, H, Fv * hw, d, requires_grad=True)
+    k = torch.randn(B, H, Fv * hw, d, requires_grad=True)
+    for mode in LOSS_MODES:
+        Largest.numel = 0
+        with Largest():
+            loss = cameo_loss(QueryKey(q, k, 0.5), c["corr_nn"], c["corr_mask"], c["corr_dist"], c["head_mlp"], mode=mode,
+                              ref_views=c["ref_views"], query_chunk=chunk)
+            loss.backward()
+        assert 0 < Largest.numel <= chunk * hw * 4 * H < B * H * (Fv * hw) ** 2 // 4, (mode, Largest.numel)
+
+
+def test_attention_precision_from_query_key_equals_logits() -> None:
+    c = _case(B=2, H=3, Fv=3, hw=4, seed=10, dtype=torch.float32)
+    q, k = torch.randn(2, 3, 12, 5), torch.randn(2, 3, 12, 5)
+    qk = QueryKey(q, k, 0.3)
+    dense = attention_precision(qk.logits(), c["corr_nn"], c["corr_mask"], 2)
+    for chunk in (None, 5):
+        assert attention_precision(qk, c["corr_nn"], c["corr_mask"], 2, query_chunk=chunk).item() == dense.item()
+
+
+@pytest.mark.slow
+def test_measure_supervised_layer_small() -> None:
+    r = measure_supervised_layer("cpu", batch=1, views=3, heads=2, head_dim=8, grid=4, query_chunk=8, repeats=1)
+    assert r["dense"]["peak_bytes"] > 0 and r["chunked"]["peak_bytes"] > 0
+    assert r["dense"]["seconds"] > 0 and r["chunked"]["seconds"] > 0
+    assert r["dense"]["loss"] == pytest.approx(r["chunked"]["loss"], rel=1e-5)
+    assert r["grad_max_rel_diff"] < 1e-4
+    with pytest.raises(SchemaError, match="mode"):
+        measure_supervised_layer("cpu", mode="global")

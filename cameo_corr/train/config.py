@@ -124,7 +124,8 @@ class LossConfig:
     mode: str = "official"
     """``official`` (CAMEO's released code) or ``paper`` (eq. 1); see :mod:`cameo_corr.train.loss`."""
     query_chunk: int | None = None
-    """Score this many query tokens at a time (bounded memory for SD2.1-size layers, e.g. 256)."""
+    """Recompute the logits of this many supervised query rows at a time under activation checkpointing
+    (bounded memory for SD2.1-size layers, e.g. 256); ``None`` forms the full logit matrix."""
 
 
 @dataclass

@@ -51,6 +51,9 @@ Memory. Given dense ``logits`` the head MLP runs on the full ``[B, Q, K, 4H]`` t
 that many query tokens recomputes its logits ``q_c k^T * scale``, scores and loss terms under activation
 checkpointing (``torch.utils.checkpoint``), so neither the ``[B, heads, Q, K]`` logits nor the
 ``[B, Q, K, 4H]`` MLP activations are ever alive at once; value and gradients equal the dense path's.
+Only the supervised (query token, key view) entries are scored: one key view per query row in the
+official mode. :func:`measure_supervised_layer` times and measures a whole supervised layer both ways
+(``benchmarks/bench_cameo_memory.py``; the GPU self-check calls it on CUDA).
 
 Precision. "Within 1 token" means Chebyshev distance <= 1 on the token grid (the 3x3 neighbourhood of
 the target token).
@@ -58,6 +61,9 @@ the target token).
 
 from __future__ import annotations
 
+import gc
+import statistics
+import time
 from typing import Any, NamedTuple
 
 import torch
@@ -74,6 +80,7 @@ __all__ = [
     "QueryKey",
     "cameo_loss",
     "attention_precision",
+    "measure_supervised_layer",
 ]
 
 DEFAULT_CAMEO_WEIGHT = 0.02
@@ -123,7 +130,12 @@ class QueryKey(NamedTuple):
     def logits(self, rows: slice = slice(None)) -> Tensor:
         """The logits of query rows ``rows`` ``[B, heads, rows, K]`` in at least fp32."""
         dtype = torch.promote_types(self.query.dtype, torch.float32)
-        return torch.matmul(self.query[:, :, rows].to(dtype), self.key.to(dtype).transpose(-1, -2)) * self.scale
+        with torch.autocast(device_type=self.query.device.type, enabled=False):
+            return torch.matmul(self.query[:, :, rows].to(dtype), self.key.to(dtype).transpose(-1, -2)) * self.scale
+
+    def detach(self) -> "QueryKey":
+        """The same queries and keys without their graph."""
+        return QueryKey(self.query.detach(), self.key.detach(), self.scale)
 
 
 Attn = Tensor | QueryKey
@@ -233,12 +245,24 @@ def _terms_sum(logits: Tensor, head_mlp: nn.Module, target: Tensor, weight: Tens
     return (weight * term).sum()
 
 
-def _qk_terms_sum(
-    query: Tensor, key: Tensor, scale: float, head_mlp: nn.Module, target: Tensor, weight: Tensor, eps: float, Fv: int, hw: int
+def _group_sum(
+    a: Tensor, key: Tensor | None, idx: Tensor, j: int, hw: int, scale: float, head_mlp: nn.Module, target: Tensor,
+    weight: Tensor, eps: float, dtype: torch.dtype,
 ) -> Tensor:
-    """:func:`_terms_sum` of the logits ``query @ key^T * scale`` of a chunk of query rows."""
-    logits = torch.matmul(query, key.transpose(-1, -2)) * scale
-    return _terms_sum(logits, head_mlp, target, weight, eps, Fv, hw)
+    """``sum(weight * term)`` of query rows ``idx`` of one sample against the tokens of key view ``j``.
+
+    ``a`` is that sample's queries ``[heads, Q, d]`` with ``key`` ``[heads, K, d]`` (the logits are
+    recomputed, times ``scale``) or its logits ``[heads, Q, K]`` with ``key=None``; ``target``/``weight``
+    ``[n]`` per row.
+    """
+    if key is not None:
+        logits = torch.matmul(a.index_select(1, idx), key[:, j * hw : (j + 1) * hw].transpose(-1, -2)) * scale
+    else:
+        logits = a.index_select(1, idx)[:, :, j * hw : (j + 1) * hw].to(dtype)
+    s = head_mlp(logits.permute(1, 2, 0))  # [n, hw]
+    logp = s.gather(-1, target.unsqueeze(-1)).squeeze(-1) - s.logsumexp(dim=-1)
+    term = -logp if eps == 0.0 else -torch.log(logp.exp() + eps)
+    return (weight * term).sum()
 
 
 def _connected_zero(attn: Attn, head_mlp: nn.Module) -> Tensor:
@@ -289,20 +313,17 @@ def cameo_loss(
         if query_chunk is None or query_chunk >= Q:
             return _terms_sum(_rows(attn, slice(None), dtype), head_mlp, target, weight, eps, Fv, hw)
         total = torch.zeros((), dtype=dtype, device=device)
-        if isinstance(attn, QueryKey):
-            key = attn.key.to(dtype)
-        for q0 in range(0, Q, query_chunk):
-            rows = slice(q0, min(q0 + query_chunk, Q))
-            if not bool((weight[:, rows] != 0).any()):
-                continue  # no supervised entry in these rows: they add exactly 0
-            if isinstance(attn, QueryKey):
-                fn: Any = _qk_terms_sum
-                args: tuple = (attn.query[:, :, rows].to(dtype), key, attn.scale)
-            else:
-                fn, args = _terms_sum, (attn[:, :, rows].to(dtype),)
-            args = (*args, head_mlp, target[:, rows], weight[:, rows], eps, Fv, hw)
-            part = checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args)
-            total = total + part
+        # Only the supervised (query token, key view) entries are scored, grouped by sample and key view:
+        # the official target has one key view per query row, so this is about 1/F of the dense work.
+        for b in range(B):
+            src = (attn.query[b].to(dtype), attn.key[b].to(dtype), attn.scale) if isinstance(attn, QueryKey) else (attn[b], None, 1.0)
+            for j in range(Fv):
+                rows = torch.nonzero(weight[b, :, j]).flatten()
+                for r0 in range(0, rows.numel(), query_chunk):
+                    idx = rows[r0 : r0 + query_chunk]
+                    args = (src[0], src[1], idx, j, hw, src[2], head_mlp, target[b, idx, j], weight[b, idx, j], eps, dtype)
+                    part = checkpoint(_group_sum, *args, use_reentrant=False) if torch.is_grad_enabled() else _group_sum(*args)
+                    total = total + part
         return total + _connected_zero(attn, head_mlp)
 
 
@@ -368,3 +389,184 @@ def attention_precision(
     cheb = torch.maximum((arg // w - target // w).abs(), (arg % w - target % w).abs())
     hits = ((cheb <= 1) & mask).sum()
     return hits.float() / mask.sum().float()
+
+
+# ------------------------------------------------------------------------------- measurement
+def _layer_case(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Random inputs of one supervised layer at ``spec``'s sizes: an attention module, hidden states,
+    a head MLP and a correspondence block whose masks keep ``mask_frac`` of the pairs."""
+    from diffusers.models.attention_processor import Attention
+
+    g = torch.Generator().manual_seed(int(spec["seed"]))
+    torch.manual_seed(int(spec["seed"]))
+    B, Fv, H, d = spec["batch"], spec["views"], spec["heads"], spec["head_dim"]
+    hw = spec["grid"][0] * spec["grid"][1]
+    attn = Attention(query_dim=H * d, heads=H, dim_head=d).to(device)
+    x = torch.randn(B * Fv, hw, H * d, generator=g).to(device)
+    nn_idx = torch.randint(0, hw, (B, Fv, Fv, hw), generator=g)
+    mask = torch.rand(B, Fv, Fv, hw, generator=g) < spec["mask_frac"]
+    dist = torch.rand(B, Fv, Fv, hw, generator=g)
+    num_ref = torch.randint(1, Fv, (B,), generator=g)
+    return {
+        "attn": attn, "x": x, "mlp": HeadMLP(H).to(device),
+        "corr": (nn_idx.to(device), mask.to(device), dist.to(device)),
+        "ref_views": (torch.arange(Fv)[None, :] < num_ref[:, None]).to(device),
+    }
+
+
+def _layer_step(case: dict[str, Any], spec: dict[str, Any], path: str) -> tuple[Tensor, Tensor]:
+    """Forward and backward of the supervised layer plus the CAMEO loss; returns the loss and dL/dx.
+
+    ``dense`` is the previous implementation: explicit fp32 logits, softmax and ``probs @ v`` in the
+    layer, the logits handed to the loss, whose head MLP runs over every key of ``query_chunk`` query
+    rows at a time under checkpointing. ``chunked``: ``scaled_dot_product_attention`` in the layer,
+    queries and keys handed to :func:`cameo_loss`, which recomputes the logits of the supervised entries
+    chunk by chunk under checkpointing.
+    """
+    attn, mlp = case["attn"], case["mlp"]
+    nn_idx, mask, dist = case["corr"]
+    B, Fv, H, d = spec["batch"], spec["views"], spec["heads"], spec["head_dim"]
+    hw = spec["grid"][0] * spec["grid"][1]
+    x = case["x"].detach().requires_grad_(True)
+    dtype = spec["dtype"]
+    device = x.device
+    with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
+        def heads(t: Tensor) -> Tensor:
+            return t.reshape(B, Fv * hw, H, d).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(x)), heads(attn.to_k(x)), heads(attn.to_v(x))
+        if path == "dense":
+            with torch.autocast(device_type=device.type, enabled=False):
+                logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
+            out = torch.matmul(logits.softmax(dim=-1).to(v.dtype), v)
+        else:
+            out = _sdpa(q, k, v, scale=attn.scale)
+        y = attn.to_out[0](out.transpose(1, 2).reshape(B * Fv, hw, H * d))
+    kwargs = dict(mode=spec["mode"], ref_views=case["ref_views"])
+    if path == "dense":
+        with torch.autocast(device_type=device.type, enabled=False):
+            rw = _row_weights(nn_idx, mask, dist, spec["mode"], case["ref_views"], torch.float32)
+            assert rw is not None
+            target, weight = rw
+            eps = OFFICIAL_EPS if spec["mode"] == "official" else 0.0
+            loss = logits.new_zeros(())
+            for q0 in range(0, Fv * hw, spec["query_chunk"]):
+                rows = slice(q0, q0 + spec["query_chunk"])
+                loss = loss + checkpoint(_terms_sum, logits[:, :, rows], mlp, target[:, rows], weight[:, rows], eps, Fv, hw,
+                                         use_reentrant=False)
+    else:
+        loss = cameo_loss(QueryKey(q, k, float(attn.scale)), nn_idx, mask, dist, mlp, query_chunk=spec["query_chunk"], **kwargs)
+    total = y.float().square().mean() + DEFAULT_CAMEO_WEIGHT * loss
+    total.backward()
+    return loss.detach(), x.grad
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention`` (what every layer of the model runs)."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False, scale=scale)
+
+
+def _peak_child(spec: dict[str, Any], path: str, queue: Any) -> None:
+    """In a fresh process: peak resident memory added by one step of ``path`` (Linux ``ru_maxrss``)."""
+    import resource
+
+    import psutil
+
+    torch.set_num_threads(spec["threads"])
+    tiny = dict(spec, batch=1, views=2, grid=(2, 2), query_chunk=2)
+    _layer_step(_layer_case(tiny, torch.device("cpu")), tiny, path)  # library and thread-pool set-up
+    case = _layer_case(spec, torch.device("cpu"))
+    gc.collect()
+    before = psutil.Process().memory_info().rss
+    _layer_step(case, spec, path)
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+
+
+def measure_supervised_layer(
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    batch: int = 2,
+    views: int = 4,
+    heads: int = 10,
+    head_dim: int = 64,
+    grid: int | tuple[int, int] = 32,
+    mode: str = "official",
+    query_chunk: int = 256,
+    mask_frac: float = 1.0,
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Peak memory and time of one training step of the supervised layer, dense against chunked.
+
+    Defaults are SD2.1's layer 10 (``up_blocks.2.attentions.0``: 10 heads of 64, 32x32 tokens at 512 px)
+    with B=2, F=4 and every pair masked (``mask_frac=1``, the most work for the chunked path). A step is
+    the layer's forward (random weights, ``dtype`` autocast on the layer when not fp32), the CAMEO loss
+    and the backward pass; see :func:`_layer_step` for the two paths. Peak memory: on CUDA
+    ``torch.cuda.max_memory_allocated`` above the inputs; on CPU the peak resident set size a step adds
+    in a fresh process per path (Linux ``ru_maxrss``; includes allocator slack). Time: the median of
+    ``repeats`` steps per path, the paths alternating, after one warm-up step each. Also returns the
+    loss values and the largest relative difference of the input gradients between the paths.
+    """
+    device = torch.device(device)
+    h, w = as_grid(grid)
+    if mode not in LOSS_MODES:
+        raise SchemaError("mode", f"expected one of {LOSS_MODES}, got {mode!r}")
+    spec = dict(batch=batch, views=views, heads=heads, head_dim=head_dim, grid=(h, w), mode=mode, query_chunk=query_chunk,
+                mask_frac=mask_frac, seed=seed, dtype=dtype, threads=torch.get_num_threads())
+    paths = ("dense", "chunked")
+    peak: dict[str, float] = {}
+    if device.type == "cuda":
+        case = _layer_case(spec, device)
+        for path in paths:
+            gc.collect()
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            _layer_step(case, spec, path)
+            torch.cuda.synchronize(device)
+            peak[path] = float(torch.cuda.max_memory_allocated(device) - base)
+            case["attn"].zero_grad(set_to_none=True)
+            case["mlp"].zero_grad(set_to_none=True)
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        for path in paths:
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_peak_child, args=(spec, path, queue))
+            proc.start()
+            value = queue.get()
+            proc.join()
+            peak[path] = float(value)
+        case = _layer_case(spec, device)
+
+    def timed(path: str) -> tuple[float, Tensor, Tensor]:
+        case["attn"].zero_grad(set_to_none=True)
+        case["mlp"].zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        loss, grad = _layer_step(case, spec, path)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0, loss, grad
+
+    results = {path: timed(path) for path in paths}  # warm-up, and the values compared below
+    times: dict[str, list[float]] = {path: [] for path in paths}
+    for _ in range(repeats):
+        for path in paths:
+            times[path].append(timed(path)[0])
+    seconds = {path: statistics.median(t) for path, t in times.items()}
+    gd, gc_ = results["dense"][2], results["chunked"][2]
+    return {
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."), "batch": batch, "views": views, "heads": heads,
+        "head_dim": head_dim, "grid": [h, w], "mode": mode, "query_chunk": query_chunk, "mask_frac": mask_frac,
+        "peak_memory": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS added, fresh process per path",
+        "dense": {"peak_bytes": peak["dense"], "seconds": seconds["dense"], "loss": float(results["dense"][1])},
+        "chunked": {"peak_bytes": peak["chunked"], "seconds": seconds["chunked"], "loss": float(results["chunked"][1])},
+        "memory_ratio": peak["dense"] / max(peak["chunked"], 1.0),
+        "time_ratio": seconds["chunked"] / seconds["dense"],
+        "grad_max_rel_diff": float((gd - gc_).abs().max() / gd.abs().max().clamp_min(1e-30)),
+    }
