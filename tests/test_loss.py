@@ -104,7 +104,8 @@ def _reference_official(logits, corr_nn, corr_mask, corr_dist, head_mlp, ref_vie
                         sums[group].append(-torch.log(p[int(corr_nn[b, i, j, x])] + 1e-8))
     if counts[True] == 0 or counts[False] == 0:
         return _zero(logits, head_mlp)
-    return sum(sums[True], logits.new_zeros(())) / counts[True] + sum(sums[False], logits.new_zeros(())) / counts[False]
+    zero = _zero(logits, head_mlp)  # rows may count without any j* term: still a (zero-gradient) function of the inputs
+    return sum(sums[True], zero) / counts[True] + sum(sums[False], zero) / counts[False]
 
 
 def _value_and_grads(fn, c: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
