@@ -61,6 +61,7 @@ class OnlineTargets:
         from cameo_corr.datasets.canonical import load_window
         from cameo_corr.pipeline.match import correspond
         from cameo_corr.schemas import WindowRecord
+        from cameo_corr.train.data import DEFAULT_TAGS
 
         if window.scene_id not in self.scenes:
             self.scenes[window.scene_id] = {f.frame_id: f for f in self.reader.scene(window.scene_id).frames}
@@ -78,7 +79,8 @@ class OnlineTargets:
             "image": images.clamp_(0.0, 1.0),
             "intrinsic": K,
             "extrinsic": torch.from_numpy(data.extrinsics).float(),
-            "tag": window.window_id,
+            "tag": DEFAULT_TAGS.get(window.dataset, window.dataset),
+            "window_id": window.window_id,
             "num_ref": num_ref,
             "corr_nn": corr.nn.reshape(n, n, -1).long(),
             "corr_mask": corr.mask.reshape(n, n, -1).bool(),
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     both = same_nn = mask_equal = total = 0
     max_image_diff = 0.0
     for a, b in zip(cached, computed):
-        assert a["tag"] == b["tag"]
+        assert a["window_id"] == b["window_id"] and a["tag"] == b["tag"]
         m = a["corr_mask"] & b["corr_mask"]
         both += int(m.sum())
         same_nn += int((a["corr_nn"][m] == b["corr_nn"][m]).sum())

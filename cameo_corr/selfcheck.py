@@ -476,65 +476,6 @@ def sd21_layer_size(layer: int | str = 10, *, image_size: int = 512, batch: int 
     return LayerSize(batch, views, layer_grid(unet, layer, (latent, latent)), unet.get_submodule(name.removesuffix(".processor")))
 
 
-def dense_supervised_step(size: LayerSize, device: "torch.device", *, query_chunk: int | None = 256, seed: int = 0) -> Callable[[], None]:
-    """One training step of the supervised layer as the model computes it today: the explicit
-    attention of :class:`~cameo_corr.train.model.MultiViewAttnProcessor` (fp32 logits
-    ``[B, heads, F*N, F*N]`` materialised), the CAMEO loss on those logits (``query_chunk`` chunks its
-    head MLP) and the backward pass, with random weights, features and correspondences, under bf16
-    autocast on CUDA. Returns a closure that runs it."""
-    import torch
-
-    from cameo_corr.train.loss import HeadMLP, cameo_loss
-    from cameo_corr.train.model import MultiViewAttnProcessor
-
-    g = torch.Generator().manual_seed(seed)
-    attn = copy.deepcopy(size.module).to_empty(device=device)
-    for p in attn.parameters():
-        with torch.no_grad():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    state = types.SimpleNamespace(num_views=size.views, recording=True, logits=None)
-    attn.set_processor(MultiViewAttnProcessor(state, explicit=True))
-    head_mlp = HeadMLP(attn.heads).to(device)
-    B, Fv, hw = size.batch, size.views, size.tokens
-    channels = attn.to_q.in_features
-    hidden = (torch.randn(B * Fv, hw, channels, generator=g) * 0.5).to(device).requires_grad_(True)
-    corr_nn = torch.randint(0, hw, (B, Fv, Fv, hw), generator=g).to(device)
-    corr_mask = (torch.rand(B, Fv, Fv, hw, generator=g) < 0.5).to(device)
-    half = device.type == "cuda"
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=half):
-            out = attn(hidden)
-            loss = out.float().pow(2).mean() + cameo_loss(state.logits, corr_nn, corr_mask, None, head_mlp, query_chunk=query_chunk)
-        state.logits = None
-        loss.backward()
-        attn.zero_grad(set_to_none=True)
-        head_mlp.zero_grad(set_to_none=True)
-        hidden.grad = None
-
-    return step
-
-
-def measure_step(step: Callable[[], None], device: "torch.device", *, repeats: int = 3) -> tuple[int | None, float]:
-    """``(peak bytes above the memory in use before, median seconds)`` of ``step`` after one warm-up;
-    the peak is CUDA's ``max_memory_allocated`` (``None`` on other devices)."""
-    import torch
-
-    step()
-    times = []
-    peak = None
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        _, seconds = timed(step, device)
-        times.append(seconds)
-        if device.type == "cuda":
-            peak = max(peak or 0, torch.cuda.max_memory_allocated(device) - base)
-    return peak, statistics.median(times)
-
-
 LAYER_GRAD_TOLERANCE = 8 * UNIT_ROUNDOFF["bfloat16"]
 """Largest relative difference of the input gradients between the dense and the chunked supervised
 layer (bf16 autocast on the layer, the loss in fp32 on the same q and k: only summation order differs)."""
@@ -559,15 +500,11 @@ def comparison_rows(result: dict[str, Any], device: str, what: str) -> list[Row]
 
 
 def check_supervised_layer(ctx: Context) -> list[Row]:
-    """Peak GPU memory and time of the dense and the chunked supervised layer at SD2.1 layer-10 size.
-
-    With ``cameo_corr.train.loss.measure_supervised_layer`` (the chunked CAMEO layer) both paths are
-    measured by it, alternating, in one harness. Without it (a build before the chunked layer) the
-    dense step of :func:`dense_supervised_step` is measured and the chunked row says it is missing.
-    """
+    """Peak GPU memory and time of the dense and the chunked supervised layer at SD2.1 layer-10 size,
+    measured alternating in one harness by ``cameo_corr.train.loss.measure_supervised_layer``."""
     import torch
 
-    from cameo_corr.train import loss as loss_module
+    from cameo_corr.train.loss import measure_supervised_layer
 
     dev = str(ctx.device)
     size = sd21_layer_size()
@@ -577,17 +514,10 @@ def check_supervised_layer(ctx: Context) -> list[Row]:
         reason = "peak GPU memory needs CUDA (CPU: benchmarks/bench_cameo_memory.py)"
         return [Row("supervised layer dense", dev, "skip", reason, tolerance=tolerance),
                 Row("supervised layer chunked", dev, "skip", reason, tolerance=tolerance)]
-    measure = getattr(loss_module, "measure_supervised_layer", None)
     try:
-        if measure is not None:
-            result = measure(ctx.device, torch.bfloat16, batch=size.batch, views=size.views, heads=size.module.heads,
-                             head_dim=size.module.to_q.out_features // size.module.heads, grid=size.grid)
-            return comparison_rows(result, dev, what)
-        peak, seconds = measure_step(dense_supervised_step(size, ctx.device), ctx.device)
-        return [Row("supervised layer dense", dev, "ok", f"peak {_fmt_bytes(peak or 0)}, {seconds * 1000:.0f} ms/step ({what})", seconds, tolerance),
-                Row("supervised layer chunked", dev, "skip",
-                    "not in this build: cameo_corr.train.loss.measure_supervised_layer (the chunked CAMEO layer) is missing",
-                    tolerance=tolerance)]
+        result = measure_supervised_layer(ctx.device, torch.bfloat16, batch=size.batch, views=size.views, heads=size.module.heads,
+                                          head_dim=size.module.to_q.out_features // size.module.heads, grid=size.grid)
+        return comparison_rows(result, dev, what)
     except torch.OutOfMemoryError:
         total = torch.cuda.get_device_properties(ctx.device).total_memory
         return [Row("supervised layer", dev, "skip", f"out of memory on this {_fmt_bytes(total)} GPU ({what})", tolerance=tolerance)]

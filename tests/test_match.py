@@ -390,18 +390,17 @@ def test_pair_targets() -> None:
 @given(B=st.integers(1, 2), S=st.integers(2, 4), hw=st.integers(1, 6), seed=st.integers(0, 10_000))
 def test_global_targets_match_explicit_loop(B: int, S: int, hw: int, seed: int) -> None:
     nn, dist, mask = _random_cache(B, S, hw, seed)
+    dist[torch.rand(dist.shape, generator=torch.Generator().manual_seed(seed)) < 0.1] = math.inf  # no valid key token
     view, token, weight = global_targets(nn, dist, mask)
     assert view.shape == token.shape == weight.shape == (B, S, hw)
     for b in range(B):
         for i in range(S):
             for x in range(hw):
-                cands = [j for j in range(S) if j != i and mask[b, i, j, x]]
-                assert bool(weight[b, i, x]) == bool(cands)
-                if cands:
-                    js = min(cands, key=lambda j: (float(dist[b, i, j, x]), j))  # lowest j on ties
-                    assert int(view[b, i, x]) == js and int(token[b, i, x]) == int(nn[b, i, js, x])
-                else:
-                    assert int(view[b, i, x]) == 0 and int(token[b, i, x]) == 0
+                others = [j for j in range(S) if j != i]  # every other view, masked or not (official rule)
+                js = min(others, key=lambda j: (float(dist[b, i, j, x]), j))  # lowest j on ties
+                sup = bool(mask[b, i, js, x])
+                assert bool(weight[b, i, x]) == sup
+                assert int(view[b, i, x]) == (js if sup else 0) and int(token[b, i, x]) == (int(nn[b, i, js, x]) if sup else 0)
 
 
 def test_targets_from_real_matches() -> None:
@@ -409,7 +408,7 @@ def test_targets_from_real_matches() -> None:
     nn, dist, mask = match_tokens(torch.from_numpy(points), torch.ones(3, 6, 6, dtype=torch.bool))
     view, token, weight = global_targets(nn[None], dist[None], mask[None])
     _, pw = pair_targets(nn[None], mask[None])
-    assert torch.equal(weight, pw.any(dim=-2))
+    assert bool((weight <= pw.any(dim=-2)).all())  # the global target is one of the masked pairs
     assert not bool((view[0] == torch.arange(3)[:, None])[weight[0]].any())  # never the query's own view
 
 

@@ -69,15 +69,25 @@ def _inputs(model: MultiViewUNet, B: int, Fv: int, hw: int = 8, seed: int = 0) -
 
 
 # ------------------------------------------------------------------------------ attention processor
-@pytest.mark.parametrize("explicit", [False, True])
-def test_processor_matches_default_for_single_view(explicit: bool) -> None:
+@pytest.mark.parametrize("supervised", [False, True])
+@pytest.mark.parametrize("qk_norm", [None, "layer_norm"])
+def test_processor_matches_default_for_single_view(supervised: bool, qk_norm: str | None) -> None:
     torch.manual_seed(0)
-    attn = Attention(query_dim=32, heads=4, dim_head=8)
+    attn = Attention(query_dim=32, heads=4, dim_head=8, qk_norm=qk_norm)
     x = torch.randn(6, 20, 32)
     ref = AttnProcessor2_0()(attn, x)
-    state = _MultiViewState(num_views=1)
-    out = MultiViewAttnProcessor(state, explicit=explicit)(attn, x)
+    state = _MultiViewState(num_views=1, recording=True)
+    out = MultiViewAttnProcessor(state, supervised=supervised)(attn, x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    if not supervised:
+        assert state.qk is None
+        return
+    # the handed-out q and k are the ones attended with: after norm_q / norm_k when the layer has them
+    q = attn.to_q(x).reshape(6, 20, 4, 8).transpose(1, 2)
+    k = attn.to_k(x).reshape(6, 20, 4, 8).transpose(1, 2)
+    if qk_norm is not None:
+        q, k = attn.norm_q(q), attn.norm_k(k)
+    torch.testing.assert_close(state.qk.logits(), q @ k.transpose(-1, -2) / math.sqrt(8), atol=1e-5, rtol=1e-5)
 
 
 def test_processor_equals_joint_attention_over_concatenated_views() -> None:
@@ -132,17 +142,17 @@ def test_captured_logits_equal_manual_qk() -> None:
     gh, gw = model.grid((8, 8))
     assert (gh, gw) == (8, 8)
     N = gh * gw
-    assert out.logits.shape == (B, attn.heads, Fv * N, Fv * N)
+    assert out.qk.shape == (B, attn.heads, Fv * N, Fv * N)
     hs = seen[0]  # [B*F, N, C]
     d = attn.to_q.out_features // attn.heads
     q = attn.to_q(hs).reshape(B, Fv * N, attn.heads, d).transpose(1, 2)
     k = attn.to_k(hs).reshape(B, Fv * N, attn.heads, d).transpose(1, 2)
     manual = q @ k.transpose(-1, -2) / math.sqrt(d)
-    torch.testing.assert_close(out.logits, manual, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.qk.logits(), manual, atol=1e-5, rtol=1e-5)
     # the output does not depend on whether logits are requested
     with torch.no_grad():
         again = model(**inp, return_logits=False)
-    assert again.logits is None
+    assert again.qk is None
     torch.testing.assert_close(again.sample, out.sample, atol=0, rtol=0)
 
 
@@ -163,8 +173,10 @@ def test_logits_are_fp32_under_autocast(dtype: torch.dtype) -> None:
     assert q.dtype == dtype  # the layer itself ran in half precision
     d = q.shape[-1] // attn.heads
     q, k = (x.float().reshape(B, -1, attn.heads, d).transpose(1, 2) for x in (q, k))
-    assert out.logits.dtype == torch.float32
-    torch.testing.assert_close(out.logits, q @ k.transpose(-1, -2) * attn.scale, atol=1e-5, rtol=1e-5)
+    assert out.qk.query.dtype == dtype  # handed out as computed (no fp32 copy of the layer's q, k)
+    logits = out.qk.logits()
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, q @ k.transpose(-1, -2) * attn.scale, atol=1e-5, rtol=1e-5)
 
 
 def test_gradient_checkpointing_keeps_logit_gradients() -> None:
@@ -175,7 +187,7 @@ def test_gradient_checkpointing_keeps_logit_gradients() -> None:
     grads = []
     for model in (model_a, model_b):
         out = model(**inp)
-        (out.logits.square().mean() + out.sample.mean()).backward()
+        (out.qk.logits().square().mean() + out.sample.mean()).backward()
         attn = model.unet.get_submodule(model.layer_name.removesuffix(".processor"))
         grads.append(attn.to_q.weight.grad.clone())
     assert grads[0].abs().sum() > 0
@@ -321,4 +333,4 @@ def test_build_model_tiny_and_pretrained_dir(tmp_path) -> None:
     out = model(z, torch.tensor([3]), plucker=camera_rays(K, E, (8, 8), 64), ref_mask=torch.tensor([[True, False]]))
     gh, gw = model.grid((8, 8))
     assert (gh, gw) == (4, 4)  # index 4 of the tiny UNet: up_blocks.0.attentions.1, after one downsampler
-    assert out.sample.shape == z.shape and out.logits.shape[-1] == 2 * gh * gw
+    assert out.sample.shape == z.shape and out.qk.shape[-1] == 2 * gh * gw

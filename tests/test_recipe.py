@@ -391,4 +391,4 @@ def test_sd21_preset_builds_the_official_recipe_on_the_sd21_unet() -> None:
         out = fake(torch.randn(B, Fv, 4, 64, 64), torch.tensor([500]), plucker=torch.randn(B, Fv, 6, 512, 512),
                    ref_mask=torch.tensor([[True, False]]), class_labels=torch.tensor([1]))
     assert out.sample.shape == (B, Fv, 4, 64, 64)
-    assert out.logits.shape == (B, 10, Fv * 32 * 32, Fv * 32 * 32) and out.logits.dtype == torch.float32
+    assert out.qk.shape == (B, 10, Fv * 32 * 32, Fv * 32 * 32) and out.qk.query.shape[-1] == 64  # 10 heads of 64

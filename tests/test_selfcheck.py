@@ -22,11 +22,9 @@ from cameo_corr.selfcheck import (
     Row,
     check_matching,
     decreasing,
-    dense_supervised_step,
     exit_code,
     format_table,
     match_backends,
-    measure_step,
     preprocess_options,
     relative_error,
     run_selfcheck,
@@ -102,16 +100,6 @@ def test_matching_check_passes_on_cpu_and_catches_a_wrong_backend(tmp_path: Path
     monkeypatch.setattr(match, "match_tokens", off_by_one)
     rows = check_matching(Context(CPU, tmp_path))
     assert [r.status for r in rows] == ["ok", "ok", "FAIL"] and "3 nn" in rows[2].result
-
-
-def test_dense_supervised_step_runs_forward_loss_and_backward_on_cpu() -> None:
-    from diffusers.models.attention_processor import Attention
-
-    attn = Attention(query_dim=32, heads=2, dim_head=16, bias=False, upcast_attention=True)
-    size = LayerSize(batch=1, views=2, grid=(4, 4), module=attn.to("meta"))
-    step = dense_supervised_step(size, CPU, query_chunk=8)
-    peak, seconds = measure_step(step, CPU, repeats=2)
-    assert peak is None and seconds > 0  # peak memory is measured on CUDA only
 
 
 def test_sd21_layer_10_size() -> None:

@@ -55,7 +55,7 @@ def make(cache: Path, **kw) -> CorrStreamDataset:
 def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert x["tag"] == y["tag"]
+        assert x["tag"] == y["tag"] and x["window_id"] == y["window_id"]
         for k in ("image", "intrinsic", "extrinsic", "num_ref", "corr_nn", "corr_mask", "corr_dist"):
             assert torch.equal(x[k], y[k]), k
 
@@ -103,6 +103,25 @@ def test_reference_order_matches_cameo_uniform_push() -> None:
         reference_order(4, 4, "uniform_push", rng)
     with pytest.raises(SchemaError, match="order"):
         reference_order(4, 1, "random", rng)
+    with pytest.raises(SchemaError, match="shuffle_prob"):
+        reference_order(4, 1, "mixed", rng, 1.5)
+
+
+def test_mixed_order_shuffles_with_the_given_probability() -> None:
+    """``mixed``: one uniform draw picks ``shuffle`` (below shuffle_prob) or ``uniform_push``, as the
+    official loop does with ``random.random() < shuffle_train_rate``; the rest of the draws follow."""
+    for p in (0.0, 1.0, 0.5):
+        for seed in range(20):
+            got = reference_order(4, 2, "mixed", np.random.default_rng(seed), p)
+            rng = np.random.default_rng(seed)
+            pick = "shuffle" if rng.random() < p else "uniform_push"
+            assert got.tolist() == reference_order(4, 2, pick, rng).tolist()
+    # frequency over many samples: shuffles that differ from the uniform_push order, F = 4, two references
+    push = reference_order(4, 2, "uniform_push", np.random.default_rng(0)).tolist()
+    n = 4000
+    rng = np.random.default_rng(1)
+    other = sum(reference_order(4, 2, "mixed", rng, 0.5).tolist() != push for _ in range(n)) / n
+    assert abs(other - 0.5 * (1 - 1 / 24)) < 0.03  # a random permutation equals the push order with p = 1/24
 
 
 # ------------------------------------------------------------------------------------ the dataset
@@ -113,7 +132,8 @@ def test_sample_contract_and_canonical_view(tiny_cache: Path) -> None:
     cache = CorrCache(tiny_cache)
     samples = list(ds)
     assert len(samples) == len(cache.window_ids()) == ds.epoch_length
-    assert Counter(s["tag"] for s in samples) == Counter(cache.window_ids())
+    assert Counter(s["window_id"] for s in samples) == Counter(cache.window_ids())
+    assert {s["tag"] for s in samples} == {"synthetic"}  # the dataset tag: not in DEFAULT_TAGS, so its own name
     for s in samples:
         assert s["image"].shape == (F, 3, 32, 32) and s["image"].dtype == torch.float32
         assert 0.0 <= float(s["image"].min()) and float(s["image"].max()) <= 1.0
@@ -122,7 +142,7 @@ def test_sample_contract_and_canonical_view(tiny_cache: Path) -> None:
         assert 1 <= s["num_ref"] <= F - 1
         # intrinsics: the cache's canonical-view intrinsics scaled to the training resolution
         # (same crop box), matched view by view through the extrinsics.
-        arrays = cache.window(s["tag"])
+        arrays = cache.window(s["window_id"])
         src = match_views(s["extrinsic"].numpy(), arrays["extrinsics"])
         expected = arrays["intrinsics"][src].copy()
         expected[:, :2] *= 32 / CROP
@@ -130,6 +150,9 @@ def test_sample_contract_and_canonical_view(tiny_cache: Path) -> None:
     batch = collate_samples(samples[:2])
     assert batch["image"].shape == (2, F, 3, 32, 32) and batch["corr_nn"].shape == (2, F, F, GRID * GRID)
     assert batch["tag"] == [samples[0]["tag"], samples[1]["tag"]] and batch["num_ref"].shape == (2,)
+    assert batch["window_id"] == [samples[0]["window_id"], samples[1]["window_id"]]
+    mapped = next(iter(make(tiny_cache, tags={"synthetic": "others", "co3d": "co3d"})))
+    assert mapped["tag"] == "others"
 
 
 def match_views(extrinsics: np.ndarray, cached: np.ndarray) -> np.ndarray:
@@ -141,7 +164,7 @@ def match_views(extrinsics: np.ndarray, cached: np.ndarray) -> np.ndarray:
     return src
 
 
-@pytest.mark.parametrize("order", ["uniform_push", "shuffle"])
+@pytest.mark.parametrize("order", ["uniform_push", "shuffle", "mixed"])
 def test_reordering_keeps_correspondences_geometric(tiny_cache: Path, order: str) -> None:
     """After the [references, targets] reordering corr_nn[i, j] still maps view i's tokens to their
     matches in view j: with the views identified independently (by camera pose), the cached token
@@ -152,7 +175,7 @@ def test_reordering_keeps_correspondences_geometric(tiny_cache: Path, order: str
     ds = make(tiny_cache, order=order, num_epochs=2)
     checked = 0
     for s in ds:
-        arrays = cache.window(s["tag"])
+        arrays = cache.window(s["window_id"])
         src = match_views(s["extrinsic"].numpy(), arrays["extrinsics"])
         points = arrays["points"].astype(np.float64).reshape(VIEWS, -1, 3)[src]  # [F, hw, 3] in sample order
         valid = arrays["valid"].reshape(VIEWS, -1)[src]
@@ -182,16 +205,16 @@ def test_same_seed_same_stream_other_seed_differs(tiny_cache: Path) -> None:
     b = list(make(tiny_cache, batch_size=2, num_epochs=2))
     assert_batches_equal(a, b)
     c = list(make(tiny_cache, batch_size=2, num_epochs=2, seed=4))
-    assert [x["tag"] for x in a] != [x["tag"] for x in c] or any(not torch.equal(x["corr_nn"], y["corr_nn"]) for x, y in zip(a, c))
+    assert [x["window_id"] for x in a] != [x["window_id"] for x in c] or any(not torch.equal(x["corr_nn"], y["corr_nn"]) for x, y in zip(a, c))
     # epochs differ in order (reshuffled) but cover the same windows
-    first, second = [t for x in a[:3] for t in x["tag"]], [t for x in a[3:] for t in x["tag"]]
+    first, second = [t for x in a[:3] for t in x["window_id"]], [t for x in a[3:] for t in x["window_id"]]
     assert sorted(first) == sorted(second)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_rank_split_disjoint_and_complete(tiny_cache: Path, world: int) -> None:
     n = len(make(tiny_cache).windows)
-    tags = [[s["tag"] for s in make(tiny_cache, rank=r, world_size=world, num_epochs=1)] for r in range(world)]
+    tags = [[s["window_id"] for s in make(tiny_cache, rank=r, world_size=world, num_epochs=1)] for r in range(world)]
     assert len({len(t) for t in tags}) == 1  # equal length per rank (DDP stays in step)
     everything = [t for ts in tags for t in ts]
     assert set(everything) == set(make(tiny_cache).windows[i].window_id for i in range(n))
@@ -235,6 +258,10 @@ def test_bad_options_raise_naming_the_field(tiny_cache: Path) -> None:
         make(tiny_cache, min_ref=F)
     with pytest.raises(SchemaError, match="rank"):
         make(tiny_cache, rank=2, world_size=2)
+    with pytest.raises(SchemaError, match="shuffle_prob"):
+        make(tiny_cache, shuffle_prob=-0.1)
+    with pytest.raises(SchemaError, match="tags"):
+        make(tiny_cache, tags={"synthetic": ""})
     with pytest.raises(DatasetError, match="no 'ok' windows"):
         make(tiny_cache, split="no-such-split")
     ds = make(tiny_cache)
@@ -258,8 +285,8 @@ def test_mask_policies_at_load_time(tiny_cache: Path) -> None:
     for tau, policy in ((0.5, "cycle"), (None, "visibility"), (3.0, "both")):
         other = list(make(tiny_cache, num_epochs=1, tau=tau, mask_policy=policy))
         for s, d in zip(other, default):
-            assert s["tag"] == d["tag"] and torch.equal(s["corr_nn"], d["corr_nn"]) and torch.equal(s["image"], d["image"])
-            arrays = cache.window(s["tag"])
+            assert s["window_id"] == d["window_id"] and torch.equal(s["corr_nn"], d["corr_nn"]) and torch.equal(s["image"], d["image"])
+            arrays = cache.window(s["window_id"])
             views = match_views(s["extrinsic"].numpy(), arrays["extrinsics"])
             expected = np.ones(arrays["mask"].shape, dtype=bool)
             if policy != "visibility":
@@ -305,3 +332,11 @@ def test_eval_batches_can_fix_their_mask(tiny_cache: Path) -> None:
                          world_size=1, num_epochs=1)
     assert eval_loader.dataset.mask_options is None
     assert_batches_equal(list(eval_loader), list(stored))
+
+
+def test_reference_count_is_uniform_like_the_official_cond_num(tiny_cache: Path) -> None:
+    """F = 4: num_ref uniform in [1, 3] (official ``random.randint(min_cond_num=1, max_cond_num=3)``)."""
+    ds = make(tiny_cache, num_views=4)
+    counts = Counter(ds.choose(0, 0, q)[1] for q in range(3000))
+    assert set(counts) == {1, 2, 3}
+    assert all(abs(c / 3000 - 1 / 3) < 0.03 for c in counts.values())

@@ -129,6 +129,10 @@ def test_presets_load_by_name_and_unknown_names_are_errors(tmp_path: Path) -> No
     assert (tiny.data.resolution, tiny.model.layer) == (64, "up_blocks.1.attentions.0")
     sd21 = load_config("sd21_cameo", ["train.max_steps=7"])
     assert (sd21.model.layer, sd21.loss.query_chunk, sd21.train.max_steps) == (10, 256, 7)
+    assert (sd21.loss.mode, sd21.data.order, sd21.data.shuffle_prob) == ("official", "mixed", 0.5)
+    for bad in ("loss.mode=global", "data.order=random", "data.shuffle_prob=1.5"):
+        with pytest.raises(SchemaError, match=bad.split("=")[0]):
+            load_config("tiny_cpu", [bad])
     with pytest.raises(SchemaError, match="no built-in config 'nope'"):
         preset_path("nope")
     with pytest.raises(SchemaError, match="loss.query_chunk"):

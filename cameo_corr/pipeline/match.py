@@ -437,11 +437,13 @@ def pair_targets(nn: "Tensor", mask: "Tensor") -> tuple["Tensor", "Tensor"]:
 
 
 def global_targets(nn: "Tensor", dist: "Tensor", mask: "Tensor") -> tuple["Tensor", "Tensor", "Tensor"]:
-    """The official code's global target per query token from cached ``nn``/``dist``/``mask``.
+    """The official code's global one-hot target per query token from cached ``nn``/``dist``/``mask``.
 
-    For query ``(i, x)``: ``view = j* = argmin_{j != i, mask[i, j, x]} dist[i, j, x]`` (lowest ``j`` on
-    ties), ``token = nn[i, j*, x]``, ``weight`` = some view ``j != i`` is masked. All three are
-    ``[..., S, hw]`` (``view``/``token`` int64 and 0 where ``weight`` is false) on ``nn``'s device.
+    For query ``(i, x)``: ``view = j* = argmin_{j != i} dist[i, j, x]`` over **all** other views, with no
+    mask restriction (lowest ``j`` on ties, non-finite distances last), ``token = nn[i, j*, x]`` (the
+    argmax of the official ``argmaxonehot`` over the negative 3D distances to every other view's tokens),
+    and ``weight = mask[i, j*, x]`` (the target row itself is supervised). All three are ``[..., S, hw]``
+    (``view``/``token`` int64 and 0 where ``weight`` is false) on ``nn``'s device.
     """
     nn = torch.as_tensor(nn)
     dist = torch.as_tensor(dist, device=nn.device)
@@ -451,11 +453,13 @@ def global_targets(nn: "Tensor", dist: "Tensor", mask: "Tensor") -> tuple["Tenso
         if t.shape != nn.shape:
             raise SchemaError(name, f"shape {tuple(t.shape)} differs from nn {tuple(nn.shape)}")
     off = ~torch.eye(S, dtype=torch.bool, device=nn.device)[:, :, None]
-    sup = mask.to(torch.bool) & off  # [..., i, j, x]
     d = dist if dist.dtype == torch.float64 else dist.to(torch.float32)
-    d = torch.where(sup, d, torch.full((), math.inf, dtype=d.dtype, device=d.device))
-    view = d.argmin(dim=-2)  # [..., i, x]; first (lowest j) among ties
-    weight = sup.any(dim=-2)
-    token = torch.gather(nn.to(torch.long), -2, view.unsqueeze(-2)).squeeze(-2)
+    big = torch.full((), torch.finfo(d.dtype).max, dtype=d.dtype, device=d.device)  # after every finite distance
+    d = torch.where(torch.isfinite(d), d, big)
+    d = torch.where(off, d, torch.full((), math.inf, dtype=d.dtype, device=d.device))  # never the query's own view
+    view = d.argmin(dim=-2, keepdim=True)  # [..., i, 1, x]; first (lowest j) among ties
+    weight = torch.gather(mask.to(torch.bool) & off, -2, view).squeeze(-2)
+    token = torch.gather(nn.to(torch.long), -2, view).squeeze(-2)
+    view = view.squeeze(-2)
     zero = torch.zeros((), dtype=torch.long, device=nn.device)
     return torch.where(weight, view, zero), torch.where(weight, token, zero), weight

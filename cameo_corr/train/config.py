@@ -54,7 +54,13 @@ class DataConfig:
     resolution: int = 64
     min_ref: int = 1
     max_ref: int | None = None
-    order: str = "uniform_push"
+    order: str = "mixed"
+    """View order policy: ``mixed`` (official: ``shuffle`` with probability ``shuffle_prob``, else
+    ``uniform_push``), ``uniform_push``, ``shuffle`` or ``capture`` (:data:`cameo_corr.train.data.ORDER_POLICIES`)."""
+    shuffle_prob: float = 0.5
+    """Probability of ``shuffle`` under ``order: mixed`` (the official ``shuffle_train_rate``)."""
+    tags: dict[str, str] | None = None
+    """Manifest ``dataset`` -> batch ``tag``; ``None``: :data:`cameo_corr.train.data.DEFAULT_TAGS`."""
     batch_size: int = 2
     shuffle_buffer: int = 64
     shard_shuffle: bool = True
@@ -122,10 +128,11 @@ class LossConfig:
 
     cameo_weight: float = 0.02
     """lambda; 0 trains the plain diffusion baseline (precision is still measured)."""
-    mode: str = "pair"
-    """``pair`` (paper: softmax per key view) or ``global`` (official code: over all other views)."""
+    mode: str = "official"
+    """``official`` (CAMEO's released code) or ``paper`` (eq. 1); see :mod:`cameo_corr.train.loss`."""
     query_chunk: int | None = None
-    """Score this many query tokens at a time (bounded memory for SD2.1-size layers, e.g. 256)."""
+    """Recompute the logits of this many supervised query rows at a time under activation checkpointing
+    (bounded memory for SD2.1-size layers, e.g. 256); ``None`` forms the full logit matrix."""
 
 
 @dataclass
@@ -389,8 +396,12 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
         raise SchemaError("data.multiprocessing_context", f"expected fork, spawn or forkserver, got {d.multiprocessing_context!r}", where=where)
     if r.mixed_precision not in ("no", "fp16", "bf16"):
         raise SchemaError("train.mixed_precision", f"expected no, fp16 or bf16, got {r.mixed_precision!r}", where=where)
-    if cfg.loss.mode not in ("pair", "global"):
-        raise SchemaError("loss.mode", f"expected pair or global, got {cfg.loss.mode!r}", where=where)
+    if cfg.loss.mode not in ("official", "paper"):
+        raise SchemaError("loss.mode", f"expected official or paper, got {cfg.loss.mode!r}", where=where)
+    if d.order not in ("mixed", "uniform_push", "shuffle", "capture"):
+        raise SchemaError("data.order", f"expected mixed, uniform_push, shuffle or capture, got {d.order!r}", where=where)
+    if not 0.0 <= d.shuffle_prob <= 1.0:
+        raise SchemaError("data.shuffle_prob", f"must be in [0, 1], got {d.shuffle_prob}", where=where)
     if cfg.loss.query_chunk is not None and cfg.loss.query_chunk < 1:
         raise SchemaError("loss.query_chunk", f"must be >= 1, got {cfg.loss.query_chunk}", where=where)
     if cfg.loss.cameo_weight < 0:

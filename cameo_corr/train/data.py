@@ -27,9 +27,11 @@ view axes of the per-pair tensors (``nn`` values stay token indices of the key v
 
 Output per sample (SPEC section 5): ``image`` float32 ``[F, 3, H, W]`` in ``[0, 1]``, ``intrinsic``
 float32 ``[F, 3, 3]`` (pixels of the training resolution), ``extrinsic`` float32 ``[F, 4, 4]``
-(world-to-camera, OpenCV, from the dataset), ``tag`` (window id), ``num_ref`` (int), ``corr_nn`` int64
-``[F, F, h*w]``, ``corr_mask`` bool ``[F, F, h*w]``, ``corr_dist`` float32 ``[F, F, h*w]``. Batches are
-collated with :func:`collate_samples` to ``[B, ...]`` (``tag`` becomes a list, ``num_ref`` ``[B]``).
+(world-to-camera, OpenCV, from the dataset), ``tag`` (the dataset tag: the manifest's ``dataset``
+mapped through ``tags``, :data:`DEFAULT_TAGS`), ``window_id`` (str), ``num_ref`` (int), ``corr_nn``
+int64 ``[F, F, h*w]``, ``corr_mask`` bool ``[F, F, h*w]``, ``corr_dist`` float32 ``[F, F, h*w]``. Batches
+are collated with :func:`collate_samples` to ``[B, ...]`` (``tag`` and ``window_id`` become lists,
+``num_ref`` ``[B]``).
 
 Reader, zarr groups and scene records are opened lazily per process (worker), and the dataset holds
 only plain Python data, so it is safe under the ``fork`` and ``spawn`` multiprocessing contexts.
@@ -56,16 +58,28 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.datasets.canonical import CanonicalView
     from cameo_corr.pipeline.cache import CorrCache
 
-ORDER_POLICIES = ("uniform_push", "shuffle", "capture")
+ORDER_POLICIES = ("mixed", "uniform_push", "shuffle", "capture")
 """How the ``F`` chosen views are reordered ``[references, targets]``:
 
+* ``mixed`` (CAMEO's training default): per sample, ``shuffle`` with probability ``shuffle_prob``
+  (the official ``shuffle_train_rate``, 0.5), ``uniform_push`` otherwise;
 * ``uniform_push`` (CAMEO's ``uniform_push_batch``): views in capture order; with one reference the
   view at index ``F // 2 - 1``, otherwise ``linspace(0, F - 1, num_ref)`` (truncated) are references;
   they are pushed to the front, the remaining views follow in capture order;
 * ``shuffle`` (CAMEO's ``shuffle_batch``): a random permutation; its first ``num_ref`` views are
   references;
 * ``capture``: capture order; the first ``num_ref`` views are references.
+
+The number of references is drawn first, uniform in ``[min_ref, max_ref]`` (the official
+``random.randint(min_cond_num, max_cond_num)``, ``[1, 3]`` for ``F = 4``), whatever the policy.
 """
+
+DEFAULT_SHUFFLE_PROB = 0.5
+"""The official ``shuffle_train_rate``."""
+
+DEFAULT_TAGS = {"re10k": "re10k", "re10k-chunks": "re10k", "co3d": "co3d"}
+"""Manifest ``dataset`` -> batch ``tag``. The tags are the keys of the official ``domain_dict``
+(``re10k`` 0, ``co3d`` 1, anything else ``others``); datasets not listed keep their own name."""
 
 _CORR_KEYS = ("nn", "mask", "dist")
 
@@ -123,10 +137,18 @@ def epoch_order(
     return np.asarray(out, dtype=np.int64)
 
 
-def reference_order(num_views: int, num_ref: int, policy: str, rng: np.random.Generator) -> np.ndarray:
-    """Permutation of ``range(num_views)`` putting the ``num_ref`` references first (see ORDER_POLICIES)."""
+def reference_order(num_views: int, num_ref: int, policy: str, rng: np.random.Generator, shuffle_prob: float = DEFAULT_SHUFFLE_PROB) -> np.ndarray:
+    """Permutation of ``range(num_views)`` putting the ``num_ref`` references first (see ORDER_POLICIES).
+
+    ``mixed`` draws one uniform number from ``rng`` to choose ``shuffle`` (below ``shuffle_prob``) or
+    ``uniform_push``; ``shuffle`` draws the permutation from ``rng``.
+    """
     if not 1 <= num_ref < num_views:
         raise SchemaError("num_ref", f"must be in [1, {num_views - 1}] for {num_views} views, got {num_ref}")
+    if policy == "mixed":
+        if not 0.0 <= shuffle_prob <= 1.0:
+            raise SchemaError("shuffle_prob", f"must be in [0, 1], got {shuffle_prob}")
+        policy = "shuffle" if rng.random() < shuffle_prob else "uniform_push"
     idx = np.arange(num_views)
     if policy == "uniform_push":
         if num_ref == 1:
@@ -142,7 +164,7 @@ def reference_order(num_views: int, num_ref: int, policy: str, rng: np.random.Ge
 
 
 def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack samples to a batch dict ``[B, ...]`` (``tag`` becomes a list of window ids)."""
+    """Stack samples to a batch dict ``[B, ...]`` (``tag`` and ``window_id`` become lists of strings)."""
     return default_collate(list(samples))
 
 
@@ -193,6 +215,9 @@ class CorrStreamDataset(IterableDataset):
         min_ref, max_ref: the number of references is uniform in ``[min_ref, max_ref]``
             (default ``[1, F - 1]``).
         order: reordering policy, one of :data:`ORDER_POLICIES`.
+        shuffle_prob: probability of ``shuffle`` under the ``mixed`` policy.
+        tags: manifest ``dataset`` -> batch ``tag`` (default :data:`DEFAULT_TAGS`; unlisted datasets
+            keep their name).
         seed: seed of every random choice.
         shard_shuffle, shuffle_buffer: shard-level shuffle and buffer size of the window shuffle.
         rank, world_size: this process's data-parallel rank and the number of ranks (pass them
@@ -218,7 +243,9 @@ class CorrStreamDataset(IterableDataset):
         resolution: int,
         min_ref: int = 1,
         max_ref: int | None = None,
-        order: str = "uniform_push",
+        order: str = "mixed",
+        shuffle_prob: float = DEFAULT_SHUFFLE_PROB,
+        tags: dict[str, str] | None = None,
         seed: int = 0,
         shard_shuffle: bool = True,
         shuffle_buffer: int = 64,
@@ -245,6 +272,8 @@ class CorrStreamDataset(IterableDataset):
         self.min_ref = int(min_ref)
         self.max_ref = self.num_views - 1 if max_ref is None else int(max_ref)
         self.order = order
+        self.shuffle_prob = float(shuffle_prob)
+        self.tags = dict(DEFAULT_TAGS if tags is None else tags)
         self.seed = int(seed)
         self.shard_shuffle = bool(shard_shuffle)
         self.shuffle_buffer = int(shuffle_buffer)
@@ -300,6 +329,11 @@ class CorrStreamDataset(IterableDataset):
             raise SchemaError("min_ref", f"need 1 <= min_ref <= max_ref <= num_views - 1, got {self.min_ref}, {self.max_ref}, F={self.num_views}")
         if self.order not in ORDER_POLICIES:
             raise SchemaError("order", f"unknown policy {self.order!r}; expected one of {ORDER_POLICIES}")
+        if not 0.0 <= self.shuffle_prob <= 1.0:
+            raise SchemaError("shuffle_prob", f"must be in [0, 1], got {self.shuffle_prob}")
+        bad = [k for k, v in self.tags.items() if not isinstance(k, str) or not isinstance(v, str) or not v]
+        if bad:
+            raise SchemaError("tags", f"expected a mapping of dataset names to non-empty tag strings, got {bad[0]!r}: {self.tags[bad[0]]!r}")
         if not 0 <= self.rank < self.world_size:
             raise SchemaError("rank", f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
         if self.resolution <= 0:
@@ -383,7 +417,7 @@ class CorrStreamDataset(IterableDataset):
         S = len(self.windows[window].frame_ids)
         chosen = np.sort(rng.choice(S, size=self.num_views, replace=False))
         num_ref = int(rng.integers(self.min_ref, self.max_ref + 1))
-        return chosen[reference_order(self.num_views, num_ref, self.order, rng)], num_ref
+        return chosen[reference_order(self.num_views, num_ref, self.order, rng, self.shuffle_prob)], num_ref
 
     def sample(self, window: int, epoch: int = 0, q: int = 0) -> dict[str, Any]:
         """The training sample of window index ``window`` at padded epoch index ``q`` of ``epoch``."""
@@ -416,7 +450,8 @@ class CorrStreamDataset(IterableDataset):
             "image": image,
             "intrinsic": torch.from_numpy(np.asarray(data.intrinsics, dtype=np.float32)),
             "extrinsic": torch.from_numpy(np.asarray(data.extrinsics, dtype=np.float32)),
-            "tag": win.window_id,
+            "tag": self.tags.get(win.dataset, win.dataset),
+            "window_id": win.window_id,
             "num_ref": num_ref,
             "corr_nn": torch.from_numpy(corr["nn"].astype(np.int64)),
             "corr_mask": torch.from_numpy(corr["mask"].astype(np.bool_)),

@@ -6,8 +6,9 @@ timestep per sample; references stay clean (conditioned on timestep 0, or on the
 with ``model.ref_timestep: sample`` as the official code does), targets are noised by the
 ``DDPMScheduler``; camera rays (``model.camera_norm``) are dropped with probability ``model.cond_dropout``
 per sample or per batch; the dataset ``tag`` selects the domain label (``model.domain_dict``); the
-multi-view UNet predicts ``v`` (or epsilon/sample per config) and returns the
-pre-softmax logits of the supervised layer. The loss is the diffusion MSE over target views plus
+multi-view UNet predicts ``v`` (or epsilon/sample per config) and returns the queries and keys of the
+supervised layer (the loss recomputes their logits, in ``loss.query_chunk`` chunks when set). The loss
+is the diffusion MSE over target views plus
 ``cameo_weight`` times the CAMEO loss (fp32, computed by :func:`cameo_corr.train.loss.cameo_loss`).
 The attention correspondence precision of the supervised layer (head-mean attention, per key view,
 argmax within one token of the cached target) is logged with both losses.
@@ -205,14 +206,15 @@ def compute_losses(
     err = (out.sample.float() - target.float()).pow(2).mean(dim=(2, 3, 4))  # [B, F]
     diffusion = err[~ref_mask].mean()
     if head_mlp is not None:
-        cameo = cameo_loss(out.logits, batch["corr_nn"], batch["corr_mask"], batch["corr_dist"], head_mlp, mode=cfg.loss.mode,
-                           query_chunk=cfg.loss.query_chunk)
+        cameo = cameo_loss(out.qk, batch["corr_nn"], batch["corr_mask"], batch["corr_dist"], head_mlp, mode=cfg.loss.mode,
+                           ref_views=ref_mask, query_chunk=cfg.loss.query_chunk)
         loss = diffusion + cfg.loss.cameo_weight * cameo
     else:
         cameo = torch.full((), float("nan"), device=device)
         loss = diffusion
     with torch.no_grad():
-        precision = attention_precision(out.logits.detach().float(), batch["corr_nn"], batch["corr_mask"], grid, logits=True)
+        precision = attention_precision(out.qk.detach(), batch["corr_nn"], batch["corr_mask"], grid,
+                                        query_chunk=cfg.loss.query_chunk)
     return {"loss": loss, "diffusion": diffusion.detach(), "cameo": cameo.detach(), "precision": precision.detach()}
 
 
@@ -255,6 +257,8 @@ def make_loader(cfg: TrainConfig, *, cache: str, rank: int, world_size: int, spl
         min_ref=d.min_ref,
         max_ref=d.max_ref,
         order=d.order,
+        shuffle_prob=d.shuffle_prob,
+        tags=d.tags,
         seed=d.seed if seed is None else seed,
         shard_shuffle=d.shard_shuffle,
         shuffle_buffer=d.shuffle_buffer,

@@ -15,7 +15,7 @@ Public API (signatures are part of the trainer contract)::
     class LatentCodec / IdentityCodec(factor=8) / VAECodec(vae, chunk=16)
         encode(images [B, F, 3, H, W] in [0, 1]) -> latents [B, F, C, h, w]; decode(latents) -> images
         latent_size((H, W)) -> (h, w)
-    class MultiViewOutput(NamedTuple): sample [B, F, C, h, w]; logits [B, heads, F*N, F*N] | None
+    class MultiViewOutput(NamedTuple): sample [B, F, C, h, w]; qk: QueryKey | None (q, k [B, heads, F*N, d], scale)
     class MultiViewUNet(nn.Module):
         __init__(unet, *, layer: str | int, camera_dropout=0.1, null_tokens=1, qk_norm=False,
                  no_text_cross_attn=False, frame_local_width=None, domain_dict=None, cond_encoder="latent",
@@ -36,11 +36,12 @@ MVGenMaster style), except the layers of width ``frame_local_width``, which atte
 (diffusers' ``AttnProcessor2_0``). Cross-attention layers (``attn2``) keep diffusers' default processor. Views of a
 sample must be consecutive in the UNet batch, which :class:`MultiViewUNet` guarantees.
 
-Supervised layer. One self-attention layer computes its attention explicitly (``q k^T * scale`` and softmax
-in fp32, autocast off) and hands its pre-softmax per-head logits ``[B, heads, F*N, F*N]`` (fp32) to the
-caller; the others use ``F.scaled_dot_product_attention``. The explicit path is used for that layer on every call, so the
-network output does not depend on whether logits are requested, and gradient-checkpoint recomputation
-sees the same graph.
+Supervised layer. Like every layer it attends with ``F.scaled_dot_product_attention`` (so the
+``[B, heads, F*N, F*N]`` logit matrix is never formed); it hands its queries and keys (after
+``norm_q``/``norm_k``, with their graph) and scale to the caller as a
+:class:`cameo_corr.train.loss.QueryKey`, whose logits ``q k^T * scale`` the CAMEO loss recomputes in
+fp32, chunk by chunk. The network output does not depend on whether they are requested, and
+gradient-checkpoint recomputation sees the same graph.
 
 Layer index. CAMEO addresses layers by their position in ``sorted(unet.attn_processors)`` of a UNet
 without text cross-attention, i.e. in the lexicographically sorted names of the self-attention
@@ -84,6 +85,7 @@ from torch import Tensor, nn
 from cameo_corr.pipeline.backends.geometry import invert_rigid
 from cameo_corr.schemas import SchemaError, as_grid
 from cameo_corr.train.config import CAMERA_NORMS, COND_ENCODERS, check_domain_dict
+from cameo_corr.train.loss import QueryKey
 
 __all__ = [
     "SD21_UNET_CONFIG",
@@ -388,21 +390,20 @@ class _MultiViewState:
 
     num_views: int = 1
     recording: bool = False
-    logits: Tensor | None = None
+    qk: QueryKey | None = None
 
 
 class MultiViewAttnProcessor:
     """Self-attention over the tokens of all views of a sample (``[B*F, N, C] -> [B, F*N, C]``).
 
-    With ``explicit=True`` the attention is computed as ``softmax(q k^T * scale)`` (logits and softmax
-    in fp32, also under autocast) and, while the owning model records, the pre-softmax logits
-    ``[B, heads, F*N, F*N]`` are stored in the shared state; otherwise ``F.scaled_dot_product_attention``
-    is used.
+    Attention is ``F.scaled_dot_product_attention``. With ``supervised=True``, while the owning model
+    records, the layer's queries and keys ``[B, heads, F*N, d]`` (after ``norm_q``/``norm_k``) and its
+    scale are stored in the shared state as a :class:`~cameo_corr.train.loss.QueryKey`.
     """
 
-    def __init__(self, state: _MultiViewState, *, explicit: bool = False) -> None:
+    def __init__(self, state: _MultiViewState, *, supervised: bool = False) -> None:
         self.state = state
-        self.explicit = explicit
+        self.supervised = supervised
 
     def __call__(
         self,
@@ -446,18 +447,9 @@ class MultiViewAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if self.explicit:
-            # fp32 logits with autocast off: under bf16/fp16 autocast a matmul runs in half precision
-            # even on fp32 inputs, which would coarsen the logits the fp32 CAMEO loss is computed on
-            # and overflow fp16 for SD2.1 (the reason for its upcast_attention).
-            with torch.autocast(device_type=query.device.type, enabled=False):
-                logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
-            probs = logits.softmax(dim=-1).to(value.dtype)
-            out = torch.matmul(probs, value)
-            if self.state.recording:
-                self.state.logits = logits
-        else:
-            out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=attn.scale)
+        if self.supervised and self.state.recording:
+            self.state.qk = QueryKey(query, key, float(attn.scale))
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=attn.scale)
 
         out = out.transpose(1, 2).reshape(bf, n, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[0](out)
@@ -557,12 +549,13 @@ def domain_labels(tags: Sequence[str], domain_dict: Mapping[str, int], device: t
 
 # -------------------------------------------------------------------------------------- model
 class MultiViewOutput(NamedTuple):
-    """Output of :class:`MultiViewUNet`: the prediction and the supervised layer's logits."""
+    """Output of :class:`MultiViewUNet`: the prediction and the supervised layer's queries and keys."""
 
     sample: Tensor
     """``[B, F, C, h, w]`` model prediction (noise or velocity, per the caller's scheduler)."""
-    logits: Tensor | None
-    """``[B, heads, F*N, F*N]`` pre-softmax logits of the supervised layer (``None`` if not requested)."""
+    qk: QueryKey | None
+    """Queries and keys ``[B, heads, F*N, d]`` and scale of the supervised layer; ``qk.logits()`` are its
+    ``[B, heads, F*N, F*N]`` pre-softmax logits in fp32 (``None`` if not requested)."""
 
 
 class MultiViewUNet(nn.Module):
@@ -625,7 +618,7 @@ class MultiViewUNet(nn.Module):
             if name in self.frame_local_layers:
                 processors[name] = AttnProcessor2_0()
             else:
-                processors[name] = MultiViewAttnProcessor(self._state, explicit=name == self.layer_name)
+                processors[name] = MultiViewAttnProcessor(self._state, supervised=name == self.layer_name)
         unet.set_attn_processor(processors)
         unet.conv_in = _CameraConvIn(unet.conv_in, cond_encoder)
         param = unet.conv_in.conv.weight
@@ -752,22 +745,22 @@ class MultiViewUNet(nn.Module):
 
         state = self._state
         conv_in = self.unet.conv_in
-        state.num_views, state.recording, state.logits = Fv, return_logits, None
+        state.num_views, state.recording, state.qk = Fv, return_logits, None
         conv_in.pending = cond.flatten(0, 1)
         try:
             sample = self.unet(latents.flatten(0, 1), t, encoder_hidden_states=None if ehs is None else ehs.to(dtype),
                                class_labels=labels, return_dict=False)[0]
-            logits = state.logits
+            qk = state.qk
         finally:
-            state.recording, state.logits = False, None
+            state.recording, state.qk = False, None
             conv_in.pending = None
         if return_logits:
             gh, gw = self.grid((h, w))
             expected = (B, self.heads, Fv * gh * gw, Fv * gh * gw)
-            if logits is None or tuple(logits.shape) != expected:
-                got = None if logits is None else tuple(logits.shape)
+            if qk is None or tuple(qk.shape) != expected:
+                got = None if qk is None else tuple(qk.shape)
                 raise RuntimeError(f"supervised layer {self.layer_name} produced logits {got}, expected {expected}")
-        return MultiViewOutput(sample.unflatten(0, (B, Fv)), logits)
+        return MultiViewOutput(sample.unflatten(0, (B, Fv)), qk)
 
 
 # -------------------------------------------------------------------------------------- builder
