@@ -28,7 +28,7 @@ from cameo_corr.cli import main as cli_main  # noqa: E402
 from cameo_corr.datasets.base import open_dataset  # noqa: E402
 from cameo_corr.pipeline.cache import CacheMismatchError, CorrCache, drop_shards, fragment_names, shard_dir  # noqa: E402
 from cameo_corr.pipeline.cache_tools import verify_cache  # noqa: E402
-from cameo_corr.pipeline.ray_job import planned_table, preflight_backend, run_preprocess, window_record  # noqa: E402
+from cameo_corr.pipeline.ray_job import preflight_backend, run_preprocess, window_record  # noqa: E402
 from cameo_corr.schemas import DatasetError, SchemaError  # noqa: E402
 
 RUN = dict(backend="depth", grid=8, views=3, windows_per_scene=2, crop_size=48, shard_size=2, progress=False)
@@ -120,14 +120,14 @@ def test_arrays_equal_the_pipeline_functions_called_directly(clean, dataset, ref
 
 
 def test_planned_table_rebuilds_the_planner_records(dataset):
-    from cameo_corr.pipeline.planner import default_plan_config, plan_windows, PlannedWindow
-    from cameo_corr.schemas import WindowRecord
+    from cameo_corr.pipeline.planner import default_plan_config, plan_table, plan_windows
 
     reader = open_dataset("synthetic", dataset)
-    planned = plan_windows(reader, default_plan_config("synthetic", views=3, windows_per_scene=2), {"x": 1})
-    planned.append(PlannedWindow(WindowRecord("wfail", "synthetic", reader.split, "gone", ()), error="DatasetError: gone"))
-    table = planned_table(planned)
+    plan = default_plan_config("synthetic", views=3, windows_per_scene=2)
+    planned = plan_windows(reader, plan, {"x": 1}, scene_ids=[*reader.scene_ids(), "gone"])
+    table = plan_table(reader, plan, {"x": 1}, scene_ids=[*reader.scene_ids(), "gone"])
     assert table.schema.field("frame_ids").type.value_type == "string" and table.num_rows == len(planned)
+    assert planned[-1].error and "gone" in planned[-1].error
     key = json.dumps(reader.describe(), sort_keys=True, default=str)
     for w, row in zip(planned, table.to_pylist()):
         got = window_record(key, row)
