@@ -214,6 +214,7 @@ def test_manifest_consolidation_sorted_and_readers_merge_newer_fragments(tmp_pat
     writer.write_shard("b", outcomes([5, 1]))
     writer.write_shard("a", outcomes([3, 4], failed=(4,)))
     before = sorted(map(str, read_manifest(writer.location).to_pylist()))
+    fragment_a = (path / fragment_path("a")).read_bytes()
     info = writer.consolidate()
     assert info["fragments"] == ["a", "b"] and info["rows"] == 4
     assert sorted(p.name for p in (path / "manifest").iterdir()) == ["compact-000001-00000.parquet", "consolidated.json"]
@@ -232,6 +233,8 @@ def test_manifest_consolidation_sorted_and_readers_merge_newer_fragments(tmp_pat
     assert np.array_equal(cache.window(record(7).window_id)["nn"], token_arrays(7)["nn"])
     assert cache.row(record(4).window_id)["status"] == "failed"
     # a crash after writing consolidated.json but before deleting fragments: no duplicate rows
+    (path / fragment_path("a")).write_bytes(fragment_a)
+    assert len(writer.done_window_ids()) == 5 == len(set(writer.done_window_ids().to_pylist()))
     info2 = consolidate_manifest(writer.location)
     assert info2["files"] == ["compact-000002-00000.parquet"] and info2["rows"] == 5
     assert json.loads((path / CONSOLIDATED_FILE).read_text())["fragments"] == ["a", "b", "c"]
@@ -570,6 +573,9 @@ def test_repair_missing_shards_and_drop_failed_rows(tmp_path, compact):
     assert sorted(writer.drop_failed_rows()) == [record(1).window_id, record(3).window_id]
     assert writer.done_window_ids().to_pylist() == [record(0).window_id]
     assert writer.drop_failed_rows() == [] and writer.repair_missing_shards() == []
-    writer.write_shard("b", outcomes([2, 3]))  # redone
+    writer.write_shard("b", outcomes([2, 3]))  # redone: the same shard id commits again
     cache = CorrCache(path)
     assert cache.window_ids() == sorted(record(i).window_id for i in (0, 2, 3))
+    assert len(writer.done_window_ids()) == 3  # window 1's failed row was superseded and not redone here
+    writer.consolidate()
+    assert CorrCache(path).window_ids() == sorted(record(i).window_id for i in (0, 2, 3)) and len(writer.done_window_ids()) == 3

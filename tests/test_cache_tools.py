@@ -209,9 +209,9 @@ def test_compact_cli(small_cache, capsys):
 )
 def test_cache_cli_input_errors_are_one_line(small_cache, tmp_path, capsys, argv, code, message):
     """In process: an exception escaping the handler would fail the test, as a traceback would."""
-    empty = tmp_path / "empty"
-    CacheWriter(empty, config()).initialize()
-    (empty / "shards").mkdir()
+    empty = tmp_path / "empty"  # cache.json but no rows (e.g. every row dropped by a repair)
+    (empty / "shards").mkdir(parents=True)
+    (empty / "cache.json").write_text(config().to_json())
     failed = tmp_path / "failed"
     writer = CacheWriter(failed, config())
     writer.initialize()

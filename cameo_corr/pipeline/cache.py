@@ -282,12 +282,14 @@ def read_consolidation(location: CacheLocation) -> dict[str, Any]:
 
 
 def fragment_names(location: CacheLocation, consolidation: Mapping[str, Any] | None = None) -> list[str]:
-    """Names of the finished manifest fragments not yet merged into the consolidated files, sorted."""
-    merged = set((read_consolidation(location) if consolidation is None else consolidation)["fragments"])
-    return [
-        n for n in location.listdir(MANIFEST_DIR)
-        if n.startswith("part-") and n.endswith(".parquet") and _fragment_shard(n) not in merged
-    ]
+    """Names of the manifest fragment files present (``part-<shard_id>.parquet``), sorted.
+
+    A fragment whose shard is listed as merged in ``consolidated.json`` is either left over by a
+    consolidation that died before deleting it (its rows are all in the compact files) or the new
+    fragment of a shard id committed again after its rows were dropped (repair, retry of failed
+    windows); :func:`read_manifest` keeps only the rows of such a fragment that the compact files lack.
+    """
+    return [n for n in location.listdir(MANIFEST_DIR) if n.startswith("part-") and n.endswith(".parquet")]
 
 
 def finished_shard_ids(location: CacheLocation) -> set[str]:
@@ -305,23 +307,42 @@ def read_manifest(location: CacheLocation, columns: Sequence[str] | None = None,
     which reads as null. An empty table when the cache has no rows.
     """
     import pyarrow as pa
-    import pyarrow.dataset as pads
 
     schema = manifest_schema()
     if columns is not None:
         schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
     info = read_consolidation(location)
+    merged = set(info["fragments"])
+    fragments = fragment_names(location, info)
     paths = [location.path(MANIFEST_DIR, n) for n in info["files"]]
-    paths += [location.path(MANIFEST_DIR, n) for n in fragment_names(location, info)]
+    paths += [location.path(MANIFEST_DIR, n) for n in fragments if _fragment_shard(n) not in merged]
+    again = [location.path(MANIFEST_DIR, n) for n in fragments if _fragment_shard(n) in merged]
+    table = _read_parquet(location, paths, schema, filter)
+    if again:  # rows the compact files already hold are dropped (see fragment_names)
+        import pyarrow.compute as pc
+
+        extra = _read_parquet(location, again, schema, filter)
+        if "window_id" in schema.names and extra.num_rows:
+            compact = _read_parquet(location, [location.path(MANIFEST_DIR, n) for n in info["files"]],
+                                    pa.schema([manifest_schema().field("window_id")]), pc.field("window_id").isin(extra.column("window_id")))
+            extra = extra.filter(pc.invert(pc.is_in(extra.column("window_id"), value_set=compact.column("window_id"))))
+        table = pa.concat_tables([table, extra])
+    return table.replace_schema_metadata(schema.metadata)
+
+
+def _read_parquet(location: CacheLocation, paths: list[str], schema: "pa.Schema", filter: Any) -> "pa.Table":
+    """Columns ``schema`` of the manifest files ``paths`` (empty table when none)."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
     if not paths:
         return schema.empty_table()
     try:
         dataset = pads.dataset(paths, format="parquet", filesystem=location.fs, schema=manifest_schema())
         # many small fragments (a job that died before consolidating): read ahead many files at once
-        table = dataset.to_table(columns=list(schema.names), filter=filter, fragment_readahead=MANIFEST_READAHEAD)
+        return dataset.to_table(columns=list(schema.names), filter=filter, fragment_readahead=MANIFEST_READAHEAD)
     except (pa.ArrowInvalid, OSError) as e:
         raise DatasetError(location.url(MANIFEST_DIR), f"cannot read the manifest: {e}") from e
-    return table.replace_schema_metadata(schema.metadata)
 
 
 def _parquet_bytes(table: "pa.Table", row_group_size: int) -> bytes:
@@ -686,6 +707,8 @@ class CacheWriter:
         if shard_id in read_consolidation(self.location)["fragments"]:
             ids = [o.record.window_id for o in outcomes]
             table = read_manifest(self.location, filter=pc.field("window_id").isin(ids))
+            if table.num_rows == 0:  # all its rows were dropped (repair, retry of failed windows): redo it
+                return None
             order = {w: i for i, w in enumerate(ids)}
             got = table.column("window_id").to_pylist()
             return table.take(pa.array(sorted(range(len(got)), key=lambda i: order[got[i]]), pa.int64()))
