@@ -145,20 +145,163 @@ def test_write_read_roundtrip(cache_path):
         cache.row("nope")
     group = cache.open_shard("aaaa")
     assert group.attrs["window_ids"] == [record(0).window_id, record(2).window_id]
-    assert group["nn"].shards == group["nn"].shape and group["nn"].chunks[0] == 1
+    assert group["nn"].shards == group["nn"].shape and group["nn"].chunks[0] == 2  # min(CHUNK_WINDOWS, W)
 
 
-def test_one_shard_file_per_array_zstd(tmp_path):
+def test_one_file_per_shard_checksummed_consolidated(tmp_path):
+    import zipfile
+
     writer = CacheWriter(tmp_path / "c", config())
     writer.initialize()
-    writer.write_shard("s1", outcomes([0, 1, 2]))
-    arr = zarr.open_array(str(tmp_path / "c" / "shards" / "s1.zarr" / "dist"), mode="r")
-    assert arr.shards == (3, VIEWS, VIEWS, 16)
-    meta = json.loads((tmp_path / "c" / "shards" / "s1.zarr" / "dist" / "zarr.json").read_text())
-    codecs = meta["codecs"][0]["configuration"]["codecs"]
-    assert any(c["name"] == "zstd" for c in codecs)
-    chunk_files = [p for p in (tmp_path / "c" / "shards" / "s1.zarr" / "dist").rglob("*") if p.is_file() and p.name != "zarr.json"]
-    assert len(chunk_files) == 1
+    rows = writer.write_shard("s1", outcomes([0, 1, 2]))
+    shards = list((tmp_path / "c" / "shards").iterdir())
+    assert [p.name for p in shards] == ["s1.zarr.zip"] and shards[0].is_file()
+    assert rows.column("shard_bytes").to_pylist() == [shards[0].stat().st_size] * 3
+    with zipfile.ZipFile(shards[0]) as zf:
+        names = zf.namelist()
+        meta = json.loads(zf.read("zarr.json"))
+        dist = json.loads(zf.read("dist/zarr.json"))
+    assert len([n for n in names if "/c/" in n]) == len(CACHE_ARRAYS)  # one zarr shard object per array
+    assert set(meta["consolidated_metadata"]["metadata"]) == set(CACHE_ARRAYS)
+    assert meta["attributes"]["frame_ids"][1] == record(1).frame_ids
+    inner = [c["name"] for c in dist["codecs"][0]["configuration"]["codecs"]]
+    assert inner[-2:] == ["zstd", "crc32c"]  # checksum of the compressed bytes
+    arr = CorrCache(tmp_path / "c").open_shard("s1")["dist"]
+    assert arr.shards == (3, VIEWS, VIEWS, 16) and arr.chunks[0] == 3
+
+
+def _flip_chunk_byte(path, array: str, offset: int = 5) -> None:
+    """Flip one byte of the first inner chunk (window row 0) of ``array`` in a shard zip file."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        (info,) = [i for i in zf.infolist() if i.filename.startswith(f"{array}/c/")]
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("array", ["points", "dist", "extrinsics", "mask"])
+def test_flipped_byte_raises_naming_cache_shard_array_window(tmp_path, array):
+    from cameo_corr.pipeline.cache import CHUNK_WINDOWS, CorruptCacheError
+
+    writer = CacheWriter(tmp_path / "c", config())
+    writer.initialize()
+    writer.write_shard("s1", outcomes(range(CHUNK_WINDOWS + 1)))
+    _flip_chunk_byte(tmp_path / "c" / shard_dir("s1"), array)  # the chunk of windows 0..7
+    cache = CorrCache(tmp_path / "c")
+    with pytest.raises(CorruptCacheError) as info:
+        cache.window(record(0).window_id)
+    e = info.value
+    assert (e.shard, e.array, e.window) == ("s1", array, record(0).window_id)
+    assert str(tmp_path / "c") in str(e) and array in str(e) and record(0).window_id in str(e)
+    last = record(CHUNK_WINDOWS).window_id  # in the next chunk: intact
+    assert np.array_equal(cache.window(last)[array], token_arrays(CHUNK_WINDOWS)[array])
+    bad = cache.corrupt_windows("s1")
+    assert [(b.array, b.window) for b in bad] == [(array, record(i).window_id) for i in range(CHUNK_WINDOWS)]
+    with pytest.raises(CorruptCacheError, match=record(0).window_id):
+        cache.read_shard("s1", [array])
+
+
+def test_manifest_consolidation_sorted_and_readers_merge_newer_fragments(tmp_path):
+    import pyarrow.parquet as pq
+
+    from cameo_corr.pipeline.cache import CONSOLIDATED_FILE, consolidate_manifest, finished_shard_ids
+
+    path = tmp_path / "c"
+    writer = CacheWriter(path, config())
+    writer.initialize()
+    writer.write_shard("b", outcomes([5, 1]))
+    writer.write_shard("a", outcomes([3, 4], failed=(4,)))
+    before = sorted(map(str, read_manifest(writer.location).to_pylist()))
+    fragment_a = (path / fragment_path("a")).read_bytes()
+    info = writer.consolidate()
+    assert info["fragments"] == ["a", "b"] and info["rows"] == 4
+    assert sorted(p.name for p in (path / "manifest").iterdir()) == ["compact-000001-00000.parquet", "consolidated.json"]
+    compact = pq.read_table(path / "manifest" / info["files"][0])
+    assert compact.column("window_id").to_pylist() == sorted(compact.column("window_id").to_pylist())
+    assert sorted(map(str, read_manifest(writer.location).to_pylist())) == before
+    assert finished_shard_ids(writer.location) == {"a", "b"}
+    assert writer.remove_orphans() == []  # consolidated shards are finished, not orphans
+    shard_file = (path / shard_dir("a")).read_bytes()
+    rows = writer.write_shard("a", outcomes([3, 4]))  # finished: rows returned from the consolidated file
+    assert rows.column("window_id").to_pylist() == [record(3).window_id, record(4).window_id]
+    assert (path / shard_dir("a")).read_bytes() == shard_file and not (path / fragment_path("a")).exists()
+    writer.write_shard("c", outcomes([7]))  # newer than the consolidation: a pending fragment
+    cache = CorrCache(path)
+    assert cache.window_ids() == sorted(record(i).window_id for i in (1, 3, 5, 7))
+    assert np.array_equal(cache.window(record(7).window_id)["nn"], token_arrays(7)["nn"])
+    assert cache.row(record(4).window_id)["status"] == "failed"
+    # a crash after writing consolidated.json but before deleting fragments: no duplicate rows
+    (path / fragment_path("a")).write_bytes(fragment_a)
+    assert len(writer.done_window_ids()) == 5 == len(set(writer.done_window_ids().to_pylist()))
+    info2 = consolidate_manifest(writer.location)
+    assert info2["files"] == ["compact-000002-00000.parquet"] and info2["rows"] == 5
+    assert json.loads((path / CONSOLIDATED_FILE).read_text())["fragments"] == ["a", "b", "c"]
+    assert len(set(writer.done_window_ids().to_pylist())) == len(writer.done_window_ids()) == 5
+
+
+def _write_v1_shard(path, shard_id: str, ids: list[int]) -> None:
+    """A schema version 1 shard + fragment, written the way version 1 wrote them (directory group)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from zarr.codecs import ZstdCodec
+
+    group = zarr.open_group(str(path / "shards" / f"{shard_id}.zarr"), mode="w",
+                            attributes={"shard_id": shard_id, "window_ids": [record(i).window_id for i in ids], "schema_version": 1})
+    for name in CACHE_ARRAYS:
+        values = np.stack([token_arrays(i)[name] for i in ids])
+        group.create_array(name, data=values, chunks=(1, *values.shape[1:]), shards=values.shape,
+                           compressors=ZstdCodec(level=3), fill_value=0)
+    rows = [dict(window_id=record(i).window_id, dataset="synthetic", split="train", scene_id=record(i).scene_id,
+                 frame_ids=record(i).frame_ids, image_paths=record(i).image_paths, shard=shard_id, row=r, num_views=VIEWS,
+                 valid_frac=window_fractions(token_arrays(i))[0], mask_frac=window_fractions(token_arrays(i))[1],
+                 status="ok", error=None) for r, i in enumerate(ids)]
+    v1_schema = pa.schema([f for f in manifest_schema() if f.name != "shard_bytes"])
+    (path / "manifest").mkdir(exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=v1_schema), path / fragment_path(shard_id))
+
+
+@pytest.fixture
+def v1_cache(tmp_path):
+    path = tmp_path / "v1"
+    path.mkdir()
+    (path / "cache.json").write_text(config(schema_version=1).to_json())
+    _write_v1_shard(path, "s1", [0, 1])
+    _write_v1_shard(path, "s2", [2])
+    return path
+
+
+def test_version1_cache_stays_readable(v1_cache):
+    cache = CorrCache(v1_cache)
+    assert cache.version == 1
+    assert cache.window_ids() == sorted(record(i).window_id for i in range(3))
+    for i in range(3):
+        got = cache.window(record(i).window_id)
+        assert all(np.array_equal(got[n], v) for n, v in token_arrays(i).items())
+    assert cache.shard_windows("s1")["frame_ids"] == [record(0).frame_ids, record(1).frame_ids]
+    assert cache.manifest(None).column("shard_bytes").null_count == 3
+    with pytest.raises(CacheMismatchError, match="cache migrate"):
+        CacheWriter(v1_cache, config()).initialize()
+
+
+def test_migrate_keeps_values_and_window_ids(v1_cache, tmp_path):
+    from cameo_corr.pipeline.cache import migrate_cache
+
+    counts = migrate_cache(v1_cache, tmp_path / "v2")
+    assert counts == {"shards": 2, "windows": 3}
+    old, new = CorrCache(v1_cache), CorrCache(tmp_path / "v2")
+    assert new.version == 2 and new.config.fingerprint() == old.config.fingerprint()
+    assert new.window_ids() == old.window_ids()
+    for wid in old.window_ids():
+        a, b = old.window(wid), new.window(wid)
+        assert all(np.array_equal(a[n], b[n]) for n in CACHE_ARRAYS)
+        assert {k: v for k, v in new.row(wid).items() if k != "shard_bytes"} == {
+            k: v for k, v in old.row(wid).items() if k != "shard_bytes"}
+    assert new.row(record(0).window_id)["shard_bytes"] == (tmp_path / "v2" / shard_dir("s1")).stat().st_size
+    CacheWriter(tmp_path / "v2", new.config).initialize()  # a version 2 run may now write into it
+    with pytest.raises(SchemaError, match="only version 1"):
+        migrate_cache(tmp_path / "v2", tmp_path / "v3")
 
 
 def test_pickled_cache_reads_in_another_process_style(tmp_path):
@@ -214,7 +357,7 @@ def test_orphans_removed_and_finished_shards_kept(tmp_path):
     writer = CacheWriter(path, config())
     writer.initialize()
     writer.write_shard("done", outcomes([0]))
-    done_bytes = (path / shard_dir("done") / "nn" / "c" / "0" / "0" / "0" / "0").read_bytes()
+    done_bytes = (path / shard_dir("done")).read_bytes()
     # what killed workers leave: a half-written tmp group, a renamed group without fragment,
     # a tmp fragment
     writer.write_shard("nofrag", outcomes([1]))
@@ -226,13 +369,13 @@ def test_orphans_removed_and_finished_shards_kept(tmp_path):
     cache = CorrCache(path)
     assert cache.window_ids() == [record(0).window_id]  # nothing without a fragment is visible
     removed = writer.remove_orphans()
-    assert sorted(removed) == sorted(["shards/.tmp-half-1234abcd.zarr", "manifest/.tmp-part-x.parquet-1234", "shards/nofrag.zarr"])
-    assert (path / shard_dir("done")).is_dir()
+    assert sorted(removed) == sorted(["shards/.tmp-half-1234abcd.zarr", "manifest/.tmp-part-x.parquet-1234", "shards/nofrag.zarr.zip"])
+    assert (path / shard_dir("done")).is_file()
     # a finished shard is never rewritten, even when asked to
     rows = writer.write_shard("done", outcomes([5]))
     assert rows.column("window_id").to_pylist() == [record(0).window_id]
-    assert (path / shard_dir("done") / "nn" / "c" / "0" / "0" / "0" / "0").read_bytes() == done_bytes
-    assert set(writer.done_window_ids().to_pylist()) == {record(0).window_id}
+    assert (path / shard_dir("done")).read_bytes() == done_bytes
+    assert writer.done_window_ids().to_pylist() == [record(0).window_id]
 
 
 def test_all_failed_shard_has_fragment_only(tmp_path):
@@ -358,7 +501,7 @@ def test_object_store_moves_shard_groups_file_by_file(object_store):
     writer.write_shard("aaaa-stale", outcomes([2]))
     writer.location.remove(fragment_path("aaaa-stale"))  # a renamed group without fragment: replaced on rewrite
     writer.write_shard("aaaa-stale", outcomes([2]))
-    assert writer.location.listdir("shards") == ["aaaa-stale.zarr", "aaaa.zarr"]  # no temporary group left
+    assert writer.location.listdir("shards") == ["aaaa-stale.zarr.zip", "aaaa.zarr.zip"]  # no temporary file left
     cache = CorrCache(object_store_url)
     assert sorted(cache.window_ids()) == [record(i).window_id for i in (0, 1, 2)]
     for i in (0, 1, 2):
@@ -374,7 +517,7 @@ def test_object_store_listings_see_other_writers(object_store):
     driver = CacheWriter(url, config())
     driver.initialize()
     driver.write_shard("first", outcomes([0]))
-    assert driver.remove_orphans() == [] and set(driver.done_window_ids().to_pylist()) == {record(0).window_id}
+    assert driver.remove_orphans() == [] and driver.done_window_ids().to_pylist() == [record(0).window_id]
     cls.clear_instance_cache()  # a worker process has its own filesystem instance
     CacheWriter(url, config()).write_shard("s1", outcomes([1, 2]))
     assert set(driver.done_window_ids().to_pylist()) == {record(i).window_id for i in (0, 1, 2)}
@@ -390,12 +533,11 @@ def test_repair_deletes_fragments_of_missing_shards(tmp_path):
     writer.write_shard("keep", outcomes([0]))
     writer.write_shard("lost", outcomes([1, 2], failed=(2,)))
     writer.write_shard("failedonly", outcomes([3], failed=(3,)))
-    import shutil
-
-    shutil.rmtree(path / shard_dir("lost"))
+    (path / shard_dir("lost")).unlink()
     assert writer.repair_missing_shards() == ["lost"]
-    assert not (path / fragment_path("lost")).exists() and (path / fragment_path("failedonly")).exists()
-    assert sorted(writer.done_window_ids().to_pylist()) == sorted([record(0).window_id, record(3).window_id])
+    # the ok rows of the lost shard are gone; its failed row never pointed at the file and stays
+    assert (path / fragment_path("lost")).exists() and (path / fragment_path("failedonly")).exists()
+    assert sorted(writer.done_window_ids().to_pylist()) == sorted([record(i).window_id for i in (0, 2, 3)])
     assert writer.repair_missing_shards() == []
 
 
@@ -412,3 +554,28 @@ def test_drop_failed_rows_supersedes_without_duplicates(tmp_path):
     cache = CorrCache(path)
     assert sorted(cache.manifest(None).column("window_id").to_pylist()) == sorted(record(i).window_id for i in (0, 1, 2))
     assert cache.manifest("failed").num_rows == 0
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_repair_missing_shards_and_drop_failed_rows(tmp_path, compact):
+    path = tmp_path / "c"
+    writer = CacheWriter(path, config())
+    writer.initialize()
+    writer.write_shard("a", outcomes([0, 1], failed=(1,)))
+    writer.write_shard("b", outcomes([2, 3], failed=(3,)))
+    if compact:
+        writer.consolidate()
+    (path / shard_dir("b")).unlink()
+    assert writer.repair_missing_shards() == ["b"]
+    assert writer.remove_orphans() == []
+    done = [record(i).window_id for i in (0, 1, 3)]  # window 2 (ok in the missing shard) is no longer done
+    assert sorted(writer.done_window_ids().to_pylist()) == done
+    assert sorted(writer.drop_failed_rows()) == [record(1).window_id, record(3).window_id]
+    assert writer.done_window_ids().to_pylist() == [record(0).window_id]
+    assert writer.drop_failed_rows() == [] and writer.repair_missing_shards() == []
+    writer.write_shard("b", outcomes([2, 3]))  # redone: the same shard id commits again
+    cache = CorrCache(path)
+    assert cache.window_ids() == sorted(record(i).window_id for i in (0, 2, 3))
+    assert len(writer.done_window_ids()) == 3  # window 1's failed row was superseded and not redone here
+    writer.consolidate()
+    assert CorrCache(path).window_ids() == sorted(record(i).window_id for i in (0, 2, 3)) and len(writer.done_window_ids()) == 3

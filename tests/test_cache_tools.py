@@ -9,8 +9,8 @@ import pytest
 import zarr
 
 from cameo_corr.cli import main as cli_main
-from cameo_corr.pipeline.cache import CacheWriter, CorrCache, WindowOutcome, shard_dir
-from cameo_corr.pipeline.cache_tools import cache_stats, check_window_consistency, format_stats, verify_cache
+from cameo_corr.pipeline.cache import CacheWriter, CorrCache, WindowOutcome, shard_dir, shard_zip_bytes
+from cameo_corr.pipeline.cache_tools import cache_stats, check_window_consistency, format_stats, verify_cache, verify_report
 from test_cache import GRID, config, outcomes, record, token_arrays
 
 
@@ -37,16 +37,21 @@ def test_stats(small_cache, capsys):
 
 
 def test_verify_clean(small_cache, capsys):
-    assert verify_cache(CorrCache(small_cache)) == []
+    report = verify_report(CorrCache(small_cache))
+    assert report.problems == [] and report.checked == report.windows_ok == 4
     assert cli_main(["cache", "verify", str(small_cache)]) == 0
     assert "ok: 4 of 4 windows verified" in capsys.readouterr().out
 
 
-def _edit(path, shard, name, fn):
-    arr = zarr.open_array(str(path / shard_dir(shard) / name), mode="r+")
-    data = arr[...]
-    fn(data)
-    arr[...] = data
+def _edit(path, shard, name=None, fn=None, attrs=None):
+    """Rewrite a shard file with array ``name`` changed in place by ``fn`` and/or other window attrs."""
+    cache = CorrCache(path)
+    meta = cache.shard_windows(shard)
+    data = cache.read_shard(shard)
+    if fn is not None:
+        fn(data[name])
+    meta.update(attrs or {})
+    (path / shard_dir(shard)).write_bytes(shard_zip_bytes(shard, meta, data, cache.config))
 
 
 def test_verify_finds_broken_mask_and_diagonal(small_cache, capsys):
@@ -71,11 +76,8 @@ def test_verify_finds_broken_mask_and_diagonal(small_cache, capsys):
 
 
 def test_verify_finds_manifest_shard_mismatch(small_cache):
-    import shutil
-
-    shutil.rmtree(small_cache / shard_dir("s1"))
-    grp = zarr.open_group(str(small_cache / shard_dir("s2")), mode="r+")
-    grp.attrs["window_ids"] = ["x", "y"]
+    (small_cache / shard_dir("s1")).unlink()
+    _edit(small_cache, "s2", attrs={"window_ids": ["x", "y"]})
     problems = verify_cache(CorrCache(small_cache))
     assert any("shard listed in the manifest is missing" in p for p in problems)
     assert any("shard row holds window x" in p for p in problems)
@@ -160,3 +162,96 @@ def test_viz_png(pipeline_cache, tmp_path, capsys):
         from cameo_corr.pipeline.cache_tools import render_viz
 
         render_viz(cache, wid, tmp_path / "x.png", pair=(1, 1))
+
+
+def test_stats_bytes_recorded_at_write_time(small_cache):
+    stats = cache_stats(CorrCache(small_cache))
+    files = [small_cache / shard_dir(s) for s in ("s1", "s2")]
+    assert stats["bytes_source"] == "recorded" and stats["bytes_shards"] == sum(f.stat().st_size for f in files)
+
+
+def test_verify_max_windows_streams_and_deep_lists_corrupt_windows(small_cache, capsys):
+    from test_cache import _flip_chunk_byte
+
+    report = verify_report(CorrCache(small_cache), max_windows=1)
+    assert report.problems == [] and report.checked == 1
+    _flip_chunk_byte(small_cache / shard_dir("s2"), "dist")
+    report = verify_report(CorrCache(small_cache), max_windows=1)  # only shard s1 visited
+    assert report.problems == [] and report.checked == 1
+    bad = [(record(i).window_id, "s2", "dist") for i in (3, 4)]  # one chunk holds both windows of s2
+    report = verify_report(CorrCache(small_cache), max_windows=1, deep=True)
+    assert report.corrupt == bad
+    report = verify_report(CorrCache(small_cache))
+    assert report.corrupt == bad and report.checked == 4
+    assert len(report.problems) == 2 and "shard s2, array 'dist', window " + record(3).window_id in report.problems[0]
+    assert cli_main(["cache", "verify", str(small_cache), "--deep"]) == 1
+    err = capsys.readouterr().err
+    assert record(3).window_id in err and "corrupt windows: 2" in err and "Traceback" not in err
+
+
+def test_compact_cli(small_cache, capsys):
+    assert cli_main(["cache", "compact", str(small_cache)]) == 0
+    assert "5 rows in 1 file(s), 2 shard fragments merged" in capsys.readouterr().out
+    assert verify_cache(CorrCache(small_cache)) == []
+    assert cache_stats(CorrCache(small_cache))["windows_ok"] == 4
+
+
+@pytest.mark.parametrize(
+    "argv, code, message",
+    [
+        (["stats", "{missing}"], 2, "cameo-corr cache stats: error: {missing}: no such cache directory"),
+        (["stats", "{empty}/shards"], 2, "cameo-corr cache stats: error: {empty}/shards/cache.json: not a cameo-corr cache: cache.json is missing"),
+        (["stats", "{cache}", "--bins", "0"], 2, "cameo-corr cache stats: error: --bins must be >= 1, got 0"),
+        (["verify", "{cache}", "--max-windows", "0"], 2, "cameo-corr cache verify: error: --max-windows must be >= 1, got 0"),
+        (["verify", "{empty}"], 1, "cameo-corr cache verify: error: no ok window to verify in {empty} (0 manifest rows)"),
+        (["verify", "{failed}"], 1, "cameo-corr cache verify: error: no ok window to verify in {failed} (2 manifest rows)"),
+    ],
+)
+def test_cache_cli_input_errors_are_one_line(small_cache, tmp_path, capsys, argv, code, message):
+    """In process: an exception escaping the handler would fail the test, as a traceback would."""
+    empty = tmp_path / "empty"  # cache.json but no rows (e.g. every row dropped by a repair)
+    (empty / "shards").mkdir(parents=True)
+    (empty / "cache.json").write_text(config().to_json())
+    failed = tmp_path / "failed"
+    writer = CacheWriter(failed, config())
+    writer.initialize()
+    writer.write_shard("f", outcomes([0, 1], failed=(0, 1)))
+    paths = {"cache": str(small_cache), "missing": str(tmp_path / "nonexistent"), "empty": str(empty), "failed": str(failed)}
+    assert cli_main(["cache", *[a.format(**paths) for a in argv]]) == code
+    assert capsys.readouterr().err.strip() == message.format(**paths)
+
+
+def test_cache_stats_into_closed_pipe(small_cache):
+    import os
+    import subprocess
+    import sys
+
+    for _ in range(3):  # many lines so the write hits the closed pipe
+        CacheWriter(small_cache, config()).write_shard(f"x{_}", outcomes(range(10 + 10 * _, 20 + 10 * _), failed=range(10 + 10 * _, 20 + 10 * _)))
+    proc = subprocess.run(
+        f"{sys.executable} -m cameo_corr.cli cache stats {small_cache} --json --bins 5000 | head -n 1",
+        shell=True, capture_output=True, text=True, env=os.environ, timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stdout == "{\n" and "Traceback" not in proc.stderr and proc.stderr == ""
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_repair_drops_corrupt_shards_so_a_rerun_recomputes_them(small_cache, compact):
+    from test_cache import _flip_chunk_byte
+
+    from cameo_corr.pipeline.cache import finished_shard_ids
+    from cameo_corr.pipeline.cache_tools import repair_corrupt_shards
+
+    if compact:
+        CacheWriter(small_cache, config()).consolidate()
+    _flip_chunk_byte(small_cache / shard_dir("s2"), "points")
+    cache = CorrCache(small_cache)
+    result = repair_corrupt_shards(cache)
+    assert result["shards"] == ["s2"] and sorted(result["windows"]) == sorted([record(3).window_id, record(4).window_id])
+    assert not (small_cache / shard_dir("s2")).exists() and "s2" not in finished_shard_ids(cache.location)
+    cache = CorrCache(small_cache)
+    assert sorted(cache.window_ids()) == sorted([record(0).window_id, record(2).window_id])
+    assert verify_cache(cache, deep=True) == []
+    writer = CacheWriter(small_cache, config())
+    writer.write_shard("s2", outcomes([3, 4]))  # what the next run does: the same shard, recomputed
+    assert verify_cache(CorrCache(small_cache), deep=True) == [] and len(CorrCache(small_cache)) == 4

@@ -199,3 +199,44 @@ def test_plan_real_re10k_clips(shared_data):
         scene = reader.scene(w.record.scene_id)
         assert w.record.frame_ids[0] == scene.frames[0].frame_id
         assert w.record.frame_ids[-1] == scene.frames[-1].frame_id
+
+
+def test_plan_table_matches_plan_windows_and_shards(tmp_path):
+    import pyarrow as pa
+
+    from cameo_corr.pipeline.planner import PLAN_COLUMNS, assign_shards, iter_plan_batches, plan_table
+
+    reader = ListReader(tmp_path, [make_scene(f"s{i}", 30) for i in range(5)] + [make_scene("short", 3)], broken=("bad",))
+    cfg = PlanConfig(views=4, windows_per_scene=2, policy="random")
+    windows = plan_windows(reader, cfg, FP)
+    table = plan_table(reader, cfg, FP)
+    assert tuple(table.column_names) == PLAN_COLUMNS  # the contract of the Ray Data source
+    rows = table.to_pylist()
+    assert [r["window_id"] for r in rows] == [w.record.window_id for w in windows]
+    assert [r["frame_ids"] for r in rows] == [w.record.frame_ids for w in windows]
+    assert [r["error"] for r in rows] == [w.error for w in windows]
+    assert [r["scene_id"] for r in rows] == [w.record.scene_id for w in windows]
+    assert sum(b.num_rows for b in iter_plan_batches(reader, cfg, FP, scenes_per_batch=2)) == len(windows)
+    assert len(list(iter_plan_batches(reader, cfg, FP, scenes_per_batch=2))) == 4  # 7 scenes, 2 per batch
+    shards = make_shards(windows, 3)
+    sharded = assign_shards(table, 3)
+    assert sharded.column("shard_id").to_pylist() == [s.shard_id for s in shards for _ in s.windows]
+    done = pa.array(shards[1].window_ids + shards[3].window_ids)
+    rest = assign_shards(table, 3, skip=done)
+    assert list(dict.fromkeys(rest.column("shard_id").to_pylist())) == [s.shard_id for s in make_shards(windows, 3, skip=done)]
+    with pytest.raises(SchemaError):
+        assign_shards(table, 0)
+
+
+def test_plan_table_uses_the_dataset_tag(tmp_path):
+    from cameo_corr.datasets import open_dataset
+    from cameo_corr.datasets.synthetic import generate_dataset
+    from cameo_corr.pipeline.planner import plan_table
+
+    root = generate_dataset(tmp_path / "data", scenes=2, frames=6, image_size=16, seed=2, layout="re10k", split="test")
+    acid = open_dataset("re10k", root, tag="acid")
+    plan = default_plan_config(acid.name, views=3, windows_per_scene=2)
+    table = plan_table(acid, plan, FP)
+    windows = plan_windows(acid, plan, FP)
+    assert set(table.column("dataset").to_pylist()) == {"acid"}
+    assert table.column("window_id").to_pylist() == [w.record.window_id for w in windows]

@@ -26,9 +26,9 @@ pytest.importorskip("cameo_corr.pipeline.match", reason="token matcher not avail
 
 from cameo_corr.cli import main as cli_main  # noqa: E402
 from cameo_corr.datasets.base import open_dataset  # noqa: E402
-from cameo_corr.pipeline.cache import CacheMismatchError, CorrCache, fragment_names  # noqa: E402
+from cameo_corr.pipeline.cache import CacheMismatchError, CorrCache, drop_shards, fragment_names, shard_dir  # noqa: E402
 from cameo_corr.pipeline.cache_tools import verify_cache  # noqa: E402
-from cameo_corr.pipeline.ray_job import planned_table, preflight_backend, run_preprocess, window_record  # noqa: E402
+from cameo_corr.pipeline.ray_job import preflight_backend, run_preprocess, window_record  # noqa: E402
 from cameo_corr.schemas import DatasetError, SchemaError  # noqa: E402
 
 RUN = dict(backend="depth", grid=8, views=3, windows_per_scene=2, crop_size=48, shard_size=2, progress=False)
@@ -120,14 +120,14 @@ def test_arrays_equal_the_pipeline_functions_called_directly(clean, dataset, ref
 
 
 def test_planned_table_rebuilds_the_planner_records(dataset):
-    from cameo_corr.pipeline.planner import default_plan_config, plan_windows, PlannedWindow
-    from cameo_corr.schemas import WindowRecord
+    from cameo_corr.pipeline.planner import default_plan_config, plan_table, plan_windows
 
     reader = open_dataset("synthetic", dataset)
-    planned = plan_windows(reader, default_plan_config("synthetic", views=3, windows_per_scene=2), {"x": 1})
-    planned.append(PlannedWindow(WindowRecord("wfail", "synthetic", reader.split, "gone", ()), error="DatasetError: gone"))
-    table = planned_table(planned)
+    plan = default_plan_config("synthetic", views=3, windows_per_scene=2)
+    planned = plan_windows(reader, plan, {"x": 1}, scene_ids=[*reader.scene_ids(), "gone"])
+    table = plan_table(reader, plan, {"x": 1}, scene_ids=[*reader.scene_ids(), "gone"])
     assert table.schema.field("frame_ids").type.value_type == "string" and table.num_rows == len(planned)
+    assert planned[-1].error and "gone" in planned[-1].error
     key = json.dumps(reader.describe(), sort_keys=True, default=str)
     for w, row in zip(planned, table.to_pylist()):
         got = window_record(key, row)
@@ -152,7 +152,9 @@ def test_orphans_of_killed_workers_are_redone(clean, dataset, tmp_path):
     shutil.copytree(clean[0], out)
     cache = CorrCache(out)
     shard = cache.row(cache.window_ids()[0])["shard"]
-    (out / "manifest" / f"part-{shard}.parquet").unlink()  # killed between shard rename and fragment
+    shard_file = (out / shard_dir(shard)).read_bytes()
+    drop_shards(_loc(out), [shard])
+    (out / shard_dir(shard)).write_bytes(shard_file)  # killed between shard rename and its manifest rows
     (out / "shards" / ".tmp-0123456789abcdef-deadbeef.zarr").mkdir()  # killed mid-write
     (out / "shards" / ".tmp-0123456789abcdef-deadbeef.zarr" / "zarr.json").write_text("{}")
     s = run_preprocess(dataset="synthetic", root=dataset, out=out, workers=1, **RUN)
@@ -283,10 +285,25 @@ def test_deleted_shard_is_repaired(clean, dataset, tmp_path):
     shutil.copytree(clean[0], out)
     cache = CorrCache(out)
     shard = cache.row(cache.window_ids()[0])["shard"]
-    shutil.rmtree(out / "shards" / f"{shard}.zarr")
+    (out / shard_dir(shard)).unlink()
     s = run_preprocess(dataset="synthetic", root=dataset, out=out, workers=1, **RUN)
     assert s["shards_repaired"] == 1 and s["windows_ok"] >= 1 and not s["shard_errors"]
     assert verify_cache(CorrCache(out)) == []
+    assert_same_cache(clean[0], out)
+
+
+def test_job_end_consolidates_and_repair_redoes_corrupt_shards(clean, dataset, tmp_path):
+    from test_cache import _flip_chunk_byte
+
+    out = tmp_path / "cache"
+    shutil.copytree(clean[0], out)
+    assert fragment_names(_loc(out)) == [] and (out / "manifest" / "consolidated.json").is_file()  # consolidated at job end
+    shard, _ = CorrCache(out).locate(CorrCache(out).window_ids()[0])
+    _flip_chunk_byte(out / shard_dir(shard), "points")
+    assert any("corrupt data" in p for p in verify_cache(CorrCache(out), deep=True))
+    s = run_preprocess(dataset="synthetic", root=dataset, out=out, workers=1, repair=True, **RUN)
+    assert s["shards_corrupt"] == 1 and s["windows_ok"] >= 1 and not s["shard_errors"]
+    assert verify_cache(CorrCache(out), deep=True) == [] and fragment_names(_loc(out)) == []
     assert_same_cache(clean[0], out)
 
 
@@ -307,7 +324,7 @@ def test_resume_from_a_moved_dataset_root(clean, dataset, tmp_path):
     shutil.copytree(clean[0], out)
     cache = CorrCache(out)
     shard = cache.row(cache.window_ids()[-1])["shard"]
-    (out / "manifest" / f"part-{shard}.parquet").unlink()  # some work left to do
+    drop_shards(_loc(out), [shard])  # some work left to do
     s = run_preprocess(dataset="synthetic", root=moved, out=out, workers=1, **RUN)
     assert s["windows_skipped"] < 10 and s["windows_ok"] >= 1 and not s["shard_errors"]
     assert_same_cache(clean[0], out)

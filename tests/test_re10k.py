@@ -199,7 +199,7 @@ def test_pickled_object_chunk_is_refused(clips: Path, tmp_path: Path) -> None:
         (lambda it: it.update(cameras=it["cameras"][:, :17]), "cameras"),
         (lambda it: it["cameras"].__setitem__((3, 1), float("nan")), "cameras[3].fy"),
         (lambda it: it.update(images=it["images"][:-1]), "images"),
-        (lambda it: it["images"].__setitem__(2, torch.zeros(10, dtype=torch.uint8)), "images[2]"),
+        (lambda it: it["images"].__setitem__(0, torch.zeros(10, dtype=torch.uint8)), "images[0]"),
         (lambda it: it.pop("timestamps"), "timestamps"),
         (lambda it: it["cameras"].__setitem__((5, 6), 3.0), "cameras[5]"),
     ],
@@ -211,6 +211,41 @@ def test_bad_chunk_clips(clips: Path, tmp_path: Path, mutate, field: str) -> Non
     with pytest.raises(DatasetError) as e:
         RE10KChunkReader(tmp_path).scene("0bf152ef84195293")
     assert e.value.field == field and e.value.path.endswith("000000.torch")
+
+
+def test_one_header_per_clip_and_bad_frames_fail_at_load(clips: Path, tmp_path: Path, monkeypatch) -> None:
+    """Reading a clip opens the header of its first frame only; a later frame that is corrupt or of
+    another size fails when the window is loaded, naming the file."""
+    import cameo_corr.datasets.re10k as re10k
+    from PIL import Image
+
+    root = tmp_path / "re10k"
+    shutil.copytree(clips, root)
+    opened = []
+    real = re10k.read_image_size
+    monkeypatch.setattr(re10k, "read_image_size", lambda src, *a, **k: opened.append(src) or real(src, *a, **k))
+    reader = RE10KReader(root)
+    sid = reader.scene_ids()[0]
+    scene = reader.scene(sid)
+    assert len(opened) == 1 and len(scene.frames) == 16
+    small = root / scene.frames[2].image_path
+    Image.new("RGB", (100, 50)).save(small, format="JPEG")
+    scene = reader.scene(sid)
+    assert scene.frames[2].image_size == (256, 384)  # the clip's size, from frame 0
+    record = WindowRecord("w", "re10k", "test", sid, scene.frames[:3])
+    with pytest.raises(DatasetError, match="image has size") as e:
+        load_window(reader, record, CanonicalView(size=64))
+    assert e.value.path == scene.frames[2].image_path
+
+    item = _chunk_item(clips, "0bf152ef84195293")
+    item["images"][2] = torch.zeros(10, dtype=torch.uint8)
+    _write_chunks(tmp_path / "chunks", {"000000.torch": [item]})
+    chunks = RE10KChunkReader(tmp_path / "chunks")
+    scene = chunks.scene("0bf152ef84195293")
+    record = WindowRecord("w", "re10k-chunks", "test", scene.scene_id, scene.frames[:3])
+    with pytest.raises(DatasetError, match="cannot decode image") as e:
+        load_window(chunks, record, CanonicalView(size=64))
+    assert e.value.path.endswith("000000.torch#0bf152ef84195293/2")
 
 
 def test_bad_chunk_index(tmp_path: Path) -> None:

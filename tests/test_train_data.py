@@ -213,11 +213,13 @@ def test_same_seed_same_stream_other_seed_differs(tiny_cache: Path) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_rank_split_disjoint_and_complete(tiny_cache: Path, world: int) -> None:
-    n = len(make(tiny_cache).windows)
+    n = len(make(tiny_cache))
     tags = [[s["window_id"] for s in make(tiny_cache, rank=r, world_size=world, num_epochs=1)] for r in range(world)]
     assert len({len(t) for t in tags}) == 1  # equal length per rank (DDP stays in step)
     everything = [t for ts in tags for t in ts]
-    assert set(everything) == set(make(tiny_cache).windows[i].window_id for i in range(n))
+    from cameo_corr.pipeline.cache import CorrCache
+
+    assert set(everything) == set(CorrCache(tiny_cache).window_ids())
     padding = len(everything) - n
     assert padding == (-n) % world
     if padding == 0:
@@ -340,3 +342,49 @@ def test_reference_count_is_uniform_like_the_official_cond_num(tiny_cache: Path)
     counts = Counter(ds.choose(0, 0, q)[1] for q in range(3000))
     assert set(counts) == {1, 2, 3}
     assert all(abs(c / 3000 - 1 / 3) < 0.03 for c in counts.values())
+
+
+def test_windows_are_numpy_columns_and_shards_are_read_once_per_visit(tiny_cache: Path) -> None:
+    import pickle
+
+    from cameo_corr.pipeline.cache import CorrCache
+
+    ds = make(tiny_cache, num_epochs=1, shuffle_buffer=0, shard_shuffle=False)
+    assert {type(v) for k, v in vars(ds).items() if k.startswith("window_")} == {np.ndarray}
+    assert len(pickle.dumps(ds)) < 4096  # a few bytes per window, no Python object per window
+    cache = CorrCache(tiny_cache)
+    shards = cache.manifest("ok", columns=["shard"]).column("shard").to_pylist()
+    tags = [s["window_id"] for s in ds]
+    assert sorted(tags) == cache.window_ids()
+    assert ds._proc.shard_reads == len(set(shards))  # shard-ordered stream: one decode per shard visit
+
+
+def _corrupt_first_shard(cache: Path, array: str = "nn") -> list[str]:
+    """Flip a byte of the first chunk of ``array`` in the first shard; return the ids of its windows
+    (the test cache has 2 windows per shard, both in that chunk)."""
+    from test_cache import _flip_chunk_byte
+
+    from cameo_corr.pipeline.cache import CorrCache, shard_dir
+
+    c = CorrCache(cache)
+    shard = sorted(c.manifest("ok", columns=["shard"]).column("shard").to_pylist())[0]
+    _flip_chunk_byte(cache / shard_dir(shard), array)
+    return c.shard_windows(shard)["window_ids"]
+
+
+def test_corrupt_window_stops_or_is_skipped_and_counted(tiny_cache: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from cameo_corr.pipeline.cache import CorruptCacheError
+
+    src = tmp_path / "cache"
+    shutil.copytree(tiny_cache, src)
+    bad = _corrupt_first_shard(src)
+    with pytest.raises(CorruptCacheError, match="array 'nn', window (" + "|".join(bad) + ")"):
+        list(make(src, num_epochs=1))
+    loader = StreamLoader(make(src, num_epochs=1, batch_size=1, on_corrupt="skip"))
+    tags = [t for b in loader for t in b["window_id"]]
+    assert not set(bad) & set(tags) and len(tags) == 4 and loader.corrupt_skipped == 2
+    assert loader.state_dict() == {"epoch": 1, "position": 0}
+    with pytest.raises(SchemaError, match="on_corrupt"):
+        make(src, on_corrupt="ignore")

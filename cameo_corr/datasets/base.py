@@ -51,6 +51,14 @@ class SceneReader(abc.ABC):
     def scene(self, scene_id: str) -> SceneRecord:
         """The validated record of one scene (frames in capture order)."""
 
+    def frame_ids(self, scene_id: str) -> list[str]:
+        """Ids of the frames of a valid scene in capture order: what window planning needs.
+
+        Raises like :meth:`scene` on a bad scene. Readers whose :meth:`scene` builds many frame
+        records override this with a path that validates the same input without building them.
+        """
+        return [f.frame_id for f in self.scene(scene_id).frames]
+
     def scenes(self) -> Iterator[SceneRecord]:
         """All scenes of the split, in :meth:`scene_ids` order (errors propagate per scene)."""
         for sid in self.scene_ids():

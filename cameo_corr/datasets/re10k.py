@@ -8,8 +8,11 @@ Raw layout (:class:`RE10KReader`)::
     <frames_root>/<key>/<timestamp_us>.<png|jpg|jpeg>   (frames_root defaults to <root>/frames)
 
 Intrinsics are normalized by the image width/height; the pose is world-to-camera, OpenCV (SPEC
-section 1). The pixel intrinsics use the size of the stored frames, read from every frame's header
-(cheap: Pillow opens files lazily); all frames of a clip must share one size.
+section 1). The pixel intrinsics use the size of the stored frames: all frames of a clip share one
+size (RealEstate10K frames are extracted from one video), read from the header of the clip's first
+frame only, so reading a clip opens one image; a frame of another size is caught when the window is
+loaded (:func:`~cameo_corr.datasets.canonical.load_window` names the file). Cameras are parsed and
+validated for the whole clip at once.
 
 pixelSplat chunks (:class:`RE10KChunkReader`)::
 
@@ -27,8 +30,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -38,10 +42,9 @@ from cameo_corr.schemas import (
     DatasetError,
     FrameRecord,
     SceneRecord,
-    SchemaError,
+    first_invalid_camera,
     intrinsics_from_normalized,
     make_extrinsics,
-    validate_camera,
 )
 
 RAW_COLUMNS: tuple[str, ...] = (
@@ -62,14 +65,22 @@ def camera_from_row(values: Sequence[float], width: int, height: int) -> tuple[n
     return K, make_extrinsics(P[:, :3], P[:, 3])
 
 
-def _checked_camera(values: Sequence[float], hw: tuple[int, int], path: str, scene_id: str, **where: Any) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`camera_from_row` + :func:`validate_camera`, errors turned into :class:`DatasetError`."""
-    K, E = camera_from_row(values, width=hw[1], height=hw[0])
-    try:
-        validate_camera(K, E, where="")
-    except SchemaError as e:
-        field = where.pop("field", None) or e.field
-        raise DatasetError(path, str(e), field=field, scene_id=scene_id, **where) from e
+def _checked_cameras(values: np.ndarray, hw: tuple[int, int], path: str, scene_id: str,
+                     where: Callable[[int], dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel ``K [N, 3, 3]`` and world-to-camera ``E [N, 4, 4]`` of ``N`` 18-number camera rows,
+    validated in one batch; the first invalid camera raises :class:`DatasetError` at ``where(i)``."""
+    H, W = hw
+    v = np.asarray(values, dtype=np.float64)
+    n = len(v)
+    K = np.zeros((n, 3, 3))
+    K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2], K[:, 2, 2] = W * v[:, 0], H * v[:, 1], W * v[:, 2], H * v[:, 3], 1.0
+    E = np.tile(np.eye(4), (n, 1, 1))
+    E[:, :3, :] = v[:, 6:18].reshape(n, 3, 4)
+    bad = first_invalid_camera(K, E)
+    if bad is not None:
+        i, e = bad
+        loc = where(i)
+        raise DatasetError(path, str(e), field=loc.pop("field", None) or e.field, scene_id=scene_id, **loc)
     return K, E
 
 
@@ -102,39 +113,46 @@ class RE10KReader(SceneReader):
 
     def scene(self, scene_id: str) -> SceneRecord:
         """Parse ``<root>/<split>/<scene_id>.txt`` and locate its frames; errors name file and line."""
+        stamps, names, hw, K, E = self._clip(scene_id)
+        prefix = (self._image_prefix / scene_id).as_posix()
+        frames = tuple(
+            FrameRecord(frame_id=ts, image_path=f"{prefix}/{name}", image_size=hw, intrinsics=K[i], extrinsics=E[i])
+            for i, (ts, name) in enumerate(zip(stamps, names))
+        )
+        return SceneRecord(self.tag, self.split, scene_id, frames)
+
+    def frame_ids(self, scene_id: str) -> list[str]:
+        """The clip's timestamps, after the same checks as :meth:`scene` (no frame records built)."""
+        return self._clip(scene_id)[0]
+
+    def _clip(self, scene_id: str) -> tuple[list[str], list[str], tuple[int, int], np.ndarray, np.ndarray]:
+        """``(timestamps, frame file names, (H, W), K [N, 3, 3], E [N, 4, 4])`` of a validated clip."""
         path = self.split_dir / f"{scene_id}.txt"
         if not path.is_file():
             raise DatasetError(str(path), "camera file of the clip does not exist", scene_id=scene_id)
-        rows = self._parse(path, scene_id)
+        line_nos, stamps, values = self._parse(path, scene_id)
         frame_dir = self.frames_root / scene_id
         if not frame_dir.is_dir():
             raise DatasetError(str(frame_dir), "frame directory of the clip does not exist", scene_id=scene_id)
         files: dict[str, str] = {}
-        for entry in frame_dir.iterdir():
-            if entry.suffix.lower() in FRAME_EXTENSIONS:
-                if entry.stem in files:
-                    raise DatasetError(str(entry), f"two frame files for timestamp {entry.stem} ({files[entry.stem]})",
+        for name in os.listdir(frame_dir):
+            stem, dot, ext = name.rpartition(".")
+            if dot and f".{ext.lower()}" in FRAME_EXTENSIONS:
+                if stem in files:
+                    raise DatasetError(str(frame_dir / name), f"two frame files for timestamp {stem} ({files[stem]})",
                                        scene_id=scene_id)
-                files[entry.stem] = entry.name
-        frames: list[FrameRecord] = []
-        size: tuple[int, int] | None = None
-        first_file = ""
-        for line_no, ts, values in rows:
+                files[stem] = name
+        names: list[str] = []
+        for line_no, ts in zip(line_nos, stamps):
             if ts not in files:
                 expected = frame_dir / f"{ts}.{{png,jpg,jpeg}}"
                 raise DatasetError(str(expected), f"missing frame file (listed in {path.name})", line=line_no,
                                    field="timestamp_us", scene_id=scene_id)
-            file = frame_dir / files[ts]
-            hw = read_image_size(file, str(file), scene_id, field="image")
-            if size is None:
-                size, first_file = hw, str(file)
-            elif hw != size:
-                raise DatasetError(str(file), f"frame size {hw} differs from {size} of {first_file}; all frames of a clip "
-                                   "must share one size", field="image_size", scene_id=scene_id)
-            K, E = _checked_camera(values, hw, str(path), scene_id, line=line_no, field=None)
-            rel = (self._image_prefix / scene_id / files[ts]).as_posix()
-            frames.append(FrameRecord(frame_id=ts, image_path=rel, image_size=hw, intrinsics=K, extrinsics=E))
-        return SceneRecord(self.tag, self.split, scene_id, tuple(frames))
+            names.append(files[ts])
+        first = frame_dir / names[0]
+        hw = read_image_size(first, str(first), scene_id, field="image")
+        K, E = _checked_cameras(values, hw, str(path), scene_id, lambda i: {"line": line_nos[i]})
+        return stamps, names, hw, K, E
 
     def load_image(self, frame: FrameRecord) -> np.ndarray:
         """Decode the frame file as RGB uint8 ``[H, W, 3]``."""
@@ -151,12 +169,45 @@ class RE10KReader(SceneReader):
         return opts
 
     @staticmethod
-    def _parse(path: Path, scene_id: str) -> list[tuple[int, str, list[float]]]:
-        """``(line number, timestamp string, 18 camera numbers)`` of every frame line of a camera file."""
+    def _parse(path: Path, scene_id: str) -> tuple[list[int], list[str], np.ndarray]:
+        """``(line numbers, timestamp strings, camera numbers [N, 18])`` of the frame lines of a camera file.
+
+        Well-formed files take a fast path (one C-level numeric parse for the whole file); anything it
+        does not accept is parsed line by line, which names the first bad line and field.
+        """
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise DatasetError(str(path), f"cannot read camera file: {e}", scene_id=scene_id) from e
+        fast = RE10KReader._parse_fast(lines)
+        if fast is not None:
+            return fast
+        rows = RE10KReader._parse_lines(lines, path, scene_id)
+        return [r[0] for r in rows], [r[1] for r in rows], np.array([r[2] for r in rows], dtype=np.float64)
+
+    @staticmethod
+    def _parse_fast(lines: list[str]) -> tuple[list[int], list[str], np.ndarray] | None:
+        """The rows of a well-formed camera file, or ``None`` when any check fails (then the line by
+        line parser reports the error)."""
+        if not lines or not lines[0].strip() or len(lines[0].split()) == len(RAW_COLUMNS):
+            return None
+        line_nos = [n for n, line in enumerate(lines[1:], start=2) if line.strip()]
+        if not line_nos:
+            return None
+        body = [lines[n - 1] for n in line_nos]
+        try:
+            table = np.loadtxt(body, dtype=np.float64, ndmin=2)
+        except ValueError:
+            return None
+        stamps = [line.split(None, 1)[0] for line in body]
+        if (table.shape[1] != len(RAW_COLUMNS) or not all(ts.isdigit() for ts in stamps)
+                or len(set(stamps)) != len(stamps) or not np.isfinite(table).all()):
+            return None
+        return line_nos, stamps, table[:, 1:]
+
+    @staticmethod
+    def _parse_lines(lines: list[str], path: Path, scene_id: str) -> list[tuple[int, str, list[float]]]:
+        """Line by line parse of a camera file; the first problem raises :class:`DatasetError`."""
         if not lines or not lines[0].strip():
             raise DatasetError(str(path), "empty camera file (line 1 must be the video URL)", line=1, field="url",
                                scene_id=scene_id)
@@ -241,18 +292,12 @@ class RE10KChunkReader(SceneReader):
         item = self._clip(chunk_rel, scene_id)
         path = str(self.root / chunk_rel)
         timestamps, cameras, images = self._validated(item, path, scene_id)
-        frames: list[FrameRecord] = []
-        size: tuple[int, int] | None = None
-        for i, (ts, cam, jpeg) in enumerate(zip(timestamps, cameras, images)):
-            hw = read_image_size(io.BytesIO(jpeg.numpy().tobytes()), path, scene_id, field=f"images[{i}]")
-            if size is None:
-                size = hw
-            elif hw != size:
-                raise DatasetError(path, f"frame size {hw} differs from {size} of frame 0; all frames of a clip must "
-                                   "share one size", field=f"images[{i}]", scene_id=scene_id)
-            K, E = _checked_camera(cam, hw, path, scene_id, field=f"cameras[{i}]")
-            frames.append(FrameRecord(frame_id=str(ts), image_path=f"{chunk_rel}#{scene_id}/{i}", image_size=hw,
-                                      intrinsics=K, extrinsics=E))
+        hw = read_image_size(io.BytesIO(images[0].numpy().tobytes()), path, scene_id, field="images[0]")
+        K, E = _checked_cameras(cameras, hw, path, scene_id, lambda i: {"field": f"cameras[{i}]"})
+        frames = [
+            FrameRecord(frame_id=str(ts), image_path=f"{chunk_rel}#{scene_id}/{i}", image_size=hw, intrinsics=K[i], extrinsics=E[i])
+            for i, ts in enumerate(timestamps)
+        ]
         ids = [f.frame_id for f in frames]
         if len(set(ids)) != len(ids):
             raise DatasetError(path, "timestamps of a clip must be unique", field="timestamps", scene_id=scene_id)

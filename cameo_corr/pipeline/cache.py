@@ -1,37 +1,49 @@
 """The correspondence cache on disk (SPEC section 4): shard writer, manifest and the reader API.
 
-Layout::
+Layout (schema version 2)::
 
-    <cache>/cache.json                       written once; a run with another config is refused
-    <cache>/manifest/part-<shard_id>.parquet one fragment per shard, written LAST (tmp name + rename)
-    <cache>/shards/<shard_id>.zarr/          zarr v3 group of the shard's ok windows (tmp name + rename)
+    <cache>/cache.json                          written once; a run with another config is refused
+    <cache>/shards/<shard_id>.zarr.zip          one zip file per shard: a zarr v3 group of its ok windows
+    <cache>/manifest/part-<shard_id>.parquet    one fragment per shard, written LAST (tmp name + rename)
+    <cache>/manifest/compact-<gen>-<k>.parquet  consolidated fragments, sorted by window_id
+    <cache>/manifest/consolidated.json          which compact files are current and which fragments they hold
 
-A shard's arrays (:data:`~cameo_corr.schemas.CACHE_ARRAYS`) are zarr v3 arrays with one zstd
-compressed inner chunk per window inside a single zarr shard per array, so the writer does exactly one
-whole-shard write per array and the reader decodes only the window it asks for. The shard group is
-built under ``shards/.tmp-<shard_id>-<nonce>.zarr`` and renamed into place (``os.rename`` locally,
-``fs.mv`` on fsspec filesystems such as ``s3://``, where a "rename" is copy + delete); its manifest
-fragment is written after that, also to a temporary name first. A window is *done* only when its
-manifest row exists, so a worker killed at any point leaves nothing a reader trusts: temporary
-entries and shards without a fragment are orphans that :meth:`CacheWriter.remove_orphans` deletes
-before a run redoes them. A shard with a fragment is finished and never rewritten.
+A shard is **one object**: the zarr group (arrays of :data:`~cameo_corr.schemas.CACHE_ARRAYS`, one
+zarr shard per array with inner chunks of 8 windows, consolidated metadata, per-window ids, scenes
+and frame ids in the group attributes) is built in memory and stored as an uncompressed zip, written
+under a temporary name and renamed into place (``os.rename`` locally, ``fs.mv`` on fsspec
+filesystems such as ``s3://``). Opening a shard reads the zip directory and one ``zarr.json``; a window
+read is two byte ranges per array. Every chunk is zstd-compressed and then checksummed (zarr's
+``crc32c`` codec; the shard index carries its own crc32c), so a flipped byte anywhere raises
+:class:`CorruptCacheError` naming the cache, shard, array and window.
 
-Local paths use zarr's ``LocalStore``; any URL (``s3://``, ``gs://``, ``file://``, ``memory://``) goes
-through fsspec and zarr's ``FsspecStore`` with ``storage_options``. Only one job may write a cache at a
-time (the orphan sweep at the start of a run assumes so): the job holds the cache's lease
-(:mod:`cameo_corr.pipeline.lease`) while it writes.
+A window is *done* only when its manifest row exists. While a job runs, every shard adds one small
+fragment (crash safe: a worker killed at any point leaves nothing a reader trusts; temporary entries
+and shards without a manifest entry are orphans that :meth:`CacheWriter.remove_orphans` deletes
+before a run redoes them). :func:`consolidate_manifest` (at job end, and ``cameo-corr cache compact``)
+merges the fragments into a few Parquet files sorted by ``window_id`` with sized row groups, records
+them in ``consolidated.json`` (written atomically, so readers see either the old or the new set) and
+only then deletes the merged fragments. Readers take the consolidated files plus the fragments that
+are not listed as merged. A shard with a manifest entry is finished and never rewritten.
 
-Life cycle of a cache (what a new manifest format must keep):
+Version 1 caches (one zarr *directory* per shard, fragments only, no checksums) stay readable;
+:func:`migrate_cache` converts one into a version 2 cache. Local paths use zarr's ``LocalStore`` /
+``ZipStore``; any URL (``s3://``, ``gs://``, ``file://``, ``memory://``) goes through fsspec with
+``storage_options``. Only one job may write a cache at a time (the orphan sweep assumes so): the job
+holds the cache's lease (:mod:`cameo_corr.pipeline.lease`) while it writes.
+
+Life cycle of a cache:
 
 * ``cache.json`` is written by the first shard commit (:meth:`CacheWriter.write_shard`, before that
   shard's fragment), never by a run that fails before committing anything; a run only *checks* an
   existing one (:meth:`CacheWriter.initialize`). Its identity (:data:`COMPARED_FIELDS`) leaves out the
   dataset root (:data:`IDENTITY_EXCLUDED`): the same data read from a moved root is the same cache.
-* Repair (:meth:`CacheWriter.repair_missing_shards`): a fragment whose ok rows point at a shard group
-  that is missing (found with one listing of ``shards/``) is deleted, so its windows are redone.
-* Retry of failed windows (:meth:`CacheWriter.drop_failed_rows`): every fragment holding failed rows
-  is atomically rewritten without them (deleted when nothing is left) *before* the windows are
-  redone, so a window never has two rows, even if the run dies in between (it is then simply not done).
+* Repair (:meth:`CacheWriter.repair_missing_shards`): the ok rows of shards whose file is missing
+  (found with one listing of ``shards/``) are removed, so their windows are redone; corrupt shards
+  are dropped the same way (:func:`drop_shards`, ``preprocess --repair``).
+* Retry of failed windows (:meth:`CacheWriter.drop_failed_rows`): fragments and consolidated files
+  holding failed rows are atomically rewritten without them *before* the windows are redone, so a
+  window never has two rows, even if the run dies in between (it is then simply not done).
 """
 
 from __future__ import annotations
@@ -41,10 +53,11 @@ import json
 import math
 import os
 import uuid
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -52,6 +65,7 @@ from cameo_corr.schemas import (
     CACHE_ARRAYS,
     SCHEMA_VERSION,
     CacheConfig,
+    CameoCorrError,
     DatasetError,
     PointmapResult,
     SchemaError,
@@ -71,12 +85,41 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 CONFIG_FILE = "cache.json"
 SHARDS_DIR = "shards"
 MANIFEST_DIR = "manifest"
+CONSOLIDATED_FILE = f"{MANIFEST_DIR}/consolidated.json"
 TMP_PREFIX = ".tmp-"
 ZSTD_LEVEL = 3
+SHARD_SUFFIXES = {1: ".zarr", 2: ".zarr.zip"}
+"""File name suffix of a finished shard per schema version (directory group in 1, zip file in 2)."""
+CHUNK_WINDOWS = 8
+"""Windows per inner chunk of a version 2 shard array. zarr decodes each chunk through its codec
+pipeline with a fixed per-chunk overhead, so a shard visit of the training stream (three arrays of all
+windows) costs ``3 * W / CHUNK_WINDOWS`` decodes; a single-window read decodes this many windows."""
+MANIFEST_ROW_GROUP = 65_536
+"""Rows per Parquet row group of a consolidated manifest file."""
+MANIFEST_FILE_ROWS = 4_194_304
+"""Rows per consolidated manifest file."""
+MANIFEST_READAHEAD = 64
+"""Manifest files read concurrently (fragments are small; a killed job may leave thousands)."""
 
 
 class CacheMismatchError(SchemaError):
     """A run's config differs from the ``cache.json`` of the cache it would write into."""
+
+
+class CorruptCacheError(CameoCorrError):
+    """Stored bytes of a cache fail their checksum or cannot be decoded.
+
+    ``cache``, ``shard``, ``array`` and ``window`` (``None`` when the whole shard is unreadable) name
+    what is broken; ``cameo-corr cache verify --deep`` lists every such window and
+    ``cameo-corr preprocess --repair`` recomputes them.
+    """
+
+    def __init__(self, cache: str, shard: str, array: str | None, window: str | None, cause: BaseException | str) -> None:
+        self.cache, self.shard, self.array, self.window = cache, shard, array, window
+        what = f"array '{array}'" if array else "shard metadata"
+        which = f"window {window}" if window else "all windows of the shard"
+        reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+        super().__init__(f"{cache}: shard {shard}, {what}, {which}: corrupt data ({reason})")
 
 
 # ------------------------------------------------------------------------------------------ storage
@@ -190,9 +233,19 @@ class CacheLocation:
         return int(sum(info["size"] for info in self.fs.find(base, detail=True).values()))
 
 
-def shard_dir(shard_id: str) -> str:
-    """Relative path of a finished shard group."""
-    return f"{SHARDS_DIR}/{shard_id}.zarr"
+def shard_dir(shard_id: str, version: int = SCHEMA_VERSION) -> str:
+    """Relative path of a finished shard: ``shards/<id>.zarr.zip`` (version 1: the ``.zarr`` directory)."""
+    return f"{SHARDS_DIR}/{shard_id}{SHARD_SUFFIXES[version]}"
+
+
+def shard_id_of_name(name: str) -> str | None:
+    """The shard id of a finished shard entry name in ``shards/`` (``None`` for anything else)."""
+    if name.startswith(TMP_PREFIX):
+        return None
+    for suffix in (".zarr.zip", ".zarr"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
 
 
 def fragment_path(shard_id: str) -> str:
@@ -204,30 +257,189 @@ def read_config(location: CacheLocation) -> CacheConfig:
     """Parse ``cache.json``; errors name the file and the field."""
     where = location.url(CONFIG_FILE)
     if not location.exists(CONFIG_FILE):
+        if not location.exists():
+            raise DatasetError(location.display, "no such cache directory")
         raise DatasetError(where, "not a cameo-corr cache: cache.json is missing")
     return CacheConfig.from_json(location.read_bytes(CONFIG_FILE).decode(), where=where)
 
 
-def fragment_names(location: CacheLocation) -> list[str]:
-    """Names of the finished manifest fragments, sorted (``part-<shard_id>.parquet``)."""
+def _fragment_shard(name: str) -> str:
+    return name[len("part-") : -len(".parquet")]
+
+
+def read_consolidation(location: CacheLocation) -> dict[str, Any]:
+    """``consolidated.json``: ``{"files": [...], "fragments": [shard ids], "rows": n}`` (empty when absent)."""
+    if not location.exists(CONSOLIDATED_FILE):
+        return {"files": [], "fragments": [], "rows": 0}
+    where = location.url(CONSOLIDATED_FILE)
+    try:
+        info = json.loads(location.read_bytes(CONSOLIDATED_FILE))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(where, f"not valid JSON: {e}") from e
+    if not isinstance(info, dict) or not isinstance(info.get("files"), list) or not isinstance(info.get("fragments"), list):
+        raise DatasetError(where, "expected an object with lists 'files' and 'fragments'")
+    return info
+
+
+def fragment_names(location: CacheLocation, consolidation: Mapping[str, Any] | None = None) -> list[str]:
+    """Names of the manifest fragment files present (``part-<shard_id>.parquet``), sorted.
+
+    A fragment whose shard is listed as merged in ``consolidated.json`` is either left over by a
+    consolidation that died before deleting it (its rows are all in the compact files) or the new
+    fragment of a shard id committed again after its rows were dropped (repair, retry of failed
+    windows); :func:`read_manifest` keeps only the rows of such a fragment that the compact files lack.
+    """
     return [n for n in location.listdir(MANIFEST_DIR) if n.startswith("part-") and n.endswith(".parquet")]
 
 
-def read_manifest(location: CacheLocation) -> "pa.Table":
-    """All finished fragments concatenated in fragment-name order (empty table when none)."""
+def finished_shard_ids(location: CacheLocation) -> set[str]:
+    """Ids of the shards that have manifest rows (a pending fragment or a consolidated entry)."""
+    info = read_consolidation(location)
+    return set(info["fragments"]) | {_fragment_shard(n) for n in fragment_names(location, info)}
+
+
+def read_manifest(location: CacheLocation, columns: Sequence[str] | None = None, filter: Any = None) -> "pa.Table":
+    """The manifest: consolidated files (sorted by ``window_id``) then the pending fragments.
+
+    ``columns`` selects columns (all by default: reading only what is needed is what keeps a million
+    window manifest cheap); ``filter`` is a ``pyarrow.compute`` expression pushed down to the Parquet
+    reader (row groups are skipped by their statistics). Version 1 fragments lack ``shard_bytes``,
+    which reads as null. An empty table when the cache has no rows.
+    """
+    import pyarrow as pa
+
+    schema = manifest_schema()
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
+    info = read_consolidation(location)
+    merged = set(info["fragments"])
+    fragments = fragment_names(location, info)
+    paths = [location.path(MANIFEST_DIR, n) for n in info["files"]]
+    paths += [location.path(MANIFEST_DIR, n) for n in fragments if _fragment_shard(n) not in merged]
+    again = [location.path(MANIFEST_DIR, n) for n in fragments if _fragment_shard(n) in merged]
+    table = _read_parquet(location, paths, schema, filter)
+    if again:  # rows the compact files already hold are dropped (see fragment_names)
+        import pyarrow.compute as pc
+
+        extra = _read_parquet(location, again, schema, filter)
+        if "window_id" in schema.names and extra.num_rows:
+            compact = _read_parquet(location, [location.path(MANIFEST_DIR, n) for n in info["files"]],
+                                    pa.schema([manifest_schema().field("window_id")]), pc.field("window_id").isin(extra.column("window_id")))
+            extra = extra.filter(pc.invert(pc.is_in(extra.column("window_id"), value_set=compact.column("window_id"))))
+        table = pa.concat_tables([table, extra])
+    return table.replace_schema_metadata(schema.metadata)
+
+
+def _read_parquet(location: CacheLocation, paths: list[str], schema: "pa.Schema", filter: Any) -> "pa.Table":
+    """Columns ``schema`` of the manifest files ``paths`` (empty table when none)."""
     import pyarrow as pa
     import pyarrow.dataset as pads
 
-    schema = manifest_schema()
-    names = fragment_names(location)
-    if not names:
+    if not paths:
         return schema.empty_table()
-    paths = [location.path(MANIFEST_DIR, n) for n in names]
     try:
-        table = pads.dataset(paths, format="parquet", filesystem=location.fs, schema=schema).to_table()
+        dataset = pads.dataset(paths, format="parquet", filesystem=location.fs, schema=manifest_schema())
+        # many small fragments (a job that died before consolidating): read ahead many files at once
+        return dataset.to_table(columns=list(schema.names), filter=filter, fragment_readahead=MANIFEST_READAHEAD)
     except (pa.ArrowInvalid, OSError) as e:
-        raise DatasetError(location.url(MANIFEST_DIR), f"cannot read the manifest fragments: {e}") from e
-    return table.replace_schema_metadata(schema.metadata)
+        raise DatasetError(location.url(MANIFEST_DIR), f"cannot read the manifest: {e}") from e
+
+
+def _parquet_bytes(table: "pa.Table", row_group_size: int) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd", row_group_size=row_group_size)
+    return sink.getvalue().to_pybytes()
+
+
+def _write_compact(location: CacheLocation, table: "pa.Table", info: Mapping[str, Any], merged: Sequence[str],
+                   *, row_group_size: int = MANIFEST_ROW_GROUP, file_rows: int = MANIFEST_FILE_ROWS) -> dict[str, Any]:
+    """Write ``table`` (sorted here) as the next generation of compact files listing ``merged`` shard
+    fragments, swap ``consolidated.json`` atomically, then delete the previous generation's files."""
+    import pyarrow.compute as pc
+
+    table = table.take(pc.sort_indices(table, sort_keys=[("window_id", "ascending")]))
+    gen = max([int(n.split("-")[1]) for n in info["files"]] + [0]) + 1
+    files = []
+    for k, start in enumerate(range(0, max(table.num_rows, 1), file_rows)):
+        name = f"compact-{gen:06d}-{k:05d}.parquet"
+        location.write_bytes_atomic(f"{MANIFEST_DIR}/{name}", _parquet_bytes(table.slice(start, file_rows), row_group_size))
+        files.append(name)
+    new = {"schema_version": SCHEMA_VERSION, "files": files, "fragments": sorted(merged), "rows": table.num_rows}
+    location.write_bytes_atomic(CONSOLIDATED_FILE, json.dumps(new).encode())
+    for name in info["files"]:
+        location.remove(MANIFEST_DIR, name)
+    return new
+
+
+def consolidate_manifest(
+    location: CacheLocation, *, row_group_size: int = MANIFEST_ROW_GROUP, file_rows: int = MANIFEST_FILE_ROWS
+) -> dict[str, Any]:
+    """Merge the pending fragments and the consolidated files into new sorted Parquet files.
+
+    Steps (each crash-safe): write ``compact-<gen>-<k>.parquet`` files (rows sorted by ``window_id``,
+    row groups of ``row_group_size`` rows, at most ``file_rows`` rows per file), replace
+    ``consolidated.json`` atomically, then delete the merged fragments and the previous generation.
+    Returns the new ``consolidated.json`` content. A manifest without pending fragments is left alone.
+    """
+    info = read_consolidation(location)
+    pending = fragment_names(location, info)
+    if not pending:
+        return info
+    merged = set(info["fragments"]) | {_fragment_shard(n) for n in pending}
+    new = _write_compact(location, read_manifest(location), info, sorted(merged), row_group_size=row_group_size, file_rows=file_rows)
+    for name in pending:
+        location.remove(MANIFEST_DIR, name)
+    return new
+
+
+def drop_shards(location: CacheLocation, shard_ids: Iterable[str]) -> list[str]:
+    """Forget shards: remove their ok manifest rows (pending fragments rewritten or deleted, the
+    consolidated files rewritten without them) and then their shard files, so the next run recomputes
+    those windows. Failed rows stay (they never pointed at a shard file). Returns the window ids whose
+    rows were removed. Crash-safe in that order: a shard file without rows is an orphan the next run
+    deletes."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    drop = set(shard_ids)
+    if not drop:
+        return []
+    values = pa.array(sorted(drop), pa.string())
+    info = read_consolidation(location)
+    removed: list[str] = []
+    for name in fragment_names(location, info):
+        if _fragment_shard(name) in drop:
+            rel = f"{MANIFEST_DIR}/{name}"
+            table = read_manifest_file(location, rel)
+            gone = pc.fill_null(pc.is_in(table.column("shard"), values), False)
+            removed += table.filter(gone).column("window_id").to_pylist()
+            kept = table.filter(pc.invert(gone))
+            if kept.num_rows:
+                location.write_bytes_atomic(rel, _parquet_bytes(kept, MANIFEST_ROW_GROUP))
+            else:
+                location.remove(rel)
+    if drop & set(info["fragments"]):
+        parts = [read_manifest_file(location, f"{MANIFEST_DIR}/{n}") for n in info["files"]]
+        table = pa.concat_tables(parts) if parts else manifest_schema().empty_table()
+        gone = pc.fill_null(pc.is_in(table.column("shard"), values), False)
+        removed += table.filter(gone).column("window_id").to_pylist()
+        _write_compact(location, table.filter(pc.invert(gone)), info, sorted(set(info["fragments"]) - drop))
+    for shard_id in sorted(drop):
+        for version in SHARD_SUFFIXES:
+            if location.exists(shard_dir(shard_id, version)):
+                location.remove(shard_dir(shard_id, version))
+    return removed
+
+
+def read_manifest_file(location: CacheLocation, rel: str) -> "pa.Table":
+    """One manifest Parquet file (a fragment or a compact file) with the manifest schema."""
+    import pyarrow.parquet as pq
+
+    with location.fs.open(location.path(rel), "rb") as f:
+        return pq.read_table(f, schema=manifest_schema())
 
 
 # ------------------------------------------------------------------------------------------ arrays
@@ -313,9 +525,81 @@ def check_compatible(location: CacheLocation, config: CacheConfig, fields: Seque
     diffs = [(f, _identity(existing, f), _identity(config, f)) for f in fields if _identity(existing, f) != _identity(config, f)]
     if diffs:
         detail = "; ".join(f"{f}: cache has {theirs}, this run has {mine}" for f, theirs, mine in diffs)
+        hint = "write to a new --out"
+        if diffs[0][0] == "schema_version" and existing.schema_version < config.schema_version:
+            hint = "convert the cache with `cameo-corr cache migrate` or write to a new --out"
         raise CacheMismatchError(
-            diffs[0][0], f"refusing to mix configs in one cache ({detail}); write to a new --out", where=location.url(CONFIG_FILE)
+            diffs[0][0], f"refusing to mix configs in one cache ({detail}); {hint}", where=location.url(CONFIG_FILE)
         )
+
+
+SHARD_WINDOW_KEYS = ("window_ids", "scene_ids", "frame_ids", "datasets", "splits")
+"""Per-row metadata lists stored in a version 2 shard's attributes."""
+
+
+def shard_window_meta(records: Sequence[WindowRecord]) -> dict[str, list[Any]]:
+    """The :data:`SHARD_WINDOW_KEYS` lists of the windows of a shard, in row order."""
+    return {
+        "window_ids": [r.window_id for r in records],
+        "scene_ids": [r.scene_id for r in records],
+        "frame_ids": [r.frame_ids for r in records],
+        "datasets": [r.dataset for r in records],
+        "splits": [r.split for r in records],
+    }
+
+
+def shard_zip_bytes(shard_id: str, windows: Mapping[str, list[Any]], data: Mapping[str, np.ndarray], config: CacheConfig) -> bytes:
+    """The version 2 shard file: a zarr group built in memory, stored as an uncompressed zip.
+
+    ``data[name]`` holds the stacked ``[W, ...]`` arrays of the shard's ok windows. Each array is one
+    zarr shard with inner chunks of :data:`CHUNK_WINDOWS` windows, codecs ``bytes -> zstd -> crc32c``
+    (a corrupt chunk makes exactly its windows unreadable); the group carries
+    consolidated metadata and ``windows`` (the :data:`SHARD_WINDOW_KEYS` lists) in its attributes,
+    so a reader of a shard needs no manifest.
+    """
+    import io
+    import warnings
+    import zipfile
+
+    import zarr
+    from zarr.api.asynchronous import open_group
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+    from zarr.storage import MemoryStore
+
+    attrs = {
+        "shard_id": shard_id,
+        "schema_version": SCHEMA_VERSION,
+        "views": config.views,
+        "grid": list(config.grid),
+        **{k: list(windows[k]) for k in SHARD_WINDOW_KEYS},
+    }
+    entries: dict[str, Any] = {}
+    store = MemoryStore(entries)
+
+    rows = min(CHUNK_WINDOWS, len(windows["window_ids"]))
+    span = -(-len(windows["window_ids"]) // rows) * rows  # the one zarr shard covers all rows (a multiple of the chunk)
+
+    async def write() -> None:
+        group = await open_group(store=store, mode="w", attributes=attrs)
+        await asyncio.gather(
+            *(
+                group.create_array(
+                    name=name, data=values, chunks=(rows, *values.shape[1:]), shards=(span, *values.shape[1:]),
+                    compressors=[ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()], fill_value=0,
+                )
+                for name, values in data.items()
+            )
+        )
+
+    run_on_zarr_loop(write())
+    with warnings.catch_warnings():  # "consolidated metadata is not part of the v3 spec": we rely on zarr-python only
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(store)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as zf:
+        for key in sorted(entries):
+            zf.writestr(key, entries[key].to_bytes())
+    return buffer.getvalue()
 
 
 class CacheWriter:
@@ -331,60 +615,22 @@ class CacheWriter:
 
         Nothing is written here: ``cache.json`` is written by the first shard commit
         (:meth:`write_shard`), so a run that fails before committing leaves no config behind. The
-        comparison covers everything that changes the cached values or their meaning
-        (:data:`COMPARED_FIELDS`: the fingerprint's schema version, grid, tau, backend and crop, the
-        number of views and the dataset without its root); ``created_by`` may differ.
+        comparison covers everything that changes the cached values, their meaning or their layout
+        (:data:`COMPARED_FIELDS`: schema version, grid, tau, backend and crop, the number of views and
+        the dataset without its root); ``created_by`` may differ. A version 1 cache is refused with a
+        hint to migrate.
         """
         check_compatible(self.location, self.config)
 
     def done_window_ids(self) -> "pa.Array":
         """Ids of windows that already have a manifest row (ok or failed), as a pyarrow string array."""
-        return read_manifest(self.location).column("window_id").combine_chunks()
-
-    def repair_missing_shards(self) -> list[str]:
-        """Delete the manifest fragments whose ok rows point at a missing shard group; return their
-        shard ids. One listing of ``shards/`` finds the missing groups; the windows of a deleted
-        fragment (ok and failed rows alike) are then not done and a run redoes them."""
-        import pyarrow.compute as pc
-
-        present = {n[: -len(".zarr")] for n in self.location.listdir(SHARDS_DIR) if n.endswith(".zarr")}
-        referenced = pc.unique(read_manifest(self.location).column("shard").drop_null()).to_pylist()
-        missing = sorted(s for s in referenced if s not in present)
-        for shard_id in missing:
-            self.location.remove(fragment_path(shard_id))
-        return missing
-
-    def drop_failed_rows(self) -> list[str]:
-        """Supersede the failed rows (``--retry-failed``): rewrite every fragment holding failed rows
-        without them (atomically; deleted when only failed rows were in it) and return the window ids
-        dropped. Call before redoing those windows, so no window ever has two manifest rows."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        dropped: list[str] = []
-        for name in fragment_names(self.location):
-            rel = f"{MANIFEST_DIR}/{name}"
-            with self.location.fs.open(self.location.path(rel), "rb") as f:
-                table = pq.read_table(f, schema=manifest_schema())
-            failed = pc.equal(table.column("status"), "failed")
-            if not pc.any(failed).as_py():
-                continue
-            dropped += table.filter(failed).column("window_id").to_pylist()
-            kept = table.filter(pc.invert(failed))
-            if kept.num_rows == 0:
-                self.location.remove(rel)
-                continue
-            sink = pa.BufferOutputStream()
-            pq.write_table(kept, sink, compression="zstd")
-            self.location.write_bytes_atomic(rel, sink.getvalue().to_pybytes())
-        return dropped
+        return read_manifest(self.location, columns=["window_id"]).column("window_id").combine_chunks()
 
     def remove_orphans(self) -> list[str]:
         """Delete what killed workers left behind; returns the removed relative paths.
 
         Orphans are temporary entries in ``shards/``, ``manifest/`` and the cache root, and shard
-        groups without a manifest fragment (renamed but never recorded). Call this only when no other
+        files without manifest rows (renamed but never recorded). Call this only when no other
         writer of this cache is running.
         """
         removed: list[str] = []
@@ -395,33 +641,95 @@ class CacheWriter:
         for name in self.location.listdir():
             if name.startswith(TMP_PREFIX):
                 removed.append(name)
-        finished = {n[len("part-") : -len(".parquet")] for n in fragment_names(self.location)}
+        finished = finished_shard_ids(self.location)
         for name in self.location.listdir(SHARDS_DIR):
-            if name.endswith(".zarr") and not name.startswith(TMP_PREFIX) and name[: -len(".zarr")] not in finished:
+            sid = shard_id_of_name(name)
+            if sid is not None and sid not in finished:
                 removed.append(f"{SHARDS_DIR}/{name}")
         for rel in removed:
             self.location.remove(rel)
         return removed
 
+    def repair_missing_shards(self) -> list[str]:
+        """Forget the shards whose ok manifest rows point at a missing shard file (one listing of
+        ``shards/``): their rows are removed (:func:`drop_shards`), so a run redoes their windows.
+        Returns the shard ids."""
+        import pyarrow.compute as pc
+
+        present = {sid for n in self.location.listdir(SHARDS_DIR) if (sid := shard_id_of_name(n)) is not None}
+        referenced = pc.unique(read_manifest(self.location, columns=["shard"]).column("shard").drop_null()).to_pylist()
+        missing = sorted(s for s in referenced if s not in present)
+        drop_shards(self.location, missing)
+        return missing
+
+    def drop_failed_rows(self) -> list[str]:
+        """Supersede the failed rows (retrying failed windows): every pending fragment holding failed
+        rows is rewritten without them (atomically; deleted when nothing is left) and the consolidated
+        files are rewritten without theirs, *before* the windows are redone, so no window ever has two
+        rows. Returns the dropped window ids."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        dropped: list[str] = []
+        info = read_consolidation(self.location)
+        for name in fragment_names(self.location, info):
+            rel = f"{MANIFEST_DIR}/{name}"
+            table = read_manifest_file(self.location, rel)
+            failed = pc.equal(table.column("status"), "failed")
+            if not pc.any(failed).as_py():
+                continue
+            dropped += table.filter(failed).column("window_id").to_pylist()
+            kept = table.filter(pc.invert(failed))
+            if kept.num_rows == 0:
+                self.location.remove(rel)
+            else:
+                self.location.write_bytes_atomic(rel, _parquet_bytes(kept, MANIFEST_ROW_GROUP))
+        if info["files"]:
+            table = pa.concat_tables([read_manifest_file(self.location, f"{MANIFEST_DIR}/{n}") for n in info["files"]])
+            failed = pc.equal(table.column("status"), "failed")
+            if pc.any(failed).as_py():
+                dropped += table.filter(failed).column("window_id").to_pylist()
+                _write_compact(self.location, table.filter(pc.invert(failed)), info, info["fragments"])
+        return dropped
+
+    def consolidate(self) -> dict[str, Any]:
+        """Merge the manifest fragments into sorted Parquet files (:func:`consolidate_manifest`)."""
+        return consolidate_manifest(self.location)
+
+    def _finished_rows(self, shard_id: str, outcomes: Sequence[WindowOutcome]) -> "pa.Table | None":
+        """The manifest rows of a shard that already has a fragment or a consolidated entry (for a
+        consolidated shard: the rows of ``outcomes``' windows; shard ids hash their window ids)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if self.location.exists(fragment_path(shard_id)):
+            return read_manifest_file(self.location, fragment_path(shard_id))
+        if shard_id in read_consolidation(self.location)["fragments"]:
+            ids = [o.record.window_id for o in outcomes]
+            table = read_manifest(self.location, filter=pc.field("window_id").isin(ids))
+            if table.num_rows == 0:  # all its rows were dropped (repair, retry of failed windows): redo it
+                return None
+            order = {w: i for i, w in enumerate(ids)}
+            got = table.column("window_id").to_pylist()
+            return table.take(pa.array(sorted(range(len(got)), key=lambda i: order[got[i]]), pa.int64()))
+        return None
+
     def write_shard(self, shard_id: str, outcomes: Sequence[WindowOutcome]) -> "pa.Table":
         """Write one shard (its ok windows) and then its manifest fragment; return the fragment rows.
 
-        Failed windows get a row with their error, ``shard``/``row`` null and NaN fractions. The first
-        commit into a new cache writes ``cache.json`` (before the fragment, so no fragment exists
-        without it; concurrent first commits of one job write the same bytes).
-
-        A shard whose fragment already exists is finished: nothing is written and its rows are
-        returned (an actor retried after finishing). A stale group without a fragment is replaced.
+        Failed windows get a row with their error, ``shard``/``row``/``shard_bytes`` null and NaN
+        fractions. The first commit into a new cache writes ``cache.json`` (before the fragment, so no
+        fragment exists without it; concurrent first commits of one job write the same bytes). A shard
+        that already has manifest rows is finished: nothing is written and its rows are returned (an
+        actor retried after finishing). A stale shard file without rows is replaced.
         """
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        if self.location.exists(fragment_path(shard_id)):
-            with self.location.fs.open(self.location.path(fragment_path(shard_id)), "rb") as f:
-                return pq.read_table(f, schema=manifest_schema())
+        finished = self._finished_rows(shard_id, outcomes)
+        if finished is not None:
+            return finished
         ok = [o for o in outcomes if o.arrays is not None]
-        if ok:
-            self._write_group(shard_id, ok)
+        nbytes = self._write_group(shard_id, ok) if ok else None
         if not self.location.exists(CONFIG_FILE):  # the first commit of a new cache
             self.location.write_bytes_atomic(CONFIG_FILE, self.config.to_json().encode())
         rows = []
@@ -444,55 +752,23 @@ class CacheWriter:
                     "mask_frac": mask_frac,
                     "status": "ok" if o.arrays is not None else "failed",
                     "error": o.error,
+                    "shard_bytes": nbytes if o.arrays is not None else None,
                 }
             )
         table = pa.Table.from_pylist(rows, schema=manifest_schema())
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
-        self.location.write_bytes_atomic(fragment_path(shard_id), sink.getvalue().to_pybytes())
+        self.location.write_bytes_atomic(fragment_path(shard_id), _parquet_bytes(table, MANIFEST_ROW_GROUP))
         return table
 
-    def _write_group(self, shard_id: str, ok: Sequence[WindowOutcome]) -> None:
-        """Build the shard group under a temporary name (all arrays created and written concurrently
-        in one pass on zarr's event loop), then rename it into place."""
-        from zarr.api.asynchronous import open_group
-        from zarr.codecs import ZstdCodec
-
+    def _write_group(self, shard_id: str, ok: Sequence[WindowOutcome]) -> int:
+        """Validate the ok windows, write the shard file under a temporary name, rename it into place;
+        returns its size in bytes."""
         views, grid = self.config.views, tuple(self.config.grid)
         for o in ok:
             validate_window_arrays(o.arrays, views, grid, where=f"window {o.record.window_id}")  # type: ignore[arg-type]
         data = {name: np.stack([o.arrays[name] for o in ok]) for name in CACHE_ARRAYS}  # type: ignore[index]
-        attrs = {
-            "shard_id": shard_id,
-            "window_ids": [o.record.window_id for o in ok],
-            "schema_version": SCHEMA_VERSION,
-            "views": views,
-            "grid": list(grid),
-        }
-        tmp = f"{SHARDS_DIR}/{TMP_PREFIX}{shard_id}-{uuid.uuid4().hex[:8]}.zarr"
-        store = self.location.zarr_store(tmp, read_only=False)
-
-        async def write() -> None:
-            group = await open_group(store=store, mode="w", attributes=attrs)
-            await asyncio.gather(
-                *(
-                    group.create_array(
-                        name=name,
-                        data=values,
-                        chunks=(1, *values.shape[1:]),
-                        shards=values.shape,
-                        compressors=ZstdCodec(level=ZSTD_LEVEL),
-                        fill_value=0,
-                    )
-                    for name, values in data.items()
-                )
-            )
-
-        run_on_zarr_loop(write())
-        final = shard_dir(shard_id)
-        if self.location.exists(final):
-            self.location.remove(final)
-        self.location.move(tmp, final)
+        blob = shard_zip_bytes(shard_id, shard_window_meta([o.record for o in ok]), data, self.config)
+        self.location.write_bytes_atomic(shard_dir(shard_id), blob)
+        return len(blob)
 
 
 def run_on_zarr_loop(coro: Any) -> Any:
@@ -504,13 +780,136 @@ def run_on_zarr_loop(coro: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ reader
+def id_array(values: "pa.Array | pa.ChunkedArray") -> np.ndarray:
+    """Window ids as a numpy fixed-width bytes array (``S<n>``): 16 bytes per id instead of a Python
+    string each. Equal-length ids (all ids this package makes) are viewed from the Arrow buffer."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    arr = arr.cast(pa.string())
+    if len(arr) == 0:
+        return np.zeros(0, dtype="S1")
+    lengths = pc.utf8_length(arr) if arr.null_count == 0 else None
+    if lengths is not None:
+        lo, hi = pc.min_max(pc.binary_length(arr)).values()
+        if lo.as_py() == hi.as_py() and lo.as_py() > 0:
+            width = lo.as_py()
+            offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32, count=len(arr) + 1, offset=4 * arr.offset)
+            data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+            return data.view(f"S{width}").copy()
+    return np.array([v.encode() for v in arr.to_pylist()], dtype=bytes)
+
+
+class ManifestIndex:
+    """What a reader needs per ok window, as numpy columns (no Python object per window).
+
+    ``ids`` (``S<n>``) sorted, with ``shard`` (index into ``shards``) and ``row`` aligned to them.
+    Built from the ``window_id``, ``shard``, ``row`` columns of the ok rows only.
+    """
+
+    def __init__(self, table: "pa.Table") -> None:
+        import pyarrow.compute as pc
+
+        ids = id_array(table.column("window_id"))
+        order = np.argsort(ids, kind="stable")
+        self.ids = ids[order]
+        encoded = pc.dictionary_encode(table.column("shard").combine_chunks())
+        self.shards: list[str] = encoded.dictionary.to_pylist()
+        self.shard = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int32)[order]
+        self.row = table.column("row").to_numpy().astype(np.int32)[order]
+        if len(self.ids) > 1 and np.any(self.ids[1:] == self.ids[:-1]):
+            dup = self.ids[1:][self.ids[1:] == self.ids[:-1]][0].decode()
+            raise SchemaError("window_id", f"window {dup} has more than one ok manifest row")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def find(self, window_id: str) -> int:
+        """Position of ``window_id`` in :attr:`ids`, or -1."""
+        key = np.array(window_id.encode(), dtype=self.ids.dtype) if len(self.ids) else None
+        if key is None or len(window_id.encode()) > self.ids.dtype.itemsize:
+            return -1
+        i = int(np.searchsorted(self.ids, key))
+        return i if i < len(self.ids) and self.ids[i] == key else -1
+
+
+def shard_zip_store(name: str, opener: Callable[[], BinaryIO]) -> Any:
+    """A read-only zarr store over a version 2 shard file (``opener()`` gives a seekable binary file).
+
+    zarr's ``ZipStore`` serves a byte range of a zip member by reading the member from its start (and
+    checks the zip CRC only when it reaches the end), so a window read would cost the whole array. The
+    shard's members are stored uncompressed, so ranged reads here seek straight to the member's bytes;
+    integrity comes from the crc32c of every chunk and of every shard index. Whole-member reads (the
+    metadata) keep the zip CRC check.
+    """
+    import threading
+    import zipfile
+
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+    from zarr.storage import ZipStore
+
+    class ShardZipStore(ZipStore):
+        def __init__(self) -> None:
+            super().__init__(name, mode="r")
+            self._offsets: dict[str, tuple[int, int]] = {}
+
+        def _sync_open(self) -> None:
+            if self._is_open:
+                raise ValueError("store is already open")
+            self._lock = threading.RLock()
+            self._file = opener()
+            self._zf = zipfile.ZipFile(self._file, mode="r")
+            self._is_open = True
+
+        def _member(self, key: str) -> tuple[int, int] | None:
+            """``(offset of the member's data in the file, size)`` of a stored member."""
+            if key not in self._offsets:
+                info = self._zf.NameToInfo.get(key)
+                if info is None or info.compress_type != zipfile.ZIP_STORED:
+                    return None
+                self._file.seek(info.header_offset)
+                header = self._file.read(30)
+                if header[:4] != b"PK\x03\x04":
+                    raise zipfile.BadZipFile(f"bad local header of member {key!r}")
+                start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+                self._offsets[key] = (start, info.file_size)
+            return self._offsets[key]
+
+        def _get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+            if byte_range is None:
+                return super()._get(key, prototype, byte_range)
+            if not self._is_open:
+                self._sync_open()
+            with self._lock:
+                member = self._member(key)
+                if member is None:
+                    return super()._get(key, prototype, byte_range)
+                start, size = member
+                if isinstance(byte_range, RangeByteRequest):
+                    lo, hi = byte_range.start, min(byte_range.end, size)
+                elif isinstance(byte_range, OffsetByteRequest):
+                    lo, hi = byte_range.offset, size
+                elif isinstance(byte_range, SuffixByteRequest):
+                    lo, hi = max(0, size - byte_range.suffix), size
+                else:
+                    raise TypeError(f"unexpected byte range {byte_range!r}")
+                self._file.seek(start + lo)
+                return prototype.buffer.from_bytes(self._file.read(max(0, hi - lo)))
+
+    return ShardZipStore()
+
+
 class CorrCache:
     """Read-only view of a finished (or growing) cache: manifest, windows, shards, dataset, crop.
 
     ``CorrCache(path).window(window_id)`` returns the window's arrays (``CACHE_ARRAYS`` names, stored
-    dtypes, no ``W`` axis) as numpy, or torch tensors with ``torch=True``. The manifest is read once
-    (call :meth:`refresh` to see shards written since). Instances pickle without their open shards,
-    so they can be handed to DataLoader worker processes.
+    dtypes, no ``W`` axis) as numpy, or torch tensors with ``torch=True``; :meth:`read_shard` decodes
+    whole arrays of a shard at once (the training stream reads a shard once per visit). Opening reads
+    ``cache.json`` only; the manifest is read lazily, only the columns a call needs (call
+    :meth:`refresh` to see shards written since). Bytes failing their checksum raise
+    :class:`CorruptCacheError`. Reads schema versions 1 and 2. Instances pickle without their open
+    shards or manifest, so they can be handed to DataLoader worker processes.
     """
 
     max_open_shards = 64
@@ -520,22 +919,22 @@ class CorrCache:
         self.path = path
         self.storage_options = storage_options
         self.config: CacheConfig = read_config(self.location)
+        self.version: int = int(self.config.schema_version)
         self._manifest: pa.Table | None = None
-        self._index: dict[str, int] | None = None
+        self._index: ManifestIndex | None = None
         self._shards: OrderedDict[str, zarr.Group] = OrderedDict()
         self._arrays: dict[str, dict[str, zarr.Array]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_shards"] = OrderedDict()
-        state["_arrays"] = {}
+        state.update(_shards=OrderedDict(), _arrays={}, _manifest=None, _index=None)
         return state
 
     def __repr__(self) -> str:
         return f"CorrCache({self.location.display!r}, views={self.config.views}, grid={tuple(self.config.grid)})"
 
     def __len__(self) -> int:
-        return len(self.window_ids())
+        return len(self.index())
 
     def refresh(self) -> None:
         """Forget the cached manifest and open shards (see fragments written since)."""
@@ -544,47 +943,104 @@ class CorrCache:
         self._shards.clear()
         self._arrays.clear()
 
+    def manifest(self, status: str | None = "ok", columns: Sequence[str] | None = None) -> "pa.Table":
+        """Manifest rows with ``status`` (``"ok"``, ``"failed"``, or ``None`` for all).
+
+        Consolidated rows come sorted by ``window_id``, then rows of pending fragments. With
+        ``columns`` only those columns are read (and nothing is kept in memory).
+        """
+        import pyarrow.compute as pc
+
+        if status not in ("ok", "failed", None):
+            raise ValueError(f"status must be 'ok', 'failed' or None, got {status!r}")
+        if columns is not None:
+            filt = None if status is None else pc.field("status") == status
+            return read_manifest(self.location, columns=columns, filter=filt)
+        table = self._full_manifest()
+        return table if status is None else table.filter(pc.equal(table.column("status"), status))
+
     def _full_manifest(self) -> "pa.Table":
         if self._manifest is None:
             self._manifest = read_manifest(self.location)
-            ids = self._manifest.column("window_id").to_pylist()
-            self._index = {wid: i for i, wid in enumerate(ids)}
         return self._manifest
 
-    def manifest(self, status: str | None = "ok") -> "pa.Table":
-        """Manifest rows with ``status`` (``"ok"``, ``"failed"``, or ``None`` for all), fragment order."""
-        import pyarrow.compute as pc
-
-        table = self._full_manifest()
-        if status is None:
-            return table
-        if status not in ("ok", "failed"):
-            raise ValueError(f"status must be 'ok', 'failed' or None, got {status!r}")
-        return table.filter(pc.equal(table.column("status"), status))
+    def index(self) -> ManifestIndex:
+        """The numpy index of the ok windows (read once: ``window_id``, ``shard``, ``row`` columns)."""
+        if self._index is None:
+            self._index = ManifestIndex(self.manifest("ok", columns=["window_id", "shard", "row"]))
+        return self._index
 
     def window_ids(self) -> list[str]:
-        """Ids of the ok windows, in manifest order."""
-        return self.manifest("ok").column("window_id").to_pylist()
+        """Ids of the ok windows, sorted."""
+        ids = self.index().ids
+        try:
+            return ids.astype(f"U{max(ids.dtype.itemsize, 1)}").tolist()  # hex ids: one vectorised decode
+        except UnicodeDecodeError:
+            return [v.decode() for v in ids.tolist()]
 
     def row(self, window_id: str) -> dict[str, Any]:
         """The manifest row of ``window_id`` as a dict (``KeyError`` naming the cache if absent)."""
-        table = self._full_manifest()
-        assert self._index is not None
-        if window_id not in self._index:
+        import pyarrow.compute as pc
+
+        table = self.manifest(None, columns=None) if self._manifest is not None else read_manifest(
+            self.location, filter=pc.field("window_id") == window_id
+        )
+        rows = table.filter(pc.equal(table.column("window_id"), window_id)).to_pylist()
+        if not rows:
             raise KeyError(f"window {window_id!r} is not in the manifest of {self.location.display}")
-        return table.slice(self._index[window_id], 1).to_pylist()[0]
+        return rows[0]
+
+    def locate(self, window_id: str) -> tuple[str, int]:
+        """``(shard id, row)`` of an ok window (``KeyError`` naming the cache and the reason if none)."""
+        index = self.index()
+        i = index.find(window_id)
+        if i < 0:
+            row = None
+            try:
+                row = self.row(window_id)
+            except KeyError:
+                pass
+            if row is not None and row["status"] != "ok":
+                raise KeyError(f"window {window_id!r} failed during preprocessing: {row['error']}")
+            raise KeyError(f"window {window_id!r} is not in the manifest of {self.location.display}")
+        return index.shards[index.shard[i]], int(index.row[i])
+
+    def _open_store(self, shard_id: str) -> Any:
+        rel = shard_dir(shard_id, self.version)
+        if not self.location.exists(rel):
+            raise DatasetError(self.location.url(rel), "shard listed in the manifest is missing")
+        if self.version == 1:
+            return self.location.zarr_store(rel, read_only=True)
+        fs, path = self.location.fs, self.location.path(rel)
+        return shard_zip_store(self.location.url(rel), lambda: fs.open(path, "rb"))
 
     def open_shard(self, shard_id: str) -> "zarr.Group":
-        """The read-only zarr group of a finished shard (lazy; kept in a small LRU)."""
+        """The read-only zarr group of a finished shard (lazy; kept in a small LRU).
+
+        Raises :class:`DatasetError` when the shard is missing and :class:`CorruptCacheError` when its
+        file or metadata cannot be read.
+        """
         import zarr
 
         if shard_id in self._shards:
             self._shards.move_to_end(shard_id)
             return self._shards[shard_id]
-        rel = shard_dir(shard_id)
-        if not self.location.exists(rel):
-            raise DatasetError(self.location.url(rel), "shard listed in the manifest is missing")
-        group = zarr.open_group(self.location.zarr_store(rel, read_only=True), mode="r")
+        from zarr.api.asynchronous import open_group
+
+        store = self._open_store(shard_id)
+
+        async def open_all() -> tuple[Any, list[Any]]:  # one trip to zarr's event loop for group and arrays
+            agroup = await open_group(store=store, mode="r", use_consolidated=True if self.version >= 2 else None)
+            return agroup, await asyncio.gather(*(agroup.getitem(name) for name in CACHE_ARRAYS))
+
+        try:
+            agroup, arrays = run_on_zarr_loop(open_all())
+            group = zarr.Group(agroup)
+            self._arrays[shard_id] = {name: zarr.Array(arr) for name, arr in zip(CACHE_ARRAYS, arrays)}
+        except KeyError as e:
+            raise CorruptCacheError(self.location.display, shard_id, None, None, f"array {e} missing") from e
+        except Exception as e:  # zip, JSON and zarr metadata errors all mean "this shard is unreadable"
+            raise CorruptCacheError(self.location.display, shard_id, None, None, e) from e
         self._shards[shard_id] = group
         while len(self._shards) > self.max_open_shards:
             evicted, _ = self._shards.popitem(last=False)
@@ -593,23 +1049,81 @@ class CorrCache:
 
     def _shard_arrays(self, shard_id: str) -> "dict[str, zarr.Array]":
         """The opened arrays of a shard (array metadata is read once per shard, not per window)."""
-        group = self.open_shard(shard_id)
-        if shard_id not in self._arrays:
-            self._arrays[shard_id] = {name: group[name] for name in CACHE_ARRAYS}
+        self.open_shard(shard_id)
         return self._arrays[shard_id]
+
+    def shard_windows(self, shard_id: str) -> dict[str, list[Any]]:
+        """Per-row metadata of a shard: ``window_ids``, ``scene_ids``, ``frame_ids``, ``datasets``,
+        ``splits`` (lists indexed by row). Version 2 stores them in the shard; for version 1 they come
+        from the manifest rows of the shard."""
+        group = self.open_shard(shard_id)
+        attrs = group.attrs.asdict()
+        if "frame_ids" in attrs:
+            return {k: list(attrs[k]) for k in SHARD_WINDOW_KEYS}
+        import pyarrow.compute as pc
+
+        table = self.manifest("ok")
+        rows = table.filter(pc.equal(table.column("shard"), shard_id)).sort_by("row").to_pydict()
+        if rows["row"] != list(range(len(rows["row"]))) or rows["window_id"] != list(attrs.get("window_ids", [])):
+            raise DatasetError(self.location.url(shard_dir(shard_id, self.version)), "manifest rows and shard window_ids disagree")
+        return {"window_ids": rows["window_id"], "scene_ids": rows["scene_id"], "frame_ids": rows["frame_ids"],
+                "datasets": rows["dataset"], "splits": rows["split"]}
+
+    def _read(self, shard_id: str, names: Sequence[str], selection: Any, window: str | None) -> dict[str, np.ndarray]:
+        """Read ``selection`` of arrays ``names`` of a shard concurrently; decode errors become
+        :class:`CorruptCacheError` naming the array (and ``window``)."""
+        arrays = self._shard_arrays(shard_id)
+
+        async def one(name: str) -> Any:
+            try:
+                return await arrays[name].async_array.getitem(selection)
+            except Exception as e:  # checksum mismatch (ValueError), zstd/zip errors...: all "corrupt"
+                raise CorruptCacheError(self.location.display, shard_id, name, window, e) from e
+
+        async def read() -> list[Any]:
+            return await asyncio.gather(*(one(n) for n in names))
+
+        return {name: np.asarray(v) for name, v in zip(names, run_on_zarr_loop(read()))}
+
+    def read_shard(self, shard_id: str, names: Sequence[str] = tuple(CACHE_ARRAYS)) -> dict[str, np.ndarray]:
+        """Arrays ``names`` of every row of a shard (``[W, ...]``), each decoded once.
+
+        On a corrupt chunk the error names the first bad window (rows are re-read one by one to find it).
+        """
+        try:
+            return self._read(shard_id, names, slice(None), None)
+        except CorruptCacheError as e:
+            ids = self.shard_windows(shard_id)["window_ids"]
+            for r, wid in enumerate(ids):
+                self._read(shard_id, [e.array or names[0]], r, wid)
+            raise
+
+    def corrupt_windows(self, shard_id: str) -> list[CorruptCacheError]:
+        """Every window of a shard whose chunks fail to decode (one error per window; the whole shard
+        when its file or metadata is unreadable). Empty when the shard is intact."""
+        try:
+            ids = self.shard_windows(shard_id)["window_ids"]
+            self._read(shard_id, list(CACHE_ARRAYS), slice(None), None)
+            return []
+        except CorruptCacheError as e:
+            if e.array is None:
+                return [e]
+        bad = []
+        for r, wid in enumerate(ids):
+            try:
+                self._read(shard_id, list(CACHE_ARRAYS), r, wid)
+            except CorruptCacheError as e:
+                bad.append(e)
+        return bad
+
+    def read_row(self, shard_id: str, row: int, window_id: str | None = None, names: Sequence[str] = tuple(CACHE_ARRAYS)) -> dict[str, np.ndarray]:
+        """Arrays ``names`` of one row of a shard (``window_id`` only names it in errors)."""
+        return self._read(shard_id, list(names), int(row), window_id)
 
     def window(self, window_id: str, *, torch: bool = False) -> dict[str, Any]:
         """The arrays of one ok window (numpy, or torch tensors when ``torch=True``)."""
-        row = self.row(window_id)
-        if row["status"] != "ok":
-            raise KeyError(f"window {window_id!r} failed during preprocessing: {row['error']}")
-        arrays = self._shard_arrays(row["shard"])
-        r = int(row["row"])
-
-        async def read() -> list[Any]:
-            return await asyncio.gather(*(arr.async_array.getitem(r) for arr in arrays.values()))
-
-        out: dict[str, Any] = {name: np.asarray(v) for name, v in zip(arrays, run_on_zarr_loop(read()))}
+        shard_id, r = self.locate(window_id)
+        out: dict[str, Any] = self.read_row(shard_id, r, window_id)
         if torch:
             import torch as _torch
 
@@ -635,21 +1149,83 @@ class CorrCache:
         return CanonicalView.from_dict(self.config.crop)
 
 
+# ------------------------------------------------------------------------------------------ migrate
+def migrate_cache(src: str | Path, dst: str | Path, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """Convert a version 1 cache into a new version 2 cache at ``dst`` (``src`` is left untouched).
+
+    Every shard is re-read (decoding checks it) and rewritten as one checksummed zip file with the
+    same rows; manifest rows are kept (values, window ids, ``row``) with ``shard_bytes`` added, and
+    the manifest is consolidated. ``cache.json`` is written last. Returns counts.
+    """
+    import dataclasses
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    old = CorrCache(src, dict(storage_options or {}) or None)
+    if old.version != 1:
+        raise SchemaError("schema_version", f"only version 1 caches need migrating, this one is version {old.version}",
+                          where=old.location.url(CONFIG_FILE))
+    config = dataclasses.replace(old.config, schema_version=SCHEMA_VERSION)
+    out = CacheLocation(dst, storage_options)
+    if out.exists(CONFIG_FILE) or out.listdir(MANIFEST_DIR):
+        raise DatasetError(out.url(), "migration target already holds a cache; choose a new directory")
+    table = old.manifest(None)
+    sizes: dict[str, int] = {}
+    shards = sorted(s for s in set(table.column("shard").to_pylist()) if s is not None)
+    for shard_id in shards:
+        meta = old.shard_windows(shard_id)
+        data = old.read_shard(shard_id)
+        blob = shard_zip_bytes(shard_id, meta, data, config)
+        out.write_bytes_atomic(shard_dir(shard_id), blob)
+        sizes[shard_id] = len(blob)
+    shard_col = table.column("shard").to_pylist()
+    table = table.set_column(
+        table.schema.get_field_index("shard_bytes"), manifest_schema().field("shard_bytes"),
+        pa.array([sizes.get(s) if s is not None else None for s in shard_col], pa.int64()),
+    )
+    table = table.take(pc.sort_indices(table, sort_keys=[("window_id", "ascending")]))
+    name = "compact-000001-00000.parquet"
+    out.write_bytes_atomic(f"{MANIFEST_DIR}/{name}", _parquet_bytes(table, MANIFEST_ROW_GROUP))
+    fragments = sorted(_fragment_shard(n) for n in fragment_names(old.location))
+    out.write_bytes_atomic(CONSOLIDATED_FILE, json.dumps(
+        {"schema_version": SCHEMA_VERSION, "files": [name], "fragments": fragments, "rows": table.num_rows}).encode())
+    out.write_bytes_atomic(CONFIG_FILE, config.to_json().encode())
+    return {"shards": len(shards), "windows": table.num_rows}
+
+
 __all__ = [
     "CONFIG_FILE",
     "SHARDS_DIR",
     "MANIFEST_DIR",
+    "CONSOLIDATED_FILE",
+    "SHARD_SUFFIXES",
+    "CHUNK_WINDOWS",
     "TMP_PREFIX",
     "CacheMismatchError",
+    "CorruptCacheError",
     "CacheLocation",
     "COMPARED_FIELDS",
     "IDENTITY_EXCLUDED",
     "check_compatible",
     "shard_dir",
+    "shard_id_of_name",
     "fragment_path",
     "read_config",
+    "read_consolidation",
     "fragment_names",
+    "finished_shard_ids",
     "read_manifest",
+    "consolidate_manifest",
+    "drop_shards",
+    "read_manifest_file",
+    "SHARD_WINDOW_KEYS",
+    "shard_window_meta",
+    "shard_zip_bytes",
+    "id_array",
+    "ManifestIndex",
+    "shard_zip_store",
+    "migrate_cache",
     "window_arrays",
     "window_fractions",
     "WindowOutcome",

@@ -1,13 +1,17 @@
-"""``cameo-corr cache stats|verify|viz``: inspect, check and picture a correspondence cache.
+"""``cameo-corr cache stats|verify|viz|compact|migrate``: inspect, check, picture and maintain a cache.
 
 * ``stats``: windows (ok / failed), scenes, shards, mask coverage histogram, valid-token share, bytes
-  on disk and per window, the most common failure reasons, orphans left by killed workers.
+  on disk (shard sizes recorded at write time) and per window, the most common failure reasons,
+  orphans left by killed workers. Reads only the manifest columns it needs.
 * ``verify``: every ok manifest row has its shard row (the shard's ``window_ids`` attribute agrees),
   every shard row is referenced once, shapes and dtypes match the schema
   (:func:`~cameo_corr.schemas.validate_window_arrays`), ``nn`` diagonal is the identity, masks are
   consistent with ``nn`` (``mask_ij[x]`` exactly when ``x`` is valid, view j has a valid token and the
   cycle ``nn_ji[nn_ij[x]]`` lands within ``tau`` tokens of ``x``), ``nn`` only points at valid tokens,
-  and the manifest's ``valid_frac``/``mask_frac`` match the arrays. Exits 1 listing the problems.
+  and the manifest's ``valid_frac``/``mask_frac`` match the arrays; chunks failing their checksum are
+  listed by window. Streams shard by shard (``--max-windows`` reads only what it checks); ``--deep``
+  decodes every chunk of every shard. Exits 1 listing the problems, or when no ok window exists.
+* ``compact``: consolidate the manifest fragments; ``migrate``: version 1 cache -> version 2 copy.
 * ``viz``: a PNG with two views side by side and lines between corresponding tokens (masked ones,
   coloured by the query token's grid position), the view-pair mask coverage matrix and the per-token
   coverage of the first view. Images come from the dataset through ``CorrCache.reader()`` and
@@ -20,60 +24,85 @@ import argparse
 import json
 import sys
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from cameo_corr.schemas import token_coords
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from cameo_corr.pipeline.cache import CorrCache
+    import pyarrow as pa
+
+    from cameo_corr.pipeline.cache import CorrCache, CorruptCacheError
 
 COVERAGE_BINS = 10
 
 
 # ------------------------------------------------------------------------------------------ stats
-def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS) -> dict[str, Any]:
-    """Summary numbers of a cache (see the module docstring)."""
-    from cameo_corr.pipeline.cache import MANIFEST_DIR, SHARDS_DIR, TMP_PREFIX, fragment_names
+STATS_COLUMNS = ("scene_id", "shard", "status", "valid_frac", "mask_frac", "error", "shard_bytes")
 
-    table = cache.manifest(None)
-    rows = table.select(["scene_id", "shard", "status", "valid_frac", "mask_frac", "error"]).to_pydict()
-    ok = [i for i, s in enumerate(rows["status"]) if s == "ok"]
-    failed = [i for i, s in enumerate(rows["status"]) if s == "failed"]
-    mask_frac = np.array([rows["mask_frac"][i] for i in ok], dtype=np.float64)
-    valid_frac = np.array([rows["valid_frac"][i] for i in ok], dtype=np.float64)
+
+def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS) -> dict[str, Any]:
+    """Summary numbers of a cache (see the module docstring).
+
+    Reads only the manifest columns it needs and computes with Arrow/numpy. Shard bytes are the sizes
+    recorded at write time (``shard_bytes``); for version 1 caches, which did not record them, the
+    shards folder is walked (``bytes_source`` says which).
+    """
+    import pyarrow.compute as pc
+
+    from cameo_corr.pipeline.cache import MANIFEST_DIR, SHARDS_DIR, TMP_PREFIX, finished_shard_ids, shard_id_of_name
+
+    if bins < 1:
+        raise ValueError(f"--bins must be >= 1, got {bins}")
+    table = cache.manifest(None, columns=list(STATS_COLUMNS))
+    is_ok = pc.equal(table.column("status"), "ok")
+    ok = table.filter(is_ok)
+    failed = table.filter(pc.equal(table.column("status"), "failed"))
+    mask_frac = ok.column("mask_frac").to_numpy().astype(np.float64)
+    valid_frac = ok.column("valid_frac").to_numpy().astype(np.float64)
     counts, edges = np.histogram(mask_frac, bins=bins, range=(0.0, 1.0))
-    reasons = Counter((rows["error"][i] or "").split(":", 1)[0] for i in failed)
+    errors = failed.column("error").to_pylist()
+    reasons = Counter((e or "").split(":", 1)[0] for e in errors)
     loc = cache.location
-    finished = {n[len("part-") : -len(".parquet")] for n in fragment_names(loc)}
+    finished = finished_shard_ids(loc)
     orphans = [
         n for folder in (SHARDS_DIR, MANIFEST_DIR) for n in loc.listdir(folder)
-        if n.startswith(TMP_PREFIX) or (folder == SHARDS_DIR and n.endswith(".zarr") and n[: -len(".zarr")] not in finished)
+        if n.startswith(TMP_PREFIX) or (folder == SHARDS_DIR and shard_id_of_name(n) is not None and shard_id_of_name(n) not in finished)
     ]
-    shard_bytes = loc.disk_usage(SHARDS_DIR)
+    if ok.num_rows and ok.column("shard_bytes").null_count == 0:
+        per_shard = ok.group_by("shard").aggregate([("shard_bytes", "max")])
+        shard_bytes, source = int(pc.sum(per_shard.column("shard_bytes_max")).as_py() or 0), "recorded"
+    elif ok.num_rows:
+        shard_bytes, source = loc.disk_usage(SHARDS_DIR), "measured"
+    else:
+        shard_bytes, source = 0, "recorded"
     manifest_bytes = loc.disk_usage(MANIFEST_DIR)
+    n_ok, n_failed = ok.num_rows, failed.num_rows
     return {
         "path": loc.display,
+        "schema_version": cache.version,
         "views": cache.config.views,
         "grid": list(cache.config.grid),
         "tau": cache.config.tau,
         "backend": cache.config.backend.get("name"),
-        "windows_ok": len(ok),
-        "windows_failed": len(failed),
-        "scenes_ok": len({rows["scene_id"][i] for i in ok}),
-        "scenes_total": len(set(rows["scene_id"])),
-        "shards": len({rows["shard"][i] for i in ok}),
-        "valid_frac_mean": float(valid_frac.mean()) if len(ok) else 0.0,
-        "mask_frac_mean": float(mask_frac.mean()) if len(ok) else 0.0,
+        "windows_ok": n_ok,
+        "windows_failed": n_failed,
+        "scenes_ok": int(pc.count_distinct(ok.column("scene_id")).as_py()),
+        "scenes_total": int(pc.count_distinct(table.column("scene_id")).as_py()),
+        "shards": int(pc.count_distinct(ok.column("shard")).as_py()),
+        "valid_frac_mean": float(valid_frac.mean()) if n_ok else 0.0,
+        "mask_frac_mean": float(mask_frac.mean()) if n_ok else 0.0,
         "mask_frac_histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
         "failure_reasons": dict(reasons.most_common()),
-        "failure_examples": [rows["error"][i] for i in failed[:5]],
+        "failure_examples": errors[:5],
         "bytes_shards": shard_bytes,
         "bytes_manifest": manifest_bytes,
         "bytes_total": shard_bytes + manifest_bytes,
-        "bytes_per_window": shard_bytes / len(ok) if ok else 0.0,
+        "bytes_per_window": shard_bytes / n_ok if n_ok else 0.0,
+        "bytes_source": source,
         "orphans": orphans,
     }
 
@@ -83,8 +112,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     h = stats["mask_frac_histogram"]
     top = max(h["counts"]) if h["counts"] and max(h["counts"]) else 1
     lines = [
-        f"cache {stats['path']}: S={stats['views']} grid={stats['grid'][0]}x{stats['grid'][1]} tau={stats['tau']} "
-        f"backend={stats['backend']}",
+        f"cache {stats['path']} (schema version {stats['schema_version']}): S={stats['views']} "
+        f"grid={stats['grid'][0]}x{stats['grid'][1]} tau={stats['tau']} backend={stats['backend']}",
         f"windows: {stats['windows_ok']} ok, {stats['windows_failed']} failed; scenes: {stats['scenes_ok']} with ok windows "
         f"of {stats['scenes_total']}; shards: {stats['shards']}",
         f"valid tokens: {100 * stats['valid_frac_mean']:.1f}% mean; masked query tokens (i != j): "
@@ -94,8 +123,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     for lo, hi, c in zip(h["edges"][:-1], h["edges"][1:], h["counts"]):
         lines.append(f"  [{lo:.1f}, {hi:.1f}{']' if hi >= 1.0 else ')'} {c:6d} {'#' * int(round(40 * c / top))}")
     lines.append(
-        f"bytes: {stats['bytes_total']:,} on disk ({stats['bytes_shards']:,} shards, {stats['bytes_manifest']:,} manifest), "
-        f"{stats['bytes_per_window']:,.0f} per ok window"
+        f"bytes: {stats['bytes_total']:,} on disk ({stats['bytes_shards']:,} shards {stats['bytes_source']}, "
+        f"{stats['bytes_manifest']:,} manifest), {stats['bytes_per_window']:,.0f} per ok window"
     )
     if stats["failure_reasons"]:
         lines.append("failures: " + ", ".join(f"{k or '?'} x{v}" for k, v in stats["failure_reasons"].items()))
@@ -145,81 +174,191 @@ def check_window_consistency(arrays: dict[str, np.ndarray], tau: float, grid: tu
     return problems
 
 
-def verify_cache(cache: "CorrCache", *, max_windows: int | None = None) -> list[str]:
-    """All problems found in the cache (empty list: the cache is consistent)."""
-    from cameo_corr.pipeline.cache import window_fractions
+@dataclass
+class VerifyReport:
+    """What :func:`verify_report` found: ``problems`` (empty: consistent), how many ok windows were
+    checked of ``windows_ok``, and ``corrupt`` (windows whose chunks fail their checksum or decoding,
+    as ``(window id or None for a whole shard, shard id, array or None)``)."""
+
+    problems: list[str] = field(default_factory=list)
+    checked: int = 0
+    windows_ok: int = 0
+    corrupt: list[tuple[str | None, str, str | None]] = field(default_factory=list)
+
+
+def _manifest_problems(table: "pa.Table") -> tuple[list[str], np.ndarray]:
+    """Row-level manifest problems (vectorised over all rows) and the mask of well-formed ok rows."""
+    from cameo_corr.pipeline.cache import id_array
+
+    import pyarrow.compute as pc
+
+    def mask(arr: Any) -> np.ndarray:
+        return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=bool)
+
+    status = table.column("status")
+    shard_null, row_null = mask(table.column("shard").is_null()), mask(table.column("row").is_null())
+    error = table.column("error")
+    error_null = mask(error.is_null())
+    error_empty = error_null | mask(pc.equal(error.fill_null(""), ""))
+    ids = id_array(table.column("window_id"))
+    problems: list[str] = []
+    srt = np.sort(ids)
+    dup = np.unique(srt[1:][srt[1:] == srt[:-1]]) if len(srt) > 1 else srt[:0]
+    problems += [f"window {w.decode()}: {int((ids == w).sum())} manifest rows" for w in dup]
+    is_ok, is_failed = mask(pc.equal(status, "ok").fill_null(False)), mask(pc.equal(status, "failed").fill_null(False))
+    for i in np.flatnonzero(~(is_ok | is_failed)):
+        problems.append(f"window {ids[i].decode()}: unknown status {status[int(i)].as_py()!r}")
+    for i in np.flatnonzero(is_failed & ~(shard_null & row_null & ~error_empty)):
+        problems.append(f"window {ids[i].decode()}: failed row must have shard/row null and an error")
+    bad_ok = is_ok & (shard_null | row_null | ~error_null)
+    for i in np.flatnonzero(bad_ok):
+        problems.append(f"window {ids[i].decode()}: ok row must have shard and row and no error")
+    return problems, is_ok & ~bad_ok
+
+
+def find_corrupt_windows(cache: "CorrCache", shard_ids: Sequence[str] | None = None) -> list["CorruptCacheError"]:
+    """Decode every chunk of every array of the given (default: all finished) shards and return one
+    :class:`~cameo_corr.pipeline.cache.CorruptCacheError` per bad window (or per unreadable shard)."""
+    import pyarrow.compute as pc
+
+    from cameo_corr.pipeline.cache import CorruptCacheError
+
+    if shard_ids is None:
+        column = cache.manifest("ok", columns=["shard"]).column("shard")
+        shard_ids = sorted(pc.unique(column).to_pylist())
+    bad: list[CorruptCacheError] = []
+    for sid in shard_ids:
+        try:
+            bad += cache.corrupt_windows(sid)
+        except CorruptCacheError as e:
+            bad.append(e)
+    return bad
+
+
+def repair_corrupt_shards(cache: "CorrCache") -> dict[str, list[str]]:
+    """Find the corrupt windows (every chunk of every shard decoded) and drop their shards
+    (:func:`~cameo_corr.pipeline.cache.drop_shards`), so the next ``preprocess`` run recomputes
+    their windows. Returns ``{"shards": [...], "windows": [window ids whose rows were removed]}``."""
+    from cameo_corr.pipeline.cache import drop_shards
+
+    shards = sorted({e.shard for e in find_corrupt_windows(cache)})
+    windows = drop_shards(cache.location, shards)
+    cache.refresh()
+    return {"shards": shards, "windows": windows}
+
+
+def verify_cache(cache: "CorrCache", *, max_windows: int | None = None, deep: bool = False) -> list[str]:
+    """All problems found in the cache (empty list: the cache is consistent); see :func:`verify_report`."""
+    return verify_report(cache, max_windows=max_windows, deep=deep).problems
+
+
+def verify_report(cache: "CorrCache", *, max_windows: int | None = None, deep: bool = False) -> VerifyReport:
+    """Check the cache (see the module docstring); streams shard by shard.
+
+    The manifest checks read only ``window_id``, ``status``, ``shard``, ``row``, ``error`` of all rows.
+    Then shards are visited in id order until ``max_windows`` ok windows were checked: each shard is
+    opened and decoded once, and only the manifest rows of the visited shards are read in full. A
+    corrupt chunk is a problem naming its window (it does not stop the check). ``deep`` also decodes
+    every chunk of every shard, whatever ``max_windows``, and lists the bad windows in ``corrupt``.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from cameo_corr.pipeline.cache import CorruptCacheError, read_manifest, window_fractions
     from cameo_corr.schemas import CACHE_ARRAYS, CameoCorrError, validate_window_arrays
 
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"--max-windows must be >= 1, got {max_windows}")
     cfg = cache.config
     grid = tuple(cfg.grid)
-    problems: list[str] = []
-    rows = cache.manifest(None).to_pylist()
-    seen: Counter[str] = Counter(r["window_id"] for r in rows)
-    problems += [f"window {wid}: {n} manifest rows" for wid, n in seen.items() if n > 1]
-    by_shard: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        where = f"window {r['window_id']}"
-        if r["status"] not in ("ok", "failed"):
-            problems.append(f"{where}: unknown status {r['status']!r}")
-        elif r["status"] == "failed":
-            if r["shard"] is not None or r["row"] is not None or not r["error"]:
-                problems.append(f"{where}: failed row must have shard/row null and an error")
-        else:
-            if r["shard"] is None or r["row"] is None or r["error"] is not None:
-                problems.append(f"{where}: ok row must have shard and row and no error")
-                continue
-            if r["num_views"] != cfg.views or len(r["frame_ids"]) != cfg.views:
-                problems.append(f"{where}: {r['num_views']} views / {len(r['frame_ids'])} frame ids, cache has S={cfg.views}")
-            by_shard.setdefault(r["shard"], []).append(r)
-    checked = 0
-    for shard_id, shard_rows in sorted(by_shard.items()):
-        if max_windows is not None and checked >= max_windows:
+    light = cache.manifest(None, columns=["window_id", "status", "shard", "row", "error"])
+    report = VerifyReport()
+    report.problems, ok_mask = _manifest_problems(light)
+    ok = light.filter(pa.array(ok_mask))
+    report.windows_ok = ok.num_rows
+    counts = pc.value_counts(ok.column("shard")).to_pylist()
+    sizes = dict(sorted((c["values"], c["counts"]) for c in counts))
+    visit: list[str] = []
+    budget = max_windows
+    for sid, size in sizes.items():
+        if budget is not None and budget <= 0:
             break
+        visit.append(sid)
+        if budget is not None:
+            budget -= size
+    wanted = ok.filter(pc.is_in(ok.column("shard"), pa.array(visit, pa.string()))).column("window_id")
+    columns = ["window_id", "status", "shard", "row", "num_views", "frame_ids", "valid_frac", "mask_frac"]
+    if max_windows is None:
+        full = cache.manifest("ok", columns=columns)
+    else:
+        full = read_manifest(cache.location, columns=columns, filter=pc.field("window_id").isin(wanted.combine_chunks()))
+    rows_by_shard: dict[str, list[dict[str, Any]]] = {}
+    for r in full.to_pylist():
+        if r["status"] == "ok" and r["shard"] in sizes:
+            rows_by_shard.setdefault(r["shard"], []).append(r)
+    for shard_id in visit:
+        shard_rows = sorted(rows_by_shard.get(shard_id, []), key=lambda r: r["row"])
+        for r in shard_rows:
+            if r["num_views"] != cfg.views or len(r["frame_ids"]) != cfg.views:
+                report.problems.append(f"window {r['window_id']}: {r['num_views']} views / {len(r['frame_ids'])} frame ids, "
+                                       f"cache has S={cfg.views}")
         try:
             group = cache.open_shard(shard_id)
         except CameoCorrError as e:
-            problems.append(f"shard {shard_id}: {e}")
-            continue
-        missing = [n for n in CACHE_ARRAYS if n not in group]
-        if missing:
-            problems.append(f"shard {shard_id}: arrays {missing} missing")
+            report.problems.append(f"shard {shard_id}: {e}")
             continue
         ids = list(group.attrs.get("window_ids", []))
-        data = {n: np.asarray(group[n][...]) for n in CACHE_ARRAYS}
-        W = data["nn"].shape[0]
-        if len(ids) != W or any(data[n].shape[0] != W for n in CACHE_ARRAYS):
-            problems.append(f"shard {shard_id}: window_ids attribute and array lengths disagree")
+        shapes = {n: group[n].shape for n in CACHE_ARRAYS}
+        W = shapes["nn"][0]
+        if len(ids) != W or any(shape[0] != W for shape in shapes.values()):
+            report.problems.append(f"shard {shard_id}: window_ids attribute and array lengths disagree")
             continue
-        referenced = Counter(r["row"] for r in shard_rows)
-        unreferenced = sorted(set(range(W)) - set(referenced))
+        unreferenced = sorted(set(range(W)) - {r["row"] for r in shard_rows})
         if unreferenced:
-            problems.append(f"shard {shard_id}: rows {unreferenced} have no manifest row")
+            report.problems.append(f"shard {shard_id}: rows {unreferenced} have no manifest row")
+        try:
+            data: dict[str, np.ndarray] | None = cache.read_shard(shard_id)
+            bad_rows: set[int] = set()
+        except CorruptCacheError:
+            data, errors = None, cache.corrupt_windows(shard_id)
+            report.problems += [str(e) for e in errors]
+            report.corrupt += [(e.window, e.shard, e.array) for e in errors]
+            bad_rows = {ids.index(e.window) for e in errors if e.window in ids}
         for r in shard_rows:
-            if max_windows is not None and checked >= max_windows:
+            if max_windows is not None and report.checked >= max_windows:
                 break
-            checked += 1
+            report.checked += 1
             where = f"window {r['window_id']} (shard {shard_id} row {r['row']})"
             k = r["row"]
             if not 0 <= k < W:
-                problems.append(f"{where}: row outside the shard's {W} windows")
+                report.problems.append(f"{where}: row outside the shard's {W} windows")
                 continue
             if ids[k] != r["window_id"]:
-                problems.append(f"{where}: shard row holds window {ids[k]}")
+                report.problems.append(f"{where}: shard row holds window {ids[k]}")
                 continue
-            arrays = {n: data[n][k] for n in CACHE_ARRAYS}
+            if k in bad_rows:
+                continue
+            arrays = {n: data[n][k] for n in CACHE_ARRAYS} if data is not None else cache.read_row(shard_id, k, r["window_id"])
             try:
                 validate_window_arrays(arrays, cfg.views, grid, where=where)
             except CameoCorrError as e:
-                problems.append(str(e))
+                report.problems.append(str(e))
                 continue
-            problems += [f"{where}: {p}" for p in check_window_consistency(arrays, cfg.tau, grid)]
+            report.problems += [f"{where}: {p}" for p in check_window_consistency(arrays, cfg.tau, grid)]
             valid_frac, mask_frac = window_fractions(arrays)
             if abs(valid_frac - r["valid_frac"]) > 1e-6 or abs(mask_frac - r["mask_frac"]) > 1e-6:
-                problems.append(
+                report.problems.append(
                     f"{where}: manifest valid_frac/mask_frac {r['valid_frac']:.6f}/{r['mask_frac']:.6f} != arrays "
                     f"{valid_frac:.6f}/{mask_frac:.6f}"
                 )
-    return problems
+    if deep:
+        seen = {(w, sh, a) for w, sh, a in report.corrupt}
+        visited = set(visit)
+        for e in find_corrupt_windows(cache, [s for s in sizes if s not in visited]):
+            if (e.window, e.shard, e.array) not in seen:
+                report.problems.append(str(e))
+                report.corrupt.append((e.window, e.shard, e.array))
+    return report
 
 
 # ------------------------------------------------------------------------------------------ viz
@@ -322,23 +461,85 @@ def _open(args: argparse.Namespace) -> "CorrCache":
     return CorrCache(args.cache, dict(args.storage_option) or None)
 
 
+def cli_errors(command: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Wrap a ``cameo-corr cache <command>`` handler: bad input (a missing or invalid cache, a bad
+    option value, a corrupt file) prints one line ``cameo-corr cache <command>: error: ...`` on stderr
+    and exits 2; a closed output pipe (``| head``) ends quietly with 141 (128 + SIGPIPE) like other
+    command-line tools."""
+    import functools
+    import os
+
+    from cameo_corr.schemas import CameoCorrError
+
+    def wrap(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        @functools.wraps(handler)
+        def run(args: argparse.Namespace) -> int:
+            try:
+                code = handler(args)
+                sys.stdout.flush()
+                return code
+            except BrokenPipeError:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not raise again
+                return 141
+            except (CameoCorrError, ValueError, KeyError, OSError) as e:
+                text = e.args[0] if isinstance(e, KeyError) and e.args else e
+                print(f"cameo-corr cache {command}: error: {text}", file=sys.stderr)
+                return 2
+
+        return run
+
+    return wrap
+
+
+@cli_errors("stats")
 def _stats(args: argparse.Namespace) -> int:
+    if args.bins < 1:
+        raise ValueError(f"--bins must be >= 1, got {args.bins}")
     stats = cache_stats(_open(args), bins=args.bins)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 
 
+@cli_errors("verify")
 def _verify(args: argparse.Namespace) -> int:
+    if args.max_windows is not None and args.max_windows < 1:
+        raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
     cache = _open(args)
-    problems = verify_cache(cache, max_windows=args.max_windows)
-    n = len(cache.window_ids())
-    checked = n if args.max_windows is None else min(n, args.max_windows)
-    if problems:
-        print(f"{len(problems)} problem(s) in {cache.location.display}:", file=sys.stderr)
-        for p in problems:
+    report = verify_report(cache, max_windows=args.max_windows, deep=args.deep)
+    where = cache.location.display
+    if report.problems:
+        print(f"{len(report.problems)} problem(s) in {where}:", file=sys.stderr)
+        for p in report.problems:
             print(f"  {p}", file=sys.stderr)
+        if report.corrupt:
+            print(f"corrupt windows: {len(report.corrupt)} (recompute them with `cameo-corr preprocess --repair`)", file=sys.stderr)
         return 1
-    print(f"ok: {checked} of {n} windows verified in {cache.location.display}")
+    if report.windows_ok == 0:
+        print(f"cameo-corr cache verify: error: no ok window to verify in {where} "
+              f"({cache.manifest(None, columns=['window_id']).num_rows} manifest rows)", file=sys.stderr)
+        return 1
+    print(f"ok: {report.checked} of {report.windows_ok} windows verified in {where}" + (", every chunk decoded" if args.deep else ""))
+    return 0
+
+
+@cli_errors("compact")
+def _compact(args: argparse.Namespace) -> int:
+    from cameo_corr.pipeline.cache import consolidate_manifest
+
+    cache = _open(args)
+    info = consolidate_manifest(cache.location)
+    print(f"manifest of {cache.location.display}: {info['rows']} rows in {len(info['files'])} file(s), "
+          f"{len(info['fragments'])} shard fragments merged")
+    return 0
+
+
+@cli_errors("migrate")
+def _migrate(args: argparse.Namespace) -> int:
+    from cameo_corr.pipeline.cache import migrate_cache
+
+    counts = migrate_cache(args.cache, args.out, storage_options=dict(args.storage_option) or None)
+    print(f"migrated {counts['windows']} manifest rows and {counts['shards']} shards to {args.out} (schema version 2)")
     return 0
 
 
@@ -351,11 +552,11 @@ def _viz(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``cameo-corr cache {stats,verify,viz}``."""
+    """Add ``cameo-corr cache {stats,verify,viz,compact,migrate}``."""
     from cameo_corr.pipeline.ray_job import key_value_arg
 
     parser = subparsers.add_parser("cache", help="inspect, verify or visualise a correspondence cache")
-    sub = parser.add_subparsers(dest="cache_command", metavar="{stats,verify,viz}", required=True)
+    sub = parser.add_subparsers(dest="cache_command", metavar="{stats,verify,viz,compact,migrate}", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("cache", help="cache directory or fsspec URL")
@@ -370,8 +571,18 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("verify", help="check manifest <-> shards, schema, nn diagonal and cycle masks; exit 1 on problems")
     common(p)
-    p.add_argument("--max-windows", type=int, default=None, help="check at most this many ok windows")
+    p.add_argument("--max-windows", type=int, default=None, help="check at most this many ok windows (streams shard by shard)")
+    p.add_argument("--deep", action="store_true", help="also decode every chunk of every shard and list the corrupt windows")
     p.set_defaults(func=_verify)
+
+    p = sub.add_parser("compact", help="merge the manifest fragments into sorted Parquet files (also done at job end)")
+    common(p)
+    p.set_defaults(func=_compact)
+
+    p = sub.add_parser("migrate", help="convert a schema version 1 cache into a new version 2 cache")
+    common(p)
+    p.add_argument("--out", required=True, help="directory or URL of the new cache")
+    p.set_defaults(func=_migrate)
 
     p = sub.add_parser("viz", help="PNG: two views with correspondence lines + mask coverage heatmaps")
     common(p)
@@ -386,7 +597,12 @@ __all__ = [
     "cache_stats",
     "format_stats",
     "check_window_consistency",
+    "VerifyReport",
+    "find_corrupt_windows",
+    "repair_corrupt_shards",
     "verify_cache",
+    "verify_report",
+    "cli_errors",
     "load_window_images",
     "token_colors",
     "render_viz",

@@ -22,6 +22,14 @@ fewer than S frames, or one its reader cannot read (:class:`~cameo_corr.schemas.
 one *failed* planned window carrying the error, which the job records as a ``status=failed`` manifest
 row instead of crashing. Shards are consecutive runs of planned windows, ``shard_id`` a hash of their
 window ids.
+
+At scale, :func:`iter_plan_batches` / :func:`plan_table` plan without keeping frame records: each
+planned window is one row of an Arrow table (``window_id``, ``dataset``, ``split``, ``scene_id``,
+``frame_ids``, ``error``: :func:`plan_schema`), built scene by scene in record batches, so a million
+planned windows take tens of MB; the load stage rebuilds the frames with ``reader.scene(scene_id)``.
+Readers supply image sizes from metadata (RealEstate10K: one header per clip) and validate a clip's
+cameras in one batch, so planning opens no image per frame. :func:`assign_shards` groups the table into
+shards the way :func:`make_shards` does.
 """
 
 from __future__ import annotations
@@ -29,11 +37,22 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from cameo_corr.schemas import CameoCorrError, DatasetError, SceneRecord, SchemaError, WindowRecord, window_id
+from cameo_corr.schemas import (
+    CameoCorrError,
+    DatasetError,
+    SceneRecord,
+    SchemaError,
+    WindowIdHasher,
+    WindowRecord,
+    window_id,
+)
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import pyarrow as pa
 
 SAMPLING_POLICIES = ("stride", "random")
 POSITION_UNITS = ("ordinal", "timestamp_us")
@@ -136,20 +155,22 @@ def scene_rng(seed: int, dataset: str, split: str, scene_id: str) -> np.random.G
 
 def frame_positions(scene: SceneRecord, config: PlanConfig) -> np.ndarray:
     """Raw-video-frame position of every frame of ``scene`` (float64, strictly increasing)."""
-    where = f"{scene.dataset}/{scene.split}/{scene.scene_id}"
+    return positions_of([f.frame_id for f in scene.frames], config, f"{scene.dataset}/{scene.split}/{scene.scene_id}", scene.scene_id)
+
+
+def positions_of(frame_ids: Sequence[str], config: PlanConfig, where: str, scene_id: str) -> np.ndarray:
+    """:func:`frame_positions` from the frame ids alone (errors name ``where``)."""
     if config.positions == "ordinal":
-        return np.arange(len(scene.frames), dtype=np.float64)
+        return np.arange(len(frame_ids), dtype=np.float64)
     try:
-        t = np.array([int(f.frame_id) for f in scene.frames], dtype=np.float64)
+        t = np.array([int(f) for f in frame_ids], dtype=np.float64)
     except ValueError as e:
         raise DatasetError(
-            where, f"positions='timestamp_us' needs integer frame ids (microseconds): {e}", field="frame_id", scene_id=scene.scene_id
+            where, f"positions='timestamp_us' needs integer frame ids (microseconds): {e}", field="frame_id", scene_id=scene_id
         ) from e
     if len(t) > 1 and np.any(np.diff(t) <= 0):
         bad = int(np.argmax(np.diff(t) <= 0)) + 1
-        raise DatasetError(
-            where, f"timestamps must increase; frame {scene.frames[bad].frame_id} does not", field="frame_id", scene_id=scene.scene_id
-        )
+        raise DatasetError(where, f"timestamps must increase; frame {frame_ids[bad]} does not", field="frame_id", scene_id=scene_id)
     return (t - t[0]) * config.fps / 1e6
 
 
@@ -185,29 +206,42 @@ def random_indices(n: int, views: int, rng: np.random.Generator) -> list[int]:
     return sorted(int(v) for v in rng.choice(n, size=views, replace=False))
 
 
-def plan_scene(scene: SceneRecord, config: PlanConfig, fingerprint: Mapping[str, Any]) -> list[PlannedWindow]:
-    """Up to K distinct windows of ``scene``, or one failed window when it has fewer than S frames."""
+def scene_window_indices(dataset: str, split: str, scene_id: str, frame_ids: Sequence[str], config: PlanConfig) -> list[list[int]]:
+    """Frame indices of the up to K distinct windows of a scene with frames ``frame_ids`` (capture
+    order); empty when it has fewer than S frames."""
     S = config.views
-    if len(scene.frames) < S:
-        return [failed_window(scene.dataset, scene.split, scene.scene_id, fingerprint,
-                              f"scene has {len(scene.frames)} frames, fewer than the {S} views of a window",
-                              frame_ids=[f.frame_id for f in scene.frames])]
-    rng = scene_rng(config.seed, scene.dataset, scene.split, scene.scene_id)
-    positions = frame_positions(scene, config) if config.policy == "stride" else None
+    if len(frame_ids) < S:
+        return []
+    rng = scene_rng(config.seed, dataset, split, scene_id)
+    positions = positions_of(frame_ids, config, f"{dataset}/{split}/{scene_id}", scene_id) if config.policy == "stride" else None
     span = (S * config.span_per_view[0], S * config.span_per_view[1])
     seen: set[tuple[int, ...]] = set()
-    out: list[PlannedWindow] = []
+    out: list[list[int]] = []
     for _ in range(config.windows_per_scene):
         if positions is not None:
             idx = stride_indices(positions, S, span, rng)
         else:
-            idx = random_indices(len(scene.frames), S, rng)
-        key = tuple(idx)
-        if key in seen:
-            continue
-        seen.add(key)
+            idx = random_indices(len(frame_ids), S, rng)
+        if tuple(idx) not in seen:
+            seen.add(tuple(idx))
+            out.append(idx)
+    return out
+
+
+def _too_short(frames: int, config: PlanConfig) -> str:
+    return f"scene has {frames} frames, fewer than the {config.views} views of a window"
+
+
+def plan_scene(scene: SceneRecord, config: PlanConfig, fingerprint: Mapping[str, Any]) -> list[PlannedWindow]:
+    """Up to K distinct windows of ``scene``, or one failed window when it has fewer than S frames."""
+    if len(scene.frames) < config.views:
+        return [failed_window(scene.dataset, scene.split, scene.scene_id, fingerprint, _too_short(len(scene.frames), config),
+                              frame_ids=[f.frame_id for f in scene.frames])]
+    hasher = WindowIdHasher(fingerprint)
+    out: list[PlannedWindow] = []
+    for idx in scene_window_indices(scene.dataset, scene.split, scene.scene_id, [f.frame_id for f in scene.frames], config):
         frames = tuple(scene.frames[i] for i in idx)
-        wid = window_id(scene.dataset, scene.split, scene.scene_id, [f.frame_id for f in frames], fingerprint)
+        wid = hasher(scene.dataset, scene.split, scene.scene_id, [f.frame_id for f in frames])
         out.append(PlannedWindow(WindowRecord(wid, scene.dataset, scene.split, scene.scene_id, frames)))
     return out
 
@@ -250,6 +284,109 @@ def plan_windows(
     return out
 
 
+PLAN_COLUMNS: tuple[str, ...] = ("window_id", "dataset", "split", "scene_id", "frame_ids", "error")
+"""Columns of a planned-window table (``error`` null: compute the window; set: record it as failed)."""
+DEFAULT_SHARD_SIZE = 64
+"""Windows per shard: 64 windows of S=8 at 32x32 make shard files of about 20 MB (one object each)."""
+
+
+def plan_schema() -> "pa.Schema":
+    """The Arrow schema of a planned-window table."""
+    import pyarrow as pa
+
+    return pa.schema([
+        pa.field("window_id", pa.string(), nullable=False), pa.field("dataset", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False), pa.field("scene_id", pa.string(), nullable=False),
+        pa.field("frame_ids", pa.list_(pa.string()), nullable=False), pa.field("error", pa.string()),
+    ])
+
+
+def iter_plan_batches(
+    reader: Any, config: PlanConfig, fingerprint: Mapping[str, Any], *, scene_ids: Iterable[str] | None = None,
+    scenes_per_batch: int = 2048,
+) -> Iterator["pa.RecordBatch"]:
+    """Plan scene by scene, yielding record batches of :func:`plan_schema` (one per
+    ``scenes_per_batch`` scenes), in the reader's scene order; no frame record outlives its scene.
+
+    Same windows and ids as :func:`plan_windows`. A consumer may start work on a batch while the
+    next one is planned.
+    """
+    import pyarrow as pa
+
+    hasher = WindowIdHasher(fingerprint)
+    schema = plan_schema()
+    cols: dict[str, list[Any]] = {c: [] for c in PLAN_COLUMNS}
+
+    def add(wid: str, dataset: str, split: str, sid: str, frame_ids: list[str], error: str | None) -> None:
+        for c, v in zip(PLAN_COLUMNS, (wid, dataset, split, sid, frame_ids, error)):
+            cols[c].append(v)
+
+    n = 0
+    for sid in reader.scene_ids() if scene_ids is None else scene_ids:
+        try:
+            frame_ids = reader.frame_ids(sid)
+            if len(frame_ids) < config.views:
+                add(hasher(reader.tag, reader.split, sid, frame_ids), reader.tag, reader.split, sid, [],
+                    _too_short(len(frame_ids), config))
+            else:
+                for idx in scene_window_indices(reader.tag, reader.split, sid, frame_ids, config):
+                    ids = [frame_ids[i] for i in idx]
+                    add(hasher(reader.tag, reader.split, sid, ids), reader.tag, reader.split, sid, ids, None)
+        except CameoCorrError as e:
+            add(hasher(reader.tag, reader.split, sid, []), reader.tag, reader.split, sid, [], f"{type(e).__name__}: {e}")
+        n += 1
+        if n % scenes_per_batch == 0 and cols["window_id"]:
+            yield pa.RecordBatch.from_pydict(cols, schema=schema)
+            cols = {c: [] for c in PLAN_COLUMNS}
+    if cols["window_id"]:
+        yield pa.RecordBatch.from_pydict(cols, schema=schema)
+
+
+def plan_table(
+    reader: Any, config: PlanConfig, fingerprint: Mapping[str, Any], *, scene_ids: Iterable[str] | None = None
+) -> "pa.Table":
+    """All planned windows of ``reader`` as one Arrow table (:func:`iter_plan_batches`); raises
+    :class:`SchemaError` when two planned windows share an id."""
+    import pyarrow.compute as pc
+
+    table = plan_schema().empty_table()
+    batches = list(iter_plan_batches(reader, config, fingerprint, scene_ids=scene_ids))
+    if batches:
+        import pyarrow as pa
+
+        table = pa.Table.from_batches(batches, schema=plan_schema())
+    ids = table.column("window_id")
+    if pc.count_distinct(ids).as_py() != len(ids):
+        counts = pc.value_counts(ids)
+        dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+        raise SchemaError("window_id", f"two planned windows share the id {dup}", where="planner")
+    return table
+
+
+def assign_shards(table: "pa.Table", shard_size: int, *, skip: Any = None) -> "pa.Table":
+    """``table`` (planned windows) without the windows in ``skip`` (ids already in the manifest: a
+    pyarrow array or any iterable of ids), with a ``shard_id`` column: the grouping of
+    :func:`make_shards` (consecutive runs of ``shard_size`` planned windows, done ones dropped after
+    grouping, so a re-run reproduces the unfinished shards)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if shard_size < 1:
+        raise SchemaError("shard_size", f"must be >= 1, got {shard_size}", where="planner")
+    group = np.arange(table.num_rows) // shard_size
+    if skip is not None:
+        done = skip if isinstance(skip, (pa.Array, pa.ChunkedArray)) else pa.array(list(skip), pa.string())
+        keep = pc.invert(pc.is_in(table.column("window_id"), value_set=done)).to_numpy(zero_copy_only=False)
+        table, group = table.filter(pa.array(keep)), group[keep]
+    ids = table.column("window_id").to_pylist()
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if len(group) else np.zeros(0, dtype=np.int64)
+    ends = np.r_[starts[1:], len(group)].astype(np.int64)
+    shard_ids = np.empty(len(ids), dtype=object)
+    for a, b in zip(starts, ends):
+        shard_ids[a:b] = shard_id_of(ids[a:b])
+    return table.append_column("shard_id", pa.array(shard_ids.tolist(), pa.string()))
+
+
 def shard_id_of(window_ids: Sequence[str]) -> str:
     """Deterministic 16-hex-digit shard id: SHA-256 of the window ids in order."""
     return hashlib.sha256("\n".join(window_ids).encode()).hexdigest()[:16]
@@ -264,7 +401,7 @@ def make_shards(windows: Sequence[PlannedWindow], shard_size: int, *, skip: Iter
     """
     if shard_size < 1:
         raise SchemaError("shard_size", f"must be >= 1, got {shard_size}", where="planner")
-    done = set(skip)
+    done = set(skip.to_pylist() if hasattr(skip, "to_pylist") else skip)
     shards: list[Shard] = []
     for start in range(0, len(windows), shard_size):
         todo = tuple(w for w in windows[start : start + shard_size] if w.record.window_id not in done)
@@ -284,11 +421,19 @@ __all__ = [
     "stable_seed",
     "scene_rng",
     "frame_positions",
+    "positions_of",
     "stride_indices",
     "random_indices",
+    "scene_window_indices",
     "plan_scene",
     "failed_window",
     "plan_windows",
+    "PLAN_COLUMNS",
+    "DEFAULT_SHARD_SIZE",
+    "plan_schema",
+    "iter_plan_batches",
+    "plan_table",
+    "assign_shards",
     "shard_id_of",
     "make_shards",
 ]

@@ -2,9 +2,10 @@
 
 Pipeline (Ray Data's streaming executor; local Ray by default, a cluster under ``ray job submit``):
 
-1. **source**: an Arrow table of the planned, not yet done windows (:data:`PLANNED_SCHEMA`: ids, scene
-   and frame ids, and the planner's error for scenes that cannot give a window), ``ray.data.from_arrow``
-   in blocks of ``--batch-size`` rows;
+1. **source**: an Arrow table of the planned, not yet done windows
+   (:func:`~cameo_corr.pipeline.planner.plan_table`: ids, scene and frame ids, and the planner's error
+   for scenes that cannot give a window; planned from reader metadata, no image opened per frame,
+   before the model actors start), ``ray.data.from_arrow`` in blocks of ``--batch-size`` rows;
 2. **load** (CPU tasks, ``map_batches``, 1 CPU each): :func:`load_batch` rebuilds each
    :class:`~cameo_corr.schemas.WindowRecord` from ``reader.scene(scene_id)`` (the reader and a small LRU
    of scenes are cached per worker process) and reads, decodes and crops it (``load_window``);
@@ -28,8 +29,10 @@ is a *data* error, recorded as a ``status=failed`` manifest row with its error t
 bug in our code fails the run, which exits 1 and a re-run resumes.
 
 One job per cache: the driver holds the cache's lease (:mod:`cameo_corr.pipeline.lease`) from before
-Ray starts until the job ends. Before planning it sweeps orphans of killed runs, repairs fragments
-whose shard group is missing and, with ``retry_failed``, supersedes the failed rows.
+Ray starts until the job ends. Before planning it sweeps orphans of killed runs, forgets shards whose
+file is missing, with ``repair`` also the shards whose chunks fail their checksum (every chunk is
+decoded), and with ``retry_failed`` supersedes the failed rows. At the end it consolidates the
+manifest fragments of the run into the sorted Parquet manifest.
 """
 
 from __future__ import annotations
@@ -51,13 +54,13 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from cameo_corr.pipeline.planner import DEFAULT_SHARD_SIZE
 from cameo_corr.schemas import CANONICAL_SIZE, DEFAULT_GRID, DEFAULT_TAU, CameoCorrError, SchemaError, WindowRecord, as_grid
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import pyarrow as pa
 
     from cameo_corr.datasets.base import SceneReader
-    from cameo_corr.pipeline.planner import PlannedWindow
 
 logger = logging.getLogger(__name__)
 
@@ -80,29 +83,6 @@ def _error_text(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- source table
-def planned_schema() -> "pa.Schema":
-    """The Ray Data source: one row per planned window (``error`` null = to compute)."""
-    import pyarrow as pa
-
-    return pa.schema([
-        ("window_id", pa.string()), ("dataset", pa.string()), ("split", pa.string()), ("scene_id", pa.string()),
-        ("frame_ids", pa.list_(pa.string())), ("error", pa.string()),
-    ])
-
-
-def planned_table(planned: Sequence["PlannedWindow"]) -> "pa.Table":
-    """The planner's windows as the Arrow source table of the pipeline (:func:`planned_schema`)."""
-    import pyarrow as pa
-
-    columns: dict[str, list[Any]] = {name: [] for name in planned_schema().names}
-    for w in planned:
-        r = w.record
-        for name, value in (("window_id", r.window_id), ("dataset", r.dataset), ("split", r.split), ("scene_id", r.scene_id),
-                            ("frame_ids", r.frame_ids), ("error", w.error)):
-            columns[name].append(value)
-    return pa.table(columns, schema=planned_schema())
-
-
 # ----------------------------------------------------------------------------- load stage (CPU tasks)
 @functools.lru_cache(maxsize=4)
 def _reader(dataset_json: str) -> "SceneReader":
@@ -423,7 +403,7 @@ def run_preprocess(
     cpus_per_worker: float = 0.0,
     windows_per_scene: int = 1,
     split: str | None = None,
-    shard_size: int = 16,
+    shard_size: int = DEFAULT_SHARD_SIZE,
     fail_fast: bool = False,
     backend_options: Mapping[str, Any] | None = None,
     dataset_options: Mapping[str, Any] | None = None,
@@ -441,6 +421,7 @@ def run_preprocess(
     max_retries: int = 3,
     storage_options: Mapping[str, Any] | None = None,
     retry_failed: bool = False,
+    repair: bool = False,
     force: bool = False,
     lease_timeout: float | None = None,
     progress: bool = True,
@@ -452,14 +433,16 @@ def run_preprocess(
     restricts the run to some scene ids. ``sampling``/``span_per_view``/``positions``/``fps``/``seed``
     override :func:`~cameo_corr.pipeline.planner.default_plan_config`. ``crop_policy=None`` uses the
     reader's default. ``retry_failed`` redoes the windows that have failed rows (the rows are
-    superseded); ``force`` takes over another job's lease; ``lease_timeout`` (default
+    superseded); ``repair`` decodes every chunk of the existing cache first and redoes the windows of
+    shards that fail (``cache verify --deep``); ``force`` takes over another job's lease; ``lease_timeout`` (default
     :data:`~cameo_corr.pipeline.lease.DEFAULT_LEASE_TIMEOUT`) is when an unrenewed lease is stale.
 
     Summary keys: ``windows_planned``, ``windows_skipped`` (already in the manifest),
     ``windows_ok``, ``windows_failed`` (rows this run committed), ``shard_size`` (``shard_size`` capped
     at ``ceil(to do / workers)`` so small runs keep every worker busy), ``shards_written``,
     ``shard_errors`` (``(where, error)`` of a run that failed), ``stopped_early``, ``orphans_removed``,
-    ``shards_repaired``, ``failed_retried``, ``seconds``, ``windows_per_second`` (end to end),
+    ``shards_repaired`` (missing shard files), ``shards_corrupt`` (dropped by ``repair``),
+    ``failed_retried``, ``seconds``, ``windows_per_second`` (end to end),
     ``startup_seconds`` (until the first model actor was ready), ``processing_windows_per_second``
     (after start-up), ``stage_seconds``, ``bytes_written``, ``bytes_per_window``, ``errors`` (first 20
     window errors).
@@ -472,7 +455,9 @@ def run_preprocess(
     from cameo_corr.datasets.canonical import CanonicalView
     from cameo_corr.pipeline.cache import COMPARED_FIELDS, CacheWriter, check_compatible, fragment_names, read_config, read_manifest
     from cameo_corr.pipeline.lease import DEFAULT_LEASE_TIMEOUT, CacheLease
-    from cameo_corr.pipeline.planner import default_plan_config, plan_windows
+    from cameo_corr.pipeline.cache import CorrCache
+    from cameo_corr.pipeline.cache_tools import repair_corrupt_shards
+    from cameo_corr.pipeline.planner import default_plan_config, plan_table
     from cameo_corr.schemas import CacheConfig
 
     t_start, t_start_wall = time.perf_counter(), time.time()
@@ -544,13 +529,16 @@ def run_preprocess(
         writer.initialize()
         orphans = writer.remove_orphans()
         repaired = writer.repair_missing_shards()
+        corrupt: list[str] = []
+        if repair and location.exists("cache.json"):
+            corrupt = repair_corrupt_shards(CorrCache(out, dict(storage_options or {}) or None))["shards"]
         retried = writer.drop_failed_rows() if retry_failed else []
-        table = planned_table(plan_windows(reader, plan, config.fingerprint(), scene_ids=scenes))
+        table = plan_table(reader, plan, config.fingerprint(), scene_ids=scenes)
         todo = table.filter(pc.invert(pc.is_in(table.column("window_id"), value_set=writer.done_window_ids())))
         total = todo.num_rows
         effective_shard_size = max(1, min(shard_size, math.ceil(total / workers))) if total else shard_size
         fragments_before = set(fragment_names(location))
-        sink, stopped, shard_errors = None, False, []
+        sink, stopped, shard_errors, shards_written = None, False, [], 0
         t_ready = time.perf_counter()
         if total:
             sink, stopped, shard_errors, t_ready = _run_pipeline(
@@ -559,16 +547,19 @@ def run_preprocess(
                 shard_size=effective_shard_size, max_retries=max_retries, fail_fast=fail_fast, progress=progress,
                 t_start=(t_start, t_start_wall),
             )
+        shards_written = len(set(fragment_names(location)) - fragments_before)
         if lease.lost:
             shard_errors.append(("lease", f"the cache's lease was taken over by {lease.lost} during the run"))
+        else:  # job end: this run's fragments join the sorted consolidated manifest
+            writer.consolidate()
     finally:
         lease.release()
         if started:
             ray.shutdown()
 
     t_end = time.perf_counter()
-    manifest = read_manifest(location)
-    mine = manifest.filter(pc.is_in(manifest.column("window_id"), value_set=todo.column("window_id")))
+    mine = read_manifest(location, columns=["window_id", "status", "error"],
+                         filter=pc.field("window_id").isin(todo.column("window_id").combine_chunks()))
     failed_rows = mine.filter(pc.equal(mine.column("status"), "failed"))
     n_failed = failed_rows.num_rows
     n_ok = mine.num_rows - n_failed
@@ -584,11 +575,12 @@ def run_preprocess(
         "windows_ok": n_ok,
         "windows_failed": n_failed,
         "shard_size": effective_shard_size,
-        "shards_written": len(set(fragment_names(location)) - fragments_before),
+        "shards_written": shards_written,
         "shard_errors": shard_errors,
         "stopped_early": stopped,
         "orphans_removed": len(orphans),
         "shards_repaired": len(repaired),
+        "shards_corrupt": len(corrupt),
         "failed_retried": len(retried),
         "seconds": seconds,
         "windows_per_second": processed / seconds if seconds > 0 else 0.0,
@@ -723,10 +715,13 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-worker", type=float, default=0.0,
                         help="logical CPUs reserved per model actor (default: 0, so actors never starve the load and commit tasks)")
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray instance")
-    parser.add_argument("--shard-size", type=int, default=16, help="windows per shard = unit of commit (default: 16; capped at ceil(windows / workers))")
+    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                        help=f"windows per shard = unit of commit (default: {DEFAULT_SHARD_SIZE}; capped at ceil(windows / workers))")
     parser.add_argument("--max-retries", type=int, default=3,
                         help="Ray retries of a load/commit task and restarts of a model actor after a system failure (default: 3; -1: unlimited)")
     parser.add_argument("--retry-failed", action="store_true", help="redo the windows recorded as failed (their rows are superseded)")
+    parser.add_argument("--repair", action="store_true",
+                        help="decode every chunk of the existing cache first and redo the windows of shards that fail their checksum")
     parser.add_argument("--force", action="store_true", help="take over the cache's lease even if another job renewed it recently")
     parser.add_argument("--lease-timeout", type=float, default=None,
                         help="seconds without renewal after which another job's lease is stale (default: 180)")
@@ -786,6 +781,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             max_retries=args.max_retries,
             storage_options=dict(args.storage_option),
             retry_failed=args.retry_failed,
+            repair=args.repair,
             force=args.force,
             lease_timeout=args.lease_timeout,
             progress=not args.no_progress,
@@ -820,7 +816,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"windows: planned {summary['windows_planned']}, already done {summary['windows_skipped']}, "
         f"ok {summary['windows_ok']}, failed {summary['windows_failed']}",
         f"shards written: {summary['shards_written']}, orphans removed: {summary['orphans_removed']}, "
-        f"shards repaired: {summary['shards_repaired']}, failed windows retried: {summary['failed_retried']}, "
+        f"shards repaired: {summary['shards_repaired']} missing, {summary['shards_corrupt']} corrupt, failed windows retried: {summary['failed_retried']}, "
         f"shard errors: {len(summary['shard_errors'])}" + (" (stopped early)" if summary["stopped_early"] else ""),
         f"time: {summary['seconds']:.1f} s ({summary['startup_seconds']:.1f} s start-up), "
         f"{summary['windows_per_second']:.2f} windows/s end to end, {summary['processing_windows_per_second']:.2f} after start-up; stages "
@@ -852,8 +848,6 @@ __all__ = [
     "DATA_ERRORS",
     "UsageError",
     "CacheWriteError",
-    "planned_schema",
-    "planned_table",
     "window_record",
     "load_batch",
     "check_pointmaps",

@@ -6,7 +6,8 @@ Everything another part of the project may rely on lives here:
   helpers that convert to and from them (RealEstate10K normalized intrinsics, PyTorch3D NDC cameras);
 * the records that flow through the pipeline (:class:`FrameRecord`, :class:`SceneRecord`,
   :class:`WindowRecord`, :class:`WindowData`, :class:`PointmapResult`, :class:`TokenCorrespondences`);
-* the cache layout of schema version 1 (array names, dtypes, shapes, manifest columns, ``cache.json``);
+* the cache layout (schema version 2, version 1 still read): array names, dtypes, shapes, manifest
+  columns, ``cache.json``;
 * the errors raised on bad input, which always name the file and the field or line.
 """
 
@@ -25,8 +26,19 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import pyarrow as pa
     import torch
 
-SCHEMA_VERSION = 1
-"""Version of the cache layout described in this module. Bump on any incompatible change."""
+SCHEMA_VERSION = 2
+"""Version of the cache layout written by this code. Bump on any incompatible change.
+
+Version 1: one zarr directory group per shard (17 files), one manifest fragment per shard, no chunk
+checksums. Version 2: one zip file per shard holding the zarr group with consolidated metadata and
+per-window metadata in its attributes, every chunk checksummed (crc32c after zstd), manifest
+fragments consolidated into sorted Parquet files, shard byte counts recorded in the manifest.
+"""
+READABLE_SCHEMA_VERSIONS = (1, 2)
+"""Cache layouts this code reads (version 1 caches convert with ``cameo-corr cache migrate``)."""
+VALUES_VERSION = 1
+"""Version of the cached *values* (what every ``window_id`` hashes as ``schema_version``). Layout
+changes that keep the per-window values (version 2's container) keep it, so window ids stay stable."""
 
 DEFAULT_GRID = 32
 DEFAULT_TAU = 1.5
@@ -273,6 +285,36 @@ def validate_camera(K: Any, E: Any, *, where: str, rot_tol: float = 1e-3) -> tup
     return K, E
 
 
+def first_invalid_camera(K: Any, E: Any, *, rot_tol: float = 1e-3) -> tuple[int, SchemaError] | None:
+    """Batch form of :func:`validate_camera` for ``K [N, 3, 3]`` and ``E [N, 4, 4]``: checks all
+    cameras with a few vectorised operations and returns ``(index, error)`` of the first invalid one
+    (the error :func:`validate_camera` raises for it), or ``None`` when all are valid."""
+    K = np.asarray(K, dtype=np.float64)
+    E = np.asarray(E, dtype=np.float64)
+    n = len(K)
+    if K.shape != (n, 3, 3) or E.shape != (n, 4, 4):
+        raise SchemaError("intrinsics", f"expected [N, 3, 3] and [N, 4, 4], got {K.shape} and {E.shape}")
+    R = E[:, :3, :3]
+
+    def close(a: np.ndarray, b: Any, atol: float = 1e-8) -> np.ndarray:  # np.isclose's rule, without its overhead
+        return np.abs(a - b) <= atol + 1e-5 * np.abs(b)
+
+    with np.errstate(invalid="ignore", over="ignore"):
+        ok = np.isfinite(K).all(axis=(1, 2)) & np.isfinite(E).all(axis=(1, 2))
+        ok &= (K[:, 0, 0] > 0) & (K[:, 1, 1] > 0) & (K[:, 1, 0] == 0) & (K[:, 2, 0] == 0)
+        ok &= close(K[:, 2], np.array([0.0, 0.0, 1.0])).all(axis=1) & close(E[:, 3], np.array([0.0, 0.0, 0.0, 1.0])).all(axis=1)
+        ok &= close(R @ np.swapaxes(R, 1, 2), np.eye(3), atol=rot_tol).all(axis=(1, 2))
+        ok &= np.abs(np.linalg.det(np.where(np.isfinite(R), R, 0.0)) - 1.0) <= rot_tol
+    if ok.all():
+        return None
+    i = int(np.argmin(ok))
+    try:
+        validate_camera(K[i], E[i], where="")
+    except SchemaError as e:
+        return i, e
+    raise AssertionError(f"camera {i} failed the batch check but passes validate_camera")  # pragma: no cover
+
+
 # --------------------------------------------------------------------------------------- records
 @dataclass(frozen=True)
 class FrameRecord:
@@ -335,6 +377,21 @@ def window_id(dataset: str, split: str, scene_id: str, frame_ids: Sequence[str],
         [dataset, split, scene_id, list(frame_ids), dict(config)], sort_keys=True, separators=(",", ":"), default=str
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class WindowIdHasher:
+    """:func:`window_id` for many windows of one ``config``: the config's JSON is serialised once.
+
+    ``WindowIdHasher(config)(dataset, split, scene_id, frame_ids) == window_id(..., config)`` (same
+    payload string, so the same ids), at a fraction of the cost when planning millions of windows.
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self._config = json.dumps(dict(config), sort_keys=True, separators=(",", ":"), default=str)
+
+    def __call__(self, dataset: str, split: str, scene_id: str, frame_ids: Sequence[str]) -> str:
+        head = json.dumps([dataset, split, scene_id, list(frame_ids)], separators=(",", ":"), default=str)
+        return hashlib.sha256(f"{head[:-1]},{self._config}]".encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -467,7 +524,7 @@ CACHE_ARRAYS: dict[str, ArraySpec] = {
         ArraySpec("extrinsics", np.dtype(np.float32), ("W", "S", 4, 4), "world-to-camera, OpenCV"),
     )
 }
-"""Arrays of one shard group (``<cache>/shards/<shard_id>.zarr``), schema version 1."""
+"""Arrays of one shard group (``<cache>/shards/<shard_id>.zarr.zip``; ``.zarr`` directory in version 1)."""
 
 
 def validate_window_arrays(arrays: Mapping[str, np.ndarray], views: int, grid: tuple[int, int], *, where: str) -> None:
@@ -509,8 +566,12 @@ MANIFEST_COLUMNS: tuple[tuple[str, str], ...] = (
     ("mask_frac", "float32"),
     ("status", "string"),
     ("error", "string"),
+    ("shard_bytes", "int64"),
 )
-"""Manifest columns (one row per window) as ``(name, arrow type)``; ``error`` is null when ok."""
+"""Manifest columns (one row per window) as ``(name, arrow type)``; ``error`` is null when ok.
+
+``shard_bytes`` (version 2) is the size of the window's shard file, recorded when it was written (null
+for failed rows and in version 1 manifests), so ``cache stats`` need not walk the shards."""
 
 WINDOW_STATUSES = ("ok", "failed")
 
@@ -519,9 +580,12 @@ def manifest_schema() -> "pa.Schema":
     """The pyarrow schema of a manifest fragment (``<cache>/manifest/part-*.parquet``)."""
     import pyarrow as pa
 
-    types = {"string": pa.string(), "list<string>": pa.list_(pa.string()), "int32": pa.int32(), "float32": pa.float32()}
+    types = {
+        "string": pa.string(), "list<string>": pa.list_(pa.string()), "int32": pa.int32(), "int64": pa.int64(),
+        "float32": pa.float32(),
+    }
     return pa.schema(
-        [pa.field(name, types[t], nullable=(name == "error" or name in ("shard", "row"))) for name, t in MANIFEST_COLUMNS],
+        [pa.field(name, types[t], nullable=name in ("error", "shard", "row", "shard_bytes")) for name, t in MANIFEST_COLUMNS],
         metadata={b"cameo_corr_schema_version": str(SCHEMA_VERSION).encode()},
     )
 
@@ -546,9 +610,12 @@ class CacheConfig:
     schema_version: int = SCHEMA_VERSION
 
     def fingerprint(self) -> dict[str, Any]:
-        """The part of the config that changes cached values (goes into every ``window_id``)."""
+        """The part of the config that changes cached values (goes into every ``window_id``).
+
+        Its ``schema_version`` is :data:`VALUES_VERSION`, not the layout version, so a version 2 cache
+        plans the same window ids as the version 1 cache of the same config."""
         return {
-            "schema_version": self.schema_version,
+            "schema_version": VALUES_VERSION,
             "grid": list(self.grid),
             "tau": self.tau,
             "backend": self.backend,
@@ -557,9 +624,10 @@ class CacheConfig:
 
     def validate(self, where: str = "cache.json") -> None:
         """Raise :class:`SchemaError` naming the field on an invalid config (wrong type or value)."""
-        if not _is_int(self.schema_version) or self.schema_version != SCHEMA_VERSION:
+        if not _is_int(self.schema_version) or self.schema_version not in READABLE_SCHEMA_VERSIONS:
             raise SchemaError(
-                "schema_version", f"this code reads version {SCHEMA_VERSION}, the cache is version {self.schema_version!r}", where=where
+                "schema_version", f"this code reads versions {READABLE_SCHEMA_VERSIONS}, the cache is version {self.schema_version!r}",
+                where=where,
             )
         if not isinstance(self.grid, (tuple, list)) or len(self.grid) != 2 or not all(_is_int(v) and v > 0 for v in self.grid):
             raise SchemaError("grid", f"expected positive integer (h, w), got {self.grid!r}", where=where)
@@ -613,6 +681,8 @@ class CacheConfig:
 
 __all__ = [
     "SCHEMA_VERSION",
+    "READABLE_SCHEMA_VERSIONS",
+    "VALUES_VERSION",
     "DEFAULT_GRID",
     "DEFAULT_TAU",
     "CANONICAL_SIZE",
@@ -635,9 +705,11 @@ __all__ = [
     "pytorch3d_to_opencv",
     "opencv_to_pytorch3d",
     "validate_camera",
+    "first_invalid_camera",
     "FrameRecord",
     "SceneRecord",
     "window_id",
+    "WindowIdHasher",
     "WindowRecord",
     "WindowData",
     "PointmapResult",

@@ -73,6 +73,8 @@ class DataConfig:
     """Supervision mask: ``cycle``, ``visibility`` or ``both`` (:mod:`cameo_corr.pipeline.masks`)."""
     visibility_tol: float = DEFAULT_VISIBILITY_TOL
     """Relative depth tolerance of the visibility mask."""
+    on_corrupt: str = "raise"
+    """A window whose cached bytes fail their checksum: ``raise`` (stop naming it) or ``skip`` (count it)."""
 
 
 @dataclass

@@ -33,12 +33,22 @@ int64 ``[F, F, h*w]``, ``corr_mask`` bool ``[F, F, h*w]``, ``corr_dist`` float32
 are collated with :func:`collate_samples` to ``[B, ...]`` (``tag`` and ``window_id`` become lists,
 ``num_ref`` ``[B]``).
 
+Windows are held as numpy columns (shard index, row, number of views: 10 bytes per window, no
+Python object per window), so a million-window dataset pickles into each DataLoader worker in a few
+MB. A worker reads a shard once per visit: the ``nn``/``mask``/``dist`` arrays of all its windows are
+decoded together and kept for the next windows of the same shard (a small LRU, since the buffer
+shuffle interleaves a few neighbouring shards), with the windows' ids, scenes and frame ids from the
+shard itself. A window whose cached bytes fail their checksum raises
+:class:`~cameo_corr.pipeline.cache.CorruptCacheError` (``on_corrupt="raise"``), or with
+``on_corrupt="skip"`` is left out, logged and counted (:attr:`StreamLoader.corrupt_skipped`).
+
 Reader, zarr groups and scene records are opened lazily per process (worker), and the dataset holds
-only plain Python data, so it is safe under the ``fork`` and ``spawn`` multiprocessing contexts.
+only plain data, so it is safe under the ``fork`` and ``spawn`` multiprocessing contexts.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections import OrderedDict
@@ -82,6 +92,12 @@ DEFAULT_TAGS = {"re10k": "re10k", "re10k-chunks": "re10k", "co3d": "co3d"}
 (``re10k`` 0, ``co3d`` 1, anything else ``others``); datasets not listed keep their own name."""
 
 _CORR_KEYS = ("nn", "mask", "dist")
+CORRUPT_POLICIES = ("raise", "skip")
+"""What the stream does with a window whose cached bytes are corrupt: stop with the error, or skip it."""
+SKIPPED_KEY = "corrupt_skipped"
+"""Batch key: how many of the batch's stream positions were corrupt windows left out (``skip``)."""
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,19 +106,6 @@ class StreamState:
 
     epoch: int = 0
     position: int = 0
-
-
-@dataclass(frozen=True)
-class _Window:
-    """The manifest fields a sample needs (plain data, cheap to pickle into workers)."""
-
-    window_id: str
-    dataset: str
-    split: str
-    scene_id: str
-    frame_ids: tuple[str, ...]
-    shard: str
-    row: int
 
 
 def epoch_order(
@@ -117,23 +120,22 @@ def epoch_order(
     """
     if shuffle_buffer < 0:
         raise SchemaError("shuffle_buffer", f"must be >= 0, got {shuffle_buffer}")
-    shards = list(range(len(shard_rows)))
+    shards = np.arange(len(shard_rows))
     if shard_shuffle:
-        shards = list(np.random.default_rng([seed, epoch, 0]).permutation(len(shard_rows)))
-    stream = [int(i) for k in shards for i in shard_rows[k]]
+        shards = np.random.default_rng([seed, epoch, 0]).permutation(len(shard_rows))
+    parts = [np.asarray(shard_rows[k], dtype=np.int64) for k in shards]
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     if shuffle_buffer <= 1 or len(stream) <= 1:
-        return np.asarray(stream, dtype=np.int64)
+        return stream
     rng = np.random.default_rng([seed, epoch, 1])
-    buffer: list[int] = []
+    size = min(shuffle_buffer, len(stream))
+    buffer = stream[:size].tolist()
+    slots = rng.integers(size, size=len(stream) - size).tolist()  # the buffer is full from here on
     out: list[int] = []
-    for item in stream:
-        if len(buffer) < shuffle_buffer:
-            buffer.append(item)
-            continue
-        slot = int(rng.integers(len(buffer)))
+    for item, slot in zip(stream[size:].tolist(), slots):
         out.append(buffer[slot])
         buffer[slot] = item
-    out.extend(buffer[i] for i in rng.permutation(len(buffer)))
+    out.extend(buffer[i] for i in rng.permutation(size))
     return np.asarray(out, dtype=np.int64)
 
 
@@ -168,9 +170,48 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return default_collate(list(samples))
 
 
+class _ShardVisit:
+    """One shard as a worker reads it: the correspondence arrays of all its windows, decoded once,
+    and the windows' metadata (ids, scenes, frame ids). Rows whose bytes are corrupt map to their error."""
+
+    def __init__(self, cache: "CorrCache", shard_id: str) -> None:
+        from cameo_corr.pipeline.cache import CorruptCacheError
+
+        self.shard_id = shard_id
+        self.bad: dict[int, CorruptCacheError] = {}
+        self.broken: CorruptCacheError | None = None
+        try:
+            self.meta = cache.shard_windows(shard_id)
+            self.corr = cache.read_shard(shard_id, _CORR_KEYS)
+        except CorruptCacheError as e:
+            if e.array is None:  # the shard file or its metadata: no window of it is readable
+                self.broken = e
+                return
+            self.corr = {}
+            rows = {}
+            for r, wid in enumerate(self.meta["window_ids"]):
+                try:
+                    rows[r] = cache.read_row(shard_id, r, wid, _CORR_KEYS)
+                except CorruptCacheError as err:
+                    self.bad[r] = err
+            self.rows = rows
+
+    def corr_row(self, row: int) -> dict[str, np.ndarray]:
+        """The ``nn``/``mask``/``dist`` of one row; raises the row's :class:`CorruptCacheError`."""
+        if self.broken is not None:
+            raise self.broken
+        if row in self.bad:
+            raise self.bad[row]
+        if self.corr:
+            return {k: self.corr[k][row] for k in _CORR_KEYS}
+        return self.rows[row]
+
+
 class _ProcessState:
-    """Per-process lazily opened resources: the cache (and its zarr shard groups), the dataset reader
-    and the frame records of recently used scenes."""
+    """Per-process lazily opened resources: the cache (and its zarr shard groups), the shards being
+    visited, the dataset reader and the frame records of recently used scenes."""
+
+    max_shards = 4
 
     def __init__(self, owner: "CorrStreamDataset") -> None:
         from cameo_corr.datasets.base import open_dataset
@@ -188,11 +229,19 @@ class _ProcessState:
         view["size"] = owner.resolution
         self.view: CanonicalView = CanonicalView.from_dict(view)
         self.scenes: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.shards: OrderedDict[str, _ShardVisit] = OrderedDict()
         self.max_open = owner.max_open
+        self.shard_reads = 0
 
-    def shard(self, shard_id: str) -> Any:
-        """The read-only zarr group of a shard (kept open by the cache's own LRU)."""
-        return self.cache.open_shard(shard_id)
+    def shard(self, shard_id: str) -> _ShardVisit:
+        """The decoded shard (read once per visit; the few most recent shards are kept)."""
+        if shard_id not in self.shards:
+            self.shards[shard_id] = _ShardVisit(self.cache, shard_id)
+            self.shard_reads += 1
+            while len(self.shards) > self.max_shards:
+                self.shards.popitem(last=False)
+        self.shards.move_to_end(shard_id)
+        return self.shards[shard_id]
 
     def frames(self, scene_id: str) -> dict[str, Any]:
         """``frame_id -> FrameRecord`` of a scene (a few scenes kept, least recently used evicted)."""
@@ -233,6 +282,10 @@ class CorrStreamDataset(IterableDataset):
             With ``tau=None`` and ``mask_policy="cycle"`` (defaults) it is the stored ``mask``; otherwise
             it is recomputed per window from the cached arrays: the cycle mask at ``tau`` (``None``: the
             cache's), the depth-consistency ``visibility`` test, or ``both``.
+        on_corrupt: one of :data:`CORRUPT_POLICIES`: ``raise`` stops with the
+            :class:`~cameo_corr.pipeline.cache.CorruptCacheError` naming cache, shard, array and
+            window; ``skip`` leaves the window out, logs it and counts it in the batch's
+            :data:`SKIPPED_KEY` (a batch of only skipped windows is ``{SKIPPED_KEY: n}``).
     """
 
     def __init__(
@@ -260,6 +313,7 @@ class CorrStreamDataset(IterableDataset):
         tau: float | None = None,
         mask_policy: str = "cycle",
         visibility_tol: float = DEFAULT_VISIBILITY_TOL,
+        on_corrupt: str = "raise",
     ) -> None:
         from cameo_corr.pipeline.cache import CorrCache
 
@@ -282,6 +336,7 @@ class CorrStreamDataset(IterableDataset):
         self.batch_size = None if batch_size is None else int(batch_size)
         self.num_epochs = num_epochs
         self.max_open = int(max_open)
+        self.on_corrupt = on_corrupt
         self._check_options()
 
         cache_obj = CorrCache(self.cache_path, storage_options=storage_options)
@@ -292,32 +347,39 @@ class CorrStreamDataset(IterableDataset):
             size = cache_obj.view().size
             self.mask_options = {"tau": check_tau(cache_obj.config.tau if tau is None else tau), "policy": mask_policy,
                                  "image_size": (size, size), "tol": check_visibility_tol(visibility_tol)}
-        table = cache_obj.manifest(status="ok")
+        columns = ["shard", "row", "num_views"] + (["split"] if split is not None else [])
+        table = cache_obj.manifest("ok", columns=columns)
         if split is not None:
             import pyarrow.compute as pc
 
             table = table.filter(pc.equal(table["split"], split))
-        cols = {name: table.column(name).to_pylist() for name in ("window_id", "dataset", "split", "scene_id", "frame_ids", "shard", "row", "num_views")}
         where = f"{self.cache_path}/manifest"
-        if not cols["window_id"]:
+        if table.num_rows == 0:
             raise DatasetError(where, "no 'ok' windows" + (f" in split {split!r}" if split is not None else ""), field="status")
-        windows: list[_Window] = []
-        for i, wid in enumerate(cols["window_id"]):
-            if cols["num_views"][i] < self.num_views:
-                raise DatasetError(
-                    where, f"window {wid} has {cols['num_views'][i]} views, fewer than num_views={self.num_views}", field="num_views"
-                )
-            windows.append(
-                _Window(wid, cols["dataset"][i], cols["split"][i], cols["scene_id"][i], tuple(cols["frame_ids"][i]), cols["shard"][i], int(cols["row"][i]))
-            )
-        self.windows: tuple[_Window, ...] = tuple(windows)
-        by_shard: dict[str, list[int]] = {}
-        for i, w in enumerate(self.windows):
-            by_shard.setdefault(w.shard, []).append(i)
-        self.shard_rows: tuple[tuple[int, ...], ...] = tuple(
-            tuple(sorted(by_shard[s], key=lambda i: self.windows[i].row)) for s in sorted(by_shard)
-        )
-        self.epoch_length = math.ceil(len(self.windows) / self.world_size)
+        import pyarrow.compute as pc
+
+        encoded = pc.dictionary_encode(table.column("shard").combine_chunks())
+        names = encoded.dictionary.to_pylist()
+        rank_of_name = np.argsort(np.argsort(np.array(names, dtype=object)))  # shard codes in sorted-name order
+        shard = rank_of_name[encoded.indices.to_numpy(zero_copy_only=False)].astype(np.int32)
+        row = table.column("row").to_numpy().astype(np.int32)
+        views = table.column("num_views").to_numpy().astype(np.int16)
+        if views.min() < self.num_views:
+            raise DatasetError(where, f"{int((views < self.num_views).sum())} windows have fewer views than num_views="
+                               f"{self.num_views} (e.g. {int(views.min())})", field="num_views")
+        order = np.lexsort((row, shard))
+        self.shard_ids: tuple[str, ...] = tuple(sorted(names))
+        """Shard ids, sorted; ``window_shard`` indexes into it."""
+        self.window_shard: np.ndarray = shard[order]
+        """``[N]`` int32 shard index of each window (windows sorted by shard, then row)."""
+        self.window_row: np.ndarray = row[order]
+        """``[N]`` int32 row of each window in its shard."""
+        self.window_views: np.ndarray = views[order]
+        """``[N]`` int16 number of views S of each window."""
+        bounds = np.searchsorted(self.window_shard, np.arange(len(self.shard_ids) + 1))
+        self.shard_start: np.ndarray = bounds.astype(np.int64)
+        """``[shards + 1]``: the windows of shard ``k`` are ``shard_start[k]:shard_start[k + 1]``."""
+        self.epoch_length = math.ceil(len(self.window_row) / self.world_size)
         """Samples per epoch on each rank (the padded epoch order divided by ``world_size``)."""
         self.state = StreamState()
         self._proc: _ProcessState | None = None
@@ -342,6 +404,8 @@ class CorrStreamDataset(IterableDataset):
             raise SchemaError("batch_size", f"must be positive, got {self.batch_size}")
         if self.num_epochs is not None and self.num_epochs <= 0:
             raise SchemaError("num_epochs", f"must be positive or None, got {self.num_epochs}")
+        if self.on_corrupt not in CORRUPT_POLICIES:
+            raise SchemaError("on_corrupt", f"unknown policy {self.on_corrupt!r}; expected one of {CORRUPT_POLICIES}")
 
     # ------------------------------------------------------------------------------ order and state
     def __getstate__(self) -> dict[str, Any]:
@@ -349,9 +413,17 @@ class CorrStreamDataset(IterableDataset):
         state["_proc"] = None  # open readers and zarr groups never cross a process boundary
         return state
 
+    def __len__(self) -> int:
+        """Number of windows (not samples per epoch: see :attr:`epoch_length`)."""
+        return len(self.window_row)
+
+    def shard_rows(self) -> list[np.ndarray]:
+        """Window indices of each shard, in row order (what :func:`epoch_order` shuffles)."""
+        return [np.arange(self.shard_start[k], self.shard_start[k + 1]) for k in range(len(self.shard_ids))]
+
     def rank_order(self, epoch: int) -> np.ndarray:
         """``[epoch_length, 2]`` of ``(window index, index in the padded epoch order)`` for this rank."""
-        order = epoch_order(self.shard_rows, seed=self.seed, epoch=epoch, shard_shuffle=self.shard_shuffle, shuffle_buffer=self.shuffle_buffer)
+        order = epoch_order(self.shard_rows(), seed=self.seed, epoch=epoch, shard_shuffle=self.shard_shuffle, shuffle_buffer=self.shuffle_buffer)
         padded = self.epoch_length * self.world_size
         q = np.arange(padded, dtype=np.int64)
         windows = order[q % len(order)]
@@ -392,7 +464,9 @@ class CorrStreamDataset(IterableDataset):
         if self.batch_size is None:
             for k, (epoch, w, q) in enumerate(self._positions()):
                 if k % workers == worker:
-                    yield self.sample(w, epoch, q)
+                    sample = self.sample(w, epoch, q)
+                    if sample is not None:
+                        yield sample
             return
         batch: list[tuple[int, int, int]] = []
         b = 0
@@ -400,10 +474,20 @@ class CorrStreamDataset(IterableDataset):
             batch.append(item)
             if len(batch) == self.batch_size:
                 if b % workers == worker:
-                    yield collate_samples([self.sample(w, e, q) for e, w, q in batch])
+                    yield self._batch(batch)
                 batch, b = [], b + 1
         if batch and b % workers == worker:
-            yield collate_samples([self.sample(w, e, q) for e, w, q in batch])
+            yield self._batch(batch)
+
+    def _batch(self, items: Sequence[tuple[int, int, int]]) -> dict[str, Any]:
+        """Collated samples of ``(epoch, window, q)`` items; with ``on_corrupt="skip"`` the batch also
+        carries :data:`SKIPPED_KEY` (and is only that when every window of it was corrupt)."""
+        samples = [self.sample(w, e, q) for e, w, q in items]
+        kept = [x for x in samples if x is not None]
+        if self.on_corrupt == "raise":
+            return collate_samples(kept)
+        skipped = len(samples) - len(kept)
+        return {**collate_samples(kept), SKIPPED_KEY: skipped} if kept else {SKIPPED_KEY: skipped}
 
     # -------------------------------------------------------------------------------------- samples
     def _process(self) -> _ProcessState:
@@ -414,44 +498,66 @@ class CorrStreamDataset(IterableDataset):
     def choose(self, window: int, epoch: int, q: int) -> tuple[np.ndarray, int]:
         """The views of a sample, in output order (indices into the window's S views), and ``num_ref``."""
         rng = np.random.default_rng([self.seed, epoch, q, 2])
-        S = len(self.windows[window].frame_ids)
+        S = int(self.window_views[window])
         chosen = np.sort(rng.choice(S, size=self.num_views, replace=False))
         num_ref = int(rng.integers(self.min_ref, self.max_ref + 1))
         return chosen[reference_order(self.num_views, num_ref, self.order, rng, self.shuffle_prob)], num_ref
 
-    def sample(self, window: int, epoch: int = 0, q: int = 0) -> dict[str, Any]:
-        """The training sample of window index ``window`` at padded epoch index ``q`` of ``epoch``."""
+    def window_meta(self, window: int) -> dict[str, Any]:
+        """``window_id``, ``dataset``, ``split``, ``scene_id``, ``frame_ids``, ``shard``, ``row`` of a
+        window index (read from its shard in this process)."""
+        shard_id, row = self.shard_ids[self.window_shard[window]], int(self.window_row[window])
+        meta = self._process().shard(shard_id).meta
+        return {"window_id": meta["window_ids"][row], "dataset": meta["datasets"][row], "split": meta["splits"][row],
+                "scene_id": meta["scene_ids"][row], "frame_ids": list(meta["frame_ids"][row]), "shard": shard_id, "row": row}
+
+    def sample(self, window: int, epoch: int = 0, q: int = 0) -> dict[str, Any] | None:
+        """The training sample of window index ``window`` at padded epoch index ``q`` of ``epoch``
+        (``None`` when the window is corrupt and ``on_corrupt="skip"``)."""
+        from cameo_corr.pipeline.cache import CorruptCacheError
+
         proc = self._process()
-        win = self.windows[window]
+        shard_id, row = self.shard_ids[self.window_shard[window]], int(self.window_row[window])
         views, num_ref = self.choose(window, epoch, q)
-        group = proc.shard(win.shard)
+        visit = proc.shard(shard_id)
+        try:
+            blocks = visit.corr_row(row)
+            if self.mask_options:
+                blocks = {**blocks, "mask": self._mask(proc.cache, shard_id, row, visit.meta["window_ids"][row])}
+        except CorruptCacheError as e:
+            if self.on_corrupt == "raise":
+                raise
+            logger.warning("skipping a corrupt window (data.on_corrupt=skip): %s", e)
+            return None
+        meta = visit.meta
+        window_id, scene_id, frame_ids = meta["window_ids"][row], meta["scene_ids"][row], meta["frame_ids"][row]
         corr = {}
         for key in _CORR_KEYS:
-            block = self._mask(group, win.row) if key == "mask" and self.mask_options else np.asarray(group[key][win.row])
+            block = blocks[key]
             S = block.shape[0]
-            if block.shape[:2] != (S, S) or S != len(win.frame_ids):
-                raise SchemaError(key, f"row {win.row} has shape {block.shape}, manifest lists {len(win.frame_ids)} views", where=f"shard {win.shard}")
+            if block.shape[:2] != (S, S) or S != len(frame_ids):
+                raise SchemaError(key, f"row {row} has shape {block.shape}, the shard lists {len(frame_ids)} views", where=f"shard {shard_id}")
             corr[key] = block[np.ix_(views, views)]
-        frames_by_id = proc.frames(win.scene_id)
+        frames_by_id = proc.frames(scene_id)
         frames = []
         for i in views:
-            fid = win.frame_ids[i]
+            fid = frame_ids[i]
             if fid not in frames_by_id:
                 raise DatasetError(
-                    str(proc.reader.root), f"frame {fid!r} of window {win.window_id} not found in scene {win.scene_id!r}", field="frame_ids", scene_id=win.scene_id
+                    str(proc.reader.root), f"frame {fid!r} of window {window_id} not found in scene {scene_id!r}", field="frame_ids", scene_id=scene_id
                 )
             frames.append(frames_by_id[fid])
         from cameo_corr.datasets.canonical import load_window
 
-        record = WindowRecord(win.window_id, win.dataset, win.split, win.scene_id, tuple(frames))
+        record = WindowRecord(window_id, meta["datasets"][row], meta["splits"][row], scene_id, tuple(frames))
         data = load_window(proc.reader, record, proc.view, with_depth=False)
         image = torch.from_numpy(np.ascontiguousarray(data.images)).permute(0, 3, 1, 2).float().div_(255.0)
         return {
             "image": image,
             "intrinsic": torch.from_numpy(np.asarray(data.intrinsics, dtype=np.float32)),
             "extrinsic": torch.from_numpy(np.asarray(data.extrinsics, dtype=np.float32)),
-            "tag": self.tags.get(win.dataset, win.dataset),
-            "window_id": win.window_id,
+            "tag": self.tags.get(meta["datasets"][row], meta["datasets"][row]),
+            "window_id": window_id,
             "num_ref": num_ref,
             "corr_nn": torch.from_numpy(corr["nn"].astype(np.int64)),
             "corr_mask": torch.from_numpy(corr["mask"].astype(np.bool_)),
@@ -459,9 +565,9 @@ class CorrStreamDataset(IterableDataset):
         }
 
 
-    def _mask(self, group: Any, row: int) -> np.ndarray:
+    def _mask(self, cache: "CorrCache", shard_id: str, row: int, window_id: str) -> np.ndarray:
         """Row ``row``'s mask recomputed from its cached arrays under :attr:`mask_options`."""
-        arrays = {key: np.asarray(group[key][row]) for key in mask_inputs(self.mask_options["policy"])}  # type: ignore[index]
+        arrays = cache.read_row(shard_id, row, window_id, names=mask_inputs(self.mask_options["policy"]))  # type: ignore[index]
         return recompute_mask(arrays, **self.mask_options)  # type: ignore[arg-type]
 
 
@@ -470,7 +576,8 @@ class StreamLoader:
 
     The dataset yields collated batches itself (``batch_size`` set on the dataset), so the wrapped
     ``DataLoader`` runs with ``batch_size=None``; workers take batches round-robin, which is the order
-    the ``DataLoader`` returns them in. :meth:`state_dict` is the stream state after the batches
+    the ``DataLoader`` returns them in. Corrupt windows skipped by the dataset are counted in
+    :attr:`corrupt_skipped` (and in the stream position). :meth:`state_dict` is the stream state after the batches
     consumed so far; after :meth:`load_state_dict` the next iteration yields exactly the remaining
     batches. Every iteration starts fresh workers with a copy of the dataset at the current state
     (persistent workers would keep a stale start state, so they are not offered). The
@@ -497,6 +604,8 @@ class StreamLoader:
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
         self._consumed = 0
+        self.corrupt_skipped = 0
+        """Corrupt windows left out so far (``on_corrupt="skip"``)."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # Restart from what was consumed: the workers get a dataset copy starting there.
@@ -513,8 +622,11 @@ class StreamLoader:
             generator=generator,
         )
         for batch in loader:
-            self._consumed += len(batch["tag"])
-            yield batch
+            skipped = int(batch.pop(SKIPPED_KEY, 0))
+            self.corrupt_skipped += skipped
+            self._consumed += skipped + (len(batch["num_ref"]) if batch else 0)
+            if batch:
+                yield batch
 
     def state_dict(self) -> dict[str, int]:
         """``{"epoch", "position"}`` after the samples consumed so far."""

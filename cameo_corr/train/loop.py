@@ -271,6 +271,7 @@ def make_loader(cfg: TrainConfig, *, cache: str, rank: int, world_size: int, spl
         tau=d.tau,
         mask_policy=d.mask_policy if mask_policy is None else mask_policy,
         visibility_tol=d.visibility_tol,
+        on_corrupt=d.on_corrupt,
     )
     return StreamLoader(dataset, num_workers=d.num_workers, multiprocessing_context=d.multiprocessing_context,
                         pin_memory=pin_memory)

@@ -1,0 +1,362 @@
+"""Cache and planner at 10k / 100k / 1M windows: every figure at each scale, with its growth.
+
+Builds fake caches of conforming layout itself (the real :class:`CacheWriter`, schema version 2, shard
+size 64; tiny windows of S=2 on a 2x2 grid so a million windows fit on disk, since these steps cost per
+window and per shard, not per byte of arrays), then measures, each in a fresh process (peak RSS is the
+process's own):
+
+* ``open``: ``CorrCache(path)`` + ``window_ids()``;
+* ``resume``: ``done_window_ids()`` + removing them from a planned table of the same ids (what a
+  re-run does before it hands out work), on the consolidated manifest and on the per-shard fragments
+  a killed job leaves;
+* ``dataset``: ``CorrStreamDataset(...)`` construction: seconds, added RSS, bytes pickled into every
+  DataLoader worker and seconds to unpickle them;
+* ``stats``: ``cache_stats``; ``verify16``: ``verify_cache(max_windows=16)``;
+* ``window``: median ``CorrCache.window`` over 50 random windows;
+* ``compact``: consolidating the fragments at job end;
+* ``plan``: ``plan_table`` over a fake RealEstate10K root of C clips x 150 frames (camera files plus
+  hard links to one small JPEG per frame), 10 windows of S=8 per clip, seconds and peak RSS.
+
+Timings start after the modules a step imports lazily are imported. The machine's load average is
+printed with the table: on a shared 2-core machine it dominates the absolute numbers.
+
+Usage: ``python benchmarks/bench_scale.py [--scales 10000 100000 1000000] [--clips 670 6700 67000]
+[--work DIR] [--keep]``. Growth is ``value(next scale) / value(this scale)`` for a 10x step; linear
+growth is 10x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SHARD_SIZE = 64
+VIEWS = 2
+GRID = (2, 2)
+
+
+def fake_config(root: str) -> Any:
+    from cameo_corr.schemas import CacheConfig
+
+    return CacheConfig(grid=GRID, tau=1.5, views=VIEWS, backend={"name": "depth", "version": "bench"},
+                       crop={"policy": "center", "size": 64}, dataset={"name": "synthetic", "root": root, "split": "train"})
+
+
+def fake_window_arrays() -> dict[str, np.ndarray]:
+    """One consistent window: identical distinct points in both views, so nn is the identity, dist 0
+    and every token masked (``cache verify`` accepts it)."""
+    h, w = GRID
+    hw = h * w
+    pts = np.stack(np.meshgrid(np.arange(w), np.arange(h), [1.0], indexing="xy"), -1).reshape(h, w, 3)
+    return {
+        "points": np.broadcast_to(pts, (VIEWS, h, w, 3)).astype(np.float16),
+        "valid": np.ones((VIEWS, h, w), bool),
+        "conf": np.ones((VIEWS, h, w), np.float16),
+        "nn": np.broadcast_to(np.arange(hw, dtype=np.int16), (VIEWS, VIEWS, hw)).copy(),
+        "dist": np.zeros((VIEWS, VIEWS, hw), np.float16),
+        "mask": np.ones((VIEWS, VIEWS, hw), bool),
+        "intrinsics": np.tile(np.eye(3, dtype=np.float32), (VIEWS, 1, 1)),
+        "extrinsics": np.tile(np.eye(4, dtype=np.float32), (VIEWS, 1, 1)),
+    }
+
+
+def templated_shard_bytes(real: Any) -> Any:
+    """A drop-in for ``shard_zip_bytes`` that encodes the (identical) arrays of a full shard once and
+    reuses those zip members, writing only each shard's own ``zarr.json`` (its attributes: window ids,
+    scenes, frame ids). zarr's per-chunk encoding costs ~10 ms per shard of tiny chunks even on an idle
+    machine; this keeps building a million windows to minutes. Same file layout as the real writer."""
+    import copy
+    import io
+    import zipfile
+
+    cache: dict[str, Any] = {}
+
+    def build(shard_id: str, windows: Any, data: Any, config: Any) -> bytes:
+        W = len(windows["window_ids"])
+        if W not in cache:
+            blob = real(shard_id, windows, data, config)
+            with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+                cache[W] = ({n: zf.read(n) for n in zf.namelist() if n != "zarr.json"}, json.loads(zf.read("zarr.json")))
+            return blob
+        members, meta = cache[W]
+        meta = copy.deepcopy(meta)
+        meta["attributes"].update(shard_id=shard_id, **{k: list(v) for k, v in windows.items()})
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
+            for name in sorted([*members, "zarr.json"]):
+                zf.writestr(name, json.dumps(meta, indent=2).encode() if name == "zarr.json" else members[name])
+        return out.getvalue()
+
+    return build
+
+
+def build_cache(path: Path, windows: int) -> dict[str, float]:
+    """Write ``windows`` windows in shards of 64 through the real writer (fragments, as a job does;
+    shard files through :func:`templated_shard_bytes`, checked against the real encoder)."""
+    import cameo_corr.pipeline.cache as cache_module
+    from cameo_corr.pipeline.cache import CacheWriter, CorrCache, WindowOutcome
+    from cameo_corr.pipeline.planner import shard_id_of
+    from cameo_corr.schemas import FrameRecord, WindowIdHasher, WindowRecord
+
+    real = cache_module.shard_zip_bytes
+    cache_module.shard_zip_bytes = templated_shard_bytes(real)
+    config = fake_config(str(path.parent / "no-dataset"))
+    writer = CacheWriter(path, config)
+    writer.initialize()
+    hasher = WindowIdHasher(config.fingerprint())
+    arrays = fake_window_arrays()
+    K, E = np.eye(3), np.eye(4)
+    t0 = time.perf_counter()
+    for start in range(0, windows, SHARD_SIZE):
+        outs = []
+        for i in range(start, min(start + SHARD_SIZE, windows)):
+            scene = f"scene{i // 10:07d}"
+            frames = tuple(FrameRecord(f"{i}-{v}", f"{scene}/{i}-{v}.jpg", (64, 64), K, E) for v in range(VIEWS))
+            wid = hasher("synthetic", "train", scene, [f.frame_id for f in frames])
+            outs.append(WindowOutcome(WindowRecord(wid, "synthetic", "train", scene, frames), arrays=arrays))
+        writer.write_shard(shard_id_of([o.record.window_id for o in outs]), outs)
+    cache_module.shard_zip_bytes = real
+    reader = CorrCache(path)
+    for wid in reader.window_ids()[SHARD_SIZE + 1 : SHARD_SIZE + 3]:  # templated shards read as written
+        got = reader.window(wid)
+        assert all(np.array_equal(got[k], v) for k, v in arrays.items())
+        assert wid in reader.shard_windows(reader.locate(wid)[0])["window_ids"]
+    return {"build_s": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------------------ measured steps
+def _rss_mb() -> float:
+    """Peak RSS of this process image in MB (``VmHWM``: unlike ``ru_maxrss`` it is not inherited
+    from the parent across ``exec``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _warm_imports() -> None:
+    """Import what the steps use lazily, so the timings are of the work, not of module imports."""
+    import fsspec.implementations.local  # noqa: F401
+    import pyarrow.dataset  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+    import zarr.storage  # noqa: F401
+
+
+def measure(step: str, path: Path) -> dict[str, float]:
+    """One step, in this (fresh) process (module imports done before the clock starts)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from cameo_corr.pipeline.cache import CacheWriter, CorrCache
+    from cameo_corr.pipeline.cache_tools import cache_stats, verify_report
+    from cameo_corr.train.data import CorrStreamDataset
+
+    _warm_imports()
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    out: dict[str, float] = {}
+    if step == "open":
+        n = len(CorrCache(path).window_ids())
+        out["windows"] = n
+    elif step == "resume":
+        done = CacheWriter(path, CorrCache(path).config).done_window_ids()
+        planned = pa.table({"window_id": done})  # a re-run plans the same ids
+        todo = planned.filter(pc.invert(pc.is_in(planned.column("window_id"), value_set=done)))
+        out["todo"] = todo.num_rows
+    elif step == "dataset":
+        ds = CorrStreamDataset(path, num_views=2, resolution=64)
+        out["s"] = time.perf_counter() - t0
+        out["added_rss_mb"] = _rss_mb() - base
+        blob = pickle.dumps(ds)
+        out["pickled_mb"] = len(blob) / 2**20
+        t1 = time.perf_counter()
+        pickle.loads(blob)
+        out["unpickle_s"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        ds.rank_order(0)
+        out["epoch_order_s"] = time.perf_counter() - t2
+        return out
+    elif step == "stats":
+        out["windows"] = cache_stats(CorrCache(path))["windows_ok"]
+    elif step == "verify16":
+        report = verify_report(CorrCache(path), max_windows=16)
+        assert not report.problems, report.problems[:3]
+        out["checked"] = report.checked
+    elif step == "window":
+        cache = CorrCache(path)
+        ids = cache.window_ids()
+        rng = np.random.default_rng(0)
+        cache.window(ids[0])
+        times = []
+        for i in rng.choice(len(ids), size=50, replace=False):
+            t1 = time.perf_counter()
+            cache.window(ids[i])
+            times.append(time.perf_counter() - t1)
+        out["s"] = float(np.median(times))
+        out["rss_mb"] = _rss_mb()
+        return out
+    elif step == "compact":
+        CacheWriter(path, CorrCache(path).config).consolidate()
+    else:
+        raise ValueError(step)
+    out["s"] = time.perf_counter() - t0
+    out["rss_mb"] = _rss_mb()
+    return out
+
+
+def run_step(step: str, path: Path) -> dict[str, float]:
+    """:func:`measure` in a fresh interpreter (clean caches of this process, its own peak RSS)."""
+    proc = subprocess.run([sys.executable, __file__, "--measure", step, "--cache", str(path)],
+                          capture_output=True, text=True, env=os.environ)
+    if proc.returncode:
+        raise RuntimeError(f"step {step} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------ planning
+def build_re10k_root(root: Path, clips: int, frames: int = 150) -> None:
+    """Camera files of ``clips`` clips x ``frames`` frames; the frames of a clip are hard links to one
+    JPEG (file systems cap the links of one file, so one file per clip)."""
+    import io
+
+    from PIL import Image
+
+    (root / "test").mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    Image.new("RGB", (640, 360), (90, 120, 150)).save(buffer, format="JPEG", quality=70)
+    rng = np.random.default_rng(0)
+    for c in range(clips):
+        key = f"{c:016x}"
+        stamps = 1_000_000 + np.cumsum(rng.integers(190_000, 210_000, size=frames))  # ~6 raw frames apart
+        lines = [f"https://www.youtube.com/watch?v={key}"]
+        for k, ts in enumerate(stamps):
+            lines.append(f"{ts} 0.9 1.6 0.5 0.5 0 0 1 0 0 {0.01 * k:.3f} 0 1 0 0 0 0 1 0")
+        (root / "test" / f"{key}.txt").write_text("\n".join(lines) + "\n")
+        d = root / "frames" / key
+        d.mkdir(parents=True, exist_ok=True)
+        first = d / f"{stamps[0]}.jpg"
+        first.write_bytes(buffer.getvalue())
+        for ts in stamps[1:]:
+            os.link(first, d / f"{ts}.jpg")
+
+
+def measure_plan(root: Path) -> dict[str, float]:
+    from cameo_corr.datasets.re10k import RE10KReader
+    from cameo_corr.pipeline.planner import default_plan_config, plan_table
+
+    reader = RE10KReader(root)
+    config = default_plan_config("re10k", views=8, windows_per_scene=10)
+    fingerprint = {"schema_version": 1, "grid": [32, 32], "tau": 1.5, "backend": {"name": "vggt"}, "crop": {"policy": "center", "size": 512}}
+    plan_table(reader, config, fingerprint, scene_ids=reader.scene_ids()[:1])  # imports, warm
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    table = plan_table(RE10KReader(root), config, fingerprint)
+    return {"s": time.perf_counter() - t0, "windows": table.num_rows, "failed": table.num_rows - table.column("error").null_count,
+            "rss_mb": _rss_mb(), "added_rss_mb": _rss_mb() - base, "table_mb": table.nbytes / 2**20}
+
+
+# ------------------------------------------------------------------------------ report
+ROWS = [
+    ("compact", "s", "consolidate fragments at job end (s)", None),
+    ("open", "s", "open + list window ids (s)", 3.0),
+    ("resume_fragments", "s", "resume start-up, fragments only (s)", 5.0),
+    ("resume", "s", "resume start-up, consolidated (s)", 5.0),
+    ("dataset", "s", "CorrStreamDataset construction (s)", 3.0),
+    ("dataset", "added_rss_mb", "  added RSS (MB)", 300.0),
+    ("dataset", "pickled_mb", "  pickled per worker (MB)", 30.0),
+    ("dataset", "unpickle_s", "  unpickle per worker (s)", None),
+    ("dataset", "epoch_order_s", "  epoch order per worker (s)", None),
+    ("stats", "s", "cache stats (s)", 20.0),
+    ("verify16", "s", "cache verify --max-windows 16 (s)", 5.0),
+    ("window", "s", "one window read, median (ms)", None),
+    ("open", "rss_mb", "open: peak RSS (MB)", None),
+]
+
+
+def table_text(results: dict[int, dict[str, dict[str, float]]], label: str = "windows") -> str:
+    scales = sorted(results)
+    head = f"| step | " + " | ".join(f"{s:,} {label}" for s in scales) + " | growth per 10x | target |"
+    lines = [head, "|" + "---|" * (len(scales) + 3)]
+    for step, key, name, target in ROWS:
+        if not all(step in results[s] and key in results[s][step] for s in scales):
+            continue
+        vals = [results[s][step][key] * (1000 if name.endswith("(ms)") else 1) for s in scales]
+        growth = ", ".join(f"{b / a:.1f}x" if a > 0 else "-" for a, b in zip(vals, vals[1:]))
+        ok = "" if target is None else ("met" if vals[-1] <= target else f"**missed** (<= {target:g})")
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3g}" for v in vals) + f" | {growth} | {ok} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scales", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--clips", type=int, nargs="*", default=[670, 6_700], help="RE10K clips (x150 frames) to plan")
+    p.add_argument("--work", type=Path, default=None, help="where to build (default: a temporary directory)")
+    p.add_argument("--keep", action="store_true", help="keep the built caches and roots")
+    p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    p.add_argument("--measure", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cache", type=Path, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure_plan(args.cache) if args.measure == "plan" else measure(args.measure, args.cache)))
+        return
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    results: dict[int, dict[str, dict[str, float]]] = {}
+    plans: dict[int, dict[str, dict[str, float]]] = {}
+    try:
+        for n in args.scales:
+            path = work / f"cache-{n}"
+            if not (path / "cache.json").exists():
+                built = build_cache(path, n)
+                print(f"built {n:,} windows in {built['build_s']:.0f} s", flush=True)
+                results[n] = {"resume_fragments": run_step("resume", path), "compact": run_step("compact", path)}
+            else:
+                results[n] = {}
+            for step in ("open", "resume", "dataset", "stats", "verify16", "window"):
+                results[n][step] = run_step(step, path)
+            print(f"{n:,}: " + json.dumps(results[n]), flush=True)
+        for clips in args.clips:
+            root = work / f"re10k-{clips}"
+            if not (root / "test").is_dir():
+                t0 = time.perf_counter()
+                build_re10k_root(root, clips)
+                print(f"built a fake RE10K root of {clips:,} clips x 150 frames in {time.perf_counter() - t0:.0f} s", flush=True)
+            plans[clips] = {"plan": run_step("plan", root)}
+            print(f"plan {clips:,} clips: " + json.dumps(plans[clips]["plan"]), flush=True)
+    finally:
+        if not args.keep and args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (2 cores)")
+    if results:
+        print(table_text(results))
+    if plans:
+        clips = sorted(plans)
+        vals = [plans[c]["plan"] for c in clips]
+        print()
+        print("| planning (10 windows of S=8 per clip) | " + " | ".join(f"{c:,} clips x 150 frames" for c in clips) + " |")
+        print("|" + "---|" * (len(clips) + 1))
+        print("| seconds | " + " | ".join(f"{v['s']:.3g}" for v in vals) + " |")
+        print("| planned windows | " + " | ".join(f"{v['windows']:,}" for v in vals) + " |")
+        print("| peak RSS (MB) | " + " | ".join(f"{v['rss_mb']:.0f}" for v in vals) + " |")
+        print("| table (MB) | " + " | ".join(f"{v['table_mb']:.1f}" for v in vals) + " |")
+        per_clip = vals[-1]["s"] / clips[-1]
+        print(f"\nplanning cost {1000 * per_clip:.2f} ms per clip -> 67,000 clips ~ {67_000 * per_clip:.0f} s (target <= 60 s)")
+    if args.json:
+        args.json.write_text(json.dumps({"caches": results, "plans": plans}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
