@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from collections import Counter
@@ -390,10 +391,15 @@ def render_viz(
     ax.legend(handles=[Line2D([], [], color="#d62728", linewidth=3, label=f"the pair drawn above ({i} -> {j})")],
               loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=9, frameon=False)
 
+    png = io.BytesIO()  # rendered in memory, then written: a failed write (full disk) raises instead of being lost
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        out.write_bytes(png.getvalue())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(out)) from e  # name the file (a failed write does not)
     return out
 
 
@@ -430,7 +436,7 @@ def _viz(args: argparse.Namespace) -> int:
     cache = _open(args)
     where = cache.location.display
     if args.matches < 1:
-        raise UsageError(f"--matches must be at least 1, got {args.matches}", where="cameo-corr cache viz --matches")
+        raise UsageError(f"--matches must be at least 1, got {args.matches}", where="command line")
     ok = cache.window_ids()
     if args.window is None:
         if not ok:
