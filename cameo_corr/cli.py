@@ -110,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cameo-corr`` console script (see the module docstring for exit codes)."""
     prog = "cameo-corr"
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit:  # --help or a usage error: argparse printed and exits; surface a closed pipe now
+            sys.stdout.flush()
+            raise
         prog = getattr(args, "command_name", prog)
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit

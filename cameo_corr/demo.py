@@ -37,6 +37,13 @@ def run_demo(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the demo into ``out``; return a summary of every stage (also written to ``summary.json``)."""
+    out = Path(out)
+    data, cache_dir, run_dir = out / "data", out / "cache", out / "train"
+    summary: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    settings = {"scenes": scenes, "frames": frames, "size": image_size, "windows_per_scene": windows_per_scene, "seed": seed}
+    reuse = check_previous_run(out, settings)
+
     from cameo_corr.cli import RunFailed
     from cameo_corr.datasets.synthetic import generate_dataset
     from cameo_corr.pipeline.cache import CorrCache
@@ -45,13 +52,7 @@ def run_demo(
     from cameo_corr.train.config import load_config, preset_path
     from cameo_corr.train.loop import train
 
-    out = Path(out)
-    data, cache_dir, run_dir = out / "data", out / "cache", out / "train"
-    summary: dict[str, Any] = {}
-
-    t0 = time.perf_counter()
-    settings = {"scenes": scenes, "frames": frames, "size": image_size, "windows_per_scene": windows_per_scene, "seed": seed}
-    if check_previous_run(out, settings):
+    if reuse:
         _stage(f"1/5 synthetic scenes already in {data}")
     else:
         _stage(f"1/5 synthesizing {scenes} scenes x {frames} frames ({image_size}px) into {data}")

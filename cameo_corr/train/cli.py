@@ -38,7 +38,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from cameo_corr.cli import UsageError
     from cameo_corr.train.config import load_config
-    from cameo_corr.train.loop import train
 
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}", where="command line")
@@ -49,6 +48,8 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"train.max_steps={int(args.max_steps)}")
     cfg = load_config(args.config, overrides)
     check_views(cfg)
+    from cameo_corr.train.loop import train  # torch + diffusers: only once the input is known to be good
+
     result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     last = result.history[-1] if result.history else {}
     summary = {
