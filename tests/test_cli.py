@@ -238,14 +238,15 @@ def test_train_explains_view_count_and_blames_the_command_line(cache3, tmp_path)
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("train:\n  max_steps: abc\n")
     common = ["train", "--cache", str(cache3), "--out", out, "--config"]
-    views, override, in_file, steps = run_all(
+    views, override, in_file, steps, missing = run_all(
         [*common, "tiny_cpu"], [*common, "tiny_cpu", "train.max_steps=abc"], [*common, str(bad_yaml)],
-        [*common, "tiny_cpu", "--max-steps", "0"])
+        [*common, "tiny_cpu", "--max-steps", "0"], [*common, "tiny_gpu"])
     one_error_line(views, "train", 2, "data.num_views=4", "S=3", "pass data.num_views=3", "cache.json")
     line = one_error_line(override, "train", 2, "command-line override 'train.max_steps=abc'", "train.max_steps")
     assert "tiny_cpu.yaml" not in line
     one_error_line(in_file, "train", 2, str(bad_yaml), "train.max_steps")
     one_error_line(steps, "train", 2, "--max-steps must be at least 1")
+    one_error_line(missing, "train", 2, "tiny_gpu", "not a built-in preset (sd21_cameo, tiny_cpu)")
 
 
 # --------------------------------------------------------------------------- demo (the slow run is in test_demo.py)

@@ -342,6 +342,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
         path = preset_path(str(path))
     if path is not None:
         where = str(path)
+        if not Path(path).exists():
+            raise SchemaError("config", f"no such file, and not a built-in preset ({', '.join(preset_names())})", where=where)
         try:
             text = Path(path).read_text()
         except OSError as e:
