@@ -149,7 +149,7 @@ def test_report_table_formatting() -> None:
         "backend": {"name": "depth"},
         "windows_evaluated": 1,
         "failed": [],
-        "config": {"grid": [16, 16], "tau": 1.5},
+        "config": {"grid": [16, 16], "tau": 1.5, "windows": 1},
         "bins": [{"range_deg": [ANGLE_BINS[k], ANGLE_BINS[k + 1]], **c.to_dict()} for k, c in enumerate(totals)],
         "overall": overall.to_dict(),
     }
@@ -198,8 +198,9 @@ def test_eval_corr_cli_input_errors_exit_2(tmp_path, capsys) -> None:
                  "--points", "head"]) == 2
     assert "does not take --points" in capsys.readouterr().err
     (tmp_path / "re" / "test").mkdir(parents=True)
-    assert main(["eval-corr", "--dataset", "re10k", "--root", str(tmp_path / "re")]) == 2
-    assert "compares against ground-truth depth, and 're10k' has none" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # readers without depth are not even offered
+        main(["eval-corr", "--dataset", "re10k", "--root", str(tmp_path / "re")])
+    assert exit_info.value.code == 2 and "invalid choice: 're10k'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
