@@ -373,8 +373,7 @@ def render_viz(
 
     cover = pair_coverage(mask, valid)
     ax = fig.add_subplot(bottom[0, 1])
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#d9d9d9")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")
     im = ax.imshow(np.ma.masked_invalid(cover), vmin=0, vmax=1, cmap=cmap)
     for a in range(S):
         for b in range(S):
