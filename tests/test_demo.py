@@ -16,11 +16,16 @@ from cameo_corr.train.loop import checkpoint_dirs
 pytestmark = pytest.mark.slow
 
 
-def _demo(out: Path, steps: int) -> dict:
-    cmd = [sys.executable, "-m", "cameo_corr.cli", "demo", "--out", str(out), "--scenes", "2", "--frames", "8",
+def _run(out: Path, steps: int, scenes: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "cameo_corr.cli", "demo", "--out", str(out), "--scenes", str(scenes), "--frames", "8",
            "--size", "64", "--windows-per-scene", "2", "--workers", "1", "--steps", str(steps), "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def _demo(out: Path, steps: int) -> dict:
+    proc = _run(out, steps)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "train:" not in proc.stderr and "step/s" not in proc.stderr, "--no-progress must silence the training bar too"
     return json.loads((out / "summary.json").read_text())
 
 
@@ -40,4 +45,9 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     again = _demo(out, steps=5)  # same --out: nothing recomputed, training continues from step 3
     assert again["preprocess"]["windows_ok"] == 0 and again["preprocess"]["windows_skipped"] == 4
     assert again["train"]["step"] == 5
+    assert CorrCache(out / "cache").window_ids() == cache.window_ids()
+
+    other = _run(out, steps=5, scenes=3)  # other settings in the same --out: refused, nothing touched
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-3000:]
+    assert "cameo-corr demo: error: this output directory holds a demo made with --scenes 2 (now 3)" in other.stderr
     assert CorrCache(out / "cache").window_ids() == cache.window_ids()

@@ -154,7 +154,7 @@ def test_report_table_formatting() -> None:
         "backend": {"name": "depth"},
         "windows_evaluated": 1,
         "failed": [],
-        "config": {"grid": [16, 16], "tau": 1.5, "visibility_tol": 0.03},
+        "config": {"grid": [16, 16], "tau": 1.5, "visibility_tol": 0.03, "windows": 1},
         "policies": {"cycle": numbers, "both": numbers},
     }
     lines = format_table(report).splitlines()
@@ -211,8 +211,9 @@ def test_eval_corr_cli_input_errors_exit_2(tmp_path, capsys) -> None:
                  "--points", "head"]) == 2
     assert "does not take --points" in capsys.readouterr().err
     (tmp_path / "re" / "test").mkdir(parents=True)
-    assert main(["eval-corr", "--dataset", "re10k", "--root", str(tmp_path / "re")]) == 2
-    assert "compares against ground-truth depth, and 're10k' has none" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # readers without depth are not even offered
+        main(["eval-corr", "--dataset", "re10k", "--root", str(tmp_path / "re")])
+    assert exit_info.value.code == 2 and "invalid choice: 're10k'" in capsys.readouterr().err
     assert main(["eval-corr", "--dataset", "synthetic", "--root", str(tmp_path / "synth"), "--backend", "depth",
                  "--visibility-tol", "0"]) == 2
     assert "cameo-corr eval-corr: error: visibility_tol must be positive, got 0.0" in capsys.readouterr().err

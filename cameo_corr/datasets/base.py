@@ -214,6 +214,14 @@ DATASET_NAMES = tuple(_READERS)
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+def reader_class(name: str) -> type[SceneReader]:
+    """The reader class registered as ``name`` (its module is imported on first use)."""
+    if name not in _READERS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASET_NAMES}")
+    module, cls_name = _READERS[name].split(":")
+    return getattr(importlib.import_module(module), cls_name)
+
+
 def open_dataset(name: str, root: str | Path, /, *, tag: str | None = None, **options: Any) -> SceneReader:
     """Open a reader by registry name (:data:`DATASET_NAMES`) with reader ``options``.
 
@@ -221,8 +229,7 @@ def open_dataset(name: str, root: str | Path, /, *, tag: str | None = None, **op
     ``open_dataset("re10k", root, tag="acid")``. It must be a simple name (letters, digits, ``._-``)
     and not the registry name of another reader.
     """
-    if name not in _READERS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASET_NAMES}")
+    cls = reader_class(name)
     if "name" in options:
         raise DatasetError(str(root), f"'name' is the reader ({name!r}); name the dataset with the option "
                            f"tag={options['name']}", field="name")
@@ -231,8 +238,6 @@ def open_dataset(name: str, root: str | Path, /, *, tag: str | None = None, **op
             raise DatasetError(str(root), f"dataset tag must be letters, digits, '.', '_' or '-', got {tag!r}", field="tag")
         if tag != name and tag in _READERS:
             raise DatasetError(str(root), f"dataset tag {tag!r} is the name of another reader", field="tag")
-    module, cls_name = _READERS[name].split(":")
-    cls = getattr(importlib.import_module(module), cls_name)
     accepted = [p for p in inspect.signature(cls).parameters if p != "root"]
     unknown = sorted(set(options) - set(accepted))
     if unknown:

@@ -12,15 +12,16 @@
   listed by window. Streams shard by shard (``--max-windows`` reads only what it checks); ``--deep``
   decodes every chunk of every shard. Exits 1 listing the problems, or when no ok window exists.
 * ``compact``: consolidate the manifest fragments; ``migrate``: version 1 cache -> version 2 copy.
-* ``viz``: a PNG with two views side by side and lines between corresponding tokens (masked ones,
-  coloured by the query token's grid position), the view-pair mask coverage matrix and the per-token
-  coverage of the first view. Images come from the dataset through ``CorrCache.reader()`` and
-  ``CorrCache.view()``, i.e. the same canonical crop the cache was computed on.
+* ``viz``: a PNG of one window (:func:`render_viz`): two labelled views with a few numbered,
+  well-spread cycle-consistent matches, the query view's tokens by status and the matched share of
+  valid query tokens for every view pair. Images come from the dataset through ``CorrCache.reader()``
+  and ``CorrCache.view()``, i.e. the same canonical crop the cache was computed on.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from collections import Counter
@@ -378,79 +379,165 @@ def load_window_images(cache: "CorrCache", window_id: str) -> np.ndarray:
     return load_window(reader, record, cache.view()).images
 
 
-def token_colors(grid: tuple[int, int]) -> np.ndarray:
-    """``[h*w, 3]`` RGB colour of each token from its grid position (red = x, blue = y)."""
+MATCH_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
+"""Marker colours of the drawn matches (matplotlib's tab10), cycled; each marker also carries its number."""
+STATUS_COLORS = {"matched": "#0072B2", "unmatched": "#E69F00", "invalid": "#000000"}
+"""Token status overlay (Okabe-Ito blue / orange, readable with colour-vision deficiencies; black = no geometry)."""
+DEFAULT_MATCHES = 10
+
+
+def spread_matches(queries: np.ndarray, targets: np.ndarray, grid: tuple[int, int], count: int) -> np.ndarray:
+    """Up to ``count`` of the query token indices ``queries`` (matched to ``targets`` in the key view),
+    spread over both views; returned in row-major order of the query.
+
+    Farthest-point sampling in both views at once: a candidate's distance to the picks is the smaller
+    of its query-view and key-view distances, and the image borders count as picks, so the markers
+    keep away from each other and from the edges in both views (the first pick is the most central).
+    """
+    queries = np.asarray(queries, dtype=np.int64)
+    if len(queries) <= count:
+        return queries
     h, w = grid
-    xy = token_coords(grid)
-    x = xy[:, 0] / max(w - 1, 1)
-    y = xy[:, 1] / max(h - 1, 1)
-    return np.stack([x, 0.35 + 0.3 * (1 - np.abs(x - y)), y], axis=-1)
+    xy = token_coords(grid).astype(np.float64)
+    q, k = xy[queries], xy[np.asarray(targets, dtype=np.int64)]
+
+    def border(p: np.ndarray) -> np.ndarray:
+        return np.minimum.reduce([p[:, 0] + 0.5, w - 0.5 - p[:, 0], p[:, 1] + 0.5, h - 0.5 - p[:, 1]]) ** 2
+
+    d2 = np.minimum(border(q), border(k))
+    chosen: list[int] = []
+    while len(chosen) < count:
+        c = int(np.argmax(d2))
+        chosen.append(c)
+        d2 = np.minimum(d2, np.minimum(((q - q[c]) ** 2).sum(-1), ((k - k[c]) ** 2).sum(-1)))
+    return np.sort(queries[chosen])
+
+
+def pair_coverage(mask: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``[S, S]`` share of view i's *valid* tokens with a cycle-consistent match in view j (NaN on the
+    diagonal and for views without a valid token): the one denominator the whole picture uses."""
+    S = mask.shape[0]
+    n_valid = valid.reshape(S, -1).sum(axis=1).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cover = mask.sum(axis=2) / n_valid[:, None]
+    cover[np.eye(S, dtype=bool)] = np.nan
+    return cover
 
 
 def render_viz(
-    cache: "CorrCache", window_id: str, out: str | Path, *, pair: tuple[int, int] = (0, 1), max_lines: int = 200
+    cache: "CorrCache", window_id: str, out: str | Path, *, pair: tuple[int, int] = (0, 1), matches: int = DEFAULT_MATCHES
 ) -> Path:
-    """Write the correspondence picture of one window (see the module docstring) to ``out``."""
+    """Write the correspondence picture of one window to ``out`` (PNG).
+
+    Top: query view ``i`` and key view ``j`` as two labelled panels; ``matches`` numbered, well-spread
+    cycle-consistent query tokens of view i and their nearest neighbours in view j, joined across the
+    gap. Bottom left: every token of view i by status for key view j (matched / valid without a
+    consistent match / no geometry). Bottom right: the same share for every view pair. Every share
+    is over the query view's *valid* tokens, so the title, the status counts and the highlighted
+    cell of the matrix agree.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap, to_rgba
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import ConnectionPatch, Patch, Rectangle
 
     arrays = cache.window(window_id)
+    row = cache.row(window_id)
     images = load_window_images(cache, window_id)
     S, size = images.shape[0], images.shape[1]
     i, j = pair
     if not (0 <= i < S and 0 <= j < S and i != j):
         raise ValueError(f"pair {pair} must be two different views in [0, {S})")
+    if matches < 1:
+        raise ValueError(f"matches must be >= 1, got {matches}")
     h, w = tuple(cache.config.grid)
     hw = h * w
-    nn, mask, valid = arrays["nn"].astype(np.int64), arrays["mask"], arrays["valid"].reshape(S, hw)
+    nn, mask, valid = arrays["nn"].astype(np.int64), np.asarray(arrays["mask"]), np.asarray(arrays["valid"]).reshape(S, hw)
     xy = token_coords((h, w))
     centres = np.stack([(xy[:, 0] + 0.5) * size / w, (xy[:, 1] + 0.5) * size / h], axis=-1)
-    queries = np.flatnonzero(mask[i, j])
-    if len(queries) > max_lines:
-        queries = queries[np.round(np.linspace(0, len(queries) - 1, max_lines)).astype(int)]
-    colors = token_colors((h, w))
+    n_valid, n_masked = int(valid[i].sum()), int(mask[i, j].sum())
+    masked = np.flatnonzero(mask[i, j])
+    shown = spread_matches(masked, nn[i, j, masked], (h, w), matches)
+    frames = row["frame_ids"]
 
-    fig = plt.figure(figsize=(14, 8.5), layout="constrained")
-    gs = fig.add_gridspec(2, 2, height_ratios=[1.15, 1])
-    ax = fig.add_subplot(gs[0, :])
-    ax.imshow(np.concatenate([images[i], images[j]], axis=1), extent=(0, 2 * size, size, 0))
-    for x in queries:
+    fig = plt.figure(figsize=(12, 11.5))
+    outer = fig.add_gridspec(2, 1, height_ratios=[1, 1], hspace=0.2, left=0.04, right=0.96, top=0.85, bottom=0.09)
+    top = outer[0].subgridspec(1, 2, wspace=0.12)
+    bottom = outer[1].subgridspec(1, 2, wspace=0.3)
+    fig.suptitle(f"window {window_id}  ·  {row['dataset']} scene {row['scene_id']}  ·  {S} views, {h}x{w} tokens, "
+                 f"tau={cache.config.tau:g}", fontsize=13, fontweight="bold")
+    share = f" ({100 * n_masked / n_valid:.1f}%)" if n_valid else ""
+    fig.text(0.5, 0.905, f"view {i} -> view {j}: {n_masked} of {n_valid} valid query tokens{share} have a cycle-consistent match\n"
+             + (f"{len(shown)} of them spread over view {i}: circle n on the left is a query token, circle n on the right "
+                f"its nearest 3D point in view {j}" if len(shown) else "no match to draw"),
+             ha="center", va="center", fontsize=11, linespacing=1.5)
+
+    ax_i, ax_j = fig.add_subplot(top[0, 0]), fig.add_subplot(top[0, 1])
+    for ax, v, role in ((ax_i, i, "query"), (ax_j, j, "key")):
+        ax.imshow(images[v], extent=(0, size, size, 0))
+        ax.set_title(f"{role} view {v}  (frame {frames[v]})", fontsize=11)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_linewidth(2)
+    for k, x in enumerate(shown):  # figure-level artists: lines over both panels, markers over the lines
+        color = MATCH_COLORS[k % len(MATCH_COLORS)]
         (u0, v0), (u1, v1) = centres[x], centres[nn[i, j, x]]
-        ax.plot([u0, u1 + size], [v0, v1], color=colors[x], linewidth=0.8, alpha=0.9)
-        ax.plot([u0, u1 + size], [v0, v1], "o", color=colors[x], markersize=2)
-    ax.set_title(f"window {window_id}: view {i} -> view {j}, {int(mask[i, j].sum())} masked of {int(valid[i].sum())} valid "
-                 f"query tokens ({len(queries)} drawn)")
-    ax.axis("off")
+        fig.add_artist(ConnectionPatch((u0, v0), (u1, v1), "data", "data", axesA=ax_i, axesB=ax_j, color=color,
+                                       linewidth=1.3, alpha=0.7, zorder=3))
+        for ax, (u, v) in ((ax_i, (u0, v0)), (ax_j, (u1, v1))):
+            fig.add_artist(Line2D([u], [v], transform=ax.transData, marker="o", markersize=15, markerfacecolor=color,
+                                  markeredgecolor="white", markeredgewidth=1.5, zorder=4))
+            fig.text(u, v, str(k + 1), transform=ax.transData, ha="center", va="center", fontsize=8, fontweight="bold",
+                     color="white", zorder=5)
 
-    off = ~np.eye(S, dtype=bool)
-    coverage = mask.mean(axis=2)
-    ax = fig.add_subplot(gs[1, 0])
-    im = ax.imshow(np.where(off, coverage, np.nan), vmin=0, vmax=1, cmap="viridis")
+    status = np.where(mask[i, j], 0, np.where(valid[i], 1, 2)).reshape(h, w)
+    counts = [int((status == s).sum()) for s in range(3)]
+    ax = fig.add_subplot(bottom[0, 0])
+    gray = images[i].astype(np.float64).mean(axis=-1)
+    ax.imshow(gray, extent=(0, size, size, 0), cmap="gray", vmin=0, vmax=255)
+    cmap = ListedColormap([to_rgba(STATUS_COLORS[k]) for k in ("matched", "unmatched", "invalid")])
+    ax.imshow(status, extent=(0, size, size, 0), cmap=cmap, vmin=-0.5, vmax=2.5, alpha=0.55, interpolation="nearest")
+    ax.set_title(f"tokens of view {i}, matched in view {j}?", fontsize=11)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(handles=[
+        Patch(color=STATUS_COLORS["matched"], alpha=0.7, label=f"cycle-consistent match ({counts[0]})"),
+        Patch(color=STATUS_COLORS["unmatched"], alpha=0.7, label=f"valid, no consistent match ({counts[1]})"),
+        Patch(color=STATUS_COLORS["invalid"], alpha=0.7, label=f"no geometry, not a query ({counts[2]})"),
+    ], loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=1, fontsize=9, frameon=False)
+
+    cover = pair_coverage(mask, valid)
+    ax = fig.add_subplot(bottom[0, 1])
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")
+    im = ax.imshow(np.ma.masked_invalid(cover), vmin=0, vmax=1, cmap=cmap)
     for a in range(S):
         for b in range(S):
-            if a != b:
-                ax.text(b, a, f"{coverage[a, b]:.2f}", ha="center", va="center", fontsize=7, color="w" if coverage[a, b] < 0.6 else "k")
+            text = "self" if a == b else ("-" if np.isnan(cover[a, b]) else f"{cover[a, b]:.2f}")
+            dark = a == b or np.isnan(cover[a, b]) or cover[a, b] > 0.6
+            ax.text(b, a, text, ha="center", va="center", fontsize=9 if S <= 8 else 6, color="black" if dark else "white")
+    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#d62728", linewidth=3))
     ax.set_xticks(range(S))
     ax.set_yticks(range(S))
     ax.set_xlabel("key view j")
     ax.set_ylabel("query view i")
-    ax.set_title("mask coverage: share of query tokens with a cycle-consistent match")
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set_title("all view pairs: matched share of valid query tokens", fontsize=11)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="matched / valid query tokens")
+    ax.legend(handles=[Line2D([], [], color="#d62728", linewidth=3, label=f"the pair drawn above ({i} -> {j})")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=9, frameon=False)
 
-    ax = fig.add_subplot(gs[1, 1])
-    per_token = mask[i][off[i]].mean(axis=0).reshape(h, w)
-    ax.imshow(images[i], extent=(0, size, size, 0))
-    im = ax.imshow(per_token, extent=(0, size, size, 0), vmin=0, vmax=1, cmap="magma", alpha=0.6, interpolation="nearest")
-    ax.set_title(f"view {i}: share of other views where each token is matched")
-    ax.axis("off")
-    fig.colorbar(im, ax=ax, shrink=0.8)
-
+    png = io.BytesIO()  # rendered in memory, then written: a failed write (full disk) raises instead of being lost
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        out.write_bytes(png.getvalue())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(out)) from e  # name the file (a failed write does not)
     return out
 
 
@@ -544,9 +631,37 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _viz(args: argparse.Namespace) -> int:
+    from cameo_corr.cli import UsageError
+
     cache = _open(args)
-    window = args.window or cache.window_ids()[0]
-    out = render_viz(cache, window, args.out, pair=tuple(args.pair), max_lines=args.max_lines)
+    where = cache.location.display
+    if args.matches < 1:
+        raise UsageError(f"--matches must be at least 1, got {args.matches}", where="command line")
+    ok = cache.window_ids()
+    if args.window is None:
+        if not ok:
+            table = cache.manifest(None)
+            raise UsageError(f"no ok window to draw ({table.num_rows} windows in the manifest, none ok; see "
+                             "'cameo-corr cache stats' for the failures)", where=where)
+        window = ok[0]
+    elif args.window in ok:
+        window = args.window
+    else:
+        failed = dict(zip(*cache.manifest(None).select(["window_id", "error"]).to_pydict().values()))
+        if args.window in failed:
+            what = f"window {args.window!r} failed ({failed[args.window]}), there is nothing to draw"
+        elif ok:
+            listed = ", ".join(ok[:5]) + (f", ... ({len(ok)} in all)" if len(ok) > 5 else "")
+            what = f"no ok window {args.window!r}; valid ids: {listed}"
+        else:
+            what = f"no ok window {args.window!r}; the cache has no ok window"
+        raise UsageError(what, where=where)
+    S = cache.config.views
+    i, j = args.pair
+    if not (0 <= i < S and 0 <= j < S and i != j):
+        raise UsageError(f"--pair {i} {j}: need two different views in 0..{S - 1} (windows of this cache have S={S} views)",
+                         where=where)
+    out = render_viz(cache, window, args.out, pair=(i, j), matches=args.matches)
     print(f"wrote {out}")
     return 0
 
@@ -584,12 +699,16 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="directory or URL of the new cache")
     p.set_defaults(func=_migrate)
 
-    p = sub.add_parser("viz", help="PNG: two views with correspondence lines + mask coverage heatmaps")
+    p = sub.add_parser("viz", help="PNG: two views with numbered matches, token status map, pair coverage matrix",
+                       description="Draw one window: a few well-spread cycle-consistent matches between two views, the "
+                       "query view's tokens by status, and the matched share of valid query tokens for every view pair.")
     common(p)
-    p.add_argument("--window", default=None, help="window id (default: the first ok window)")
+    p.add_argument("--window", default=None, help="ok window id (default: the first ok window)")
     p.add_argument("--out", required=True, help="PNG path")
-    p.add_argument("--pair", type=int, nargs=2, default=(0, 1), metavar=("I", "J"), help="views to draw (default: 0 1)")
-    p.add_argument("--max-lines", type=int, default=200, help="at most this many correspondence lines")
+    p.add_argument("--pair", type=int, nargs=2, default=(0, 1), metavar=("I", "J"),
+                   help="query and key view, two different numbers in 0..S-1 (default: 0 1)")
+    p.add_argument("--matches", type=int, default=DEFAULT_MATCHES,
+                   help=f"matches to draw, spread over the query view (default: {DEFAULT_MATCHES})")
     p.set_defaults(func=_viz)
 
 
@@ -604,7 +723,8 @@ __all__ = [
     "verify_report",
     "cli_errors",
     "load_window_images",
-    "token_colors",
+    "spread_matches",
+    "pair_coverage",
     "render_viz",
     "register_cli",
 ]

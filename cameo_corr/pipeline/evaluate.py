@@ -320,9 +320,8 @@ def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress:
     plan = default_plan_config(reader.name, views=config.views, windows_per_scene=config.windows_per_scene, seed=config.seed)
     fingerprint = {"eval_corr": backend.describe(), "grid": list(config.grid), "tau": config.tau, "crop": view.to_dict()}
     planned = plan_windows(reader, plan, fingerprint)
-    failed: list[dict[str, Any]] = [
-        {"window_id": p.record.window_id, "scene_id": p.record.scene_id, "error": p.error} for p in planned if p.error
-    ]
+    failed_plan = [{"window_id": p.record.window_id, "scene_id": p.record.scene_id, "error": p.error} for p in planned if p.error]
+    failed: list[dict[str, Any]] = list(failed_plan)
     todo = [p.record for p in planned if not p.error][: config.windows]
     truth = DepthBackend(device=backend.device, frame="world")
     # ``both`` is counted whenever the visibility test runs: ``visibility & cycle == both`` gives every
@@ -375,6 +374,7 @@ def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress:
             "mask_policies": list(config.mask_policies),
             "visibility_tol": config.visibility_tol,
         },
+        "windows_planned": len(planned) - len(failed_plan),
         "windows_evaluated": evaluated,
         "failed": failed,
         **_policy_report(totals, "cycle", config.bins),
@@ -413,6 +413,7 @@ def format_table(report: dict[str, Any]) -> str:
     )
     lines = [
         f"eval-corr: backend={report['backend']['name']} windows={report['windows_evaluated']} "
+        f"(of {cfg['windows']} requested) "
         f"failed={len(report['failed'])} grid={cfg['grid']} tau={cfg['tau']} visibility_tol={cfg['visibility_tol']}"
     ]
     for policy, numbers in report["policies"].items():
@@ -429,15 +430,18 @@ def format_table(report: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------ command line
 def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the ``eval-corr`` command."""
-    from cameo_corr.datasets.base import DATASET_NAMES
     from cameo_corr.pipeline.backends import add_backend_arguments
 
+    depth = depth_dataset_names()
     p = subparsers.add_parser(
         "eval-corr",
         help="precision/coverage of a backend's token correspondences against ground-truth depth",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description="Judge a geometry backend's token correspondences (nn) and cycle masks against ground truth "
+        "from a dataset with depth and cameras: per view pair, binned by the angle between the optical axes, "
+        "precision at 1 token, mask precision and coverage. Datasets without depth cannot be evaluated. When the "
+        "dataset yields fewer windows than --windows, the ones it has are evaluated and the shortfall is reported.",
     )
-    p.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="a reader with depth: synthetic, co3d, 7scenes, nerfstudio, colmap")
+    p.add_argument("--dataset", required=True, choices=depth, help=f"a dataset with depth: {', '.join(depth)}")
     p.add_argument("--root", required=True, type=Path, help="dataset root")
     p.add_argument("--split", default=None, help="dataset split (reader default when omitted)")
     p.add_argument("--views", type=int, default=4, help="views per window (default 4)")
@@ -462,19 +466,17 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     p.set_defaults(func=_run_cli)
 
 
+def depth_dataset_names() -> tuple[str, ...]:
+    """Registered datasets whose reader stores ground-truth depth (the ones ``eval-corr`` can judge against)."""
+    from cameo_corr.datasets.base import DATASET_NAMES, SceneReader, reader_class
+
+    return tuple(n for n in DATASET_NAMES if reader_class(n).load_depth is not SceneReader.load_depth)
+
+
 def _run_cli(args: argparse.Namespace) -> int:
     from cameo_corr.datasets import open_dataset
     from cameo_corr.pipeline.backends import backend_options_from_args, make_backend
     reader_options = {} if args.split is None else {"split": args.split}
-    try:
-        reader = open_dataset(args.dataset, args.root, **reader_options)
-        if not reader.has_depth:
-            raise SchemaError("dataset", f"eval-corr compares against ground-truth depth, and {args.dataset!r} has none",
-                              where=str(reader.root))
-        backend = make_backend(args.backend, **backend_options_from_args(args))
-    except (CameoCorrError, ImportError, ValueError) as e:
-        print(f"cameo-corr eval-corr: error: {e}", file=sys.stderr)
-        return 2
     config = EvalConfig(
         views=args.views,
         windows=args.windows,
@@ -493,13 +495,27 @@ def _run_cli(args: argparse.Namespace) -> int:
     )
     try:
         config.validate()
-    except ValueError as e:
+        reader = open_dataset(args.dataset, args.root, **reader_options)
+        if not reader.has_depth:
+            raise SchemaError("dataset", f"eval-corr compares against ground-truth depth, and {args.dataset!r} has none",
+                              where=str(reader.root))
+        backend = make_backend(args.backend, **backend_options_from_args(args))
+    except (CameoCorrError, ImportError, ValueError) as e:
         print(f"cameo-corr eval-corr: error: {e}", file=sys.stderr)
         return 2
     report = evaluate_backend(reader, backend, config, progress=sys.stderr.isatty())
     print(format_table(report))
     for f in report["failed"]:
         print(f"failed window {f['window_id']} (scene {f['scene_id']}): {f['error']}", file=sys.stderr)
+    if report["windows_evaluated"] < args.windows:
+        reasons = []
+        if report["windows_planned"] < args.windows:
+            reasons.append(f"the dataset yields only {report['windows_planned']} windows with --views {args.views} "
+                           f"--windows-per-scene {args.windows_per_scene} (raise --windows-per-scene for more)")
+        if report["failed"]:
+            reasons.append(f"{len(report['failed'])} failed (listed above)")
+        print(f"cameo-corr eval-corr: note: evaluated {report['windows_evaluated']} of the {args.windows} requested "
+              f"windows: {'; '.join(reasons)}", file=sys.stderr)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2, sort_keys=True))
@@ -520,5 +536,6 @@ __all__ = [
     "EvalConfig",
     "evaluate_backend",
     "format_table",
+    "depth_dataset_names",
     "register_cli",
 ]

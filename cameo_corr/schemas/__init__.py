@@ -59,6 +59,7 @@ class SchemaError(CameoCorrError, ValueError):
     def __init__(self, field: str, message: str, *, where: str | None = None) -> None:
         self.field = field
         self.where = where
+        self.message = message
         prefix = f"{where}: " if where else ""
         super().__init__(f"{prefix}field '{field}': {message}")
 

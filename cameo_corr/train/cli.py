@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from cameo_corr.train.config import TrainConfig
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` command."""
+    from cameo_corr.train.config import preset_names
+
     p = subparsers.add_parser(
         "train",
         help="train the multi-view diffusion model with the CAMEO loss from a correspondence cache",
@@ -20,30 +25,32 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "Multi-GPU: accelerate launch -m cameo_corr.cli train ...",
     )
     p.add_argument("--cache", help="cache directory or URL (overrides data.cache)")
-    p.add_argument("--config", help="YAML config (default: the built-in defaults)")
+    p.add_argument("--config", help=f"YAML config file or a built-in preset: {', '.join(preset_names())} "
+                   "(default: the built-in defaults)")
     p.add_argument("--out", default="runs/train", help="run directory: config.yaml, metrics.jsonl, checkpoints/, logs/")
     p.add_argument("--max-steps", type=int, help="total optimizer steps (overrides train.max_steps)")
     p.add_argument("--resume", default="auto", help="auto (latest checkpoint in --out, if any), never, or a checkpoint directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. loss.cameo_weight=0")
     p.set_defaults(func=_train)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from cameo_corr.schemas import CameoCorrError
+    from cameo_corr.cli import UsageError
     from cameo_corr.train.config import load_config
-    from cameo_corr.train.loop import train
 
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}", where="command line")
     overrides = list(args.overrides)
     if args.cache is not None:
         overrides.append(f"data.cache={json.dumps(str(args.cache))}")
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={int(args.max_steps)}")
-    try:
-        cfg = load_config(args.config, overrides)
-        result = train(cfg, args.out, resume=args.resume)
-    except CameoCorrError as e:
-        print(f"cameo-corr train: error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
+    check_views(cfg)
+    from cameo_corr.train.loop import train  # torch + diffusers: only once the input is known to be good
+
+    result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     last = result.history[-1] if result.history else {}
     summary = {
         "step": result.step,
@@ -52,3 +59,18 @@ def _train(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary))
     return 0
+
+
+def check_views(cfg: "TrainConfig") -> None:
+    """Refuse ``data.num_views`` larger than the cache's views per window, saying which override fixes it."""
+    from cameo_corr.cli import UsageError
+    from cameo_corr.pipeline.cache import CONFIG_FILE, CorrCache
+
+    if cfg.data.cache is None:
+        return
+    cache = CorrCache(cfg.data.cache)
+    S = cache.config.views
+    if cfg.data.num_views > S:
+        raise UsageError(
+            f"data.num_views={cfg.data.num_views} but the cache has S={S} views per window; pass data.num_views={S} "
+            f"(or fewer, at least 2) on the command line", where=f"{cache.location.display}/{CONFIG_FILE}")

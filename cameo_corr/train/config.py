@@ -361,6 +361,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
         path = preset_path(str(path))
     if path is not None:
         where = str(path)
+        if not Path(path).exists():
+            raise SchemaError("config", f"no such file, and not a built-in preset ({', '.join(preset_names())})", where=where)
         try:
             text = Path(path).read_text()
         except OSError as e:
@@ -373,7 +375,13 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
             raise SchemaError("<yaml>", "top level must be a mapping of sections", where=where)
         values = loaded or {}
     values = _merge(values, parse_overrides(overrides))
-    return config_from_dict(values, where=where)
+    try:
+        return config_from_dict(values, where=where)
+    except SchemaError as e:
+        given = next((o for o in overrides if o.split("=", 1)[0].strip() == e.field), None)
+        if given is None:
+            raise
+        raise SchemaError(e.field, e.message, where=f"command-line override {given!r}") from None
 
 
 def validate_config(cfg: TrainConfig, where: str = "config") -> None:

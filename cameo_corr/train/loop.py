@@ -408,7 +408,7 @@ class Trainer:
             for batch in self.loader:
                 yield batch_to(batch, self.accelerator.device)
 
-    def run(self, max_steps: int | None = None) -> TrainResult:
+    def run(self, max_steps: int | None = None, *, show_progress: bool = True) -> TrainResult:
         """Train until ``max_steps`` optimizer steps (default ``cfg.train.max_steps``) are done."""
         from tqdm.auto import tqdm
 
@@ -418,7 +418,7 @@ class Trainer:
         if cfg.train.tensorboard:
             acc.init_trackers("cameo", config=_flat(cfg.to_dict()))
         metrics_path = self.out / METRICS_FILE
-        progress = tqdm(total=total, initial=self.state.step, disable=not acc.is_local_main_process, desc="train", unit="step")
+        progress = tqdm(total=total, initial=self.state.step, disable=not (show_progress and acc.is_local_main_process), desc="train", unit="step")
         stream = self.batches()
         micro = 0
         acc_metrics: dict[str, list[torch.Tensor]] = {}
@@ -483,12 +483,15 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def train(cfg: TrainConfig, out: str | Path, *, resume: str = "auto", max_steps: int | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig, out: str | Path, *, resume: str = "auto", max_steps: int | None = None, progress: bool = True
+) -> TrainResult:
     """Train from ``cfg`` writing into ``out`` (config, ``metrics.jsonl``, ``checkpoints/``, ``logs/``).
 
     ``resume``: ``auto`` continues from the latest checkpoint under ``out`` when there is one,
     ``never`` starts fresh (refusing an ``out`` that already has checkpoints), or a checkpoint path.
     ``max_steps`` overrides ``cfg.train.max_steps`` (the LR schedule still uses the config's value).
+    ``progress=False`` hides the progress bar.
     """
     out = Path(out)
     start = resolve_resume(out, resume)
@@ -505,7 +508,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: str = "auto", max_steps:
         trainer.load(start)
         if trainer.accelerator.is_main_process:
             _truncate_metrics(out / METRICS_FILE, trainer.state.step)
-    return trainer.run(max_steps)
+    return trainer.run(max_steps, show_progress=progress)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
