@@ -569,7 +569,13 @@ def cli_errors(command: str) -> Callable[[Callable[[argparse.Namespace], int]], 
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not raise again
                 return 141
-            except (CameoCorrError, ValueError, KeyError, OSError) as e:
+            except OSError as e:  # a missing path is the user's (2); a full disk or I/O failure is not (1)
+                from cameo_corr.cli import describe_os_error
+
+                message, code = describe_os_error(e)
+                print(f"cameo-corr cache {command}: error: {message}", file=sys.stderr)
+                return code
+            except (CameoCorrError, ValueError, KeyError) as e:
                 text = e.args[0] if isinstance(e, KeyError) and e.args else e
                 print(f"cameo-corr cache {command}: error: {text}", file=sys.stderr)
                 return 2
