@@ -548,44 +548,26 @@ def _open(args: argparse.Namespace) -> "CorrCache":
     return CorrCache(args.cache, dict(args.storage_option) or None)
 
 
-def cli_errors(command: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
-    """Wrap a ``cameo-corr cache <command>`` handler: bad input (a missing or invalid cache, a bad
-    option value, a corrupt file) prints one line ``cameo-corr cache <command>: error: ...`` on stderr
-    and exits 2; a closed output pipe (``| head``) ends quietly with 141 (128 + SIGPIPE) like other
-    command-line tools."""
+def cli_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap a ``cameo-corr cache <command>`` handler so that a bad option value or a missing key
+    (``ValueError``/``KeyError``) is reported as a usage error; :func:`cameo_corr.cli.main` turns it,
+    like every other error, closed pipe and full disk, into one line and an exit code."""
     import functools
-    import os
 
-    from cameo_corr.schemas import CameoCorrError
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        from cameo_corr.cli import UsageError
 
-    def wrap(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        @functools.wraps(handler)
-        def run(args: argparse.Namespace) -> int:
-            try:
-                code = handler(args)
-                sys.stdout.flush()
-                return code
-            except BrokenPipeError:
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not raise again
-                return 141
-            except OSError as e:  # a missing path is the user's (2); a full disk or I/O failure is not (1)
-                from cameo_corr.cli import describe_os_error
+        try:
+            return handler(args)
+        except (ValueError, KeyError) as e:
+            text = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise UsageError(str(text)) from e
 
-                message, code = describe_os_error(e)
-                print(f"cameo-corr cache {command}: error: {message}", file=sys.stderr)
-                return code
-            except (CameoCorrError, ValueError, KeyError) as e:
-                text = e.args[0] if isinstance(e, KeyError) and e.args else e
-                print(f"cameo-corr cache {command}: error: {text}", file=sys.stderr)
-                return 2
-
-        return run
-
-    return wrap
+    return run
 
 
-@cli_errors("stats")
+@cli_errors
 def _stats(args: argparse.Namespace) -> int:
     if args.bins < 1:
         raise ValueError(f"--bins must be >= 1, got {args.bins}")
@@ -594,7 +576,7 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
-@cli_errors("verify")
+@cli_errors
 def _verify(args: argparse.Namespace) -> int:
     if args.max_windows is not None and args.max_windows < 1:
         raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
@@ -616,7 +598,7 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
-@cli_errors("compact")
+@cli_errors
 def _compact(args: argparse.Namespace) -> int:
     from cameo_corr.pipeline.cache import consolidate_manifest
 
@@ -627,7 +609,7 @@ def _compact(args: argparse.Namespace) -> int:
     return 0
 
 
-@cli_errors("migrate")
+@cli_errors
 def _migrate(args: argparse.Namespace) -> int:
     from cameo_corr.pipeline.cache import migrate_cache
 
