@@ -384,7 +384,7 @@ def verify_report(cache: "CorrCache", *, max_windows: int | None = None, deep: b
                     )
     if deep:
         seen = {(w, sh, a) for w, sh, a in report.corrupt}
-        visited = set(visit)
+        visited = set(visit) if set(check) == set(cfg.grids) else set()  # --deep decodes the grids not checked too
         for e in find_corrupt_windows(cache, [s for s in sizes if s not in visited]):
             if (e.window, e.shard, e.array) not in seen:
                 report.problems.append(str(e))
