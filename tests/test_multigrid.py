@@ -186,6 +186,7 @@ def test_stream_dataset_reads_the_chosen_grid_with_masks_at_load_time(caches) ->
         CorrStreamDataset(caches["multi"], grid=16, **opts)
 
 
+@pytest.mark.slow
 def test_trainer_picks_the_layer_grid_or_lists_the_cache_grids(caches, tmp_path) -> None:
     from cameo_corr.train.config import load_config, preset_path
     from cameo_corr.train.loop import train
@@ -194,8 +195,8 @@ def test_trainer_picks_the_layer_grid_or_lists_the_cache_grids(caches, tmp_path)
     result = train(load_config(preset_path("tiny_cpu"), [*base, "train.max_steps=1", "train.log_every=1"]), tmp_path / "run",
                    resume="never")  # the layer sees 8x8 tokens: the cache's extra grid, not its 4x4 primary
     assert result.step == 1 and np.isfinite(result.history[0]["cameo"])
-    cfg = load_config(preset_path("tiny_cpu"), [*base, "model.layer=mid_block"])  # 2x2 tokens: not stored
-    with pytest.raises(SchemaError, match=rf"{caches['multi']}: .*stores grids 4x4, 8x8; .*--grid including 2"):
+    cfg = load_config(preset_path("tiny_cpu"), [*base, "data.resolution=128"])  # the layer sees 16x16 tokens: not stored
+    with pytest.raises(SchemaError, match=rf"{caches['multi']}: .*stores grids 4x4, 8x8; .*--grid including 16"):
         train(cfg, tmp_path / "bad", resume="never")
 
 
@@ -245,3 +246,14 @@ def test_verify_checks_every_grid(caches, tmp_path) -> None:
     (path / shard_dir("s0")).write_bytes(bytes(blob))
     report = verify_report(CorrCache(path), deep=True, grids=[PRIMARY])
     assert {a for _, s, a in report.corrupt} == {"g8x8/nn"}
+
+
+def test_crop_size_must_fit_every_grid() -> None:
+    from cameo_corr.pipeline.ray_job import UsageError, check_job_options
+
+    opts = dict(workers=1, gpus_per_worker=0, cpus_per_worker=0, shard_size=1, batch_size=1, max_retries=0, lease_timeout=1.0)
+    check_job_options(crop_size=64, grid=(8, 8), extra_grids=((64, 64),), **opts)
+    with pytest.raises(UsageError, match=r"\(64 for --grid 8,64: every token needs at least one pixel\), got 48"):
+        check_job_options(crop_size=48, grid=(8, 8), extra_grids=((64, 64),), **opts)
+    with pytest.raises(UsageError, match="--grid: 8x8 is given twice"):
+        check_job_options(crop_size=48, grid=(8, 8), extra_grids=((8, 8),), **opts)
