@@ -240,7 +240,7 @@ def test_verify_checks_every_grid(caches, tmp_path) -> None:
     # flip a byte of a chunk of the extra grid: --deep names the array
     blob = bytearray((path / shard_dir("s0")).read_bytes())
     with zipfile.ZipFile(path / shard_dir("s0")) as zf:
-        info = zf.getinfo("g8x8/nn/c/0/0/0")
+        info = zf.getinfo("g8x8/nn/c/0/0/0/0")
     start = info.header_offset + 30 + len(info.filename) + len(info.extra)
     blob[start + 20] ^= 0xFF
     (path / shard_dir("s0")).write_bytes(bytes(blob))
