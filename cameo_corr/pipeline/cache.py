@@ -9,8 +9,9 @@ Layout (schema version 2)::
     <cache>/manifest/consolidated.json          which compact files are current and which fragments they hold
 
 A shard is **one object**: the zarr group (arrays of :data:`~cameo_corr.schemas.CACHE_ARRAYS`, plus a
-``g<h>x<w>/`` subgroup of grid arrays per extra grid of a multi-grid cache, one zarr shard per array with inner chunks of 8 windows, consolidated metadata, per-window ids, scenes
-and frame ids in the group attributes) is built in memory and stored as an uncompressed zip, written
+``g<h>x<w>/`` subgroup of grid arrays per extra grid of a multi-grid cache; one zarr shard per array
+with inner chunks of 8 windows, consolidated metadata, per-window ids, scenes and frame ids in the
+group attributes) is built in memory and stored as an uncompressed zip, written
 under a temporary name and renamed into place (``os.rename`` locally, ``fs.mv`` on fsspec
 filesystems such as ``s3://``). Opening a shard reads the zip directory and one ``zarr.json``; a window
 read is two byte ranges per array. Every chunk is zstd-compressed and then checksummed (zarr's

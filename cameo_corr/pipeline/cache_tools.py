@@ -366,7 +366,10 @@ def verify_report(cache: "CorrCache", *, max_windows: int | None = None, deep: b
             if k in bad_rows:
                 continue
             for g in check:
-                arrays = {n: data[g][n][k] for n in CACHE_ARRAYS} if data is not None else cache.read_row(shard_id, k, r["window_id"], grid=g)
+                if data is not None:
+                    arrays = {n: data[g][n][k] for n in CACHE_ARRAYS}
+                else:
+                    arrays = cache.read_row(shard_id, k, r["window_id"], grid=g)
                 at = where if len(cfg.grids) == 1 else f"{where} grid {g[0]}x{g[1]}"
                 try:
                     validate_window_arrays(arrays, cfg.views, g, where=at)
@@ -739,7 +742,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="query and key view, two different numbers in 0..S-1 (default: 0 1)")
     p.add_argument("--matches", type=int, default=DEFAULT_MATCHES,
                    help=f"matches to draw, spread over the query view (default: {DEFAULT_MATCHES})")
-    p.add_argument("--grid", type=grid_arg, default=None, metavar="SIDE", help="token grid to draw, 32 or 32x16 (default: the primary grid)")
+    p.add_argument("--grid", type=grid_arg, default=None, metavar="SIDE",
+                   help="token grid to draw, 32 or 32x16 (default: the primary grid)")
     p.set_defaults(func=_viz)
 
 

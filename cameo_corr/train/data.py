@@ -572,7 +572,8 @@ class CorrStreamDataset(IterableDataset):
 
     def _mask(self, cache: "CorrCache", shard_id: str, row: int, window_id: str) -> np.ndarray:
         """Row ``row``'s mask recomputed from its cached arrays under :attr:`mask_options`."""
-        arrays = cache.read_row(shard_id, row, window_id, names=mask_inputs(self.mask_options["policy"]), grid=self.grid)  # type: ignore[index]
+        names = mask_inputs(self.mask_options["policy"])  # type: ignore[index]
+        arrays = cache.read_row(shard_id, row, window_id, names=names, grid=self.grid)
         return recompute_mask(arrays, **self.mask_options)  # type: ignore[arg-type]
 
 

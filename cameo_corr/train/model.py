@@ -660,11 +660,12 @@ class MultiViewUNet(nn.Module):
         got = self.grid(latent_hw)
         if got not in stored:
             names = ", ".join(f"{h}x{w}" for h, w in stored)
+            side = got[0] if got[0] == got[1] else f"{got[0]}x{got[1]}"
             raise SchemaError(
                 "layer",
                 f"supervised layer {self.layer_name} sees a {got[0]}x{got[1]} token grid for {latent_hw[0]}x{latent_hw[1]}"
                 f" latents but the cache stores {'grids' if len(stored) > 1 else 'grid'} {names}; change the layer, the"
-                f" training resolution, or preprocess the cache with --grid including {got[0] if got[0] == got[1] else f'{got[0]}x{got[1]}'}",
+                f" training resolution, or preprocess the cache with --grid including {side}",
                 where=cache,
             )
         return got
