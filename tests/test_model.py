@@ -246,9 +246,13 @@ def test_resolve_layer_errors_and_grid_check() -> None:
         resolve_layer(unet, "nope")
     model = MultiViewUNet(unet, layer="mid_block")
     assert model.grid((8, 8)) == (4, 4)
-    model.check_grid((8, 8), 4)
-    with pytest.raises(SchemaError, match="cache grid is 8x8"):
+    assert model.check_grid((8, 8), 4) == (4, 4)
+    with pytest.raises(SchemaError, match="cache stores grid 8x8"):
         model.check_grid((8, 8), 8)
+    # a multi-grid cache: the layer's grid is picked among the stored ones, or the error lists them and the cache
+    assert model.check_grid((8, 8), ((8, 8), (4, 4))) == (4, 4)
+    with pytest.raises(SchemaError, match=r"caches/a: .*stores grids 8x8, 16x16; .*--grid including 4"):
+        model.check_grid((8, 8), ((8, 8), (16, 16)), cache="caches/a")
 
 
 # --------------------------------------------------------------------------------------- cameras

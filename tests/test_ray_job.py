@@ -280,6 +280,28 @@ def test_jobs_entry_point_help():
     assert res.returncode == 0 and "--gpus-per-worker" in res.stdout and "--fail-fast" in res.stdout
 
 
+def test_several_grids_in_one_pass_equal_the_single_grid_run(clean, dataset, tmp_path):
+    """--grid 8,4 through the job: the 8x8 arrays equal the single-grid run's (same frames, other ids)."""
+    out = tmp_path / "multi"
+    s = run_preprocess(dataset="synthetic", root=dataset, out=out, workers=1, **{**RUN, "extra_grids": (4,)})
+    single, multi = CorrCache(clean[0]), CorrCache(out)
+    assert s["windows_ok"] == clean[1]["windows_ok"] and multi.config.grids == ((8, 8), (4, 4))
+
+    def by_frames(cache):
+        return {(r["scene_id"], tuple(r["frame_ids"])): r for r in cache.manifest("ok").to_pylist()}
+
+    a, b = by_frames(single), by_frames(multi)
+    assert a.keys() == b.keys() and not {r["window_id"] for r in a.values()} & {r["window_id"] for r in b.values()}
+    for k, row in a.items():
+        want, got = single.window(row["window_id"]), multi.window(b[k]["window_id"])
+        assert all(np.array_equal(want[n], got[n], equal_nan=True) for n in want), k
+        assert (row["valid_frac"], row["mask_frac"]) == (b[k]["valid_frac"], b[k]["mask_frac"])
+        assert multi.window(b[k]["window_id"], grid=4)["nn"].shape == (3, 3, 16)
+    assert verify_cache(multi) == []
+    with pytest.raises(CacheMismatchError, match="extra_grids"):
+        run_preprocess(dataset="synthetic", root=dataset, out=out, workers=1, **RUN)
+
+
 def test_deleted_shard_is_repaired(clean, dataset, tmp_path):
     out = tmp_path / "cache"
     shutil.copytree(clean[0], out)

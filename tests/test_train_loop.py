@@ -81,7 +81,7 @@ def test_baseline_without_cameo_loss_logs_precision(cache: Path, tmp_path: Path)
 
 def test_supervised_layer_must_match_the_cache_grid(cache: Path, tmp_path: Path) -> None:
     cfg = config(cache, "model.layer=up_blocks.0.attentions.0")  # 4x4 tokens, the cache has 8x8
-    with pytest.raises(SchemaError, match="cache grid is 8x8"):
+    with pytest.raises(SchemaError, match="cache stores grid 8x8"):
         train(cfg, tmp_path / "run", resume="never")
 
 

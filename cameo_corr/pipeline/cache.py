@@ -8,9 +8,10 @@ Layout (schema version 2)::
     <cache>/manifest/compact-<gen>-<k>.parquet  consolidated fragments, sorted by window_id
     <cache>/manifest/consolidated.json          which compact files are current and which fragments they hold
 
-A shard is **one object**: the zarr group (arrays of :data:`~cameo_corr.schemas.CACHE_ARRAYS`, one
-zarr shard per array with inner chunks of 8 windows, consolidated metadata, per-window ids, scenes
-and frame ids in the group attributes) is built in memory and stored as an uncompressed zip, written
+A shard is **one object**: the zarr group (arrays of :data:`~cameo_corr.schemas.CACHE_ARRAYS`, plus a
+``g<h>x<w>/`` subgroup of grid arrays per extra grid of a multi-grid cache; one zarr shard per array
+with inner chunks of 8 windows, consolidated metadata, per-window ids, scenes and frame ids in the
+group attributes) is built in memory and stored as an uncompressed zip, written
 under a temporary name and renamed into place (``os.rename`` locally, ``fs.mv`` on fsspec
 filesystems such as ``s3://``). Opening a shard reads the zip directory and one ``zarr.json``; a window
 read is two byte ranges per array. Every chunk is zstd-compressed and then checksummed (zarr's
@@ -63,6 +64,7 @@ import numpy as np
 
 from cameo_corr.schemas import (
     CACHE_ARRAYS,
+    GRID_ARRAYS,
     SCHEMA_VERSION,
     CacheConfig,
     CameoCorrError,
@@ -71,6 +73,7 @@ from cameo_corr.schemas import (
     SchemaError,
     TokenCorrespondences,
     WindowRecord,
+    array_key,
     manifest_schema,
     validate_window_arrays,
 )
@@ -443,11 +446,23 @@ def read_manifest_file(location: CacheLocation, rel: str) -> "pa.Table":
 
 
 # ------------------------------------------------------------------------------------------ arrays
-def window_arrays(corr: TokenCorrespondences, result: PointmapResult) -> dict[str, np.ndarray]:
+def window_arrays(
+    corr: TokenCorrespondences, result: PointmapResult, extra: Mapping[tuple[int, int], TokenCorrespondences] | None = None
+) -> dict[str, np.ndarray]:
     """One window's cache arrays (schema dtypes, no ``W`` axis) from matcher + backend outputs.
 
+    ``corr`` holds the primary grid's correspondences; ``extra`` maps each extra grid to its own
+    (matched on the same pointmaps), stored under ``g<h>x<w>/<name>`` (:func:`~cameo_corr.schemas.array_key`).
     Raises :class:`SchemaError` (field ``points``) when a valid token's point overflows float16.
     """
+    if extra:
+        primary = tuple(corr.valid.shape[1:3])
+        arrays = window_arrays(corr, result)
+        for grid, c in extra.items():
+            more = window_arrays(c, result)
+            arrays.update({array_key(n, tuple(grid), primary): more[n] for n in GRID_ARRAYS})  # type: ignore[arg-type]
+        return arrays
+
     def host(t: Any) -> np.ndarray:
         return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
 
@@ -471,7 +486,8 @@ def window_arrays(corr: TokenCorrespondences, result: PointmapResult) -> dict[st
 
 def window_fractions(arrays: Mapping[str, np.ndarray]) -> tuple[float, float]:
     """``(valid_frac, mask_frac)``: share of valid tokens, and share of masked queries over ordered
-    pairs ``i != j`` (all query tokens counted, diagonal blocks excluded)."""
+    pairs ``i != j`` (all query tokens counted, diagonal blocks excluded). Of the primary grid (the
+    plain-named arrays) when a window holds several."""
     valid = np.asarray(arrays["valid"])
     mask = np.asarray(arrays["mask"])
     S = mask.shape[0]
@@ -500,7 +516,7 @@ def _plain_json(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-COMPARED_FIELDS = ("schema_version", "grid", "tau", "views", "crop", "dataset", "backend")
+COMPARED_FIELDS = ("schema_version", "grid", "extra_grids", "tau", "views", "crop", "dataset", "backend")
 """``cache.json`` fields that must agree between a cache and a run writing into it (its identity)."""
 
 IDENTITY_EXCLUDED: dict[str, tuple[str, ...]] = {"dataset": ("root",)}
@@ -551,7 +567,8 @@ def shard_window_meta(records: Sequence[WindowRecord]) -> dict[str, list[Any]]:
 def shard_zip_bytes(shard_id: str, windows: Mapping[str, list[Any]], data: Mapping[str, np.ndarray], config: CacheConfig) -> bytes:
     """The version 2 shard file: a zarr group built in memory, stored as an uncompressed zip.
 
-    ``data[name]`` holds the stacked ``[W, ...]`` arrays of the shard's ok windows. Each array is one
+    ``data[key]`` holds the stacked ``[W, ...]`` arrays of the shard's ok windows, keyed by their path
+    in the group (``g<h>x<w>/<name>`` for an extra grid's arrays, a subgroup per grid). Each array is one
     zarr shard with inner chunks of :data:`CHUNK_WINDOWS` windows, codecs ``bytes -> zstd -> crc32c``
     (a corrupt chunk makes exactly its windows unreadable); the group carries
     consolidated metadata and ``windows`` (the :data:`SHARD_WINDOW_KEYS` lists) in its attributes,
@@ -571,6 +588,7 @@ def shard_zip_bytes(shard_id: str, windows: Mapping[str, list[Any]], data: Mappi
         "schema_version": SCHEMA_VERSION,
         "views": config.views,
         "grid": list(config.grid),
+        **({"extra_grids": [list(g) for g in config.extra_grids]} if config.extra_grids else {}),
         **{k: list(windows[k]) for k in SHARD_WINDOW_KEYS},
     }
     entries: dict[str, Any] = {}
@@ -762,10 +780,16 @@ class CacheWriter:
     def _write_group(self, shard_id: str, ok: Sequence[WindowOutcome]) -> int:
         """Validate the ok windows, write the shard file under a temporary name, rename it into place;
         returns its size in bytes."""
-        views, grid = self.config.views, tuple(self.config.grid)
+        cfg = self.config
         for o in ok:
-            validate_window_arrays(o.arrays, views, grid, where=f"window {o.record.window_id}")  # type: ignore[arg-type]
-        data = {name: np.stack([o.arrays[name] for o in ok]) for name in CACHE_ARRAYS}  # type: ignore[index]
+            for grid in cfg.grids:
+                keys = cfg.array_keys(grid)
+                where = f"window {o.record.window_id}" + (f", grid {grid[0]}x{grid[1]}" if cfg.extra_grids else "")
+                missing = [k for k in keys.values() if k not in o.arrays]  # type: ignore[operator]
+                if missing:
+                    raise SchemaError(missing[0], "missing", where=where)
+                validate_window_arrays({n: o.arrays[k] for n, k in keys.items()}, cfg.views, grid, where=where)  # type: ignore[index]
+        data = {key: np.stack([o.arrays[key] for o in ok]) for key in cfg.stored_keys()}  # type: ignore[index]
         blob = shard_zip_bytes(shard_id, shard_window_meta([o.record for o in ok]), data, self.config)
         self.location.write_bytes_atomic(shard_dir(shard_id), blob)
         return len(blob)
@@ -931,7 +955,8 @@ class CorrCache:
         return state
 
     def __repr__(self) -> str:
-        return f"CorrCache({self.location.display!r}, views={self.config.views}, grid={tuple(self.config.grid)})"
+        extra = f", extra_grids={tuple(tuple(g) for g in self.config.extra_grids)}" if self.config.extra_grids else ""
+        return f"CorrCache({self.location.display!r}, views={self.config.views}, grid={tuple(self.config.grid)}{extra})"
 
     def __len__(self) -> int:
         return len(self.index())
@@ -1028,15 +1053,16 @@ class CorrCache:
         from zarr.api.asynchronous import open_group
 
         store = self._open_store(shard_id)
+        keys = self.config.stored_keys()
 
         async def open_all() -> tuple[Any, list[Any]]:  # one trip to zarr's event loop for group and arrays
             agroup = await open_group(store=store, mode="r", use_consolidated=True if self.version >= 2 else None)
-            return agroup, await asyncio.gather(*(agroup.getitem(name) for name in CACHE_ARRAYS))
+            return agroup, await asyncio.gather(*(agroup.getitem(key) for key in keys))
 
         try:
             agroup, arrays = run_on_zarr_loop(open_all())
             group = zarr.Group(agroup)
-            self._arrays[shard_id] = {name: zarr.Array(arr) for name, arr in zip(CACHE_ARRAYS, arrays)}
+            self._arrays[shard_id] = {key: zarr.Array(arr) for key, arr in zip(keys, arrays)}
         except KeyError as e:
             raise CorruptCacheError(self.location.display, shard_id, None, None, f"array {e} missing") from e
         except Exception as e:  # zip, JSON and zarr metadata errors all mean "this shard is unreadable"
@@ -1069,9 +1095,24 @@ class CorrCache:
         return {"window_ids": rows["window_id"], "scene_ids": rows["scene_id"], "frame_ids": rows["frame_ids"],
                 "datasets": rows["dataset"], "splits": rows["split"]}
 
+    def select_grid(self, grid: int | tuple[int, int] | None = None) -> tuple[int, int]:
+        """``grid`` as ``(h, w)`` (``None``: the primary grid); a :class:`SchemaError` listing the
+        cache's grids and naming its ``cache.json`` when the cache does not store it."""
+        return self.config.select_grid(grid, where=self.location.url(CONFIG_FILE))
+
+    def _keys(self, names: Sequence[str], grid: int | tuple[int, int] | None) -> dict[str, str]:
+        """``{name: path in the shard group}`` of arrays ``names`` of ``grid``."""
+        return self.config.array_keys(self.select_grid(grid), names)
+
+    def _read_named(self, shard_id: str, names: Sequence[str], grid: int | tuple[int, int] | None, selection: Any,
+                    window: str | None) -> dict[str, np.ndarray]:
+        keys = self._keys(names, grid)
+        data = self._read(shard_id, list(keys.values()), selection, window)
+        return {name: data[key] for name, key in keys.items()}
+
     def _read(self, shard_id: str, names: Sequence[str], selection: Any, window: str | None) -> dict[str, np.ndarray]:
-        """Read ``selection`` of arrays ``names`` of a shard concurrently; decode errors become
-        :class:`CorruptCacheError` naming the array (and ``window``)."""
+        """Read ``selection`` of arrays ``names`` (paths in the shard group) of a shard concurrently;
+        decode errors become :class:`CorruptCacheError` naming the array (and ``window``)."""
         arrays = self._shard_arrays(shard_id)
 
         async def one(name: str) -> Any:
@@ -1085,25 +1126,28 @@ class CorrCache:
 
         return {name: np.asarray(v) for name, v in zip(names, run_on_zarr_loop(read()))}
 
-    def read_shard(self, shard_id: str, names: Sequence[str] = tuple(CACHE_ARRAYS)) -> dict[str, np.ndarray]:
-        """Arrays ``names`` of every row of a shard (``[W, ...]``), each decoded once.
+    def read_shard(self, shard_id: str, names: Sequence[str] = tuple(CACHE_ARRAYS), grid: int | tuple[int, int] | None = None
+                   ) -> dict[str, np.ndarray]:
+        """Arrays ``names`` of ``grid`` (default: the primary grid) of every row of a shard
+        (``[W, ...]``), each decoded once.
 
         On a corrupt chunk the error names the first bad window (rows are re-read one by one to find it).
         """
         try:
-            return self._read(shard_id, names, slice(None), None)
+            return self._read_named(shard_id, names, grid, slice(None), None)
         except CorruptCacheError as e:
             ids = self.shard_windows(shard_id)["window_ids"]
             for r, wid in enumerate(ids):
-                self._read(shard_id, [e.array or names[0]], r, wid)
+                self._read(shard_id, [e.array or self._keys(names, grid)[names[0]]], r, wid)
             raise
 
     def corrupt_windows(self, shard_id: str) -> list[CorruptCacheError]:
-        """Every window of a shard whose chunks fail to decode (one error per window; the whole shard
-        when its file or metadata is unreadable). Empty when the shard is intact."""
+        """Every window of a shard whose chunks fail to decode, in any grid (one error per window; the
+        whole shard when its file or metadata is unreadable). Empty when the shard is intact."""
+        keys = self.config.stored_keys()
         try:
             ids = self.shard_windows(shard_id)["window_ids"]
-            self._read(shard_id, list(CACHE_ARRAYS), slice(None), None)
+            self._read(shard_id, keys, slice(None), None)
             return []
         except CorruptCacheError as e:
             if e.array is None:
@@ -1111,19 +1155,22 @@ class CorrCache:
         bad = []
         for r, wid in enumerate(ids):
             try:
-                self._read(shard_id, list(CACHE_ARRAYS), r, wid)
+                self._read(shard_id, keys, r, wid)
             except CorruptCacheError as e:
                 bad.append(e)
         return bad
 
-    def read_row(self, shard_id: str, row: int, window_id: str | None = None, names: Sequence[str] = tuple(CACHE_ARRAYS)) -> dict[str, np.ndarray]:
-        """Arrays ``names`` of one row of a shard (``window_id`` only names it in errors)."""
-        return self._read(shard_id, list(names), int(row), window_id)
+    def read_row(self, shard_id: str, row: int, window_id: str | None = None, names: Sequence[str] = tuple(CACHE_ARRAYS),
+                 grid: int | tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+        """Arrays ``names`` of ``grid`` (default: the primary grid) of one row of a shard
+        (``window_id`` only names it in errors)."""
+        return self._read_named(shard_id, names, grid, int(row), window_id)
 
-    def window(self, window_id: str, *, torch: bool = False) -> dict[str, Any]:
-        """The arrays of one ok window (numpy, or torch tensors when ``torch=True``)."""
+    def window(self, window_id: str, *, torch: bool = False, grid: int | tuple[int, int] | None = None) -> dict[str, Any]:
+        """The arrays of one ok window on ``grid`` (default: the primary grid; numpy, or torch
+        tensors when ``torch=True``). Arrays keep their plain names whatever the grid."""
         shard_id, r = self.locate(window_id)
-        out: dict[str, Any] = self.read_row(shard_id, r, window_id)
+        out: dict[str, Any] = self.read_row(shard_id, r, window_id, grid=grid)
         if torch:
             import torch as _torch
 

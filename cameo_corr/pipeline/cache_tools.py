@@ -8,7 +8,8 @@
   (:func:`~cameo_corr.schemas.validate_window_arrays`), ``nn`` diagonal is the identity, masks are
   consistent with ``nn`` (``mask_ij[x]`` exactly when ``x`` is valid, view j has a valid token and the
   cycle ``nn_ji[nn_ij[x]]`` lands within ``tau`` tokens of ``x``), ``nn`` only points at valid tokens,
-  and the manifest's ``valid_frac``/``mask_frac`` match the arrays; chunks failing their checksum are
+  and the manifest's ``valid_frac``/``mask_frac`` match the arrays (of the primary grid); every grid of
+  a multi-grid cache is checked (``--grid`` picks some); chunks failing their checksum are
   listed by window. Streams shard by shard (``--max-windows`` reads only what it checks); ``--deep``
   decodes every chunk of every shard. Exits 1 listing the problems, or when no ok window exists.
 * ``compact``: consolidate the manifest fragments; ``migrate``: version 1 cache -> version 2 copy.
@@ -45,12 +46,14 @@ COVERAGE_BINS = 10
 STATS_COLUMNS = ("scene_id", "shard", "status", "valid_frac", "mask_frac", "error", "shard_bytes")
 
 
-def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS) -> dict[str, Any]:
+def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS, grid: tuple[int, int] | None = None) -> dict[str, Any]:
     """Summary numbers of a cache (see the module docstring).
 
     Reads only the manifest columns it needs and computes with Arrow/numpy. Shard bytes are the sizes
     recorded at write time (``shard_bytes``); for version 1 caches, which did not record them, the
-    shards folder is walked (``bytes_source`` says which).
+    shards folder is walked (``bytes_source`` says which). The valid and mask shares describe ``grid``
+    (default: the primary grid, whose shares the manifest records; another grid of a multi-grid cache
+    is read from the shards' ``valid`` and ``mask`` arrays).
     """
     import pyarrow.compute as pc
 
@@ -62,8 +65,12 @@ def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS) -> dict[str, A
     is_ok = pc.equal(table.column("status"), "ok")
     ok = table.filter(is_ok)
     failed = table.filter(pc.equal(table.column("status"), "failed"))
-    mask_frac = ok.column("mask_frac").to_numpy().astype(np.float64)
-    valid_frac = ok.column("valid_frac").to_numpy().astype(np.float64)
+    grid = cache.select_grid(grid)
+    if grid == tuple(cache.config.grid):
+        mask_frac = ok.column("mask_frac").to_numpy().astype(np.float64)
+        valid_frac = ok.column("valid_frac").to_numpy().astype(np.float64)
+    else:
+        valid_frac, mask_frac = _grid_fractions(cache, sorted(pc.unique(ok.column("shard")).to_pylist()), grid)
     counts, edges = np.histogram(mask_frac, bins=bins, range=(0.0, 1.0))
     errors = failed.column("error").to_pylist()
     reasons = Counter((e or "").split(":", 1)[0] for e in errors)
@@ -86,7 +93,8 @@ def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS) -> dict[str, A
         "path": loc.display,
         "schema_version": cache.version,
         "views": cache.config.views,
-        "grid": list(cache.config.grid),
+        "grid": list(grid),
+        "grids": [list(g) for g in cache.config.grids],
         "tau": cache.config.tau,
         "backend": cache.config.backend.get("name"),
         "windows_ok": n_ok,
@@ -108,13 +116,26 @@ def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS) -> dict[str, A
     }
 
 
+def _grid_fractions(cache: "CorrCache", shard_ids: Sequence[str], grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """``(valid_frac, mask_frac)`` of every window of ``shard_ids`` on ``grid``, from the shards' arrays."""
+    from cameo_corr.pipeline.cache import window_fractions
+
+    fracs = []
+    for sid in shard_ids:
+        data = cache.read_shard(sid, ("valid", "mask"), grid=grid)
+        fracs += [window_fractions({"valid": v, "mask": m}) for v, m in zip(data["valid"], data["mask"])]
+    out = np.asarray(fracs, dtype=np.float64).reshape(-1, 2)
+    return out[:, 0], out[:, 1]
+
+
 def format_stats(stats: dict[str, Any]) -> str:
     """Text report of :func:`cache_stats` with a bar chart of the mask coverage histogram."""
     h = stats["mask_frac_histogram"]
     top = max(h["counts"]) if h["counts"] and max(h["counts"]) else 1
     lines = [
         f"cache {stats['path']} (schema version {stats['schema_version']}): S={stats['views']} "
-        f"grid={stats['grid'][0]}x{stats['grid'][1]} tau={stats['tau']} backend={stats['backend']}",
+        f"grid={stats['grid'][0]}x{stats['grid'][1]} tau={stats['tau']} backend={stats['backend']}"
+        + (f" (grids stored: {', '.join(f'{h}x{w}' for h, w in stats['grids'])})" if len(stats["grids"]) > 1 else ""),
         f"windows: {stats['windows_ok']} ok, {stats['windows_failed']} failed; scenes: {stats['scenes_ok']} with ok windows "
         f"of {stats['scenes_total']}; shards: {stats['shards']}",
         f"valid tokens: {100 * stats['valid_frac_mean']:.1f}% mean; masked query tokens (i != j): "
@@ -248,14 +269,18 @@ def repair_corrupt_shards(cache: "CorrCache") -> dict[str, list[str]]:
     return {"shards": shards, "windows": windows}
 
 
-def verify_cache(cache: "CorrCache", *, max_windows: int | None = None, deep: bool = False) -> list[str]:
+def verify_cache(cache: "CorrCache", *, max_windows: int | None = None, deep: bool = False,
+                 grids: Sequence[tuple[int, int]] | None = None) -> list[str]:
     """All problems found in the cache (empty list: the cache is consistent); see :func:`verify_report`."""
-    return verify_report(cache, max_windows=max_windows, deep=deep).problems
+    return verify_report(cache, max_windows=max_windows, deep=deep, grids=grids).problems
 
 
-def verify_report(cache: "CorrCache", *, max_windows: int | None = None, deep: bool = False) -> VerifyReport:
+def verify_report(cache: "CorrCache", *, max_windows: int | None = None, deep: bool = False,
+                  grids: Sequence[tuple[int, int]] | None = None) -> VerifyReport:
     """Check the cache (see the module docstring); streams shard by shard.
 
+    The arrays of every grid in ``grids`` (default: every grid the cache stores) are checked; the
+    manifest's ``valid_frac``/``mask_frac`` against the primary grid's.
     The manifest checks read only ``window_id``, ``status``, ``shard``, ``row``, ``error`` of all rows.
     Then shards are visited in id order until ``max_windows`` ok windows were checked: each shard is
     opened and decoded once, and only the manifest rows of the visited shards are read in full. A
@@ -271,7 +296,8 @@ def verify_report(cache: "CorrCache", *, max_windows: int | None = None, deep: b
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"--max-windows must be >= 1, got {max_windows}")
     cfg = cache.config
-    grid = tuple(cfg.grid)
+    primary = tuple(cfg.grid)
+    check = [cache.select_grid(g) for g in (cfg.grids if grids is None else grids)]
     light = cache.manifest(None, columns=["window_id", "status", "shard", "row", "error"])
     report = VerifyReport()
     report.problems, ok_mask = _manifest_problems(light)
@@ -309,7 +335,7 @@ def verify_report(cache: "CorrCache", *, max_windows: int | None = None, deep: b
             report.problems.append(f"shard {shard_id}: {e}")
             continue
         ids = list(group.attrs.get("window_ids", []))
-        shapes = {n: group[n].shape for n in CACHE_ARRAYS}
+        shapes = {key: group[key].shape for key in cfg.stored_keys()}
         W = shapes["nn"][0]
         if len(ids) != W or any(shape[0] != W for shape in shapes.values()):
             report.problems.append(f"shard {shard_id}: window_ids attribute and array lengths disagree")
@@ -318,7 +344,7 @@ def verify_report(cache: "CorrCache", *, max_windows: int | None = None, deep: b
         if unreferenced:
             report.problems.append(f"shard {shard_id}: rows {unreferenced} have no manifest row")
         try:
-            data: dict[str, np.ndarray] | None = cache.read_shard(shard_id)
+            data: dict[tuple[int, int], dict[str, np.ndarray]] | None = {g: cache.read_shard(shard_id, grid=g) for g in check}
             bad_rows: set[int] = set()
         except CorruptCacheError:
             data, errors = None, cache.corrupt_windows(shard_id)
@@ -339,22 +365,29 @@ def verify_report(cache: "CorrCache", *, max_windows: int | None = None, deep: b
                 continue
             if k in bad_rows:
                 continue
-            arrays = {n: data[n][k] for n in CACHE_ARRAYS} if data is not None else cache.read_row(shard_id, k, r["window_id"])
-            try:
-                validate_window_arrays(arrays, cfg.views, grid, where=where)
-            except CameoCorrError as e:
-                report.problems.append(str(e))
-                continue
-            report.problems += [f"{where}: {p}" for p in check_window_consistency(arrays, cfg.tau, grid)]
-            valid_frac, mask_frac = window_fractions(arrays)
-            if abs(valid_frac - r["valid_frac"]) > 1e-6 or abs(mask_frac - r["mask_frac"]) > 1e-6:
-                report.problems.append(
-                    f"{where}: manifest valid_frac/mask_frac {r['valid_frac']:.6f}/{r['mask_frac']:.6f} != arrays "
-                    f"{valid_frac:.6f}/{mask_frac:.6f}"
-                )
+            for g in check:
+                if data is not None:
+                    arrays = {n: data[g][n][k] for n in CACHE_ARRAYS}
+                else:
+                    arrays = cache.read_row(shard_id, k, r["window_id"], grid=g)
+                at = where if len(cfg.grids) == 1 else f"{where} grid {g[0]}x{g[1]}"
+                try:
+                    validate_window_arrays(arrays, cfg.views, g, where=at)
+                except CameoCorrError as e:
+                    report.problems.append(str(e))
+                    continue
+                report.problems += [f"{at}: {p}" for p in check_window_consistency(arrays, cfg.tau, g)]
+                if g != primary:
+                    continue
+                valid_frac, mask_frac = window_fractions(arrays)
+                if abs(valid_frac - r["valid_frac"]) > 1e-6 or abs(mask_frac - r["mask_frac"]) > 1e-6:
+                    report.problems.append(
+                        f"{where}: manifest valid_frac/mask_frac {r['valid_frac']:.6f}/{r['mask_frac']:.6f} != arrays "
+                        f"{valid_frac:.6f}/{mask_frac:.6f}"
+                    )
     if deep:
         seen = {(w, sh, a) for w, sh, a in report.corrupt}
-        visited = set(visit)
+        visited = set(visit) if set(check) == set(cfg.grids) else set()  # --deep decodes the grids not checked too
         for e in find_corrupt_windows(cache, [s for s in sizes if s not in visited]):
             if (e.window, e.shard, e.array) not in seen:
                 report.problems.append(str(e))
@@ -425,7 +458,8 @@ def pair_coverage(mask: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def render_viz(
-    cache: "CorrCache", window_id: str, out: str | Path, *, pair: tuple[int, int] = (0, 1), matches: int = DEFAULT_MATCHES
+    cache: "CorrCache", window_id: str, out: str | Path, *, pair: tuple[int, int] = (0, 1), matches: int = DEFAULT_MATCHES,
+    grid: tuple[int, int] | None = None,
 ) -> Path:
     """Write the correspondence picture of one window to ``out`` (PNG).
 
@@ -434,7 +468,7 @@ def render_viz(
     gap. Bottom left: every token of view i by status for key view j (matched / valid without a
     consistent match / no geometry). Bottom right: the same share for every view pair. Every share
     is over the query view's *valid* tokens, so the title, the status counts and the highlighted
-    cell of the matrix agree.
+    cell of the matrix agree. ``grid`` picks the token grid of a multi-grid cache (default: the primary one).
     """
     import matplotlib
 
@@ -444,7 +478,8 @@ def render_viz(
     from matplotlib.lines import Line2D
     from matplotlib.patches import ConnectionPatch, Patch, Rectangle
 
-    arrays = cache.window(window_id)
+    grid = cache.select_grid(grid)
+    arrays = cache.window(window_id, grid=grid)
     row = cache.row(window_id)
     images = load_window_images(cache, window_id)
     S, size = images.shape[0], images.shape[1]
@@ -453,7 +488,7 @@ def render_viz(
         raise ValueError(f"pair {pair} must be two different views in [0, {S})")
     if matches < 1:
         raise ValueError(f"matches must be >= 1, got {matches}")
-    h, w = tuple(cache.config.grid)
+    h, w = grid
     hw = h * w
     nn, mask, valid = arrays["nn"].astype(np.int64), np.asarray(arrays["mask"]), np.asarray(arrays["valid"]).reshape(S, hw)
     xy = token_coords((h, w))
@@ -571,7 +606,7 @@ def cli_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argpar
 def _stats(args: argparse.Namespace) -> int:
     if args.bins < 1:
         raise ValueError(f"--bins must be >= 1, got {args.bins}")
-    stats = cache_stats(_open(args), bins=args.bins)
+    stats = cache_stats(_open(args), bins=args.bins, grid=args.grid)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 
@@ -581,7 +616,7 @@ def _verify(args: argparse.Namespace) -> int:
     if args.max_windows is not None and args.max_windows < 1:
         raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
     cache = _open(args)
-    report = verify_report(cache, max_windows=args.max_windows, deep=args.deep)
+    report = verify_report(cache, max_windows=args.max_windows, deep=args.deep, grids=args.grid)
     where = cache.location.display
     if report.problems:
         print(f"{len(report.problems)} problem(s) in {where}:", file=sys.stderr)
@@ -594,7 +629,9 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"cameo-corr cache verify: error: no ok window to verify in {where} "
               f"({cache.manifest(None, columns=['window_id']).num_rows} manifest rows)", file=sys.stderr)
         return 1
-    print(f"ok: {report.checked} of {report.windows_ok} windows verified in {where}" + (", every chunk decoded" if args.deep else ""))
+    grids = ", ".join(f"{h}x{w}" for h, w in (cache.config.grids if args.grid is None else args.grid))
+    print(f"ok: {report.checked} of {report.windows_ok} windows verified in {where} (grid {grids})"
+          + (", every chunk decoded" if args.deep else ""))
     return 0
 
 
@@ -649,14 +686,18 @@ def _viz(args: argparse.Namespace) -> int:
     if not (0 <= i < S and 0 <= j < S and i != j):
         raise UsageError(f"--pair {i} {j}: need two different views in 0..{S - 1} (windows of this cache have S={S} views)",
                          where=where)
-    out = render_viz(cache, window, args.out, pair=(i, j), matches=args.matches)
+    try:
+        grid = cache.select_grid(args.grid)
+    except ValueError as e:
+        raise UsageError(str(e), where=where) from None
+    out = render_viz(cache, window, args.out, pair=(i, j), matches=args.matches, grid=grid)
     print(f"wrote {out}")
     return 0
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add ``cameo-corr cache {stats,verify,viz,compact,migrate}``."""
-    from cameo_corr.pipeline.ray_job import key_value_arg
+    from cameo_corr.pipeline.ray_job import grid_arg, grids_arg, key_value_arg
 
     parser = subparsers.add_parser("cache", help="inspect, verify or visualise a correspondence cache")
     sub = parser.add_subparsers(dest="cache_command", metavar="{stats,verify,viz,compact,migrate}", required=True)
@@ -670,12 +711,16 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     common(p)
     p.add_argument("--bins", type=int, default=COVERAGE_BINS, help="histogram bins (default: 10)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--grid", type=grid_arg, default=None, metavar="SIDE",
+                   help="token grid the valid/mask shares describe, 32 or 32x16 (default: the primary grid)")
     p.set_defaults(func=_stats)
 
     p = sub.add_parser("verify", help="check manifest <-> shards, schema, nn diagonal and cycle masks; exit 1 on problems")
     common(p)
     p.add_argument("--max-windows", type=int, default=None, help="check at most this many ok windows (streams shard by shard)")
     p.add_argument("--deep", action="store_true", help="also decode every chunk of every shard and list the corrupt windows")
+    p.add_argument("--grid", type=grids_arg, default=None, metavar="SIDES",
+                   help="check these grids' arrays, comma-separated (default: every grid the cache stores)")
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("compact", help="merge the manifest fragments into sorted Parquet files (also done at job end)")
@@ -697,6 +742,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="query and key view, two different numbers in 0..S-1 (default: 0 1)")
     p.add_argument("--matches", type=int, default=DEFAULT_MATCHES,
                    help=f"matches to draw, spread over the query view (default: {DEFAULT_MATCHES})")
+    p.add_argument("--grid", type=grid_arg, default=None, metavar="SIDE",
+                   help="token grid to draw, 32 or 32x16 (default: the primary grid)")
     p.set_defaults(func=_viz)
 
 

@@ -48,6 +48,8 @@ from cameo_corr.schemas import (
     SchemaError,
     TokenCorrespondences,
     WindowData,
+    check_grids,
+    grid_name,
 )
 from cameo_corr.pipeline.masks import DEFAULT_VISIBILITY_TOL, MASK_POLICIES
 
@@ -268,6 +270,8 @@ class EvalConfig:
     windows: int = 8
     windows_per_scene: int = 1
     grid: tuple[int, int] = (DEFAULT_GRID, DEFAULT_GRID)
+    extra_grids: tuple[tuple[int, int], ...] = ()
+    """More grids scored on the same backend outputs (one backend pass per window); reported under ``grids``."""
     tau: float = DEFAULT_TAU
     match_backend: str = "auto"
     radius: float = 1.0
@@ -296,13 +300,16 @@ class EvalConfig:
             raise ValueError(f"mask_policies must be one or more of {MASK_POLICIES}, got {self.mask_policies}")
         if not (self.visibility_tol > 0 and math.isfinite(self.visibility_tol)):
             raise ValueError(f"visibility_tol must be positive, got {self.visibility_tol}")
+        check_grids([tuple(self.grid), *self.extra_grids])
 
 
 def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress: bool = False) -> dict[str, Any]:
     """Evaluate ``backend`` (a :class:`~cameo_corr.pipeline.backends.GeometryBackend`) on the first
     ``config.windows`` planned windows of ``reader`` (a reader with depth). Returns the JSON report:
     ``bins`` and ``overall`` score the cycle mask (what a cache stores), ``policies`` maps each of
-    ``config.mask_policies`` to its own ``bins`` and ``overall``.
+    ``config.mask_policies`` to its own ``bins`` and ``overall``; all on ``config.grid``. With
+    ``config.extra_grids``, ``grids`` maps every grid (``"16x16"``) to its own ``bins``, ``overall`` and
+    ``policies``, scored on the same backend outputs (the windows are planned as for ``config.grid`` alone).
 
     Windows are planned with the dataset's default sampling (:mod:`cameo_corr.pipeline.planner`); a
     window whose loading or processing raises a :class:`~cameo_corr.schemas.CameoCorrError` is listed
@@ -327,7 +334,9 @@ def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress:
     # ``both`` is counted whenever the visibility test runs: ``visibility & cycle == both`` gives every
     # policy's share of the cycle mask's correct entries.
     counted = ["cycle", *config.mask_policies] + (["both"] if "visibility" in config.mask_policies else [])
-    totals = {name: [BinCounts() for _ in range(len(config.bins) - 1)] for name in dict.fromkeys(counted)}
+    grids = [tuple(config.grid), *(tuple(g) for g in config.extra_grids)]
+    totals_of = {g: {name: [BinCounts() for _ in range(len(config.bins) - 1)] for name in dict.fromkeys(counted)} for g in grids}
+    totals = totals_of[grids[0]]
     evaluated = 0
     batches = [todo[k : k + config.batch_size] for k in range(0, len(todo), config.batch_size)]
     for batch in tqdm(batches, desc="eval-corr", unit="batch", disable=not progress):
@@ -347,15 +356,16 @@ def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress:
             )
             continue
         for window, result, gt in zip(loaded, results, truth.run_batch(loaded)):
-            corr = correspond(result, grid=config.grid, tau=config.tau, backend=config.match_backend)
-            masks = policy_masks(window, result, corr, config.mask_policies, config.visibility_tol)
-            counts = score_window(
-                window, gt, corr, config.grid, masks={k: masks[k] for k in totals},
-                radius=config.radius, occlusion_tol=config.occlusion_tol, bins=config.bins,
-            )
-            for name, per_bin in counts.items():
-                for total, c in zip(totals[name], per_bin):
-                    total.add(c)
+            for grid in grids:
+                corr = correspond(result, grid=grid, tau=config.tau, backend=config.match_backend)
+                masks = policy_masks(window, result, corr, config.mask_policies, config.visibility_tol)
+                counts = score_window(
+                    window, gt, corr, grid, masks={k: masks[k] for k in totals},
+                    radius=config.radius, occlusion_tol=config.occlusion_tol, bins=config.bins,
+                )
+                for name, per_bin in counts.items():
+                    for total, c in zip(totals_of[grid][name], per_bin):
+                        total.add(c)
             evaluated += 1
     return {
         "dataset": reader.describe(),
@@ -365,6 +375,7 @@ def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress:
             "windows": config.windows,
             "windows_per_scene": config.windows_per_scene,
             "grid": list(config.grid),
+            **({"extra_grids": [list(g) for g in config.extra_grids]} if config.extra_grids else {}),
             "tau": config.tau,
             "match_backend": config.match_backend,
             "radius": config.radius,
@@ -379,6 +390,11 @@ def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress:
         "failed": failed,
         **_policy_report(totals, "cycle", config.bins),
         "policies": {p: _policy_report(totals, p, config.bins) for p in config.mask_policies},
+        **({"grids": {
+            grid_name(g): {**_policy_report(t, "cycle", config.bins),
+                           "policies": {p: _policy_report(t, p, config.bins) for p in config.mask_policies}}
+            for g, t in totals_of.items()
+        }} if config.extra_grids else {}),
     }
 
 
@@ -416,8 +432,11 @@ def format_table(report: dict[str, Any]) -> str:
         f"(of {cfg['windows']} requested) "
         f"failed={len(report['failed'])} grid={cfg['grid']} tau={cfg['tau']} visibility_tol={cfg['visibility_tol']}"
     ]
-    for policy, numbers in report["policies"].items():
-        lines += ["", f"mask policy: {policy}", header, "-" * len(header)]
+    per_grid = report.get("grids") or {grid_name(cfg["grid"]): report}
+    tables = [(f"grid {g}, mask policy: {policy}" if "grids" in report else f"mask policy: {policy}", numbers)
+              for g, r in per_grid.items() for policy, numbers in r["policies"].items()]
+    for title, numbers in tables:
+        lines += ["", title, header, "-" * len(header)]
         rows = [(f"{b['range_deg'][0]:g}-{b['range_deg'][1]:g}", b) for b in numbers["bins"]] + [("all", numbers["overall"])]
         for label, b in rows:
             lines.append(
@@ -431,6 +450,7 @@ def format_table(report: dict[str, Any]) -> str:
 def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the ``eval-corr`` command."""
     from cameo_corr.pipeline.backends import add_backend_arguments
+    from cameo_corr.pipeline.ray_job import grids_arg
 
     depth = depth_dataset_names()
     p = subparsers.add_parser(
@@ -447,7 +467,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--views", type=int, default=4, help="views per window (default 4)")
     p.add_argument("--windows", type=int, default=8, help="windows to evaluate (default 8)")
     p.add_argument("--windows-per-scene", type=int, default=1, help="windows drawn per scene (default 1)")
-    p.add_argument("--grid", type=int, default=DEFAULT_GRID, help=f"token grid side (default {DEFAULT_GRID})")
+    p.add_argument("--grid", type=grids_arg, default=((DEFAULT_GRID, DEFAULT_GRID),), metavar="SIDES",
+                   help=f"token grid side, or several comma-separated (16,32,64) scored on the same backend outputs "
+                        f"(default {DEFAULT_GRID})")
     p.add_argument("--tau", type=float, default=DEFAULT_TAU, help=f"cycle threshold in tokens (default {DEFAULT_TAU})")
     p.add_argument("--match-backend", default="auto", choices=("auto", "torch", "faiss", "kdtree"), help="exact NN method (default: auto)")
     p.add_argument("--radius", type=float, default=1.0, help="a match is correct within this many tokens (default 1)")
@@ -481,7 +503,8 @@ def _run_cli(args: argparse.Namespace) -> int:
         views=args.views,
         windows=args.windows,
         windows_per_scene=args.windows_per_scene,
-        grid=(args.grid, args.grid),
+        grid=args.grid[0],
+        extra_grids=tuple(args.grid[1:]),
         tau=args.tau,
         match_backend=args.match_backend,
         radius=args.radius,

@@ -55,7 +55,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from cameo_corr.pipeline.planner import DEFAULT_SHARD_SIZE
-from cameo_corr.schemas import CANONICAL_SIZE, DEFAULT_GRID, DEFAULT_TAU, CameoCorrError, SchemaError, WindowRecord, as_grid
+from cameo_corr.schemas import (
+    CANONICAL_SIZE,
+    DEFAULT_GRID,
+    DEFAULT_TAU,
+    CameoCorrError,
+    SchemaError,
+    WindowRecord,
+    as_grid,
+    check_grids,
+    grid_name,
+    parse_grids,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import pyarrow as pa
@@ -177,7 +188,8 @@ def describe_backend(spec: Mapping[str, Any]) -> dict[str, Any]:
 class GeometryStage:
     """One model replica of the actor pool: the geometry backend and the token matcher.
 
-    ``spec`` holds ``backend``, ``backend_options``, ``match_backend``, ``grid``, ``tau`` and
+    ``spec`` holds ``backend``, ``backend_options``, ``match_backend``, ``grid``, ``extra_grids``
+    (tokenized and matched from the same pointmaps: one backend pass per window), ``tau`` and
     ``expected`` (the backend description the cache's config was built with; an actor whose backend
     describes itself differently, e.g. another dtype on another GPU type, refuses to start).
     """
@@ -256,7 +268,9 @@ class GeometryStage:
             return problem
         try:
             corr = correspond(result, grid=tuple(self.spec["grid"]), tau=self.spec["tau"], backend=self.spec["match_backend"])
-            return window_arrays(corr, result)
+            extra = {tuple(g): correspond(result, grid=tuple(g), tau=self.spec["tau"], backend=self.spec["match_backend"])
+                     for g in self.spec.get("extra_grids", ())}
+            return window_arrays(corr, result, extra)
         except DATA_ERRORS as e:
             return _error_text(e)
 
@@ -339,8 +353,14 @@ def _absolute_root(root: str | Path) -> str:
 
 
 def check_job_options(*, workers: int, gpus_per_worker: float, cpus_per_worker: float, shard_size: int, batch_size: int,
-                      max_retries: int, crop_size: int, grid: tuple[int, int], lease_timeout: float) -> None:
+                      max_retries: int, crop_size: int, grid: tuple[int, int], lease_timeout: float,
+                      extra_grids: Sequence[tuple[int, int]] = ()) -> None:
     """Refuse values that cannot work, naming the flag and what is valid (:class:`UsageError`)."""
+    try:
+        check_grids([grid, *extra_grids])
+    except SchemaError as e:
+        raise UsageError(f"--grid: {e.message}") from None
+    side = max(max(g) for g in (grid, *extra_grids))
     checks = [
         (workers >= 1, f"--workers must be >= 1 (model actors), got {workers}"),
         (gpus_per_worker >= 0, f"--gpus-per-worker must be >= 0, got {gpus_per_worker}"),
@@ -348,8 +368,9 @@ def check_job_options(*, workers: int, gpus_per_worker: float, cpus_per_worker: 
         (shard_size >= 1, f"--shard-size must be >= 1 (windows per shard), got {shard_size}"),
         (batch_size >= 1, f"--batch-size must be >= 1 (windows per backend call), got {batch_size}"),
         (max_retries >= -1, f"--max-retries must be >= 0, or -1 for unlimited, got {max_retries}"),
-        (crop_size >= max(grid), f"--crop-size must be an integer >= the token grid side ({max(grid)} for --grid "
-                                 f"{grid[0] if grid[0] == grid[1] else grid}: every token needs at least one pixel), got {crop_size}"),
+        (crop_size >= side, f"--crop-size must be an integer >= the token grid side ({side} for --grid "
+                            f"{','.join(str(g[0]) if g[0] == g[1] else grid_name(g) for g in (grid, *extra_grids))}: every token needs "
+                            f"at least one pixel), got {crop_size}"),
         (lease_timeout > 0, f"--lease-timeout must be > 0 seconds, got {lease_timeout}"),
     ]
     for ok, message in checks:
@@ -396,6 +417,7 @@ def run_preprocess(
     out: str | Path,
     backend: str = "depth",
     grid: int | tuple[int, int] = DEFAULT_GRID,
+    extra_grids: Sequence[int | tuple[int, int]] = (),
     views: int = 8,
     tau: float = DEFAULT_TAU,
     workers: int = 1,
@@ -429,7 +451,9 @@ def run_preprocess(
 ) -> dict[str, Any]:
     """Fill (or complete) the cache at ``out`` from a dataset; return a summary dict.
 
-    ``grid`` is ``h = w`` or ``(h, w)``; ``split=None`` uses the reader's default split; ``scenes``
+    ``grid`` is ``h = w`` or ``(h, w)``; ``extra_grids`` are more grids tokenized and matched from the
+    same pointmaps (one backend pass per window serves them all; ``grid`` stays the primary one, what
+    the manifest fractions describe); ``split=None`` uses the reader's default split; ``scenes``
     restricts the run to some scene ids. ``sampling``/``span_per_view``/``positions``/``fps``/``seed``
     override :func:`~cameo_corr.pipeline.planner.default_plan_config`. ``crop_policy=None`` uses the
     reader's default. ``retry_failed`` redoes the windows that have failed rows (the rows are
@@ -462,9 +486,11 @@ def run_preprocess(
 
     t_start, t_start_wall = time.perf_counter(), time.time()
     grid_hw = as_grid(grid)
+    extra_hw = tuple(as_grid(g) for g in extra_grids)
     lease_timeout = DEFAULT_LEASE_TIMEOUT if lease_timeout is None else float(lease_timeout)
     check_job_options(workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, shard_size=shard_size,
-                      batch_size=batch_size, max_retries=max_retries, crop_size=crop_size, grid=grid_hw, lease_timeout=lease_timeout)
+                      batch_size=batch_size, max_retries=max_retries, crop_size=crop_size, grid=grid_hw, lease_timeout=lease_timeout,
+                      extra_grids=extra_hw)
     location = check_out(out, storage_options)
     ds_options = dict(dataset_options or {})
     if split is not None:
@@ -478,7 +504,7 @@ def run_preprocess(
 
     # refuse a mismatching cache before starting Ray (the full backend entry is checked once described)
     provisional = CacheConfig(grid=grid_hw, tau=float(tau), views=views, backend={"name": backend}, crop=view.to_dict(),
-                              dataset=reader.describe())
+                              dataset=reader.describe(), extra_grids=extra_hw)
     provisional.validate()
     check_compatible(location, provisional, [f for f in COMPARED_FIELDS if f != "backend"])
     preflight_backend(backend, gpus_per_worker, backend_options, reader)
@@ -505,11 +531,12 @@ def run_preprocess(
             raise UsageError(f"--workers {workers} x --cpus-per-worker {cpus_per_worker} leaves no CPU of the cluster's "
                              f"{cluster_cpus:g} for the load and commit tasks; lower --cpus-per-worker (0 is fine)")
         spec = {"backend": backend, "backend_options": dict(backend_options or {}), "match_backend": match_backend,
-                "grid": list(grid_hw), "tau": float(tau)}
+                "grid": list(grid_hw), "extra_grids": [list(g) for g in extra_hw], "tau": float(tau)}
         describe = ray.remote(describe_backend).options(num_cpus=0, num_gpus=gpus_per_worker, max_retries=max_retries)
         described = ray.get(describe.remote(spec))
         config = CacheConfig(
             grid=grid_hw,
+            extra_grids=extra_hw,
             tau=float(tau),
             views=views,
             backend=described["backend"],
@@ -677,6 +704,22 @@ def key_value_arg(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def grids_arg(text: str) -> tuple[tuple[int, int], ...]:
+    """``--grid`` value: one or several comma-separated grids (:func:`~cameo_corr.schemas.parse_grids`)."""
+    try:
+        return parse_grids(text)
+    except SchemaError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
+def grid_arg(text: str) -> tuple[int, int]:
+    """A ``--grid`` value naming exactly one grid (``32``, ``32x16``)."""
+    grids = grids_arg(text)
+    if len(grids) != 1:
+        raise argparse.ArgumentTypeError(f"give one grid (like 32 or 32x16), got {text!r}")
+    return grids[0]
+
+
 def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``cameo-corr preprocess`` (shared with ``jobs/preprocess.py``).
 
@@ -693,7 +736,9 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default=None, help="dataset split (default: the reader's default)")
     parser.add_argument("--dataset-option", action="append", type=key_value_arg, default=[], metavar="KEY=VALUE",
                         help="extra reader option (JSON value), repeatable")
-    parser.add_argument("--grid", type=int, default=DEFAULT_GRID, help="token grid side h = w (default: 32)")
+    parser.add_argument("--grid", type=grids_arg, default=((DEFAULT_GRID, DEFAULT_GRID),), metavar="SIDES",
+                        help="token grid side h = w, or several comma-separated (16,32,64: one backend pass stores every "
+                             "grid; the first is the primary one); 32x16 for h x w (default: 32)")
     parser.add_argument("--views", type=int, default=8, help="views per window S (default: 8)")
     parser.add_argument("--tau", type=float, default=DEFAULT_TAU, help="cycle-consistency threshold in tokens (default: 1.5)")
     parser.add_argument("--windows-per-scene", type=int, default=1, help="windows K drawn per scene (default: 1)")
@@ -755,7 +800,8 @@ def run_from_args(args: argparse.Namespace) -> int:
             root=args.root,
             out=args.out,
             backend=args.backend,
-            grid=args.grid,
+            grid=args.grid[0],
+            extra_grids=args.grid[1:],
             views=args.views,
             tau=args.tau,
             workers=args.workers,
@@ -858,6 +904,8 @@ __all__ = [
     "check_out",
     "run_preprocess",
     "key_value_arg",
+    "grids_arg",
+    "grid_arg",
     "add_preprocess_arguments",
     "run_from_args",
     "format_summary",

@@ -7,7 +7,7 @@ Everything another part of the project may rely on lives here:
 * the records that flow through the pipeline (:class:`FrameRecord`, :class:`SceneRecord`,
   :class:`WindowRecord`, :class:`WindowData`, :class:`PointmapResult`, :class:`TokenCorrespondences`);
 * the cache layout (schema version 2, version 1 still read): array names, dtypes, shapes, manifest
-  columns, ``cache.json``;
+  columns, ``cache.json``, the per-grid array paths of a cache holding several token grids;
 * the errors raised on bad input, which always name the file and the field or line.
 """
 
@@ -33,6 +33,10 @@ Version 1: one zarr directory group per shard (17 files), one manifest fragment 
 checksums. Version 2: one zip file per shard holding the zarr group with consolidated metadata and
 per-window metadata in its attributes, every chunk checksummed (crc32c after zstd), manifest
 fragments consolidated into sorted Parquet files, shard byte counts recorded in the manifest.
+
+Several grids per cache (``CacheConfig.extra_grids``) are an addition to version 2, not a new
+version: a single-grid cache is byte-for-byte what it was, and code older than the addition refuses
+a multi-grid ``cache.json`` (unknown field ``extra_grids``) instead of misreading it.
 """
 READABLE_SCHEMA_VERSIONS = (1, 2)
 """Cache layouts this code reads (version 1 caches convert with ``cameo-corr cache migrate``)."""
@@ -202,6 +206,42 @@ def as_grid(grid: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     if h <= 0 or w <= 0:
         raise SchemaError("grid", f"expected positive (h, w), got {(h, w)}")
     return h, w
+
+
+def parse_grids(text: str) -> tuple[tuple[int, int], ...]:
+    """Token grids from a comma-separated list of sides (``"16,32,64"``; ``"32x16"`` for ``h x w``).
+
+    The first grid is the primary one. Raises :class:`SchemaError` (field ``grid``) on a malformed or
+    non-positive entry, a repeated grid, or a grid with more than :data:`MAX_TOKENS` tokens.
+    """
+    grids: list[tuple[int, int]] = []
+    for item in str(text).split(","):
+        parts = item.strip().lower().split("x")
+        try:
+            sides = [int(p) for p in parts]
+        except ValueError:
+            raise SchemaError("grid", f"expected sides like 32 or 32x16, separated by commas, got {item.strip()!r}") from None
+        if len(sides) not in (1, 2):
+            raise SchemaError("grid", f"expected sides like 32 or 32x16, separated by commas, got {item.strip()!r}")
+        grids.append(as_grid(sides[0] if len(sides) == 1 else sides))
+    check_grids(grids)
+    return tuple(grids)
+
+
+def check_grids(grids: Sequence[tuple[int, int]], *, where: str | None = None) -> None:
+    """Raise :class:`SchemaError` (field ``grid``) on a repeated grid or one whose tokens overflow int16 ``nn``."""
+    seen: set[tuple[int, int]] = set()
+    for h, w in grids:
+        if (h, w) in seen:
+            raise SchemaError("grid", f"{h}x{w} is given twice", where=where)
+        seen.add((h, w))
+        if h * w > MAX_TOKENS:
+            raise SchemaError("grid", f"{h}x{w} has {h * w} tokens, more than {MAX_TOKENS} (int16 'nn')", where=where)
+
+
+def grid_name(grid: tuple[int, int]) -> str:
+    """``"<h>x<w>"``, how errors and tools name a grid."""
+    return f"{grid[0]}x{grid[1]}"
 
 
 # PyTorch3D (row-vector, +X left, +Y up, NDC intrinsics) <-> OpenCV.
@@ -526,6 +566,22 @@ CACHE_ARRAYS: dict[str, ArraySpec] = {
     )
 }
 """Arrays of one shard group (``<cache>/shards/<shard_id>.zarr.zip``; ``.zarr`` directory in version 1)."""
+GRID_ARRAYS: tuple[str, ...] = ("points", "valid", "conf", "nn", "dist", "mask")
+"""The arrays that depend on the token grid: stored once per grid of a multi-grid cache. The others
+(the cameras) are stored once per window."""
+
+
+def array_key(name: str, grid: tuple[int, int], primary: tuple[int, int]) -> str:
+    """Path of array ``name`` of ``grid`` inside a shard group.
+
+    The primary grid's arrays and the cameras keep their plain names (a single-grid shard is exactly
+    that); the arrays of an extra grid live in the subgroup ``g<h>x<w>/`` (``g16x16/nn``).
+    """
+    if name not in CACHE_ARRAYS:
+        raise SchemaError(name, f"not a cache array; expected one of {list(CACHE_ARRAYS)}")
+    if name not in GRID_ARRAYS or tuple(grid) == tuple(primary):
+        return name
+    return f"g{grid_name(grid)}/{name}"
 
 
 def validate_window_arrays(arrays: Mapping[str, np.ndarray], views: int, grid: tuple[int, int], *, where: str) -> None:
@@ -609,19 +665,57 @@ class CacheConfig:
     dataset: dict[str, Any]
     created_by: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    extra_grids: tuple[tuple[int, int], ...] = ()
+    """Grids stored next to ``grid`` from the same pointmaps (``--grid 16,32,64``: ``grid`` is 16x16 and
+    these are 32x32 and 64x64). Absent from ``cache.json`` when empty, so a single-grid cache.json is
+    unchanged and code without multi-grid support refuses a multi-grid one (unknown field)."""
+
+    @property
+    def grids(self) -> tuple[tuple[int, int], ...]:
+        """All stored grids, the primary one first."""
+        return (tuple(self.grid), *(tuple(g) for g in self.extra_grids))  # type: ignore[return-value]
+
+    def select_grid(self, grid: int | tuple[int, int] | list[int] | None = None, *, where: str = "cache.json") -> tuple[int, int]:
+        """``grid`` as ``(h, w)`` if the cache stores it (``None``: the primary grid); otherwise a
+        :class:`SchemaError` (field ``grid``) that lists the stored grids and names ``where``."""
+        if grid is None:
+            return tuple(self.grid)  # type: ignore[return-value]
+        hw = as_grid(grid)
+        if hw not in self.grids:
+            stored = ", ".join(grid_name(g) for g in self.grids)
+            raise SchemaError("grid", f"no {grid_name(hw)} token grid in this cache (it stores {stored}); "
+                              f"preprocess with --grid listing {hw[0] if hw[0] == hw[1] else grid_name(hw)}", where=where)
+        return hw
+
+    def array_keys(self, grid: tuple[int, int] | None = None, names: Sequence[str] = tuple(CACHE_ARRAYS)) -> dict[str, str]:
+        """``{name: path in the shard group}`` of arrays ``names`` of ``grid`` (default primary)."""
+        g = self.select_grid(grid)
+        return {n: array_key(n, g, tuple(self.grid)) for n in names}  # type: ignore[arg-type]
+
+    def stored_keys(self) -> list[str]:
+        """Every array path of a shard group: all arrays of the primary grid, then the grid arrays of
+        each extra grid."""
+        keys = list(CACHE_ARRAYS)
+        for g in self.extra_grids:
+            keys += [array_key(n, tuple(g), tuple(self.grid)) for n in GRID_ARRAYS]  # type: ignore[arg-type]
+        return keys
 
     def fingerprint(self) -> dict[str, Any]:
         """The part of the config that changes cached values (goes into every ``window_id``).
 
         Its ``schema_version`` is :data:`VALUES_VERSION`, not the layout version, so a version 2 cache
-        plans the same window ids as the version 1 cache of the same config."""
-        return {
+        plans the same window ids as the version 1 cache of the same config. ``extra_grids`` is
+        included when there are any (all grids are part of a multi-grid window's id)."""
+        out = {
             "schema_version": VALUES_VERSION,
             "grid": list(self.grid),
             "tau": self.tau,
             "backend": self.backend,
             "crop": self.crop,
         }
+        if self.extra_grids:  # only then: single-grid window ids stay what they were
+            out["extra_grids"] = [list(g) for g in self.extra_grids]
+        return out
 
     def validate(self, where: str = "cache.json") -> None:
         """Raise :class:`SchemaError` naming the field on an invalid config (wrong type or value)."""
@@ -641,6 +735,13 @@ class CacheConfig:
                 raise SchemaError(name, f"must be an object, got {getattr(self, name)!r}", where=where)
         if self.grid[0] * self.grid[1] > MAX_TOKENS:
             raise SchemaError("grid", f"{self.grid} has more than {MAX_TOKENS} tokens (int16 'nn')", where=where)
+        if not isinstance(self.extra_grids, (tuple, list)) or not all(
+            isinstance(g, (tuple, list)) and len(g) == 2 and all(_is_int(v) and v > 0 for v in g) for g in self.extra_grids
+        ):
+            raise SchemaError("extra_grids", f"expected a list of positive integer (h, w), got {self.extra_grids!r}", where=where)
+        if self.extra_grids and self.schema_version < 2:
+            raise SchemaError("extra_grids", "needs schema version 2 (version 1 caches hold one grid)", where=where)
+        check_grids(self.grids, where=where)
         if not (math.isfinite(self.tau) and self.tau >= 0):
             raise SchemaError("tau", f"must be a finite non-negative number, got {self.tau}", where=where)
         if self.views < 2:
@@ -655,6 +756,10 @@ class CacheConfig:
         """Serialise as pretty JSON (what ``cache.json`` holds)."""
         d = asdict(self)
         d["grid"] = list(self.grid)
+        if self.extra_grids:
+            d["extra_grids"] = [list(g) for g in self.extra_grids]
+        else:
+            del d["extra_grids"]
         return json.dumps(d, indent=2, sort_keys=True)
 
     @classmethod
@@ -675,6 +780,8 @@ class CacheConfig:
             raise SchemaError(unknown[0], "unknown field", where=where)
         if isinstance(d["grid"], list):
             d["grid"] = tuple(d["grid"])
+        if isinstance(d.get("extra_grids"), list):
+            d["extra_grids"] = tuple(tuple(g) if isinstance(g, list) else g for g in d["extra_grids"])
         cfg = cls(**d)
         cfg.validate(where)
         return cfg
@@ -702,6 +809,9 @@ __all__ = [
     "pixel_to_token",
     "token_coords",
     "as_grid",
+    "parse_grids",
+    "check_grids",
+    "grid_name",
     "CO3D_INTRINSICS_FORMATS",
     "pytorch3d_to_opencv",
     "opencv_to_pytorch3d",
@@ -717,6 +827,8 @@ __all__ = [
     "TokenCorrespondences",
     "ArraySpec",
     "CACHE_ARRAYS",
+    "GRID_ARRAYS",
+    "array_key",
     "validate_window_arrays",
     "MANIFEST_COLUMNS",
     "WINDOW_STATUSES",

@@ -174,7 +174,7 @@ class _ShardVisit:
     """One shard as a worker reads it: the correspondence arrays of all its windows, decoded once,
     and the windows' metadata (ids, scenes, frame ids). Rows whose bytes are corrupt map to their error."""
 
-    def __init__(self, cache: "CorrCache", shard_id: str) -> None:
+    def __init__(self, cache: "CorrCache", shard_id: str, grid: tuple[int, int]) -> None:
         from cameo_corr.pipeline.cache import CorruptCacheError
 
         self.shard_id = shard_id
@@ -182,7 +182,7 @@ class _ShardVisit:
         self.broken: CorruptCacheError | None = None
         try:
             self.meta = cache.shard_windows(shard_id)
-            self.corr = cache.read_shard(shard_id, _CORR_KEYS)
+            self.corr = cache.read_shard(shard_id, _CORR_KEYS, grid=grid)
         except CorruptCacheError as e:
             if e.array is None:  # the shard file or its metadata: no window of it is readable
                 self.broken = e
@@ -191,7 +191,7 @@ class _ShardVisit:
             rows = {}
             for r, wid in enumerate(self.meta["window_ids"]):
                 try:
-                    rows[r] = cache.read_row(shard_id, r, wid, _CORR_KEYS)
+                    rows[r] = cache.read_row(shard_id, r, wid, _CORR_KEYS, grid=grid)
                 except CorruptCacheError as err:
                     self.bad[r] = err
             self.rows = rows
@@ -231,12 +231,13 @@ class _ProcessState:
         self.scenes: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.shards: OrderedDict[str, _ShardVisit] = OrderedDict()
         self.max_open = owner.max_open
+        self.grid = owner.grid
         self.shard_reads = 0
 
     def shard(self, shard_id: str) -> _ShardVisit:
         """The decoded shard (read once per visit; the few most recent shards are kept)."""
         if shard_id not in self.shards:
-            self.shards[shard_id] = _ShardVisit(self.cache, shard_id)
+            self.shards[shard_id] = _ShardVisit(self.cache, shard_id, self.grid)
             self.shard_reads += 1
             while len(self.shards) > self.max_shards:
                 self.shards.popitem(last=False)
@@ -286,6 +287,8 @@ class CorrStreamDataset(IterableDataset):
             :class:`~cameo_corr.pipeline.cache.CorruptCacheError` naming cache, shard, array and
             window; ``skip`` leaves the window out, logs it and counts it in the batch's
             :data:`SKIPPED_KEY` (a batch of only skipped windows is ``{SKIPPED_KEY: n}``).
+        grid: the token grid to read from a cache storing several (``None``: its primary grid); a grid
+            the cache lacks is a :class:`~cameo_corr.schemas.SchemaError` listing the stored grids.
     """
 
     def __init__(
@@ -314,6 +317,7 @@ class CorrStreamDataset(IterableDataset):
         mask_policy: str = "cycle",
         visibility_tol: float = DEFAULT_VISIBILITY_TOL,
         on_corrupt: str = "raise",
+        grid: int | tuple[int, int] | None = None,
     ) -> None:
         from cameo_corr.pipeline.cache import CorrCache
 
@@ -340,7 +344,8 @@ class CorrStreamDataset(IterableDataset):
         self._check_options()
 
         cache_obj = CorrCache(self.cache_path, storage_options=storage_options)
-        self.grid: tuple[int, int] = tuple(cache_obj.config.grid)  # type: ignore[assignment]
+        self.grid: tuple[int, int] = cache_obj.select_grid(grid)
+        """The token grid read (``grid``; default the cache's primary grid)."""
         self.mask_options: dict[str, Any] | None = None
         """Keyword arguments of :func:`~cameo_corr.pipeline.masks.recompute_mask`; ``None``: stored mask."""
         if tau is not None or check_policy(mask_policy) != "cycle":
@@ -567,7 +572,8 @@ class CorrStreamDataset(IterableDataset):
 
     def _mask(self, cache: "CorrCache", shard_id: str, row: int, window_id: str) -> np.ndarray:
         """Row ``row``'s mask recomputed from its cached arrays under :attr:`mask_options`."""
-        arrays = cache.read_row(shard_id, row, window_id, names=mask_inputs(self.mask_options["policy"]))  # type: ignore[index]
+        names = mask_inputs(self.mask_options["policy"])  # type: ignore[index]
+        arrays = cache.read_row(shard_id, row, window_id, names=names, grid=self.grid)
         return recompute_mask(arrays, **self.mask_options)  # type: ignore[arg-type]
 
 

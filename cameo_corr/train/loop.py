@@ -244,9 +244,10 @@ def resolve_resume(out: str | Path, resume: str) -> Path | None:
 # ------------------------------------------------------------------------------------------ setup
 def make_loader(cfg: TrainConfig, *, cache: str, rank: int, world_size: int, split: str | None = None,
                 seed: int | None = None, num_epochs: int | None = None, pin_memory: bool = False,
-                mask_policy: str | None = None) -> "StreamLoader":
+                mask_policy: str | None = None, grid: tuple[int, int] | None = None) -> "StreamLoader":
     """The training stream of this rank (``cfg.data``), as a resumable loader (``pin_memory`` for CUDA training;
-    ``split``, ``seed`` and ``mask_policy`` override ``cfg.data``'s)."""
+    ``split``, ``seed`` and ``mask_policy`` override ``cfg.data``'s; ``grid`` is the token grid read from a
+    cache that stores several, default its primary grid)."""
     from cameo_corr.train.data import CorrStreamDataset, StreamLoader
 
     d = cfg.data
@@ -272,6 +273,7 @@ def make_loader(cfg: TrainConfig, *, cache: str, rank: int, world_size: int, spl
         mask_policy=d.mask_policy if mask_policy is None else mask_policy,
         visibility_tol=d.visibility_tol,
         on_corrupt=d.on_corrupt,
+        grid=grid,
     )
     return StreamLoader(dataset, num_workers=d.num_workers, multiprocessing_context=d.multiprocessing_context,
                         pin_memory=pin_memory)
@@ -341,10 +343,10 @@ class Trainer:
         )
         cache = CorrCache(cfg.data.cache)
         latent_hw = codec.latent_size((cfg.data.resolution, cfg.data.resolution))
-        model.check_grid(latent_hw, tuple(cache.config.grid))
-        self.grid: tuple[int, int] = tuple(model.grid(latent_hw))  # type: ignore[assignment]
+        self.grid: tuple[int, int] = model.check_grid(latent_hw, cache.config.grids, cache=str(cfg.data.cache))
+        """The supervised layer's token grid: the grid read from a cache that stores several."""
         if cfg.eval.every > 0 and cfg.eval.cache is not None:
-            model.check_grid(latent_hw, tuple(CorrCache(cfg.eval.cache).config.grid))
+            model.check_grid(latent_hw, CorrCache(cfg.eval.cache).config.grids, cache=str(cfg.eval.cache))
         head_mlp = HeadMLP(model.heads) if cfg.loss.cameo_weight > 0 else None
         trainable = CameoTrainable(model, head_mlp)
         o = cfg.optim
@@ -358,7 +360,7 @@ class Trainer:
         self.noise_scheduler = make_noise_scheduler(cfg)
         pin = acc.device.type == "cuda"
         self.loader = make_loader(cfg, cache=cfg.data.cache, rank=acc.process_index, world_size=acc.num_processes,
-                                  pin_memory=pin)
+                                  pin_memory=pin, grid=self.grid)
         self.state = LoopState(step=0, loader=self.loader, world_size=acc.num_processes)
         # The frozen codec is saved only where its weights exist nowhere else (the tiny random VAE): a
         # pretrained VAE is reloaded from model.pretrained (~335 MB per checkpoint saved), identity has none.
@@ -368,7 +370,7 @@ class Trainer:
         if cfg.eval.every > 0:
             eval_loader = make_loader(cfg, cache=cfg.eval.cache or cfg.data.cache, rank=acc.process_index,
                                       world_size=acc.num_processes, split=cfg.eval.split, seed=cfg.eval.seed, num_epochs=1,
-                                      mask_policy=cfg.eval.mask_policy)
+                                      mask_policy=cfg.eval.mask_policy, grid=self.grid)
             for batch in eval_loader:
                 self.eval_batches.append(batch)
                 if len(self.eval_batches) == cfg.eval.batches:

@@ -24,7 +24,7 @@ Public API (signatures are part of the trainer contract)::
                 ref_mask [B, F] bool, encoder_hidden_states [B, L, D] | None = None,
                 class_labels [B] | None = None, drop_camera [B] bool | None = None,
                 return_logits=True) -> MultiViewOutput
-        grid(latent_hw) -> (h, w); ray_hw(latent_hw) -> (h, w); check_grid(latent_hw, cache_grid);
+        grid(latent_hw) -> (h, w); ray_hw(latent_hw) -> (h, w); check_grid(latent_hw, cache_grids);
         enable_gradient_checkpointing()
     build_model(*, pretrained=None, layer=0, vae="identity", cond_dropout=0.1, gradient_checkpointing=False,
                 qk_norm=False, no_text_cross_attn=False, frame_local_width=None, domain_dict=None,
@@ -651,17 +651,24 @@ class MultiViewUNet(nn.Module):
         """Token grid ``(h, w)`` of the supervised layer for latents of size ``latent_hw``."""
         return layer_grid(self.unet, self.layer_name, latent_hw)
 
-    def check_grid(self, latent_hw: tuple[int, int], cache_grid: int | tuple[int, int]) -> None:
-        """Raise :class:`SchemaError` unless the supervised layer's token grid equals the cache grid."""
-        want = as_grid(cache_grid)
+    def check_grid(self, latent_hw: tuple[int, int], cache_grids: Any, *, cache: str | None = None) -> tuple[int, int]:
+        """The supervised layer's token grid for latents of size ``latent_hw``; raise :class:`SchemaError`
+        unless the cache stores it. ``cache_grids`` is the cache's grid or the list of grids it stores
+        (``CacheConfig.grids``); ``cache`` names the cache in the error."""
+        many = isinstance(cache_grids, (list, tuple)) and bool(cache_grids) and isinstance(cache_grids[0], (list, tuple))
+        stored = [as_grid(g) for g in cache_grids] if many else [as_grid(cache_grids)]
         got = self.grid(latent_hw)
-        if got != want:
+        if got not in stored:
+            names = ", ".join(f"{h}x{w}" for h, w in stored)
+            side = got[0] if got[0] == got[1] else f"{got[0]}x{got[1]}"
             raise SchemaError(
                 "layer",
                 f"supervised layer {self.layer_name} sees a {got[0]}x{got[1]} token grid for {latent_hw[0]}x{latent_hw[1]}"
-                f" latents but the cache grid is {want[0]}x{want[1]}; change the layer, the training resolution"
-                " or the cache grid",
+                f" latents but the cache stores {'grids' if len(stored) > 1 else 'grid'} {names}; change the layer, the"
+                f" training resolution, or preprocess the cache with --grid including {side}",
+                where=cache,
             )
+        return got
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute UNet block activations in the backward pass (diffusers' non-reentrant checkpointing)."""
