@@ -129,14 +129,22 @@ def epoch_order(
         return stream
     rng = np.random.default_rng([seed, epoch, 1])
     size = min(shuffle_buffer, len(stream))
-    buffer = stream[:size].tolist()
-    slots = rng.integers(size, size=len(stream) - size).tolist()  # the buffer is full from here on
-    out: list[int] = []
-    for item, slot in zip(stream[size:].tolist(), slots):
-        out.append(buffer[slot])
-        buffer[slot] = item
-    out.extend(buffer[i] for i in rng.permutation(size))
-    return np.asarray(out, dtype=np.int64)
+    slots = rng.integers(size, size=len(stream) - size)  # the buffer is full from here on
+    # Step t emits what slot ``slots[t]`` holds and refills it with ``stream[size + t]``: it holds the
+    # item of the previous step that drew the same slot, or its initial item. Found for all steps at
+    # once by a stable sort on the slot (same order as the sequential buffer, without a Python loop;
+    # numpy's stable sort of 16-bit keys is a linear radix sort).
+    steps = np.argsort(slots.astype(np.uint16) if size <= 1 << 16 else slots, kind="stable")
+    first = np.ones(len(steps), dtype=bool)
+    first[1:] = slots[steps[1:]] != slots[steps[:-1]]
+    held = np.empty(len(steps), dtype=np.int64)
+    held[steps[first]] = slots[steps[first]]  # initial item of the slot
+    held[steps[~first]] = size + np.roll(steps, 1)[~first]  # refilled by the previous draw of the slot
+    last = np.arange(size, dtype=np.int64)  # what each slot holds at the end
+    last_step = np.ones(len(steps), dtype=bool)
+    last_step[:-1] = first[1:]
+    last[slots[steps[last_step]]] = size + steps[last_step]
+    return np.concatenate([stream[held], stream[last[rng.permutation(size)]]])
 
 
 def reference_order(num_views: int, num_ref: int, policy: str, rng: np.random.Generator, shuffle_prob: float = DEFAULT_SHUFFLE_PROB) -> np.ndarray:
