@@ -236,7 +236,9 @@ def test_manifest_consolidation_sorted_and_readers_merge_newer_fragments(tmp_pat
     (path / fragment_path("a")).write_bytes(fragment_a)
     assert len(writer.done_window_ids()) == 5 == len(set(writer.done_window_ids().to_pylist()))
     info2 = consolidate_manifest(writer.location)
-    assert info2["files"] == ["compact-000002-00000.parquet"] and info2["rows"] == 5
+    # incremental: the new fragment (c) becomes a second part; the older, larger part is not rewritten
+    assert info2["files"] == ["compact-000001-00000.parquet", "compact-000002-00000.parquet"] and info2["rows"] == 5
+    assert [q["rows"] for q in info2["parts"]] == [4, 1]
     assert json.loads((path / CONSOLIDATED_FILE).read_text())["fragments"] == ["a", "b", "c"]
     assert len(set(writer.done_window_ids().to_pylist())) == len(writer.done_window_ids()) == 5
 

@@ -103,6 +103,8 @@ MANIFEST_FILE_ROWS = 4_194_304
 """Rows per consolidated manifest file."""
 MANIFEST_READAHEAD = 64
 """Manifest files read concurrently (fragments are small; a killed job may leave thousands)."""
+MANIFEST_READ_ATTEMPTS = 3
+"""Reads of the manifest when a concurrent consolidation deletes files under a reader."""
 
 
 class CacheMismatchError(SchemaError):
@@ -271,9 +273,11 @@ def _fragment_shard(name: str) -> str:
 
 
 def read_consolidation(location: CacheLocation) -> dict[str, Any]:
-    """``consolidated.json``: ``{"files": [...], "fragments": [shard ids], "rows": n}`` (empty when absent)."""
+    """``consolidated.json``: ``{"files": [...], "fragments": [shard ids], "rows": n, "parts": [...]}``
+    (empty when absent). ``parts`` (oldest first) groups the compact files written together, each
+    ``{"files": [...], "rows": n}``; a file written before parts existed reads as one part."""
     if not location.exists(CONSOLIDATED_FILE):
-        return {"files": [], "fragments": [], "rows": 0}
+        return {"files": [], "fragments": [], "rows": 0, "parts": []}
     where = location.url(CONSOLIDATED_FILE)
     try:
         info = json.loads(location.read_bytes(CONSOLIDATED_FILE))
@@ -281,6 +285,12 @@ def read_consolidation(location: CacheLocation) -> dict[str, Any]:
         raise DatasetError(where, f"not valid JSON: {e}") from e
     if not isinstance(info, dict) or not isinstance(info.get("files"), list) or not isinstance(info.get("fragments"), list):
         raise DatasetError(where, "expected an object with lists 'files' and 'fragments'")
+    if "parts" not in info:
+        info["parts"] = [{"files": list(info["files"]), "rows": int(info.get("rows", 0))}] if info["files"] else []
+    parts = info["parts"]
+    if (not isinstance(parts, list) or not all(isinstance(q, dict) and isinstance(q.get("files"), list) and isinstance(q.get("rows"), int) for q in parts)
+            or [f for q in parts for f in q["files"]] != info["files"]):
+        raise DatasetError(where, "field 'parts': expected a list of {'files': [...], 'rows': n} covering 'files' in order")
     return info
 
 
@@ -302,35 +312,66 @@ def finished_shard_ids(location: CacheLocation) -> set[str]:
 
 
 def read_manifest(location: CacheLocation, columns: Sequence[str] | None = None, filter: Any = None) -> "pa.Table":
-    """The manifest: consolidated files (sorted by ``window_id``) then the pending fragments.
+    """The manifest: consolidated files (each sorted by ``window_id``) then the pending fragments.
 
     ``columns`` selects columns (all by default: reading only what is needed is what keeps a million
     window manifest cheap); ``filter`` is a ``pyarrow.compute`` expression pushed down to the Parquet
     reader (row groups are skipped by their statistics). Version 1 fragments lack ``shard_bytes``,
-    which reads as null. An empty table when the cache has no rows.
+    which reads as null. An empty table when the cache has no rows. A consolidation running meanwhile
+    (the job consolidates periodically) may delete files between the listing and the read: the read
+    then starts again from the new ``consolidated.json``.
     """
     import pyarrow as pa
 
     schema = manifest_schema()
     if columns is not None:
         schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
-    info = read_consolidation(location)
-    merged = set(info["fragments"])
-    fragments = fragment_names(location, info)
-    paths = [location.path(MANIFEST_DIR, n) for n in info["files"]]
-    paths += [location.path(MANIFEST_DIR, n) for n in fragments if _fragment_shard(n) not in merged]
-    again = [location.path(MANIFEST_DIR, n) for n in fragments if _fragment_shard(n) in merged]
-    table = _read_parquet(location, paths, schema, filter)
-    if again:  # rows the compact files already hold are dropped (see fragment_names)
-        import pyarrow.compute as pc
+    for attempt in range(MANIFEST_READ_ATTEMPTS):
+        info = read_consolidation(location)
+        fragments = fragment_names(location, info)
+        try:
+            table = pa.concat_tables([_read_parquet(location, _compact_paths(location, info["files"]), schema, filter),
+                                      _fragment_rows(location, info, fragments, schema, filter)])
+        except DatasetError as e:
+            if isinstance(e.__cause__, FileNotFoundError) and attempt + 1 < MANIFEST_READ_ATTEMPTS:
+                continue
+            raise
+        return table.replace_schema_metadata(schema.metadata)
+    raise AssertionError("unreachable")  # pragma: no cover
 
+
+def _compact_paths(location: CacheLocation, names: Iterable[str]) -> list[str]:
+    return [location.path(MANIFEST_DIR, n) for n in names]
+
+
+def _fragment_rows(location: CacheLocation, info: Mapping[str, Any], fragments: Sequence[str], schema: "pa.Schema",
+                   filter: Any) -> "pa.Table":
+    """Rows of the fragments ``fragments`` that the compact files of ``info`` do not hold (see
+    :func:`fragment_names`: a fragment of a shard listed as merged may repeat compact rows)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    merged = set(info["fragments"])
+    table = _read_parquet(location, _compact_paths(location, [n for n in fragments if _fragment_shard(n) not in merged]), schema, filter)
+    again = _compact_paths(location, [n for n in fragments if _fragment_shard(n) in merged])
+    if again:
         extra = _read_parquet(location, again, schema, filter)
         if "window_id" in schema.names and extra.num_rows:
-            compact = _read_parquet(location, [location.path(MANIFEST_DIR, n) for n in info["files"]],
-                                    pa.schema([manifest_schema().field("window_id")]), pc.field("window_id").isin(extra.column("window_id")))
+            compact = _read_parquet(location, _compact_paths(location, info["files"]), pa.schema([manifest_schema().field("window_id")]),
+                                    pc.field("window_id").isin(extra.column("window_id")))
             extra = extra.filter(pc.invert(pc.is_in(extra.column("window_id"), value_set=compact.column("window_id"))))
         table = pa.concat_tables([table, extra])
-    return table.replace_schema_metadata(schema.metadata)
+    return table
+
+
+def _arrow_filesystem(location: CacheLocation) -> Any:
+    """The filesystem Arrow reads the manifest with: Arrow's own for local caches (C++ reads on
+    Arrow's I/O threads, no Python call per file), the fsspec filesystem otherwise."""
+    if location.local:
+        import pyarrow.fs as pafs
+
+        return pafs.LocalFileSystem()
+    return location.fs
 
 
 def _read_parquet(location: CacheLocation, paths: list[str], schema: "pa.Schema", filter: Any) -> "pa.Table":
@@ -341,8 +382,8 @@ def _read_parquet(location: CacheLocation, paths: list[str], schema: "pa.Schema"
     if not paths:
         return schema.empty_table()
     try:
-        dataset = pads.dataset(paths, format="parquet", filesystem=location.fs, schema=manifest_schema())
-        # many small fragments (a job that died before consolidating): read ahead many files at once
+        dataset = pads.dataset(paths, format="parquet", filesystem=_arrow_filesystem(location), schema=manifest_schema())
+        # many small fragments (a job killed before consolidating): read ahead many files at once
         return dataset.to_table(columns=list(schema.names), filter=filter, fragment_readahead=MANIFEST_READAHEAD)
     except (pa.ArrowInvalid, OSError) as e:
         raise DatasetError(location.url(MANIFEST_DIR), f"cannot read the manifest: {e}") from e
@@ -357,45 +398,101 @@ def _parquet_bytes(table: "pa.Table", row_group_size: int) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _write_compact(location: CacheLocation, table: "pa.Table", info: Mapping[str, Any], merged: Sequence[str],
-                   *, row_group_size: int = MANIFEST_ROW_GROUP, file_rows: int = MANIFEST_FILE_ROWS) -> dict[str, Any]:
-    """Write ``table`` (sorted here) as the next generation of compact files listing ``merged`` shard
-    fragments, swap ``consolidated.json`` atomically, then delete the previous generation's files."""
-    import pyarrow.compute as pc
-
-    table = table.take(pc.sort_indices(table, sort_keys=[("window_id", "ascending")]))
-    gen = max([int(n.split("-")[1]) for n in info["files"]] + [0]) + 1
+def _write_part(location: CacheLocation, table: "pa.Table", gen: int, *, row_group_size: int, file_rows: int) -> dict[str, Any]:
+    """Write ``table`` sorted by ``window_id`` as the compact files of generation ``gen``; returns the
+    part entry of ``consolidated.json``."""
+    ids = id_array(table.column("window_id"))
+    table = table.take(np.argsort(ids, kind="stable"))
     files = []
     for k, start in enumerate(range(0, max(table.num_rows, 1), file_rows)):
         name = f"compact-{gen:06d}-{k:05d}.parquet"
         location.write_bytes_atomic(f"{MANIFEST_DIR}/{name}", _parquet_bytes(table.slice(start, file_rows), row_group_size))
         files.append(name)
-    new = {"schema_version": SCHEMA_VERSION, "files": files, "fragments": sorted(merged), "rows": table.num_rows}
+    return {"files": files, "rows": table.num_rows}
+
+
+def _next_generation(info: Mapping[str, Any]) -> int:
+    return max([int(n.split("-")[1]) for n in info["files"]] + [0]) + 1
+
+
+def _swap_consolidation(location: CacheLocation, info: Mapping[str, Any], parts: Sequence[Mapping[str, Any]],
+                        merged: Iterable[str]) -> dict[str, Any]:
+    """Replace ``consolidated.json`` atomically (``parts``, merged shard ids), then delete the compact
+    files of ``info`` that the new one no longer lists."""
+    files = [f for q in parts for f in q["files"]]
+    new = {"schema_version": SCHEMA_VERSION, "files": files, "fragments": sorted(merged), "rows": sum(q["rows"] for q in parts),
+           "parts": [dict(q) for q in parts]}
     location.write_bytes_atomic(CONSOLIDATED_FILE, json.dumps(new).encode())
-    for name in info["files"]:
+    for name in set(info["files"]) - set(files):
         location.remove(MANIFEST_DIR, name)
     return new
+
+
+def _write_compact(location: CacheLocation, table: "pa.Table", info: Mapping[str, Any], merged: Sequence[str],
+                   *, row_group_size: int = MANIFEST_ROW_GROUP, file_rows: int = MANIFEST_FILE_ROWS) -> dict[str, Any]:
+    """Write ``table`` as the one part of the next generation listing ``merged`` shard fragments,
+    swap ``consolidated.json`` atomically, then delete the previous generations' files."""
+    part = _write_part(location, table, _next_generation(info), row_group_size=row_group_size, file_rows=file_rows)
+    return _swap_consolidation(location, info, [part], merged)
+
+
+def _parts_to_merge(rows: Sequence[int]) -> int:
+    """Index of the first of the trailing parts to merge: while the parts after a part hold at least as
+    many rows as it does, it joins them. Part sizes then at least double towards the oldest, so there
+    are at most ``log2(rows / smallest part) + 1`` parts and a row is rewritten that many times at most
+    (a binary counter): consolidating a whole job costs O(N log N) rows written, never O(N^2)."""
+    i, newer = len(rows) - 1, rows[-1] if rows else 0
+    while i > 0 and rows[i - 1] <= newer:
+        i -= 1
+        newer += rows[i]
+    return i
 
 
 def consolidate_manifest(
-    location: CacheLocation, *, row_group_size: int = MANIFEST_ROW_GROUP, file_rows: int = MANIFEST_FILE_ROWS
+    location: CacheLocation, *, full: bool = False, row_group_size: int = MANIFEST_ROW_GROUP, file_rows: int = MANIFEST_FILE_ROWS
 ) -> dict[str, Any]:
-    """Merge the pending fragments and the consolidated files into new sorted Parquet files.
+    """Move the pending fragments into the consolidated manifest; return the new ``consolidated.json``.
 
-    Steps (each crash-safe): write ``compact-<gen>-<k>.parquet`` files (rows sorted by ``window_id``,
-    row groups of ``row_group_size`` rows, at most ``file_rows`` rows per file), replace
-    ``consolidated.json`` atomically, then delete the merged fragments and the previous generation.
-    Returns the new ``consolidated.json`` content. A manifest without pending fragments is left alone.
+    Incremental: the pending fragments' rows become a new *part* (compact files sorted by
+    ``window_id``, row groups of ``row_group_size`` rows, at most ``file_rows`` rows per file); the
+    newest parts are merged only when they together hold as many rows as the part before them
+    (:func:`_parts_to_merge`), so a job that consolidates every few hundred shards writes each row a
+    logarithmic number of times. ``full`` merges every part into one (``cameo-corr cache compact``).
+    Steps, each crash-safe: write the new compact files, replace ``consolidated.json`` atomically
+    (readers see the old or the new set; unlisted files are ignored and swept as orphans), then delete
+    the merged fragments and the replaced compact files. A fragment left by a crash after the swap
+    repeats rows the compact files hold, and readers and the next consolidation skip those rows, so
+    nothing is lost or counted twice at any instant. Only the cache's lease holder may call this.
     """
+    info, _ = _consolidate(location, full=full, row_group_size=row_group_size, file_rows=file_rows)
+    return info
+
+
+def _consolidate(location: CacheLocation, *, full: bool, row_group_size: int = MANIFEST_ROW_GROUP,
+                 file_rows: int = MANIFEST_FILE_ROWS) -> tuple[dict[str, Any], list[str]]:
+    """:func:`consolidate_manifest`, also returning the names of the fragments it merged."""
+    import pyarrow as pa
+
     info = read_consolidation(location)
     pending = fragment_names(location, info)
-    if not pending:
-        return info
-    merged = set(info["fragments"]) | {_fragment_shard(n) for n in pending}
-    new = _write_compact(location, read_manifest(location), info, sorted(merged), row_group_size=row_group_size, file_rows=file_rows)
+    parts = [dict(q) for q in info["parts"]]
+    if not pending and not (full and len(parts) > 1):
+        return info, []
+    gen = _next_generation(info)
+    if pending:
+        rows = _fragment_rows(location, info, pending, manifest_schema(), None)
+        if rows.num_rows:
+            parts.append(_write_part(location, rows, gen, row_group_size=row_group_size, file_rows=file_rows))
+            gen += 1
+    first = 0 if full else _parts_to_merge([q["rows"] for q in parts])
+    if len(parts) - first > 1:
+        names = [f for q in parts[first:] for f in q["files"]]
+        table = pa.concat_tables([read_manifest_file(location, f"{MANIFEST_DIR}/{n}") for n in names])
+        parts[first:] = [_write_part(location, table, gen, row_group_size=row_group_size, file_rows=file_rows)]
+    new = _swap_consolidation(location, info, parts, set(info["fragments"]) | {_fragment_shard(n) for n in pending})
     for name in pending:
         location.remove(MANIFEST_DIR, name)
-    return new
+    return new, pending
 
 
 def drop_shards(location: CacheLocation, shard_ids: Iterable[str]) -> list[str]:
@@ -647,8 +744,9 @@ class CacheWriter:
     def remove_orphans(self) -> list[str]:
         """Delete what killed workers left behind; returns the removed relative paths.
 
-        Orphans are temporary entries in ``shards/``, ``manifest/`` and the cache root, and shard
-        files without manifest rows (renamed but never recorded). Call this only when no other
+        Orphans are temporary entries in ``shards/``, ``manifest/`` and the cache root, compact
+        manifest files that ``consolidated.json`` does not list, and shard files without manifest rows
+        (renamed but never recorded). Call this only when no other
         writer of this cache is running.
         """
         removed: list[str] = []
@@ -659,6 +757,8 @@ class CacheWriter:
         for name in self.location.listdir():
             if name.startswith(TMP_PREFIX):
                 removed.append(name)
+        listed = set(read_consolidation(self.location)["files"])  # compact files of a consolidation that died
+        removed += [f"{MANIFEST_DIR}/{n}" for n in self.location.listdir(MANIFEST_DIR) if n.startswith("compact-") and n not in listed]
         finished = finished_shard_ids(self.location)
         for name in self.location.listdir(SHARDS_DIR):
             sid = shard_id_of_name(name)
@@ -710,9 +810,9 @@ class CacheWriter:
                 _write_compact(self.location, table.filter(pc.invert(failed)), info, info["fragments"])
         return dropped
 
-    def consolidate(self) -> dict[str, Any]:
-        """Merge the manifest fragments into sorted Parquet files (:func:`consolidate_manifest`)."""
-        return consolidate_manifest(self.location)
+    def consolidate(self, *, full: bool = False) -> dict[str, Any]:
+        """Move the manifest fragments into the sorted Parquet manifest (:func:`consolidate_manifest`)."""
+        return consolidate_manifest(self.location, full=full)
 
     def _finished_rows(self, shard_id: str, outcomes: Sequence[WindowOutcome]) -> "pa.Table | None":
         """The manifest rows of a shard that already has a fragment or a consolidated entry (for a
@@ -721,7 +821,10 @@ class CacheWriter:
         import pyarrow.compute as pc
 
         if self.location.exists(fragment_path(shard_id)):
-            return read_manifest_file(self.location, fragment_path(shard_id))
+            try:
+                return read_manifest_file(self.location, fragment_path(shard_id))
+            except FileNotFoundError:  # consolidated meanwhile: consolidated.json lists it now
+                pass
         if shard_id in read_consolidation(self.location)["fragments"]:
             ids = [o.record.window_id for o in outcomes]
             table = read_manifest(self.location, filter=pc.field("window_id").isin(ids))

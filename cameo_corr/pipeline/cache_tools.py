@@ -640,7 +640,7 @@ def _compact(args: argparse.Namespace) -> int:
     from cameo_corr.pipeline.cache import consolidate_manifest
 
     cache = _open(args)
-    info = consolidate_manifest(cache.location)
+    info = consolidate_manifest(cache.location, full=True)
     print(f"manifest of {cache.location.display}: {info['rows']} rows in {len(info['files'])} file(s), "
           f"{len(info['fragments'])} shard fragments merged")
     return 0
