@@ -51,8 +51,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
+import threading
+import time
 import uuid
 import warnings
 from collections import OrderedDict
@@ -84,6 +87,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
     from cameo_corr.datasets.base import SceneReader
     from cameo_corr.datasets.canonical import CanonicalView
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "cache.json"
 SHARDS_DIR = "shards"
@@ -233,9 +238,10 @@ class CacheLocation:
     def disk_usage(self, *parts: str) -> int:
         """Total bytes of the files under ``parts`` (0 when absent)."""
         base = self._fresh(self.path(*parts))
-        if not self.fs.exists(base):
+        try:
+            return int(sum(info["size"] for info in self.fs.find(base, detail=True).values()))
+        except FileNotFoundError:  # absent, or removed meanwhile (a fragment consolidated by the job)
             return 0
-        return int(sum(info["size"] for info in self.fs.find(base, detail=True).values()))
 
 
 def shard_dir(shard_id: str, version: int = SCHEMA_VERSION) -> str:
@@ -478,21 +484,83 @@ def _consolidate(location: CacheLocation, *, full: bool, row_group_size: int = M
     parts = [dict(q) for q in info["parts"]]
     if not pending and not (full and len(parts) > 1):
         return info, []
-    gen = _next_generation(info)
-    if pending:
-        rows = _fragment_rows(location, info, pending, manifest_schema(), None)
-        if rows.num_rows:
-            parts.append(_write_part(location, rows, gen, row_group_size=row_group_size, file_rows=file_rows))
-            gen += 1
-    first = 0 if full else _parts_to_merge([q["rows"] for q in parts])
-    if len(parts) - first > 1:
+    tables = [_fragment_rows(location, info, pending, manifest_schema(), None)] if pending else []
+    sizes = [q["rows"] for q in parts] + [t.num_rows for t in tables if t.num_rows]
+    first = 0 if full else _parts_to_merge(sizes)
+    if first < len(sizes) and (len(sizes) - first > 1 or len(sizes) > len(parts)):  # one new part: the new rows + merged parts
         names = [f for q in parts[first:] for f in q["files"]]
-        table = pa.concat_tables([read_manifest_file(location, f"{MANIFEST_DIR}/{n}") for n in names])
-        parts[first:] = [_write_part(location, table, gen, row_group_size=row_group_size, file_rows=file_rows)]
+        table = pa.concat_tables([read_manifest_file(location, f"{MANIFEST_DIR}/{n}") for n in names] + tables)
+        parts[first:] = [_write_part(location, table, _next_generation(info), row_group_size=row_group_size, file_rows=file_rows)]
     new = _swap_consolidation(location, info, parts, set(info["fragments"]) | {_fragment_shard(n) for n in pending})
     for name in pending:
         location.remove(MANIFEST_DIR, name)
     return new, pending
+
+
+DEFAULT_CONSOLIDATE_EVERY = 256
+"""Pending fragments (shards) after which a running job consolidates its manifest: a killed job
+leaves about this many fragments for the next run's start-up to read."""
+DEFAULT_CONSOLIDATE_SECONDS = 600.0
+"""Seconds after which a running job consolidates whatever fragments are pending (slow jobs)."""
+CONSOLIDATE_POLL_SECONDS = 2.0
+"""How often the job's driver lists ``manifest/`` to decide whether to consolidate."""
+
+
+class PeriodicConsolidation:
+    """Consolidates the manifest while a job runs, from a background thread of the job's driver.
+
+    Every :data:`CONSOLIDATE_POLL_SECONDS` it lists ``manifest/``; when ``every_shards`` fragments are
+    pending, or any are and ``every_seconds`` passed since the last consolidation, it runs
+    :func:`consolidate_manifest` (incremental), as long as ``holds_lease()`` says the job still holds
+    the cache's lease (one consolidator per cache). Write tasks keep committing meanwhile: a fragment
+    renamed into place after the listing simply waits for the next round. A failed round (a store
+    error) is logged and retried at the next poll; it leaves the manifest as it was (crash-safe
+    protocol). :attr:`merged` collects the names of the fragments it merged, :attr:`rounds` counts them.
+    """
+
+    def __init__(self, location: CacheLocation, *, every_shards: int = DEFAULT_CONSOLIDATE_EVERY,
+                 every_seconds: float = DEFAULT_CONSOLIDATE_SECONDS, holds_lease: Callable[[], bool] = lambda: True) -> None:
+        if every_shards < 1 or not every_seconds > 0:
+            raise ValueError(f"consolidate every >= 1 shards and > 0 seconds, got {every_shards} and {every_seconds}")
+        self.location = location
+        self.every_shards, self.every_seconds = int(every_shards), float(every_seconds)
+        self.holds_lease = holds_lease
+        self.merged: set[str] = set()
+        self.rounds = 0
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def step(self) -> bool:
+        """Consolidate if due (see the class docstring); whether it did."""
+        pending = fragment_names(self.location)
+        due = len(pending) >= self.every_shards or (bool(pending) and time.monotonic() - self._last >= self.every_seconds)
+        if not due or not self.holds_lease():
+            return False
+        _, merged = _consolidate(self.location, full=False)
+        self.merged.update(merged)
+        self.rounds += 1
+        self._last = time.monotonic()
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.wait(CONSOLIDATE_POLL_SECONDS):
+            try:
+                self.step()
+            except (OSError, CameoCorrError) as e:  # the next poll tries again
+                logger.warning("periodic manifest consolidation of %s failed (retried): %s", self.location.display, e)
+
+    def start(self) -> "PeriodicConsolidation":
+        """Start the background thread; return ``self``."""
+        self._thread = threading.Thread(target=self._loop, name="manifest-consolidation", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread (a round in progress finishes first)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def drop_shards(location: CacheLocation, shard_ids: Iterable[str]) -> list[str]:
@@ -1367,6 +1435,9 @@ __all__ = [
     "finished_shard_ids",
     "read_manifest",
     "consolidate_manifest",
+    "DEFAULT_CONSOLIDATE_EVERY",
+    "DEFAULT_CONSOLIDATE_SECONDS",
+    "PeriodicConsolidation",
     "drop_shards",
     "read_manifest_file",
     "SHARD_WINDOW_KEYS",
