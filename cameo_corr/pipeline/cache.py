@@ -509,7 +509,7 @@ CONSOLIDATE_POLL_SECONDS = 2.0
 class PeriodicConsolidation:
     """Consolidates the manifest while a job runs, from a background thread of the job's driver.
 
-    Every :data:`CONSOLIDATE_POLL_SECONDS` it lists ``manifest/``; when ``every_shards`` fragments are
+    Every :data:`CONSOLIDATE_POLL_SECONDS` (or ``every_seconds`` if shorter) it lists ``manifest/``; when ``every_shards`` fragments are
     pending, or any are and ``every_seconds`` passed since the last consolidation, it runs
     :func:`consolidate_manifest` (incremental), as long as ``holds_lease()`` says the job still holds
     the cache's lease (one consolidator per cache). Write tasks keep committing meanwhile: a fragment
@@ -544,7 +544,7 @@ class PeriodicConsolidation:
         return True
 
     def _loop(self) -> None:
-        while not self._stop.wait(CONSOLIDATE_POLL_SECONDS):
+        while not self._stop.wait(min(CONSOLIDATE_POLL_SECONDS, self.every_seconds)):
             try:
                 self.step()
             except (OSError, CameoCorrError) as e:  # the next poll tries again
