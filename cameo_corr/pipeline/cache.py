@@ -59,6 +59,7 @@ import time
 import uuid
 import warnings
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Mapping, Sequence
@@ -107,7 +108,10 @@ MANIFEST_ROW_GROUP = 65_536
 MANIFEST_FILE_ROWS = 4_194_304
 """Rows per consolidated manifest file."""
 MANIFEST_READAHEAD = 64
-"""Manifest files read concurrently (fragments are small; a killed job may leave thousands)."""
+"""Compact manifest files a dataset scan reads ahead."""
+MANIFEST_READ_THREADS = 8
+"""Threads reading pending fragments (small files: a job killed before consolidating leaves up to
+``--consolidate-every`` of them, or thousands when it ran without periodic consolidation)."""
 MANIFEST_READ_ATTEMPTS = 3
 """Reads of the manifest when a concurrent consolidation deletes files under a reader."""
 
@@ -358,10 +362,10 @@ def _fragment_rows(location: CacheLocation, info: Mapping[str, Any], fragments: 
     import pyarrow.compute as pc
 
     merged = set(info["fragments"])
-    table = _read_parquet(location, _compact_paths(location, [n for n in fragments if _fragment_shard(n) not in merged]), schema, filter)
+    table = _read_fragments(location, _compact_paths(location, [n for n in fragments if _fragment_shard(n) not in merged]), schema, filter)
     again = _compact_paths(location, [n for n in fragments if _fragment_shard(n) in merged])
     if again:
-        extra = _read_parquet(location, again, schema, filter)
+        extra = _read_fragments(location, again, schema, filter)
         if "window_id" in schema.names and extra.num_rows:
             compact = _read_parquet(location, _compact_paths(location, info["files"]), pa.schema([manifest_schema().field("window_id")]),
                                     pc.field("window_id").isin(extra.column("window_id")))
@@ -393,6 +397,42 @@ def _read_parquet(location: CacheLocation, paths: list[str], schema: "pa.Schema"
         return dataset.to_table(columns=list(schema.names), filter=filter, fragment_readahead=MANIFEST_READAHEAD)
     except (pa.ArrowInvalid, OSError) as e:
         raise DatasetError(location.url(MANIFEST_DIR), f"cannot read the manifest: {e}") from e
+
+
+def _read_fragments(location: CacheLocation, paths: list[str], schema: "pa.Schema", filter: Any) -> "pa.Table":
+    """Columns ``schema`` of the fragment files ``paths``, filtered by ``filter``.
+
+    A fragment is one small row group, so the fixed cost per file (open, footer, metadata) is all
+    there is: each file is read whole by ``pyarrow.parquet.ParquetFile`` on a pool of
+    :data:`MANIFEST_READ_THREADS` threads (Arrow releases the GIL), about 1.5x less CPU per file than
+    a dataset scan. Columns a version 1 fragment lacks read as null.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not paths:
+        return schema.empty_table()
+    full = manifest_schema()
+    wanted = full.names if filter is not None else schema.names  # the filter may name other columns
+    target = pa.schema([full.field(c) for c in wanted])
+
+    def read(path: str) -> "pa.Table":
+        try:
+            source = path if location.local else location.fs.open(path, "rb")
+            with pq.ParquetFile(source) as f:
+                table = f.read(columns=[c for c in wanted if c in f.schema_arrow.names])
+            if table.schema.equals(target):
+                return table
+            columns = [table.column(c) if c in table.column_names else pa.nulls(table.num_rows, full.field(c).type) for c in wanted]
+            return pa.Table.from_arrays(columns, names=wanted).cast(target)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DatasetError(location.url(MANIFEST_DIR), f"cannot read the manifest fragment {path.rsplit('/', 1)[-1]}: {e}") from e
+
+    with ThreadPoolExecutor(MANIFEST_READ_THREADS) as pool:
+        table = pa.concat_tables(list(pool.map(read, paths)))
+    if filter is not None:
+        table = table.filter(filter)
+    return table.select(schema.names)
 
 
 def _parquet_bytes(table: "pa.Table", row_group_size: int) -> bytes:
