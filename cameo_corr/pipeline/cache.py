@@ -184,6 +184,11 @@ class CacheLocation:
 
     def listdir(self, *parts: str) -> list[str]:
         """Names (not paths) of the entries directly under ``parts``; empty when it does not exist."""
+        if self.local:  # one system call, no per-entry path normalisation (a cache holds ~N/64 shard files)
+            try:
+                return sorted(os.listdir(self.path(*parts)))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
         base = self._fresh(self.path(*parts))
         if not self.fs.exists(base):
             return []
