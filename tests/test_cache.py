@@ -328,6 +328,22 @@ def test_a_crash_at_any_step_of_consolidation_loses_nothing(tmp_path, monkeypatc
     assert ops == 5  # the merged compact file, the swap, deleting the old part and the two fragments
 
 
+def test_reader_retries_when_a_consolidation_deletes_files_under_it(tmp_path, monkeypatch):
+    from cameo_corr.pipeline import cache as cache_module
+
+    writer = CacheWriter(tmp_path / "c", config())
+    writer.initialize()
+    writer.write_shard("a", outcomes([0]))
+    writer.write_shard("b", outcomes([1, 2], failed=(2,)))
+    expected = _manifest_rows(writer)
+    stale = cache_module.fragment_names(writer.location)
+    writer.consolidate()  # between a reader's listing and its reads
+    listings = iter([stale])
+    real = cache_module.fragment_names
+    monkeypatch.setattr(cache_module, "fragment_names", lambda loc, info=None: next(listings, None) or real(loc, info))
+    assert _manifest_rows(writer) == expected  # the first attempt hit deleted fragments, the second read the compact part
+
+
 def test_periodic_consolidation_every_k_shards(tmp_path, monkeypatch):
     from cameo_corr.pipeline import cache as cache_module
     from cameo_corr.pipeline.cache import PeriodicConsolidation, fragment_names

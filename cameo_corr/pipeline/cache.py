@@ -423,8 +423,7 @@ def _read_fragments(location: CacheLocation, paths: list[str], schema: "pa.Schem
 
     def read(path: str) -> "pa.Table":
         try:
-            source = path if location.local else location.fs.open(path, "rb")
-            with pq.ParquetFile(source) as f:
+            with (open(path, "rb") if location.local else location.fs.open(path, "rb")) as source, pq.ParquetFile(source) as f:
                 table = f.read(columns=[c for c in wanted if c in f.schema_arrow.names])
             if table.schema.equals(target):
                 return table
@@ -492,7 +491,7 @@ def _parts_to_merge(rows: Sequence[int]) -> int:
     many rows as it does, it joins them. Part sizes then at least double towards the oldest, so there
     are at most ``log2(rows / smallest part) + 1`` parts and a row is rewritten that many times at most
     (a binary counter): consolidating a whole job costs O(N log N) rows written, never O(N^2)."""
-    i, newer = len(rows) - 1, rows[-1] if rows else 0
+    i, newer = max(len(rows) - 1, 0), rows[-1] if rows else 0
     while i > 0 and rows[i - 1] <= newer:
         i -= 1
         newer += rows[i]
@@ -554,9 +553,9 @@ CONSOLIDATE_POLL_SECONDS = 2.0
 class PeriodicConsolidation:
     """Consolidates the manifest while a job runs, from a background thread of the job's driver.
 
-    Every :data:`CONSOLIDATE_POLL_SECONDS` (or ``every_seconds`` if shorter) it lists ``manifest/``; when ``every_shards`` fragments are
-    pending, or any are and ``every_seconds`` passed since the last consolidation, it runs
-    :func:`consolidate_manifest` (incremental), as long as ``holds_lease()`` says the job still holds
+    Every :data:`CONSOLIDATE_POLL_SECONDS` (or ``every_seconds`` if shorter) it lists ``manifest/``;
+    when ``every_shards`` fragments are pending, or any are and ``every_seconds`` passed since the last
+    consolidation, it runs :func:`consolidate_manifest` (incremental), as long as ``holds_lease()`` says the job still holds
     the cache's lease (one consolidator per cache). Write tasks keep committing meanwhile: a fragment
     renamed into place after the listing simply waits for the next round. A failed round (a store
     error) is logged and retried at the next poll; it leaves the manifest as it was (crash-safe
