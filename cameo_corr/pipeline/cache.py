@@ -5,8 +5,8 @@ Layout (schema version 2)::
     <cache>/cache.json                          written once; a run with another config is refused
     <cache>/shards/<shard_id>.zarr.zip          one zip file per shard: a zarr v3 group of its ok windows
     <cache>/manifest/part-<shard_id>.parquet    one fragment per shard, written LAST (tmp name + rename)
-    <cache>/manifest/compact-<gen>-<k>.parquet  consolidated fragments, sorted by window_id
-    <cache>/manifest/consolidated.json          which compact files are current and which fragments they hold
+    <cache>/manifest/compact-<gen>-<k>.parquet  consolidated fragments: parts, each sorted by window_id
+    <cache>/manifest/consolidated.json          which parts (compact files) are current, which fragments they hold
 
 A shard is **one object**: the zarr group (arrays of :data:`~cameo_corr.schemas.CACHE_ARRAYS`, plus a
 ``g<h>x<w>/`` subgroup of grid arrays per extra grid of a multi-grid cache; one zarr shard per array
@@ -21,11 +21,13 @@ read is two byte ranges per array. Every chunk is zstd-compressed and then check
 A window is *done* only when its manifest row exists. While a job runs, every shard adds one small
 fragment (crash safe: a worker killed at any point leaves nothing a reader trusts; temporary entries
 and shards without a manifest entry are orphans that :meth:`CacheWriter.remove_orphans` deletes
-before a run redoes them). :func:`consolidate_manifest` (at job end, and ``cameo-corr cache compact``)
-merges the fragments into a few Parquet files sorted by ``window_id`` with sized row groups, records
-them in ``consolidated.json`` (written atomically, so readers see either the old or the new set) and
-only then deletes the merged fragments. Readers take the consolidated files plus the fragments that
-are not listed as merged. A shard with a manifest entry is finished and never rewritten.
+before a run redoes them). :func:`consolidate_manifest` (while a job runs, every few hundred shards
+(:class:`PeriodicConsolidation`), at job end, and ``cameo-corr cache compact``) moves the pending
+fragments into a new *part* of Parquet files sorted by ``window_id`` with sized row groups, merging
+the newest parts when they have grown as large as the one before, records them in
+``consolidated.json`` (written atomically, so readers see either the old or the new set) and only
+then deletes the merged fragments. Readers take the consolidated parts plus the fragments that are
+not listed as merged. A shard with a manifest entry is finished and never rewritten.
 
 Version 1 caches (one zarr *directory* per shard, fragments only, no checksums) stay readable;
 :func:`migrate_cache` converts one into a version 2 cache. Local paths use zarr's ``LocalStore`` /
