@@ -135,15 +135,17 @@ def epoch_order(
     # once by a stable sort on the slot (same order as the sequential buffer, without a Python loop;
     # numpy's stable sort of 16-bit keys is a linear radix sort).
     steps = np.argsort(slots.astype(np.uint16) if size <= 1 << 16 else slots, kind="stable")
+    drawn = slots[steps]  # slots in sorted order: runs of equal slots, each run in step order
     first = np.ones(len(steps), dtype=bool)
-    first[1:] = slots[steps[1:]] != slots[steps[:-1]]
+    first[1:] = drawn[1:] != drawn[:-1]
+    previous = np.empty_like(steps)
+    previous[1:] = steps[:-1] + size
     held = np.empty(len(steps), dtype=np.int64)
-    held[steps[first]] = slots[steps[first]]  # initial item of the slot
-    held[steps[~first]] = size + np.roll(steps, 1)[~first]  # refilled by the previous draw of the slot
-    last = np.arange(size, dtype=np.int64)  # what each slot holds at the end
-    last_step = np.ones(len(steps), dtype=bool)
-    last_step[:-1] = first[1:]
-    last[slots[steps[last_step]]] = size + steps[last_step]
+    held[steps] = np.where(first, drawn, previous)  # the slot's initial item, or the refill of its previous draw
+    last = np.arange(size, dtype=np.int64)  # what each slot holds at the end: the refill of its last draw
+    final = np.ones(len(steps), dtype=bool)
+    final[:-1] = first[1:]
+    last[drawn[final]] = steps[final] + size
     return np.concatenate([stream[held], stream[last[rng.permutation(size)]]])
 
 
