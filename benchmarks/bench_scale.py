@@ -14,6 +14,10 @@ process's own):
 * ``stats``: ``cache_stats``; ``verify16``: ``verify_cache(max_windows=16)``;
 * ``window``: median ``CorrCache.window`` over 50 random windows;
 * ``compact``: consolidating the fragments at job end;
+* ``periodic``: the manifest side of a job that consolidates every ``CONSOLIDATE_EVERY`` shards
+  (the fragments replayed in batches, :class:`PeriodicConsolidation` after each batch): total seconds
+  of consolidation over the job, then ``resume`` and ``compact`` after a kill that left the most
+  pending fragments it can (``CONSOLIDATE_EVERY - 1``);
 * ``plan``: ``plan_table`` over a fake RealEstate10K root of C clips x 150 frames (camera files plus
   hard links to one small JPEG per frame), 10 windows of S=8 per clip, seconds and peak RSS.
 
@@ -43,6 +47,7 @@ from typing import Any
 import numpy as np
 
 SHARD_SIZE = 64
+CONSOLIDATE_EVERY = 256
 VIEWS = 2
 GRID = (2, 2)
 
@@ -134,6 +139,36 @@ def build_cache(path: Path, windows: int) -> dict[str, float]:
         assert all(np.array_equal(got[k], v) for k, v in arrays.items())
         assert wid in reader.shard_windows(reader.locate(wid)[0])["window_ids"]
     return {"build_s": time.perf_counter() - t0}
+
+
+def replay_periodic(src: Path, dst: Path) -> dict[str, float]:
+    """A copy of the fragment-only cache ``src`` (shard files hard-linked) whose manifest went through
+    periodic consolidation: its fragments come back in batches of ``CONSOLIDATE_EVERY`` in name order,
+    each batch followed by a round of :class:`PeriodicConsolidation`; the last ``CONSOLIDATE_EVERY - 1``
+    stay pending, as a job killed just before its next round leaves them. Returns the seconds and
+    rounds of consolidation."""
+    from cameo_corr.pipeline.cache import CacheLocation, PeriodicConsolidation, fragment_names
+
+    shutil.copytree(src, dst, copy_function=os.link)
+    held = dst / "held-back"
+    held.mkdir()
+    names = fragment_names(CacheLocation(dst))
+    for name in names:
+        os.rename(dst / "manifest" / name, held / name)
+    # a round per batch (the time trigger fires at every call: what the shard count would do per batch)
+    periodic = PeriodicConsolidation(CacheLocation(dst), every_shards=CONSOLIDATE_EVERY, every_seconds=1e-9)
+    head = len(names) - min(len(names), CONSOLIDATE_EVERY - 1)
+    seconds, rounds = 0.0, 0
+    for start in range(0, head, CONSOLIDATE_EVERY):
+        for name in names[start : min(start + CONSOLIDATE_EVERY, head)]:
+            os.rename(held / name, dst / "manifest" / name)
+        t0 = time.perf_counter()
+        rounds += periodic.step()
+        seconds += time.perf_counter() - t0
+    for name in names[head:]:  # the job is killed before its next round
+        os.rename(held / name, dst / "manifest" / name)
+    held.rmdir()
+    return {"s": seconds, "rounds": rounds}
 
 
 # ------------------------------------------------------------------------------ measured steps
@@ -270,6 +305,9 @@ def measure_plan(root: Path) -> dict[str, float]:
 # ------------------------------------------------------------------------------ report
 ROWS = [
     ("compact", "s", "consolidate fragments at job end (s)", None),
+    ("periodic", "s", "periodic consolidation, whole job (s)", None),
+    ("periodic_compact", "s", "  then at job end (s)", None),
+    ("periodic_resume", "s", "resume start-up, <= 255 pending fragments (s)", 5.0),
     ("open", "s", "open + list window ids (s)", 3.0),
     ("resume_fragments", "s", "resume start-up, fragments only (s)", 5.0),
     ("resume", "s", "resume start-up, consolidated (s)", 5.0),
@@ -309,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     p.add_argument("--cache", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    from cameo_corr.pipeline.cache import CacheLocation, fragment_names
+
     if args.measure:
         print(json.dumps(measure_plan(args.cache) if args.measure == "plan" else measure(args.measure, args.cache)))
         return
@@ -321,9 +361,16 @@ def main(argv: list[str] | None = None) -> None:
             if not (path / "cache.json").exists():
                 built = build_cache(path, n)
                 print(f"built {n:,} windows in {built['build_s']:.0f} s", flush=True)
-                results[n] = {"resume_fragments": run_step("resume", path), "compact": run_step("compact", path)}
-            else:
-                results[n] = {}
+            results[n] = {}
+            if fragment_names(CacheLocation(path)):  # a job killed before consolidating (or before periodic consolidation)
+                periodic = work / f"cache-{n}-periodic"
+                shutil.rmtree(periodic, ignore_errors=True)
+                results[n]["periodic"] = replay_periodic(path, periodic)
+                results[n]["periodic_resume"] = run_step("resume", periodic)
+                results[n]["periodic_compact"] = run_step("compact", periodic)
+                shutil.rmtree(periodic)
+                results[n]["resume_fragments"] = run_step("resume", path)
+                results[n]["compact"] = run_step("compact", path)
             for step in ("open", "resume", "dataset", "stats", "verify16", "window"):
                 results[n][step] = run_step(step, path)
             print(f"{n:,}: " + json.dumps(results[n]), flush=True)

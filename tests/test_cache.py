@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -236,9 +237,148 @@ def test_manifest_consolidation_sorted_and_readers_merge_newer_fragments(tmp_pat
     (path / fragment_path("a")).write_bytes(fragment_a)
     assert len(writer.done_window_ids()) == 5 == len(set(writer.done_window_ids().to_pylist()))
     info2 = consolidate_manifest(writer.location)
-    assert info2["files"] == ["compact-000002-00000.parquet"] and info2["rows"] == 5
+    # incremental: the new fragment (c) becomes a second part; the older, larger part is not rewritten
+    assert info2["files"] == ["compact-000001-00000.parquet", "compact-000002-00000.parquet"] and info2["rows"] == 5
+    assert [q["rows"] for q in info2["parts"]] == [4, 1]
     assert json.loads((path / CONSOLIDATED_FILE).read_text())["fragments"] == ["a", "b", "c"]
     assert len(set(writer.done_window_ids().to_pylist())) == len(writer.done_window_ids()) == 5
+
+
+def _manifest_rows(writer: CacheWriter) -> list[str]:
+    """The manifest's rows, sorted, as text (NaN fractions of failed rows compare equal)."""
+    return [str(r) for r in sorted(read_manifest(writer.location).to_pylist(), key=lambda r: r["window_id"])]
+
+
+def test_incremental_consolidation_keeps_few_parts(tmp_path):
+    """Each consolidation appends a part; the newest merge while they hold as many rows as the one
+    before (a binary counter): after n single-row consolidations the parts are n's binary digits."""
+    from cameo_corr.pipeline.cache import CONSOLIDATED_FILE, consolidate_manifest
+
+    path = tmp_path / "c"
+    writer = CacheWriter(path, config())
+    writer.initialize()
+    for n in range(1, 12):
+        writer.write_shard(f"s{n:02d}", outcomes([n], failed=(5,)))
+        info = writer.consolidate()
+        assert [q["rows"] for q in info["parts"]] == [1 << b for b in reversed(range(n.bit_length())) if n >> b & 1], n
+        assert sorted(os.listdir(path / "manifest")) == sorted([*info["files"], CONSOLIDATED_FILE.split("/")[1]])
+        assert sorted(read_manifest(writer.location).column("window_id").to_pylist()) == sorted(record(i).window_id for i in range(1, n + 1))
+    before = _manifest_rows(writer)
+    info = consolidate_manifest(writer.location, full=True)  # cache compact: one part
+    assert [q["rows"] for q in info["parts"]] == [11] and len(info["fragments"]) == 11 and _manifest_rows(writer) == before
+    assert CorrCache(path).row(record(5).window_id)["status"] == "failed"
+
+
+def test_a_crash_at_any_step_of_consolidation_loses_nothing(tmp_path, monkeypatch):
+    """Kill the consolidation before each of its file operations (every rename that commits a write,
+    every delete): the manifest reads the same rows, once each, at every instant; the next run's
+    orphan sweep and consolidation finish the job."""
+    import shutil
+
+    from cameo_corr.pipeline.cache import consolidate_manifest
+
+    base = tmp_path / "base"
+    writer = CacheWriter(base, config())
+    writer.initialize()
+    writer.write_shard("a", outcomes([0, 1], failed=(1,)))
+    writer.consolidate()
+    writer.write_shard("b", outcomes([2, 3]))  # pending: appended as a part, then merged with a's
+    writer.write_shard("c", outcomes([4]))
+    expected = _manifest_rows(writer)
+
+    class Killed(BaseException):
+        pass
+
+    real_move, real_remove = CacheLocation.move, CacheLocation.remove
+    crash_at = {"n": 0}
+
+    def counted(real):
+        def op(self, *args):
+            crash_at["n"] -= 1
+            if crash_at["n"] < 0:
+                raise Killed
+            return real(self, *args)
+        return op
+
+    ops = 0
+    while True:
+        path = tmp_path / f"crash{ops}"
+        shutil.copytree(base, path)
+        loc = CacheLocation(path)
+        crash_at["n"] = ops
+        with monkeypatch.context() as m:
+            m.setattr(CacheLocation, "move", counted(real_move))
+            m.setattr(CacheLocation, "remove", counted(real_remove))
+            try:
+                consolidate_manifest(loc)
+                finished = True
+            except Killed:
+                finished = False
+        again = CacheWriter(path, config())
+        assert _manifest_rows(again) == expected, ops  # nothing lost, nothing counted twice
+        removed = again.remove_orphans()
+        assert not any(r.startswith("shards/") for r in removed), removed
+        info = again.consolidate()
+        assert _manifest_rows(again) == expected and info["rows"] == len(expected) and info["fragments"] == ["a", "b", "c"]
+        assert sorted(os.listdir(path / "manifest")) == sorted([*info["files"], "consolidated.json"]), ops
+        assert CorrCache(path).window_ids() == sorted(record(i).window_id for i in (0, 2, 3, 4))
+        if finished:
+            break
+        ops += 1
+    assert ops == 5  # the merged compact file, the swap, deleting the old part and the two fragments
+
+
+def test_reader_retries_when_a_consolidation_deletes_files_under_it(tmp_path, monkeypatch):
+    from cameo_corr.pipeline import cache as cache_module
+
+    writer = CacheWriter(tmp_path / "c", config())
+    writer.initialize()
+    writer.write_shard("a", outcomes([0]))
+    writer.write_shard("b", outcomes([1, 2], failed=(2,)))
+    expected = _manifest_rows(writer)
+    stale = cache_module.fragment_names(writer.location)
+    writer.consolidate()  # between a reader's listing and its reads
+    listings = iter([stale])
+    real = cache_module.fragment_names
+    monkeypatch.setattr(cache_module, "fragment_names", lambda loc, info=None: next(listings, None) or real(loc, info))
+    assert _manifest_rows(writer) == expected  # the first attempt hit deleted fragments, the second read the compact part
+
+
+def test_periodic_consolidation_every_k_shards(tmp_path, monkeypatch):
+    from cameo_corr.pipeline import cache as cache_module
+    from cameo_corr.pipeline.cache import PeriodicConsolidation, fragment_names
+
+    path = tmp_path / "c"
+    writer = CacheWriter(path, config())
+    writer.initialize()
+    holds = {"lease": True}
+    periodic = PeriodicConsolidation(writer.location, every_shards=3, every_seconds=3600, holds_lease=lambda: holds["lease"])
+    for k in range(7):
+        writer.write_shard(f"s{k}", outcomes([k]))
+        assert periodic.step() == (k % 3 == 2)  # every third shard
+        assert len(fragment_names(writer.location)) == (k + 1) % 3
+    assert periodic.rounds == 2 and periodic.merged == {f"part-s{k}.parquet" for k in range(6)}
+    periodic.every_seconds = 1e-9  # due by time: whatever is pending
+    holds["lease"] = False
+    assert not periodic.step() and fragment_names(writer.location) == ["part-s6.parquet"]  # never without the lease
+    holds["lease"] = True
+    assert periodic.step() and fragment_names(writer.location) == [] and periodic.rounds == 3
+    assert sorted(read_manifest(writer.location).column("window_id").to_pylist()) == sorted(record(k).window_id for k in range(7))
+    # the thread: consolidates while shards keep arriving
+    monkeypatch.setattr(cache_module, "CONSOLIDATE_POLL_SECONDS", 0.01)
+    periodic = PeriodicConsolidation(writer.location, every_shards=2, every_seconds=3600).start()
+    try:
+        for k in range(7, 12):
+            writer.write_shard(f"s{k}", outcomes([k]))
+        deadline = time.monotonic() + 30
+        while len(fragment_names(writer.location)) > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        periodic.stop()
+    assert periodic.rounds >= 1 and len(fragment_names(writer.location)) <= 1
+    assert sorted(read_manifest(writer.location).column("window_id").to_pylist()) == sorted(record(k).window_id for k in range(12))
+    with pytest.raises(ValueError, match="consolidate every"):
+        PeriodicConsolidation(writer.location, every_shards=0)
 
 
 def _write_v1_shard(path, shard_id: str, ids: list[int]) -> None:

@@ -82,6 +82,23 @@ def test_epoch_order_is_a_seeded_permutation(sizes: list[int], seed: int, epoch:
                 assert idx == list(range(idx[0], idx[0] + len(rows)))
 
 
+def _buffer_shuffle_reference(stream: list[int], size: int, rng: np.random.Generator) -> list[int]:
+    """The shuffle buffer step by step: emit a uniformly drawn slot, refill it with the next item."""
+    buffer, out = stream[:size], []
+    for item, slot in zip(stream[size:], rng.integers(size, size=len(stream) - size).tolist()):
+        out.append(buffer[slot])
+        buffer[slot] = item
+    return out + [buffer[i] for i in rng.permutation(size)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 300), buffer=st.integers(2, 40), seed=st.integers(0, 2**31), epoch=st.integers(0, 3))
+def test_vectorised_buffer_shuffle_equals_the_sequential_buffer(n: int, buffer: int, seed: int, epoch: int) -> None:
+    shard_rows = [list(range(n))]
+    expected = _buffer_shuffle_reference(list(range(n)), min(buffer, n), np.random.default_rng([seed, epoch, 1]))
+    assert epoch_order(shard_rows, seed=seed, epoch=epoch, shard_shuffle=False, shuffle_buffer=buffer).tolist() == expected
+
+
 def test_buffer_shuffle_keeps_locality() -> None:
     shard_rows = [list(range(10 * k, 10 * k + 10)) for k in range(10)]
     order = epoch_order(shard_rows, seed=0, epoch=0, shard_shuffle=False, shuffle_buffer=4).tolist()

@@ -5,8 +5,8 @@ Layout (schema version 2)::
     <cache>/cache.json                          written once; a run with another config is refused
     <cache>/shards/<shard_id>.zarr.zip          one zip file per shard: a zarr v3 group of its ok windows
     <cache>/manifest/part-<shard_id>.parquet    one fragment per shard, written LAST (tmp name + rename)
-    <cache>/manifest/compact-<gen>-<k>.parquet  consolidated fragments, sorted by window_id
-    <cache>/manifest/consolidated.json          which compact files are current and which fragments they hold
+    <cache>/manifest/compact-<gen>-<k>.parquet  consolidated fragments: parts, each sorted by window_id
+    <cache>/manifest/consolidated.json          which parts (compact files) are current, which fragments they hold
 
 A shard is **one object**: the zarr group (arrays of :data:`~cameo_corr.schemas.CACHE_ARRAYS`, plus a
 ``g<h>x<w>/`` subgroup of grid arrays per extra grid of a multi-grid cache; one zarr shard per array
@@ -21,11 +21,13 @@ read is two byte ranges per array. Every chunk is zstd-compressed and then check
 A window is *done* only when its manifest row exists. While a job runs, every shard adds one small
 fragment (crash safe: a worker killed at any point leaves nothing a reader trusts; temporary entries
 and shards without a manifest entry are orphans that :meth:`CacheWriter.remove_orphans` deletes
-before a run redoes them). :func:`consolidate_manifest` (at job end, and ``cameo-corr cache compact``)
-merges the fragments into a few Parquet files sorted by ``window_id`` with sized row groups, records
-them in ``consolidated.json`` (written atomically, so readers see either the old or the new set) and
-only then deletes the merged fragments. Readers take the consolidated files plus the fragments that
-are not listed as merged. A shard with a manifest entry is finished and never rewritten.
+before a run redoes them). :func:`consolidate_manifest` (while a job runs, every few hundred shards
+(:class:`PeriodicConsolidation`), at job end, and ``cameo-corr cache compact``) moves the pending
+fragments into a new *part* of Parquet files sorted by ``window_id`` with sized row groups, merging
+the newest parts when they have grown as large as the one before, records them in
+``consolidated.json`` (written atomically, so readers see either the old or the new set) and only
+then deletes the merged fragments. Readers take the consolidated parts plus the fragments that are
+not listed as merged. A shard with a manifest entry is finished and never rewritten.
 
 Version 1 caches (one zarr *directory* per shard, fragments only, no checksums) stay readable;
 :func:`migrate_cache` converts one into a version 2 cache. Local paths use zarr's ``LocalStore`` /
@@ -51,11 +53,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
+import threading
+import time
 import uuid
 import warnings
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Mapping, Sequence
@@ -85,6 +91,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.datasets.base import SceneReader
     from cameo_corr.datasets.canonical import CanonicalView
 
+logger = logging.getLogger(__name__)
+
 CONFIG_FILE = "cache.json"
 SHARDS_DIR = "shards"
 MANIFEST_DIR = "manifest"
@@ -102,7 +110,12 @@ MANIFEST_ROW_GROUP = 65_536
 MANIFEST_FILE_ROWS = 4_194_304
 """Rows per consolidated manifest file."""
 MANIFEST_READAHEAD = 64
-"""Manifest files read concurrently (fragments are small; a killed job may leave thousands)."""
+"""Compact manifest files a dataset scan reads ahead."""
+MANIFEST_READ_THREADS = 8
+"""Threads reading pending fragments (small files: a job killed before consolidating leaves up to
+``--consolidate-every`` of them, or thousands when it ran without periodic consolidation)."""
+MANIFEST_READ_ATTEMPTS = 3
+"""Reads of the manifest when a concurrent consolidation deletes files under a reader."""
 
 
 class CacheMismatchError(SchemaError):
@@ -173,6 +186,11 @@ class CacheLocation:
 
     def listdir(self, *parts: str) -> list[str]:
         """Names (not paths) of the entries directly under ``parts``; empty when it does not exist."""
+        if self.local:  # one system call, no per-entry path normalisation (a cache holds ~N/64 shard files)
+            try:
+                return sorted(os.listdir(self.path(*parts)))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
         base = self._fresh(self.path(*parts))
         if not self.fs.exists(base):
             return []
@@ -231,9 +249,10 @@ class CacheLocation:
     def disk_usage(self, *parts: str) -> int:
         """Total bytes of the files under ``parts`` (0 when absent)."""
         base = self._fresh(self.path(*parts))
-        if not self.fs.exists(base):
+        try:
+            return int(sum(info["size"] for info in self.fs.find(base, detail=True).values()))
+        except FileNotFoundError:  # absent, or removed meanwhile (a fragment consolidated by the job)
             return 0
-        return int(sum(info["size"] for info in self.fs.find(base, detail=True).values()))
 
 
 def shard_dir(shard_id: str, version: int = SCHEMA_VERSION) -> str:
@@ -271,9 +290,11 @@ def _fragment_shard(name: str) -> str:
 
 
 def read_consolidation(location: CacheLocation) -> dict[str, Any]:
-    """``consolidated.json``: ``{"files": [...], "fragments": [shard ids], "rows": n}`` (empty when absent)."""
+    """``consolidated.json``: ``{"files": [...], "fragments": [shard ids], "rows": n, "parts": [...]}``
+    (empty when absent). ``parts`` (oldest first) groups the compact files written together, each
+    ``{"files": [...], "rows": n}``; a file written before parts existed reads as one part."""
     if not location.exists(CONSOLIDATED_FILE):
-        return {"files": [], "fragments": [], "rows": 0}
+        return {"files": [], "fragments": [], "rows": 0, "parts": []}
     where = location.url(CONSOLIDATED_FILE)
     try:
         info = json.loads(location.read_bytes(CONSOLIDATED_FILE))
@@ -281,6 +302,12 @@ def read_consolidation(location: CacheLocation) -> dict[str, Any]:
         raise DatasetError(where, f"not valid JSON: {e}") from e
     if not isinstance(info, dict) or not isinstance(info.get("files"), list) or not isinstance(info.get("fragments"), list):
         raise DatasetError(where, "expected an object with lists 'files' and 'fragments'")
+    if "parts" not in info:
+        info["parts"] = [{"files": list(info["files"]), "rows": int(info.get("rows", 0))}] if info["files"] else []
+    parts = info["parts"]
+    if (not isinstance(parts, list) or not all(isinstance(q, dict) and isinstance(q.get("files"), list) and isinstance(q.get("rows"), int) for q in parts)
+            or [f for q in parts for f in q["files"]] != info["files"]):
+        raise DatasetError(where, "field 'parts': expected a list of {'files': [...], 'rows': n} covering 'files' in order")
     return info
 
 
@@ -302,35 +329,66 @@ def finished_shard_ids(location: CacheLocation) -> set[str]:
 
 
 def read_manifest(location: CacheLocation, columns: Sequence[str] | None = None, filter: Any = None) -> "pa.Table":
-    """The manifest: consolidated files (sorted by ``window_id``) then the pending fragments.
+    """The manifest: consolidated files (each sorted by ``window_id``) then the pending fragments.
 
     ``columns`` selects columns (all by default: reading only what is needed is what keeps a million
     window manifest cheap); ``filter`` is a ``pyarrow.compute`` expression pushed down to the Parquet
     reader (row groups are skipped by their statistics). Version 1 fragments lack ``shard_bytes``,
-    which reads as null. An empty table when the cache has no rows.
+    which reads as null. An empty table when the cache has no rows. A consolidation running meanwhile
+    (the job consolidates periodically) may delete files between the listing and the read: the read
+    then starts again from the new ``consolidated.json``.
     """
     import pyarrow as pa
 
     schema = manifest_schema()
     if columns is not None:
         schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
-    info = read_consolidation(location)
-    merged = set(info["fragments"])
-    fragments = fragment_names(location, info)
-    paths = [location.path(MANIFEST_DIR, n) for n in info["files"]]
-    paths += [location.path(MANIFEST_DIR, n) for n in fragments if _fragment_shard(n) not in merged]
-    again = [location.path(MANIFEST_DIR, n) for n in fragments if _fragment_shard(n) in merged]
-    table = _read_parquet(location, paths, schema, filter)
-    if again:  # rows the compact files already hold are dropped (see fragment_names)
-        import pyarrow.compute as pc
+    for attempt in range(MANIFEST_READ_ATTEMPTS):
+        info = read_consolidation(location)
+        fragments = fragment_names(location, info)
+        try:
+            table = pa.concat_tables([_read_parquet(location, _compact_paths(location, info["files"]), schema, filter),
+                                      _fragment_rows(location, info, fragments, schema, filter)])
+        except DatasetError as e:
+            if isinstance(e.__cause__, FileNotFoundError) and attempt + 1 < MANIFEST_READ_ATTEMPTS:
+                continue
+            raise
+        return table.replace_schema_metadata(schema.metadata)
+    raise AssertionError("unreachable")  # pragma: no cover
 
-        extra = _read_parquet(location, again, schema, filter)
+
+def _compact_paths(location: CacheLocation, names: Iterable[str]) -> list[str]:
+    return [location.path(MANIFEST_DIR, n) for n in names]
+
+
+def _fragment_rows(location: CacheLocation, info: Mapping[str, Any], fragments: Sequence[str], schema: "pa.Schema",
+                   filter: Any) -> "pa.Table":
+    """Rows of the fragments ``fragments`` that the compact files of ``info`` do not hold (see
+    :func:`fragment_names`: a fragment of a shard listed as merged may repeat compact rows)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    merged = set(info["fragments"])
+    table = _read_fragments(location, _compact_paths(location, [n for n in fragments if _fragment_shard(n) not in merged]), schema, filter)
+    again = _compact_paths(location, [n for n in fragments if _fragment_shard(n) in merged])
+    if again:
+        extra = _read_fragments(location, again, schema, filter)
         if "window_id" in schema.names and extra.num_rows:
-            compact = _read_parquet(location, [location.path(MANIFEST_DIR, n) for n in info["files"]],
-                                    pa.schema([manifest_schema().field("window_id")]), pc.field("window_id").isin(extra.column("window_id")))
+            compact = _read_parquet(location, _compact_paths(location, info["files"]), pa.schema([manifest_schema().field("window_id")]),
+                                    pc.field("window_id").isin(extra.column("window_id")))
             extra = extra.filter(pc.invert(pc.is_in(extra.column("window_id"), value_set=compact.column("window_id"))))
         table = pa.concat_tables([table, extra])
-    return table.replace_schema_metadata(schema.metadata)
+    return table
+
+
+def _arrow_filesystem(location: CacheLocation) -> Any:
+    """The filesystem Arrow reads the manifest with: Arrow's own for local caches (C++ reads on
+    Arrow's I/O threads, no Python call per file), the fsspec filesystem otherwise."""
+    if location.local:
+        import pyarrow.fs as pafs
+
+        return pafs.LocalFileSystem()
+    return location.fs
 
 
 def _read_parquet(location: CacheLocation, paths: list[str], schema: "pa.Schema", filter: Any) -> "pa.Table":
@@ -341,11 +399,46 @@ def _read_parquet(location: CacheLocation, paths: list[str], schema: "pa.Schema"
     if not paths:
         return schema.empty_table()
     try:
-        dataset = pads.dataset(paths, format="parquet", filesystem=location.fs, schema=manifest_schema())
-        # many small fragments (a job that died before consolidating): read ahead many files at once
+        dataset = pads.dataset(paths, format="parquet", filesystem=_arrow_filesystem(location), schema=manifest_schema())
+        # many small fragments (a job killed before consolidating): read ahead many files at once
         return dataset.to_table(columns=list(schema.names), filter=filter, fragment_readahead=MANIFEST_READAHEAD)
     except (pa.ArrowInvalid, OSError) as e:
         raise DatasetError(location.url(MANIFEST_DIR), f"cannot read the manifest: {e}") from e
+
+
+def _read_fragments(location: CacheLocation, paths: list[str], schema: "pa.Schema", filter: Any) -> "pa.Table":
+    """Columns ``schema`` of the fragment files ``paths``, filtered by ``filter``.
+
+    A fragment is one small row group, so the fixed cost per file (open, footer, metadata) is all
+    there is: each file is read whole by ``pyarrow.parquet.ParquetFile`` on a pool of
+    :data:`MANIFEST_READ_THREADS` threads (Arrow releases the GIL), about 1.5x less CPU per file than
+    a dataset scan. Columns a version 1 fragment lacks read as null.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not paths:
+        return schema.empty_table()
+    full = manifest_schema()
+    wanted = full.names if filter is not None else schema.names  # the filter may name other columns
+    target = pa.schema([full.field(c) for c in wanted])
+
+    def read(path: str) -> "pa.Table":
+        try:
+            with (open(path, "rb") if location.local else location.fs.open(path, "rb")) as source, pq.ParquetFile(source) as f:
+                table = f.read(columns=[c for c in wanted if c in f.schema_arrow.names])
+            if table.schema.equals(target):
+                return table
+            columns = [table.column(c) if c in table.column_names else pa.nulls(table.num_rows, full.field(c).type) for c in wanted]
+            return pa.Table.from_arrays(columns, names=wanted).cast(target)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DatasetError(location.url(MANIFEST_DIR), f"cannot read the manifest fragment {path.rsplit('/', 1)[-1]}: {e}") from e
+
+    with ThreadPoolExecutor(MANIFEST_READ_THREADS) as pool:
+        table = pa.concat_tables(list(pool.map(read, paths)))
+    if filter is not None:
+        table = table.filter(filter)
+    return table.select(schema.names)
 
 
 def _parquet_bytes(table: "pa.Table", row_group_size: int) -> bytes:
@@ -357,45 +450,163 @@ def _parquet_bytes(table: "pa.Table", row_group_size: int) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _write_compact(location: CacheLocation, table: "pa.Table", info: Mapping[str, Any], merged: Sequence[str],
-                   *, row_group_size: int = MANIFEST_ROW_GROUP, file_rows: int = MANIFEST_FILE_ROWS) -> dict[str, Any]:
-    """Write ``table`` (sorted here) as the next generation of compact files listing ``merged`` shard
-    fragments, swap ``consolidated.json`` atomically, then delete the previous generation's files."""
-    import pyarrow.compute as pc
-
-    table = table.take(pc.sort_indices(table, sort_keys=[("window_id", "ascending")]))
-    gen = max([int(n.split("-")[1]) for n in info["files"]] + [0]) + 1
+def _write_part(location: CacheLocation, table: "pa.Table", gen: int, *, row_group_size: int, file_rows: int) -> dict[str, Any]:
+    """Write ``table`` sorted by ``window_id`` as the compact files of generation ``gen``; returns the
+    part entry of ``consolidated.json``."""
+    ids = id_array(table.column("window_id"))
+    table = table.take(np.argsort(ids, kind="stable"))
     files = []
     for k, start in enumerate(range(0, max(table.num_rows, 1), file_rows)):
         name = f"compact-{gen:06d}-{k:05d}.parquet"
         location.write_bytes_atomic(f"{MANIFEST_DIR}/{name}", _parquet_bytes(table.slice(start, file_rows), row_group_size))
         files.append(name)
-    new = {"schema_version": SCHEMA_VERSION, "files": files, "fragments": sorted(merged), "rows": table.num_rows}
+    return {"files": files, "rows": table.num_rows}
+
+
+def _next_generation(info: Mapping[str, Any]) -> int:
+    return max([int(n.split("-")[1]) for n in info["files"]] + [0]) + 1
+
+
+def _swap_consolidation(location: CacheLocation, info: Mapping[str, Any], parts: Sequence[Mapping[str, Any]],
+                        merged: Iterable[str]) -> dict[str, Any]:
+    """Replace ``consolidated.json`` atomically (``parts``, merged shard ids), then delete the compact
+    files of ``info`` that the new one no longer lists."""
+    files = [f for q in parts for f in q["files"]]
+    new = {"schema_version": SCHEMA_VERSION, "files": files, "fragments": sorted(merged), "rows": sum(q["rows"] for q in parts),
+           "parts": [dict(q) for q in parts]}
     location.write_bytes_atomic(CONSOLIDATED_FILE, json.dumps(new).encode())
-    for name in info["files"]:
+    for name in set(info["files"]) - set(files):
         location.remove(MANIFEST_DIR, name)
     return new
+
+
+def _write_compact(location: CacheLocation, table: "pa.Table", info: Mapping[str, Any], merged: Sequence[str],
+                   *, row_group_size: int = MANIFEST_ROW_GROUP, file_rows: int = MANIFEST_FILE_ROWS) -> dict[str, Any]:
+    """Write ``table`` as the one part of the next generation listing ``merged`` shard fragments,
+    swap ``consolidated.json`` atomically, then delete the previous generations' files."""
+    part = _write_part(location, table, _next_generation(info), row_group_size=row_group_size, file_rows=file_rows)
+    return _swap_consolidation(location, info, [part], merged)
+
+
+def _parts_to_merge(rows: Sequence[int]) -> int:
+    """Index of the first of the trailing parts to merge: while the parts after a part hold at least as
+    many rows as it does, it joins them. Part sizes then at least double towards the oldest, so there
+    are at most ``log2(rows / smallest part) + 1`` parts and a row is rewritten that many times at most
+    (a binary counter): consolidating a whole job costs O(N log N) rows written, never O(N^2)."""
+    i, newer = max(len(rows) - 1, 0), rows[-1] if rows else 0
+    while i > 0 and rows[i - 1] <= newer:
+        i -= 1
+        newer += rows[i]
+    return i
 
 
 def consolidate_manifest(
-    location: CacheLocation, *, row_group_size: int = MANIFEST_ROW_GROUP, file_rows: int = MANIFEST_FILE_ROWS
+    location: CacheLocation, *, full: bool = False, row_group_size: int = MANIFEST_ROW_GROUP, file_rows: int = MANIFEST_FILE_ROWS
 ) -> dict[str, Any]:
-    """Merge the pending fragments and the consolidated files into new sorted Parquet files.
+    """Move the pending fragments into the consolidated manifest; return the new ``consolidated.json``.
 
-    Steps (each crash-safe): write ``compact-<gen>-<k>.parquet`` files (rows sorted by ``window_id``,
-    row groups of ``row_group_size`` rows, at most ``file_rows`` rows per file), replace
-    ``consolidated.json`` atomically, then delete the merged fragments and the previous generation.
-    Returns the new ``consolidated.json`` content. A manifest without pending fragments is left alone.
+    Incremental: the pending fragments' rows become a new *part* (compact files sorted by
+    ``window_id``, row groups of ``row_group_size`` rows, at most ``file_rows`` rows per file); the
+    newest parts are merged only when they together hold as many rows as the part before them
+    (:func:`_parts_to_merge`), so a job that consolidates every few hundred shards writes each row a
+    logarithmic number of times. ``full`` merges every part into one (``cameo-corr cache compact``).
+    Steps, each crash-safe: write the new compact files, replace ``consolidated.json`` atomically
+    (readers see the old or the new set; unlisted files are ignored and swept as orphans), then delete
+    the merged fragments and the replaced compact files. A fragment left by a crash after the swap
+    repeats rows the compact files hold, and readers and the next consolidation skip those rows, so
+    nothing is lost or counted twice at any instant. Only the cache's lease holder may call this.
     """
+    info, _ = _consolidate(location, full=full, row_group_size=row_group_size, file_rows=file_rows)
+    return info
+
+
+def _consolidate(location: CacheLocation, *, full: bool, row_group_size: int = MANIFEST_ROW_GROUP,
+                 file_rows: int = MANIFEST_FILE_ROWS) -> tuple[dict[str, Any], list[str]]:
+    """:func:`consolidate_manifest`, also returning the names of the fragments it merged."""
+    import pyarrow as pa
+
     info = read_consolidation(location)
     pending = fragment_names(location, info)
-    if not pending:
-        return info
-    merged = set(info["fragments"]) | {_fragment_shard(n) for n in pending}
-    new = _write_compact(location, read_manifest(location), info, sorted(merged), row_group_size=row_group_size, file_rows=file_rows)
+    parts = [dict(q) for q in info["parts"]]
+    if not pending and not (full and len(parts) > 1):
+        return info, []
+    tables = [_fragment_rows(location, info, pending, manifest_schema(), None)] if pending else []
+    sizes = [q["rows"] for q in parts] + [t.num_rows for t in tables if t.num_rows]
+    first = 0 if full else _parts_to_merge(sizes)
+    if first < len(sizes) and (len(sizes) - first > 1 or len(sizes) > len(parts)):  # one new part: the new rows + merged parts
+        names = [f for q in parts[first:] for f in q["files"]]
+        table = pa.concat_tables([read_manifest_file(location, f"{MANIFEST_DIR}/{n}") for n in names] + tables)
+        parts[first:] = [_write_part(location, table, _next_generation(info), row_group_size=row_group_size, file_rows=file_rows)]
+    new = _swap_consolidation(location, info, parts, set(info["fragments"]) | {_fragment_shard(n) for n in pending})
     for name in pending:
         location.remove(MANIFEST_DIR, name)
-    return new
+    return new, pending
+
+
+DEFAULT_CONSOLIDATE_EVERY = 256
+"""Pending fragments (shards) after which a running job consolidates its manifest: a killed job
+leaves about this many fragments for the next run's start-up to read."""
+DEFAULT_CONSOLIDATE_SECONDS = 600.0
+"""Seconds after which a running job consolidates whatever fragments are pending (slow jobs)."""
+CONSOLIDATE_POLL_SECONDS = 2.0
+"""How often the job's driver lists ``manifest/`` to decide whether to consolidate."""
+
+
+class PeriodicConsolidation:
+    """Consolidates the manifest while a job runs, from a background thread of the job's driver.
+
+    Every :data:`CONSOLIDATE_POLL_SECONDS` (or ``every_seconds`` if shorter) it lists ``manifest/``;
+    when ``every_shards`` fragments are pending, or any are and ``every_seconds`` passed since the last
+    consolidation, it runs :func:`consolidate_manifest` (incremental), as long as ``holds_lease()`` says the job still holds
+    the cache's lease (one consolidator per cache). Write tasks keep committing meanwhile: a fragment
+    renamed into place after the listing simply waits for the next round. A failed round (a store
+    error) is logged and retried at the next poll; it leaves the manifest as it was (crash-safe
+    protocol). :attr:`merged` collects the names of the fragments it merged, :attr:`rounds` counts them.
+    """
+
+    def __init__(self, location: CacheLocation, *, every_shards: int = DEFAULT_CONSOLIDATE_EVERY,
+                 every_seconds: float = DEFAULT_CONSOLIDATE_SECONDS, holds_lease: Callable[[], bool] = lambda: True) -> None:
+        if every_shards < 1 or not every_seconds > 0:
+            raise ValueError(f"consolidate every >= 1 shards and > 0 seconds, got {every_shards} and {every_seconds}")
+        self.location = location
+        self.every_shards, self.every_seconds = int(every_shards), float(every_seconds)
+        self.holds_lease = holds_lease
+        self.merged: set[str] = set()
+        self.rounds = 0
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def step(self) -> bool:
+        """Consolidate if due (see the class docstring); whether it did."""
+        pending = fragment_names(self.location)
+        due = len(pending) >= self.every_shards or (bool(pending) and time.monotonic() - self._last >= self.every_seconds)
+        if not due or not self.holds_lease():
+            return False
+        _, merged = _consolidate(self.location, full=False)
+        self.merged.update(merged)
+        self.rounds += 1
+        self._last = time.monotonic()
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.wait(min(CONSOLIDATE_POLL_SECONDS, self.every_seconds)):
+            try:
+                self.step()
+            except (OSError, CameoCorrError) as e:  # the next poll tries again
+                logger.warning("periodic manifest consolidation of %s failed (retried): %s", self.location.display, e)
+
+    def start(self) -> "PeriodicConsolidation":
+        """Start the background thread; return ``self``."""
+        self._thread = threading.Thread(target=self._loop, name="manifest-consolidation", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread (a round in progress finishes first)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def drop_shards(location: CacheLocation, shard_ids: Iterable[str]) -> list[str]:
@@ -647,8 +858,9 @@ class CacheWriter:
     def remove_orphans(self) -> list[str]:
         """Delete what killed workers left behind; returns the removed relative paths.
 
-        Orphans are temporary entries in ``shards/``, ``manifest/`` and the cache root, and shard
-        files without manifest rows (renamed but never recorded). Call this only when no other
+        Orphans are temporary entries in ``shards/``, ``manifest/`` and the cache root, compact
+        manifest files that ``consolidated.json`` does not list, and shard files without manifest rows
+        (renamed but never recorded). Call this only when no other
         writer of this cache is running.
         """
         removed: list[str] = []
@@ -659,6 +871,8 @@ class CacheWriter:
         for name in self.location.listdir():
             if name.startswith(TMP_PREFIX):
                 removed.append(name)
+        listed = set(read_consolidation(self.location)["files"])  # compact files of a consolidation that died
+        removed += [f"{MANIFEST_DIR}/{n}" for n in self.location.listdir(MANIFEST_DIR) if n.startswith("compact-") and n not in listed]
         finished = finished_shard_ids(self.location)
         for name in self.location.listdir(SHARDS_DIR):
             sid = shard_id_of_name(name)
@@ -710,9 +924,9 @@ class CacheWriter:
                 _write_compact(self.location, table.filter(pc.invert(failed)), info, info["fragments"])
         return dropped
 
-    def consolidate(self) -> dict[str, Any]:
-        """Merge the manifest fragments into sorted Parquet files (:func:`consolidate_manifest`)."""
-        return consolidate_manifest(self.location)
+    def consolidate(self, *, full: bool = False) -> dict[str, Any]:
+        """Move the manifest fragments into the sorted Parquet manifest (:func:`consolidate_manifest`)."""
+        return consolidate_manifest(self.location, full=full)
 
     def _finished_rows(self, shard_id: str, outcomes: Sequence[WindowOutcome]) -> "pa.Table | None":
         """The manifest rows of a shard that already has a fragment or a consolidated entry (for a
@@ -721,7 +935,10 @@ class CacheWriter:
         import pyarrow.compute as pc
 
         if self.location.exists(fragment_path(shard_id)):
-            return read_manifest_file(self.location, fragment_path(shard_id))
+            try:
+                return read_manifest_file(self.location, fragment_path(shard_id))
+            except FileNotFoundError:  # consolidated meanwhile: consolidated.json lists it now
+                pass
         if shard_id in read_consolidation(self.location)["fragments"]:
             ids = [o.record.window_id for o in outcomes]
             table = read_manifest(self.location, filter=pc.field("window_id").isin(ids))
@@ -1264,6 +1481,9 @@ __all__ = [
     "finished_shard_ids",
     "read_manifest",
     "consolidate_manifest",
+    "DEFAULT_CONSOLIDATE_EVERY",
+    "DEFAULT_CONSOLIDATE_SECONDS",
+    "PeriodicConsolidation",
     "drop_shards",
     "read_manifest_file",
     "SHARD_WINDOW_KEYS",

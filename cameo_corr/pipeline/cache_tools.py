@@ -46,6 +46,23 @@ COVERAGE_BINS = 10
 STATS_COLUMNS = ("scene_id", "shard", "status", "valid_frac", "mask_frac", "error", "shard_bytes")
 
 
+def _codes(column: "pa.ChunkedArray") -> tuple[np.ndarray, int]:
+    """``(code per row, number of distinct values)`` of a string column: one hash pass (Arrow's
+    dictionary encoding of the whole column), so distinct counts of any row subset are a linear
+    numpy pass over int32 codes, not a hash aggregation per chunk and subset. Nulls get code -1."""
+    import pyarrow.compute as pc
+
+    encoded = pc.dictionary_encode(column.combine_chunks())
+    return pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False), len(encoded.dictionary)
+
+
+def _distinct(codes: np.ndarray, size: int) -> int:
+    """How many distinct non-null codes (< ``size``) ``codes`` holds."""
+    seen = np.zeros(size + 1, dtype=bool)
+    seen[codes] = True  # null (-1) lands in the spare last slot
+    return int(seen[:size].sum())
+
+
 def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS, grid: tuple[int, int] | None = None) -> dict[str, Any]:
     """Summary numbers of a cache (see the module docstring).
 
@@ -55,6 +72,7 @@ def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS, grid: tuple[in
     (default: the primary grid, whose shares the manifest records; another grid of a multi-grid cache
     is read from the shards' ``valid`` and ``mask`` arrays).
     """
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     from cameo_corr.pipeline.cache import MANIFEST_DIR, SHARDS_DIR, TMP_PREFIX, finished_shard_ids, shard_id_of_name
@@ -62,33 +80,37 @@ def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS, grid: tuple[in
     if bins < 1:
         raise ValueError(f"--bins must be >= 1, got {bins}")
     table = cache.manifest(None, columns=list(STATS_COLUMNS))
-    is_ok = pc.equal(table.column("status"), "ok")
-    ok = table.filter(is_ok)
+    ok_mask = pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False)
     failed = table.filter(pc.equal(table.column("status"), "failed"))
     grid = cache.select_grid(grid)
     if grid == tuple(cache.config.grid):
-        mask_frac = ok.column("mask_frac").to_numpy().astype(np.float64)
-        valid_frac = ok.column("valid_frac").to_numpy().astype(np.float64)
+        mask_frac = table.column("mask_frac").to_numpy()[ok_mask].astype(np.float64)
+        valid_frac = table.column("valid_frac").to_numpy()[ok_mask].astype(np.float64)
     else:
-        valid_frac, mask_frac = _grid_fractions(cache, sorted(pc.unique(ok.column("shard")).to_pylist()), grid)
+        ok_shards = pc.unique(table.column("shard").filter(pa.array(ok_mask))).to_pylist()
+        valid_frac, mask_frac = _grid_fractions(cache, sorted(ok_shards), grid)
     counts, edges = np.histogram(mask_frac, bins=bins, range=(0.0, 1.0))
     errors = failed.column("error").to_pylist()
     reasons = Counter((e or "").split(":", 1)[0] for e in errors)
+    scene, n_scenes = _codes(table.column("scene_id"))
+    shard, n_shards = _codes(table.column("shard"))
     loc = cache.location
     finished = finished_shard_ids(loc)
     orphans = [
         n for folder in (SHARDS_DIR, MANIFEST_DIR) for n in loc.listdir(folder)
         if n.startswith(TMP_PREFIX) or (folder == SHARDS_DIR and shard_id_of_name(n) is not None and shard_id_of_name(n) not in finished)
     ]
-    if ok.num_rows and ok.column("shard_bytes").null_count == 0:
-        per_shard = ok.group_by("shard").aggregate([("shard_bytes", "max")])
-        shard_bytes, source = int(pc.sum(per_shard.column("shard_bytes_max")).as_py() or 0), "recorded"
-    elif ok.num_rows:
+    n_ok, n_failed = int(ok_mask.sum()), failed.num_rows
+    recorded = table.column("shard_bytes").to_numpy()[ok_mask]
+    if n_ok and not np.isnan(recorded.astype(np.float64)).any():
+        per_shard = np.zeros(n_shards, dtype=np.int64)  # the size recorded with each ok row of a shard (the same for all)
+        np.maximum.at(per_shard, shard[ok_mask], recorded.astype(np.int64))
+        shard_bytes, source = int(per_shard.sum()), "recorded"
+    elif n_ok:
         shard_bytes, source = loc.disk_usage(SHARDS_DIR), "measured"
     else:
         shard_bytes, source = 0, "recorded"
     manifest_bytes = loc.disk_usage(MANIFEST_DIR)
-    n_ok, n_failed = ok.num_rows, failed.num_rows
     return {
         "path": loc.display,
         "schema_version": cache.version,
@@ -99,9 +121,9 @@ def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS, grid: tuple[in
         "backend": cache.config.backend.get("name"),
         "windows_ok": n_ok,
         "windows_failed": n_failed,
-        "scenes_ok": int(pc.count_distinct(ok.column("scene_id")).as_py()),
-        "scenes_total": int(pc.count_distinct(table.column("scene_id")).as_py()),
-        "shards": int(pc.count_distinct(ok.column("shard")).as_py()),
+        "scenes_ok": _distinct(scene[ok_mask], n_scenes),
+        "scenes_total": _distinct(scene, n_scenes),
+        "shards": _distinct(shard[ok_mask], n_shards),
         "valid_frac_mean": float(valid_frac.mean()) if n_ok else 0.0,
         "mask_frac_mean": float(mask_frac.mean()) if n_ok else 0.0,
         "mask_frac_histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
@@ -640,7 +662,7 @@ def _compact(args: argparse.Namespace) -> int:
     from cameo_corr.pipeline.cache import consolidate_manifest
 
     cache = _open(args)
-    info = consolidate_manifest(cache.location)
+    info = consolidate_manifest(cache.location, full=True)
     print(f"manifest of {cache.location.display}: {info['rows']} rows in {len(info['files'])} file(s), "
           f"{len(info['fragments'])} shard fragments merged")
     return 0

@@ -31,8 +31,10 @@ bug in our code fails the run, which exits 1 and a re-run resumes.
 One job per cache: the driver holds the cache's lease (:mod:`cameo_corr.pipeline.lease`) from before
 Ray starts until the job ends. Before planning it sweeps orphans of killed runs, forgets shards whose
 file is missing, with ``repair`` also the shards whose chunks fail their checksum (every chunk is
-decoded), and with ``retry_failed`` supersedes the failed rows. At the end it consolidates the
-manifest fragments of the run into the sorted Parquet manifest.
+decoded), and with ``retry_failed`` supersedes the failed rows. While the job runs, a thread of the
+driver consolidates the manifest fragments into sorted Parquet parts every ``--consolidate-every``
+shards (:class:`~cameo_corr.pipeline.cache.PeriodicConsolidation`), so a killed job leaves a bounded
+number of fragments; at the end it consolidates the rest.
 """
 
 from __future__ import annotations
@@ -354,7 +356,7 @@ def _absolute_root(root: str | Path) -> str:
 
 def check_job_options(*, workers: int, gpus_per_worker: float, cpus_per_worker: float, shard_size: int, batch_size: int,
                       max_retries: int, crop_size: int, grid: tuple[int, int], lease_timeout: float,
-                      extra_grids: Sequence[tuple[int, int]] = ()) -> None:
+                      extra_grids: Sequence[tuple[int, int]] = (), consolidate_every: int = 1, consolidate_seconds: float = 1.0) -> None:
     """Refuse values that cannot work, naming the flag and what is valid (:class:`UsageError`)."""
     try:
         check_grids([grid, *extra_grids])
@@ -372,6 +374,8 @@ def check_job_options(*, workers: int, gpus_per_worker: float, cpus_per_worker: 
                             f"{','.join(str(g[0]) if g[0] == g[1] else grid_name(g) for g in (grid, *extra_grids))}: every token needs "
                             f"at least one pixel), got {crop_size}"),
         (lease_timeout > 0, f"--lease-timeout must be > 0 seconds, got {lease_timeout}"),
+        (consolidate_every >= 1, f"--consolidate-every must be >= 1 (pending shard fragments), got {consolidate_every}"),
+        (consolidate_seconds > 0, f"--consolidate-seconds must be > 0, got {consolidate_seconds}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -446,6 +450,8 @@ def run_preprocess(
     repair: bool = False,
     force: bool = False,
     lease_timeout: float | None = None,
+    consolidate_every: int | None = None,
+    consolidate_seconds: float | None = None,
     progress: bool = True,
     command: str | None = None,
 ) -> dict[str, Any]:
@@ -460,13 +466,17 @@ def run_preprocess(
     superseded); ``repair`` decodes every chunk of the existing cache first and redoes the windows of
     shards that fail (``cache verify --deep``); ``force`` takes over another job's lease; ``lease_timeout`` (default
     :data:`~cameo_corr.pipeline.lease.DEFAULT_LEASE_TIMEOUT`) is when an unrenewed lease is stale.
+    While the job runs, the driver consolidates the manifest once ``consolidate_every`` shard fragments
+    are pending (default :data:`~cameo_corr.pipeline.cache.DEFAULT_CONSOLIDATE_EVERY`), or every
+    ``consolidate_seconds`` (default :data:`~cameo_corr.pipeline.cache.DEFAULT_CONSOLIDATE_SECONDS`) when
+    any are, so a killed job leaves about ``consolidate_every`` fragments for the next start-up to read.
 
     Summary keys: ``windows_planned``, ``windows_skipped`` (already in the manifest),
     ``windows_ok``, ``windows_failed`` (rows this run committed), ``shard_size`` (``shard_size`` capped
     at ``ceil(to do / workers)`` so small runs keep every worker busy), ``shards_written``,
     ``shard_errors`` (``(where, error)`` of a run that failed), ``stopped_early``, ``orphans_removed``,
     ``shards_repaired`` (missing shard files), ``shards_corrupt`` (dropped by ``repair``),
-    ``failed_retried``, ``seconds``, ``windows_per_second`` (end to end),
+    ``failed_retried``, ``manifest_consolidations`` (periodic, while the job ran), ``seconds``, ``windows_per_second`` (end to end),
     ``startup_seconds`` (until the first model actor was ready), ``processing_windows_per_second``
     (after start-up), ``stage_seconds``, ``bytes_written``, ``bytes_per_window``, ``errors`` (first 20
     window errors).
@@ -477,7 +487,10 @@ def run_preprocess(
     import cameo_corr
     from cameo_corr.datasets.base import open_dataset
     from cameo_corr.datasets.canonical import CanonicalView
-    from cameo_corr.pipeline.cache import COMPARED_FIELDS, CacheWriter, check_compatible, fragment_names, read_config, read_manifest
+    from cameo_corr.pipeline.cache import (
+        COMPARED_FIELDS, DEFAULT_CONSOLIDATE_EVERY, DEFAULT_CONSOLIDATE_SECONDS, CacheWriter, PeriodicConsolidation, check_compatible,
+        fragment_names, read_config, read_manifest,
+    )
     from cameo_corr.pipeline.lease import DEFAULT_LEASE_TIMEOUT, CacheLease
     from cameo_corr.pipeline.cache import CorrCache
     from cameo_corr.pipeline.cache_tools import repair_corrupt_shards
@@ -488,9 +501,11 @@ def run_preprocess(
     grid_hw = as_grid(grid)
     extra_hw = tuple(as_grid(g) for g in extra_grids)
     lease_timeout = DEFAULT_LEASE_TIMEOUT if lease_timeout is None else float(lease_timeout)
+    consolidate_every = DEFAULT_CONSOLIDATE_EVERY if consolidate_every is None else int(consolidate_every)
+    consolidate_seconds = DEFAULT_CONSOLIDATE_SECONDS if consolidate_seconds is None else float(consolidate_seconds)
     check_job_options(workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, shard_size=shard_size,
                       batch_size=batch_size, max_retries=max_retries, crop_size=crop_size, grid=grid_hw, lease_timeout=lease_timeout,
-                      extra_grids=extra_hw)
+                      extra_grids=extra_hw, consolidate_every=consolidate_every, consolidate_seconds=consolidate_seconds)
     location = check_out(out, storage_options)
     ds_options = dict(dataset_options or {})
     if split is not None:
@@ -567,14 +582,21 @@ def run_preprocess(
         fragments_before = set(fragment_names(location))
         sink, stopped, shard_errors, shards_written = None, False, [], 0
         t_ready = time.perf_counter()
+        # the driver (the lease holder) consolidates while the write tasks commit: bounded pending fragments
+        periodic = PeriodicConsolidation(location, every_shards=consolidate_every, every_seconds=consolidate_seconds,
+                                         holds_lease=lambda: lease.lost is None)
         if total:
-            sink, stopped, shard_errors, t_ready = _run_pipeline(
-                todo, config, reader, spec, described["needs_depth"], view, str(out), storage_options, workers=workers,
-                gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
-                shard_size=effective_shard_size, max_retries=max_retries, fail_fast=fail_fast, progress=progress,
-                t_start=(t_start, t_start_wall),
-            )
-        shards_written = len(set(fragment_names(location)) - fragments_before)
+            periodic.start()
+            try:
+                sink, stopped, shard_errors, t_ready = _run_pipeline(
+                    todo, config, reader, spec, described["needs_depth"], view, str(out), storage_options, workers=workers,
+                    gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
+                    shard_size=effective_shard_size, max_retries=max_retries, fail_fast=fail_fast, progress=progress,
+                    t_start=(t_start, t_start_wall),
+                )
+            finally:
+                periodic.stop()
+        shards_written = len((periodic.merged | set(fragment_names(location))) - fragments_before)
         if lease.lost:
             shard_errors.append(("lease", f"the cache's lease was taken over by {lease.lost} during the run"))
         else:  # job end: this run's fragments join the sorted consolidated manifest
@@ -609,6 +631,7 @@ def run_preprocess(
         "shards_repaired": len(repaired),
         "shards_corrupt": len(corrupt),
         "failed_retried": len(retried),
+        "manifest_consolidations": periodic.rounds,
         "seconds": seconds,
         "windows_per_second": processed / seconds if seconds > 0 else 0.0,
         "startup_seconds": t_ready - t_start,
@@ -770,6 +793,11 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="take over the cache's lease even if another job renewed it recently")
     parser.add_argument("--lease-timeout", type=float, default=None,
                         help="seconds without renewal after which another job's lease is stale (default: 180)")
+    parser.add_argument("--consolidate-every", type=int, default=None, metavar="SHARDS",
+                        help="consolidate the manifest while the job runs once this many shard fragments are pending "
+                             "(default: 256; a killed job leaves about this many for the next start-up to read)")
+    parser.add_argument("--consolidate-seconds", type=float, default=None,
+                        help="also consolidate pending fragments after this many seconds (default: 600)")
     parser.add_argument("--storage-option", action="append", type=key_value_arg, default=[], metavar="KEY=VALUE",
                         help="fsspec storage option for --out (JSON value), repeatable")
     parser.add_argument("--fail-fast", action="store_true", help="stop and exit non-zero at the first failed window")
@@ -830,6 +858,8 @@ def run_from_args(args: argparse.Namespace) -> int:
             repair=args.repair,
             force=args.force,
             lease_timeout=args.lease_timeout,
+            consolidate_every=args.consolidate_every,
+            consolidate_seconds=args.consolidate_seconds,
             progress=not args.no_progress,
             command=" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
         )

@@ -129,14 +129,24 @@ def epoch_order(
         return stream
     rng = np.random.default_rng([seed, epoch, 1])
     size = min(shuffle_buffer, len(stream))
-    buffer = stream[:size].tolist()
-    slots = rng.integers(size, size=len(stream) - size).tolist()  # the buffer is full from here on
-    out: list[int] = []
-    for item, slot in zip(stream[size:].tolist(), slots):
-        out.append(buffer[slot])
-        buffer[slot] = item
-    out.extend(buffer[i] for i in rng.permutation(size))
-    return np.asarray(out, dtype=np.int64)
+    slots = rng.integers(size, size=len(stream) - size)  # the buffer is full from here on
+    # Step t emits what slot ``slots[t]`` holds and refills it with ``stream[size + t]``: it holds the
+    # item of the previous step that drew the same slot, or its initial item. Found for all steps at
+    # once by a stable sort on the slot (same order as the sequential buffer, without a Python loop;
+    # numpy's stable sort of 16-bit keys is a linear radix sort).
+    steps = np.argsort(slots.astype(np.uint16) if size <= 1 << 16 else slots, kind="stable")
+    drawn = slots[steps]  # slots in sorted order: runs of equal slots, each run in step order
+    first = np.ones(len(steps), dtype=bool)
+    first[1:] = drawn[1:] != drawn[:-1]
+    previous = np.empty_like(steps)
+    previous[1:] = steps[:-1] + size
+    held = np.empty(len(steps), dtype=np.int64)
+    held[steps] = np.where(first, drawn, previous)  # the slot's initial item, or the refill of its previous draw
+    last = np.arange(size, dtype=np.int64)  # what each slot holds at the end: the refill of its last draw
+    final = np.ones(len(steps), dtype=bool)
+    final[:-1] = first[1:]
+    last[drawn[final]] = steps[final] + size
+    return np.concatenate([stream[held], stream[last[rng.permutation(size)]]])
 
 
 def reference_order(num_views: int, num_ref: int, policy: str, rng: np.random.Generator, shuffle_prob: float = DEFAULT_SHUFFLE_PROB) -> np.ndarray:
