@@ -240,3 +240,86 @@ def test_plan_table_uses_the_dataset_tag(tmp_path):
     windows = plan_windows(acid, plan, FP)
     assert set(table.column("dataset").to_pylist()) == {"acid"}
     assert table.column("window_id").to_pylist() == [w.record.window_id for w in windows]
+
+
+# ------------------------------------------------------------------------------ planning at scale
+def _fake_re10k(root: Path) -> list[str]:
+    """A small RealEstate10K root exercising the batched reading paths: clips of 3-260 frames with
+    irregular timestamps, two frame sizes, png and jpg frames, a clip with blank lines and CRLF
+    endings (the precise parser), and bad clips (rotation, missing frame, malformed number, no frame
+    directory). Returns the clip keys."""
+    import io
+    import os
+
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    (root / "test").mkdir(parents=True)
+    images = {}
+    for size, fmt in (((64, 36), "JPEG"), ((40, 30), "PNG")):
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (90, 120, 150)).save(buffer, format=fmt)
+        images[fmt] = buffer.getvalue()
+    keys = []
+    for c, frames in enumerate([40, 150, 3, 260, 90, 150, 25, 120, 8, 150, 60, 150]):
+        key = f"{c:04x}clip"
+        keys.append(key)
+        stamps = 500_000 + np.cumsum(rng.integers(100_000, 400_000, size=frames))
+        rows = [f"{ts} {0.8 + 0.01 * c} {1.4:.3f} 0.5 0.49 0 0 1 0 0 {0.01 * k:.4f} 0 1 0 0 0 0 1 {-0.1 * k}"
+                for k, ts in enumerate(stamps)]
+        newline = "\n"
+        if c == 4:
+            rows[6] = rows[6].replace(" 1 0 0 ", " 1.5 0 0 ", 1)  # not a rotation (line 8)
+        if c == 7:
+            rows[30] = rows[30].replace(" 0.5 ", " 0.5q ", 1)  # malformed cx (line 32)
+        if c == 10:
+            rows.insert(5, "")  # a blank line, CRLF endings
+            newline = "\r\n"
+        (root / "test" / f"{key}.txt").write_text(newline.join([f"https://www.youtube.com/watch?v={key}", *rows]) + newline)
+        if c == 11:
+            continue  # no frame directory
+        fmt = "PNG" if c % 3 == 1 else "JPEG"
+        d = root / "frames" / key
+        d.mkdir(parents=True)
+        first = d / f"{stamps[0]}.{fmt.lower().replace('jpeg', 'jpg')}"
+        first.write_bytes(images[fmt])
+        for ts in stamps[1:]:
+            if not (c == 9 and ts == stamps[77]):  # a missing frame file
+                os.link(first, first.with_name(f"{ts}{first.suffix}"))
+    return keys
+
+
+def _plan_digest(table) -> str:
+    import hashlib
+
+    rows = zip(table.column("window_id").to_pylist(), table.column("scene_id").to_pylist(),
+               table.column("frame_ids").to_pylist(), table.column("error").to_pylist())
+    text = "\n".join(f"{w} {s} {','.join(f)} {e is None}" for w, s, f, e in rows)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_plan_table_pinned_on_fake_re10k(tmp_path):
+    """The planned windows (ids, frames, failures) of a generated root are pinned (computed before
+    planning was batched): faster planning must never change them (a resumed job finds its done
+    windows by id), and failed clips keep their precise errors."""
+    from cameo_corr.datasets.re10k import RE10KReader
+    from cameo_corr.pipeline.planner import plan_table
+
+    _fake_re10k(tmp_path)
+    reader = RE10KReader(tmp_path)
+    table = plan_table(reader, default_plan_config("re10k", views=8, windows_per_scene=10), FP)
+    assert (table.num_rows, _plan_digest(table)) == (46, "215ecaf075165cc46a593d341853719b1cd6be1079a3c7c19edc2f1f642d32d2")
+    errors = {s: e.replace(str(tmp_path), "ROOT") for s, e in zip(table.column("scene_id").to_pylist(),
+                                                                   table.column("error").to_pylist()) if e}
+    assert errors == {
+        "0002clip": "scene has 3 frames, fewer than the 8 views of a window",
+        "0004clip": "DatasetError: ROOT/test/0004clip.txt:8 [extrinsics]: field 'extrinsics': rotation block is not a "
+                    "proper rotation (R R^T != I or det != 1)",
+        "0007clip": "DatasetError: ROOT/test/0007clip.txt:32 [cx]: malformed number '0.5q'",
+        "0009clip": "DatasetError: ROOT/frames/0009clip/19523677.{png,jpg,jpeg}:79 [timestamp_us]: missing frame file "
+                    "(listed in 0009clip.txt)",
+        "000bclip": "DatasetError: ROOT/frames/000bclip: frame directory of the clip does not exist",
+    }
+    random_table = plan_table(reader, PlanConfig(views=6, windows_per_scene=4, policy="random", seed=3), FP)
+    assert (random_table.num_rows, _plan_digest(random_table)) == (
+        33, "6a4fa72708acc5372d1548a89dbb155d0e2c809382c8a0de6fabaace6a86ba74")
