@@ -87,6 +87,53 @@ def test_stride_indices_properties(n, views, lo, extra, gaps, seed):
         assert p[idx[-1] - 1] - p[idx[0]] < hi_c + 1e-6
 
 
+def _stride_indices_reference(positions, views, span, rng):
+    """The per-window search over all frames that :func:`stride_bounds` replaced (kept verbatim)."""
+    n = len(positions)
+    p = np.asarray(positions, dtype=np.float64)
+    tightest = float(np.min(p[views - 1 :] - p[: n - views + 1]))
+    whole = float(p[-1] - p[0])
+    lo = min(max(span[0], tightest), whole)
+    hi = min(max(span[1], lo), whole)
+    length = float(rng.uniform(lo, hi)) if hi > lo else lo
+    eps = 1e-9 * max(1.0, whole)
+    ends = np.searchsorted(p, p + length - eps, side="left")
+    ends = np.maximum(ends, np.arange(n) + views - 1)
+    starts = np.flatnonzero(ends <= n - 1)
+    i0 = int(starts[rng.integers(len(starts))])
+    i1 = int(ends[i0])
+    return [int(v) for v in np.round(np.linspace(i0, i1, views)).astype(np.int64)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(2, 300),
+    views=st.integers(2, 16),
+    lo=st.floats(0, 400),
+    extra=st.floats(0, 1200),
+    gap=st.sampled_from(["ordinal", "us"]),
+    seed=st.integers(0, 2**32),
+)
+def test_stride_bounds_match_the_per_window_search(n, views, lo, extra, gap, seed):
+    """Batched draws give the same windows, and leave the generator in the same state, as the
+    per-window search they replaced (window ids depend on it)."""
+    from cameo_corr.pipeline.planner import spaced_indices, stride_bounds
+
+    views = min(views, n)
+    rng = np.random.default_rng(seed)
+    if gap == "ordinal":
+        p = np.arange(n, dtype=np.float64)
+    else:  # timestamps in microseconds at 30 fps, irregular gaps
+        t = np.cumsum(np.random.default_rng(seed + 1).integers(1, 400_000, size=n))
+        p = (t - t[0]) * 30.0 / 1e6
+    a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+    got = spaced_indices(np.array(stride_bounds(p, views, (lo, lo + extra), a, 7)), views).tolist()
+    want = [_stride_indices_reference(p, views, (lo, lo + extra), b) for _ in range(7)]
+    assert got == want
+    assert a.random() == b.random()
+    assert stride_indices(p, views, (lo, lo + extra), rng) == want[0]
+
+
 def test_stride_clamps_short_clip_to_whole_clip():
     # 16 frames, ~8 raw frames apart (like the real RealEstate10K sample clips): [S*48, S*144] is
     # far above the clip's 120 raw frames, so the window covers the whole clip.

@@ -34,6 +34,7 @@ shards the way :func:`make_shards` does.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 from dataclasses import asdict, dataclass
@@ -174,12 +175,16 @@ def positions_of(frame_ids: Sequence[str], config: PlanConfig, where: str, scene
     return (t - t[0]) * config.fps / 1e6
 
 
-def stride_indices(positions: np.ndarray, views: int, span: tuple[float, float], rng: np.random.Generator) -> list[int]:
-    """Frame indices of one ``stride`` window (see the module docstring for the clamping rule).
+def stride_bounds(positions: np.ndarray, views: int, span: tuple[float, float], rng: np.random.Generator,
+                  count: int = 1) -> list[tuple[int, int]]:
+    """``(first, last)`` frame indices of ``count`` successive ``stride`` windows (see the module
+    docstring for the clamping rule); :func:`spaced_indices` gives their S frames.
 
-    ``span`` is the ``(lo, hi)`` window span in raw frames. A span ``L`` is drawn uniformly from the
-    clamped range, then a start frame uniformly among those leaving room for ``L`` and S frames; the
-    end frame is the first at or beyond ``start + L`` and the S frames are spaced uniformly in index.
+    ``positions`` must be non-decreasing. ``span`` is the ``(lo, hi)`` window span in raw frames. A
+    span ``L`` is drawn uniformly from the clamped range, then a start frame uniformly among those
+    leaving room for ``L`` and S frames; the end frame is the first at or beyond ``start + L`` (at
+    least S - 1 frames on). The scene's bounds are computed once and each draw costs two binary
+    searches, with the generator called exactly as a per-window search over all frames would.
     """
     n = len(positions)
     if n < views:
@@ -189,14 +194,29 @@ def stride_indices(positions: np.ndarray, views: int, span: tuple[float, float],
     whole = float(p[-1] - p[0])
     lo = min(max(span[0], tightest), whole)
     hi = min(max(span[1], lo), whole)
-    length = float(rng.uniform(lo, hi)) if hi > lo else lo
     eps = 1e-9 * max(1.0, whole)
-    ends = np.searchsorted(p, p + length - eps, side="left")
-    ends = np.maximum(ends, np.arange(n) + views - 1)
-    starts = np.flatnonzero(ends <= n - 1)
-    i0 = int(starts[rng.integers(len(starts))])
-    i1 = int(ends[i0])
-    return [int(v) for v in np.round(np.linspace(i0, i1, views)).astype(np.int64)]
+    pl = p.tolist()
+    out: list[tuple[int, int]] = []
+    for _ in range(count):
+        length = float(rng.uniform(lo, hi)) if hi > lo else lo
+        # start i is possible when the first frame at/after p[i] + L exists and i + S - 1 < n; both
+        # hold on a prefix of the frames since positions do not decrease
+        possible = min(bisect.bisect_right(pl, pl[-1], key=lambda x: x + length - eps), n - views + 1)
+        i0 = int(rng.integers(possible))
+        out.append((i0, max(bisect.bisect_left(pl, pl[i0] + length - eps), i0 + views - 1)))
+    return out
+
+
+def spaced_indices(bounds: np.ndarray, views: int) -> np.ndarray:
+    """``int64 [k, S]``: S frame indices spaced uniformly (rounded half to even) from ``first`` to
+    ``last`` of each row of ``bounds [k, 2]``."""
+    bounds = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
+    return np.round(np.linspace(bounds[:, 0], bounds[:, 1], views, axis=-1)).astype(np.int64)
+
+
+def stride_indices(positions: np.ndarray, views: int, span: tuple[float, float], rng: np.random.Generator) -> list[int]:
+    """Frame indices of one ``stride`` window (:func:`stride_bounds` then :func:`spaced_indices`)."""
+    return spaced_indices(np.array(stride_bounds(positions, views, span, rng)), views)[0].tolist()
 
 
 def random_indices(n: int, views: int, rng: np.random.Generator) -> list[int]:
@@ -206,26 +226,28 @@ def random_indices(n: int, views: int, rng: np.random.Generator) -> list[int]:
     return sorted(int(v) for v in rng.choice(n, size=views, replace=False))
 
 
+def scene_window_bounds(dataset: str, split: str, scene_id: str, frame_ids: Sequence[str], config: PlanConfig) -> np.ndarray:
+    """``int64 [k, 2]``: ``(first, last)`` frame index of the up to K distinct ``stride`` windows of a
+    scene with at least S frames ``frame_ids`` (capture order), duplicates dropped (a window's frames
+    are fixed by its first and last)."""
+    rng = scene_rng(config.seed, dataset, split, scene_id)
+    positions = positions_of(frame_ids, config, f"{dataset}/{split}/{scene_id}", scene_id)
+    span = (config.views * config.span_per_view[0], config.views * config.span_per_view[1])
+    bounds = dict.fromkeys(stride_bounds(positions, config.views, span, rng, config.windows_per_scene))
+    return np.array(list(bounds), dtype=np.int64).reshape(-1, 2)
+
+
 def scene_window_indices(dataset: str, split: str, scene_id: str, frame_ids: Sequence[str], config: PlanConfig) -> list[list[int]]:
     """Frame indices of the up to K distinct windows of a scene with frames ``frame_ids`` (capture
     order); empty when it has fewer than S frames."""
     S = config.views
     if len(frame_ids) < S:
         return []
+    if config.policy == "stride":
+        return spaced_indices(scene_window_bounds(dataset, split, scene_id, frame_ids, config), S).tolist()
     rng = scene_rng(config.seed, dataset, split, scene_id)
-    positions = positions_of(frame_ids, config, f"{dataset}/{split}/{scene_id}", scene_id) if config.policy == "stride" else None
-    span = (S * config.span_per_view[0], S * config.span_per_view[1])
-    seen: set[tuple[int, ...]] = set()
-    out: list[list[int]] = []
-    for _ in range(config.windows_per_scene):
-        if positions is not None:
-            idx = stride_indices(positions, S, span, rng)
-        else:
-            idx = random_indices(len(frame_ids), S, rng)
-        if tuple(idx) not in seen:
-            seen.add(tuple(idx))
-            out.append(idx)
-    return out
+    windows = (tuple(random_indices(len(frame_ids), S, rng)) for _ in range(config.windows_per_scene))
+    return [list(idx) for idx in dict.fromkeys(windows)]
 
 
 def _too_short(frames: int, config: PlanConfig) -> str:
@@ -422,8 +444,11 @@ __all__ = [
     "scene_rng",
     "frame_positions",
     "positions_of",
+    "stride_bounds",
+    "spaced_indices",
     "stride_indices",
     "random_indices",
+    "scene_window_bounds",
     "scene_window_indices",
     "plan_scene",
     "failed_window",
