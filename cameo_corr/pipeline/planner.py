@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
@@ -330,38 +331,55 @@ def iter_plan_batches(
     """Plan scene by scene, yielding record batches of :func:`plan_schema` (one per
     ``scenes_per_batch`` scenes), in the reader's scene order; no frame record outlives its scene.
 
-    Same windows and ids as :func:`plan_windows`. A consumer may start work on a batch while the
-    next one is planned.
+    Same windows and ids as :func:`plan_windows`. Frame ids come from
+    ``reader.frame_ids_batch`` (readers validate many scenes together), at most
+    :data:`READ_BATCH` scenes at a time. A consumer may start work on a batch while the next one is
+    planned.
     """
     import pyarrow as pa
 
     hasher = WindowIdHasher(fingerprint)
     schema = plan_schema()
+    dataset, split = reader.tag, reader.split
     cols: dict[str, list[Any]] = {c: [] for c in PLAN_COLUMNS}
 
-    def add(wid: str, dataset: str, split: str, sid: str, frame_ids: list[str], error: str | None) -> None:
-        for c, v in zip(PLAN_COLUMNS, (wid, dataset, split, sid, frame_ids, error)):
-            cols[c].append(v)
+    def add(sid: str, ids: list[str], frames: list[list[str]], error: str | None) -> None:
+        cols["window_id"] += ids
+        cols["frame_ids"] += frames
+        for c, v in (("dataset", dataset), ("split", split), ("scene_id", sid), ("error", error)):
+            cols[c] += [v] * len(ids)
 
     n = 0
-    for sid in reader.scene_ids() if scene_ids is None else scene_ids:
-        try:
-            frame_ids = reader.frame_ids(sid)
-            if len(frame_ids) < config.views:
-                add(hasher(reader.tag, reader.split, sid, frame_ids), reader.tag, reader.split, sid, [],
-                    _too_short(len(frame_ids), config))
+    for chunk in _chunks(reader.scene_ids() if scene_ids is None else scene_ids, min(READ_BATCH, scenes_per_batch)):
+        for sid, frame_ids in zip(chunk, reader.frame_ids_batch(chunk)):
+            if isinstance(frame_ids, CameoCorrError):
+                add(sid, [hasher(dataset, split, sid, [])], [[]], f"{type(frame_ids).__name__}: {frame_ids}")
+            elif len(frame_ids) < config.views:
+                add(sid, [hasher(dataset, split, sid, frame_ids)], [[]], _too_short(len(frame_ids), config))
             else:
-                for idx in scene_window_indices(reader.tag, reader.split, sid, frame_ids, config):
-                    ids = [frame_ids[i] for i in idx]
-                    add(hasher(reader.tag, reader.split, sid, ids), reader.tag, reader.split, sid, ids, None)
-        except CameoCorrError as e:
-            add(hasher(reader.tag, reader.split, sid, []), reader.tag, reader.split, sid, [], f"{type(e).__name__}: {e}")
-        n += 1
-        if n % scenes_per_batch == 0 and cols["window_id"]:
-            yield pa.RecordBatch.from_pydict(cols, schema=schema)
-            cols = {c: [] for c in PLAN_COLUMNS}
+                try:
+                    idx = scene_window_indices(dataset, split, sid, frame_ids, config)
+                except CameoCorrError as e:
+                    add(sid, [hasher(dataset, split, sid, [])], [[]], f"{type(e).__name__}: {e}")
+                else:
+                    add(sid, hasher.windows(dataset, split, sid, frame_ids, idx), [[frame_ids[i] for i in w] for w in idx], None)
+            n += 1
+            if n % scenes_per_batch == 0 and cols["window_id"]:
+                yield pa.RecordBatch.from_pydict(cols, schema=schema)
+                cols = {c: [] for c in PLAN_COLUMNS}
     if cols["window_id"]:
         yield pa.RecordBatch.from_pydict(cols, schema=schema)
+
+
+READ_BATCH = 256
+"""Scenes whose frame ids a reader is asked for at once while planning."""
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    """``items`` in lists of ``size`` (the last one shorter)."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 def plan_table(
