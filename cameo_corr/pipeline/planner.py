@@ -38,6 +38,7 @@ import bisect
 import hashlib
 import itertools
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
@@ -208,16 +209,20 @@ def stride_bounds(positions: np.ndarray, views: int, span: tuple[float, float], 
     return out
 
 
-def spaced_indices(bounds: np.ndarray, views: int) -> np.ndarray:
-    """``int64 [k, S]``: S frame indices spaced uniformly (rounded half to even) from ``first`` to
-    ``last`` of each row of ``bounds [k, 2]``."""
-    bounds = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
-    return np.round(np.linspace(bounds[:, 0], bounds[:, 1], views, axis=-1)).astype(np.int64)
+def spaced_indices(bounds: Iterable[tuple[int, int]], views: int) -> list[list[int]]:
+    """S frame indices spaced uniformly from ``first`` to ``last`` of each ``(first, last)`` in
+    ``bounds``: ``np.round(np.linspace(first, last, S))`` (the same floating-point steps, rounding
+    half to even), computed in Python, which is faster for a few windows."""
+    out = []
+    for first, last in bounds:
+        step = (last - first) / (views - 1)
+        out.append([round(k * step + first) for k in range(views - 1)] + [int(last)])
+    return out
 
 
 def stride_indices(positions: np.ndarray, views: int, span: tuple[float, float], rng: np.random.Generator) -> list[int]:
     """Frame indices of one ``stride`` window (:func:`stride_bounds` then :func:`spaced_indices`)."""
-    return spaced_indices(np.array(stride_bounds(positions, views, span, rng)), views)[0].tolist()
+    return spaced_indices(stride_bounds(positions, views, span, rng), views)[0]
 
 
 def random_indices(n: int, views: int, rng: np.random.Generator) -> list[int]:
@@ -227,15 +232,14 @@ def random_indices(n: int, views: int, rng: np.random.Generator) -> list[int]:
     return sorted(int(v) for v in rng.choice(n, size=views, replace=False))
 
 
-def scene_window_bounds(dataset: str, split: str, scene_id: str, frame_ids: Sequence[str], config: PlanConfig) -> np.ndarray:
-    """``int64 [k, 2]``: ``(first, last)`` frame index of the up to K distinct ``stride`` windows of a
-    scene with at least S frames ``frame_ids`` (capture order), duplicates dropped (a window's frames
-    are fixed by its first and last)."""
+def scene_window_bounds(dataset: str, split: str, scene_id: str, frame_ids: Sequence[str], config: PlanConfig) -> list[tuple[int, int]]:
+    """``(first, last)`` frame index of the up to K distinct ``stride`` windows of a scene with at
+    least S frames ``frame_ids`` (capture order), duplicates dropped (a window's frames are fixed by
+    its first and last)."""
     rng = scene_rng(config.seed, dataset, split, scene_id)
     positions = positions_of(frame_ids, config, f"{dataset}/{split}/{scene_id}", scene_id)
     span = (config.views * config.span_per_view[0], config.views * config.span_per_view[1])
-    bounds = dict.fromkeys(stride_bounds(positions, config.views, span, rng, config.windows_per_scene))
-    return np.array(list(bounds), dtype=np.int64).reshape(-1, 2)
+    return list(dict.fromkeys(stride_bounds(positions, config.views, span, rng, config.windows_per_scene)))
 
 
 def scene_window_indices(dataset: str, split: str, scene_id: str, frame_ids: Sequence[str], config: PlanConfig) -> list[list[int]]:
@@ -245,7 +249,7 @@ def scene_window_indices(dataset: str, split: str, scene_id: str, frame_ids: Seq
     if len(frame_ids) < S:
         return []
     if config.policy == "stride":
-        return spaced_indices(scene_window_bounds(dataset, split, scene_id, frame_ids, config), S).tolist()
+        return spaced_indices(scene_window_bounds(dataset, split, scene_id, frame_ids, config), S)
     rng = scene_rng(config.seed, dataset, split, scene_id)
     windows = (tuple(random_indices(len(frame_ids), S, rng)) for _ in range(config.windows_per_scene))
     return [list(idx) for idx in dict.fromkeys(windows)]
@@ -326,16 +330,66 @@ def plan_schema() -> "pa.Schema":
 
 def iter_plan_batches(
     reader: Any, config: PlanConfig, fingerprint: Mapping[str, Any], *, scene_ids: Iterable[str] | None = None,
-    scenes_per_batch: int = 2048,
+    scenes_per_batch: int = 2048, workers: int = 1,
 ) -> Iterator["pa.RecordBatch"]:
     """Plan scene by scene, yielding record batches of :func:`plan_schema` (one per
     ``scenes_per_batch`` scenes), in the reader's scene order; no frame record outlives its scene.
 
     Same windows and ids as :func:`plan_windows`. Frame ids come from
     ``reader.frame_ids_batch`` (readers validate many scenes together), at most
-    :data:`READ_BATCH` scenes at a time. A consumer may start work on a batch while the next one is
-    planned.
+    :data:`READ_BATCH` scenes at a time. With ``workers > 1`` the batches are planned by that many
+    processes (the reader is sent to each once) and yielded in the same order, so the result is
+    the same as with one. A consumer may start work on a batch while the next ones are planned.
     """
+    ids: Iterable[str] = reader.scene_ids() if scene_ids is None else scene_ids
+    if workers <= 1:
+        yield from _plan_batches(reader, config, fingerprint, ids, scenes_per_batch)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # never fork a process that may run Ray or torch threads
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_planner,
+                               initargs=(reader, config, dict(fingerprint)))
+    try:
+        yield from pool.map(_plan_chunk, _chunks(ids, scenes_per_batch))
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def plan_workers(scenes: int, scenes_per_batch: int = 2048) -> int:
+    """Processes :func:`plan_table` uses by default: one below :data:`PARALLEL_MIN_BATCHES` batches of
+    scenes (starting a process costs about a second), else one per CPU of this process, at most one
+    per batch and at most 8."""
+    batches = math.ceil(scenes / scenes_per_batch)
+    if batches < PARALLEL_MIN_BATCHES:
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, batches, 8))
+
+
+PARALLEL_MIN_BATCHES = 4
+"""Batches of scenes below which planning stays in the calling process."""
+
+_PLANNER: tuple[Any, PlanConfig, Mapping[str, Any]] | None = None
+"""``(reader, config, fingerprint)`` of a planning worker process (set by :func:`_start_planner`)."""
+
+
+def _start_planner(reader: Any, config: PlanConfig, fingerprint: Mapping[str, Any]) -> None:
+    global _PLANNER
+    _PLANNER = (reader, config, fingerprint)
+
+
+def _plan_chunk(scene_ids: list[str]) -> "pa.RecordBatch":
+    """The planned windows of ``scene_ids`` as one record batch (in a planning worker)."""
+    assert _PLANNER is not None, "planning worker not started"
+    (batch,) = _plan_batches(*_PLANNER, scene_ids, len(scene_ids))
+    return batch
+
+
+def _plan_batches(reader: Any, config: PlanConfig, fingerprint: Mapping[str, Any], scene_ids: Iterable[str],
+                  scenes_per_batch: int) -> Iterator["pa.RecordBatch"]:
+    """:func:`iter_plan_batches` in this process."""
     import pyarrow as pa
 
     hasher = WindowIdHasher(fingerprint)
@@ -350,7 +404,7 @@ def iter_plan_batches(
             cols[c] += [v] * len(ids)
 
     n = 0
-    for chunk in _chunks(reader.scene_ids() if scene_ids is None else scene_ids, min(READ_BATCH, scenes_per_batch)):
+    for chunk in _chunks(scene_ids, min(READ_BATCH, scenes_per_batch)):
         for sid, frame_ids in zip(chunk, reader.frame_ids_batch(chunk)):
             if isinstance(frame_ids, CameoCorrError):
                 add(sid, [hasher(dataset, split, sid, [])], [[]], f"{type(frame_ids).__name__}: {frame_ids}")
@@ -383,14 +437,18 @@ def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def plan_table(
-    reader: Any, config: PlanConfig, fingerprint: Mapping[str, Any], *, scene_ids: Iterable[str] | None = None
+    reader: Any, config: PlanConfig, fingerprint: Mapping[str, Any], *, scene_ids: Iterable[str] | None = None,
+    workers: int | None = None,
 ) -> "pa.Table":
-    """All planned windows of ``reader`` as one Arrow table (:func:`iter_plan_batches`); raises
-    :class:`SchemaError` when two planned windows share an id."""
+    """All planned windows of ``reader`` as one Arrow table (:func:`iter_plan_batches` with
+    ``workers`` processes, by default :func:`plan_workers`); raises :class:`SchemaError` when two
+    planned windows share an id."""
     import pyarrow.compute as pc
 
+    ids = list(reader.scene_ids() if scene_ids is None else scene_ids)
+    workers = plan_workers(len(ids)) if workers is None else workers
     table = plan_schema().empty_table()
-    batches = list(iter_plan_batches(reader, config, fingerprint, scene_ids=scene_ids))
+    batches = list(iter_plan_batches(reader, config, fingerprint, scene_ids=ids, workers=workers))
     if batches:
         import pyarrow as pa
 
@@ -475,6 +533,9 @@ __all__ = [
     "DEFAULT_SHARD_SIZE",
     "plan_schema",
     "iter_plan_batches",
+    "plan_workers",
+    "PARALLEL_MIN_BATCHES",
+    "READ_BATCH",
     "plan_table",
     "assign_shards",
     "shard_id_of",
