@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -370,3 +371,40 @@ def test_plan_table_pinned_on_fake_re10k(tmp_path):
     random_table = plan_table(reader, PlanConfig(views=6, windows_per_scene=4, policy="random", seed=3), FP)
     assert (random_table.num_rows, _plan_digest(random_table)) == (
         33, "6a4fa72708acc5372d1548a89dbb155d0e2c809382c8a0de6fabaace6a86ba74")
+
+
+def test_batched_reading_matches_the_precise_reader(tmp_path):
+    """Clips read in a batch (one parse, one camera check) equal the per-clip precise reading, and
+    a bad clip in a batch gets exactly the error reading it alone gives."""
+    from cameo_corr.datasets.re10k import RE10KReader
+
+    keys = _fake_re10k(tmp_path)
+    reader = RE10KReader(tmp_path)
+    batch = reader._clips(keys)
+    for key, got in zip(keys, batch):
+        want = reader._clip_precise(key)
+        if isinstance(want, Exception):
+            assert type(got) is type(want) and str(got) == str(want) and (got.line, got.field) == (want.line, want.field)
+            with pytest.raises(type(want), match=re.escape(str(want))):
+                reader.scene(key)
+        else:
+            assert (got.stamps, got.names, got.hw) == (want.stamps, want.names, want.hw)
+            np.testing.assert_array_equal(got.K, want.K)
+            np.testing.assert_array_equal(got.E, want.E)
+    ids = reader.frame_ids_batch(keys)
+    assert [isinstance(i, Exception) for i in ids] == [isinstance(c, Exception) for c in batch]
+    assert sum(isinstance(i, Exception) for i in ids) == 4  # rotation, malformed number, missing frame, no frames dir
+
+
+def test_planning_workers_give_the_same_batches(tmp_path):
+    """Worker processes plan the same batches, in the same order, as the calling process."""
+    from cameo_corr.datasets.re10k import RE10KReader
+    from cameo_corr.pipeline.planner import iter_plan_batches, plan_workers
+
+    _fake_re10k(tmp_path)
+    reader = RE10KReader(tmp_path)
+    cfg = default_plan_config("re10k", views=8, windows_per_scene=10)
+    serial = list(iter_plan_batches(reader, cfg, FP, scenes_per_batch=3))
+    parallel = list(iter_plan_batches(reader, cfg, FP, scenes_per_batch=3, workers=2))
+    assert len(serial) == len(parallel) == 4 and all(a.equals(b) for a, b in zip(serial, parallel))
+    assert plan_workers(1000) == 1 and plan_workers(10 * 2048) >= 1 and plan_workers(10**6) <= 8
