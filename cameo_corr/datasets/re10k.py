@@ -93,13 +93,13 @@ def _checked_cameras(values: np.ndarray, hw: tuple[int, int], path: str, scene_i
 
 
 class _Clip(NamedTuple):
-    """A validated raw clip: timestamps (frame ids), frame file names, ``(H, W)``, ``K``, ``E``."""
+    """A validated raw clip: timestamps (frame ids), frame file names, ``(H, W)``, camera numbers
+    ``[N, 18]`` (:func:`_cameras` makes them ``K`` and ``E``)."""
 
     stamps: list[str]
     names: list[str]
     hw: tuple[int, int]
-    K: np.ndarray
-    E: np.ndarray
+    cameras: np.ndarray
 
 
 class _Pending(NamedTuple):
@@ -110,6 +110,27 @@ class _Pending(NamedTuple):
     stamps: list[str]
     names: list[str]
     hw: tuple[int, int]
+
+
+def _suspect_rows(table: np.ndarray, H: np.ndarray, W: np.ndarray, rot_tol: float = 1e-3) -> np.ndarray:
+    """Frame lines (timestamp + 18 camera numbers, images ``H x W``) whose camera might fail
+    :func:`~cameo_corr.schemas.validate_camera`: a few column operations, stricter than it by a
+    margin far above rounding, so every clip it passes is valid; flagged clips are decided by the
+    precise reader."""
+    margin = 1e-9
+    with np.errstate(invalid="ignore", over="ignore"):
+        bad = ~np.isfinite(table).all(axis=1)
+        for scale, col in ((W, 1), (H, 2), (W, 3), (H, 4)):
+            bad |= ~np.isfinite(scale * table[:, col])
+        bad |= ~(W * table[:, 1] > 0) | ~(H * table[:, 2] > 0)
+        r = [table[:, 7:10], table[:, 11:14], table[:, 15:18]]  # rows of R
+        for i in range(3):
+            for j in range(i, 3):  # R R^T = I, as np.allclose(atol=rot_tol) checks it
+                bad |= ~(np.abs((r[i] * r[j]).sum(axis=1) - (i == j)) <= rot_tol + 1e-5 * (i == j) - margin)
+        cross = np.stack([r[1][:, 1] * r[2][:, 2] - r[1][:, 2] * r[2][:, 1], r[1][:, 2] * r[2][:, 0] - r[1][:, 0] * r[2][:, 2],
+                          r[1][:, 0] * r[2][:, 1] - r[1][:, 1] * r[2][:, 0]], axis=1)
+        bad |= ~(np.abs((r[0] * cross).sum(axis=1) - 1.0) <= rot_tol - margin)  # det R = 1
+    return bad
 
 
 def _parse_bodies(bodies: Sequence[list[str]]) -> list[np.ndarray | None]:
@@ -159,7 +180,8 @@ class RE10KReader(SceneReader):
 
     def scene(self, scene_id: str) -> SceneRecord:
         """Parse ``<root>/<split>/<scene_id>.txt`` and locate its frames; errors name file and line."""
-        stamps, names, hw, K, E = self._clip(scene_id)
+        stamps, names, hw, cameras = self._clip(scene_id)
+        K, E = _cameras(cameras, *hw)
         prefix = (self._image_prefix / scene_id).as_posix()
         frames = tuple(
             FrameRecord(frame_id=ts, image_path=f"{prefix}/{name}", image_size=hw, intrinsics=K[i], extrinsics=E[i])
@@ -186,9 +208,10 @@ class RE10KReader(SceneReader):
         """The validated clips ``scene_ids``, or the error of each bad one.
 
         Clips whose camera file has no blank line and whose frame directory holds exactly the listed
-        frames (one extension) are parsed with one numeric parse and validated with one camera check
-        for all of them; any other clip, and any clip those checks reject, goes through
-        :meth:`_clip_precise`, which reports the first problem by file, line and field.
+        frames (one extension) are parsed with one numeric parse and their cameras checked with a few
+        column operations for all of them (:func:`_suspect_rows`); any other clip, and any clip those
+        checks flag, goes through :meth:`_clip_precise`, which decides it exactly and reports the
+        first problem by file, line and field.
         """
         out: list[_Clip | DatasetError | None] = [None] * len(scene_ids)
         pending: list[tuple[int, _Pending]] = []
@@ -208,22 +231,12 @@ class RE10KReader(SceneReader):
         table = np.concatenate([t for t in tables if t is not None])
         counts = np.array([len(q.stamps) for _, q in pending])
         hw = np.array([q.hw for _, q in pending])
-        K, E = _cameras(table[:, 1:], np.repeat(hw[:, 0], counts), np.repeat(hw[:, 1], counts))
-        nonfinite = np.flatnonzero(~np.isfinite(table).all(axis=1))
-        ends = np.cumsum(counts)
-        start = 0
-        while start < len(table):  # clips with a non-finite number or an invalid camera: named by line
-            bad = first_invalid_camera(K[start:], E[start:])
-            later = nonfinite[nonfinite >= start]
-            rows = ([start + bad[0]] if bad is not None else []) + later[:1].tolist()
-            if not rows:
-                break
-            c = int(np.searchsorted(ends, min(rows), side="right"))
-            out[pending[c][0]] = self._clip_precise(pending[c][1].scene_id)
-            start = int(ends[c])
-        for (pos, q), a, b in zip(pending, ends - counts, ends):
+        suspect = _suspect_rows(table, np.repeat(hw[:, 0], counts), np.repeat(hw[:, 1], counts))
+        for c in np.unique(np.repeat(np.arange(len(pending)), counts)[suspect]):
+            out[pending[c][0]] = self._clip_precise(pending[c][1].scene_id)  # names the line, or accepts it
+        for (pos, q), a, b in zip(pending, np.cumsum(counts) - counts, np.cumsum(counts)):
             if out[pos] is None:
-                out[pos] = _Clip(q.stamps, q.names, q.hw, K[a:b], E[a:b])
+                out[pos] = _Clip(q.stamps, q.names, q.hw, table[a:b, 1:])
         return out  # type: ignore[return-value]
 
     def _quick(self, scene_id: str) -> _Pending | None:
@@ -282,10 +295,10 @@ class RE10KReader(SceneReader):
                 names.append(files[ts])
             first = frame_dir / names[0]
             hw = read_image_size(first, str(first), scene_id, field="image")
-            K, E = _checked_cameras(values, hw, str(path), scene_id, lambda i: {"line": line_nos[i]})
+            _checked_cameras(values, hw, str(path), scene_id, lambda i: {"line": line_nos[i]})
         except DatasetError as e:
             return e
-        return _Clip(stamps, names, hw, K, E)
+        return _Clip(stamps, names, hw, values)
 
     def load_image(self, frame: FrameRecord) -> np.ndarray:
         """Decode the frame file as RGB uint8 ``[H, W, 3]``."""
