@@ -27,9 +27,12 @@ At scale, :func:`iter_plan_batches` / :func:`plan_table` plan without keeping fr
 planned window is one row of an Arrow table (``window_id``, ``dataset``, ``split``, ``scene_id``,
 ``frame_ids``, ``error``: :func:`plan_schema`), built scene by scene in record batches, so a million
 planned windows take tens of MB; the load stage rebuilds the frames with ``reader.scene(scene_id)``.
-Readers supply image sizes from metadata (RealEstate10K: one header per clip) and validate a clip's
-cameras in one batch, so planning opens no image per frame. :func:`assign_shards` groups the table into
-shards the way :func:`make_shards` does.
+Readers supply image sizes from metadata (RealEstate10K: one header per clip) and give the frame ids
+of many scenes at once (``reader.frame_ids_batch``: RealEstate10K parses and checks the cameras of a
+few hundred clips together), so planning opens no image per frame and does no per-frame Python work
+beyond reading ids. Large plans run in worker processes (:func:`plan_workers`), each planning whole
+batches of scenes; the batches are joined in scene order, so the table is the same with any number
+of workers. :func:`assign_shards` groups the table into shards the way :func:`make_shards` does.
 """
 
 from __future__ import annotations
