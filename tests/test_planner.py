@@ -407,3 +407,13 @@ def test_planning_workers_give_the_same_batches(tmp_path):
     parallel = list(iter_plan_batches(reader, cfg, FP, scenes_per_batch=3, workers=2))
     assert len(serial) == len(parallel) == 4 and all(a.equals(b) for a, b in zip(serial, parallel))
     assert plan_workers(1000) == 1 and plan_workers(10 * 2048) >= 1 and plan_workers(10**6) <= 8
+
+
+def test_window_id_hasher_windows_equals_one_call_per_window():
+    from cameo_corr.schemas import WindowIdHasher
+
+    hasher = WindowIdHasher(FP)
+    frames = ["0001", 'quo"te', "ünï\\code", "tab\there", "5"]
+    rows = [[0, 1, 2], [2, 3, 4], [0, 4, 1]]
+    assert hasher.windows("re10k", "test", "sçene/1", frames, rows) == [
+        hasher("re10k", "test", "sçene/1", [frames[i] for i in r]) for r in rows]
