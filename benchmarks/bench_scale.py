@@ -19,7 +19,10 @@ process's own):
   of consolidation over the job, then ``resume`` and ``compact`` after a kill that left the most
   pending fragments it can (``CONSOLIDATE_EVERY - 1``);
 * ``plan``: ``plan_table`` over a fake RealEstate10K root of C clips x 150 frames (camera files plus
-  hard links to one small JPEG per frame), 10 windows of S=8 per clip, seconds and peak RSS.
+  hard links to one small JPEG per frame), 10 windows of S=8 per clip: seconds, CPU seconds of all
+  processes, peak RSS of the planning process and of one worker, with 1 and 2 worker processes
+  (``--plan-workers``), alternating with the planner of ``--plan-baseline`` (a git ref, run from an
+  extracted copy) in ``--plan-rounds`` rounds; every variant must plan the same window ids.
 
 Timings start after the modules a step imports lazily are imported. The machine's load average is
 printed with the table: on a shared 2-core machine it dominates the absolute numbers.
@@ -32,6 +35,7 @@ growth is 10x.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import pickle
@@ -48,6 +52,8 @@ import numpy as np
 
 SHARD_SIZE = 64
 CONSOLIDATE_EVERY = 256
+PLAN_BASELINE = "fa32198"
+"""The planner before clips were read in batches (one header per clip, per-clip parse and checks)."""
 VIEWS = 2
 GRID = (2, 2)
 
@@ -287,7 +293,10 @@ def build_re10k_root(root: Path, clips: int, frames: int = 150) -> None:
             os.link(first, d / f"{ts}.jpg")
 
 
-def measure_plan(root: Path) -> dict[str, float]:
+def measure_plan(root: Path, workers: int) -> dict[str, float]:
+    """``plan_table`` of the whole root with ``workers`` processes (code without the option: one)."""
+    import inspect
+
     from cameo_corr.datasets.re10k import RE10KReader
     from cameo_corr.pipeline.planner import default_plan_config, plan_table
 
@@ -295,11 +304,65 @@ def measure_plan(root: Path) -> dict[str, float]:
     config = default_plan_config("re10k", views=8, windows_per_scene=10)
     fingerprint = {"schema_version": 1, "grid": [32, 32], "tau": 1.5, "backend": {"name": "vggt"}, "crop": {"policy": "center", "size": 512}}
     plan_table(reader, config, fingerprint, scene_ids=reader.scene_ids()[:1])  # imports, warm
+    options = {"workers": workers} if "workers" in inspect.signature(plan_table).parameters else {}
     base = _rss_mb()
-    t0 = time.perf_counter()
-    table = plan_table(RE10KReader(root), config, fingerprint)
-    return {"s": time.perf_counter() - t0, "windows": table.num_rows, "failed": table.num_rows - table.column("error").null_count,
-            "rss_mb": _rss_mb(), "added_rss_mb": _rss_mb() - base, "table_mb": table.nbytes / 2**20}
+    t0, c0 = time.perf_counter(), time.process_time()
+    table = plan_table(RE10KReader(root), config, fingerprint, **options)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    ids = table.column("window_id").to_pylist()
+    return {"s": seconds, "cpu_s": cpu + children.ru_utime + children.ru_stime, "workers": options.get("workers", 1),
+            "windows": table.num_rows, "failed": table.num_rows - table.column("error").null_count,
+            "rss_mb": _rss_mb(), "added_rss_mb": _rss_mb() - base, "worker_rss_mb": children.ru_maxrss / 1024.0,
+            "table_mb": table.nbytes / 2**20, "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
+
+
+def baseline_code(ref: str, into: Path) -> Path:
+    """The package at git ``ref`` of this repository, extracted under ``into`` (for side-by-side runs)."""
+    repo = Path(__file__).resolve().parents[1]
+    out = into / f"baseline-{ref}"
+    if not (out / "cameo_corr").is_dir():
+        out.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", ref, "cameo_corr"], cwd=repo, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    return out
+
+
+def run_plan(root: Path, workers: int, code: Path | None = None) -> dict[str, float]:
+    """:func:`measure_plan` in a fresh interpreter, on this checkout's package or the one under ``code``."""
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    proc = subprocess.run([sys.executable, __file__, "--measure", "plan", "--cache", str(root), "--plan-workers", str(workers)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"planning failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def plan_report(plans: dict[int, dict[str, list[dict[str, float]]]]) -> str:
+    """The planning table: medians per variant, the baseline ratio, and the 67k-clip projection."""
+    clips = sorted(plans)
+    med = {c: {k: {f: float(np.median([r[f] for r in runs])) for f in ("s", "cpu_s", "rss_mb", "worker_rss_mb", "windows")}
+               for k, runs in plans[c].items()} for c in clips}
+    variants = sorted({k for c in clips for k in plans[c]}, key=lambda k: (k != "baseline", k))
+    lines = ["| planning (10 windows of S=8 per clip), medians | " + " | ".join(f"{c:,} clips x 150 frames" for c in clips) + " |",
+             "|" + "---|" * (len(clips) + 1)]
+    for k in variants:
+        for f, name in (("s", "seconds"), ("cpu_s", "CPU seconds (all processes)"), ("rss_mb", "peak RSS, planning process (MB)"),
+                        ("worker_rss_mb", "peak RSS, one worker (MB)")):
+            if f == "worker_rss_mb" and not any(med[c].get(k, {}).get(f) for c in clips):
+                continue  # no worker processes
+            lines.append(f"| {k}: {name} | " + " | ".join(f"{med[c][k][f]:.3g}" if k in med[c] else "-" for c in clips) + " |")
+    for k in variants:
+        if k != "baseline":
+            lines.append(f"| baseline / {k} (time) | " + " | ".join(
+                f"{med[c]['baseline']['s'] / med[c][k]['s']:.2f}x" if "baseline" in med[c] and k in med[c] else "-" for c in clips) + " |")
+    lines.append("| planned windows | " + " | ".join(f"{int(med[c][variants[-1]]['windows']):,}" for c in clips) + " |")
+    best = min((med[clips[-1]][k]["s"] / clips[-1], k) for k in variants if k != "baseline")
+    lines.append(f"\nfastest ({best[1]}): {1000 * best[0]:.2f} ms per clip at {clips[-1]:,} clips -> 67,000 clips ~ "
+                 f"{67_000 * best[0]:.0f} s (target <= 60 s, <= 1 GB)")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ report
@@ -341,6 +404,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scales", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--clips", type=int, nargs="*", default=[670, 6_700], help="RE10K clips (x150 frames) to plan")
+    p.add_argument("--plan-workers", type=int, nargs="*", default=[1, 2], help="planning processes to measure")
+    p.add_argument("--plan-rounds", type=int, default=3, help="alternating rounds of the planning variants")
+    p.add_argument("--plan-baseline", default=PLAN_BASELINE,
+                   help=f"git ref of the planner to compare with ('' for none; default {PLAN_BASELINE}: before batched reading)")
+    p.add_argument("--baseline-max-clips", type=int, default=6_700, help="plan the baseline only up to this many clips")
     p.add_argument("--work", type=Path, default=None, help="where to build (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the built caches and roots")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
@@ -350,11 +418,11 @@ def main(argv: list[str] | None = None) -> None:
     from cameo_corr.pipeline.cache import CacheLocation, fragment_names
 
     if args.measure:
-        print(json.dumps(measure_plan(args.cache) if args.measure == "plan" else measure(args.measure, args.cache)))
+        print(json.dumps(measure_plan(args.cache, args.plan_workers[0]) if args.measure == "plan" else measure(args.measure, args.cache)))
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     results: dict[int, dict[str, dict[str, float]]] = {}
-    plans: dict[int, dict[str, dict[str, float]]] = {}
+    plans: dict[int, dict[str, list[dict[str, float]]]] = {}
     try:
         for n in args.scales:
             path = work / f"cache-{n}"
@@ -380,8 +448,16 @@ def main(argv: list[str] | None = None) -> None:
                 t0 = time.perf_counter()
                 build_re10k_root(root, clips)
                 print(f"built a fake RE10K root of {clips:,} clips x 150 frames in {time.perf_counter() - t0:.0f} s", flush=True)
-            plans[clips] = {"plan": run_step("plan", root)}
-            print(f"plan {clips:,} clips: " + json.dumps(plans[clips]["plan"]), flush=True)
+            variants: list[tuple[str, int, Path | None]] = [(f"workers={w}", w, None) for w in args.plan_workers]
+            if args.plan_baseline and clips <= args.baseline_max_clips:
+                variants.insert(0, ("baseline", 1, baseline_code(args.plan_baseline, work)))
+            plans[clips] = {name: [] for name, _, _ in variants}
+            for _ in range(args.plan_rounds):  # variants alternate, so load changes hit all of them
+                for name, w, code in variants:
+                    plans[clips][name].append(run_plan(root, w, code))
+                    print(f"plan {clips:,} clips, {name}: " + json.dumps(plans[clips][name][-1]), flush=True)
+            digests = {r["ids_sha256"] for runs in plans[clips].values() for r in runs}
+            assert len(digests) == 1, f"planned window ids differ between the variants at {clips} clips"
     finally:
         if not args.keep and args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -390,17 +466,8 @@ def main(argv: list[str] | None = None) -> None:
     if results:
         print(table_text(results))
     if plans:
-        clips = sorted(plans)
-        vals = [plans[c]["plan"] for c in clips]
         print()
-        print("| planning (10 windows of S=8 per clip) | " + " | ".join(f"{c:,} clips x 150 frames" for c in clips) + " |")
-        print("|" + "---|" * (len(clips) + 1))
-        print("| seconds | " + " | ".join(f"{v['s']:.3g}" for v in vals) + " |")
-        print("| planned windows | " + " | ".join(f"{v['windows']:,}" for v in vals) + " |")
-        print("| peak RSS (MB) | " + " | ".join(f"{v['rss_mb']:.0f}" for v in vals) + " |")
-        print("| table (MB) | " + " | ".join(f"{v['table_mb']:.1f}" for v in vals) + " |")
-        per_clip = vals[-1]["s"] / clips[-1]
-        print(f"\nplanning cost {1000 * per_clip:.2f} ms per clip -> 67,000 clips ~ {67_000 * per_clip:.0f} s (target <= 60 s)")
+        print(plan_report(plans))
     if args.json:
         args.json.write_text(json.dumps({"caches": results, "plans": plans}, indent=2))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,53 @@ def test_stride_indices_properties(n, views, lo, extra, gaps, seed):
     assert span >= lo_c - 1e-6
     if idx[-1] - idx[0] > views - 1:
         assert p[idx[-1] - 1] - p[idx[0]] < hi_c + 1e-6
+
+
+def _stride_indices_reference(positions, views, span, rng):
+    """The per-window search over all frames that :func:`stride_bounds` replaced (kept verbatim)."""
+    n = len(positions)
+    p = np.asarray(positions, dtype=np.float64)
+    tightest = float(np.min(p[views - 1 :] - p[: n - views + 1]))
+    whole = float(p[-1] - p[0])
+    lo = min(max(span[0], tightest), whole)
+    hi = min(max(span[1], lo), whole)
+    length = float(rng.uniform(lo, hi)) if hi > lo else lo
+    eps = 1e-9 * max(1.0, whole)
+    ends = np.searchsorted(p, p + length - eps, side="left")
+    ends = np.maximum(ends, np.arange(n) + views - 1)
+    starts = np.flatnonzero(ends <= n - 1)
+    i0 = int(starts[rng.integers(len(starts))])
+    i1 = int(ends[i0])
+    return [int(v) for v in np.round(np.linspace(i0, i1, views)).astype(np.int64)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(2, 300),
+    views=st.integers(2, 16),
+    lo=st.floats(0, 400),
+    extra=st.floats(0, 1200),
+    gap=st.sampled_from(["ordinal", "us"]),
+    seed=st.integers(0, 2**32),
+)
+def test_stride_bounds_match_the_per_window_search(n, views, lo, extra, gap, seed):
+    """Batched draws give the same windows, and leave the generator in the same state, as the
+    per-window search they replaced (window ids depend on it)."""
+    from cameo_corr.pipeline.planner import spaced_indices, stride_bounds
+
+    views = min(views, n)
+    rng = np.random.default_rng(seed)
+    if gap == "ordinal":
+        p = np.arange(n, dtype=np.float64)
+    else:  # timestamps in microseconds at 30 fps, irregular gaps
+        t = np.cumsum(np.random.default_rng(seed + 1).integers(1, 400_000, size=n))
+        p = (t - t[0]) * 30.0 / 1e6
+    a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+    got = spaced_indices(stride_bounds(p, views, (lo, lo + extra), a, 7), views)
+    want = [_stride_indices_reference(p, views, (lo, lo + extra), b) for _ in range(7)]
+    assert got == want
+    assert a.random() == b.random()
+    assert stride_indices(p, views, (lo, lo + extra), rng) == want[0]
 
 
 def test_stride_clamps_short_clip_to_whole_clip():
@@ -240,3 +288,132 @@ def test_plan_table_uses_the_dataset_tag(tmp_path):
     windows = plan_windows(acid, plan, FP)
     assert set(table.column("dataset").to_pylist()) == {"acid"}
     assert table.column("window_id").to_pylist() == [w.record.window_id for w in windows]
+
+
+# ------------------------------------------------------------------------------ planning at scale
+def _fake_re10k(root: Path) -> list[str]:
+    """A small RealEstate10K root exercising the batched reading paths: clips of 3-260 frames with
+    irregular timestamps, two frame sizes, png and jpg frames, a clip with blank lines and CRLF
+    endings (the precise parser), and bad clips (rotation, missing frame, malformed number, no frame
+    directory). Returns the clip keys."""
+    import io
+    import os
+
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    (root / "test").mkdir(parents=True)
+    images = {}
+    for size, fmt in (((64, 36), "JPEG"), ((40, 30), "PNG")):
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (90, 120, 150)).save(buffer, format=fmt)
+        images[fmt] = buffer.getvalue()
+    keys = []
+    for c, frames in enumerate([40, 150, 3, 260, 90, 150, 25, 120, 8, 150, 60, 150]):
+        key = f"{c:04x}clip"
+        keys.append(key)
+        stamps = 500_000 + np.cumsum(rng.integers(100_000, 400_000, size=frames))
+        rows = [f"{ts} {0.8 + 0.01 * c} {1.4:.3f} 0.5 0.49 0 0 1 0 0 {0.01 * k:.4f} 0 1 0 0 0 0 1 {-0.1 * k}"
+                for k, ts in enumerate(stamps)]
+        newline = "\n"
+        if c == 4:
+            rows[6] = rows[6].replace(" 1 0 0 ", " 1.5 0 0 ", 1)  # not a rotation (line 8)
+        if c == 7:
+            rows[30] = rows[30].replace(" 0.5 ", " 0.5q ", 1)  # malformed cx (line 32)
+        if c == 10:
+            rows.insert(5, "")  # a blank line, CRLF endings
+            newline = "\r\n"
+        (root / "test" / f"{key}.txt").write_text(newline.join([f"https://www.youtube.com/watch?v={key}", *rows]) + newline)
+        if c == 11:
+            continue  # no frame directory
+        fmt = "PNG" if c % 3 == 1 else "JPEG"
+        d = root / "frames" / key
+        d.mkdir(parents=True)
+        first = d / f"{stamps[0]}.{fmt.lower().replace('jpeg', 'jpg')}"
+        first.write_bytes(images[fmt])
+        for ts in stamps[1:]:
+            if not (c == 9 and ts == stamps[77]):  # a missing frame file
+                os.link(first, first.with_name(f"{ts}{first.suffix}"))
+    return keys
+
+
+def _plan_digest(table) -> str:
+    import hashlib
+
+    rows = zip(table.column("window_id").to_pylist(), table.column("scene_id").to_pylist(),
+               table.column("frame_ids").to_pylist(), table.column("error").to_pylist())
+    text = "\n".join(f"{w} {s} {','.join(f)} {e is None}" for w, s, f, e in rows)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_plan_table_pinned_on_fake_re10k(tmp_path):
+    """The planned windows (ids, frames, failures) of a generated root are pinned (computed before
+    planning was batched): faster planning must never change them (a resumed job finds its done
+    windows by id), and failed clips keep their precise errors."""
+    from cameo_corr.datasets.re10k import RE10KReader
+    from cameo_corr.pipeline.planner import plan_table
+
+    _fake_re10k(tmp_path)
+    reader = RE10KReader(tmp_path)
+    table = plan_table(reader, default_plan_config("re10k", views=8, windows_per_scene=10), FP)
+    assert (table.num_rows, _plan_digest(table)) == (46, "215ecaf075165cc46a593d341853719b1cd6be1079a3c7c19edc2f1f642d32d2")
+    errors = {s: e.replace(str(tmp_path), "ROOT") for s, e in zip(table.column("scene_id").to_pylist(),
+                                                                   table.column("error").to_pylist()) if e}
+    assert errors == {
+        "0002clip": "scene has 3 frames, fewer than the 8 views of a window",
+        "0004clip": "DatasetError: ROOT/test/0004clip.txt:8 [extrinsics]: field 'extrinsics': rotation block is not a "
+                    "proper rotation (R R^T != I or det != 1)",
+        "0007clip": "DatasetError: ROOT/test/0007clip.txt:32 [cx]: malformed number '0.5q'",
+        "0009clip": "DatasetError: ROOT/frames/0009clip/19523677.{png,jpg,jpeg}:79 [timestamp_us]: missing frame file "
+                    "(listed in 0009clip.txt)",
+        "000bclip": "DatasetError: ROOT/frames/000bclip: frame directory of the clip does not exist",
+    }
+    random_table = plan_table(reader, PlanConfig(views=6, windows_per_scene=4, policy="random", seed=3), FP)
+    assert (random_table.num_rows, _plan_digest(random_table)) == (
+        33, "6a4fa72708acc5372d1548a89dbb155d0e2c809382c8a0de6fabaace6a86ba74")
+
+
+def test_batched_reading_matches_the_precise_reader(tmp_path):
+    """Clips read in a batch (one parse, one camera check) equal the per-clip precise reading, and
+    a bad clip in a batch gets exactly the error reading it alone gives."""
+    from cameo_corr.datasets.re10k import RE10KReader
+
+    keys = _fake_re10k(tmp_path)
+    reader = RE10KReader(tmp_path)
+    batch = reader._clips(keys)
+    for key, got in zip(keys, batch):
+        want = reader._clip_precise(key)
+        if isinstance(want, Exception):
+            assert type(got) is type(want) and str(got) == str(want) and (got.line, got.field) == (want.line, want.field)
+            with pytest.raises(type(want), match=re.escape(str(want))):
+                reader.scene(key)
+        else:
+            assert (got.stamps, got.names, got.hw) == (want.stamps, want.names, want.hw)
+            np.testing.assert_array_equal(got.cameras, want.cameras)
+    ids = reader.frame_ids_batch(keys)
+    assert [isinstance(i, Exception) for i in ids] == [isinstance(c, Exception) for c in batch]
+    assert sum(isinstance(i, Exception) for i in ids) == 4  # rotation, malformed number, missing frame, no frames dir
+
+
+def test_planning_workers_give_the_same_batches(tmp_path):
+    """Worker processes plan the same batches, in the same order, as the calling process."""
+    from cameo_corr.datasets.re10k import RE10KReader
+    from cameo_corr.pipeline.planner import iter_plan_batches, plan_workers
+
+    _fake_re10k(tmp_path)
+    reader = RE10KReader(tmp_path)
+    cfg = default_plan_config("re10k", views=8, windows_per_scene=10)
+    serial = list(iter_plan_batches(reader, cfg, FP, scenes_per_batch=3))
+    parallel = list(iter_plan_batches(reader, cfg, FP, scenes_per_batch=3, workers=2))
+    assert len(serial) == len(parallel) == 4 and all(a.equals(b) for a, b in zip(serial, parallel))
+    assert plan_workers(1000) == 1 and plan_workers(10 * 2048) >= 1 and plan_workers(10**6) <= 8
+
+
+def test_window_id_hasher_windows_equals_one_call_per_window():
+    from cameo_corr.schemas import WindowIdHasher
+
+    hasher = WindowIdHasher(FP)
+    frames = ["0001", 'quo"te', "ünï\\code", "tab\there", "5"]
+    rows = [[0, 1, 2], [2, 3, 4], [0, 4, 1]]
+    assert hasher.windows("re10k", "test", "sçene/1", frames, rows) == [
+        hasher("re10k", "test", "sçene/1", [frames[i] for i in r]) for r in rows]

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cameo_corr.datasets import open_dataset
 from cameo_corr.datasets.canonical import CanonicalView, load_window
@@ -262,3 +264,34 @@ def test_bad_chunk_index(tmp_path: Path) -> None:
     assert e.value.scene_id == "abc"
     with pytest.raises(DatasetError, match="not in the chunk index"):
         reader.scene("other")
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32), scale=st.floats(-3e-3, 3e-3), shear=st.floats(-3e-3, 3e-3),
+       fx=st.sampled_from([0.9, 0.0, -0.5, float("nan"), 1e308]), unused=st.sampled_from([0.0, float("inf")]))
+def test_quick_camera_check_never_passes_an_invalid_camera(seed, scale, shear, fx, unused):
+    """The batched pre-check of camera rows passes only cameras that ``validate_camera`` accepts
+    (flagged rows go to the precise reader), and passes ordinary valid ones."""
+    from cameo_corr.datasets.re10k import _cameras, _suspect_rows
+    from cameo_corr.schemas import SchemaError, validate_camera
+
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    R = q * np.sign(np.linalg.det(q))
+    rows = []
+    for M in (R, R * (1 + scale), R + shear * np.eye(3)[[1, 2, 0]]):
+        rows.append([1000, fx, 1.6, 0.5, 0.5, unused, 0, *np.c_[M, [0.1, 0.2, 0.3]].reshape(-1)])
+    table = np.array(rows)
+    H, W = np.full(3, 360), np.full(3, 640)
+    suspect = _suspect_rows(table, H, W)
+    with np.errstate(over="ignore"):
+        K, E = _cameras(table[:, 1:], H, W)
+    for i in range(3):
+        try:
+            validate_camera(K[i], E[i], where="")
+            valid = np.isfinite(table[i]).all()
+        except SchemaError:
+            valid = False
+        assert valid or suspect[i]
+    if fx == 0.9 and unused == 0.0:
+        assert not suspect[0]

@@ -14,12 +14,12 @@ import inspect
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from cameo_corr.datasets.image_io import read_image
-from cameo_corr.schemas import DatasetError, FrameRecord, SceneRecord
+from cameo_corr.schemas import CameoCorrError, DatasetError, FrameRecord, SceneRecord
 
 
 class SceneReader(abc.ABC):
@@ -58,6 +58,18 @@ class SceneReader(abc.ABC):
         records override this with a path that validates the same input without building them.
         """
         return [f.frame_id for f in self.scene(scene_id).frames]
+
+    def frame_ids_batch(self, scene_ids: Sequence[str]) -> list[list[str] | CameoCorrError]:
+        """:meth:`frame_ids` of many scenes, each the list of ids or the :class:`CameoCorrError` reading
+        that scene raised (what window planning asks for). Readers that validate many scenes faster
+        together override it; the results and errors stay those of :meth:`frame_ids`."""
+        out: list[list[str] | CameoCorrError] = []
+        for sid in scene_ids:
+            try:
+                out.append(self.frame_ids(sid))
+            except CameoCorrError as e:
+                out.append(e)
+        return out
 
     def scenes(self) -> Iterator[SceneRecord]:
         """All scenes of the split, in :meth:`scene_ids` order (errors propagate per scene)."""

@@ -28,17 +28,19 @@ Frame ids are the timestamps (integer microseconds, as written in the file).
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
 from cameo_corr.datasets.base import SceneReader
 from cameo_corr.datasets.image_io import read_image, read_image_size
 from cameo_corr.schemas import (
+    CameoCorrError,
     DatasetError,
     FrameRecord,
     SceneRecord,
@@ -65,23 +67,88 @@ def camera_from_row(values: Sequence[float], width: int, height: int) -> tuple[n
     return K, make_extrinsics(P[:, :3], P[:, 3])
 
 
-def _checked_cameras(values: np.ndarray, hw: tuple[int, int], path: str, scene_id: str,
-                     where: Callable[[int], dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel ``K [N, 3, 3]`` and world-to-camera ``E [N, 4, 4]`` of ``N`` 18-number camera rows,
-    validated in one batch; the first invalid camera raises :class:`DatasetError` at ``where(i)``."""
-    H, W = hw
+def _cameras(values: np.ndarray, H: Any, W: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel ``K [N, 3, 3]`` and world-to-camera ``E [N, 4, 4]`` of ``N`` 18-number camera rows of
+    images ``H x W`` (numbers, or one per row)."""
     v = np.asarray(values, dtype=np.float64)
     n = len(v)
     K = np.zeros((n, 3, 3))
     K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2], K[:, 2, 2] = W * v[:, 0], H * v[:, 1], W * v[:, 2], H * v[:, 3], 1.0
     E = np.tile(np.eye(4), (n, 1, 1))
     E[:, :3, :] = v[:, 6:18].reshape(n, 3, 4)
+    return K, E
+
+
+def _checked_cameras(values: np.ndarray, hw: tuple[int, int], path: str, scene_id: str,
+                     where: Callable[[int], dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_cameras` of one clip, validated in one batch; the first invalid camera raises
+    :class:`DatasetError` at ``where(i)``."""
+    K, E = _cameras(values, *hw)
     bad = first_invalid_camera(K, E)
     if bad is not None:
         i, e = bad
         loc = where(i)
         raise DatasetError(path, str(e), field=loc.pop("field", None) or e.field, scene_id=scene_id, **loc)
     return K, E
+
+
+class _Clip(NamedTuple):
+    """A validated raw clip: timestamps (frame ids), frame file names, ``(H, W)``, camera numbers
+    ``[N, 18]`` (:func:`_cameras` makes them ``K`` and ``E``)."""
+
+    stamps: list[str]
+    names: list[str]
+    hw: tuple[int, int]
+    cameras: np.ndarray
+
+
+class _Pending(NamedTuple):
+    """A clip whose text and frame files passed the quick checks, its numbers not parsed yet."""
+
+    scene_id: str
+    body: list[str]
+    stamps: list[str]
+    names: list[str]
+    hw: tuple[int, int]
+
+
+def _suspect_rows(table: np.ndarray, H: np.ndarray, W: np.ndarray, rot_tol: float = 1e-3) -> np.ndarray:
+    """Frame lines (timestamp + 18 camera numbers, images ``H x W``) whose camera might fail
+    :func:`~cameo_corr.schemas.validate_camera`: a few column operations, stricter than it by a
+    margin far above rounding, so every clip it passes is valid; flagged clips are decided by the
+    precise reader."""
+    margin = 1e-9
+    with np.errstate(invalid="ignore", over="ignore"):
+        bad = ~np.isfinite(table).all(axis=1)
+        for scale, col in ((W, 1), (H, 2), (W, 3), (H, 4)):
+            bad |= ~np.isfinite(scale * table[:, col])
+        bad |= ~(W * table[:, 1] > 0) | ~(H * table[:, 2] > 0)
+        r = [table[:, 7:10], table[:, 11:14], table[:, 15:18]]  # rows of R
+        for i in range(3):
+            for j in range(i, 3):  # R R^T = I, as np.allclose(atol=rot_tol) checks it
+                bad |= ~(np.abs((r[i] * r[j]).sum(axis=1) - (i == j)) <= rot_tol + 1e-5 * (i == j) - margin)
+        cross = np.stack([r[1][:, 1] * r[2][:, 2] - r[1][:, 2] * r[2][:, 1], r[1][:, 2] * r[2][:, 0] - r[1][:, 0] * r[2][:, 2],
+                          r[1][:, 0] * r[2][:, 1] - r[1][:, 1] * r[2][:, 0]], axis=1)
+        bad |= ~(np.abs((r[0] * cross).sum(axis=1) - 1.0) <= rot_tol - margin)  # det R = 1
+    return bad
+
+
+def _parse_bodies(bodies: Sequence[list[str]]) -> list[np.ndarray | None]:
+    """The ``[lines, 19]`` numbers of each camera-file body (its frame lines), one numeric parse for
+    all of them when they all parse; ``None`` for a body that does not parse to one row of 19 numbers
+    per line (the precise parser then names the problem)."""
+    def parse(lines: Iterable[str]) -> np.ndarray | None:
+        try:
+            return np.loadtxt(lines, dtype=np.float64, ndmin=2)
+        except ValueError:
+            return None
+
+    rows = [len(body) for body in bodies]
+    table = parse(itertools.chain.from_iterable(bodies)) if len(bodies) > 1 else None
+    if table is not None and table.shape == (sum(rows), len(RAW_COLUMNS)):
+        return np.split(table, np.cumsum(rows)[:-1])
+    tables = [parse(body) for body in bodies]
+    return [t if t is not None and t.shape == (n, len(RAW_COLUMNS)) else None for t, n in zip(tables, rows)]
 
 
 class RE10KReader(SceneReader):
@@ -113,7 +180,8 @@ class RE10KReader(SceneReader):
 
     def scene(self, scene_id: str) -> SceneRecord:
         """Parse ``<root>/<split>/<scene_id>.txt`` and locate its frames; errors name file and line."""
-        stamps, names, hw, K, E = self._clip(scene_id)
+        stamps, names, hw, cameras = self._clip(scene_id)
+        K, E = _cameras(cameras, *hw)
         prefix = (self._image_prefix / scene_id).as_posix()
         frames = tuple(
             FrameRecord(frame_id=ts, image_path=f"{prefix}/{name}", image_size=hw, intrinsics=K[i], extrinsics=E[i])
@@ -123,36 +191,114 @@ class RE10KReader(SceneReader):
 
     def frame_ids(self, scene_id: str) -> list[str]:
         """The clip's timestamps, after the same checks as :meth:`scene` (no frame records built)."""
-        return self._clip(scene_id)[0]
+        return self._clip(scene_id).stamps
 
-    def _clip(self, scene_id: str) -> tuple[list[str], list[str], tuple[int, int], np.ndarray, np.ndarray]:
-        """``(timestamps, frame file names, (H, W), K [N, 3, 3], E [N, 4, 4])`` of a validated clip."""
-        path = self.split_dir / f"{scene_id}.txt"
-        if not path.is_file():
-            raise DatasetError(str(path), "camera file of the clip does not exist", scene_id=scene_id)
-        line_nos, stamps, values = self._parse(path, scene_id)
-        frame_dir = self.frames_root / scene_id
-        if not frame_dir.is_dir():
-            raise DatasetError(str(frame_dir), "frame directory of the clip does not exist", scene_id=scene_id)
-        files: dict[str, str] = {}
-        for name in os.listdir(frame_dir):
-            stem, dot, ext = name.rpartition(".")
-            if dot and f".{ext.lower()}" in FRAME_EXTENSIONS:
-                if stem in files:
-                    raise DatasetError(str(frame_dir / name), f"two frame files for timestamp {stem} ({files[stem]})",
-                                       scene_id=scene_id)
-                files[stem] = name
-        names: list[str] = []
-        for line_no, ts in zip(line_nos, stamps):
-            if ts not in files:
-                expected = frame_dir / f"{ts}.{{png,jpg,jpeg}}"
-                raise DatasetError(str(expected), f"missing frame file (listed in {path.name})", line=line_no,
-                                   field="timestamp_us", scene_id=scene_id)
-            names.append(files[ts])
-        first = frame_dir / names[0]
-        hw = read_image_size(first, str(first), scene_id, field="image")
-        K, E = _checked_cameras(values, hw, str(path), scene_id, lambda i: {"line": line_nos[i]})
-        return stamps, names, hw, K, E
+    def frame_ids_batch(self, scene_ids: Sequence[str]) -> list[list[str] | CameoCorrError]:
+        """:meth:`frame_ids` of many clips, read together (see :meth:`_clips`)."""
+        return [c if isinstance(c, CameoCorrError) else c.stamps for c in self._clips(scene_ids)]
+
+    def _clip(self, scene_id: str) -> _Clip:
+        """The validated clip ``scene_id``; raises :class:`DatasetError` naming file and line."""
+        (clip,) = self._clips([scene_id])
+        if isinstance(clip, DatasetError):
+            raise clip
+        return clip
+
+    def _clips(self, scene_ids: Sequence[str]) -> list[_Clip | DatasetError]:
+        """The validated clips ``scene_ids``, or the error of each bad one.
+
+        Clips whose camera file has no blank line and whose frame directory holds exactly the listed
+        frames (one extension) are parsed with one numeric parse and their cameras checked with a few
+        column operations for all of them (:func:`_suspect_rows`); any other clip, and any clip those
+        checks flag, goes through :meth:`_clip_precise`, which decides it exactly and reports the
+        first problem by file, line and field.
+        """
+        out: list[_Clip | DatasetError | None] = [None] * len(scene_ids)
+        pending: list[tuple[int, _Pending]] = []
+        for pos, sid in enumerate(scene_ids):
+            quick = self._quick(sid)
+            if quick is None:
+                out[pos] = self._clip_precise(sid)
+            else:
+                pending.append((pos, quick))
+        tables = _parse_bodies([q.body for _, q in pending])
+        for (pos, q), table in zip(pending, tables):
+            if table is None:
+                out[pos] = self._clip_precise(q.scene_id)
+        pending = [(pos, q) for pos, q in pending if out[pos] is None]
+        if not pending:
+            return out  # type: ignore[return-value]
+        table = np.concatenate([t for t in tables if t is not None])
+        counts = np.array([len(q.stamps) for _, q in pending])
+        hw = np.array([q.hw for _, q in pending])
+        suspect = _suspect_rows(table, np.repeat(hw[:, 0], counts), np.repeat(hw[:, 1], counts))
+        for c in np.unique(np.repeat(np.arange(len(pending)), counts)[suspect]):
+            out[pending[c][0]] = self._clip_precise(pending[c][1].scene_id)  # names the line, or accepts it
+        for (pos, q), a, b in zip(pending, np.cumsum(counts) - counts, np.cumsum(counts)):
+            if out[pos] is None:
+                out[pos] = _Clip(q.stamps, q.names, q.hw, table[a:b, 1:])
+        return out  # type: ignore[return-value]
+
+    def _quick(self, scene_id: str) -> _Pending | None:
+        """A clip whose camera file (URL line, then one frame line per line, integer timestamps that
+        do not repeat) and frame directory (exactly one file per timestamp, one extension, a readable
+        first frame) pass the checks that need no numeric parse; ``None`` for anything else."""
+        try:
+            lines = (self.split_dir / f"{scene_id}.txt").read_text(encoding="utf-8").splitlines()
+            names = os.listdir(self.frames_root / scene_id)
+        except (OSError, UnicodeDecodeError):
+            return None
+        if len(lines) < 2 or not lines[0].strip() or len(lines[0].split()) == len(RAW_COLUMNS):
+            return None
+        body = lines[1:]
+        try:
+            stamps = [line.split(None, 1)[0] for line in body]
+        except IndexError:  # a blank line
+            return None
+        if not "".join(stamps).isdigit() or len(set(stamps)) != len(stamps) or len(names) != len(stamps):
+            return None
+        ext = names[0][names[0].rfind(".") :]
+        files = [ts + ext for ts in stamps]
+        if ext.lower() not in FRAME_EXTENSIONS or set(files) != set(names):
+            return None
+        first = self.frames_root / scene_id / files[0]
+        try:
+            hw = read_image_size(first, str(first), scene_id, field="image")
+        except DatasetError:
+            return None
+        return _Pending(scene_id, body, stamps, files, hw)
+
+    def _clip_precise(self, scene_id: str) -> _Clip | DatasetError:
+        """The clip checked step by step in file order; the first problem is returned as the error."""
+        try:
+            path = self.split_dir / f"{scene_id}.txt"
+            if not path.is_file():
+                raise DatasetError(str(path), "camera file of the clip does not exist", scene_id=scene_id)
+            line_nos, stamps, values = self._parse(path, scene_id)
+            frame_dir = self.frames_root / scene_id
+            if not frame_dir.is_dir():
+                raise DatasetError(str(frame_dir), "frame directory of the clip does not exist", scene_id=scene_id)
+            files: dict[str, str] = {}
+            for name in os.listdir(frame_dir):
+                stem, dot, ext = name.rpartition(".")
+                if dot and f".{ext.lower()}" in FRAME_EXTENSIONS:
+                    if stem in files:
+                        raise DatasetError(str(frame_dir / name), f"two frame files for timestamp {stem} ({files[stem]})",
+                                           scene_id=scene_id)
+                    files[stem] = name
+            names: list[str] = []
+            for line_no, ts in zip(line_nos, stamps):
+                if ts not in files:
+                    expected = frame_dir / f"{ts}.{{png,jpg,jpeg}}"
+                    raise DatasetError(str(expected), f"missing frame file (listed in {path.name})", line=line_no,
+                                       field="timestamp_us", scene_id=scene_id)
+                names.append(files[ts])
+            first = frame_dir / names[0]
+            hw = read_image_size(first, str(first), scene_id, field="image")
+            _checked_cameras(values, hw, str(path), scene_id, lambda i: {"line": line_nos[i]})
+        except DatasetError as e:
+            return e
+        return _Clip(stamps, names, hw, values)
 
     def load_image(self, frame: FrameRecord) -> np.ndarray:
         """Decode the frame file as RGB uint8 ``[H, W, 3]``."""

@@ -27,15 +27,21 @@ At scale, :func:`iter_plan_batches` / :func:`plan_table` plan without keeping fr
 planned window is one row of an Arrow table (``window_id``, ``dataset``, ``split``, ``scene_id``,
 ``frame_ids``, ``error``: :func:`plan_schema`), built scene by scene in record batches, so a million
 planned windows take tens of MB; the load stage rebuilds the frames with ``reader.scene(scene_id)``.
-Readers supply image sizes from metadata (RealEstate10K: one header per clip) and validate a clip's
-cameras in one batch, so planning opens no image per frame. :func:`assign_shards` groups the table into
-shards the way :func:`make_shards` does.
+Readers supply image sizes from metadata (RealEstate10K: one header per clip) and give the frame ids
+of many scenes at once (``reader.frame_ids_batch``: RealEstate10K parses and checks the cameras of a
+few hundred clips together), so planning opens no image per frame and does no per-frame Python work
+beyond reading ids. Large plans run in worker processes (:func:`plan_workers`), each planning whole
+batches of scenes; the batches are joined in scene order, so the table is the same with any number
+of workers. :func:`assign_shards` groups the table into shards the way :func:`make_shards` does.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
@@ -174,12 +180,16 @@ def positions_of(frame_ids: Sequence[str], config: PlanConfig, where: str, scene
     return (t - t[0]) * config.fps / 1e6
 
 
-def stride_indices(positions: np.ndarray, views: int, span: tuple[float, float], rng: np.random.Generator) -> list[int]:
-    """Frame indices of one ``stride`` window (see the module docstring for the clamping rule).
+def stride_bounds(positions: np.ndarray, views: int, span: tuple[float, float], rng: np.random.Generator,
+                  count: int = 1) -> list[tuple[int, int]]:
+    """``(first, last)`` frame indices of ``count`` successive ``stride`` windows (see the module
+    docstring for the clamping rule); :func:`spaced_indices` gives their S frames.
 
-    ``span`` is the ``(lo, hi)`` window span in raw frames. A span ``L`` is drawn uniformly from the
-    clamped range, then a start frame uniformly among those leaving room for ``L`` and S frames; the
-    end frame is the first at or beyond ``start + L`` and the S frames are spaced uniformly in index.
+    ``positions`` must be non-decreasing. ``span`` is the ``(lo, hi)`` window span in raw frames. A
+    span ``L`` is drawn uniformly from the clamped range, then a start frame uniformly among those
+    leaving room for ``L`` and S frames; the end frame is the first at or beyond ``start + L`` (at
+    least S - 1 frames on). The scene's bounds are computed once and each draw costs two binary
+    searches, with the generator called exactly as a per-window search over all frames would.
     """
     n = len(positions)
     if n < views:
@@ -189,14 +199,33 @@ def stride_indices(positions: np.ndarray, views: int, span: tuple[float, float],
     whole = float(p[-1] - p[0])
     lo = min(max(span[0], tightest), whole)
     hi = min(max(span[1], lo), whole)
-    length = float(rng.uniform(lo, hi)) if hi > lo else lo
     eps = 1e-9 * max(1.0, whole)
-    ends = np.searchsorted(p, p + length - eps, side="left")
-    ends = np.maximum(ends, np.arange(n) + views - 1)
-    starts = np.flatnonzero(ends <= n - 1)
-    i0 = int(starts[rng.integers(len(starts))])
-    i1 = int(ends[i0])
-    return [int(v) for v in np.round(np.linspace(i0, i1, views)).astype(np.int64)]
+    pl = p.tolist()
+    out: list[tuple[int, int]] = []
+    for _ in range(count):
+        length = float(rng.uniform(lo, hi)) if hi > lo else lo
+        # start i is possible when the first frame at/after p[i] + L exists and i + S - 1 < n; both
+        # hold on a prefix of the frames since positions do not decrease
+        possible = min(bisect.bisect_right(pl, pl[-1], key=lambda x: x + length - eps), n - views + 1)
+        i0 = int(rng.integers(possible))
+        out.append((i0, max(bisect.bisect_left(pl, pl[i0] + length - eps), i0 + views - 1)))
+    return out
+
+
+def spaced_indices(bounds: Iterable[tuple[int, int]], views: int) -> list[list[int]]:
+    """S frame indices spaced uniformly from ``first`` to ``last`` of each ``(first, last)`` in
+    ``bounds``: ``np.round(np.linspace(first, last, S))`` (the same floating-point steps, rounding
+    half to even), computed in Python, which is faster for a few windows."""
+    out = []
+    for first, last in bounds:
+        step = (last - first) / (views - 1)
+        out.append([round(k * step + first) for k in range(views - 1)] + [int(last)])
+    return out
+
+
+def stride_indices(positions: np.ndarray, views: int, span: tuple[float, float], rng: np.random.Generator) -> list[int]:
+    """Frame indices of one ``stride`` window (:func:`stride_bounds` then :func:`spaced_indices`)."""
+    return spaced_indices(stride_bounds(positions, views, span, rng), views)[0]
 
 
 def random_indices(n: int, views: int, rng: np.random.Generator) -> list[int]:
@@ -206,26 +235,27 @@ def random_indices(n: int, views: int, rng: np.random.Generator) -> list[int]:
     return sorted(int(v) for v in rng.choice(n, size=views, replace=False))
 
 
+def scene_window_bounds(dataset: str, split: str, scene_id: str, frame_ids: Sequence[str], config: PlanConfig) -> list[tuple[int, int]]:
+    """``(first, last)`` frame index of the up to K distinct ``stride`` windows of a scene with at
+    least S frames ``frame_ids`` (capture order), duplicates dropped (a window's frames are fixed by
+    its first and last)."""
+    rng = scene_rng(config.seed, dataset, split, scene_id)
+    positions = positions_of(frame_ids, config, f"{dataset}/{split}/{scene_id}", scene_id)
+    span = (config.views * config.span_per_view[0], config.views * config.span_per_view[1])
+    return list(dict.fromkeys(stride_bounds(positions, config.views, span, rng, config.windows_per_scene)))
+
+
 def scene_window_indices(dataset: str, split: str, scene_id: str, frame_ids: Sequence[str], config: PlanConfig) -> list[list[int]]:
     """Frame indices of the up to K distinct windows of a scene with frames ``frame_ids`` (capture
     order); empty when it has fewer than S frames."""
     S = config.views
     if len(frame_ids) < S:
         return []
+    if config.policy == "stride":
+        return spaced_indices(scene_window_bounds(dataset, split, scene_id, frame_ids, config), S)
     rng = scene_rng(config.seed, dataset, split, scene_id)
-    positions = positions_of(frame_ids, config, f"{dataset}/{split}/{scene_id}", scene_id) if config.policy == "stride" else None
-    span = (S * config.span_per_view[0], S * config.span_per_view[1])
-    seen: set[tuple[int, ...]] = set()
-    out: list[list[int]] = []
-    for _ in range(config.windows_per_scene):
-        if positions is not None:
-            idx = stride_indices(positions, S, span, rng)
-        else:
-            idx = random_indices(len(frame_ids), S, rng)
-        if tuple(idx) not in seen:
-            seen.add(tuple(idx))
-            out.append(idx)
-    return out
+    windows = (tuple(random_indices(len(frame_ids), S, rng)) for _ in range(config.windows_per_scene))
+    return [list(idx) for idx in dict.fromkeys(windows)]
 
 
 def _too_short(frames: int, config: PlanConfig) -> str:
@@ -303,54 +333,125 @@ def plan_schema() -> "pa.Schema":
 
 def iter_plan_batches(
     reader: Any, config: PlanConfig, fingerprint: Mapping[str, Any], *, scene_ids: Iterable[str] | None = None,
-    scenes_per_batch: int = 2048,
+    scenes_per_batch: int = 2048, workers: int = 1,
 ) -> Iterator["pa.RecordBatch"]:
     """Plan scene by scene, yielding record batches of :func:`plan_schema` (one per
     ``scenes_per_batch`` scenes), in the reader's scene order; no frame record outlives its scene.
 
-    Same windows and ids as :func:`plan_windows`. A consumer may start work on a batch while the
-    next one is planned.
+    Same windows and ids as :func:`plan_windows`. Frame ids come from
+    ``reader.frame_ids_batch`` (readers validate many scenes together), at most
+    :data:`READ_BATCH` scenes at a time. With ``workers > 1`` the batches are planned by that many
+    processes (the reader is sent to each once) and yielded in the same order, so the result is
+    the same as with one. A consumer may start work on a batch while the next ones are planned.
     """
+    ids: Iterable[str] = reader.scene_ids() if scene_ids is None else scene_ids
+    if workers <= 1:
+        yield from _plan_batches(reader, config, fingerprint, ids, scenes_per_batch)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # never fork a process that may run Ray or torch threads
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_planner,
+                               initargs=(reader, config, dict(fingerprint)))
+    try:
+        yield from pool.map(_plan_chunk, _chunks(ids, scenes_per_batch))
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def plan_workers(scenes: int, scenes_per_batch: int = 2048) -> int:
+    """Processes :func:`plan_table` uses by default: one below :data:`PARALLEL_MIN_BATCHES` batches of
+    scenes (starting a process costs about a second), else one per CPU of this process, at most one
+    per batch and at most 8."""
+    batches = math.ceil(scenes / scenes_per_batch)
+    if batches < PARALLEL_MIN_BATCHES:
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, batches, 8))
+
+
+PARALLEL_MIN_BATCHES = 4
+"""Batches of scenes below which planning stays in the calling process."""
+
+_PLANNER: tuple[Any, PlanConfig, Mapping[str, Any]] | None = None
+"""``(reader, config, fingerprint)`` of a planning worker process (set by :func:`_start_planner`)."""
+
+
+def _start_planner(reader: Any, config: PlanConfig, fingerprint: Mapping[str, Any]) -> None:
+    global _PLANNER
+    _PLANNER = (reader, config, fingerprint)
+
+
+def _plan_chunk(scene_ids: list[str]) -> "pa.RecordBatch":
+    """The planned windows of ``scene_ids`` as one record batch (in a planning worker)."""
+    assert _PLANNER is not None, "planning worker not started"
+    (batch,) = _plan_batches(*_PLANNER, scene_ids, len(scene_ids))
+    return batch
+
+
+def _plan_batches(reader: Any, config: PlanConfig, fingerprint: Mapping[str, Any], scene_ids: Iterable[str],
+                  scenes_per_batch: int) -> Iterator["pa.RecordBatch"]:
+    """:func:`iter_plan_batches` in this process."""
     import pyarrow as pa
 
     hasher = WindowIdHasher(fingerprint)
     schema = plan_schema()
+    dataset, split = reader.tag, reader.split
     cols: dict[str, list[Any]] = {c: [] for c in PLAN_COLUMNS}
 
-    def add(wid: str, dataset: str, split: str, sid: str, frame_ids: list[str], error: str | None) -> None:
-        for c, v in zip(PLAN_COLUMNS, (wid, dataset, split, sid, frame_ids, error)):
-            cols[c].append(v)
+    def add(sid: str, ids: list[str], frames: list[list[str]], error: str | None) -> None:
+        cols["window_id"] += ids
+        cols["frame_ids"] += frames
+        for c, v in (("dataset", dataset), ("split", split), ("scene_id", sid), ("error", error)):
+            cols[c] += [v] * len(ids)
 
     n = 0
-    for sid in reader.scene_ids() if scene_ids is None else scene_ids:
-        try:
-            frame_ids = reader.frame_ids(sid)
-            if len(frame_ids) < config.views:
-                add(hasher(reader.tag, reader.split, sid, frame_ids), reader.tag, reader.split, sid, [],
-                    _too_short(len(frame_ids), config))
+    for chunk in _chunks(scene_ids, min(READ_BATCH, scenes_per_batch)):
+        for sid, frame_ids in zip(chunk, reader.frame_ids_batch(chunk)):
+            if isinstance(frame_ids, CameoCorrError):
+                add(sid, [hasher(dataset, split, sid, [])], [[]], f"{type(frame_ids).__name__}: {frame_ids}")
+            elif len(frame_ids) < config.views:
+                add(sid, [hasher(dataset, split, sid, frame_ids)], [[]], _too_short(len(frame_ids), config))
             else:
-                for idx in scene_window_indices(reader.tag, reader.split, sid, frame_ids, config):
-                    ids = [frame_ids[i] for i in idx]
-                    add(hasher(reader.tag, reader.split, sid, ids), reader.tag, reader.split, sid, ids, None)
-        except CameoCorrError as e:
-            add(hasher(reader.tag, reader.split, sid, []), reader.tag, reader.split, sid, [], f"{type(e).__name__}: {e}")
-        n += 1
-        if n % scenes_per_batch == 0 and cols["window_id"]:
-            yield pa.RecordBatch.from_pydict(cols, schema=schema)
-            cols = {c: [] for c in PLAN_COLUMNS}
+                try:
+                    idx = scene_window_indices(dataset, split, sid, frame_ids, config)
+                except CameoCorrError as e:
+                    add(sid, [hasher(dataset, split, sid, [])], [[]], f"{type(e).__name__}: {e}")
+                else:
+                    add(sid, hasher.windows(dataset, split, sid, frame_ids, idx), [[frame_ids[i] for i in w] for w in idx], None)
+            n += 1
+            if n % scenes_per_batch == 0 and cols["window_id"]:
+                yield pa.RecordBatch.from_pydict(cols, schema=schema)
+                cols = {c: [] for c in PLAN_COLUMNS}
     if cols["window_id"]:
         yield pa.RecordBatch.from_pydict(cols, schema=schema)
 
 
+READ_BATCH = 256
+"""Scenes whose frame ids a reader is asked for at once while planning."""
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    """``items`` in lists of ``size`` (the last one shorter)."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
 def plan_table(
-    reader: Any, config: PlanConfig, fingerprint: Mapping[str, Any], *, scene_ids: Iterable[str] | None = None
+    reader: Any, config: PlanConfig, fingerprint: Mapping[str, Any], *, scene_ids: Iterable[str] | None = None,
+    workers: int | None = None,
 ) -> "pa.Table":
-    """All planned windows of ``reader`` as one Arrow table (:func:`iter_plan_batches`); raises
-    :class:`SchemaError` when two planned windows share an id."""
+    """All planned windows of ``reader`` as one Arrow table (:func:`iter_plan_batches` with
+    ``workers`` processes, by default :func:`plan_workers`); raises :class:`SchemaError` when two
+    planned windows share an id."""
     import pyarrow.compute as pc
 
+    ids = list(reader.scene_ids() if scene_ids is None else scene_ids)
+    workers = plan_workers(len(ids)) if workers is None else workers
     table = plan_schema().empty_table()
-    batches = list(iter_plan_batches(reader, config, fingerprint, scene_ids=scene_ids))
+    batches = list(iter_plan_batches(reader, config, fingerprint, scene_ids=ids, workers=workers))
     if batches:
         import pyarrow as pa
 
@@ -422,8 +523,11 @@ __all__ = [
     "scene_rng",
     "frame_positions",
     "positions_of",
+    "stride_bounds",
+    "spaced_indices",
     "stride_indices",
     "random_indices",
+    "scene_window_bounds",
     "scene_window_indices",
     "plan_scene",
     "failed_window",
@@ -432,6 +536,9 @@ __all__ = [
     "DEFAULT_SHARD_SIZE",
     "plan_schema",
     "iter_plan_batches",
+    "plan_workers",
+    "PARALLEL_MIN_BATCHES",
+    "READ_BATCH",
     "plan_table",
     "assign_shards",
     "shard_id_of",

@@ -434,6 +434,23 @@ class WindowIdHasher:
         head = json.dumps([dataset, split, scene_id, list(frame_ids)], separators=(",", ":"), default=str)
         return hashlib.sha256(f"{head[:-1]},{self._config}]".encode()).hexdigest()[:16]
 
+    def windows(self, dataset: str, split: str, scene_id: str, frame_ids: Sequence[str], windows: Any) -> list[str]:
+        """Ids of the windows of one scene given as rows of frame indices into ``frame_ids`` (strings):
+        ``[self(dataset, split, scene_id, [frame_ids[i] for i in row]) for row in windows]``, with the
+        scene's part of the payload and each frame id serialised once."""
+        head = json.dumps([dataset, split, scene_id], separators=(",", ":"))[:-1]
+        encoded: dict[int, str] = {}
+        out = []
+        for row in windows:
+            parts = []
+            for i in row:
+                if i not in encoded:
+                    encoded[i] = json.encoder.encode_basestring_ascii(frame_ids[i])  # what json.dumps writes
+                parts.append(encoded[i])
+            payload = f"{head},[{','.join(parts)}],{self._config}]"
+            out.append(hashlib.sha256(payload.encode()).hexdigest()[:16])
+        return out
+
 
 @dataclass(frozen=True)
 class WindowRecord:
