@@ -63,24 +63,30 @@ def run_dir(work: Path, name: str, overrides: list[str]) -> Path:
 
 
 def run(cfg_overrides: list[str], out: Path, steps: int) -> list[dict[str, Any]]:
-    """Train (or resume) one run; return its metric rows."""
+    """Train (or resume) one run to ``steps``; return its metric rows up to ``steps`` (a run that went
+    further is read up to there: the LR schedule is constant, so the first ``steps`` do not depend on
+    the length of the run)."""
     from cameo_corr.train.config import load_config, preset_path
     from cameo_corr.train.loop import read_metrics, train
 
     cfg = load_config(preset_path("tiny_cpu"), [*cfg_overrides, f"train.max_steps={steps}"])
     train(cfg, out, resume="auto")
-    return read_metrics(out)
+    rows = read_metrics(out)
+    if rows[-1]["step"] > steps and cfg.optim.lr_scheduler not in ("constant", "constant_with_warmup"):
+        raise SystemExit(f"{out} went past --steps {steps} with optim.lr_scheduler={cfg.optim.lr_scheduler},"
+                         " so its first steps depend on its length: use --steps of at least its length")
+    return [r for r in rows if r["step"] <= steps]
 
 
 def reevaluate(cfg_overrides: list[str], out: Path, steps: int, policy: str) -> list[dict[str, Any]]:
-    """Evaluate every checkpoint of a finished run again with ``eval.mask_policy=policy`` (same held-out
-    batches, timestep and noise; only the mask of the targets differs). Rows are cached in
+    """Evaluate every checkpoint (up to ``steps``) of a finished run again with ``eval.mask_policy=policy``
+    (same held-out batches, timestep and noise; only the mask of the targets differs). Rows are cached in
     ``<out>/eval_<policy>.jsonl``."""
     from cameo_corr.train.config import load_config, preset_path
     from cameo_corr.train.loop import Trainer, checkpoint_dirs, evaluate
 
     cached = out / f"eval_{policy}.jsonl"
-    checkpoints = checkpoint_dirs(out)
+    checkpoints = [c for c in checkpoint_dirs(out) if int(c.name.split("-")[-1]) <= steps]
     if cached.exists():
         rows = [json.loads(line) for line in cached.read_text().splitlines() if line.strip()]
         if [r["checkpoint"] for r in rows] == [c.name for c in checkpoints]:
