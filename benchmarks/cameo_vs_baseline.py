@@ -181,40 +181,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     extra = {name: reevaluate(overrides, run_dir(args.work, name, overrides), args.steps, args.also_eval)
              for name, (overrides, _) in specs.items()} if args.also_eval else {}
 
-    fig, (ax_p, ax_d) = plt.subplots(1, 2, figsize=(12, 4.5))
+    from cameo_corr.train.config import load_config, preset_path
+
+    def eval_policy(overrides: list[str]) -> str:
+        e = load_config(preset_path("tiny_cpu"), overrides)
+        return e.eval.mask_policy or e.data.mask_policy
+
+    ax_e = None
+    if extra:
+        fig, (ax_p, ax_e, ax_d) = plt.subplots(1, 3, figsize=(17, 4.8))
+    else:
+        fig, (ax_p, ax_d) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {"cameo": "tab:red", "compare": "tab:green", "baseline": "tab:blue"}
     summary: dict[str, Any] = {"steps": args.steps, "lambda": args.lam, "mode": args.mode, "eval_every": args.eval_every,
                                "set": args.set, "also_eval": args.also_eval}
     for name, rs in rows.items():
         label = specs[name][1]
         ev = [r for r in rs if "eval_precision" in r]
-        ax_p.plot([r["step"] for r in ev], [100 * r["eval_precision"] for r in ev], "-o", ms=3, color=colors[name], label=f"{label}, held-out")
-        if name in extra:
-            ax_p.plot([r["step"] for r in extra[name]], [100 * r["eval_precision"] for r in extra[name]], "--s", ms=3,
-                      color=colors[name], alpha=0.6, label=f"{label}, held-out, {args.also_eval} targets")
+        ax_p.plot([r["step"] for r in ev], [100 * r["eval_precision"] for r in ev], "-o", ms=3, color=colors[name],
+                  label=f"{label}, held-out ({eval_policy(specs[name][0])} targets)")
         ax_p.plot([r["step"] for r in rs], [100 * v for v in smooth([r["precision"] for r in rs])], ":", color=colors[name], alpha=0.7,
-                  label=f"{label}, training batches (smoothed)")
+                  label=f"{label}, training batches, own mask (smoothed)")
+        if ax_e is not None:
+            ax_e.plot([r["step"] for r in extra[name]], [100 * r["eval_precision"] for r in extra[name]], "-s", ms=3,
+                      color=colors[name], label=label)
         ax_d.plot([r["step"] for r in rs], smooth([r["diffusion"] for r in rs], 50), color=colors[name], label=label)
         summary[name] = {
             "label": label,
             "overrides": [o for o in specs[name][0] if o not in common],
+            "eval_mask_policy": eval_policy(specs[name][0]),
             **curve_summary(ev, args.steps),
             "final_train_diffusion_smoothed": smooth([r["diffusion"] for r in rs], 50)[-1],
             "seconds": rs[-1]["time"],
             "eval": [{"step": r["step"], "precision": r["eval_precision"], "diffusion": r["eval_diffusion"]} for r in ev],
         }
         if name in extra:
-            summary[name][f"{args.also_eval}_targets"] = curve_summary(extra[name], args.steps)
-    ax_p.set_xlabel("optimizer step")
+            summary[name][f"{args.also_eval}_targets"] = {
+                **curve_summary(extra[name], args.steps),
+                "eval": [{"step": r["step"], "precision": r["eval_precision"]} for r in extra[name]],
+            }
+    axes = [ax_p, ax_d] if ax_e is None else [ax_p, ax_e, ax_d]
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
     ax_p.set_ylabel("attention correspondence precision (%)")
-    ax_p.set_title("supervised layer, within 1 token of the cached target")
-    ax_p.legend(fontsize=6)
-    ax_p.grid(alpha=0.3)
-    ax_d.set_xlabel("optimizer step")
+    ax_p.set_title("supervised layer, argmax within 1 token of the target", fontsize=10)
+    if ax_e is not None:
+        ax_e.set_ylabel("attention correspondence precision (%)")
+        ax_e.set_title(f"held-out, scored on {args.also_eval} targets (from checkpoints)", fontsize=10)
     ax_d.set_ylabel("diffusion loss (v-prediction MSE, 50-step mean)")
-    ax_d.set_title("diffusion loss on training batches")
-    ax_d.legend(fontsize=6)
-    ax_d.grid(alpha=0.3)
+    ax_d.set_title("diffusion loss on training batches", fontsize=10)
     fig.tight_layout()
     args.png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.png, dpi=120)
