@@ -9,7 +9,8 @@
 * :class:`RunFailed` (the input was fine but the run did not produce what it should): one line, exit 1;
 * ``OSError`` with a path (missing, not writable, a file where a directory is expected): one line,
   exit 2; a full disk (``ENOSPC``/``EDQUOT``) or another I/O failure: one line, exit 1;
-* Ctrl-C: ``cameo-corr <command>: interrupted``, exit 130 (128 + SIGINT, as shells report it);
+* Ctrl-C: ``cameo-corr <command>: interrupted``, exit 130 (128 + SIGINT, as shells report it); a
+  handler may re-raise ``KeyboardInterrupt(<what is kept>)`` to add that to the line;
 * stdout closed early (``cameo-corr cache stats ... | head``): no message, exit 141 (128 + SIGPIPE).
 
 Anything else is a bug and keeps its traceback.
@@ -126,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except KeyboardInterrupt:
-        _report(prog, "interrupted")
+    except KeyboardInterrupt as e:  # a handler may say what survives the interruption
+        _report(prog, "; ".join(["interrupted", *map(str, e.args)]))
         return EXIT_INTERRUPTED
     except CommandError as e:
         _report(prog, f"error: {e}")
@@ -142,11 +143,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(prog: str, text: str) -> None:
+    """Print ``<prog>: <text>`` on stderr as one line (newlines in a message are folded)."""
     try:
-        print(f"{prog}: {text}", file=sys.stderr, flush=True)
+        print(f"{prog}: {' '.join(text.split())}", file=sys.stderr, flush=True)
     except OSError:  # stderr itself is gone: nothing left to tell
         pass
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # ``python -m cameo_corr.cli`` runs this file as ``__main__``, a second copy of the module: run the
+    # imported one, whose error classes are the ones the command handlers raise.
+    from cameo_corr.cli import main as _main
+
+    sys.exit(_main())

@@ -5,25 +5,23 @@
 
 The job's driver runs this file from the uploaded working directory; the package next to it is put
 first on ``sys.path`` so the submitted code (not an older installed copy) runs on the driver, and Ray
-ships the same working directory to every worker.
+ships the same working directory to every worker. Errors and exit codes are those of the
+``cameo-corr`` command line.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cameo_corr.pipeline.ray_job import add_preprocess_arguments, run_from_args  # noqa: E402
+from cameo_corr.cli import main as cli_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the ``cameo-corr preprocess`` arguments and run the job; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="jobs/preprocess.py", description=__doc__.split("\n\n")[0])
-    add_preprocess_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    """Run ``cameo-corr preprocess`` with ``argv`` (default: this process's arguments); returns the exit code."""
+    return cli_main(["preprocess", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -425,7 +425,7 @@ def test_ctrl_c_is_one_line(dataset, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode in (130, 1), err[-3000:]
-    lines = [line for line in err.splitlines() if line.startswith("cameo-corr preprocess: error:")]
-    assert len(lines) == 1 and "interrupted" in lines[0] and "re-run the same command to resume" in lines[0], err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("cameo-corr preprocess: interrupted")]
+    assert len(lines) == 1 and "re-run the same command to resume" in lines[0], err[-3000:]
     assert "KeyboardInterrupt" not in err and "will be retried" not in err, err[-3000:]
     assert not (out / "lease.json").exists()

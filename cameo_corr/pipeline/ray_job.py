@@ -806,22 +806,21 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Run the job from parsed arguments, print the summary, return the exit code.
+    """Run the job from parsed arguments, print the summary, return 0.
 
-    Input and usage errors (bad flag values, a busy or unwritable ``--out``, a mismatching cache)
-    exit 2 before Ray starts; a failed run (storage error, Ray failure, ``--fail-fast``, no window
-    succeeded) exits 1; Ctrl-C exits 130. Every error is one line on stderr.
+    Errors are raised for the CLI's one error layer (:func:`cameo_corr.cli.main`): input and usage
+    errors (bad flag values, a busy or unwritable ``--out``, a mismatching cache, a missing optional
+    package) before Ray starts exit 2; a failed run (storage error, Ray failure, ``--fail-fast``, no
+    window succeeded) raises :class:`~cameo_corr.cli.RunFailed` (exit 1); Ctrl-C exits 130 saying
+    that committed shards are kept.
     """
+    from cameo_corr.cli import RunFailed
     from cameo_corr.pipeline.backends import backend_options_from_args
-
-    def error(message: str, code: int) -> int:
-        print(f"cameo-corr preprocess: error: {' '.join(str(message).split())}", file=sys.stderr)
-        return code
 
     try:
         backend_options = backend_options_from_args(args)
     except ValueError as e:
-        return error(str(e), 2)
+        raise UsageError(str(e)) from None
     try:
         summary = run_preprocess(
             dataset=args.dataset,
@@ -864,24 +863,23 @@ def run_from_args(args: argparse.Namespace) -> int:
             command=" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
         )
     except KeyboardInterrupt:
-        return error(f"interrupted; the shards already committed to {args.out} are kept, re-run the same command to resume", 130)
+        raise KeyboardInterrupt(f"the shards already committed to {args.out} are kept, re-run the same command to resume") from None
     except CacheWriteError as e:
-        return error(str(e), 1)
-    except (CameoCorrError, ImportError) as e:
-        return error(str(e), 2)
+        raise RunFailed(str(e)) from None
+    except ImportError as e:
+        raise UsageError(str(e)) from None
     print(format_summary(summary))
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
     if summary["shard_errors"]:
-        return error(f"the run failed ({summary['shard_errors'][0][1]}); committed shards are kept, re-run to resume", 1)
+        raise RunFailed(f"the run failed ({summary['shard_errors'][0][1]}); committed shards are kept, re-run to resume")
     if summary["stopped_early"] or (args.fail_fast and summary["windows_failed"]):
-        return error(f"--fail-fast: stopped at the first failed window ({summary['errors'][0][1] if summary['errors'] else '?'})", 1)
+        raise RunFailed(f"--fail-fast: stopped at the first failed window ({summary['errors'][0][1] if summary['errors'] else '?'})")
     if summary["windows_planned"] and not summary["windows_ok"] and not summary["windows_skipped"]:
         first = summary["errors"][0][1] if summary["errors"] else "no error recorded"
-        return error(f"no window succeeded: all {summary['windows_failed']} windows failed, first: {first} (see the 'failed' "
-                     f"lines above; e.g. fewer frames per scene than --views {args.views}?)", 1)
+        raise RunFailed(f"no window succeeded: all {summary['windows_failed']} windows failed, first: {first} (see the 'failed' "
+                        f"lines above; e.g. fewer frames per scene than --views {args.views}?)")
     return 0
-
 
 def format_summary(summary: Mapping[str, Any]) -> str:
     """Human-readable summary of :func:`run_preprocess`."""
