@@ -404,7 +404,9 @@ def merge_caches(
     ok_rows = pa.concat_tables(ok_parts) if ok_parts else tables[0].schema.empty_table()
     report.duplicate_windows = seen_ok - ok_rows.num_rows
     failed = pa.concat_tables([t.filter(pc.equal(t.column("status"), "failed")) for t in tables])
+    superseded = failed.num_rows
     failed = failed.filter(pc.invert(pc.is_in(failed.column("window_id"), value_set=taken_ids)))
+    report.duplicate_windows += superseded - failed.num_rows  # failed rows of windows another input has ok
     if failed.num_rows:  # the first input's failed row of each window that no input has ok
         ids = failed.column("window_id").combine_chunks()
         first = np.unique(np.asarray(pc.dictionary_encode(ids).indices.to_numpy(zero_copy_only=False)), return_index=True)[1]

@@ -317,9 +317,6 @@ class _ProcessState:
             self.caches.append(cache)
             self.readers.append(reader)
             self.views.append(CanonicalView.from_dict(view))
-        self.cache: CorrCache = self.caches[0]
-        self.reader: SceneReader = self.readers[0]
-        self.view: CanonicalView = self.views[0]
         self.scenes: OrderedDict[tuple[int, str], dict[str, Any]] = OrderedDict()
         self.shards: OrderedDict[tuple[int, str], _ShardVisit] = OrderedDict()
         self.max_open = owner.max_open * len(owner.sources)
