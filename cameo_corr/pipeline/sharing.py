@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import filecmp
 import json
 import math
 import os
@@ -251,7 +252,7 @@ def _same_shard(a: "CorrCache", b: "CorrCache", shard_id: str) -> None:
     rel = shard_dir(shard_id, a.version)
     if a.location.local and b.location.local:
         pa_, pb = a.location.path(rel), b.location.path(rel)
-        if os.path.samefile(pa_, pb) or _same_bytes(pa_, pb):
+        if os.path.samefile(pa_, pb) or filecmp.cmp(pa_, pb, shallow=False):
             return
     where = f"shard {shard_id} of {a.location.display} and of {b.location.display}"
     if a.shard_windows(shard_id) != b.shard_windows(shard_id):
@@ -261,18 +262,6 @@ def _same_shard(a: "CorrCache", b: "CorrCache", shard_id: str) -> None:
         if da[name].shape != db[name].shape or not np.array_equal(da[name], db[name], equal_nan=da[name].dtype.kind == "f"):
             raise DatasetError(where, f"array '{name}' differs between the two inputs (computed twice, not the same values); "
                                "merge only one of them or select disjoint windows")
-
-
-def _same_bytes(a: str, b: str, block: int = 1 << 20) -> bool:
-    if os.path.getsize(a) != os.path.getsize(b):
-        return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(block), fb.read(block)
-            if x != y:
-                return False
-            if not x:
-                return True
 
 
 def _transfer(src: "CacheLocation", dst: "CacheLocation", rel: str, report: MergeReport) -> None:
