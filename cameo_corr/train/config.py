@@ -395,10 +395,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
     try:
         return config_from_dict(values, where=where)
     except SchemaError as e:
-        given = next((o for o in overrides if o.split("=", 1)[0].strip() == e.field), None)
+        given = next((o for o in overrides if _names(o.split("=", 1)[0].strip(), e.field)), None)
         if given is None:
             raise
         raise SchemaError(e.field, e.message, where=f"command-line override {given!r}") from None
+
+
+def _names(key: str, field: str) -> bool:
+    """Whether the override key ``key`` sets ``field`` (itself, or an item or key inside it: ``data.caches[0].path``)."""
+    return field == key or field.startswith((f"{key}[", f"{key}."))
 
 
 def validate_config(cfg: TrainConfig, where: str = "config") -> None:
