@@ -96,6 +96,18 @@ def test_mixture_tags_and_exact_resume_mid_epoch(tiny_train_cache: Path, tmp_pat
     assert_batches_equal(head + list(resumed), full)
 
 
+def test_mixture_skips_corrupt_windows_of_one_cache(tiny_train_cache: Path, tmp_path: Path) -> None:
+    from test_train_data import _corrupt_first_shard
+
+    broken = copy_cache(tiny_train_cache, tmp_path / "broken")
+    bad = _corrupt_first_shard(broken)
+    loader = StreamLoader(make([CacheSource(str(tiny_train_cache), tag="a"), CacheSource(str(broken), tag="b")], batch_size=2,
+                               num_epochs=1, on_corrupt="skip"))
+    got = [(t, w) for b in loader for t, w in zip(b["tag"], b["window_id"])]
+    assert len(got) == 10 and loader.corrupt_skipped == 2 and not {("b", w) for w in bad} & set(got)
+    assert loader.state_dict() == {"epoch": 1, "position": 0}
+
+
 def test_mixture_rank_split_is_disjoint_and_complete(tiny_train_cache: Path, tmp_path: Path) -> None:
     other = copy_cache(tiny_train_cache, tmp_path / "b")
     mix = [CacheSource(str(tiny_train_cache), 2.0), CacheSource(str(other), 1.0)]

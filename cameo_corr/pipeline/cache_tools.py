@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -724,8 +725,6 @@ def _merge(args: argparse.Namespace) -> int:
 
     if len(args.caches) < 2:
         raise UsageError(f"merge needs at least two caches, got {len(args.caches)}", where="command line")
-    import os
-
     report = merge_caches(args.caches, args.out, selection=_selection(args), storage_options=dict(args.storage_option) or None,
                           command=" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]))
     print(report.summary())
