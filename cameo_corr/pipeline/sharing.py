@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import errno
 import filecmp
@@ -346,18 +347,18 @@ def merge_caches(
 
     report = MergeReport(out=dst.display)
     expr = selection.expression()
-    tables = [read_manifest(c.location, filter=expr) for c in caches]
-    if sum(t.num_rows for t in tables) == 0:
-        raise DatasetError(", ".join(c.location.display for c in caches),
-                           f"no windows match the selection ({selection.describe()})" if selection else "the inputs have no manifest rows",
-                           field="selection")
     taken_ids = pa.array([], pa.string())  # ok window ids taken from earlier inputs
     whole_from: dict[str, int] = {}  # shard id -> the input whose shard file was taken whole
     shards: list[str] = []  # every shard of OUT
     ok_parts: list[pa.Table] = []
+    failed_parts: list[pa.Table] = []
     seen_ok = 0
-    for k, (cache, table) in enumerate(zip(caches, tables)):
-        ok = table.filter(pc.equal(table.column("status"), "ok")).sort_by([("shard", "ascending"), ("row", "ascending")])
+    for k, cache in enumerate(caches):  # one input's full manifest in memory at a time
+        table = read_manifest(cache.location, filter=expr)
+        failed_parts.append(table.filter(pc.equal(table.column("status"), "failed")))
+        ok = table.filter(pc.equal(table.column("status"), "ok"))
+        del table
+        ok = ok.sort_by([("shard", "ascending"), ("row", "ascending")])
         seen_ok += ok.num_rows
         fresh = ~np.asarray(pc.is_in(ok.column("window_id"), value_set=taken_ids).to_numpy(zero_copy_only=False), dtype=bool)
         # whole-shard row counts of this input (selection aside): a shard taken in part is rewritten
@@ -390,9 +391,14 @@ def merge_caches(
         parts.append(ok.filter(pa.array(keep)))
         ok_parts += parts
         taken_ids = pa.concat_arrays([taken_ids, *(p.column("window_id").combine_chunks() for p in parts)])
-    ok_rows = pa.concat_tables(ok_parts) if ok_parts else tables[0].schema.empty_table()
+    failed = pa.concat_tables(failed_parts)
+    if seen_ok + failed.num_rows == 0:
+        raise DatasetError(", ".join(c.location.display for c in caches),
+                           f"no windows match the selection ({selection.describe()})" if selection else "the inputs have no manifest rows",
+                           field="selection")
+    ok_rows = pa.concat_tables(ok_parts)
+    del ok_parts
     report.duplicate_windows = seen_ok - ok_rows.num_rows
-    failed = pa.concat_tables([t.filter(pc.equal(t.column("status"), "failed")) for t in tables])
     superseded = failed.num_rows
     failed = failed.filter(pc.invert(pc.is_in(failed.column("window_id"), value_set=taken_ids)))
     report.duplicate_windows += superseded - failed.num_rows  # failed rows of windows another input has ok
@@ -401,8 +407,9 @@ def merge_caches(
         first = np.unique(np.asarray(pc.dictionary_encode(ids).indices.to_numpy(zero_copy_only=False)), return_index=True)[1]
         report.duplicate_windows += failed.num_rows - len(first)
         failed = failed.take(pa.array(np.sort(first), pa.int64()))
-    manifest = pa.concat_tables([ok_rows, failed.cast(ok_rows.schema)])
     report.windows_ok, report.windows_failed = ok_rows.num_rows, failed.num_rows
+    manifest = pa.concat_tables([ok_rows, failed.cast(ok_rows.schema)])
+    del ok_rows, failed
     _write_compact(dst, manifest, {"files": [], "fragments": []}, sorted(shards))
     config = caches[0].config
     created = {
@@ -413,8 +420,6 @@ def merge_caches(
         "merged_from": [{"path": c.location.display, "created_by": c.config.created_by} for c in caches],
         "selection": {"split": selection.split, "scenes_file": selection.scenes_file, "min_mask_frac": selection.min_mask_frac},
     }
-    import dataclasses
-
     dst.write_bytes_atomic(CONFIG_FILE, dataclasses.replace(config, created_by=created).to_json().encode())
     return report
 
