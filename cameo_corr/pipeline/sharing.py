@@ -258,11 +258,24 @@ def _same_shard(a: "CorrCache", b: "CorrCache", shard_id: str) -> None:
     where = f"shard {shard_id} of {a.location.display} and of {b.location.display}"
     if a.shard_windows(shard_id) != b.shard_windows(shard_id):
         raise DatasetError(where, "the two inputs hold different windows under one shard id")
-    da, db = a.read_shard(shard_id), b.read_shard(shard_id)
+    da, db = _stored_arrays(a, shard_id), _stored_arrays(b, shard_id)
     for name in da:
         if da[name].shape != db[name].shape or not np.array_equal(da[name], db[name], equal_nan=da[name].dtype.kind == "f"):
             raise DatasetError(where, f"array '{name}' differs between the two inputs (computed twice, not the same values); "
                                "merge only one of them or select disjoint windows")
+
+
+def _stored_arrays(cache: "CorrCache", shard_id: str) -> dict[str, np.ndarray]:
+    """Every array of a shard, keyed by its path in the shard group (all arrays of the primary grid,
+    the grid arrays of each extra grid), each decoded once."""
+    from cameo_corr.schemas import CACHE_ARRAYS, GRID_ARRAYS
+
+    out: dict[str, np.ndarray] = {}
+    for g in cache.config.grids:
+        names = tuple(CACHE_ARRAYS) if tuple(g) == tuple(cache.config.grid) else tuple(GRID_ARRAYS)
+        keys = cache.config.array_keys(tuple(g), names)
+        out.update({keys[n]: v for n, v in cache.read_shard(shard_id, names, grid=tuple(g)).items()})
+    return out
 
 
 def _transfer(src: "CacheLocation", dst: "CacheLocation", rel: str, report: MergeReport) -> None:
@@ -436,7 +449,7 @@ def _rewrite_part(cache: "CorrCache", shard_id: str, rows: "pa.Table", dst: "Cac
     rows = rows.sort_by("row")
     keep = rows.column("row").to_numpy()
     meta = cache.shard_windows(shard_id)
-    data = cache.read_shard(shard_id)
+    data = _stored_arrays(cache, shard_id)
     new_id = shard_id_of([meta["window_ids"][r] for r in keep])
     blob = shard_zip_bytes(new_id, {key: [meta[key][r] for r in keep] for key in meta}, {n: v[keep] for n, v in data.items()},
                            cache.config)
