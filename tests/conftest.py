@@ -71,6 +71,15 @@ def assert_cache_equals_reference(cache_path, reference: dict) -> None:
 
 
 @pytest.fixture(scope="session")
+def tiny_train_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real cache (synthetic scenes through the real preprocessing job, ~1 min to build), shared
+    read-only by the training-data, training-loop and cache-sharing tests: copy it before changing it."""
+    from test_train_data import build_tiny_cache
+
+    return build_tiny_cache(tmp_path_factory.mktemp("tiny_train_cache"))[1]
+
+
+@pytest.fixture(scope="session")
 def reference_of():
     """``reference_of(root, config, views, windows_per_scene)``: :func:`pipeline_reference`."""
     return pipeline_reference

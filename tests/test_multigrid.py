@@ -257,3 +257,31 @@ def test_crop_size_must_fit_every_grid() -> None:
         check_job_options(crop_size=48, grid=(8, 8), extra_grids=((64, 64),), **opts)
     with pytest.raises(UsageError, match="--grid: 8x8 is given twice"):
         check_job_options(crop_size=48, grid=(8, 8), extra_grids=((8, 8),), **opts)
+
+
+def test_merge_and_mixtures_keep_every_grid(caches, tmp_path) -> None:
+    """A merge that rewrites part of a shard keeps every grid's arrays; a mixture reads one grid that
+    every cache must store."""
+    import shutil
+
+    from cameo_corr.pipeline.cache import CacheMismatchError
+    from cameo_corr.pipeline.sharing import CacheSource, WindowSelection, merge_caches
+    from cameo_corr.train.data import CorrStreamDataset
+
+    multi = caches["multi"]
+    copy = shutil.copytree(multi, tmp_path / "copy")
+    scene = CorrCache(multi).manifest("ok", columns=["scene_id"]).column("scene_id")[0].as_py()
+    (tmp_path / "scenes.txt").write_text(scene + "\n")
+    report = merge_caches([multi, copy], tmp_path / "out", selection=WindowSelection(scenes_file=str(tmp_path / "scenes.txt")))
+    out = CorrCache(tmp_path / "out")
+    assert report.rewritten >= 1 and out.config.grids == CorrCache(multi).config.grids
+    assert verify_report(out, deep=True).problems == []
+    for wid in out.window_ids():
+        for grid in (PRIMARY, EXTRA):
+            got, want = out.window(wid, grid=grid), CorrCache(multi).window(wid, grid=grid)
+            assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    opts = dict(num_views=2, resolution=32)
+    mix = CorrStreamDataset([CacheSource(str(multi)), CacheSource(str(caches["single"][EXTRA]))], grid=EXTRA, **opts)
+    assert mix.grid == EXTRA and mix.source_windows.tolist() == [6, 6]
+    with pytest.raises(CacheMismatchError, match=r"field 'grid'.* has \[8, 8\], .*single4 has \[4, 4\]"):
+        CorrStreamDataset([CacheSource(str(multi)), CacheSource(str(caches["single"][PRIMARY]))], grid=EXTRA, **opts)

@@ -42,8 +42,8 @@ def build_tiny_cache(base: Path, *, scenes: int = 3, windows_per_scene: int = 2,
 
 
 @pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_cache(tmp_path_factory.mktemp("train_data"))[1]
+def tiny_cache(tiny_train_cache: Path) -> Path:
+    return tiny_train_cache
 
 
 def make(cache: Path, **kw) -> CorrStreamDataset:

@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 from cameo_corr.schemas import SchemaError
 from cameo_corr.train.config import load_config, preset_path
 from cameo_corr.train.loop import checkpoint_dirs, read_metrics, train
-from test_train_data import build_tiny_cache
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = preset_path("tiny_cpu")
@@ -24,8 +23,8 @@ BASE = ["data.num_views=3", "data.batch_size=2", "data.shuffle_buffer=3", "train
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_cache(tmp_path_factory.mktemp("train_loop"))[1]
+def cache(tiny_train_cache: Path) -> Path:
+    return tiny_train_cache
 
 
 def config(cache: Path, *overrides: str):

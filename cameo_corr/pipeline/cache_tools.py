@@ -1,4 +1,8 @@
-"""``cameo-corr cache stats|verify|viz|compact|migrate``: inspect, check, picture and maintain a cache.
+"""``cameo-corr cache stats|verify|viz|compact|migrate|merge``: inspect, check, picture, maintain and combine caches.
+
+``stats``, ``verify``, ``viz`` and ``merge`` take a window selection (``--split``, ``--scenes FILE``,
+``--min-mask-frac``; :class:`~cameo_corr.pipeline.sharing.WindowSelection`); ``merge`` writes the union of
+caches of one config (:func:`~cameo_corr.pipeline.sharing.merge_caches`).
 
 * ``stats``: windows (ok / failed), scenes, shards, mask coverage histogram, valid-token share, bytes
   on disk (shard sizes recorded at write time) and per window, the most common failure reasons,
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import pyarrow as pa
 
     from cameo_corr.pipeline.cache import CorrCache, CorruptCacheError
+    from cameo_corr.pipeline.sharing import WindowSelection
 
 COVERAGE_BINS = 10
 
@@ -63,8 +69,10 @@ def _distinct(codes: np.ndarray, size: int) -> int:
     return int(seen[:size].sum())
 
 
-def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS, grid: tuple[int, int] | None = None) -> dict[str, Any]:
-    """Summary numbers of a cache (see the module docstring).
+def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS, grid: tuple[int, int] | None = None,
+                selection: "WindowSelection | None" = None) -> dict[str, Any]:
+    """Summary numbers of a cache (see the module docstring); with ``selection``, of the selected
+    windows only (window, scene, shard and byte counts; orphans are the cache's).
 
     Reads only the manifest columns it needs and computes with Arrow/numpy. Shard bytes are the sizes
     recorded at write time (``shard_bytes``); for version 1 caches, which did not record them, the
@@ -79,7 +87,12 @@ def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS, grid: tuple[in
 
     if bins < 1:
         raise ValueError(f"--bins must be >= 1, got {bins}")
-    table = cache.manifest(None, columns=list(STATS_COLUMNS))
+    if selection:
+        from cameo_corr.pipeline.sharing import selected_manifest
+
+        table = selected_manifest(cache, selection, None, [*STATS_COLUMNS, "row"])
+    else:
+        table = cache.manifest(None, columns=list(STATS_COLUMNS))
     ok_mask = pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False)
     failed = table.filter(pc.equal(table.column("status"), "failed"))
     grid = cache.select_grid(grid)
@@ -88,7 +101,13 @@ def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS, grid: tuple[in
         valid_frac = table.column("valid_frac").to_numpy()[ok_mask].astype(np.float64)
     else:
         ok_shards = pc.unique(table.column("shard").filter(pa.array(ok_mask))).to_pylist()
-        valid_frac, mask_frac = _grid_fractions(cache, sorted(ok_shards), grid)
+        rows: dict[str, set[int]] | None = None
+        if selection:  # only the selected rows of the shards
+            rows = {}
+            ok_rows = table.filter(pa.array(ok_mask))
+            for sid, r in zip(ok_rows.column("shard").to_pylist(), ok_rows.column("row").to_pylist()):
+                rows.setdefault(sid, set()).add(r)
+        valid_frac, mask_frac = _grid_fractions(cache, sorted(ok_shards), grid, rows)
     counts, edges = np.histogram(mask_frac, bins=bins, range=(0.0, 1.0))
     errors = failed.column("error").to_pylist()
     reasons = Counter((e or "").split(":", 1)[0] for e in errors)
@@ -113,6 +132,7 @@ def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS, grid: tuple[in
     manifest_bytes = loc.disk_usage(MANIFEST_DIR)
     return {
         "path": loc.display,
+        "selection": selection.describe() if selection else None,
         "schema_version": cache.version,
         "views": cache.config.views,
         "grid": list(grid),
@@ -138,14 +158,17 @@ def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS, grid: tuple[in
     }
 
 
-def _grid_fractions(cache: "CorrCache", shard_ids: Sequence[str], grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """``(valid_frac, mask_frac)`` of every window of ``shard_ids`` on ``grid``, from the shards' arrays."""
+def _grid_fractions(cache: "CorrCache", shard_ids: Sequence[str], grid: tuple[int, int],
+                    rows: dict[str, set[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(valid_frac, mask_frac)`` of every window of ``shard_ids`` (only rows ``rows[shard]`` when given)
+    on ``grid``, from the shards' arrays."""
     from cameo_corr.pipeline.cache import window_fractions
 
     fracs = []
     for sid in shard_ids:
         data = cache.read_shard(sid, ("valid", "mask"), grid=grid)
-        fracs += [window_fractions({"valid": v, "mask": m}) for v, m in zip(data["valid"], data["mask"])]
+        fracs += [window_fractions({"valid": v, "mask": m}) for r, (v, m) in enumerate(zip(data["valid"], data["mask"]))
+                  if rows is None or r in rows[sid]]
     out = np.asarray(fracs, dtype=np.float64).reshape(-1, 2)
     return out[:, 0], out[:, 1]
 
@@ -158,6 +181,7 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"cache {stats['path']} (schema version {stats['schema_version']}): S={stats['views']} "
         f"grid={stats['grid'][0]}x{stats['grid'][1]} tau={stats['tau']} backend={stats['backend']}"
         + (f" (grids stored: {', '.join(f'{h}x{w}' for h, w in stats['grids'])})" if len(stats["grids"]) > 1 else ""),
+        *([f"selection: {stats['selection']}"] if stats.get("selection") else []),
         f"windows: {stats['windows_ok']} ok, {stats['windows_failed']} failed; scenes: {stats['scenes_ok']} with ok windows "
         f"of {stats['scenes_total']}; shards: {stats['shards']}",
         f"valid tokens: {100 * stats['valid_frac_mean']:.1f}% mean; masked query tokens (i != j): "
@@ -298,7 +322,7 @@ def verify_cache(cache: "CorrCache", *, max_windows: int | None = None, deep: bo
 
 
 def verify_report(cache: "CorrCache", *, max_windows: int | None = None, deep: bool = False,
-                  grids: Sequence[tuple[int, int]] | None = None) -> VerifyReport:
+                  grids: Sequence[tuple[int, int]] | None = None, selection: "WindowSelection | None" = None) -> VerifyReport:
     """Check the cache (see the module docstring); streams shard by shard.
 
     The arrays of every grid in ``grids`` (default: every grid the cache stores) are checked; the
@@ -308,6 +332,7 @@ def verify_report(cache: "CorrCache", *, max_windows: int | None = None, deep: b
     opened and decoded once, and only the manifest rows of the visited shards are read in full. A
     corrupt chunk is a problem naming its window (it does not stop the check). ``deep`` also decodes
     every chunk of every shard, whatever ``max_windows``, and lists the bad windows in ``corrupt``.
+    With ``selection`` only the selected windows (and, with ``deep``, the shards holding them) are checked.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -320,7 +345,17 @@ def verify_report(cache: "CorrCache", *, max_windows: int | None = None, deep: b
     cfg = cache.config
     primary = tuple(cfg.grid)
     check = [cache.select_grid(g) for g in (cfg.grids if grids is None else grids)]
-    light = cache.manifest(None, columns=["window_id", "status", "shard", "row", "error"])
+    light_columns = ["window_id", "status", "shard", "row", "error"]
+    if selection:
+        from cameo_corr.pipeline.sharing import selected_manifest
+
+        light = selected_manifest(cache, selection, None, light_columns)
+        # rows of every ok window (selected or not) that the shards' rows are checked against
+        referenced: dict[str, set[int]] = {}
+        for sid, r in zip(*cache.manifest("ok", columns=["shard", "row"]).to_pydict().values()):
+            referenced.setdefault(sid, set()).add(r)
+    else:
+        light = cache.manifest(None, columns=light_columns)
     report = VerifyReport()
     report.problems, ok_mask = _manifest_problems(light)
     ok = light.filter(pa.array(ok_mask))
@@ -338,7 +373,8 @@ def verify_report(cache: "CorrCache", *, max_windows: int | None = None, deep: b
     wanted = ok.filter(pc.is_in(ok.column("shard"), pa.array(visit, pa.string()))).column("window_id")
     columns = ["window_id", "status", "shard", "row", "num_views", "frame_ids", "valid_frac", "mask_frac"]
     if max_windows is None:
-        full = cache.manifest("ok", columns=columns)
+        expr = selection.expression() if selection else None
+        full = read_manifest(cache.location, columns=columns, filter=pc.field("status") == "ok" if expr is None else (pc.field("status") == "ok") & expr)
     else:
         full = read_manifest(cache.location, columns=columns, filter=pc.field("window_id").isin(wanted.combine_chunks()))
     rows_by_shard: dict[str, list[dict[str, Any]]] = {}
@@ -362,7 +398,7 @@ def verify_report(cache: "CorrCache", *, max_windows: int | None = None, deep: b
         if len(ids) != W or any(shape[0] != W for shape in shapes.values()):
             report.problems.append(f"shard {shard_id}: window_ids attribute and array lengths disagree")
             continue
-        unreferenced = sorted(set(range(W)) - {r["row"] for r in shard_rows})
+        unreferenced = sorted(set(range(W)) - (referenced.get(shard_id, set()) if selection else {r["row"] for r in shard_rows}))
         if unreferenced:
             report.problems.append(f"shard {shard_id}: rows {unreferenced} have no manifest row")
         try:
@@ -605,6 +641,19 @@ def _open(args: argparse.Namespace) -> "CorrCache":
     return CorrCache(args.cache, dict(args.storage_option) or None)
 
 
+def _selection(args: argparse.Namespace) -> "WindowSelection":
+    """The window selection of the ``--split``/``--scenes``/``--min-mask-frac`` flags."""
+    from cameo_corr.pipeline.sharing import WindowSelection
+
+    if args.min_mask_frac is not None and not 0.0 <= args.min_mask_frac <= 1.0:
+        raise ValueError(f"--min-mask-frac must be in [0, 1], got {args.min_mask_frac}")
+    if args.scenes is not None:
+        from cameo_corr.pipeline.sharing import read_scene_list
+
+        read_scene_list(args.scenes)  # a bad file is reported before any cache is read
+    return WindowSelection(args.split, args.scenes, args.min_mask_frac)
+
+
 def cli_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Wrap a ``cameo-corr cache <command>`` handler so that a bad option value or a missing key
     (``ValueError``/``KeyError``) is reported as a usage error; :func:`cameo_corr.cli.main` turns it,
@@ -628,7 +677,7 @@ def cli_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argpar
 def _stats(args: argparse.Namespace) -> int:
     if args.bins < 1:
         raise ValueError(f"--bins must be >= 1, got {args.bins}")
-    stats = cache_stats(_open(args), bins=args.bins, grid=args.grid)
+    stats = cache_stats(_open(args), bins=args.bins, grid=args.grid, selection=_selection(args))
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 
@@ -637,8 +686,9 @@ def _stats(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     if args.max_windows is not None and args.max_windows < 1:
         raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
+    selection = _selection(args)
     cache = _open(args)
-    report = verify_report(cache, max_windows=args.max_windows, deep=args.deep, grids=args.grid)
+    report = verify_report(cache, max_windows=args.max_windows, deep=args.deep, grids=args.grid, selection=selection)
     where = cache.location.display
     if report.problems:
         print(f"{len(report.problems)} problem(s) in {where}:", file=sys.stderr)
@@ -653,7 +703,7 @@ def _verify(args: argparse.Namespace) -> int:
         return 1
     grids = ", ".join(f"{h}x{w}" for h, w in (cache.config.grids if args.grid is None else args.grid))
     print(f"ok: {report.checked} of {report.windows_ok} windows verified in {where} (grid {grids})"
-          + (", every chunk decoded" if args.deep else ""))
+          + (", every chunk decoded" if args.deep else "") + (f" (selection: {selection.describe()})" if selection else ""))
     return 0
 
 
@@ -665,6 +715,19 @@ def _compact(args: argparse.Namespace) -> int:
     info = consolidate_manifest(cache.location, full=True)
     print(f"manifest of {cache.location.display}: {info['rows']} rows in {len(info['files'])} file(s), "
           f"{len(info['fragments'])} shard fragments merged")
+    return 0
+
+
+@cli_errors
+def _merge(args: argparse.Namespace) -> int:
+    from cameo_corr.cli import UsageError
+    from cameo_corr.pipeline.sharing import merge_caches
+
+    if len(args.caches) < 2:
+        raise UsageError(f"merge needs at least two caches, got {len(args.caches)}", where="command line")
+    report = merge_caches(args.caches, args.out, selection=_selection(args), storage_options=dict(args.storage_option) or None,
+                          command=" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]))
+    print(report.summary())
     return 0
 
 
@@ -684,7 +747,13 @@ def _viz(args: argparse.Namespace) -> int:
     where = cache.location.display
     if args.matches < 1:
         raise UsageError(f"--matches must be at least 1, got {args.matches}", where="command line")
-    ok = cache.window_ids()
+    selection = _selection(args)
+    if selection:
+        from cameo_corr.pipeline.sharing import selected_manifest
+
+        ok = sorted(selected_manifest(cache, selection, "ok", ["window_id"]).column("window_id").to_pylist())
+    else:
+        ok = cache.window_ids()
     if args.window is None:
         if not ok:
             table = cache.manifest(None)
@@ -697,6 +766,8 @@ def _viz(args: argparse.Namespace) -> int:
         failed = dict(zip(*cache.manifest(None).select(["window_id", "error"]).to_pydict().values()))
         if args.window in failed:
             what = f"window {args.window!r} failed ({failed[args.window]}), there is nothing to draw"
+        elif selection and args.window in cache.window_ids():
+            what = f"window {args.window!r} is not in the selection ({selection.describe()})"
         elif ok:
             listed = ", ".join(ok[:5]) + (f", ... ({len(ok)} in all)" if len(ok) > 5 else "")
             what = f"no ok window {args.window!r}; valid ids: {listed}"
@@ -718,16 +789,24 @@ def _viz(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``cameo-corr cache {stats,verify,viz,compact,migrate}``."""
+    """Add ``cameo-corr cache {stats,verify,viz,compact,migrate,merge}``."""
     from cameo_corr.pipeline.ray_job import grid_arg, grids_arg, key_value_arg
 
     parser = subparsers.add_parser("cache", help="inspect, verify or visualise a correspondence cache")
-    sub = parser.add_subparsers(dest="cache_command", metavar="{stats,verify,viz,compact,migrate}", required=True)
+    sub = parser.add_subparsers(dest="cache_command", metavar="{stats,verify,viz,compact,migrate,merge}", required=True)
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("cache", help="cache directory or fsspec URL")
+    def common(p: argparse.ArgumentParser, positional: bool = True) -> None:
+        if positional:
+            p.add_argument("cache", help="cache directory or fsspec URL")
         p.add_argument("--storage-option", action="append", type=key_value_arg, default=[], metavar="KEY=VALUE",
                        help="fsspec storage option (JSON value), repeatable")
+
+    def subset(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("window selection (manifest predicates, combined with 'and')")
+        g.add_argument("--split", default=None, help="only windows of this dataset split")
+        g.add_argument("--scenes", default=None, metavar="FILE", help="only windows of the scenes listed in FILE (one scene id per line)")
+        g.add_argument("--min-mask-frac", type=float, default=None, metavar="X",
+                       help="only windows with at least this share of masked query tokens (manifest mask_frac)")
 
     p = sub.add_parser("stats", help="windows, scenes, failures, mask coverage histogram, bytes")
     common(p)
@@ -735,6 +814,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--grid", type=grid_arg, default=None, metavar="SIDE",
                    help="token grid the valid/mask shares describe, 32 or 32x16 (default: the primary grid)")
+    subset(p)
     p.set_defaults(func=_stats)
 
     p = sub.add_parser("verify", help="check manifest <-> shards, schema, nn diagonal and cycle masks; exit 1 on problems")
@@ -743,6 +823,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--deep", action="store_true", help="also decode every chunk of every shard and list the corrupt windows")
     p.add_argument("--grid", type=grids_arg, default=None, metavar="SIDES",
                    help="check these grids' arrays, comma-separated (default: every grid the cache stores)")
+    subset(p)
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("compact", help="merge the manifest fragments into sorted Parquet files (also done at job end)")
@@ -766,7 +847,19 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                    help=f"matches to draw, spread over the query view (default: {DEFAULT_MATCHES})")
     p.add_argument("--grid", type=grid_arg, default=None, metavar="SIDE",
                    help="token grid to draw, 32 or 32x16 (default: the primary grid)")
+    subset(p)
     p.set_defaults(func=_viz)
+
+    p = sub.add_parser("merge", help="union of caches of one config into a new cache (shards hard-linked where possible)",
+                       description="Write the union of caches with equal cache.json identities into a new cache OUT: shard "
+                       "files are hard-linked on a local filesystem (copied where a link is impossible, e.g. across "
+                       "devices, and on object stores), a window present in several inputs is taken once (an ok row "
+                       "supersedes a failed one), the manifest is consolidated and cache.json records the sources.")
+    p.add_argument("caches", nargs="+", metavar="CACHE", help="two or more cache directories or URLs (earlier ones win ties)")
+    p.add_argument("--out", required=True, help="new cache directory or URL (must not exist or be empty)")
+    common(p, positional=False)
+    subset(p)
+    p.set_defaults(func=_merge)
 
 
 __all__ = [

@@ -42,6 +42,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}", where="command line")
     overrides = list(args.overrides)
+    if args.cache is not None and any(o.split("=", 1)[0].strip() == "data.caches" for o in overrides):
+        raise UsageError("give either --cache or data.caches (a mixture), not both", where="command line")
     if args.cache is not None:
         overrides.append(f"data.cache={json.dumps(str(args.cache))}")
     if args.max_steps is not None:
@@ -62,15 +64,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def check_views(cfg: "TrainConfig") -> None:
-    """Refuse ``data.num_views`` larger than the cache's views per window, saying which override fixes it."""
+    """Refuse ``data.num_views`` larger than a cache's views per window, saying which override fixes it."""
     from cameo_corr.cli import UsageError
     from cameo_corr.pipeline.cache import CONFIG_FILE, CorrCache
+    from cameo_corr.train.config import data_sources
 
-    if cfg.data.cache is None:
-        return
-    cache = CorrCache(cfg.data.cache)
-    S = cache.config.views
-    if cfg.data.num_views > S:
-        raise UsageError(
-            f"data.num_views={cfg.data.num_views} but the cache has S={S} views per window; pass data.num_views={S} "
-            f"(or fewer, at least 2) on the command line", where=f"{cache.location.display}/{CONFIG_FILE}")
+    mixture = data_sources(cfg.data)
+    paths = [m.path for m in mixture] if mixture is not None else [cfg.data.cache] if cfg.data.cache is not None else []
+    for path in paths:
+        cache = CorrCache(path)
+        S = cache.config.views
+        if cfg.data.num_views > S:
+            raise UsageError(
+                f"data.num_views={cfg.data.num_views} but the cache has S={S} views per window; pass data.num_views={S} "
+                f"(or fewer, at least 2) on the command line", where=f"{cache.location.display}/{CONFIG_FILE}")

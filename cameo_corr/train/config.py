@@ -21,6 +21,9 @@ import yaml
 from cameo_corr.pipeline.masks import DEFAULT_VISIBILITY_TOL, check_policy, check_tau, check_visibility_tol
 from cameo_corr.schemas import SchemaError
 
+if typing.TYPE_CHECKING:  # pragma: no cover - typing only
+    from cameo_corr.pipeline.sharing import CacheSource
+
 
 CAMERA_NORMS = ("first_view", "official", "none")
 """Camera normalisations of :func:`cameo_corr.train.model.camera_rays` (``model.camera_norm``)."""
@@ -47,9 +50,18 @@ class DataConfig:
 
     cache: str | None = None
     """Cache directory or fsspec URL (the CLI's ``--cache`` overrides it)."""
+    caches: list[dict[str, Any]] | None = None
+    """A mixture instead of ``cache``: entries ``{path, weight, tag, dataset_root, split, scenes_file,
+    min_mask_frac}`` (:class:`cameo_corr.pipeline.sharing.CacheSource`; ``weight`` is the share of samples
+    per epoch, ``tag`` replaces the dataset tag of its samples)."""
     dataset_root: str | None = None
-    """Read images from here instead of the dataset root recorded in the cache."""
+    """Read images from here instead of the dataset root recorded in the cache (one cache only)."""
     split: str | None = None
+    """Only windows of this split (a mixture entry's own ``split`` replaces it)."""
+    scenes_file: str | None = None
+    """Only windows of the scenes listed in this file, one scene id per line."""
+    min_mask_frac: float | None = None
+    """Only windows with at least this share of masked query tokens (manifest ``mask_frac``)."""
     num_views: int = 4
     resolution: int = 64
     min_ref: int = 1
@@ -190,7 +202,7 @@ class EvalConfig:
     every: int = 0
     """Evaluate every N optimizer steps and at the end (0: never)."""
     cache: str | None = None
-    """Cache of the evaluation windows (``None``: the training cache)."""
+    """Cache of the evaluation windows (``None``: the training cache or mixture)."""
     split: str | None = None
     batches: int = 4
     timestep: int = 500
@@ -250,6 +262,11 @@ def _check_type(value: Any, tp: Any, key: str, where: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise SchemaError(key, f"expected a list of {len(args)} values, got {value!r}", where=where)
         return tuple(_check_type(v, a, key, where) for v, a in zip(value, args))
+    if origin is list:
+        if not isinstance(value, list):
+            raise SchemaError(key, f"expected a list, got {value!r}", where=where)
+        (arg,) = typing.get_args(tp)
+        return [_check_type(v, arg, f"{key}[{i}]", where) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise SchemaError(key, f"expected a mapping, got {value!r}", where=where)
@@ -378,10 +395,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
     try:
         return config_from_dict(values, where=where)
     except SchemaError as e:
-        given = next((o for o in overrides if o.split("=", 1)[0].strip() == e.field), None)
+        given = next((o for o in overrides if _names(o.split("=", 1)[0].strip(), e.field)), None)
         if given is None:
             raise
         raise SchemaError(e.field, e.message, where=f"command-line override {given!r}") from None
+
+
+def _names(key: str, field: str) -> bool:
+    """Whether the override key ``key`` sets ``field`` (itself, or an item or key inside it: ``data.caches[0].path``)."""
+    return field == key or field.startswith((f"{key}[", f"{key}."))
 
 
 def validate_config(cfg: TrainConfig, where: str = "config") -> None:
@@ -396,6 +418,7 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
                        ("train.gradient_accumulation_steps", r.gradient_accumulation_steps), ("train.log_every", r.log_every)):
         if value <= 0:
             raise SchemaError(key, f"must be positive, got {value}", where=where)
+    data_sources(d, where)  # the mixture entries and the window selection
     if d.tau is not None:
         check_tau(d.tau, "data.tau", where)
     check_policy(d.mask_policy, "data.mask_policy", where)
@@ -428,6 +451,26 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
         raise SchemaError("train.keep_checkpoints", f"must be >= 1 or null (keep all), got {r.keep_checkpoints}", where=where)
     if r.checkpoint_every < 0:
         raise SchemaError("train.checkpoint_every", f"must be >= 0, got {r.checkpoint_every}", where=where)
+
+
+def data_sources(d: DataConfig, where: str = "config") -> "list[CacheSource] | None":
+    """The mixture of ``data.caches`` as :class:`~cameo_corr.pipeline.sharing.CacheSource` entries
+    (``None`` without a mixture); errors name ``data.caches[i].<key>``."""
+    from cameo_corr.pipeline.sharing import CacheSource, WindowSelection
+
+    try:
+        WindowSelection(d.split, d.scenes_file, d.min_mask_frac)
+    except SchemaError as e:
+        raise SchemaError(f"data.{e.field}", e.message, where=where) from None
+    if d.caches is None:
+        return None
+    if d.cache is not None:
+        raise SchemaError("data.caches", "give either data.cache (or --cache) or data.caches (a mixture), not both", where=where)
+    if not d.caches:
+        raise SchemaError("data.caches", "a mixture needs at least one entry {path, weight, tag}", where=where)
+    if d.dataset_root is not None:
+        raise SchemaError("data.dataset_root", "applies to data.cache only; give a mixture entry its own dataset_root", where=where)
+    return [CacheSource.from_dict(entry, f"data.caches[{i}]", where) for i, entry in enumerate(d.caches)]
 
 
 def _validate_recipe(cfg: TrainConfig, where: str) -> None:

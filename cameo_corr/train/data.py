@@ -12,6 +12,18 @@ sample order is a pure function of ``(seed, epoch)``, computed from the manifest
    which is the order in which ``DataLoader`` returns them, so the loader yields the rank's stream in
    order whatever the number of workers.
 
+**Mixtures** (several caches, ``data.caches: [{path, weight, tag}]``): an epoch has as many samples as
+the caches have selected windows in total, ``N = sum_k n_k``; cache ``k`` contributes
+``c_k = N * w_k / sum(w)`` of them (largest-remainder rounding, :func:`mixture_counts`), so ``weight``
+is the share of samples drawn from a cache per epoch. Each cache cycles through its own endless
+stream of passes (pass ``p`` is step 1-2 above over that cache's shards, seeded per cache), and epoch
+``e`` takes the samples ``e * c_k ... (e + 1) * c_k - 1`` of it: weights proportional to the sizes
+visit every window once per epoch, a heavier weight repeats a cache's windows, a lighter one spreads
+a pass over several epochs. The epoch's slots are then assigned to caches by a seeded shuffle
+(``(seed, epoch)``), and steps 3-4 follow unchanged; the order stays a pure function of ``(seed,
+epoch)``, so resuming is exact. A sample's ``tag`` is its entry's ``tag`` when set. Caches must agree
+on the token grid (and on ``tau`` when their stored masks are used): :func:`check_mixture`.
+
 Every per-sample random choice (which ``F`` of the window's ``S`` views, how many references, their
 order) is drawn from a generator keyed by ``(seed, epoch, index in the padded epoch order)``, so a
 sample does not depend on ranks, workers or on how far the stream was read before. The state of a
@@ -67,6 +79,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.datasets.base import SceneReader
     from cameo_corr.datasets.canonical import CanonicalView
     from cameo_corr.pipeline.cache import CorrCache
+    from cameo_corr.pipeline.sharing import CacheSource
 
 ORDER_POLICIES = ("mixed", "uniform_push", "shuffle", "capture")
 """How the ``F`` chosen views are reordered ``[references, targets]``:
@@ -180,6 +193,64 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return default_collate(list(samples))
 
 
+def mixture_counts(weights: Sequence[float], total: int) -> np.ndarray:
+    """Samples drawn from each cache in one epoch of ``total`` samples: ``total * w_k / sum(w)``
+    rounded by largest remainder (ties to the earlier cache), so the counts sum to ``total``."""
+    w = np.asarray(weights, dtype=np.float64)
+    exact = total * w / w.sum()
+    counts = np.floor(exact).astype(np.int64)
+    rest = total - int(counts.sum())
+    if rest:
+        counts[np.argsort(-(exact - counts), kind="stable")[:rest]] += 1
+    return counts
+
+
+def check_mixture(caches: Sequence["CorrCache"], grid: tuple[int, int], *, tau_matters: bool) -> None:
+    """Refuse a mixture whose caches disagree on what the model reads: every cache must store the token
+    ``grid`` read (the supervised layer's), and agree on ``tau`` when the supervision mask is the cycle
+    mask at each cache's own ``tau`` (``tau_matters``; set ``data.tau`` to recompute every cache's mask at
+    one threshold). The error names the field, both values and both caches."""
+    from cameo_corr.pipeline.cache import CONFIG_FILE, CacheMismatchError
+
+    first = caches[0]
+    for other in caches[1:]:
+        checks = []
+        if tuple(grid) not in [tuple(g) for g in other.config.grids]:
+            stored = [list(g) for g in other.config.grids]
+            checks.append(("grid", list(grid), stored[0] if len(stored) == 1 else stored,
+                           "the model's supervised layer reads one token grid, which every cache must store"))
+        if tau_matters:
+            checks.append(("tau", first.config.tau, other.config.tau, "their stored cycle masks differ; set data.tau to "
+                           "recompute every cache's mask at one tau"))
+        for name, a, b, why in checks:
+            if a != b:
+                raise CacheMismatchError(name, f"the caches of a mixture must agree ({why}): {first.location.display} has {a}, "
+                                         f"{other.location.display} has {b}", where=other.location.url(CONFIG_FILE))
+
+
+def _source_windows(cache: "CorrCache", selection: Any, num_views: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """The selected ok windows of one cache as numpy columns: ``(shard code, row, views, shard ids)``,
+    shard codes indexing the sorted shard ids."""
+    import pyarrow.compute as pc
+
+    from cameo_corr.pipeline.sharing import selected_manifest
+
+    where = f"{cache.location.display}/manifest"
+    table = selected_manifest(cache, selection, "ok", ["shard", "row", "num_views"])
+    if table.num_rows == 0:
+        raise DatasetError(where, "no 'ok' windows", field="status")
+    encoded = pc.dictionary_encode(table.column("shard").combine_chunks())
+    names = encoded.dictionary.to_pylist()
+    rank_of_name = np.argsort(np.argsort(np.array(names, dtype=object)))  # shard codes in sorted-name order
+    shard = rank_of_name[encoded.indices.to_numpy(zero_copy_only=False)].astype(np.int32)
+    row = table.column("row").to_numpy().astype(np.int32)
+    views = table.column("num_views").to_numpy().astype(np.int16)
+    if views.min() < num_views:
+        raise DatasetError(where, f"{int((views < num_views).sum())} windows have fewer views than num_views="
+                           f"{num_views} (e.g. {int(views.min())})", field="num_views")
+    return shard, row, views, sorted(names)
+
+
 class _ShardVisit:
     """One shard as a worker reads it: the correspondence arrays of all its windows, decoded once,
     and the windows' metadata (ids, scenes, frame ids). Rows whose bytes are corrupt map to their error."""
@@ -218,10 +289,12 @@ class _ShardVisit:
 
 
 class _ProcessState:
-    """Per-process lazily opened resources: the cache (and its zarr shard groups), the shards being
-    visited, the dataset reader and the frame records of recently used scenes."""
+    """Per-process lazily opened resources, per cache of the stream: the cache (and its zarr shard
+    groups), the dataset reader and canonical view; and the shards being visited and the frame records
+    of recently used scenes (keyed by cache index)."""
 
     max_shards = 4
+    """Shard visits kept per cache."""
 
     def __init__(self, owner: "CorrStreamDataset") -> None:
         from cameo_corr.datasets.base import open_dataset
@@ -229,47 +302,58 @@ class _ProcessState:
         from cameo_corr.pipeline.cache import CorrCache
 
         self.pid = os.getpid()
-        self.cache: CorrCache = CorrCache(owner.cache_path, storage_options=owner.storage_options)
-        if owner.dataset_root is None:
-            self.reader: SceneReader = self.cache.reader()
-        else:
-            ds = dict(self.cache.config.dataset)
-            self.reader = open_dataset(ds.pop("name"), owner.dataset_root, **{k: v for k, v in ds.items() if k != "root"})
-        view = self.cache.view().to_dict()
-        view["size"] = owner.resolution
-        self.view: CanonicalView = CanonicalView.from_dict(view)
-        self.scenes: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self.shards: OrderedDict[str, _ShardVisit] = OrderedDict()
-        self.max_open = owner.max_open
+        self.caches: list[CorrCache] = []
+        self.readers: list[SceneReader] = []
+        self.views: list[CanonicalView] = []
+        for source in owner.sources:
+            cache = CorrCache(source.path, storage_options=owner.storage_options)
+            if source.dataset_root is None:
+                reader = cache.reader()
+            else:
+                ds = dict(cache.config.dataset)
+                reader = open_dataset(ds.pop("name"), source.dataset_root, **{k: v for k, v in ds.items() if k != "root"})
+            view = cache.view().to_dict()
+            view["size"] = owner.resolution
+            self.caches.append(cache)
+            self.readers.append(reader)
+            self.views.append(CanonicalView.from_dict(view))
+        self.scenes: OrderedDict[tuple[int, str], dict[str, Any]] = OrderedDict()
+        self.shards: OrderedDict[tuple[int, str], _ShardVisit] = OrderedDict()
+        self.max_open = owner.max_open * len(owner.sources)
+        self.max_visits = self.max_shards * len(owner.sources)
         self.grid = owner.grid
         self.shard_reads = 0
 
-    def shard(self, shard_id: str) -> _ShardVisit:
-        """The decoded shard (read once per visit; the few most recent shards are kept)."""
-        if shard_id not in self.shards:
-            self.shards[shard_id] = _ShardVisit(self.cache, shard_id, self.grid)
+    def shard(self, shard_id: str, source: int = 0) -> _ShardVisit:
+        """The decoded shard of cache ``source`` (read once per visit; the few most recent shards are kept)."""
+        key = (source, shard_id)
+        if key not in self.shards:
+            self.shards[key] = _ShardVisit(self.caches[source], shard_id, self.grid)
             self.shard_reads += 1
-            while len(self.shards) > self.max_shards:
+            while len(self.shards) > self.max_visits:
                 self.shards.popitem(last=False)
-        self.shards.move_to_end(shard_id)
-        return self.shards[shard_id]
+        self.shards.move_to_end(key)
+        return self.shards[key]
 
-    def frames(self, scene_id: str) -> dict[str, Any]:
-        """``frame_id -> FrameRecord`` of a scene (a few scenes kept, least recently used evicted)."""
-        if scene_id not in self.scenes:
-            scene = self.reader.scene(scene_id)
-            self.scenes[scene_id] = {f.frame_id: f for f in scene.frames}
+    def frames(self, scene_id: str, source: int = 0) -> dict[str, Any]:
+        """``frame_id -> FrameRecord`` of a scene of cache ``source`` (a few scenes kept, least recently used evicted)."""
+        key = (source, scene_id)
+        if key not in self.scenes:
+            scene = self.readers[source].scene(scene_id)
+            self.scenes[key] = {f.frame_id: f for f in scene.frames}
             while len(self.scenes) > self.max_open:
                 self.scenes.popitem(last=False)
-        self.scenes.move_to_end(scene_id)
-        return self.scenes[scene_id]
+        self.scenes.move_to_end(key)
+        return self.scenes[key]
 
 
 class CorrStreamDataset(IterableDataset):
     """Seeded, resumable stream of CAMEO training samples from a correspondence cache.
 
     Args:
-        cache: cache directory or fsspec URL (``<cache>/cache.json``, ``manifest/``, ``shards/``).
+        cache: cache directory or fsspec URL (``<cache>/cache.json``, ``manifest/``, ``shards/``), or a
+            mixture: a sequence of :class:`~cameo_corr.pipeline.sharing.CacheSource` (path, weight, tag,
+            dataset root, window selection), see :meth:`epoch_windows`.
         num_views: ``F``, views per sample (``2 <= F <= S`` of every window).
         resolution: side of the square training images (the canonical crop resized to it).
         min_ref, max_ref: the number of references is uniform in ``[min_ref, max_ref]``
@@ -285,9 +369,13 @@ class CorrStreamDataset(IterableDataset):
         batch_size: when given, the stream yields collated batches of this many samples (use with
             ``DataLoader(batch_size=None)``, as :class:`StreamLoader` does); ``None`` yields samples.
         num_epochs: stop after this many epochs; ``None`` streams forever.
-        dataset_root: dataset root to read images from instead of the one recorded in ``cache.json``.
+        dataset_root: dataset root to read images from instead of the one recorded in ``cache.json``
+            (one cache; a mixture gives it per entry).
         storage_options: fsspec options for a remote cache.
-        split: only windows of this dataset split (``None``: all ``ok`` windows).
+        split, scenes_file, min_mask_frac: only the ``ok`` windows of this split, of the scenes listed in
+            this file (one id per line) and with at least this ``mask_frac``
+            (:class:`~cameo_corr.pipeline.sharing.WindowSelection`; ``None``: no condition). A mixture
+            entry's own predicates replace these. An empty selection is an error naming the predicate.
         max_open: scenes whose frame records are kept per process.
         tau, mask_policy, visibility_tol: the supervision mask (:mod:`cameo_corr.pipeline.masks`).
             With ``tau=None`` and ``mask_policy="cycle"`` (defaults) it is the stored ``mask``; otherwise
@@ -303,7 +391,7 @@ class CorrStreamDataset(IterableDataset):
 
     def __init__(
         self,
-        cache: str | Path,
+        cache: "str | Path | Sequence[CacheSource]",
         *,
         num_views: int,
         resolution: int,
@@ -322,6 +410,8 @@ class CorrStreamDataset(IterableDataset):
         dataset_root: str | Path | None = None,
         storage_options: dict[str, Any] | None = None,
         split: str | None = None,
+        scenes_file: str | None = None,
+        min_mask_frac: float | None = None,
         max_open: int = 8,
         tau: float | None = None,
         mask_policy: str = "cycle",
@@ -330,11 +420,20 @@ class CorrStreamDataset(IterableDataset):
         grid: int | tuple[int, int] | None = None,
     ) -> None:
         from cameo_corr.pipeline.cache import CorrCache
+        from cameo_corr.pipeline.sharing import CacheSource, WindowSelection
 
         super().__init__()
-        self.cache_path = str(cache)
+        if isinstance(cache, (str, Path)):
+            sources: tuple[CacheSource, ...] = (CacheSource(str(cache), dataset_root=None if dataset_root is None else str(dataset_root)),)
+        else:
+            sources = tuple(cache)
+            if not sources:
+                raise SchemaError("caches", "a mixture needs at least one cache")
+            if dataset_root is not None:
+                raise SchemaError("dataset_root", "give the dataset root of each cache of a mixture in its entry (dataset_root)")
+        self.sources = sources
+        """The caches of the stream (one, or a weighted mixture), in configuration order."""
         self.storage_options = storage_options
-        self.dataset_root = None if dataset_root is None else str(dataset_root)
         self.num_views = int(num_views)
         self.resolution = int(resolution)
         self.min_ref = int(min_ref)
@@ -353,48 +452,50 @@ class CorrStreamDataset(IterableDataset):
         self.on_corrupt = on_corrupt
         self._check_options()
 
-        cache_obj = CorrCache(self.cache_path, storage_options=storage_options)
-        self.grid: tuple[int, int] = cache_obj.select_grid(grid)
-        """The token grid read (``grid``; default the cache's primary grid)."""
+        caches = [CorrCache(src.path, storage_options=storage_options) for src in sources]
+        self.grid: tuple[int, int] = caches[0].select_grid(grid)
+        """The token grid read (``grid``; default the first cache's primary grid), stored by every cache."""
+        uses_cycle = check_policy(mask_policy) != "visibility"
+        check_mixture(caches, self.grid, tau_matters=tau is None and uses_cycle)
         self.mask_options: dict[str, Any] | None = None
-        """Keyword arguments of :func:`~cameo_corr.pipeline.masks.recompute_mask`; ``None``: stored mask."""
-        if tau is not None or check_policy(mask_policy) != "cycle":
-            size = cache_obj.view().size
-            self.mask_options = {"tau": check_tau(cache_obj.config.tau if tau is None else tau), "policy": mask_policy,
+        """Keyword arguments of :func:`~cameo_corr.pipeline.masks.recompute_mask` (``image_size`` of the
+        first cache: each cache's own canonical size is used for its windows); ``None``: stored mask."""
+        self.view_sizes = tuple(int(c.view().size) for c in caches)
+        """Canonical crop size of each cache (the image size of its cached intrinsics)."""
+        if tau is not None or mask_policy != "cycle":
+            size = self.view_sizes[0]
+            self.mask_options = {"tau": check_tau(caches[0].config.tau if tau is None else tau), "policy": mask_policy,
                                  "image_size": (size, size), "tol": check_visibility_tol(visibility_tol)}
-        columns = ["shard", "row", "num_views"] + (["split"] if split is not None else [])
-        table = cache_obj.manifest("ok", columns=columns)
-        if split is not None:
-            import pyarrow.compute as pc
-
-            table = table.filter(pc.equal(table["split"], split))
-        where = f"{self.cache_path}/manifest"
-        if table.num_rows == 0:
-            raise DatasetError(where, "no 'ok' windows" + (f" in split {split!r}" if split is not None else ""), field="status")
-        import pyarrow.compute as pc
-
-        encoded = pc.dictionary_encode(table.column("shard").combine_chunks())
-        names = encoded.dictionary.to_pylist()
-        rank_of_name = np.argsort(np.argsort(np.array(names, dtype=object)))  # shard codes in sorted-name order
-        shard = rank_of_name[encoded.indices.to_numpy(zero_copy_only=False)].astype(np.int32)
-        row = table.column("row").to_numpy().astype(np.int32)
-        views = table.column("num_views").to_numpy().astype(np.int16)
-        if views.min() < self.num_views:
-            raise DatasetError(where, f"{int((views < self.num_views).sum())} windows have fewer views than num_views="
-                               f"{self.num_views} (e.g. {int(views.min())})", field="num_views")
-        order = np.lexsort((row, shard))
-        self.shard_ids: tuple[str, ...] = tuple(sorted(names))
-        """Shard ids, sorted; ``window_shard`` indexes into it."""
-        self.window_shard: np.ndarray = shard[order]
-        """``[N]`` int32 shard index of each window (windows sorted by shard, then row)."""
-        self.window_row: np.ndarray = row[order]
+        defaults = WindowSelection(split, scenes_file, min_mask_frac)
+        shard_parts, row_parts, view_parts, names_all, shard_source = [], [], [], [], []
+        for k, (src, cache_obj) in enumerate(zip(sources, caches)):
+            shard, row, views, names = _source_windows(cache_obj, src.selection.over(defaults), self.num_views)
+            shard_parts.append(shard + len(names_all))
+            row_parts.append(row)
+            view_parts.append(views)
+            names_all += names
+            shard_source.append(np.full(len(names), k, dtype=np.int16))
+        shard = np.concatenate(shard_parts)
+        order = np.lexsort((np.concatenate(row_parts), shard))  # shard indices grow with the source: sorted by source too
+        self.shard_ids: tuple[str, ...] = tuple(names_all)
+        """Shard ids, sorted within each cache, caches in order; ``window_shard`` indexes into it."""
+        self.shard_source: np.ndarray = np.concatenate(shard_source)
+        """``[shards]`` int16 index (into :attr:`sources`) of the cache of each shard."""
+        self.window_shard: np.ndarray = shard[order].astype(np.int32)
+        """``[N]`` int32 shard index of each window (windows sorted by cache, shard, then row)."""
+        self.window_row: np.ndarray = np.concatenate(row_parts)[order]
         """``[N]`` int32 row of each window in its shard."""
-        self.window_views: np.ndarray = views[order]
+        self.window_views: np.ndarray = np.concatenate(view_parts)[order]
         """``[N]`` int16 number of views S of each window."""
         bounds = np.searchsorted(self.window_shard, np.arange(len(self.shard_ids) + 1))
         self.shard_start: np.ndarray = bounds.astype(np.int64)
         """``[shards + 1]``: the windows of shard ``k`` are ``shard_start[k]:shard_start[k + 1]``."""
-        self.epoch_length = math.ceil(len(self.window_row) / self.world_size)
+        sizes = np.bincount(self.shard_source[self.window_shard], minlength=len(sources)).astype(np.int64)
+        self.source_windows: np.ndarray = sizes
+        """``[caches]`` number of selected windows of each cache."""
+        self.source_counts: np.ndarray = mixture_counts([s.weight for s in sources], int(sizes.sum()))
+        """``[caches]`` samples drawn from each cache per epoch (see :func:`mixture_counts`)."""
+        self.epoch_length = math.ceil(int(sizes.sum()) / self.world_size)
         """Samples per epoch on each rank (the padded epoch order divided by ``world_size``)."""
         self.state = StreamState()
         self._proc: _ProcessState | None = None
@@ -432,13 +533,42 @@ class CorrStreamDataset(IterableDataset):
         """Number of windows (not samples per epoch: see :attr:`epoch_length`)."""
         return len(self.window_row)
 
-    def shard_rows(self) -> list[np.ndarray]:
-        """Window indices of each shard, in row order (what :func:`epoch_order` shuffles)."""
-        return [np.arange(self.shard_start[k], self.shard_start[k + 1]) for k in range(len(self.shard_ids))]
+    def shard_rows(self, source: int | None = None) -> list[np.ndarray]:
+        """Window indices of each shard (of cache ``source``; ``None``: all), in row order (what
+        :func:`epoch_order` shuffles)."""
+        shards = range(len(self.shard_ids)) if source is None else np.flatnonzero(self.shard_source == source)
+        return [np.arange(self.shard_start[k], self.shard_start[k + 1]) for k in shards]
+
+    def epoch_windows(self, epoch: int) -> np.ndarray:
+        """The window indices of one epoch, in stream order, before the rank split.
+
+        One cache: :func:`epoch_order` of ``(seed, epoch)``. A mixture: cache ``k`` contributes
+        :attr:`source_counts` ``[k]`` samples per epoch, the next ones of its own endless stream (its
+        passes ``p = 0, 1, ...``, each :func:`epoch_order` of ``(seed_k, p)`` over its shards, so reads stay
+        shard-ordered within each cache); the caches' samples are interleaved by a seeded shuffle of the
+        epoch's slots.
+        """
+        if len(self.sources) == 1:
+            return epoch_order(self.shard_rows(), seed=self.seed, epoch=epoch, shard_shuffle=self.shard_shuffle,
+                               shuffle_buffer=self.shuffle_buffer)
+        slots = np.repeat(np.arange(len(self.sources)), self.source_counts)
+        np.random.default_rng([self.seed, epoch, 3]).shuffle(slots)
+        out = np.empty(len(slots), dtype=np.int64)
+        for k, (n, c) in enumerate(zip(self.source_windows.tolist(), self.source_counts.tolist())):
+            if c == 0:
+                continue
+            seed = self.seed if k == 0 else int(np.random.SeedSequence([self.seed, k]).generate_state(1)[0])
+            start = epoch * c
+            first, last = start // n, (start + c - 1) // n
+            rows = self.shard_rows(k)
+            stream = np.concatenate([epoch_order(rows, seed=seed, epoch=p, shard_shuffle=self.shard_shuffle,
+                                                 shuffle_buffer=self.shuffle_buffer) for p in range(first, last + 1)])
+            out[slots == k] = stream[start - first * n : start - first * n + c]
+        return out
 
     def rank_order(self, epoch: int) -> np.ndarray:
         """``[epoch_length, 2]`` of ``(window index, index in the padded epoch order)`` for this rank."""
-        order = epoch_order(self.shard_rows(), seed=self.seed, epoch=epoch, shard_shuffle=self.shard_shuffle, shuffle_buffer=self.shuffle_buffer)
+        order = self.epoch_windows(epoch)
         padded = self.epoch_length * self.world_size
         q = np.arange(padded, dtype=np.int64)
         windows = order[q % len(order)]
@@ -518,12 +648,17 @@ class CorrStreamDataset(IterableDataset):
         num_ref = int(rng.integers(self.min_ref, self.max_ref + 1))
         return chosen[reference_order(self.num_views, num_ref, self.order, rng, self.shuffle_prob)], num_ref
 
+    def locate(self, window: int) -> tuple[int, str, int]:
+        """``(cache index, shard id, row)`` of a window index."""
+        shard = int(self.window_shard[window])
+        return int(self.shard_source[shard]), self.shard_ids[shard], int(self.window_row[window])
+
     def window_meta(self, window: int) -> dict[str, Any]:
-        """``window_id``, ``dataset``, ``split``, ``scene_id``, ``frame_ids``, ``shard``, ``row`` of a
-        window index (read from its shard in this process)."""
-        shard_id, row = self.shard_ids[self.window_shard[window]], int(self.window_row[window])
-        meta = self._process().shard(shard_id).meta
-        return {"window_id": meta["window_ids"][row], "dataset": meta["datasets"][row], "split": meta["splits"][row],
+        """``source`` (cache index), ``window_id``, ``dataset``, ``split``, ``scene_id``, ``frame_ids``,
+        ``shard``, ``row`` of a window index (read from its shard in this process)."""
+        source, shard_id, row = self.locate(window)
+        meta = self._process().shard(shard_id, source).meta
+        return {"source": source, "window_id": meta["window_ids"][row], "dataset": meta["datasets"][row], "split": meta["splits"][row],
                 "scene_id": meta["scene_ids"][row], "frame_ids": list(meta["frame_ids"][row]), "shard": shard_id, "row": row}
 
     def sample(self, window: int, epoch: int = 0, q: int = 0) -> dict[str, Any] | None:
@@ -532,13 +667,14 @@ class CorrStreamDataset(IterableDataset):
         from cameo_corr.pipeline.cache import CorruptCacheError
 
         proc = self._process()
-        shard_id, row = self.shard_ids[self.window_shard[window]], int(self.window_row[window])
+        source, shard_id, row = self.locate(window)
         views, num_ref = self.choose(window, epoch, q)
-        visit = proc.shard(shard_id)
+        visit = proc.shard(shard_id, source)
         try:
             blocks = visit.corr_row(row)
             if self.mask_options:
-                blocks = {**blocks, "mask": self._mask(proc.cache, shard_id, row, visit.meta["window_ids"][row])}
+                blocks = {**blocks, "mask": self._mask(proc.caches[source], shard_id, row, visit.meta["window_ids"][row],
+                                                       self.view_sizes[source])}
         except CorruptCacheError as e:
             if self.on_corrupt == "raise":
                 raise
@@ -553,25 +689,25 @@ class CorrStreamDataset(IterableDataset):
             if block.shape[:2] != (S, S) or S != len(frame_ids):
                 raise SchemaError(key, f"row {row} has shape {block.shape}, the shard lists {len(frame_ids)} views", where=f"shard {shard_id}")
             corr[key] = block[np.ix_(views, views)]
-        frames_by_id = proc.frames(scene_id)
+        frames_by_id = proc.frames(scene_id, source)
         frames = []
         for i in views:
             fid = frame_ids[i]
             if fid not in frames_by_id:
                 raise DatasetError(
-                    str(proc.reader.root), f"frame {fid!r} of window {window_id} not found in scene {scene_id!r}", field="frame_ids", scene_id=scene_id
+                    str(proc.readers[source].root), f"frame {fid!r} of window {window_id} not found in scene {scene_id!r}", field="frame_ids", scene_id=scene_id
                 )
             frames.append(frames_by_id[fid])
         from cameo_corr.datasets.canonical import load_window
 
         record = WindowRecord(window_id, meta["datasets"][row], meta["splits"][row], scene_id, tuple(frames))
-        data = load_window(proc.reader, record, proc.view, with_depth=False)
+        data = load_window(proc.readers[source], record, proc.views[source], with_depth=False)
         image = torch.from_numpy(np.ascontiguousarray(data.images)).permute(0, 3, 1, 2).float().div_(255.0)
         return {
             "image": image,
             "intrinsic": torch.from_numpy(np.asarray(data.intrinsics, dtype=np.float32)),
             "extrinsic": torch.from_numpy(np.asarray(data.extrinsics, dtype=np.float32)),
-            "tag": self.tags.get(meta["datasets"][row], meta["datasets"][row]),
+            "tag": self.sources[source].tag or self.tags.get(meta["datasets"][row], meta["datasets"][row]),
             "window_id": window_id,
             "num_ref": num_ref,
             "corr_nn": torch.from_numpy(corr["nn"].astype(np.int64)),
@@ -580,11 +716,12 @@ class CorrStreamDataset(IterableDataset):
         }
 
 
-    def _mask(self, cache: "CorrCache", shard_id: str, row: int, window_id: str) -> np.ndarray:
-        """Row ``row``'s mask recomputed from its cached arrays under :attr:`mask_options`."""
+    def _mask(self, cache: "CorrCache", shard_id: str, row: int, window_id: str, size: int) -> np.ndarray:
+        """Row ``row``'s mask recomputed from its cached arrays under :attr:`mask_options` (``size``: the
+        cache's canonical image size)."""
         names = mask_inputs(self.mask_options["policy"])  # type: ignore[index]
         arrays = cache.read_row(shard_id, row, window_id, names=names, grid=self.grid)
-        return recompute_mask(arrays, **self.mask_options)  # type: ignore[arg-type]
+        return recompute_mask(arrays, **{**self.mask_options, "image_size": (size, size)})  # type: ignore[arg-type,dict-item]
 
 
 class StreamLoader:

@@ -242,17 +242,23 @@ def resolve_resume(out: str | Path, resume: str) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------ setup
-def make_loader(cfg: TrainConfig, *, cache: str, rank: int, world_size: int, split: str | None = None,
+def make_loader(cfg: TrainConfig, *, cache: "str | None" = None, rank: int, world_size: int, split: str | None = None,
                 seed: int | None = None, num_epochs: int | None = None, pin_memory: bool = False,
                 mask_policy: str | None = None, grid: tuple[int, int] | None = None) -> "StreamLoader":
     """The training stream of this rank (``cfg.data``), as a resumable loader (``pin_memory`` for CUDA training;
-    ``split``, ``seed`` and ``mask_policy`` override ``cfg.data``'s; ``grid`` is the token grid read from a
-    cache that stores several, default its primary grid)."""
+    ``split``, ``seed`` and ``mask_policy`` override ``cfg.data``'s; ``grid`` is the token grid read from
+    caches that store several, default the (first) cache's primary grid). ``cache`` reads that one cache;
+    ``None`` reads ``data.cache`` or the mixture ``data.caches``."""
+    from cameo_corr.train.config import data_sources
     from cameo_corr.train.data import CorrStreamDataset, StreamLoader
 
     d = cfg.data
+    mixture = data_sources(d) if cache is None else None
+    source = cache if cache is not None else (mixture if mixture is not None else d.cache)
+    if source is None:
+        raise SchemaError("data.cache", "no cache given (use --cache, data.cache or data.caches in the config)")
     dataset = CorrStreamDataset(
-        cache,
+        source,
         num_views=d.num_views,
         resolution=d.resolution,
         min_ref=d.min_ref,
@@ -267,8 +273,10 @@ def make_loader(cfg: TrainConfig, *, cache: str, rank: int, world_size: int, spl
         world_size=world_size,
         batch_size=d.batch_size,
         num_epochs=num_epochs,
-        dataset_root=d.dataset_root,
+        dataset_root=d.dataset_root if mixture is None else None,
         split=d.split if split is None else split,
+        scenes_file=d.scenes_file,
+        min_mask_frac=d.min_mask_frac,
         tau=d.tau,
         mask_policy=d.mask_policy if mask_policy is None else mask_policy,
         visibility_tol=d.visibility_tol,
@@ -319,8 +327,11 @@ class Trainer:
         from cameo_corr.train.loss import HeadMLP
         from cameo_corr.train.model import build_model
 
-        if cfg.data.cache is None:
-            raise SchemaError("data.cache", "no cache given (use --cache or data.cache in the config)")
+        from cameo_corr.train.config import data_sources
+
+        mixture = data_sources(cfg.data)
+        if cfg.data.cache is None and mixture is None:
+            raise SchemaError("data.cache", "no cache given (use --cache, data.cache or data.caches in the config)")
         self.cfg = cfg
         self.out = Path(out)
         r = cfg.train
@@ -341,10 +352,10 @@ class Trainer:
             **cfg.model.recipe(),
             **cfg.model.options,
         )
-        cache = CorrCache(cfg.data.cache)
         latent_hw = codec.latent_size((cfg.data.resolution, cfg.data.resolution))
-        self.grid: tuple[int, int] = model.check_grid(latent_hw, cache.config.grids, cache=str(cfg.data.cache))
-        """The supervised layer's token grid: the grid read from a cache that stores several."""
+        paths = [cfg.data.cache] if mixture is None else [m.path for m in mixture]
+        self.grid: tuple[int, int] = [model.check_grid(latent_hw, CorrCache(p).config.grids, cache=str(p)) for p in paths][0]
+        """The supervised layer's token grid (every cache must store it): the grid read from caches that store several."""
         if cfg.eval.every > 0 and cfg.eval.cache is not None:
             model.check_grid(latent_hw, CorrCache(cfg.eval.cache).config.grids, cache=str(cfg.eval.cache))
         head_mlp = HeadMLP(model.heads) if cfg.loss.cameo_weight > 0 else None
@@ -359,8 +370,7 @@ class Trainer:
         self.head_mlp = acc.unwrap_model(self.trainable).head_mlp
         self.noise_scheduler = make_noise_scheduler(cfg)
         pin = acc.device.type == "cuda"
-        self.loader = make_loader(cfg, cache=cfg.data.cache, rank=acc.process_index, world_size=acc.num_processes,
-                                  pin_memory=pin, grid=self.grid)
+        self.loader = make_loader(cfg, rank=acc.process_index, world_size=acc.num_processes, pin_memory=pin, grid=self.grid)
         self.state = LoopState(step=0, loader=self.loader, world_size=acc.num_processes)
         # The frozen codec is saved only where its weights exist nowhere else (the tiny random VAE): a
         # pretrained VAE is reloaded from model.pretrained (~335 MB per checkpoint saved), identity has none.
@@ -368,7 +378,7 @@ class Trainer:
         acc.register_for_checkpointing(self.lr_scheduler, self.state, *extra_state)
         self.eval_batches: list[dict[str, Any]] = []
         if cfg.eval.every > 0:
-            eval_loader = make_loader(cfg, cache=cfg.eval.cache or cfg.data.cache, rank=acc.process_index,
+            eval_loader = make_loader(cfg, cache=cfg.eval.cache, rank=acc.process_index,
                                       world_size=acc.num_processes, split=cfg.eval.split, seed=cfg.eval.seed, num_epochs=1,
                                       mask_policy=cfg.eval.mask_policy, grid=self.grid)
             for batch in eval_loader:
