@@ -194,6 +194,21 @@ def test_compact_cli(small_cache, capsys):
     assert "5 rows in 1 file(s), 2 shard fragments merged" in capsys.readouterr().out
     assert verify_cache(CorrCache(small_cache)) == []
     assert cache_stats(CorrCache(small_cache))["windows_ok"] == 4
+    assert not (small_cache / "lease.json").exists()
+
+
+def test_compact_refuses_a_cache_a_job_is_writing(small_cache, capsys):
+    from cameo_corr.pipeline.cache import CacheLocation, fragment_names
+    from cameo_corr.pipeline.lease import CacheLease
+
+    location = CacheLocation(small_cache)
+    pending = fragment_names(location)
+    with CacheLease(location).acquire():  # what a running preprocess job holds
+        assert cli_main(["cache", "compact", str(small_cache)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("cameo-corr cache compact: error:") and "being written by another job" in err and "--force" in err
+        assert fragment_names(location) == pending  # nothing consolidated under the job
+    assert cli_main(["cache", "compact", str(small_cache)]) == 0
 
 
 @pytest.mark.parametrize(

@@ -710,9 +710,12 @@ def _verify(args: argparse.Namespace) -> int:
 @cli_errors
 def _compact(args: argparse.Namespace) -> int:
     from cameo_corr.pipeline.cache import consolidate_manifest
+    from cameo_corr.pipeline.lease import CacheLease
 
     cache = _open(args)
-    info = consolidate_manifest(cache.location, full=True)
+    # the cache's lease: a running job consolidates too (periodically and at its end), never both at once
+    with CacheLease(cache.location, force=args.force).acquire():
+        info = consolidate_manifest(cache.location, full=True)
     print(f"manifest of {cache.location.display}: {info['rows']} rows in {len(info['files'])} file(s), "
           f"{len(info['fragments'])} shard fragments merged")
     return 0
@@ -828,6 +831,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("compact", help="merge the manifest fragments into sorted Parquet files (also done at job end)")
     common(p)
+    p.add_argument("--force", action="store_true",
+                   help="take the cache's lease even if a job renewed it recently (only when that job is dead)")
     p.set_defaults(func=_compact)
 
     p = sub.add_parser("migrate", help="convert a schema version 1 cache into a new version 2 cache")
