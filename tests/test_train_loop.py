@@ -224,3 +224,22 @@ def test_official_recipe_trains_with_adamw_warmup_and_clipping(cache: Path, tmp_
     assert "model.unet.class_embedding.weight" in state and "model.unet.conv_in.cond.out.weight" in state
     assert any(k.endswith("attn1.norm_q.weight") for k in state)
     assert not any(".attn2." in k or "null_embedding" in k for k in state)
+
+
+@pytest.mark.slow
+def test_trains_on_a_mixture_of_caches_and_resumes_it(cache: Path, tmp_path: Path) -> None:
+    """``data.caches`` end to end through the trainer: two caches with weights and tags, 2 steps, then a
+    resumed third step whose data position continues the mixture's epoch."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(cache, other)
+    caches = json.dumps([{"path": str(cache), "weight": 3, "tag": "re10k"}, {"path": str(other), "weight": 1, "tag": "co3d"}])
+    cfg = load_config(TINY, [*BASE, f"data.caches={caches}", "train.max_steps=3", "train.checkpoint_every=2"])
+    first = train(cfg, tmp_path / "run", resume="never", max_steps=2)
+    assert first.step == 2 and all(math.isfinite(r["cameo"]) and math.isfinite(r["diffusion"]) for r in first.history)
+    rest = train(cfg, tmp_path / "run", resume="auto")
+    assert rest.step == 3 and [r["step"] for r in rest.history] == [3]
+    state = json.loads((checkpoint_dirs(tmp_path / "run")[-1] / "loop_state.json").read_text())
+    # 3 steps x 2 samples over an epoch of 12 windows (6 per cache)
+    assert state["data"] == {"epoch": 0, "position": 6}
