@@ -45,8 +45,6 @@ from cameo_corr.schemas import (
     FrameRecord,
     SceneRecord,
     first_invalid_camera,
-    intrinsics_from_normalized,
-    make_extrinsics,
 )
 
 RAW_COLUMNS: tuple[str, ...] = (
@@ -61,10 +59,8 @@ FRAME_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg")
 
 def camera_from_row(values: Sequence[float], width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixel intrinsics ``K`` and world-to-camera ``E`` of one 18-number RealEstate10K camera row."""
-    fx, fy, cx, cy = (float(v) for v in values[:4])
-    K = intrinsics_from_normalized(fx, fy, cx, cy, width, height)
-    P = np.asarray(values[6:18], dtype=np.float64).reshape(3, 4)
-    return K, make_extrinsics(P[:, :3], P[:, 3])
+    K, E = _cameras(np.asarray(values, dtype=np.float64)[None, :18], height, width)
+    return K[0], E[0]
 
 
 def _cameras(values: np.ndarray, H: Any, W: Any) -> tuple[np.ndarray, np.ndarray]:
