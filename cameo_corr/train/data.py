@@ -252,18 +252,20 @@ def _source_windows(cache: "CorrCache", selection: Any, num_views: int) -> tuple
 
 
 class _ShardVisit:
-    """One shard as a worker reads it: the correspondence arrays of all its windows, decoded once,
-    and the windows' metadata (ids, scenes, frame ids). Rows whose bytes are corrupt map to their error."""
+    """One shard as a worker reads it: the arrays ``names`` of all its windows (the correspondence
+    arrays, plus the inputs of a mask recomputed at load time), decoded once, and the windows' metadata
+    (ids, scenes, frame ids). Rows whose bytes are corrupt map to their error."""
 
-    def __init__(self, cache: "CorrCache", shard_id: str, grid: tuple[int, int]) -> None:
+    def __init__(self, cache: "CorrCache", shard_id: str, grid: tuple[int, int], names: Sequence[str]) -> None:
         from cameo_corr.pipeline.cache import CorruptCacheError
 
         self.shard_id = shard_id
+        self.names = tuple(names)
         self.bad: dict[int, CorruptCacheError] = {}
         self.broken: CorruptCacheError | None = None
         try:
             self.meta = cache.shard_windows(shard_id)
-            self.corr = cache.read_shard(shard_id, _CORR_KEYS, grid=grid)
+            self.corr = cache.read_shard(shard_id, self.names, grid=grid)
         except CorruptCacheError as e:
             if e.array is None:  # the shard file or its metadata: no window of it is readable
                 self.broken = e
@@ -272,19 +274,19 @@ class _ShardVisit:
             rows = {}
             for r, wid in enumerate(self.meta["window_ids"]):
                 try:
-                    rows[r] = cache.read_row(shard_id, r, wid, _CORR_KEYS, grid=grid)
+                    rows[r] = cache.read_row(shard_id, r, wid, self.names, grid=grid)
                 except CorruptCacheError as err:
                     self.bad[r] = err
             self.rows = rows
 
     def corr_row(self, row: int) -> dict[str, np.ndarray]:
-        """The ``nn``/``mask``/``dist`` of one row; raises the row's :class:`CorruptCacheError`."""
+        """The arrays of one row; raises the row's :class:`CorruptCacheError`."""
         if self.broken is not None:
             raise self.broken
         if row in self.bad:
             raise self.bad[row]
         if self.corr:
-            return {k: self.corr[k][row] for k in _CORR_KEYS}
+            return {k: self.corr[k][row] for k in self.names}
         return self.rows[row]
 
 
@@ -322,13 +324,17 @@ class _ProcessState:
         self.max_open = owner.max_open * len(owner.sources)
         self.max_visits = self.max_shards * len(owner.sources)
         self.grid = owner.grid
+        self.read_names = _CORR_KEYS
+        """Arrays read per shard visit: the correspondence arrays, and the inputs of a recomputed mask."""
+        if owner.mask_options:
+            self.read_names = tuple(dict.fromkeys(_CORR_KEYS + mask_inputs(owner.mask_options["policy"])))
         self.shard_reads = 0
 
     def shard(self, shard_id: str, source: int = 0) -> _ShardVisit:
         """The decoded shard of cache ``source`` (read once per visit; the few most recent shards are kept)."""
         key = (source, shard_id)
         if key not in self.shards:
-            self.shards[key] = _ShardVisit(self.caches[source], shard_id, self.grid)
+            self.shards[key] = _ShardVisit(self.caches[source], shard_id, self.grid, self.read_names)
             self.shard_reads += 1
             while len(self.shards) > self.max_visits:
                 self.shards.popitem(last=False)
@@ -458,14 +464,13 @@ class CorrStreamDataset(IterableDataset):
         uses_cycle = check_policy(mask_policy) != "visibility"
         check_mixture(caches, self.grid, tau_matters=tau is None and uses_cycle)
         self.mask_options: dict[str, Any] | None = None
-        """Keyword arguments of :func:`~cameo_corr.pipeline.masks.recompute_mask` (``image_size`` of the
-        first cache: each cache's own canonical size is used for its windows); ``None``: stored mask."""
+        """Keyword arguments of :func:`~cameo_corr.pipeline.masks.recompute_mask` but ``image_size`` (each
+        cache's own canonical size is used for its windows); ``None``: stored mask."""
         self.view_sizes = tuple(int(c.view().size) for c in caches)
         """Canonical crop size of each cache (the image size of its cached intrinsics)."""
         if tau is not None or mask_policy != "cycle":
-            size = self.view_sizes[0]
             self.mask_options = {"tau": check_tau(caches[0].config.tau if tau is None else tau), "policy": mask_policy,
-                                 "image_size": (size, size), "tol": check_visibility_tol(visibility_tol)}
+                                 "tol": check_visibility_tol(visibility_tol)}
         defaults = WindowSelection(split, scenes_file, min_mask_frac)
         shard_parts, row_parts, view_parts, names_all, shard_source = [], [], [], [], []
         for k, (src, cache_obj) in enumerate(zip(sources, caches)):
@@ -673,8 +678,8 @@ class CorrStreamDataset(IterableDataset):
         try:
             blocks = visit.corr_row(row)
             if self.mask_options:
-                blocks = {**blocks, "mask": self._mask(proc.caches[source], shard_id, row, visit.meta["window_ids"][row],
-                                                       self.view_sizes[source])}
+                size = self.view_sizes[source]
+                blocks = {**blocks, "mask": recompute_mask(blocks, **{**self.mask_options, "image_size": (size, size)})}
         except CorruptCacheError as e:
             if self.on_corrupt == "raise":
                 raise
@@ -714,14 +719,6 @@ class CorrStreamDataset(IterableDataset):
             "corr_mask": torch.from_numpy(corr["mask"].astype(np.bool_)),
             "corr_dist": torch.from_numpy(corr["dist"].astype(np.float32)),
         }
-
-
-    def _mask(self, cache: "CorrCache", shard_id: str, row: int, window_id: str, size: int) -> np.ndarray:
-        """Row ``row``'s mask recomputed from its cached arrays under :attr:`mask_options` (``size``: the
-        cache's canonical image size)."""
-        names = mask_inputs(self.mask_options["policy"])  # type: ignore[index]
-        arrays = cache.read_row(shard_id, row, window_id, names=names, grid=self.grid)
-        return recompute_mask(arrays, **{**self.mask_options, "image_size": (size, size)})  # type: ignore[arg-type,dict-item]
 
 
 class StreamLoader:
