@@ -80,10 +80,15 @@ class SceneReader(abc.ABC):
     def load_image(self, frame: FrameRecord) -> np.ndarray:
         """RGB uint8 ``[H, W, 3]`` pixels of ``frame`` (its ``image_size``)."""
 
+    @classmethod
+    def stores_depth(cls) -> bool:
+        """Whether this reader's datasets store depth at all (readers with depth override :meth:`load_depth`)."""
+        return cls.load_depth is not SceneReader.load_depth
+
     @property
     def has_depth(self) -> bool:
-        """Whether the dataset stores depth at all (readers with depth override :meth:`load_depth`)."""
-        return type(self).load_depth is not SceneReader.load_depth
+        """Whether the dataset stores depth at all (:meth:`stores_depth`)."""
+        return self.stores_depth()
 
     def load_depth(self, frame: FrameRecord) -> np.ndarray | None:
         """z-depth ``[H, W]`` float32 in scene units, 0 where invalid; ``None`` if the dataset has none."""

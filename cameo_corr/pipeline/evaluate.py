@@ -45,7 +45,6 @@ from cameo_corr.schemas import (
     DEFAULT_TAU,
     CameoCorrError,
     PointmapResult,
-    SchemaError,
     TokenCorrespondences,
     WindowData,
     check_grids,
@@ -490,12 +489,13 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
 
 def depth_dataset_names() -> tuple[str, ...]:
     """Registered datasets whose reader stores ground-truth depth (the ones ``eval-corr`` can judge against)."""
-    from cameo_corr.datasets.base import DATASET_NAMES, SceneReader, reader_class
+    from cameo_corr.datasets.base import DATASET_NAMES, reader_class
 
-    return tuple(n for n in DATASET_NAMES if reader_class(n).load_depth is not SceneReader.load_depth)
+    return tuple(n for n in DATASET_NAMES if reader_class(n).stores_depth())
 
 
 def _run_cli(args: argparse.Namespace) -> int:
+    from cameo_corr.cli import UsageError
     from cameo_corr.datasets import open_dataset
     from cameo_corr.pipeline.backends import backend_options_from_args, make_backend
     reader_options = {} if args.split is None else {"split": args.split}
@@ -518,14 +518,10 @@ def _run_cli(args: argparse.Namespace) -> int:
     )
     try:
         config.validate()
-        reader = open_dataset(args.dataset, args.root, **reader_options)
-        if not reader.has_depth:
-            raise SchemaError("dataset", f"eval-corr compares against ground-truth depth, and {args.dataset!r} has none",
-                              where=str(reader.root))
+        reader = open_dataset(args.dataset, args.root, **reader_options)  # --dataset offers only readers with depth
         backend = make_backend(args.backend, **backend_options_from_args(args))
-    except (CameoCorrError, ImportError, ValueError) as e:
-        print(f"cameo-corr eval-corr: error: {e}", file=sys.stderr)
-        return 2
+    except (ImportError, ValueError) as e:  # SchemaError and DatasetError are ValueErrors
+        raise UsageError(str(e)) from e
     report = evaluate_backend(reader, backend, config, progress=sys.stderr.isatty())
     print(format_table(report))
     for f in report["failed"]:
