@@ -25,6 +25,22 @@ if typing.TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.pipeline.sharing import CacheSource
 
 
+ORDER_POLICIES = ("mixed", "uniform_push", "shuffle", "capture")
+"""How the ``F`` chosen views are reordered ``[references, targets]``:
+
+* ``mixed`` (CAMEO's training default): per sample, ``shuffle`` with probability ``shuffle_prob``
+  (the official ``shuffle_train_rate``, 0.5), ``uniform_push`` otherwise;
+* ``uniform_push`` (CAMEO's ``uniform_push_batch``): views in capture order; with one reference the
+  view at index ``F // 2 - 1``, otherwise ``linspace(0, F - 1, num_ref)`` (truncated) are references;
+  they are pushed to the front, the remaining views follow in capture order;
+* ``shuffle`` (CAMEO's ``shuffle_batch``): a random permutation; its first ``num_ref`` views are
+  references;
+* ``capture``: capture order; the first ``num_ref`` views are references.
+
+The number of references is drawn first, uniform in ``[min_ref, max_ref]`` (the official
+``random.randint(min_cond_num, max_cond_num)``, ``[1, 3]`` for ``F = 4``), whatever the policy.
+"""
+
 CAMERA_NORMS = ("first_view", "official", "none")
 """Camera normalisations of :func:`cameo_corr.train.model.camera_rays` (``model.camera_norm``)."""
 
@@ -68,7 +84,7 @@ class DataConfig:
     max_ref: int | None = None
     order: str = "mixed"
     """View order policy: ``mixed`` (official: ``shuffle`` with probability ``shuffle_prob``, else
-    ``uniform_push``), ``uniform_push``, ``shuffle`` or ``capture`` (:data:`cameo_corr.train.data.ORDER_POLICIES`)."""
+    ``uniform_push``), ``uniform_push``, ``shuffle`` or ``capture`` (:data:`ORDER_POLICIES`)."""
     shuffle_prob: float = 0.5
     """Probability of ``shuffle`` under ``order: mixed`` (the official ``shuffle_train_rate``)."""
     tags: dict[str, str] | None = None
@@ -431,7 +447,7 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
         raise SchemaError("train.mixed_precision", f"expected no, fp16 or bf16, got {r.mixed_precision!r}", where=where)
     if cfg.loss.mode not in ("official", "paper"):
         raise SchemaError("loss.mode", f"expected official or paper, got {cfg.loss.mode!r}", where=where)
-    if d.order not in ("mixed", "uniform_push", "shuffle", "capture"):
+    if d.order not in ORDER_POLICIES:
         raise SchemaError("data.order", f"expected mixed, uniform_push, shuffle or capture, got {d.order!r}", where=where)
     if not 0.0 <= d.shuffle_prob <= 1.0:
         raise SchemaError("data.shuffle_prob", f"must be in [0, 1], got {d.shuffle_prob}", where=where)

@@ -74,28 +74,13 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from cameo_corr.pipeline.masks import DEFAULT_VISIBILITY_TOL, check_policy, check_tau, check_visibility_tol, mask_inputs, recompute_mask
 from cameo_corr.schemas import DatasetError, SchemaError, WindowRecord
+from cameo_corr.train.config import ORDER_POLICIES
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.datasets.base import SceneReader
     from cameo_corr.datasets.canonical import CanonicalView
     from cameo_corr.pipeline.cache import CorrCache
     from cameo_corr.pipeline.sharing import CacheSource
-
-ORDER_POLICIES = ("mixed", "uniform_push", "shuffle", "capture")
-"""How the ``F`` chosen views are reordered ``[references, targets]``:
-
-* ``mixed`` (CAMEO's training default): per sample, ``shuffle`` with probability ``shuffle_prob``
-  (the official ``shuffle_train_rate``, 0.5), ``uniform_push`` otherwise;
-* ``uniform_push`` (CAMEO's ``uniform_push_batch``): views in capture order; with one reference the
-  view at index ``F // 2 - 1``, otherwise ``linspace(0, F - 1, num_ref)`` (truncated) are references;
-  they are pushed to the front, the remaining views follow in capture order;
-* ``shuffle`` (CAMEO's ``shuffle_batch``): a random permutation; its first ``num_ref`` views are
-  references;
-* ``capture``: capture order; the first ``num_ref`` views are references.
-
-The number of references is drawn first, uniform in ``[min_ref, max_ref]`` (the official
-``random.randint(min_cond_num, max_cond_num)``, ``[1, 3]`` for ``F = 4``), whatever the policy.
-"""
 
 DEFAULT_SHUFFLE_PROB = 0.5
 """The official ``shuffle_train_rate``."""
