@@ -59,7 +59,6 @@ import os
 import threading
 import time
 import uuid
-import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -1424,7 +1423,6 @@ def migrate_cache(src: str | Path, dst: str | Path, *, storage_options: Mapping[
     import dataclasses
 
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     old = CorrCache(src, dict(storage_options or {}) or None)
     if old.version != 1:
@@ -1448,12 +1446,8 @@ def migrate_cache(src: str | Path, dst: str | Path, *, storage_options: Mapping[
         table.schema.get_field_index("shard_bytes"), manifest_schema().field("shard_bytes"),
         pa.array([sizes.get(s) if s is not None else None for s in shard_col], pa.int64()),
     )
-    table = table.take(pc.sort_indices(table, sort_keys=[("window_id", "ascending")]))
-    name = "compact-000001-00000.parquet"
-    out.write_bytes_atomic(f"{MANIFEST_DIR}/{name}", _parquet_bytes(table, MANIFEST_ROW_GROUP))
-    fragments = sorted(_fragment_shard(n) for n in fragment_names(old.location))
-    out.write_bytes_atomic(CONSOLIDATED_FILE, json.dumps(
-        {"schema_version": SCHEMA_VERSION, "files": [name], "fragments": fragments, "rows": table.num_rows}).encode())
+    fragments = [_fragment_shard(n) for n in fragment_names(old.location)]
+    _write_compact(out, table, {"files": [], "fragments": []}, fragments)  # sorted by window_id
     out.write_bytes_atomic(CONFIG_FILE, config.to_json().encode())
     return {"shards": len(shards), "windows": table.num_rows}
 
