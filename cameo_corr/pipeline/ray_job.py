@@ -40,7 +40,6 @@ number of fragments; at the end it consolidates the rest.
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime as _dt
 import errno
 import functools
@@ -106,20 +105,10 @@ def _reader(dataset_json: str) -> "SceneReader":
     return open_dataset(options.pop("name"), options.pop("root"), **options)
 
 
-_SCENES: "collections.OrderedDict[tuple[str, str], Any]" = collections.OrderedDict()
-
-
+@functools.lru_cache(maxsize=SCENE_CACHE_SIZE)
 def _scene(dataset_json: str, scene_id: str) -> Any:
-    """``reader.scene(scene_id)`` through a small per-process LRU."""
-    key = (dataset_json, scene_id)
-    if key in _SCENES:
-        _SCENES.move_to_end(key)
-        return _SCENES[key]
-    scene = _reader(dataset_json).scene(scene_id)
-    _SCENES[key] = scene
-    while len(_SCENES) > SCENE_CACHE_SIZE:
-        _SCENES.popitem(last=False)
-    return scene
+    """``reader.scene(scene_id)`` through a small per-process LRU (errors are not cached)."""
+    return _reader(dataset_json).scene(scene_id)
 
 
 def window_record(dataset_json: str, row: Mapping[str, Any]) -> WindowRecord:
