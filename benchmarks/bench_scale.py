@@ -388,7 +388,7 @@ ROWS = [
 
 def table_text(results: dict[int, dict[str, dict[str, float]]], label: str = "windows") -> str:
     scales = sorted(results)
-    head = f"| step | " + " | ".join(f"{s:,} {label}" for s in scales) + " | growth per 10x | target |"
+    head = "| step | " + " | ".join(f"{s:,} {label}" for s in scales) + " | growth per 10x | target |"
     lines = [head, "|" + "---|" * (len(scales) + 3)]
     for step, key, name, target in ROWS:
         if not all(step in results[s] and key in results[s][step] for s in scales):

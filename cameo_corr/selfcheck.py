@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import math
 import statistics
 import sys
 import tempfile
 import time
 import traceback
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence

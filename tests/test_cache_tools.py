@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import zarr
 
 from cameo_corr.cli import main as cli_main
 from cameo_corr.pipeline.cache import CacheWriter, CorrCache, WindowOutcome, shard_dir, shard_zip_bytes

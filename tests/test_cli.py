@@ -188,7 +188,7 @@ def test_viz_picture_and_its_numbers(cache3, tmp_path):
     from PIL import Image
 
     from cameo_corr.pipeline.cache import CorrCache
-    from cameo_corr.pipeline.cache_tools import pair_coverage, spread_matches
+    from cameo_corr.pipeline.cache_tools import pair_coverage
 
     png = tmp_path / "v.png"
     proc = run("cache", "viz", str(cache3), "--out", str(png), "--pair", "2", "0", "--matches", "5")

@@ -18,7 +18,6 @@ from cameo_corr import selfcheck
 from cameo_corr.selfcheck import (
     CHECKS,
     Context,
-    LayerSize,
     Row,
     check_matching,
     decreasing,
