@@ -340,7 +340,7 @@ def test_reader_retries_when_a_consolidation_deletes_files_under_it(tmp_path, mo
     writer.consolidate()  # between a reader's listing and its reads
     listings = iter([stale])
     real = cache_module.fragment_names
-    monkeypatch.setattr(cache_module, "fragment_names", lambda loc, info=None: next(listings, None) or real(loc, info))
+    monkeypatch.setattr(cache_module, "fragment_names", lambda loc: next(listings, None) or real(loc))
     assert _manifest_rows(writer) == expected  # the first attempt hit deleted fragments, the second read the compact part
 
 

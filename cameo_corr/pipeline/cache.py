@@ -310,7 +310,7 @@ def read_consolidation(location: CacheLocation) -> dict[str, Any]:
     return info
 
 
-def fragment_names(location: CacheLocation, consolidation: Mapping[str, Any] | None = None) -> list[str]:
+def fragment_names(location: CacheLocation) -> list[str]:
     """Names of the manifest fragment files present (``part-<shard_id>.parquet``), sorted.
 
     A fragment whose shard is listed as merged in ``consolidated.json`` is either left over by a
@@ -324,7 +324,7 @@ def fragment_names(location: CacheLocation, consolidation: Mapping[str, Any] | N
 def finished_shard_ids(location: CacheLocation) -> set[str]:
     """Ids of the shards that have manifest rows (a pending fragment or a consolidated entry)."""
     info = read_consolidation(location)
-    return set(info["fragments"]) | {_fragment_shard(n) for n in fragment_names(location, info)}
+    return set(info["fragments"]) | {_fragment_shard(n) for n in fragment_names(location)}
 
 
 def read_manifest(location: CacheLocation, columns: Sequence[str] | None = None, filter: Any = None) -> "pa.Table":
@@ -344,7 +344,7 @@ def read_manifest(location: CacheLocation, columns: Sequence[str] | None = None,
         schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
     for attempt in range(MANIFEST_READ_ATTEMPTS):
         info = read_consolidation(location)
-        fragments = fragment_names(location, info)
+        fragments = fragment_names(location)
         try:
             table = pa.concat_tables([_read_parquet(location, _compact_paths(location, info["files"]), schema, filter),
                                       _fragment_rows(location, info, fragments, schema, filter)])
@@ -525,7 +525,7 @@ def _consolidate(location: CacheLocation, *, full: bool, row_group_size: int = M
     import pyarrow as pa
 
     info = read_consolidation(location)
-    pending = fragment_names(location, info)
+    pending = fragment_names(location)
     parts = [dict(q) for q in info["parts"]]
     if not pending and not (full and len(parts) > 1):
         return info, []
@@ -623,7 +623,7 @@ def drop_shards(location: CacheLocation, shard_ids: Iterable[str]) -> list[str]:
     values = pa.array(sorted(drop), pa.string())
     info = read_consolidation(location)
     removed: list[str] = []
-    for name in fragment_names(location, info):
+    for name in fragment_names(location):
         if _fragment_shard(name) in drop:
             rel = f"{MANIFEST_DIR}/{name}"
             table = read_manifest_file(location, rel)
@@ -903,7 +903,7 @@ class CacheWriter:
 
         dropped: list[str] = []
         info = read_consolidation(self.location)
-        for name in fragment_names(self.location, info):
+        for name in fragment_names(self.location):
             rel = f"{MANIFEST_DIR}/{name}"
             table = read_manifest_file(self.location, rel)
             failed = pc.equal(table.column("status"), "failed")
