@@ -1,0 +1,49 @@
+"""The errors this package raises on purpose: every one names the file (or value) and the field."""
+
+from __future__ import annotations
+
+
+class CameoCorrError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class SchemaError(CameoCorrError, ValueError):
+    """A value does not match the contract. ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str, *, where: str | None = None) -> None:
+        self.field = field
+        self.where = where
+        self.message = message
+        prefix = f"{where}: " if where else ""
+        super().__init__(f"{prefix}field '{field}': {message}")
+
+
+class DatasetError(CameoCorrError, ValueError):
+    """Bad dataset input. Names the file and, where known, the line and the field.
+
+    ``scene_id`` is set when the error concerns one scene only, so callers can record the scene as
+    failed and continue with the next one.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        message: str,
+        *,
+        line: int | None = None,
+        field: str | None = None,
+        scene_id: str | None = None,
+    ) -> None:
+        self.path = str(path)
+        self.line = line
+        self.field = field
+        self.scene_id = scene_id
+        loc = self.path
+        if line is not None:
+            loc += f":{line}"
+        if field is not None:
+            loc += f" [{field}]"
+        super().__init__(f"{loc}: {message}")
+
+
+__all__ = ["CameoCorrError", "SchemaError", "DatasetError"]
