@@ -34,7 +34,7 @@ import torch.nn.functional as F
 def build_cache(base: Path, args: argparse.Namespace) -> Path:
     """Synthetic scenes -> a cache through the real preprocessing job (depth backend)."""
     from cameo_corr.datasets.synthetic import generate_dataset
-    from cameo_corr.pipeline.ray_job import run_preprocess
+    from cameo_corr.job.driver import run_preprocess
 
     root = generate_dataset(base / "data", scenes=args.scenes, frames=args.frames, image_size=args.image_size, seed=0, layout="co3d")
     out = base / "cache"
@@ -52,7 +52,7 @@ class OnlineTargets:
 
     def __init__(self, cache_path: Path, resolution: int, match_backend: str) -> None:
         from cameo_corr.pipeline.backends import make_backend
-        from cameo_corr.pipeline.cache import CorrCache
+        from cameo_corr.cache.reader import CorrCache
 
         cache = CorrCache(cache_path)
         self.reader = cache.reader()
@@ -113,7 +113,7 @@ def time_targets_by_visit(cache: Path, ds: Any, epoch: list[tuple[int, int, int]
 
 def time_targets_per_window(cache: Path, ds: Any, epoch: list[tuple[int, int, int]]) -> float:
     """Seconds per sample for the same targets read window by window (``read_row``, three arrays)."""
-    from cameo_corr.pipeline.cache import CorrCache
+    from cameo_corr.cache.reader import CorrCache
 
     store = CorrCache(cache)
     t0 = time.perf_counter()

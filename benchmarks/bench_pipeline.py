@@ -52,8 +52,8 @@ def npz_write(arrays: list[dict[str, np.ndarray]], ids: list[str], out: Path) ->
 
 def zarr_write(arrays: list[dict[str, np.ndarray]], records: list, config, out: Path, shard_size: int) -> float:
     """Write the same windows through :class:`CacheWriter` (shards of ``shard_size``); returns seconds."""
-    from cameo_corr.pipeline.cache import CacheWriter, WindowOutcome
-    from cameo_corr.pipeline.planner import shard_id_of
+    from cameo_corr.cache.writer import CacheWriter, WindowOutcome
+    from cameo_corr.schemas import shard_id_of
 
     writer = CacheWriter(out, config)
     writer.initialize()
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from cameo_corr.datasets.synthetic import generate_dataset
-    from cameo_corr.pipeline.cache import CorrCache
-    from cameo_corr.pipeline.ray_job import run_preprocess
+    from cameo_corr.cache.reader import CorrCache
+    from cameo_corr.job.driver import run_preprocess
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_pipeline_"))
     results: dict = {"settings": vars(args).copy(), "cpu_count": os.cpu_count(), "runs": {}}

@@ -116,9 +116,10 @@ def templated_shard_bytes(real: Any) -> Any:
 def build_cache(path: Path, windows: int) -> dict[str, float]:
     """Write ``windows`` windows in shards of 64 through the real writer (fragments, as a job does;
     shard files through :func:`templated_shard_bytes`, checked against the real encoder)."""
-    import cameo_corr.pipeline.cache as cache_module
-    from cameo_corr.pipeline.cache import CacheWriter, CorrCache, WindowOutcome
-    from cameo_corr.pipeline.planner import shard_id_of
+    import cameo_corr.cache.writer as cache_module  # the writer calls shard_zip_bytes by this name
+    from cameo_corr.cache.reader import CorrCache
+    from cameo_corr.cache.writer import CacheWriter, WindowOutcome
+    from cameo_corr.schemas import shard_id_of
     from cameo_corr.schemas import FrameRecord, WindowIdHasher, WindowRecord
 
     real = cache_module.shard_zip_bytes
@@ -153,7 +154,9 @@ def replay_periodic(src: Path, dst: Path) -> dict[str, float]:
     each batch followed by a round of :class:`PeriodicConsolidation`; the last ``CONSOLIDATE_EVERY - 1``
     stay pending, as a job killed just before its next round leaves them. Returns the seconds and
     rounds of consolidation."""
-    from cameo_corr.pipeline.cache import CacheLocation, PeriodicConsolidation, fragment_names
+    from cameo_corr.cache.consolidation import PeriodicConsolidation
+    from cameo_corr.cache.location import CacheLocation
+    from cameo_corr.cache.manifest import fragment_names
 
     shutil.copytree(src, dst, copy_function=os.link)
     held = dst / "held-back"
@@ -200,8 +203,10 @@ def measure(step: str, path: Path) -> dict[str, float]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from cameo_corr.pipeline.cache import CacheWriter, CorrCache
-    from cameo_corr.pipeline.cache_tools import cache_stats, verify_report
+    from cameo_corr.cache.reader import CorrCache
+    from cameo_corr.cache.writer import CacheWriter
+    from cameo_corr.cache.stats import cache_stats
+    from cameo_corr.cache.verify import verify_report
     from cameo_corr.train.data import CorrStreamDataset
 
     _warm_imports()
@@ -298,7 +303,7 @@ def measure_plan(root: Path, workers: int) -> dict[str, float]:
     import inspect
 
     from cameo_corr.datasets.re10k import RE10KReader
-    from cameo_corr.pipeline.planner import default_plan_config, plan_table
+    from cameo_corr.datasets.planner import default_plan_config, plan_table
 
     reader = RE10KReader(root)
     config = default_plan_config("re10k", views=8, windows_per_scene=10)
@@ -415,7 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     p.add_argument("--cache", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from cameo_corr.pipeline.cache import CacheLocation, fragment_names
+    from cameo_corr.cache.location import CacheLocation
+    from cameo_corr.cache.manifest import fragment_names
 
     if args.measure:
         print(json.dumps(measure_plan(args.cache, args.plan_workers[0]) if args.measure == "plan" else measure(args.measure, args.cache)))

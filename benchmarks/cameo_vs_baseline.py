@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 def build(base: Path, name: str, *, scenes: int, frames: int, seed: int, windows_per_scene: int) -> Path:
     """Generate synthetic scenes and cache them (skipped when the cache already exists)."""
     from cameo_corr.datasets.synthetic import generate_dataset
-    from cameo_corr.pipeline.ray_job import run_preprocess
+    from cameo_corr.job.driver import run_preprocess
 
     out = base / f"{name}_cache"
     if (out / "cache.json").exists():

@@ -44,11 +44,14 @@ def run_demo(
     settings = {"scenes": scenes, "frames": frames, "size": image_size, "windows_per_scene": windows_per_scene, "seed": seed}
     reuse = check_previous_run(out, settings)
 
-    from cameo_corr.cli import RunFailed
+    from cameo_corr.cli.errors import RunFailed
     from cameo_corr.datasets.synthetic import generate_dataset
-    from cameo_corr.pipeline.cache import CorrCache
-    from cameo_corr.pipeline.cache_tools import cache_stats, format_stats, render_viz, verify_cache
-    from cameo_corr.pipeline.ray_job import format_summary, run_preprocess
+    from cameo_corr.cache.reader import CorrCache
+    from cameo_corr.cache.stats import cache_stats, format_stats
+    from cameo_corr.cache.verify import verify_cache
+    from cameo_corr.cache.viz import render_viz
+    from cameo_corr.job.cli import format_summary
+    from cameo_corr.job.driver import run_preprocess
     from cameo_corr.train.config import load_config, preset_path
     from cameo_corr.train.loop import train
 
@@ -110,7 +113,7 @@ def check_previous_run(out: Path, settings: dict[str, Any]) -> bool:
     finish, or a directory the demo did not write), is refused with a :class:`~cameo_corr.cli.UsageError`
     rather than silently mixed with the new settings.
     """
-    from cameo_corr.cli import UsageError
+    from cameo_corr.cli.errors import UsageError
 
     data, record = out / "data", out / SETTINGS_FILE
     if record.is_file():
@@ -156,7 +159,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from cameo_corr.cli import UsageError
+    from cameo_corr.cli.errors import UsageError
 
     minimum = {"scenes": 1, "frames": DEMO_VIEWS, "size": 8, "windows_per_scene": 1, "workers": 1, "steps": 1}
     for name, low in minimum.items():

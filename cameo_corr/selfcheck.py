@@ -13,7 +13,7 @@ every check picks its CUDA or CPU variant from it:
 * **vggt bf16 / fp16** (CUDA): the adapter in mixed precision against fp32 on the tiny real model,
   relative errors of every output against tolerances derived from the unit roundoff of the dtype.
 * **ray job**: the ``depth`` backend and token matching in the Ray preprocessing job on a small
-  synthetic set (``gpus_per_worker=1`` on CUDA), through :func:`cameo_corr.pipeline.ray_job.run_preprocess`:
+  synthetic set (``gpus_per_worker=1`` on CUDA), through :func:`cameo_corr.job.driver.run_preprocess`:
   every window done, the cache verified, and on CUDA the cache compared with a CPU run of the job.
 * **trainer**: tiny-model CAMEO training steps on one fixed batch of that cache (fixed timestep and
   noise), bf16 autocast on CUDA (20 steps, batch 2), fp32 on CPU (8 steps, batch 1): the loss and
@@ -281,7 +281,7 @@ def check_vggt(ctx: Context) -> list[Row]:
 
 # ------------------------------------------------------------------------------------- ray job
 def preprocess_options(device: "torch.device") -> dict[str, Any]:
-    """Keyword arguments of :func:`~cameo_corr.pipeline.ray_job.run_preprocess` for the Ray check on
+    """Keyword arguments of :func:`~cameo_corr.job.driver.run_preprocess` for the Ray check on
     ``device`` (one worker with one GPU on CUDA; the backend picks the GPU Ray assigns it)."""
     options: dict[str, Any] = dict(
         dataset="synthetic", backend="depth", grid=RAY_GRID, views=RAY_VIEWS, windows_per_scene=2,
@@ -301,7 +301,7 @@ def compare_caches(cache: Path, reference: Path) -> tuple[float, float, list[str
     points beyond float16 rounding."""
     import numpy as np
 
-    from cameo_corr.pipeline.cache import CorrCache
+    from cameo_corr.cache.reader import CorrCache
 
     a, b = CorrCache(cache), CorrCache(reference)
     ids = sorted(a.window_ids())
@@ -332,9 +332,9 @@ def compare_caches(cache: Path, reference: Path) -> tuple[float, float, list[str
 def check_ray_job(ctx: Context) -> list[Row]:
     """The depth backend + matching in the Ray job (GPU worker on CUDA); sets ``ctx.cache``."""
     from cameo_corr.datasets.synthetic import generate_dataset
-    from cameo_corr.pipeline.cache import CorrCache
-    from cameo_corr.pipeline.cache_tools import verify_cache
-    from cameo_corr.pipeline.ray_job import run_preprocess
+    from cameo_corr.cache.reader import CorrCache
+    from cameo_corr.cache.verify import verify_cache
+    from cameo_corr.job.driver import run_preprocess
 
     dev = str(ctx.device)
     root = generate_dataset(ctx.workdir / "data", scenes=RAY_SCENES, frames=RAY_FRAMES, image_size=RAY_SIZE, seed=0)

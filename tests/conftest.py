@@ -31,10 +31,10 @@ def pipeline_reference(dataset_root: Path, config, views: int, windows_per_scene
     from cameo_corr.datasets.base import open_dataset
     from cameo_corr.datasets.canonical import CanonicalView, load_window
     from cameo_corr.pipeline.backends import make_backend
-    from cameo_corr.pipeline.cache import window_arrays
+    from cameo_corr.cache.shard import window_arrays
     from cameo_corr.pipeline.match import correspond
-    from cameo_corr.pipeline.planner import default_plan_config, plan_windows
-    from cameo_corr.pipeline.ray_job import DATA_ERRORS, check_pointmaps
+    from cameo_corr.datasets.planner import default_plan_config, plan_windows
+    from cameo_corr.job.stages import DATA_ERRORS, check_pointmaps
 
     reader = open_dataset("synthetic", dataset_root)
     backend = make_backend("depth", device="cpu")
@@ -57,7 +57,7 @@ def assert_cache_equals_reference(cache_path, reference: dict) -> None:
     """The cache has one manifest row per planned window and the reference's arrays for the ok ones."""
     import numpy as np
 
-    from cameo_corr.pipeline.cache import CorrCache
+    from cameo_corr.cache.reader import CorrCache
 
     cache = CorrCache(cache_path)
     ids = cache.manifest(None).column("window_id").to_pylist()

@@ -11,17 +11,13 @@ import numpy as np
 import pytest
 import zarr
 
-from cameo_corr.pipeline.cache import (
-    CacheLocation,
-    CacheMismatchError,
-    CacheWriter,
-    CorrCache,
-    WindowOutcome,
-    fragment_path,
-    read_manifest,
-    shard_dir,
-    window_fractions,
-)
+from cameo_corr.cache.config import CacheMismatchError
+from cameo_corr.cache.layout import fragment_path, shard_dir
+from cameo_corr.cache.location import CacheLocation
+from cameo_corr.cache.manifest import read_manifest
+from cameo_corr.cache.reader import CorrCache
+from cameo_corr.cache.shard import window_fractions
+from cameo_corr.cache.writer import CacheWriter, WindowOutcome
 from cameo_corr.schemas import CACHE_ARRAYS, CacheConfig, DatasetError, FrameRecord, SchemaError, WindowRecord, manifest_schema
 
 GRID = (4, 4)
@@ -184,7 +180,7 @@ def _flip_chunk_byte(path, array: str, offset: int = 5) -> None:
 
 @pytest.mark.parametrize("array", ["points", "dist", "extrinsics", "mask"])
 def test_flipped_byte_raises_naming_cache_shard_array_window(tmp_path, array):
-    from cameo_corr.pipeline.cache import CHUNK_WINDOWS, CorruptCacheError
+    from cameo_corr.cache.shard import CHUNK_WINDOWS, CorruptCacheError
 
     writer = CacheWriter(tmp_path / "c", config())
     writer.initialize()
@@ -207,7 +203,9 @@ def test_flipped_byte_raises_naming_cache_shard_array_window(tmp_path, array):
 def test_manifest_consolidation_sorted_and_readers_merge_newer_fragments(tmp_path):
     import pyarrow.parquet as pq
 
-    from cameo_corr.pipeline.cache import CONSOLIDATED_FILE, consolidate_manifest, finished_shard_ids
+    from cameo_corr.cache.consolidation import consolidate_manifest
+    from cameo_corr.cache.layout import CONSOLIDATED_FILE
+    from cameo_corr.cache.manifest import finished_shard_ids
 
     path = tmp_path / "c"
     writer = CacheWriter(path, config())
@@ -252,7 +250,8 @@ def _manifest_rows(writer: CacheWriter) -> list[str]:
 def test_incremental_consolidation_keeps_few_parts(tmp_path):
     """Each consolidation appends a part; the newest merge while they hold as many rows as the one
     before (a binary counter): after n single-row consolidations the parts are n's binary digits."""
-    from cameo_corr.pipeline.cache import CONSOLIDATED_FILE, consolidate_manifest
+    from cameo_corr.cache.consolidation import consolidate_manifest
+    from cameo_corr.cache.layout import CONSOLIDATED_FILE
 
     path = tmp_path / "c"
     writer = CacheWriter(path, config())
@@ -275,7 +274,7 @@ def test_a_crash_at_any_step_of_consolidation_loses_nothing(tmp_path, monkeypatc
     orphan sweep and consolidation finish the job."""
     import shutil
 
-    from cameo_corr.pipeline.cache import consolidate_manifest
+    from cameo_corr.cache.consolidation import consolidate_manifest
 
     base = tmp_path / "base"
     writer = CacheWriter(base, config())
@@ -329,7 +328,7 @@ def test_a_crash_at_any_step_of_consolidation_loses_nothing(tmp_path, monkeypatc
 
 
 def test_reader_retries_when_a_consolidation_deletes_files_under_it(tmp_path, monkeypatch):
-    from cameo_corr.pipeline import cache as cache_module
+    from cameo_corr.cache import manifest as cache_module
 
     writer = CacheWriter(tmp_path / "c", config())
     writer.initialize()
@@ -345,8 +344,9 @@ def test_reader_retries_when_a_consolidation_deletes_files_under_it(tmp_path, mo
 
 
 def test_periodic_consolidation_every_k_shards(tmp_path, monkeypatch):
-    from cameo_corr.pipeline import cache as cache_module
-    from cameo_corr.pipeline.cache import PeriodicConsolidation, fragment_names
+    from cameo_corr.cache import consolidation as cache_module
+    from cameo_corr.cache.consolidation import PeriodicConsolidation
+    from cameo_corr.cache.manifest import fragment_names
 
     path = tmp_path / "c"
     writer = CacheWriter(path, config())
@@ -426,7 +426,7 @@ def test_version1_cache_stays_readable(v1_cache):
 
 
 def test_migrate_keeps_values_and_window_ids(v1_cache, tmp_path):
-    from cameo_corr.pipeline.cache import migrate_cache
+    from cameo_corr.cache.migrate import migrate_cache
 
     counts = migrate_cache(v1_cache, tmp_path / "v2")
     assert counts == {"shards": 2, "windows": 3}
@@ -528,7 +528,7 @@ def test_all_failed_shard_has_fragment_only(tmp_path):
 
 
 def test_float16_overflow_is_an_error():
-    from cameo_corr.pipeline.cache import window_arrays
+    from cameo_corr.cache.shard import window_arrays
     from cameo_corr.schemas import PointmapResult, TokenCorrespondences
     import torch
 

@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 
 from cameo_corr.cli import main as cli_main
-from cameo_corr.pipeline.cache import CacheWriter, CorrCache, WindowOutcome, shard_dir, shard_zip_bytes
-from cameo_corr.pipeline.cache_tools import cache_stats, check_window_consistency, format_stats, verify_cache, verify_report
+from cameo_corr.cache.layout import shard_dir
+from cameo_corr.cache.reader import CorrCache
+from cameo_corr.cache.shard import shard_zip_bytes
+from cameo_corr.cache.writer import CacheWriter, WindowOutcome
+from cameo_corr.cache.stats import cache_stats, format_stats
+from cameo_corr.cache.verify import check_window_consistency, verify_cache, verify_report
 from test_cache import GRID, config, outcomes, record, token_arrays
 
 
@@ -115,8 +119,8 @@ def pipeline_cache(tmp_path_factory):
     from cameo_corr.datasets.base import open_dataset
     from cameo_corr.datasets.canonical import CanonicalView, load_window
     from cameo_corr.pipeline.backends import make_backend
-    from cameo_corr.pipeline.cache import window_arrays
-    from cameo_corr.pipeline.planner import PlanConfig, plan_windows
+    from cameo_corr.cache.shard import window_arrays
+    from cameo_corr.datasets.planner import PlanConfig, plan_windows
     from cameo_corr.schemas import CacheConfig
 
     tmp = tmp_path_factory.mktemp("pipe")
@@ -158,7 +162,7 @@ def test_viz_png(pipeline_cache, tmp_path, capsys):
     assert img.shape[0] > 500 and img.shape[1] > 1000
     assert img.std() > 20, "the figure must show images, lines and heatmaps, not a blank canvas"
     with pytest.raises(ValueError, match="two different views"):
-        from cameo_corr.pipeline.cache_tools import render_viz
+        from cameo_corr.cache.viz import render_viz
 
         render_viz(cache, wid, tmp_path / "x.png", pair=(1, 1))
 
@@ -197,8 +201,9 @@ def test_compact_cli(small_cache, capsys):
 
 
 def test_compact_refuses_a_cache_a_job_is_writing(small_cache, capsys):
-    from cameo_corr.pipeline.cache import CacheLocation, fragment_names
-    from cameo_corr.pipeline.lease import CacheLease
+    from cameo_corr.cache.location import CacheLocation
+    from cameo_corr.cache.manifest import fragment_names
+    from cameo_corr.cache.lease import CacheLease
 
     location = CacheLocation(small_cache)
     pending = fragment_names(location)
@@ -253,8 +258,8 @@ def test_cache_stats_into_closed_pipe(small_cache):
 def test_repair_drops_corrupt_shards_so_a_rerun_recomputes_them(small_cache, compact):
     from test_cache import _flip_chunk_byte
 
-    from cameo_corr.pipeline.cache import finished_shard_ids
-    from cameo_corr.pipeline.cache_tools import repair_corrupt_shards
+    from cameo_corr.cache.manifest import finished_shard_ids
+    from cameo_corr.cache.verify import repair_corrupt_shards
 
     if compact:
         CacheWriter(small_cache, config()).consolidate()

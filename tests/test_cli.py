@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cameo_corr.cli import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, build_parser, subcommand_parsers
-from cameo_corr.pipeline.cache_tools import spread_matches
+from cameo_corr.cache.viz import spread_matches
 
 CLI = [sys.executable, "-m", "cameo_corr.cli"]
 
@@ -55,9 +55,10 @@ def _write_cache(root: Path, views: int, *, ok: bool) -> Path:
     from cameo_corr.datasets.canonical import CanonicalView, load_window
     from cameo_corr.datasets.synthetic import generate_dataset
     from cameo_corr.pipeline.backends import make_backend
-    from cameo_corr.pipeline.cache import CacheWriter, WindowOutcome, window_arrays
+    from cameo_corr.cache.shard import window_arrays
+    from cameo_corr.cache.writer import CacheWriter, WindowOutcome
     from cameo_corr.pipeline.match import correspond
-    from cameo_corr.pipeline.planner import PlanConfig, plan_windows
+    from cameo_corr.datasets.planner import PlanConfig, plan_windows
     from cameo_corr.schemas import CacheConfig
 
     data = generate_dataset(root / "data", scenes=2, frames=6, image_size=64, seed=1)
@@ -166,7 +167,7 @@ def test_full_disk_and_bad_output_path(cache3, tmp_path):
 
 # --------------------------------------------------------------------------- cache viz
 def test_viz_errors_name_the_valid_choices(cache3, failed_cache, tmp_path):
-    from cameo_corr.pipeline.cache import CorrCache
+    from cameo_corr.cache.reader import CorrCache
 
     png = str(tmp_path / "x.png")
     ids = CorrCache(cache3).window_ids()
@@ -187,8 +188,8 @@ def test_viz_errors_name_the_valid_choices(cache3, failed_cache, tmp_path):
 def test_viz_picture_and_its_numbers(cache3, tmp_path):
     from PIL import Image
 
-    from cameo_corr.pipeline.cache import CorrCache
-    from cameo_corr.pipeline.cache_tools import pair_coverage
+    from cameo_corr.cache.reader import CorrCache
+    from cameo_corr.cache.viz import pair_coverage
 
     png = tmp_path / "v.png"
     proc = run("cache", "viz", str(cache3), "--out", str(png), "--pair", "2", "0", "--matches", "5")

@@ -9,7 +9,7 @@ import pytest
 
 from cameo_corr.datasets import open_dataset
 from cameo_corr.datasets.synthetic import generate_dataset
-from cameo_corr.pipeline.planner import default_plan_config, plan_windows
+from cameo_corr.datasets.planner import default_plan_config, plan_windows
 from cameo_corr.schemas import DatasetError
 
 FP = {"schema_version": 1, "grid": [16, 16], "tau": 1.5, "backend": {"name": "depth"}, "crop": {"policy": "center", "size": 64}}

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cameo_corr.pipeline.cache import CorrCache
-from cameo_corr.pipeline.cache_tools import verify_cache
+from cameo_corr.cache.reader import CorrCache
+from cameo_corr.cache.verify import verify_cache
 from cameo_corr.train.loop import checkpoint_dirs
 
 pytestmark = pytest.mark.slow

@@ -291,7 +291,7 @@ def pipeline_caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     two cycle thresholds, and the same data in the first camera's frame."""
     ray = pytest.importorskip("ray")
     from cameo_corr.datasets.synthetic import generate_dataset
-    from cameo_corr.pipeline.ray_job import run_preprocess
+    from cameo_corr.job.driver import run_preprocess
 
     base = tmp_path_factory.mktemp("masks")
     root = generate_dataset(base / "data", scenes=2, frames=8, image_size=48, seed=5, layout="co3d")
@@ -313,7 +313,7 @@ def pipeline_caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 
 def cached_windows(path: Path) -> tuple[float, dict[tuple, dict[str, np.ndarray]], int]:
     """``(tau, {(scene, frame ids): arrays}, canonical size)`` of every ok window of a cache."""
-    from cameo_corr.pipeline.cache import CorrCache
+    from cameo_corr.cache.reader import CorrCache
 
     cache = CorrCache(path)
     rows = cache.manifest("ok").to_pylist()

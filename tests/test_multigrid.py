@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 
 from cameo_corr.cli import main as cli_main
-from cameo_corr.pipeline.cache import CacheWriter, CorrCache, WindowOutcome, shard_dir
-from cameo_corr.pipeline.cache_tools import cache_stats, verify_report
+from cameo_corr.cache.layout import shard_dir
+from cameo_corr.cache.reader import CorrCache
+from cameo_corr.cache.writer import CacheWriter, WindowOutcome
+from cameo_corr.cache.stats import cache_stats
+from cameo_corr.cache.verify import verify_report
 from cameo_corr.schemas import GRID_ARRAYS, CacheConfig, SchemaError, parse_grids
 
 synthetic = pytest.importorskip("cameo_corr.datasets.synthetic", reason="synthetic generator not available")
@@ -54,8 +57,8 @@ def build_cache(reader, out: Path, cfg: CacheConfig, monkeypatch) -> tuple[Path,
     """Plan, load and process every window with the job's own stages in process (``GeometryStage``
     with the real depth backend wrapped in :class:`CountingBackend`), then commit with the writer."""
     import cameo_corr.pipeline.backends as backends
-    from cameo_corr.pipeline.planner import default_plan_config, plan_table
-    from cameo_corr.pipeline.ray_job import GeometryStage, load_batch
+    from cameo_corr.datasets.planner import default_plan_config, plan_table
+    from cameo_corr.job.stages import GeometryStage, load_batch
 
     made: list[CountingBackend] = []
     real = backends.make_backend
@@ -226,7 +229,7 @@ def test_verify_checks_every_grid(caches, tmp_path) -> None:
     import shutil
     import zipfile
 
-    from cameo_corr.pipeline.cache import shard_zip_bytes
+    from cameo_corr.cache.shard import shard_zip_bytes
 
     path = tmp_path / "cache"
     shutil.copytree(caches["multi"], path)
@@ -249,14 +252,16 @@ def test_verify_checks_every_grid(caches, tmp_path) -> None:
 
 
 def test_crop_size_must_fit_every_grid() -> None:
-    from cameo_corr.pipeline.ray_job import UsageError, check_job_options
+    from cameo_corr.cli.errors import UsageError
+    from cameo_corr.job.config import JobConfig
 
-    opts = dict(workers=1, gpus_per_worker=0, cpus_per_worker=0, shard_size=1, batch_size=1, max_retries=0, lease_timeout=1.0)
-    check_job_options(crop_size=64, grid=(8, 8), extra_grids=((64, 64),), **opts)
+    opts = dict(dataset="synthetic", root="data", out="cache", workers=1, gpus_per_worker=0, cpus_per_worker=0, shard_size=1,
+                batch_size=1, max_retries=0, lease_timeout=1.0)
+    JobConfig(crop_size=64, grid=(8, 8), extra_grids=((64, 64),), **opts)
     with pytest.raises(UsageError, match=r"\(64 for --grid 8,64: every token needs at least one pixel\), got 48"):
-        check_job_options(crop_size=48, grid=(8, 8), extra_grids=((64, 64),), **opts)
+        JobConfig(crop_size=48, grid=(8, 8), extra_grids=((64, 64),), **opts)
     with pytest.raises(UsageError, match="--grid: 8x8 is given twice"):
-        check_job_options(crop_size=48, grid=(8, 8), extra_grids=((8, 8),), **opts)
+        JobConfig(crop_size=48, grid=(8, 8), extra_grids=((8, 8),), **opts)
 
 
 def test_merge_and_mixtures_keep_every_grid(caches, tmp_path) -> None:
@@ -264,8 +269,10 @@ def test_merge_and_mixtures_keep_every_grid(caches, tmp_path) -> None:
     every cache must store."""
     import shutil
 
-    from cameo_corr.pipeline.cache import CacheMismatchError
-    from cameo_corr.pipeline.sharing import CacheSource, WindowSelection, merge_caches
+    from cameo_corr.cache.config import CacheMismatchError
+    from cameo_corr.cache.merge import merge_caches
+    from cameo_corr.cache.select import WindowSelection
+    from cameo_corr.train.mixture import CacheSource
     from cameo_corr.train.data import CorrStreamDataset
 
     multi = caches["multi"]

@@ -11,17 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cameo_corr.datasets.base import SceneReader
-from cameo_corr.pipeline.planner import (
-    PlanConfig,
-    default_plan_config,
-    make_shards,
-    plan_scene,
-    plan_windows,
-    random_indices,
-    shard_id_of,
-    stable_seed,
-    stride_indices,
-)
+from cameo_corr.datasets.planner import PlanConfig, default_plan_config, make_shards, plan_scene, plan_windows, random_indices, stable_seed, stride_indices
+from cameo_corr.schemas import shard_id_of
 from cameo_corr.schemas import DatasetError, FrameRecord, SceneRecord, SchemaError
 
 FP = {"schema_version": 1, "grid": [32, 32], "tau": 1.5, "backend": {"name": "depth"}, "crop": {"policy": "center", "size": 512}}
@@ -118,7 +109,7 @@ def _stride_indices_reference(positions, views, span, rng):
 def test_stride_bounds_match_the_per_window_search(n, views, lo, extra, gap, seed):
     """Batched draws give the same windows, and leave the generator in the same state, as the
     per-window search they replaced (window ids depend on it)."""
-    from cameo_corr.pipeline.planner import spaced_indices, stride_bounds
+    from cameo_corr.datasets.planner import spaced_indices, stride_bounds
 
     views = min(views, n)
     rng = np.random.default_rng(seed)
@@ -252,7 +243,7 @@ def test_plan_real_re10k_clips(shared_data):
 def test_plan_table_matches_plan_windows_and_shards(tmp_path):
     import pyarrow as pa
 
-    from cameo_corr.pipeline.planner import PLAN_COLUMNS, assign_shards, iter_plan_batches, plan_table
+    from cameo_corr.datasets.planner import PLAN_COLUMNS, assign_shards, iter_plan_batches, plan_table
 
     reader = ListReader(tmp_path, [make_scene(f"s{i}", 30) for i in range(5)] + [make_scene("short", 3)], broken=("bad",))
     cfg = PlanConfig(views=4, windows_per_scene=2, policy="random")
@@ -279,7 +270,7 @@ def test_plan_table_matches_plan_windows_and_shards(tmp_path):
 def test_plan_table_uses_the_dataset_tag(tmp_path):
     from cameo_corr.datasets import open_dataset
     from cameo_corr.datasets.synthetic import generate_dataset
-    from cameo_corr.pipeline.planner import plan_table
+    from cameo_corr.datasets.planner import plan_table
 
     root = generate_dataset(tmp_path / "data", scenes=2, frames=6, image_size=16, seed=2, layout="re10k", split="test")
     acid = open_dataset("re10k", root, tag="acid")
@@ -351,7 +342,7 @@ def test_plan_table_pinned_on_fake_re10k(tmp_path):
     planning was batched): faster planning must never change them (a resumed job finds its done
     windows by id), and failed clips keep their precise errors."""
     from cameo_corr.datasets.re10k import RE10KReader
-    from cameo_corr.pipeline.planner import plan_table
+    from cameo_corr.datasets.planner import plan_table
 
     _fake_re10k(tmp_path)
     reader = RE10KReader(tmp_path)
@@ -398,7 +389,7 @@ def test_batched_reading_matches_the_precise_reader(tmp_path):
 def test_planning_workers_give_the_same_batches(tmp_path):
     """Worker processes plan the same batches, in the same order, as the calling process."""
     from cameo_corr.datasets.re10k import RE10KReader
-    from cameo_corr.pipeline.planner import iter_plan_batches, plan_workers
+    from cameo_corr.datasets.planner import iter_plan_batches, plan_workers
 
     _fake_re10k(tmp_path)
     reader = RE10KReader(tmp_path)

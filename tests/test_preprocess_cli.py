@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from cameo_corr.cli import main as cli_main
-from cameo_corr.pipeline.cache import CacheLocation
-from cameo_corr.pipeline.lease import LEASE_FILE, CacheLease, LeaseHeldError
+from cameo_corr.cache.location import CacheLocation
+from cameo_corr.cache.lease import LEASE_FILE, CacheLease, LeaseHeldError
 
 synthetic = pytest.importorskip("cameo_corr.datasets.synthetic")
 
@@ -105,7 +105,7 @@ def test_second_job_on_a_cache_is_refused_naming_the_holder(root, tmp_path, caps
 
 @pytest.fixture(params=["local", "memory"])
 def location(request, tmp_path, monkeypatch):
-    import cameo_corr.pipeline.lease as lease_mod
+    import cameo_corr.cache.lease as lease_mod
 
     monkeypatch.setattr(lease_mod, "SETTLE_SECONDS", 0.0)
     if request.param == "local":

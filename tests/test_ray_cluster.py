@@ -28,8 +28,10 @@ pytestmark = pytest.mark.slow
 psutil = pytest.importorskip("psutil")
 pytest.importorskip("ray")
 
-from cameo_corr.pipeline.cache import CacheLocation, CorrCache, fragment_names  # noqa: E402
-from cameo_corr.pipeline.cache_tools import verify_cache  # noqa: E402
+from cameo_corr.cache.location import CacheLocation  # noqa: E402
+from cameo_corr.cache.manifest import fragment_names
+from cameo_corr.cache.reader import CorrCache
+from cameo_corr.cache.verify import verify_cache  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_ARGS = ["--dataset", "synthetic", "--backend", "depth", "--grid", "8", "--views", "3", "--windows-per-scene", "2",

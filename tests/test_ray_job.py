@@ -26,11 +26,14 @@ pytest.importorskip("cameo_corr.pipeline.match", reason="token matcher not avail
 
 from cameo_corr.cli import main as cli_main  # noqa: E402
 from cameo_corr.datasets.base import open_dataset  # noqa: E402
-from cameo_corr.pipeline.cache import (  # noqa: E402
-    CacheMismatchError, CorrCache, drop_shards, finished_shard_ids, fragment_names, read_consolidation, shard_dir,
-)
-from cameo_corr.pipeline.cache_tools import verify_cache  # noqa: E402
-from cameo_corr.pipeline.ray_job import preflight_backend, run_preprocess, window_record  # noqa: E402
+from cameo_corr.cache.config import CacheMismatchError
+from cameo_corr.cache.consolidation import drop_shards
+from cameo_corr.cache.layout import shard_dir
+from cameo_corr.cache.manifest import finished_shard_ids, fragment_names, read_consolidation
+from cameo_corr.cache.reader import CorrCache
+from cameo_corr.cache.verify import verify_cache  # noqa: E402
+from cameo_corr.job.driver import preflight_backend, run_preprocess  # noqa: E402
+from cameo_corr.job.stages import window_record
 from cameo_corr.schemas import DatasetError, SchemaError  # noqa: E402
 
 RUN = dict(backend="depth", grid=8, views=3, windows_per_scene=2, crop_size=48, shard_size=2, progress=False)
@@ -124,7 +127,7 @@ def test_arrays_equal_the_pipeline_functions_called_directly(clean, dataset, ref
 
 
 def test_planned_table_rebuilds_the_planner_records(dataset):
-    from cameo_corr.pipeline.planner import default_plan_config, plan_table, plan_windows
+    from cameo_corr.datasets.planner import default_plan_config, plan_table, plan_windows
 
     reader = open_dataset("synthetic", dataset)
     plan = default_plan_config("synthetic", views=3, windows_per_scene=2)
@@ -199,7 +202,7 @@ def test_sigkill_whole_job_then_rerun_equals_clean(clean, dataset, tmp_path):
     done = len(finished_shard_ids(_loc(out)))
     assert 2 <= done < 10, f"expected a partial cache after the kill, found {done} of 10 shards"
     # the killed job's lease is live for its timeout: a resume is refused naming it, --force takes over
-    from cameo_corr.pipeline.lease import LeaseHeldError
+    from cameo_corr.cache.lease import LeaseHeldError
 
     with pytest.raises(LeaseHeldError, match=f"pid {proc.pid}.*pass --force"):
         run_preprocess(dataset="synthetic", root=dataset, out=out, workers=2, **{**RUN, "shard_size": 1})
@@ -212,7 +215,7 @@ def test_sigkill_whole_job_then_rerun_equals_clean(clean, dataset, tmp_path):
 
 
 def _loc(path: Path):
-    from cameo_corr.pipeline.cache import CacheLocation
+    from cameo_corr.cache.location import CacheLocation
 
     return CacheLocation(path)
 
@@ -375,7 +378,7 @@ def test_a_run_without_any_ok_window_fails_loudly(ray_session, shared_data, tmp_
 
 INJECT_ENOSPC = '''
 import errno
-from cameo_corr.pipeline import cache
+from cameo_corr.cache import writer as cache
 
 
 def _full_disk(self, shard_id, outcomes):

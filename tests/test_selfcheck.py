@@ -4,7 +4,6 @@ in CPU mode."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import subprocess
@@ -71,13 +70,13 @@ def test_cuda_variants_are_chosen_by_device_without_calling_cuda(monkeypatch: py
 
 
 def test_preprocess_options_use_only_keywords_run_preprocess_takes() -> None:
-    from cameo_corr.pipeline.ray_job import run_preprocess
+    from cameo_corr.job.config import JobConfig
 
     gpu, cpu = preprocess_options(CUDA), preprocess_options(CPU)
     assert gpu["gpus_per_worker"] == 1 and "backend_options" not in gpu  # the backend takes the GPU Ray assigns
     assert cpu["gpus_per_worker"] == 0 and cpu["backend_options"] == {"device": "cpu"}
-    accepted = set(inspect.signature(run_preprocess).parameters)
-    assert set(gpu) | set(cpu) | {"root", "out", "command"} <= accepted
+    for options in (gpu, cpu):  # run_preprocess(**options) is run_job(JobConfig(**options))
+        JobConfig(root="data", out="cache", command="selfcheck", **options)
 
 
 def test_matching_check_passes_on_cpu_and_catches_a_wrong_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,9 +15,15 @@ import pyarrow.compute as pc
 import pytest
 
 from cameo_corr.cli import main as cli_main
-from cameo_corr.pipeline.cache import CacheMismatchError, CacheWriter, CorrCache, drop_shards, shard_dir
-from cameo_corr.pipeline.cache_tools import verify_report
-from cameo_corr.pipeline.sharing import CacheSource, WindowSelection, merge_caches, read_scene_list
+from cameo_corr.cache.config import CacheMismatchError
+from cameo_corr.cache.consolidation import drop_shards
+from cameo_corr.cache.layout import shard_dir
+from cameo_corr.cache.reader import CorrCache
+from cameo_corr.cache.writer import CacheWriter
+from cameo_corr.cache.verify import verify_report
+from cameo_corr.cache.merge import merge_caches
+from cameo_corr.cache.select import WindowSelection, read_scene_list
+from cameo_corr.train.mixture import CacheSource
 from cameo_corr.schemas import DatasetError, SchemaError
 from cameo_corr.train.data import CorrStreamDataset, StreamLoader, mixture_counts
 from test_cache import config, outcomes, record, token_arrays
@@ -289,7 +295,7 @@ def test_merge_copies_across_devices_and_on_object_stores(tmp_path: Path, monkey
 def test_merge_end_to_end_through_the_cli(tiny_train_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Two overlapping parts of the real tiny cache merge back into it: verify --deep is clean, every
     shard is a hard link, and the training stream over the union is the stream over the original."""
-    from cameo_corr.pipeline.cache import CacheLocation
+    from cameo_corr.cache.location import CacheLocation
 
     shards = sorted(pc.unique(CorrCache(tiny_train_cache).manifest("ok", columns=["shard"]).column("shard")).to_pylist())
     assert len(shards) == 3

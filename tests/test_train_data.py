@@ -29,7 +29,7 @@ F = 3  # views per training sample
 def build_tiny_cache(base: Path, *, scenes: int = 3, windows_per_scene: int = 2, shard_size: int = 2) -> tuple[Path, Path]:
     """Synthetic scenes -> cache through the real preprocessing job (depth backend, exact GT)."""
     from cameo_corr.datasets.synthetic import generate_dataset
-    from cameo_corr.pipeline.ray_job import run_preprocess
+    from cameo_corr.job.driver import run_preprocess
 
     root = generate_dataset(base / "data", scenes=scenes, frames=10, image_size=CROP, seed=0, layout="co3d")
     out = base / "cache"
@@ -143,7 +143,7 @@ def test_mixed_order_shuffles_with_the_given_probability() -> None:
 
 # ------------------------------------------------------------------------------------ the dataset
 def test_sample_contract_and_canonical_view(tiny_cache: Path) -> None:
-    from cameo_corr.pipeline.cache import CorrCache
+    from cameo_corr.cache.reader import CorrCache
 
     ds = make(tiny_cache, num_epochs=1)
     cache = CorrCache(tiny_cache)
@@ -186,7 +186,7 @@ def test_reordering_keeps_correspondences_geometric(tiny_cache: Path, order: str
     """After the [references, targets] reordering corr_nn[i, j] still maps view i's tokens to their
     matches in view j: with the views identified independently (by camera pose), the cached token
     points of the masked pairs are at distance corr_dist and are nearest neighbours in 3D."""
-    from cameo_corr.pipeline.cache import CorrCache
+    from cameo_corr.cache.reader import CorrCache
 
     cache = CorrCache(tiny_cache)
     ds = make(tiny_cache, order=order, num_epochs=2)
@@ -234,7 +234,7 @@ def test_rank_split_disjoint_and_complete(tiny_cache: Path, world: int) -> None:
     tags = [[s["window_id"] for s in make(tiny_cache, rank=r, world_size=world, num_epochs=1)] for r in range(world)]
     assert len({len(t) for t in tags}) == 1  # equal length per rank (DDP stays in step)
     everything = [t for ts in tags for t in ts]
-    from cameo_corr.pipeline.cache import CorrCache
+    from cameo_corr.cache.reader import CorrCache
 
     assert set(everything) == set(CorrCache(tiny_cache).window_ids())
     padding = len(everything) - n
@@ -292,7 +292,7 @@ def test_bad_options_raise_naming_the_field(tiny_cache: Path) -> None:
 
 # ------------------------------------------------------------------------------ masks at load time
 def test_mask_policies_at_load_time(tiny_cache: Path) -> None:
-    from cameo_corr.pipeline.cache import CorrCache
+    from cameo_corr.cache.reader import CorrCache
     from cameo_corr.pipeline.masks import cycle_mask, visibility_mask
 
     cache = CorrCache(tiny_cache)
@@ -364,7 +364,7 @@ def test_reference_count_is_uniform_like_the_official_cond_num(tiny_cache: Path)
 def test_windows_are_numpy_columns_and_shards_are_read_once_per_visit(tiny_cache: Path) -> None:
     import pickle
 
-    from cameo_corr.pipeline.cache import CorrCache
+    from cameo_corr.cache.reader import CorrCache
 
     ds = make(tiny_cache, num_epochs=1, shuffle_buffer=0, shard_shuffle=False)
     assert {type(v) for k, v in vars(ds).items() if k.startswith("window_")} == {np.ndarray}
@@ -381,7 +381,8 @@ def _corrupt_first_shard(cache: Path, array: str = "nn") -> list[str]:
     (the test cache has 2 windows per shard, both in that chunk)."""
     from test_cache import _flip_chunk_byte
 
-    from cameo_corr.pipeline.cache import CorrCache, shard_dir
+    from cameo_corr.cache.layout import shard_dir
+    from cameo_corr.cache.reader import CorrCache
 
     c = CorrCache(cache)
     shard = sorted(c.manifest("ok", columns=["shard"]).column("shard").to_pylist())[0]
@@ -392,7 +393,7 @@ def _corrupt_first_shard(cache: Path, array: str = "nn") -> list[str]:
 def test_corrupt_window_stops_or_is_skipped_and_counted(tiny_cache: Path, tmp_path: Path) -> None:
     import shutil
 
-    from cameo_corr.pipeline.cache import CorruptCacheError
+    from cameo_corr.cache.shard import CorruptCacheError
 
     src = tmp_path / "cache"
     shutil.copytree(tiny_cache, src)

@@ -310,7 +310,7 @@ def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress:
     ``config.extra_grids``, ``grids`` maps every grid (``"16x16"``) to its own ``bins``, ``overall`` and
     ``policies``, scored on the same backend outputs (the windows are planned as for ``config.grid`` alone).
 
-    Windows are planned with the dataset's default sampling (:mod:`cameo_corr.pipeline.planner`); a
+    Windows are planned with the dataset's default sampling (:mod:`cameo_corr.datasets.planner`); a
     window whose loading or processing raises a :class:`~cameo_corr.schemas.CameoCorrError` is listed
     under ``failed`` and the run goes on.
     """
@@ -319,7 +319,7 @@ def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress:
     from cameo_corr.datasets.canonical import CanonicalView, load_window
     from cameo_corr.pipeline.backends.depth import DepthBackend
     from cameo_corr.pipeline.match import correspond
-    from cameo_corr.pipeline.planner import default_plan_config, plan_windows
+    from cameo_corr.datasets.planner import default_plan_config, plan_windows
 
     config.validate()
     view = CanonicalView(size=config.size, policy=config.policy or reader.preferred_crop_policy())
@@ -449,7 +449,7 @@ def format_table(report: dict[str, Any]) -> str:
 def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the ``eval-corr`` command."""
     from cameo_corr.pipeline.backends import add_backend_arguments
-    from cameo_corr.pipeline.ray_job import grids_arg
+    from cameo_corr.cli.args import grids_arg
 
     depth = depth_dataset_names()
     p = subparsers.add_parser(
@@ -495,7 +495,7 @@ def depth_dataset_names() -> tuple[str, ...]:
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    from cameo_corr.cli import UsageError
+    from cameo_corr.cli.errors import UsageError
     from cameo_corr.datasets import open_dataset
     from cameo_corr.pipeline.backends import backend_options_from_args, make_backend
     reader_options = {} if args.split is None else {"split": args.split}

@@ -36,7 +36,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from cameo_corr.cli import UsageError
+    from cameo_corr.cli.errors import UsageError
     from cameo_corr.train.config import load_config
 
     if args.max_steps is not None and args.max_steps < 1:
@@ -65,8 +65,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def check_views(cfg: "TrainConfig") -> None:
     """Refuse ``data.num_views`` larger than a cache's views per window, saying which override fixes it."""
-    from cameo_corr.cli import UsageError
-    from cameo_corr.pipeline.cache import CONFIG_FILE, CorrCache
+    from cameo_corr.cli.errors import UsageError
+    from cameo_corr.cache.layout import CONFIG_FILE
+    from cameo_corr.cache.reader import CorrCache
     from cameo_corr.train.config import data_sources
 
     mixture = data_sources(cfg.data)

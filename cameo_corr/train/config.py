@@ -22,7 +22,7 @@ from cameo_corr.pipeline.masks import DEFAULT_VISIBILITY_TOL, check_policy, chec
 from cameo_corr.schemas import SchemaError
 
 if typing.TYPE_CHECKING:  # pragma: no cover - typing only
-    from cameo_corr.pipeline.sharing import CacheSource
+    from cameo_corr.train.mixture import CacheSource
 
 
 ORDER_POLICIES = ("mixed", "uniform_push", "shuffle", "capture")
@@ -68,7 +68,7 @@ class DataConfig:
     """Cache directory or fsspec URL (the CLI's ``--cache`` overrides it)."""
     caches: list[dict[str, Any]] | None = None
     """A mixture instead of ``cache``: entries ``{path, weight, tag, dataset_root, split, scenes_file,
-    min_mask_frac}`` (:class:`cameo_corr.pipeline.sharing.CacheSource`; ``weight`` is the share of samples
+    min_mask_frac}`` (:class:`cameo_corr.train.mixture.CacheSource`; ``weight`` is the share of samples
     per epoch, ``tag`` replaces the dataset tag of its samples)."""
     dataset_root: str | None = None
     """Read images from here instead of the dataset root recorded in the cache (one cache only)."""
@@ -470,9 +470,10 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
 
 
 def data_sources(d: DataConfig, where: str = "config") -> "list[CacheSource] | None":
-    """The mixture of ``data.caches`` as :class:`~cameo_corr.pipeline.sharing.CacheSource` entries
+    """The mixture of ``data.caches`` as :class:`~cameo_corr.train.mixture.CacheSource` entries
     (``None`` without a mixture); errors name ``data.caches[i].<key>``."""
-    from cameo_corr.pipeline.sharing import CacheSource, WindowSelection
+    from cameo_corr.cache.select import WindowSelection
+    from cameo_corr.train.mixture import CacheSource
 
     try:
         WindowSelection(d.split, d.scenes_file, d.min_mask_frac)

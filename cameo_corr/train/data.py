@@ -51,7 +51,7 @@ MB. A worker reads a shard once per visit: the ``nn``/``mask``/``dist`` arrays o
 decoded together and kept for the next windows of the same shard (a small LRU, since the buffer
 shuffle interleaves a few neighbouring shards), with the windows' ids, scenes and frame ids from the
 shard itself. A window whose cached bytes fail their checksum raises
-:class:`~cameo_corr.pipeline.cache.CorruptCacheError` (``on_corrupt="raise"``), or with
+:class:`~cameo_corr.cache.shard.CorruptCacheError` (``on_corrupt="raise"``), or with
 ``on_corrupt="skip"`` is left out, logged and counted (:attr:`StreamLoader.corrupt_skipped`).
 
 Reader, zarr groups and scene records are opened lazily per process (worker), and the dataset holds
@@ -79,8 +79,8 @@ from cameo_corr.train.config import ORDER_POLICIES
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.datasets.base import SceneReader
     from cameo_corr.datasets.canonical import CanonicalView
-    from cameo_corr.pipeline.cache import CorrCache
-    from cameo_corr.pipeline.sharing import CacheSource
+    from cameo_corr.cache.reader import CorrCache
+    from cameo_corr.train.mixture import CacheSource
 
 DEFAULT_SHUFFLE_PROB = 0.5
 """The official ``shuffle_train_rate``."""
@@ -195,7 +195,8 @@ def check_mixture(caches: Sequence["CorrCache"], grid: tuple[int, int], *, tau_m
     ``grid`` read (the supervised layer's), and agree on ``tau`` when the supervision mask is the cycle
     mask at each cache's own ``tau`` (``tau_matters``; set ``data.tau`` to recompute every cache's mask at
     one threshold). The error names the field, both values and both caches."""
-    from cameo_corr.pipeline.cache import CONFIG_FILE, CacheMismatchError
+    from cameo_corr.cache.config import CacheMismatchError
+    from cameo_corr.cache.layout import CONFIG_FILE
 
     first = caches[0]
     for other in caches[1:]:
@@ -218,7 +219,7 @@ def _source_windows(cache: "CorrCache", selection: Any, num_views: int) -> tuple
     shard codes indexing the sorted shard ids."""
     import pyarrow.compute as pc
 
-    from cameo_corr.pipeline.sharing import selected_manifest
+    from cameo_corr.cache.select import selected_manifest
 
     where = f"{cache.location.display}/manifest"
     table = selected_manifest(cache, selection, "ok", ["shard", "row", "num_views"])
@@ -242,7 +243,7 @@ class _ShardVisit:
     (ids, scenes, frame ids). Rows whose bytes are corrupt map to their error."""
 
     def __init__(self, cache: "CorrCache", shard_id: str, grid: tuple[int, int], names: Sequence[str]) -> None:
-        from cameo_corr.pipeline.cache import CorruptCacheError
+        from cameo_corr.cache.shard import CorruptCacheError
 
         self.shard_id = shard_id
         self.names = tuple(names)
@@ -286,7 +287,7 @@ class _ProcessState:
     def __init__(self, owner: "CorrStreamDataset") -> None:
         from cameo_corr.datasets.base import open_dataset
         from cameo_corr.datasets.canonical import CanonicalView
-        from cameo_corr.pipeline.cache import CorrCache
+        from cameo_corr.cache.reader import CorrCache
 
         self.pid = os.getpid()
         self.caches: list[CorrCache] = []
@@ -343,7 +344,7 @@ class CorrStreamDataset(IterableDataset):
 
     Args:
         cache: cache directory or fsspec URL (``<cache>/cache.json``, ``manifest/``, ``shards/``), or a
-            mixture: a sequence of :class:`~cameo_corr.pipeline.sharing.CacheSource` (path, weight, tag,
+            mixture: a sequence of :class:`~cameo_corr.train.mixture.CacheSource` (path, weight, tag,
             dataset root, window selection), see :meth:`epoch_windows`.
         num_views: ``F``, views per sample (``2 <= F <= S`` of every window).
         resolution: side of the square training images (the canonical crop resized to it).
@@ -365,7 +366,7 @@ class CorrStreamDataset(IterableDataset):
         storage_options: fsspec options for a remote cache.
         split, scenes_file, min_mask_frac: only the ``ok`` windows of this split, of the scenes listed in
             this file (one id per line) and with at least this ``mask_frac``
-            (:class:`~cameo_corr.pipeline.sharing.WindowSelection`; ``None``: no condition). A mixture
+            (:class:`~cameo_corr.cache.select.WindowSelection`; ``None``: no condition). A mixture
             entry's own predicates replace these. An empty selection is an error naming the predicate.
         max_open: scenes whose frame records are kept per process.
         tau, mask_policy, visibility_tol: the supervision mask (:mod:`cameo_corr.pipeline.masks`).
@@ -373,7 +374,7 @@ class CorrStreamDataset(IterableDataset):
             it is recomputed per window from the cached arrays: the cycle mask at ``tau`` (``None``: the
             cache's), the depth-consistency ``visibility`` test, or ``both``.
         on_corrupt: one of :data:`CORRUPT_POLICIES`: ``raise`` stops with the
-            :class:`~cameo_corr.pipeline.cache.CorruptCacheError` naming cache, shard, array and
+            :class:`~cameo_corr.cache.shard.CorruptCacheError` naming cache, shard, array and
             window; ``skip`` leaves the window out, logs it and counts it in the batch's
             :data:`SKIPPED_KEY` (a batch of only skipped windows is ``{SKIPPED_KEY: n}``).
         grid: the token grid to read from a cache storing several (``None``: its primary grid); a grid
@@ -410,8 +411,9 @@ class CorrStreamDataset(IterableDataset):
         on_corrupt: str = "raise",
         grid: int | tuple[int, int] | None = None,
     ) -> None:
-        from cameo_corr.pipeline.cache import CorrCache
-        from cameo_corr.pipeline.sharing import CacheSource, WindowSelection
+        from cameo_corr.cache.reader import CorrCache
+        from cameo_corr.cache.select import WindowSelection
+        from cameo_corr.train.mixture import CacheSource
 
         super().__init__()
         if isinstance(cache, (str, Path)):
@@ -654,7 +656,7 @@ class CorrStreamDataset(IterableDataset):
     def sample(self, window: int, epoch: int = 0, q: int = 0) -> dict[str, Any] | None:
         """The training sample of window index ``window`` at padded epoch index ``q`` of ``epoch``
         (``None`` when the window is corrupt and ``on_corrupt="skip"``)."""
-        from cameo_corr.pipeline.cache import CorruptCacheError
+        from cameo_corr.cache.shard import CorruptCacheError
 
         proc = self._process()
         source, shard_id, row = self.locate(window)
@@ -679,18 +681,10 @@ class CorrStreamDataset(IterableDataset):
             if block.shape[:2] != (S, S) or S != len(frame_ids):
                 raise SchemaError(key, f"row {row} has shape {block.shape}, the shard lists {len(frame_ids)} views", where=f"shard {shard_id}")
             corr[key] = block[np.ix_(views, views)]
-        frames_by_id = proc.frames(scene_id, source)
-        frames = []
-        for i in views:
-            fid = frame_ids[i]
-            if fid not in frames_by_id:
-                raise DatasetError(
-                    str(proc.readers[source].root), f"frame {fid!r} of window {window_id} not found in scene {scene_id!r}", field="frame_ids", scene_id=scene_id
-                )
-            frames.append(frames_by_id[fid])
         from cameo_corr.datasets.canonical import load_window
 
-        record = WindowRecord(window_id, meta["datasets"][row], meta["splits"][row], scene_id, tuple(frames))
+        record = WindowRecord.from_frames(window_id, meta["datasets"][row], meta["splits"][row], scene_id, [frame_ids[i] for i in views],
+                                          proc.frames(scene_id, source), root=str(proc.readers[source].root))
         data = load_window(proc.readers[source], record, proc.views[source], with_depth=False)
         image = torch.from_numpy(np.ascontiguousarray(data.images)).permute(0, 3, 1, 2).float().div_(255.0)
         return {

@@ -323,7 +323,7 @@ class Trainer:
         from accelerate.utils import ProjectConfiguration, set_seed
         from diffusers.optimization import get_scheduler
 
-        from cameo_corr.pipeline.cache import CorrCache
+        from cameo_corr.cache.reader import CorrCache
         from cameo_corr.train.loss import HeadMLP
         from cameo_corr.train.model import build_model
 

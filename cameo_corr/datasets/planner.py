@@ -54,6 +54,7 @@ from cameo_corr.schemas import (
     SchemaError,
     WindowIdHasher,
     WindowRecord,
+    shard_id_of,
     window_id,
 )
 
@@ -488,11 +489,6 @@ def assign_shards(table: "pa.Table", shard_size: int, *, skip: Any = None) -> "p
     return table.append_column("shard_id", pa.array(shard_ids.tolist(), pa.string()))
 
 
-def shard_id_of(window_ids: Sequence[str]) -> str:
-    """Deterministic 16-hex-digit shard id: SHA-256 of the window ids in order."""
-    return hashlib.sha256("\n".join(window_ids).encode()).hexdigest()[:16]
-
-
 def make_shards(windows: Sequence[PlannedWindow], shard_size: int, *, skip: Iterable[str] = ()) -> list[Shard]:
     """Group planned windows into shards of at most ``shard_size`` consecutive windows.
 
@@ -541,6 +537,5 @@ __all__ = [
     "READ_BATCH",
     "plan_table",
     "assign_shards",
-    "shard_id_of",
     "make_shards",
 ]

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from cameo_corr.schemas import CameoCorrError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from cameo_corr.pipeline.cache import CacheLocation
+    from cameo_corr.cache.location import CacheLocation
 
 logger = logging.getLogger(__name__)
 

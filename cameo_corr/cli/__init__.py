@@ -1,6 +1,8 @@
 """The ``cameo-corr`` command line. Each command lives next to the code it runs; a module listed in
 ``_COMMAND_MODULES`` exposes ``register_cli(subparsers)`` adding its parser(s) with ``func=handler``
 (handlers take the parsed namespace and return an exit code). Heavy imports stay inside handlers.
+The errors handlers raise live in :mod:`cameo_corr.cli.errors`, the argument types several commands
+share in :mod:`cameo_corr.cli.args`; both import nothing above the schemas, so any room may use them.
 
 :func:`main` is the one place that turns what a handler raises into the behaviour of a finished tool:
 
@@ -24,48 +26,30 @@ import importlib
 import os
 import sys
 
-from cameo_corr.schemas import CameoCorrError
-
-_COMMAND_MODULES: tuple[str, ...] = (
-    "cameo_corr.demo",
-    "cameo_corr.datasets.synthetic",
-    "cameo_corr.pipeline.ray_job",
-    "cameo_corr.pipeline.cache_tools",
-    "cameo_corr.pipeline.evaluate",
-    "cameo_corr.train.cli",
-    "cameo_corr.selfcheck",
+from cameo_corr.cli.errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    CommandError,
+    RunFailed,
+    UsageError,
 )
-
-EXIT_USAGE = 2
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
-EXIT_BROKEN_PIPE = 141
+from cameo_corr.schemas import CameoCorrError
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 _BAD_PATH = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.EEXIST,
              errno.ENAMETOOLONG}
 
-
-class CommandError(CameoCorrError):
-    """An error a command reports as ``<what>, <where>`` and exits with :attr:`exit_code`."""
-
-    exit_code = EXIT_USAGE
-
-    def __init__(self, what: str, where: str | None = None) -> None:
-        self.what = what
-        self.where = where
-        super().__init__(f"{what}, {where}" if where else what)
-
-
-class UsageError(CommandError):
-    """A bad command-line value or input (exit 2); ``where`` names the option, file or cache."""
-
-
-class RunFailed(CommandError):
-    """The input was accepted but the run failed to produce its result (exit 1)."""
-
-    exit_code = EXIT_FAILED
-
+_COMMAND_MODULES: tuple[str, ...] = (
+    "cameo_corr.demo",
+    "cameo_corr.datasets.synthetic",
+    "cameo_corr.job.cli",
+    "cameo_corr.cache.cli",
+    "cameo_corr.pipeline.evaluate",
+    "cameo_corr.train.cli",
+    "cameo_corr.selfcheck",
+)
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every registered subcommand."""
@@ -150,9 +134,16 @@ def _report(prog: str, text: str) -> None:
         pass
 
 
-if __name__ == "__main__":  # pragma: no cover
-    # ``python -m cameo_corr.cli`` runs this file as ``__main__``, a second copy of the module: run the
-    # imported one, whose error classes are the ones the command handlers raise.
-    from cameo_corr.cli import main as _main
-
-    sys.exit(_main())
+__all__ = [
+    "EXIT_USAGE",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_BROKEN_PIPE",
+    "CommandError",
+    "UsageError",
+    "RunFailed",
+    "build_parser",
+    "subcommand_parsers",
+    "describe_os_error",
+    "main",
+]

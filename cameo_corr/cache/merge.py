@@ -1,23 +1,17 @@
-"""Sharing caches across experiments: window subsets by manifest predicate, and the union of caches.
+"""The union of caches: ``cameo-corr cache merge A B [C ...] --out OUT``.
 
-* :class:`WindowSelection` selects the manifest rows of a cache by ``split``, by a scene-list file (one
-  scene id per line) and by a minimum ``mask_frac``. It becomes one ``pyarrow.compute`` expression that
-  is pushed down to the Parquet reader, so a selection over a million-window manifest costs what reading
-  the selected columns costs. The trainer (``data.split``, ``data.scenes_file``, ``data.min_mask_frac``,
-  also per mixture entry) and ``cameo-corr cache stats|verify|viz|merge`` (``--split``, ``--scenes``,
-  ``--min-mask-frac``) use it; an empty selection is an error naming the predicate.
-* :func:`merge_caches` (``cameo-corr cache merge A B [C ...] --out OUT``) writes the union of caches whose
-  ``cache.json`` identities agree (:data:`~cameo_corr.pipeline.cache.COMPARED_FIELDS`, compared like
-  :func:`~cameo_corr.pipeline.cache.check_compatible`). Shard files are hard-linked into ``OUT`` on a
-  local filesystem (copied when linking is impossible, e.g. across devices; the report says which and
-  why) and copied on object stores (a server-side copy when both caches are on the same filesystem).
-  A window present in several inputs is taken once (the first input's ok row; a failed row only when no
-  input has it ok). A shard is taken whole: a shard id present in several inputs must be the same shard
-  (same windows and decoded arrays, checked, since shard files of separate runs differ in their zip
-  timestamps), and a shard of which only some windows are taken (the rest already came from another
-  input, or lie outside the selection) is rewritten with those windows under a new content-hash id.
-  ``OUT`` gets a consolidated manifest and, last, a ``cache.json`` whose ``created_by`` records the
-  sources, so an interrupted merge leaves no directory that looks like a cache.
+:func:`merge_caches` writes the union of caches whose ``cache.json`` identities agree
+(:data:`~cameo_corr.cache.config.COMPARED_FIELDS`, compared like
+:func:`~cameo_corr.cache.config.check_compatible`). Shard files are hard-linked into ``OUT`` on a
+local filesystem (copied when linking is impossible, e.g. across devices; the report says which and
+why) and copied on object stores (a server-side copy when both caches are on the same filesystem).
+A window present in several inputs is taken once (the first input's ok row; a failed row only when no
+input has it ok). A shard is taken whole: a shard id present in several inputs must be the same shard
+(same windows and decoded arrays, checked, since shard files of separate runs differ in their zip
+timestamps), and a shard of which only some windows are taken (the rest already came from another
+input, or lie outside the selection) is rewritten with those windows under a new content-hash id.
+``OUT`` gets a consolidated manifest and, last, a ``cache.json`` whose ``created_by`` records the
+sources, so an interrupted merge leaves no directory that looks like a cache.
 """
 
 from __future__ import annotations
@@ -26,8 +20,6 @@ import dataclasses
 import datetime as _dt
 import errno
 import filecmp
-import json
-import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -36,171 +28,23 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from cameo_corr.schemas import DatasetError, SchemaError
+from cameo_corr.cache.config import check_same_identity
+from cameo_corr.cache.consolidation import write_compact
+from cameo_corr.cache.layout import CONFIG_FILE, TMP_PREFIX, shard_dir
+from cameo_corr.cache.location import CacheLocation
+from cameo_corr.cache.manifest import read_manifest
+from cameo_corr.cache.reader import CorrCache
+from cameo_corr.cache.select import WindowSelection
+from cameo_corr.cache.shard import shard_zip_bytes
+from cameo_corr.schemas import CACHE_ARRAYS, GRID_ARRAYS, SCHEMA_VERSION, DatasetError, SchemaError, shard_id_of
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import pyarrow as pa
 
-    from cameo_corr.pipeline.cache import CacheLocation, CorrCache
+    from cameo_corr.cache.location import CacheLocation
+    from cameo_corr.cache.reader import CorrCache
 
 
-# ------------------------------------------------------------------------------------------ subsets
-def read_scene_list(path: str | Path) -> tuple[str, ...]:
-    """Scene ids of a scene-list file: one id per line; blank lines and lines starting with ``#`` are
-    skipped. A line with surrounding whitespace, a repeated id or a file without ids is an error naming
-    the file (and the line)."""
-    where = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise DatasetError(where, "no such scene-list file", field="scenes_file") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(where, f"cannot read the scene list: {e}", field="scenes_file") from e
-    seen: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if line != line.strip():
-            raise DatasetError(where, f"scene id {line!r} has leading or trailing whitespace", line=number, field="scenes_file")
-        if line in seen:
-            raise DatasetError(where, f"scene id {line!r} repeats line {seen[line]}", line=number, field="scenes_file")
-        seen[line] = number
-    if not seen:
-        raise DatasetError(where, "the scene list has no scene id (one per line)", field="scenes_file")
-    return tuple(seen)
-
-
-@dataclass(frozen=True)
-class WindowSelection:
-    """Manifest predicate: windows of ``split``, of the scenes listed in ``scenes_file`` and with
-    ``mask_frac >= min_mask_frac`` (each ``None``: no condition). ``min_mask_frac`` also leaves out failed
-    rows (their ``mask_frac`` is NaN)."""
-
-    split: str | None = None
-    scenes_file: str | None = None
-    min_mask_frac: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.min_mask_frac is not None and not (isinstance(self.min_mask_frac, (int, float)) and 0.0 <= self.min_mask_frac <= 1.0):
-            raise SchemaError("min_mask_frac", f"must be a number in [0, 1], got {self.min_mask_frac!r}")
-        if self.split is not None and not (isinstance(self.split, str) and self.split):
-            raise SchemaError("split", f"must be a non-empty string, got {self.split!r}")
-
-    def __bool__(self) -> bool:
-        return self.split is not None or self.scenes_file is not None or self.min_mask_frac is not None
-
-    def over(self, defaults: "WindowSelection") -> "WindowSelection":
-        """This selection with its unset predicates taken from ``defaults``."""
-        return WindowSelection(
-            self.split if self.split is not None else defaults.split,
-            self.scenes_file if self.scenes_file is not None else defaults.scenes_file,
-            self.min_mask_frac if self.min_mask_frac is not None else defaults.min_mask_frac,
-        )
-
-    def columns(self) -> list[str]:
-        """Manifest columns the predicate reads."""
-        return [c for c, v in (("split", self.split), ("scene_id", self.scenes_file), ("mask_frac", self.min_mask_frac)) if v is not None]
-
-    def expression(self) -> Any:
-        """The predicate as a ``pyarrow.compute`` expression (``None`` when nothing is selected on)."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        parts = []
-        if self.split is not None:
-            parts.append(pc.field("split") == self.split)
-        if self.scenes_file is not None:
-            parts.append(pc.field("scene_id").isin(pa.array(read_scene_list(self.scenes_file), pa.string())))
-        if self.min_mask_frac is not None:
-            parts.append(pc.field("mask_frac") >= float(self.min_mask_frac))
-        expr = None
-        for part in parts:
-            expr = part if expr is None else expr & part
-        return expr
-
-    def describe(self) -> str:
-        """The predicate in words, for messages (``all windows`` when empty)."""
-        parts = []
-        if self.split is not None:
-            parts.append(f"split {self.split!r}")
-        if self.scenes_file is not None:
-            parts.append(f"scenes listed in {self.scenes_file}")
-        if self.min_mask_frac is not None:
-            parts.append(f"mask_frac >= {self.min_mask_frac:g}")
-        return " and ".join(parts) if parts else "all windows"
-
-    def filter(self, table: "pa.Table") -> "pa.Table":
-        """The rows of an already read manifest ``table`` that satisfy the predicate."""
-        expr = self.expression()
-        return table if expr is None else table.filter(expr)
-
-
-def selected_manifest(cache: "CorrCache", selection: WindowSelection, status: str | None = "ok",
-                      columns: Sequence[str] | None = None) -> "pa.Table":
-    """Manifest rows of ``cache`` with ``status`` (``None``: all) satisfying ``selection`` (columns
-    ``columns``, default all); an empty result under a non-empty selection is a :class:`DatasetError`
-    naming the predicate and the cache."""
-    import pyarrow.compute as pc
-
-    from cameo_corr.pipeline.cache import read_manifest
-
-    expr = selection.expression()
-    if status is not None:
-        expr = pc.field("status") == status if expr is None else (pc.field("status") == status) & expr
-    table = read_manifest(cache.location, columns=columns, filter=expr)
-    if table.num_rows == 0 and selection:
-        what = f"'{status}' windows" if status is not None else "windows"
-        raise DatasetError(f"{cache.location.display}/manifest", f"no {what} match the selection ({selection.describe()})",
-                           field="selection")
-    return table
-
-
-# ------------------------------------------------------------------------------------------ mixtures
-MIXTURE_KEYS = ("path", "weight", "tag", "dataset_root", "split", "scenes_file", "min_mask_frac")
-"""Keys of one ``data.caches`` entry of the training config."""
-
-
-@dataclass(frozen=True)
-class CacheSource:
-    """One cache of a training mixture: ``path``, sampling ``weight`` (> 0, relative to the other
-    entries), ``tag`` (the batch ``tag`` of its samples; ``None``: the dataset tag), ``dataset_root``
-    (read images from here instead of the root in its ``cache.json``) and its window ``selection``."""
-
-    path: str
-    weight: float = 1.0
-    tag: str | None = None
-    dataset_root: str | None = None
-    selection: WindowSelection = WindowSelection()
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.path, str) or not self.path:
-            raise SchemaError("path", f"must be a cache directory or URL, got {self.path!r}")
-        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not (math.isfinite(self.weight) and self.weight > 0):
-            raise SchemaError("weight", f"must be a finite number > 0, got {self.weight!r}")
-        if self.tag is not None and not (isinstance(self.tag, str) and self.tag):
-            raise SchemaError("tag", f"must be a non-empty string, got {self.tag!r}")
-
-    @classmethod
-    def from_dict(cls, entry: Mapping[str, Any], key: str = "data.caches[0]", where: str | None = None) -> "CacheSource":
-        """Build from a config entry; errors name ``key.<field>`` and ``where``."""
-        if not isinstance(entry, Mapping):
-            raise SchemaError(key, f"expected a mapping with keys {', '.join(MIXTURE_KEYS)}, got {entry!r}", where=where)
-        unknown = sorted(set(entry) - set(MIXTURE_KEYS))
-        if unknown:
-            raise SchemaError(f"{key}.{unknown[0]}", f"unknown key (known: {', '.join(MIXTURE_KEYS)})", where=where)
-        if "path" not in entry:
-            raise SchemaError(f"{key}.path", "missing (the cache directory or URL)", where=where)
-        for name in ("path", "tag", "dataset_root", "split", "scenes_file"):
-            if entry.get(name) is not None and not isinstance(entry[name], str):
-                raise SchemaError(f"{key}.{name}", f"expected a string, got {entry[name]!r}", where=where)
-        try:
-            selection = WindowSelection(entry.get("split"), entry.get("scenes_file"), entry.get("min_mask_frac"))
-            return cls(entry["path"], entry.get("weight", 1.0), entry.get("tag"), entry.get("dataset_root"), selection)
-        except SchemaError as e:
-            raise SchemaError(f"{key}.{e.field}", e.message, where=where) from None
-
-
-# ------------------------------------------------------------------------------------------ merge
 @dataclass
 class MergeReport:
     """What :func:`merge_caches` did: rows written, and how each shard reached ``OUT``."""
@@ -231,24 +75,8 @@ class MergeReport:
         return text
 
 
-def check_same_identity(caches: Sequence["CorrCache"]) -> None:
-    """Raise :class:`~cameo_corr.pipeline.cache.CacheMismatchError` naming the first ``cache.json`` field
-    (of :data:`~cameo_corr.pipeline.cache.COMPARED_FIELDS`) whose value differs, both values and both caches."""
-    from cameo_corr.pipeline.cache import COMPARED_FIELDS, CacheMismatchError, _identity
-
-    first = caches[0]
-    for other in caches[1:]:
-        for name in COMPARED_FIELDS:
-            a, b = _identity(first.config, name), _identity(other.config, name)
-            if a != b:
-                raise CacheMismatchError(name, f"caches differ: {first.location.display} has {json.dumps(a)}, "
-                                         f"{other.location.display} has {json.dumps(b)}; only caches of one config can be merged",
-                                         where=other.location.url("cache.json"))
-
-
 def _same_shard(a: "CorrCache", b: "CorrCache", shard_id: str) -> None:
     """Check that shard ``shard_id`` of ``a`` and of ``b`` hold the same windows and arrays."""
-    from cameo_corr.pipeline.cache import shard_dir
 
     rel = shard_dir(shard_id, a.version)
     if a.location.local and b.location.local:
@@ -268,7 +96,6 @@ def _same_shard(a: "CorrCache", b: "CorrCache", shard_id: str) -> None:
 def _stored_arrays(cache: "CorrCache", shard_id: str) -> dict[str, np.ndarray]:
     """Every array of a shard, keyed by its path in the shard group (all arrays of the primary grid,
     the grid arrays of each extra grid), each decoded once."""
-    from cameo_corr.schemas import CACHE_ARRAYS, GRID_ARRAYS
 
     out: dict[str, np.ndarray] = {}
     for g in cache.config.grids:
@@ -283,7 +110,6 @@ def _transfer(src: "CacheLocation", dst: "CacheLocation", rel: str, report: Merg
     refuses one, reason recorded), a server-side copy on one object store, else a streamed copy."""
     from fsspec.implementations.local import LocalFileSystem
 
-    from cameo_corr.pipeline.cache import TMP_PREFIX
 
     src_local = src.local or isinstance(src.fs, LocalFileSystem)
     dst_local = dst.local or isinstance(dst.fs, LocalFileSystem)
@@ -330,15 +156,6 @@ def merge_caches(
     import pyarrow.compute as pc
 
     import cameo_corr
-    from cameo_corr.pipeline.cache import (
-        CONFIG_FILE,
-        SCHEMA_VERSION,
-        CacheLocation,
-        CorrCache,
-        _write_compact,
-        read_manifest,
-        shard_dir,
-    )
 
     if len(sources) < 2:
         raise SchemaError("sources", f"merge needs at least two caches, got {len(sources)}")
@@ -423,7 +240,7 @@ def merge_caches(
     report.windows_ok, report.windows_failed = ok_rows.num_rows, failed.num_rows
     manifest = pa.concat_tables([ok_rows, failed.cast(ok_rows.schema)])
     del ok_rows, failed
-    _write_compact(dst, manifest, {"files": [], "fragments": []}, sorted(shards))
+    write_compact(dst, manifest, {"files": [], "fragments": []}, sorted(shards))
     config = caches[0].config
     created = {
         "package": "cameo-corr",
@@ -443,8 +260,6 @@ def _rewrite_part(cache: "CorrCache", shard_id: str, rows: "pa.Table", dst: "Cac
     and the new shard id."""
     import pyarrow as pa
 
-    from cameo_corr.pipeline.cache import shard_dir, shard_zip_bytes
-    from cameo_corr.pipeline.planner import shard_id_of
 
     rows = rows.sort_by("row")
     keep = rows.column("row").to_numpy()
@@ -464,4 +279,4 @@ def _rewrite_part(cache: "CorrCache", shard_id: str, rows: "pa.Table", dst: "Cac
     return rows, new_id
 
 
-__all__ = ["read_scene_list", "WindowSelection", "selected_manifest", "MIXTURE_KEYS", "CacheSource", "MergeReport", "check_same_identity", "merge_caches"]
+__all__ = ["MergeReport", "merge_caches"]

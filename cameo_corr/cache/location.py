@@ -1,0 +1,131 @@
+"""Where a cache lives: a local directory or any fsspec URL (``s3://``, ``gs://``, ``file://``,
+``memory://``), with the few file operations the cache needs (atomic writes, moves, listings that
+bypass object-store listing caches, zarr stores)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+from cameo_corr.cache.layout import TMP_PREFIX
+
+
+class CacheLocation:
+    """Where a cache lives: a local directory or an fsspec URL, with the few file operations we need."""
+
+    def __init__(self, path: str | Path, storage_options: Mapping[str, Any] | None = None) -> None:
+        import fsspec
+        from fsspec.implementations.local import LocalFileSystem
+
+        text = str(path)
+        self.storage_options = dict(storage_options or {})
+        self.local = "://" not in text
+        if self.local:
+            if self.storage_options:
+                raise ValueError(f"storage_options given for the local path {text!r}; they apply to URLs only")
+            self.fs = LocalFileSystem(auto_mkdir=True)
+            self.root = os.path.abspath(text)
+        else:
+            options = dict(self.storage_options)
+            if text.startswith(("file://", "local://")):
+                options.setdefault("auto_mkdir", True)
+            self.fs, self.root = fsspec.core.url_to_fs(text, **options)
+            self.root = self.root.rstrip("/")
+        self.display = text
+
+    def path(self, *parts: str) -> str:
+        """Filesystem path (no protocol) of ``parts`` under the cache root."""
+        return "/".join([self.root, *parts])
+
+    def url(self, *parts: str) -> str:
+        """Full URL (with protocol) of ``parts``; a plain path for local caches."""
+        p = self.path(*parts)
+        return p if self.local else self.fs.unstrip_protocol(p)
+
+    def _fresh(self, path: str) -> str:
+        """``path`` after dropping cached listings of it and its parents.
+
+        Object-store filesystems (s3fs, gcsfs) cache directory listings per instance and answer
+        ``exists``/``info``/``ls`` from them; writes by other processes (workers) and by zarr's own
+        store instance never reach that cache, so every query here starts from the store itself.
+        """
+        self.fs.invalidate_cache(path)
+        return path
+
+    def exists(self, *parts: str) -> bool:
+        return bool(self.fs.exists(self._fresh(self.path(*parts))))
+
+    def listdir(self, *parts: str) -> list[str]:
+        """Names (not paths) of the entries directly under ``parts``; empty when it does not exist."""
+        if self.local:  # one system call, no per-entry path normalisation (a cache holds ~N/64 shard files)
+            try:
+                return sorted(os.listdir(self.path(*parts)))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+        base = self._fresh(self.path(*parts))
+        if not self.fs.exists(base):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
+
+    def remove(self, *parts: str) -> None:
+        """Delete a file or a directory tree."""
+        self.fs.rm(self.path(*parts), recursive=True)
+
+    def move(self, src: str, dst: str) -> None:
+        """Rename ``src`` to ``dst`` (relative paths): atomic ``os.rename`` locally (also ``file://``).
+
+        On object stores (``s3://``, ``gs://``...) a directory is only a key prefix, and fsspec's
+        recursive ``mv`` also tries to copy the prefixes themselves (and raises), so a directory is
+        moved as the list of its files (server-side copies), then the source is deleted.
+        """
+        from fsspec.implementations.local import LocalFileSystem
+
+        if self.local or isinstance(self.fs, LocalFileSystem):
+            os.rename(self.path(src), self.path(dst))
+            return
+        src_path, dst_path = self._fresh(self.path(src)), self._fresh(self.path(dst))
+        if not self.fs.isdir(src_path):
+            self.fs.mv(src_path, dst_path)
+            return
+        files = self.fs.find(src_path)
+        if files:
+            self.fs.copy(files, [dst_path + f[len(src_path) :] for f in files], on_error="raise")
+        self.fs.rm(src_path, recursive=True)
+
+    def write_bytes_atomic(self, rel: str, data: bytes) -> None:
+        """Write ``data`` to ``rel`` through a temporary name in the same folder, then rename."""
+        folder, _, name = rel.rpartition("/")
+        tmp = f"{folder}/{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}" if folder else f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+        self.fs.makedirs(self.path(folder) if folder else self.root, exist_ok=True)
+        with self.fs.open(self.path(tmp), "wb") as f:
+            f.write(data)
+        self.move(tmp, rel)
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open(self._fresh(self.path(rel)), "rb") as f:
+            return f.read()
+
+    def zarr_store(self, rel: str, *, read_only: bool) -> Any:
+        """A zarr v3 store rooted at ``rel``: ``LocalStore`` locally, ``FsspecStore`` for URLs."""
+        from zarr.storage import FsspecStore, LocalStore
+
+        if self.local:
+            return LocalStore(self.path(rel), read_only=read_only)
+        options = dict(self.storage_options)
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
+        if "file" in protocols:
+            options.setdefault("auto_mkdir", True)
+        return FsspecStore.from_url(self.url(rel), storage_options=options or None, read_only=read_only)
+
+    def disk_usage(self, *parts: str) -> int:
+        """Total bytes of the files under ``parts`` (0 when absent)."""
+        base = self._fresh(self.path(*parts))
+        try:
+            return int(sum(info["size"] for info in self.fs.find(base, detail=True).values()))
+        except FileNotFoundError:  # absent, or removed meanwhile (a fragment consolidated by the job)
+            return 0
+
+
+__all__ = ["CacheLocation"]

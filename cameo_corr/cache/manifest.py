@@ -1,0 +1,306 @@
+"""The manifest, read side: one row per window (:func:`~cameo_corr.schemas.manifest_schema`).
+
+While a job runs, every shard adds one small *fragment* (``manifest/part-<shard>.parquet``, written
+last, after its shard: a window is *done* only when its manifest row exists). Consolidation
+(:mod:`cameo_corr.cache.consolidation`) moves fragments into *parts* of compact Parquet files sorted by
+``window_id`` listed in ``consolidated.json``. Readers take the consolidated parts plus the fragments
+not listed as merged (:func:`read_manifest`, columns and filters pushed down to Parquet), and index
+the ok windows as numpy columns (:class:`ManifestIndex`: no Python object per window).
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from cameo_corr.cache.layout import (
+    CONSOLIDATED_FILE,
+    MANIFEST_DIR,
+    SHARDS_DIR,
+    TMP_PREFIX,
+    fragment_shard,
+    is_fragment,
+    shard_id_of_name,
+)
+from cameo_corr.schemas import DatasetError, SchemaError, manifest_schema
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import pyarrow as pa
+
+    from cameo_corr.cache.location import CacheLocation
+
+MANIFEST_ROW_GROUP = 65_536
+"""Rows per Parquet row group of a consolidated manifest file."""
+MANIFEST_FILE_ROWS = 4_194_304
+"""Rows per consolidated manifest file."""
+MANIFEST_READAHEAD = 64
+"""Compact manifest files a dataset scan reads ahead."""
+MANIFEST_READ_THREADS = 8
+"""Threads reading pending fragments (small files: a job killed before consolidating leaves up to
+``--consolidate-every`` of them, or thousands when it ran without periodic consolidation)."""
+MANIFEST_READ_ATTEMPTS = 3
+"""Reads of the manifest when a concurrent consolidation deletes files under a reader."""
+
+
+
+def read_consolidation(location: CacheLocation) -> dict[str, Any]:
+    """``consolidated.json``: ``{"files": [...], "fragments": [shard ids], "rows": n, "parts": [...]}``
+    (empty when absent). ``parts`` (oldest first) groups the compact files written together, each
+    ``{"files": [...], "rows": n}``; a file written before parts existed reads as one part."""
+    if not location.exists(CONSOLIDATED_FILE):
+        return {"files": [], "fragments": [], "rows": 0, "parts": []}
+    where = location.url(CONSOLIDATED_FILE)
+    try:
+        info = json.loads(location.read_bytes(CONSOLIDATED_FILE))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(where, f"not valid JSON: {e}") from e
+    if not isinstance(info, dict) or not isinstance(info.get("files"), list) or not isinstance(info.get("fragments"), list):
+        raise DatasetError(where, "expected an object with lists 'files' and 'fragments'")
+    if "parts" not in info:
+        info["parts"] = [{"files": list(info["files"]), "rows": int(info.get("rows", 0))}] if info["files"] else []
+    parts = info["parts"]
+    if (not isinstance(parts, list) or not all(isinstance(q, dict) and isinstance(q.get("files"), list) and isinstance(q.get("rows"), int) for q in parts)
+            or [f for q in parts for f in q["files"]] != info["files"]):
+        raise DatasetError(where, "field 'parts': expected a list of {'files': [...], 'rows': n} covering 'files' in order")
+    return info
+
+
+def fragment_names(location: CacheLocation) -> list[str]:
+    """Names of the manifest fragment files present (``part-<shard_id>.parquet``), sorted.
+
+    A fragment whose shard is listed as merged in ``consolidated.json`` is either left over by a
+    consolidation that died before deleting it (its rows are all in the compact files) or the new
+    fragment of a shard id committed again after its rows were dropped (repair, retry of failed
+    windows); :func:`read_manifest` keeps only the rows of such a fragment that the compact files lack.
+    """
+    return [n for n in location.listdir(MANIFEST_DIR) if is_fragment(n)]
+
+
+def finished_shard_ids(location: CacheLocation) -> set[str]:
+    """Ids of the shards that have manifest rows (a pending fragment or a consolidated entry)."""
+    info = read_consolidation(location)
+    return set(info["fragments"]) | {fragment_shard(n) for n in fragment_names(location)}
+
+
+def find_orphans(location: "CacheLocation") -> list[str]:
+    """Relative paths of what killed writers left behind (each folder listed once).
+
+    Orphans are temporary entries in ``shards/``, ``manifest/`` and the cache root, compact manifest
+    files that ``consolidated.json`` does not list (a consolidation that died), and shard files without
+    manifest rows (renamed into place but never recorded). Only safe to delete while no job writes the
+    cache (:meth:`~cameo_corr.cache.writer.CacheWriter.remove_orphans`).
+    """
+    info = read_consolidation(location)
+    manifest, shards = location.listdir(MANIFEST_DIR), location.listdir(SHARDS_DIR)
+    finished = set(info["fragments"]) | {fragment_shard(n) for n in manifest if is_fragment(n)}
+    listed = set(info["files"])
+    found = [f"{SHARDS_DIR}/{n}" for n in shards if n.startswith(TMP_PREFIX)]
+    found += [f"{MANIFEST_DIR}/{n}" for n in manifest if n.startswith(TMP_PREFIX)]
+    found += [n for n in location.listdir() if n.startswith(TMP_PREFIX)]
+    found += [f"{MANIFEST_DIR}/{n}" for n in manifest if n.startswith("compact-") and n not in listed]
+    found += [f"{SHARDS_DIR}/{n}" for n in shards if (sid := shard_id_of_name(n)) is not None and sid not in finished]
+    return found
+
+
+def read_manifest(location: CacheLocation, columns: Sequence[str] | None = None, filter: Any = None) -> "pa.Table":
+    """The manifest: consolidated files (each sorted by ``window_id``) then the pending fragments.
+
+    ``columns`` selects columns (all by default: reading only what is needed is what keeps a million
+    window manifest cheap); ``filter`` is a ``pyarrow.compute`` expression pushed down to the Parquet
+    reader (row groups are skipped by their statistics). Version 1 fragments lack ``shard_bytes``,
+    which reads as null. An empty table when the cache has no rows. A consolidation running meanwhile
+    (the job consolidates periodically) may delete files between the listing and the read: the read
+    then starts again from the new ``consolidated.json``.
+    """
+    import pyarrow as pa
+
+    schema = manifest_schema()
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
+    for attempt in range(MANIFEST_READ_ATTEMPTS):
+        info = read_consolidation(location)
+        fragments = fragment_names(location)
+        try:
+            table = pa.concat_tables([_read_parquet(location, compact_paths(location, info["files"]), schema, filter),
+                                      fragment_rows(location, info, fragments, schema, filter)])
+        except DatasetError as e:
+            if isinstance(e.__cause__, FileNotFoundError) and attempt + 1 < MANIFEST_READ_ATTEMPTS:
+                continue
+            raise
+        return table.replace_schema_metadata(schema.metadata)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def compact_paths(location: CacheLocation, names: Iterable[str]) -> list[str]:
+    return [location.path(MANIFEST_DIR, n) for n in names]
+
+
+def fragment_rows(location: CacheLocation, info: Mapping[str, Any], fragments: Sequence[str], schema: "pa.Schema",
+                   filter: Any) -> "pa.Table":
+    """Rows of the fragments ``fragments`` that the compact files of ``info`` do not hold (see
+    :func:`fragment_names`: a fragment of a shard listed as merged may repeat compact rows)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    merged = set(info["fragments"])
+    table = _read_fragments(location, compact_paths(location, [n for n in fragments if fragment_shard(n) not in merged]), schema, filter)
+    again = compact_paths(location, [n for n in fragments if fragment_shard(n) in merged])
+    if again:
+        extra = _read_fragments(location, again, schema, filter)
+        if "window_id" in schema.names and extra.num_rows:
+            compact = _read_parquet(location, compact_paths(location, info["files"]), pa.schema([manifest_schema().field("window_id")]),
+                                    pc.field("window_id").isin(extra.column("window_id")))
+            extra = extra.filter(pc.invert(pc.is_in(extra.column("window_id"), value_set=compact.column("window_id"))))
+        table = pa.concat_tables([table, extra])
+    return table
+
+
+def _arrow_filesystem(location: CacheLocation) -> Any:
+    """The filesystem Arrow reads the manifest with: Arrow's own for local caches (C++ reads on
+    Arrow's I/O threads, no Python call per file), the fsspec filesystem otherwise."""
+    if location.local:
+        import pyarrow.fs as pafs
+
+        return pafs.LocalFileSystem()
+    return location.fs
+
+
+def _read_parquet(location: CacheLocation, paths: list[str], schema: "pa.Schema", filter: Any) -> "pa.Table":
+    """Columns ``schema`` of the manifest files ``paths`` (empty table when none)."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    if not paths:
+        return schema.empty_table()
+    try:
+        dataset = pads.dataset(paths, format="parquet", filesystem=_arrow_filesystem(location), schema=manifest_schema())
+        # many small fragments (a job killed before consolidating): read ahead many files at once
+        return dataset.to_table(columns=list(schema.names), filter=filter, fragment_readahead=MANIFEST_READAHEAD)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DatasetError(location.url(MANIFEST_DIR), f"cannot read the manifest: {e}") from e
+
+
+def _read_fragments(location: CacheLocation, paths: list[str], schema: "pa.Schema", filter: Any) -> "pa.Table":
+    """Columns ``schema`` of the fragment files ``paths``, filtered by ``filter``.
+
+    A fragment is one small row group, so the fixed cost per file (open, footer, metadata) is all
+    there is: each file is read whole by ``pyarrow.parquet.ParquetFile`` on a pool of
+    :data:`MANIFEST_READ_THREADS` threads (Arrow releases the GIL), about 1.5x less CPU per file than
+    a dataset scan. Columns a version 1 fragment lacks read as null.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not paths:
+        return schema.empty_table()
+    full = manifest_schema()
+    wanted = full.names if filter is not None else schema.names  # the filter may name other columns
+    target = pa.schema([full.field(c) for c in wanted])
+
+    def read(path: str) -> "pa.Table":
+        try:
+            with (open(path, "rb") if location.local else location.fs.open(path, "rb")) as source, pq.ParquetFile(source) as f:
+                table = f.read(columns=[c for c in wanted if c in f.schema_arrow.names])
+            if table.schema.equals(target):
+                return table
+            columns = [table.column(c) if c in table.column_names else pa.nulls(table.num_rows, full.field(c).type) for c in wanted]
+            return pa.Table.from_arrays(columns, names=wanted).cast(target)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DatasetError(location.url(MANIFEST_DIR), f"cannot read the manifest fragment {path.rsplit('/', 1)[-1]}: {e}") from e
+
+    with ThreadPoolExecutor(MANIFEST_READ_THREADS) as pool:
+        table = pa.concat_tables(list(pool.map(read, paths)))
+    if filter is not None:
+        table = table.filter(filter)
+    return table.select(schema.names)
+
+
+def read_manifest_file(location: CacheLocation, rel: str) -> "pa.Table":
+    """One manifest Parquet file (a fragment or a compact file) with the manifest schema."""
+    import pyarrow.parquet as pq
+
+    with location.fs.open(location.path(rel), "rb") as f:
+        return pq.read_table(f, schema=manifest_schema())
+
+
+def parquet_bytes(table: "pa.Table", row_group_size: int) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd", row_group_size=row_group_size)
+    return sink.getvalue().to_pybytes()
+
+
+def id_array(values: "pa.Array | pa.ChunkedArray") -> np.ndarray:
+    """Window ids as a numpy fixed-width bytes array (``S<n>``): 16 bytes per id instead of a Python
+    string each. Equal-length ids (all ids this package makes) are viewed from the Arrow buffer."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    arr = arr.cast(pa.string())
+    if len(arr) == 0:
+        return np.zeros(0, dtype="S1")
+    lengths = pc.utf8_length(arr) if arr.null_count == 0 else None
+    if lengths is not None:
+        lo, hi = pc.min_max(pc.binary_length(arr)).values()
+        if lo.as_py() == hi.as_py() and lo.as_py() > 0:
+            width = lo.as_py()
+            offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32, count=len(arr) + 1, offset=4 * arr.offset)
+            data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+            return data.view(f"S{width}").copy()
+    return np.array([v.encode() for v in arr.to_pylist()], dtype=bytes)
+
+
+class ManifestIndex:
+    """What a reader needs per ok window, as numpy columns (no Python object per window).
+
+    ``ids`` (``S<n>``) sorted, with ``shard`` (index into ``shards``) and ``row`` aligned to them.
+    Built from the ``window_id``, ``shard``, ``row`` columns of the ok rows only.
+    """
+
+    def __init__(self, table: "pa.Table") -> None:
+        import pyarrow.compute as pc
+
+        ids = id_array(table.column("window_id"))
+        order = np.argsort(ids, kind="stable")
+        self.ids = ids[order]
+        encoded = pc.dictionary_encode(table.column("shard").combine_chunks())
+        self.shards: list[str] = encoded.dictionary.to_pylist()
+        self.shard = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int32)[order]
+        self.row = table.column("row").to_numpy().astype(np.int32)[order]
+        if len(self.ids) > 1 and np.any(self.ids[1:] == self.ids[:-1]):
+            dup = self.ids[1:][self.ids[1:] == self.ids[:-1]][0].decode()
+            raise SchemaError("window_id", f"window {dup} has more than one ok manifest row")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def find(self, window_id: str) -> int:
+        """Position of ``window_id`` in :attr:`ids`, or -1."""
+        key = np.array(window_id.encode(), dtype=self.ids.dtype) if len(self.ids) else None
+        if key is None or len(window_id.encode()) > self.ids.dtype.itemsize:
+            return -1
+        i = int(np.searchsorted(self.ids, key))
+        return i if i < len(self.ids) and self.ids[i] == key else -1
+
+
+__all__ = [
+    "MANIFEST_ROW_GROUP",
+    "MANIFEST_FILE_ROWS",
+    "read_consolidation",
+    "fragment_names",
+    "finished_shard_ids",
+    "find_orphans",
+    "read_manifest",
+    "compact_paths",
+    "fragment_rows",
+    "read_manifest_file",
+    "parquet_bytes",
+    "id_array",
+    "ManifestIndex",
+]

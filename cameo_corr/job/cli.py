@@ -1,0 +1,150 @@
+"""``cameo-corr preprocess``: the command line of the preprocessing job (also what ``jobs/preprocess.py``
+runs under ``ray job submit``). Parsing imports neither torch nor Ray; a run imports them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from cameo_corr.cli.args import add_storage_option, grids_arg, key_value_arg
+from cameo_corr.cli.errors import RunFailed, UsageError
+from cameo_corr.datasets.planner import DEFAULT_SHARD_SIZE
+from cameo_corr.schemas import CANONICAL_SIZE, DEFAULT_GRID, DEFAULT_TAU
+
+
+def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``cameo-corr preprocess`` (shared with ``jobs/preprocess.py``).
+
+    Backend flags come from :func:`cameo_corr.pipeline.backends.add_backend_arguments` (read back by
+    ``backend_options_from_args``); that module imports torch lazily, so the parser stays light.
+    """
+    from cameo_corr.datasets.base import DATASET_NAMES
+    from cameo_corr.datasets.planner import POSITION_UNITS, SAMPLING_POLICIES
+    from cameo_corr.pipeline.backends import add_backend_arguments
+
+    parser.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="dataset reader")
+    parser.add_argument("--root", required=True, help="dataset root directory")
+    parser.add_argument("--out", required=True, help="cache directory or fsspec URL (s3://bucket/cache)")
+    parser.add_argument("--split", default=None, help="dataset split (default: the reader's default)")
+    parser.add_argument("--dataset-option", action="append", type=key_value_arg, default=[], metavar="KEY=VALUE",
+                        help="extra reader option (JSON value), repeatable")
+    parser.add_argument("--grid", type=grids_arg, default=((DEFAULT_GRID, DEFAULT_GRID),), metavar="SIDES",
+                        help="token grid side h = w, or several comma-separated (16,32,64: one backend pass stores every "
+                             "grid; the first is the primary one); 32x16 for h x w (default: 32)")
+    parser.add_argument("--views", type=int, default=8, help="views per window S (default: 8)")
+    parser.add_argument("--tau", type=float, default=DEFAULT_TAU, help="cycle-consistency threshold in tokens (default: 1.5)")
+    parser.add_argument("--windows-per-scene", type=int, default=1, help="windows K drawn per scene (default: 1)")
+    parser.add_argument("--sampling", choices=SAMPLING_POLICIES, default=None, help="window sampling (default: per dataset)")
+    parser.add_argument("--span-per-view", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="stride sampling: window span in [S*LO, S*HI] raw frames (default: 48 144)")
+    parser.add_argument("--positions", choices=POSITION_UNITS, default=None, help="stride sampling: frame positions (default: per dataset)")
+    parser.add_argument("--fps", type=float, default=None, help="raw video frame rate for timestamp positions (default: 30)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--scene", action="append", default=None, help="only this scene id (repeatable)")
+    parser.add_argument("--crop-policy", choices=("center", "principal_point", "mask_bbox"), default=None,
+                        help="canonical crop (default: the reader's; CO3D with masks: pass mask_bbox)")
+    parser.add_argument("--crop-size", type=int, default=CANONICAL_SIZE, help="canonical view side in pixels (default: 512)")
+    add_backend_arguments(parser)
+    parser.add_argument("--match-backend", default="auto", choices=("auto", "torch", "faiss", "kdtree"), help="exact NN method (default: auto)")
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per backend call (VGGT batching; default: 1)")
+    parser.add_argument("--workers", type=int, default=1, help="model actors (default: 1)")
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per model actor (default: 0)")
+    parser.add_argument("--cpus-per-worker", type=float, default=0.0,
+                        help="logical CPUs reserved per model actor (default: 0, so actors never starve the load and commit tasks)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray instance")
+    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                        help=f"windows per shard = unit of commit (default: {DEFAULT_SHARD_SIZE}; capped at ceil(windows / workers))")
+    parser.add_argument("--max-retries", type=int, default=3,
+                        help="Ray retries of a load/commit task and restarts of a model actor after a system failure (default: 3; -1: unlimited)")
+    parser.add_argument("--retry-failed", action="store_true", help="redo the windows recorded as failed (their rows are superseded)")
+    parser.add_argument("--repair", action="store_true",
+                        help="decode every chunk of the existing cache first and redo the windows of shards that fail their checksum")
+    parser.add_argument("--force", action="store_true", help="take over the cache's lease even if another job renewed it recently")
+    parser.add_argument("--lease-timeout", type=float, default=None,
+                        help="seconds without renewal after which another job's lease is stale (default: 180)")
+    parser.add_argument("--consolidate-every", type=int, default=None, metavar="SHARDS",
+                        help="consolidate the manifest while the job runs once this many shard fragments are pending "
+                             "(default: 256; a killed job leaves about this many for the next start-up to read)")
+    parser.add_argument("--consolidate-seconds", type=float, default=None,
+                        help="also consolidate pending fragments after this many seconds (default: 600)")
+    add_storage_option(parser, " for --out")
+    parser.add_argument("--fail-fast", action="store_true", help="stop and exit non-zero at the first failed window")
+    parser.add_argument("--summary-json", default=None, help="also write the summary to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the job from parsed arguments, print the summary, return 0.
+
+    Errors are raised for the CLI's one error layer (:func:`cameo_corr.cli.main`): input and usage
+    errors (bad flag values, a busy or unwritable ``--out``, a mismatching cache, a missing optional
+    package) before Ray starts exit 2; a failed run (storage error, Ray failure, ``--fail-fast``, no
+    window succeeded) raises :class:`~cameo_corr.cli.RunFailed` (exit 1); Ctrl-C exits 130 saying
+    that committed shards are kept.
+    """
+    from cameo_corr.job.config import JobConfig
+    from cameo_corr.job.driver import CacheWriteError, run_job
+
+    config = JobConfig.from_args(args)
+    try:
+        summary = run_job(config)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"the shards already committed to {args.out} are kept, re-run the same command to resume") from None
+    except CacheWriteError as e:
+        raise RunFailed(str(e)) from None
+    except ImportError as e:
+        raise UsageError(str(e)) from None
+    print(format_summary(summary))
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+    if summary["shard_errors"]:
+        raise RunFailed(f"the run failed ({summary['shard_errors'][0][1]}); committed shards are kept, re-run to resume")
+    if summary["stopped_early"] or (args.fail_fast and summary["windows_failed"]):
+        raise RunFailed(f"--fail-fast: stopped at the first failed window ({summary['errors'][0][1] if summary['errors'] else '?'})")
+    if summary["windows_planned"] and not summary["windows_ok"] and not summary["windows_skipped"]:
+        first = summary["errors"][0][1] if summary["errors"] else "no error recorded"
+        raise RunFailed(f"no window succeeded: all {summary['windows_failed']} windows failed, first: {first} (see the 'failed' "
+                        f"lines above; e.g. fewer frames per scene than --views {args.views}?)")
+    return 0
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """Human-readable summary of :func:`run_preprocess`."""
+    st = summary["stage_seconds"]
+    busy = sum(st[k] for k in ("read", "backend", "match", "write")) or 1.0
+    lines = [
+        f"cache: {summary['out']}",
+        f"windows: planned {summary['windows_planned']}, already done {summary['windows_skipped']}, "
+        f"ok {summary['windows_ok']}, failed {summary['windows_failed']}",
+        f"shards written: {summary['shards_written']}, orphans removed: {summary['orphans_removed']}, "
+        f"shards repaired: {summary['shards_repaired']} missing, {summary['shards_corrupt']} corrupt, failed windows retried: {summary['failed_retried']}, "
+        f"shard errors: {len(summary['shard_errors'])}" + (" (stopped early)" if summary["stopped_early"] else ""),
+        f"time: {summary['seconds']:.1f} s ({summary['startup_seconds']:.1f} s start-up), "
+        f"{summary['windows_per_second']:.2f} windows/s end to end, {summary['processing_windows_per_second']:.2f} after start-up; stages "
+        + ", ".join(f"{k} {st[k]:.1f} s ({100 * st[k] / busy:.0f}%)" for k in ("read", "backend", "match", "write")),
+        f"bytes written: {summary['bytes_written']}, per ok window: {summary['bytes_per_window']:.0f}",
+    ]
+    lines += [f"  failed {wid}: {err}" for wid, err in summary["errors"]]
+    lines += [f"  shard error {sid}: {err}" for sid, err in summary["shard_errors"]]
+    return "\n".join(lines)
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``cameo-corr preprocess``."""
+    parser = subparsers.add_parser(
+        "preprocess",
+        help="build or resume a correspondence cache with Ray",
+        description=(
+            "Plan windows of a dataset, run a geometry backend on a Ray Data pipeline, match tokens and "
+            "write a sharded zarr cache + parquet manifest. Re-running resumes: windows with manifest rows "
+            "are skipped, shards whose folder is missing are redone. One job per cache (a lease). Local "
+            "Ray by default; set RAY_ADDRESS or use `ray job submit` for a cluster (see jobs/README.md)."
+        ),
+    )
+    add_preprocess_arguments(parser)
+    parser.set_defaults(func=run_from_args)
+
+
+__all__ = ["add_preprocess_arguments", "run_from_args", "format_summary", "register_cli"]

@@ -1,0 +1,477 @@
+"""The preprocessing job's driver: :func:`run_job` reads as the pipeline it runs.
+
+check the input (before Ray starts) -> take the cache's lease -> start or join Ray -> describe the
+backend where the model actors will run -> check the cache's identity -> upkeep of the cache (orphans,
+missing and corrupt shards, failed windows to retry) -> plan the windows still to do -> run the stages
+(:mod:`cameo_corr.job.stages`) while a driver thread consolidates the manifest -> consolidate the rest
+-> the summary.
+
+Failures: a bad window is a *data* error, recorded as a ``status=failed`` manifest row; the job goes on
+(``fail_fast`` stops it after the shard holding the first failure is committed). Anything else (worker
+crash, node loss, out of memory) is a *system* error that Ray retries (``max_retries``); a bug in our
+code fails the run, which a re-run resumes. Backpressure between the stages, resource reservation,
+task retries, actor restarts and lineage reconstruction of blocks lost with a node are Ray Data's.
+Model actors reserve no CPU by default (``cpus_per_worker=0``): they are bounded by ``workers`` and
+their GPUs, so they can never hold every CPU while load and commit tasks wait for one.
+
+One job per cache: the driver holds the cache's lease (:mod:`cameo_corr.cache.lease`) from before Ray
+starts until the job ends. While the job runs, a thread of the driver consolidates the manifest
+fragments into sorted Parquet parts every ``consolidate_every`` shards
+(:class:`~cameo_corr.cache.consolidation.PeriodicConsolidation`), so a killed job leaves a bounded
+number of fragments; at the end it consolidates the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import errno
+import logging
+import math
+import os
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
+
+from cameo_corr.cache.config import COMPARED_FIELDS, check_compatible, mismatch_error, read_existing_config
+from cameo_corr.cache.consolidation import PeriodicConsolidation, consolidate_manifest, drop_failed_rows
+from cameo_corr.cache.layout import CONFIG_FILE
+from cameo_corr.cache.lease import CacheLease
+from cameo_corr.cache.location import CacheLocation
+from cameo_corr.cache.manifest import fragment_names, read_manifest
+from cameo_corr.cache.reader import CorrCache
+from cameo_corr.cache.verify import repair_corrupt_shards
+from cameo_corr.cache.writer import CacheWriter
+from cameo_corr.cli.errors import UsageError
+from cameo_corr.job.config import JobConfig
+from cameo_corr.schemas import CacheConfig, CameoCorrError, SchemaError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import pyarrow as pa
+
+    from cameo_corr.cache.lease import CacheLease
+    from cameo_corr.datasets.base import SceneReader
+    from cameo_corr.datasets.canonical import CanonicalView
+    from cameo_corr.datasets.planner import PlanConfig
+
+logger = logging.getLogger(__name__)
+
+
+class CacheWriteError(CameoCorrError):
+    """The cache storage refused a write (full disk, permissions, quota): the run failed."""
+
+@dataclass
+class Clock:
+    """When the job started (``perf_counter`` and wall time), to place the actors' ready times."""
+
+    start: float = field(default_factory=time.perf_counter)
+    wall: float = field(default_factory=time.time)
+
+    def at(self, wall: float) -> float:
+        """The ``perf_counter`` time of a wall-clock ``wall`` (UNIX time)."""
+        return self.start + (wall - self.wall)
+
+
+@dataclass
+class Upkeep:
+    """What the start-up upkeep of the cache removed: orphan paths, shards with a missing file, corrupt
+    shards (``repair``), failed windows superseded for a retry (``retry_failed``)."""
+
+    orphans: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StageRun:
+    """What running the stages gave: the sink (its write results), whether ``fail_fast`` stopped them,
+    the run's errors as ``(where, error)``, when the first actor was ready, the shard size used, shards
+    written and the periodic consolidation rounds."""
+
+    sink: Any = None
+    stopped: bool = False
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    t_ready: float = field(default_factory=time.perf_counter)
+    shard_size: int = 0
+    shards_written: int = 0
+    consolidations: int = 0
+
+
+def run_preprocess(**options: Any) -> dict[str, Any]:
+    """``run_job(JobConfig(**options))``: the job from Python with the flags as keywords
+    (:class:`~cameo_corr.job.config.JobConfig` documents them)."""
+    return run_job(JobConfig(**options))
+
+
+def run_job(config: JobConfig) -> dict[str, Any]:
+    """Fill (or complete) the cache at ``config.out`` from its dataset; return the summary
+    (:func:`summarize`). Input errors raise before Ray starts."""
+    import ray
+
+    clock = Clock()
+    location = check_out(config)
+    reader = config.open_reader()
+    plan, view = config.plan_config(), config.view(reader)
+    existing = read_existing_config(location)
+    check_before_start(config, location, reader, view, existing)
+    lease = take_lease(config, location)
+    started = False
+    try:
+        started = init_ray(config.num_cpus, config.workers * config.cpus_per_worker)
+        check_cluster(config)
+        described = describe_on_cluster(config)
+        cache_config = make_cache_config(config, reader, view, plan, described)
+        existing = existing or read_existing_config(location)  # another job may have created it before our lease
+        check_compatible(existing, cache_config, where=location.url(CONFIG_FILE))
+        upkeep = keep_up(config, location, existing or cache_config)
+        planned, todo = windows_to_do(reader, plan, cache_config, location, config.scenes)
+        run = run_stages(todo, config, reader, cache_config, described["needs_depth"], (location, lease, clock))
+    finally:
+        lease.release()
+        if started:
+            ray.shutdown()
+    return summarize(config, location, planned, todo, upkeep, run, clock)
+
+
+# ----------------------------------------------------------------------------- before Ray starts
+def check_out(config: JobConfig) -> CacheLocation:
+    """The cache location, refusing an ``--out`` that is a file (:class:`UsageError`)."""
+    try:
+        location = CacheLocation(config.out, config.storage())
+    except ValueError as e:
+        raise UsageError(f"--out {config.out}: {e}") from None
+    if location.fs.isfile(location.root):
+        raise UsageError(f"--out {config.out}: is a file; give a cache directory (new or existing)")
+    return location
+
+
+def check_before_start(config: JobConfig, location: CacheLocation, reader: "SceneReader", view: "CanonicalView",
+                       existing: CacheConfig | None) -> None:
+    """Refuse a mismatching cache and a backend that cannot run, before starting Ray (the full backend
+    entry is compared once the backend described itself, :func:`run_job`)."""
+    provisional = CacheConfig(grid=config.grid, tau=config.tau, views=config.views, backend={"name": config.backend},
+                              crop=view.to_dict(), dataset=reader.describe(), extra_grids=config.extra_grids)
+    provisional.validate()
+    where = location.url(CONFIG_FILE)
+    check_compatible(existing, provisional, [f for f in COMPARED_FIELDS if f != "backend"], where=where)
+    preflight_backend(config.backend, config.gpus_per_worker, config.backend_options, reader)
+    if existing is not None:
+        given = {"name": config.backend, **config.backend_options}
+        recorded = existing.backend
+        diffs = [(k, recorded[k], v) for k, v in given.items() if k in recorded and v != "auto" and recorded[k] != v]
+        if diffs:
+            raise mismatch_error(diffs, where, field="backend")
+
+
+def preflight_backend(
+    backend: str, gpus_per_worker: float, backend_options: Mapping[str, Any] | None, reader: "SceneReader | None" = None
+) -> None:
+    """Driver-side checks before any worker starts: the backend exists (:class:`UsageError`), its
+    optional packages are installed (:class:`ImportError` with an install hint otherwise), a backend
+    that needs depth gets a dataset that has depth (:class:`SchemaError` naming ``backend``), and a GPU
+    backend given no GPU is warned about."""
+    from cameo_corr.pipeline.backends import backend_class
+
+    try:
+        cls = backend_class(backend)
+    except ValueError as e:
+        raise UsageError(f"--backend {backend}: {e}") from None
+    cls.check_requirements()
+    if reader is not None and cls.needs_depth and not reader.has_depth:
+        raise SchemaError("backend", f"the {backend!r} backend needs depth, and dataset {reader.name!r} has none "
+                          "(use a geometry model such as --backend vggt)", where=str(reader.root))
+    if cls.wants_gpu and gpus_per_worker <= 0 and (backend_options or {}).get("device") != "cpu":
+        warnings.warn(f"--gpus-per-worker is 0: Ray gives the workers no GPU, so the {backend!r} backend runs on CPU "
+                      "in fp32 (pass --gpus-per-worker 1, or --device cpu to silence this)", stacklevel=3)
+
+
+
+def take_lease(config: JobConfig, location: CacheLocation) -> "CacheLease":
+    """The cache's lease for this job (:class:`~cameo_corr.cache.lease.LeaseHeldError` when another live
+    job holds it; :class:`UsageError` when ``--out`` cannot be written)."""
+
+    try:
+        return CacheLease(location, timeout=config.lease_timeout, force=config.force).acquire()
+    except OSError as e:
+        raise UsageError(f"--out {config.out}: cannot write the cache there ({e.strerror or e})") from None
+
+
+# ----------------------------------------------------------------------------- Ray
+def init_ray(num_cpus: int | None, needed_cpus: float) -> bool:
+    """Connect to ``RAY_ADDRESS`` if set (a cluster, or ``ray job submit``), else start a local
+    instance (never an unrelated ``ray start`` cluster of this machine); returns whether this call
+    connected. A local instance gets ``num_cpus`` logical CPUs, by default enough for one load and
+    one commit task next to the actors' reservation (logical CPUs only gate scheduling).
+
+    Ray >= 2.5x enables token authentication for new local instances (a token in ``~/.ray``) and logs
+    a warning saying so on every start; a local start keeps that default and drops the notice.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return True
+    cpus = num_cpus if num_cpus is not None else max(os.cpu_count() or 1, int(needed_cpus + 0.999) + 2)
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = auth_log.level
+    auth_log.setLevel(logging.ERROR)  # Ray's default (token auth on) stays; only its per-start notice goes
+    try:
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False)
+    finally:
+        auth_log.setLevel(level)
+    return True
+
+
+
+def check_cluster(config: JobConfig) -> None:
+    """Refuse model actors that would reserve every CPU of the cluster (no CPU left for load and commit)."""
+    import ray
+
+    cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    if config.workers * config.cpus_per_worker > cluster_cpus - 1:
+        raise UsageError(f"--workers {config.workers} x --cpus-per-worker {config.cpus_per_worker} leaves no CPU of the cluster's "
+                         f"{cluster_cpus:g} for the load and commit tasks; lower --cpus-per-worker (0 is fine)")
+
+
+def describe_on_cluster(config: JobConfig) -> dict[str, Any]:
+    """The backend's ``cache.json`` entry, whether it needs depth and its device, from a backend built
+    where the model actors will run (a Ray task with their resources)."""
+    import ray
+
+    from cameo_corr.job.stages import describe_backend
+
+    describe = ray.remote(describe_backend).options(num_cpus=0, num_gpus=config.gpus_per_worker, max_retries=config.max_retries)
+    return ray.get(describe.remote(config.geometry_spec()))
+
+
+def make_cache_config(config: JobConfig, reader: "SceneReader", view: "CanonicalView", plan: "PlanConfig",
+                      described: Mapping[str, Any]) -> CacheConfig:
+    """The ``cache.json`` this run writes (or must match)."""
+    import cameo_corr
+
+    cache_config = CacheConfig(
+        grid=config.grid, extra_grids=config.extra_grids, tau=config.tau, views=config.views, backend=described["backend"],
+        crop=view.to_dict(), dataset=reader.describe(),
+        created_by={
+            "package": "cameo-corr",
+            "version": cameo_corr.__version__,
+            "command": config.command or "run_preprocess",
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "plan": plan.to_dict(),
+            "devices": [described["device"]],
+        },
+    )
+    cache_config.validate()
+    return cache_config
+
+
+# ----------------------------------------------------------------------------- the cache before the run
+def keep_up(config: JobConfig, location: CacheLocation, cache_config: CacheConfig) -> Upkeep:
+    """Sweep orphans of killed runs, forget shards whose file is missing, with ``repair`` also the shards
+    whose chunks fail their checksum (every chunk is decoded), with ``retry_failed`` supersede the failed
+    rows. ``cache_config`` is the cache's (read once; the run's own for a new cache)."""
+
+    writer = CacheWriter(config.out, cache_config, config.storage())
+    upkeep = Upkeep(orphans=writer.remove_orphans(), missing=writer.repair_missing_shards())
+    if config.repair and location.exists(CONFIG_FILE):
+        upkeep.corrupt = repair_corrupt_shards(CorrCache(config.out, config.storage(), config=cache_config))["shards"]
+    if config.retry_failed:
+        upkeep.retried = drop_failed_rows(location)
+    return upkeep
+
+
+def windows_to_do(reader: "SceneReader", plan: "PlanConfig", cache_config: CacheConfig, location: CacheLocation,
+                  scenes: Any) -> tuple["pa.Table", "pa.Table"]:
+    """``(planned, todo)``: every planned window of the run, and those without a manifest row yet."""
+    import pyarrow.compute as pc
+
+    from cameo_corr.datasets.planner import plan_table
+
+    planned = plan_table(reader, plan, cache_config.fingerprint(), scene_ids=scenes)
+    done = read_manifest(location, columns=["window_id"]).column("window_id").combine_chunks()
+    return planned, planned.filter(pc.invert(pc.is_in(planned.column("window_id"), value_set=done)))
+
+
+# ----------------------------------------------------------------------------- the run
+def run_stages(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_config: CacheConfig, needs_depth: bool,
+               held: tuple[CacheLocation, "CacheLease", Clock]) -> StageRun:
+    """Run the stages over ``todo`` while a driver thread consolidates the manifest, then consolidate the
+    rest (unless the lease was lost). The shard size is capped at ``ceil(todo / workers)`` so small runs
+    keep every worker busy. ``held`` is the cache's location, this job's lease and its clock."""
+
+    location, lease, clock = held
+    total = todo.num_rows
+    shard_size = max(1, min(config.shard_size, math.ceil(total / config.workers))) if total else config.shard_size
+    fragments_before = set(fragment_names(location))
+    periodic = PeriodicConsolidation(location, every_shards=config.consolidate_every, every_seconds=config.consolidate_seconds,
+                                     holds_lease=lambda: lease.lost is None)
+    run = StageRun()
+    if total:
+        periodic.start()
+        try:
+            run = execute(todo, dataclasses.replace(config, shard_size=shard_size), reader, cache_config, needs_depth, clock)
+        finally:
+            periodic.stop()
+    run.shard_size, run.consolidations = shard_size, periodic.rounds
+    run.shards_written = len((periodic.merged | set(fragment_names(location))) - fragments_before)
+    if lease.lost:
+        run.errors.append(("lease", f"the cache's lease was taken over by {lease.lost} during the run"))
+    else:  # job end: this run's fragments join the sorted consolidated manifest
+        consolidate_manifest(location)
+    return run
+
+
+def execute(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_config: CacheConfig, needs_depth: bool,
+            clock: Clock) -> StageRun:
+    """Build and run the Ray Data pipeline over ``todo`` (a progress bar of committed windows unless
+    ``config.progress`` is off); errors are classified: ``--fail-fast``, storage (:class:`CacheWriteError`),
+    our own errors (raised), anything else (a failed run, in the run's errors)."""
+    from ray.data import DataContext
+    from ray.util.debug import log_once
+
+    from cameo_corr.job.stages import FailFastStop, build_pipeline, commit
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver shows ok / failed / rate itself ...
+    log_once("ray_data_progress_manager_disabled")  # ... so Ray Data's notice about its own bars is moot
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    counter, stop, watcher = start_progress(todo.num_rows) if config.progress else (None, threading.Event(), None)
+    ds, sink = build_pipeline(todo, config, reader, needs_depth, cache_config.to_json(), counter)
+    run = StageRun(sink=sink)
+    try:
+        commit(ds, sink, config.max_retries)
+    except Exception as e:  # noqa: BLE001 - classified below: ours, storage, or a failed run
+        cause = _root_cause(e)
+        if isinstance(cause, FailFastStop):
+            run.stopped = True
+        elif isinstance(cause, OSError):
+            raise CacheWriteError(f"cannot write the cache at {config.out}: {cause.strerror or cause}"
+                                  + (" (the disk is full)" if cause.errno == errno.ENOSPC else "")) from None
+        elif isinstance(cause, CameoCorrError):
+            raise cause from None
+        else:
+            run.errors = [("*", " ".join(f"{type(cause).__name__}: {cause}".split())[:500])]
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join(timeout=15)
+    ready = min((r["ready"] for r in sink.results), default=math.inf)
+    run.t_ready = clock.at(ready) if math.isfinite(ready) else time.perf_counter()
+    return run
+
+
+def start_progress(total: int) -> tuple[Any, threading.Event, threading.Thread]:
+    """A progress counter actor on the driver's node, and the driver thread drawing it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from cameo_corr.job.stages import ProgressCounter
+
+    counter = ray.remote(ProgressCounter).options(
+        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ).remote()
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_progress, args=(counter, total, stop), daemon=True)
+    watcher.start()
+    return counter, stop, watcher
+
+
+def _watch_progress(counter: Any, total: int, stop: threading.Event) -> None:
+    """Driver thread: a tqdm bar of committed windows with ok / failed counts and the rate."""
+    import ray
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="win", desc="preprocess", dynamic_ncols=True)
+    try:
+        while True:
+            stopping = stop.wait(1.0)
+            try:
+                ok, failed = ray.get(counter.get.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - progress only: the counter may be restarting
+                ok, failed = bar.n, 0
+            bar.update(ok + failed - bar.n)
+            bar.set_postfix(ok=ok, failed=failed, refresh=True)
+            if stopping:
+                return
+    finally:
+        bar.close()
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The first of our errors (or an ``OSError``) behind a Ray/Ray Data exception chain, else ``e``."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [e]
+    while stack:
+        x = stack.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, (CameoCorrError, OSError)) and not type(x).__module__.startswith("ray"):
+            return x
+        stack += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    return e
+
+
+
+# ----------------------------------------------------------------------------- summary
+def summarize(config: JobConfig, location: CacheLocation, planned: "pa.Table", todo: "pa.Table", upkeep: Upkeep,
+              run: StageRun, clock: Clock) -> dict[str, Any]:
+    """The run's summary.
+
+    Keys: ``windows_planned``, ``windows_skipped`` (already in the manifest), ``windows_ok``,
+    ``windows_failed`` (rows this run committed), ``shard_size`` (the size used), ``shards_written``,
+    ``shard_errors`` (``(where, error)`` of a run that failed), ``stopped_early``, ``orphans_removed``,
+    ``shards_repaired`` (missing shard files), ``shards_corrupt`` (dropped by ``repair``),
+    ``failed_retried``, ``manifest_consolidations`` (periodic, while the job ran), ``seconds``,
+    ``windows_per_second`` (end to end), ``startup_seconds`` (until the first model actor was ready),
+    ``processing_windows_per_second`` (after start-up), ``stage_seconds``, ``bytes_written`` (shard
+    files), ``bytes_per_window``, ``errors`` (first 20 window errors).
+    """
+    import pyarrow.compute as pc
+
+    from cameo_corr.job.stages import STAGES
+
+    t_end = time.perf_counter()
+    mine = read_manifest(location, columns=["window_id", "status", "error"],
+                         filter=pc.field("window_id").isin(todo.column("window_id").combine_chunks()))
+    failed_rows = mine.filter(pc.equal(mine.column("status"), "failed"))
+    n_failed = failed_rows.num_rows
+    n_ok = mine.num_rows - n_failed
+    results = run.sink.results if run.sink is not None else []
+    nbytes = sum(r["bytes"] for r in results)
+    seconds = t_end - clock.start
+    processed = n_ok + n_failed
+    return {
+        "out": config.out,
+        "windows_planned": planned.num_rows,
+        "windows_skipped": planned.num_rows - todo.num_rows,
+        "windows_ok": n_ok,
+        "windows_failed": n_failed,
+        "shard_size": run.shard_size,
+        "shards_written": run.shards_written,
+        "shard_errors": run.errors,
+        "stopped_early": run.stopped,
+        "orphans_removed": len(upkeep.orphans),
+        "shards_repaired": len(upkeep.missing),
+        "shards_corrupt": len(upkeep.corrupt),
+        "failed_retried": len(upkeep.retried),
+        "manifest_consolidations": run.consolidations,
+        "seconds": seconds,
+        "windows_per_second": processed / seconds if seconds > 0 else 0.0,
+        "startup_seconds": run.t_ready - clock.start,
+        "processing_windows_per_second": processed / (t_end - run.t_ready) if t_end > run.t_ready else 0.0,
+        "stage_seconds": {k: float(sum(r["stages"][k] for r in results)) for k in STAGES},
+        "bytes_written": nbytes,
+        "bytes_per_window": nbytes / n_ok if n_ok and nbytes else 0.0,
+        "errors": list(zip(failed_rows.column("window_id").to_pylist()[:20], failed_rows.column("error").to_pylist()[:20])),
+    }
+
+
+__all__ = ["CacheWriteError", "run_preprocess", "run_job", "preflight_backend", "check_out", "summarize"]
