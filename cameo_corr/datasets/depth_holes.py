@@ -62,8 +62,8 @@ def punch_depth_holes(
         raise ValueError(f"edge_jump: expected a positive number, got {edge_jump!r}")
     out = np.where(np.isfinite(depth) & (depth > 0), depth, 0).astype(np.float32)
     rng = np.random.default_rng(seed)
-    S, H, W = out.shape
-    target = int(round(fraction * H * W))
+    _, H, W = out.shape
+    target = round(fraction * H * W)
     for view in out:
         holes = view <= 0
         if edge_width > 0:
