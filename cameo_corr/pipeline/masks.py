@@ -16,15 +16,35 @@ Visibility mask (beyond the paper). The cycle mask admits queries that are occlu
 outside it, whose nearest 3D token is then a wrong target. ``visibility_mask`` tests each query
 geometrically with the cached token points and cameras: token ``x`` of view ``i`` (its point ``X``) is
 projected into view ``j``; it is *visible* when it lands in front of camera ``j`` inside its image and
-view ``j``'s own token depth there agrees with the depth of ``X`` in camera ``j``:
-``|z_j(X) - d_j| <= tol * d_j``. ``d_j`` is sampled from the ``h x w`` map of view ``j``'s token depths
-``z_j(X_j(y))`` by **bilinear interpolation of inverse depth** at the landing point in token coordinates
-(token centres at integers, clamped at the border). Inverse depth is affine in the image over a plane,
-so a slanted surface gives the right depth between token centres (nearest-token sampling is off by half
-a token's depth slope, which at grazing incidence exceeds any useful tolerance). All four tokens with a
-non-zero weight must be valid; otherwise the query is not visible (no silent guess across holes). Across
-a depth edge the interpolated depth lies between the two surfaces, so a query there agrees with neither
-and is dropped: the test errs towards rejecting.
+view ``j``'s own token depth there agrees with the depth ``z`` of ``X`` in camera ``j``:
+``|z - d| <= tol * d``. ``d`` comes from the ``h x w`` map of view ``j``'s token depths ``z_j(X_j(y))``
+around the landing point in token coordinates (token centres at integers, clamped at the border), and the
+query is visible when any of these estimates agrees:
+
+* the **bilinear interpolation of inverse depth** over the four surrounding tokens, when every one with
+  a non-zero weight is valid. Inverse depth is affine in the image over a plane, so a slanted surface
+  gives the right depth between token centres (nearest-token sampling is off by half a token's depth
+  slope, which at grazing incidence exceeds any useful tolerance);
+* the depth of the token containing the landing point, when it is valid.
+
+Depth holes (invalid tokens: a real sensor's missing depth, or low-confidence predictions) leave some of
+the four tokens invalid. The query is then judged by the valid ones, and visible when any of these
+agrees:
+
+* the **plane through the three valid tokens** when one is missing: the bilinear interpolation with the
+  missing inverse depth completed to the parallelogram of the other three (``a + b - opposite``), which
+  is the affine inverse depth through them, exact on a planar surface;
+* the bilinear weights **renormalised over the valid tokens** with a non-zero weight (linear along an
+  edge when two neighbours remain);
+* the depth of **one valid token** with a non-zero weight, provided that no valid token with a non-zero
+  weight lies in front of ``X`` (``z - d > tol * d``: an occluder).
+
+A landing point with no valid token with a non-zero weight is not visible (no depth to judge by). Across
+a depth edge the interpolated depths lie between the two surfaces, so a query there agrees with neither
+unless a single valid neighbour on its own surface has no occluder beside it: the test errs towards
+rejecting. On depth without holes the hole rules never apply. Measured on the synthetic scenes with
+holes punched into their depth (:func:`cameo_corr.datasets.depth_holes.punch_depth_holes`) and on real
+RGB-D depth by ``benchmarks/bench_visibility_holes.py`` (README, "Supervision masks at load time").
 
 Frames. Cached points and extrinsics are in the backend's output frame (the dataset's world frame for
 ``depth --frame world``, the first camera's frame for ``depth --frame first`` and ``vggt``), and the
@@ -141,34 +161,53 @@ def cycle_mask(nn: Array, valid: Array, tau: float) -> Array:
     return _cycle_flat(nn, torch.as_tensor(valid, device=nn.device).to(torch.bool).reshape(S, h * w), w, tau)
 
 
-def _key_depths(own: "Tensor", ok: "Tensor", tx: "Tensor", ty: "Tensor") -> tuple["Tensor", "Tensor", "Tensor", "Tensor"]:
-    """Depths of key view ``j`` at token coordinates ``tx, ty [S_i, S_j, n]`` (centres at integers) from
-    its token depth map ``own [S, h, w]`` (usable where ``ok``).
-
-    Returns ``(bilinear, bilinear_ok, nearest, nearest_ok)``: the inverse of the bilinearly interpolated
-    inverse depth (coordinates clamped to the grid; defined when every tap with a non-zero weight is
-    usable) and the depth of the token containing the landing point.
-    """
+def _key_agreement(own: "Tensor", ok: "Tensor", tx: "Tensor", ty: "Tensor", z: "Tensor", tol: float) -> "Tensor":
+    """Whether key view ``j``'s token depths agree with depth ``z [S_i, S_j, n]`` at token coordinates
+    ``tx, ty`` (centres at integers) of its token depth map ``own [S, h, w]`` (usable where ``ok``):
+    the bilinear, nearest-token and depth-hole estimates of the module docstring."""
     import torch
 
     S, h, w = own.shape
-    view = torch.arange(S, device=own.device)[None, :, None].expand(tx.shape)
-    inv = torch.where(ok, 1.0 / torch.where(ok, own, torch.ones_like(own)), torch.zeros_like(own))
+    base = torch.arange(S, device=own.device)[None, :, None] * (h * w)  # flat offset of key view j
     cx, cy = tx.clamp(0.0, w - 1.0), ty.clamp(0.0, h - 1.0)
     x0 = cx.floor().long().clamp(max=w - 1)
     y0 = cy.floor().long().clamp(max=h - 1)
     fx, fy = cx - x0, cy - y0
     x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
-    inv_bil = torch.zeros_like(tx)
-    bil_ok = torch.ones_like(tx, dtype=torch.bool)
-    for yy, xx, wt in ((y0, x0, (1 - fx) * (1 - fy)), (y0, x1, fx * (1 - fy)), (y1, x0, (1 - fx) * fy), (y1, x1, fx * fy)):
-        inv_bil = inv_bil + wt * inv[view, yy, xx]
-        bil_ok &= ok[view, yy, xx] | (wt == 0)
-    bil_ok &= inv_bil > 0
-    bil = 1.0 / torch.where(bil_ok, inv_bil, torch.ones_like(inv_bil))
-    nx = (tx + 0.5).floor().long().clamp(0, w - 1)
-    ny = (ty + 0.5).floor().long().clamp(0, h - 1)
-    return bil, bil_ok, own[view, ny, nx], ok[view, ny, nx]
+    # The four tokens around the landing point, last axis in the order 00, 10, 01, 11 (x then y offset).
+    flat = torch.stack([base + yy * w + xx for yy, xx in ((y0, x0), (y0, x1), (y1, x0), (y1, x1))], -1)
+    weight = torch.stack(((1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy), -1)
+    good, depth = ok.reshape(-1)[flat], own.reshape(-1)[flat]
+    inv = torch.where(good, 1.0 / torch.where(good, depth, torch.ones_like(depth)), torch.zeros_like(depth))
+    used = weight > 0
+
+    def agrees_inv(z: "Tensor", inv_d: "Tensor", defined: "Tensor") -> "Tensor":
+        defined = defined & (inv_d > 0)
+        d = 1.0 / torch.where(defined, inv_d, torch.ones_like(inv_d))
+        return defined & ((z - d).abs() <= tol * d)
+
+    complete = (good | ~used).all(-1)
+    agrees = agrees_inv(z, (weight * inv).sum(-1), complete)
+    near = base + (ty + 0.5).floor().long().clamp(0, h - 1) * w + (tx + 0.5).floor().long().clamp(0, w - 1)
+    near_d = own.reshape(-1)[near]
+    agrees |= ok.reshape(-1)[near] & ((z - near_d).abs() <= tol * near_d)
+
+    # Depth holes, only where a hole has a non-zero weight and nothing agreed yet.
+    todo = ~complete & ~agrees
+    z, weight, good, depth, inv, used = z[todo], weight[todo], good[todo], depth[todo], inv[todo], used[todo]
+    # Plane through three valid corners: the missing one completed to the parallelogram a + b - opposite.
+    completed = inv[:, [1, 0, 0, 1]] + inv[:, [2, 3, 3, 2]] - inv[:, [3, 2, 1, 0]]
+    hole = agrees_inv(z, (weight * torch.where(good, inv, completed)).sum(-1), good.sum(-1) == 3)
+    # Bilinear weights renormalised over the valid corners with a non-zero weight.
+    tap = used & good
+    kept = torch.where(tap, weight, torch.zeros_like(weight))
+    total = kept.sum(-1)
+    hole |= agrees_inv(z, (kept * inv).sum(-1) / torch.where(total > 0, total, torch.ones_like(total)), total > 0)
+    # One valid corner agreeing, with no valid corner in front of the point.
+    one = (tap & ((z[:, None] - depth).abs() <= tol * depth)).any(-1)
+    occluder = (tap & (z[:, None] - depth > tol * depth)).any(-1)
+    agrees[todo] = hole | (one & ~occluder)
+    return agrees
 
 
 def visibility_mask(
@@ -218,8 +257,7 @@ def visibility_mask(
     inside = front & (u >= 0) & (u < W) & (v >= 0) & (v < H)
     own = torch.diagonal(z, dim1=0, dim2=1).T.reshape(S, h, w)  # own[j] = depth of view j's tokens in camera j
     ok = V.reshape(S, h, w) & (own > 0)
-    bil, bil_ok, near, near_ok = _key_depths(own, ok, u * (w / W) - 0.5, v * (h / H) - 0.5)
-    agrees = (bil_ok & ((z - bil).abs() <= tol * bil)) | (near_ok & ((z - near).abs() <= tol * near))
+    agrees = _key_agreement(own, ok, u * (w / W) - 0.5, v * (h / H) - 0.5, z, tol)
     mask = V[:, None, :] & inside & agrees
     for i in range(S):
         mask[i, i] = V[i]
