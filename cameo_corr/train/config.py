@@ -28,8 +28,8 @@ if typing.TYPE_CHECKING:  # pragma: no cover - typing only
 ORDER_POLICIES = ("mixed", "uniform_push", "shuffle", "capture")
 """How the ``F`` chosen views are reordered ``[references, targets]``:
 
-* ``mixed`` (CAMEO's training default): per sample, ``shuffle`` with probability ``shuffle_prob``
-  (the official ``shuffle_train_rate``, 0.5), ``uniform_push`` otherwise;
+* ``mixed`` (CAMEO's training default): ``shuffle`` with probability ``shuffle_prob`` (the official
+  ``shuffle_train_rate``, 0.5), ``uniform_push`` otherwise;
 * ``uniform_push`` (CAMEO's ``uniform_push_batch``): views in capture order; with one reference the
   view at index ``F // 2 - 1``, otherwise ``linspace(0, F - 1, num_ref)`` (truncated) are references;
   they are pushed to the front, the remaining views follow in capture order;
@@ -38,7 +38,20 @@ ORDER_POLICIES = ("mixed", "uniform_push", "shuffle", "capture")
 * ``capture``: capture order; the first ``num_ref`` views are references.
 
 The number of references is drawn first, uniform in ``[min_ref, max_ref]`` (the official
-``random.randint(min_cond_num, max_cond_num)``, ``[1, 3]`` for ``F = 4``), whatever the policy.
+``random.randint(min_cond_num, max_cond_num)``, ``[1, 3]`` for ``F = 4``), whatever the policy. What one
+draw covers is :data:`ORDER_SCOPES`.
+"""
+
+ORDER_SCOPES = ("batch", "sample")
+"""What one draw of the number of references, the ``shuffle``/``uniform_push`` choice and the permutation
+covers (``data.order_scope``):
+
+* ``batch`` (CAMEO's training code, which draws them once per loop iteration, ``train.py`` of
+  cvlab-kaist/CAMEO around line 782, and permutes the whole batch, ``src/datasets/__init__.py``): every
+  sample of a batch has the same number of references and the same order. The draw is a function of
+  ``(seed, position of the batch's first sample in the rank's stream)``, so it is the same on every rank
+  at the same step (the official ranks seed Python's ``random`` alike) and after a resume;
+* ``sample``: each sample draws its own (the views chosen are the same in both scopes).
 """
 
 CAMERA_NORMS = ("first_view", "official", "none")
@@ -87,6 +100,9 @@ class DataConfig:
     ``uniform_push``), ``uniform_push``, ``shuffle`` or ``capture`` (:data:`ORDER_POLICIES`)."""
     shuffle_prob: float = 0.5
     """Probability of ``shuffle`` under ``order: mixed`` (the official ``shuffle_train_rate``)."""
+    order_scope: str = "batch"
+    """What one order draw covers: ``batch`` (official: one number of references and one order per batch)
+    or ``sample`` (:data:`ORDER_SCOPES`)."""
     tags: dict[str, str] | None = None
     """Manifest ``dataset`` -> batch ``tag``; ``None``: :data:`cameo_corr.train.data.DEFAULT_TAGS`."""
     batch_size: int = 2
@@ -449,6 +465,8 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
         raise SchemaError("loss.mode", f"expected official or paper, got {cfg.loss.mode!r}", where=where)
     if d.order not in ORDER_POLICIES:
         raise SchemaError("data.order", f"expected mixed, uniform_push, shuffle or capture, got {d.order!r}", where=where)
+    if d.order_scope not in ORDER_SCOPES:
+        raise SchemaError("data.order_scope", f"expected one of {', '.join(ORDER_SCOPES)}, got {d.order_scope!r}", where=where)
     if not 0.0 <= d.shuffle_prob <= 1.0:
         raise SchemaError("data.shuffle_prob", f"must be in [0, 1], got {d.shuffle_prob}", where=where)
     if cfg.loss.query_chunk is not None and cfg.loss.query_chunk < 1:

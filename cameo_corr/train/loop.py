@@ -265,6 +265,7 @@ def make_loader(cfg: TrainConfig, *, cache: "str | None" = None, rank: int, worl
         max_ref=d.max_ref,
         order=d.order,
         shuffle_prob=d.shuffle_prob,
+        order_scope=d.order_scope,
         tags=d.tags,
         seed=d.seed if seed is None else seed,
         shard_shuffle=d.shard_shuffle,
