@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from cameo_corr.schemas import SchemaError
 from cameo_corr.train.config import load_config, preset_path
+from cameo_corr.train.data import CorrStreamDataset
 from cameo_corr.train.loop import checkpoint_dirs, read_metrics, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -337,3 +338,24 @@ def test_a_nan_cameo_term_is_skipped_with_a_warning(cache: Path, tmp_path: Path,
                for k in head)
     assert not any(p in trainer.optimizer.optimizer.state for p in trainer.head_params)  # AdamW never stepped the head
     assert any(not torch.equal(unet[k], unet2[k]) for k in unet)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_share_the_batch_order_and_the_skip_rule(cache: Path, tmp_path: Path) -> None:
+    """Two CPU processes (gloo) through ``torch.distributed.run``: each rank trains on its own windows with
+    the reference count of the single-process batch at that step; a step where only rank 0 has no CAMEO
+    term still updates the head MLP on both ranks (DDP averages rank 1's gradient with rank 0's zero), a
+    step where no rank has one leaves it untouched on both, and the UNet stays identical across ranks."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "tests" / "ddp_skip_worker.py"),
+           str(cache), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    single = CorrStreamDataset(str(cache), num_views=3, resolution=64, batch_size=2)
+    for step, (a, b) in enumerate(zip(r0, r1)):
+        assert a["num_ref"] == b["num_ref"] == [single.batch_order(2 * step)[0]] * 2
+        assert a["windows"] != b["windows"] and a["unet_sum"] == b["unet_sum"]
+    assert not set(r0[0]["windows"]) & set(r1[0]["windows"])  # within an epoch the ranks' windows are disjoint
+    assert [(a["applied"], b["applied"]) for a, b in zip(r0, r1)] == [(True, True), (False, True), (False, False)]
+    assert [a["head_moved"] for a in r0] == [b["head_moved"] for b in r1] == [True, True, False]

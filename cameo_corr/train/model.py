@@ -14,7 +14,7 @@ Public API (signatures are part of the trainer contract)::
     noise_targets(latents, noisy_latents, ref_mask [B, F]) -> Tensor        # references clean, targets noisy
     class LatentCodec / IdentityCodec(factor=8) / VAECodec(vae, chunk=16)
         encode(images [B, F, 3, H, W] in [0, 1]) -> latents [B, F, C, h, w]; decode(latents) -> images
-        latent_size((H, W)) -> (h, w)
+        latent_size((H, W)) -> (h, w); VAECodec.posterior_sample(images) (unscaled), VAECodec.scale(z)
     class MultiViewOutput(NamedTuple): sample [B, F, C, h, w]; qk: QueryKey | None (q, k [B, heads, F*N, d], scale)
     class MultiViewUNet(nn.Module):
         __init__(unet, *, layer: str | int, camera_dropout=0.1, null_tokens=1, qk_norm=False,
