@@ -12,6 +12,7 @@ from torch import nn
 
 from cameo_corr.schemas import SchemaError
 from cameo_corr.train.config import load_config, preset_path
+from cameo_corr.train.model import VAECodec
 from cameo_corr.train.precision import MasterWeights, encode_latents
 
 BF16 = torch.bfloat16
@@ -98,11 +99,12 @@ def test_official_diffusion_inputs_are_bf16_and_follow_the_rules(prediction: str
     assert float((fp32.target - got.target.float()).abs().max()) < 2e-2 * scale  # the same problem, rounded
 
 
-def _tiny_vae_codec(device: str):
+def _tiny_vae_codec(device: str) -> "VAECodec":
+    """The random tiny ``AutoencoderKL`` codec of ``model.vae: tiny`` (fixed seed)."""
     from cameo_corr.train.model import build_model
 
     torch.manual_seed(0)
-    return build_model(vae="tiny", **{"latent_factor": 8})[1].to(device)
+    return build_model(vae="tiny", latent_factor=8)[1].to(device)
 
 
 def test_official_vae_latents_need_cuda_elsewhere_refused() -> None:

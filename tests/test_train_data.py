@@ -430,7 +430,7 @@ def test_per_sample_draws_stay_available(tiny_cache: Path) -> None:
     assert max(counts) > 1
     per_batch = make(tiny_cache, num_views=4, batch_size=3, order_scope="batch")
     for w, q in per_sample.rank_order(0):
-        views, num_ref = per_sample.choose(int(w), 0, int(q))
+        views, _ = per_sample.choose(int(w), 0, int(q))
         assert sorted(views.tolist()) == sorted(per_batch.choose(int(w), 0, int(q), first=0)[0].tolist())
     with pytest.raises(SchemaError, match="order_scope"):
         next(iter(make(tiny_cache, order_scope="batch")))
