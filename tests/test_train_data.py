@@ -373,11 +373,9 @@ def test_every_sample_of_a_batch_shares_the_reference_count_and_the_order(tiny_c
     the same order of their views (the official code draws ``cond_num``, the shuffle/push choice and the
     permutation once per batch); the draw is the batch's :meth:`batch_order`, keyed by its first stream
     position. Views are identified independently, by camera pose."""
-    from cameo_corr.pipeline.cache import CorrCache
-
-    cache = CorrCache(tiny_cache)
     ds = make(tiny_cache, num_views=4, batch_size=3, num_epochs=4)
     assert ds.order_scope == "batch"
+    cache = ds._process().caches[0]  # the stream's own cache reader
     seen_refs, seen_patterns = set(), set()
     for b, batch in enumerate(ds):
         num_ref, order = ds.batch_order(3 * b)
