@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache or build_cache(Path(tmp), args)
-        ds = CorrStreamDataset(cache, num_views=args.num_views, resolution=args.resolution, seed=0, shuffle_buffer=8)
+        # Samples are timed one by one (no batches), so each draws its own view order.
+        ds = CorrStreamDataset(cache, num_views=args.num_views, resolution=args.resolution, seed=0, shuffle_buffer=8,
+                               order_scope="sample")
         order = np.concatenate([ds.rank_order(e) for e in range(args.samples // max(ds.epoch_length, 1) + 2)])
         epochs = np.concatenate([np.full(ds.epoch_length, e) for e in range(len(order) // ds.epoch_length)])
         items = [(int(e), int(w), int(q)) for e, (w, q) in zip(epochs, order)][: args.samples + 1]

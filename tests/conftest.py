@@ -89,3 +89,14 @@ def reference_of():
 def assert_equals_reference():
     """:func:`assert_cache_equals_reference` for test modules."""
     return assert_cache_equals_reference
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate's process-wide state reset before and after the test, so that a Trainer may choose its
+    own ``train.mixed_precision`` (accelerate refuses to change it within a process otherwise)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

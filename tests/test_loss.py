@@ -392,3 +392,65 @@ def test_measure_supervised_layer_small() -> None:
     assert r["grad_max_rel_diff"] < 1e-4
     with pytest.raises(SchemaError, match="mode"):
         measure_supervised_layer("cpu", mode="global")
+
+
+# ------------------------------------------------------------------- skips and the official numerics
+@pytest.mark.parametrize("mode", LOSS_MODES)
+def test_a_skipped_loss_can_be_none(mode: str) -> None:
+    """``when_skipped="none"``: no term (``None``) where the default returns the connected 0; otherwise the
+    same value."""
+    c = _case(seed=5)
+    fn = _official if mode == "official" else _paper
+    assert fn(c, when_skipped="none")(c["logits"], c["head_mlp"]) == fn(c)(c["logits"], c["head_mlp"])
+    empty = dict(c, corr_mask=torch.zeros_like(c["corr_mask"]))
+    assert fn(empty, when_skipped="none")(c["logits"], c["head_mlp"]) is None
+    assert fn(empty)(c["logits"], c["head_mlp"]).item() == 0.0
+    with pytest.raises(SchemaError, match="when_skipped"):
+        fn(c, when_skipped="drop")(c["logits"], c["head_mlp"])
+
+
+def test_head_mlp_computes_in_its_input_dtype_with_cast_weights() -> None:
+    """bf16 weights on fp64/fp32 input compute in the input's dtype with the weights upcast (what the
+    official run's fp32 autocast does to its bf16 head); the float64 reference is written out with the
+    bf16-rounded weights. The gradients reach the bf16 weights."""
+    torch.manual_seed(0)
+    mlp = HeadMLP(5).to(torch.bfloat16)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    (w1, b1), (w2, b2) = [(m.weight.double(), m.bias.double()) for m in (mlp.net[0], mlp.net[2])]
+    h = x @ w1.T + b1
+    ref = (0.5 * h * (1 + torch.erf(h / math.sqrt(2)))) @ w2.T + b2
+    out = mlp(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref[:, 0], rtol=1e-12, atol=1e-12)
+    out32 = mlp(x.float())
+    assert out32.dtype == torch.float32
+    torch.testing.assert_close(out32.double(), ref[:, 0], rtol=1e-5, atol=1e-6)
+    out32.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in mlp.parameters())
+
+
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).double()
+
+
+def test_bf16_logits_of_query_key() -> None:
+    """``logit_dtype=bf16``: ``q k^T`` and the scaling in bf16 (as under the official layer's bf16 autocast),
+    returned in fp32: within one bf16 unit of the float64 value rounded after each operation. The CAMEO
+    loss on them equals the loss on those logits given densely, chunked or not."""
+    g = torch.Generator().manual_seed(3)
+    B, H, Fv, hw, d = 2, 3, 3, 4, 8
+    q = torch.randn(B, H, Fv * hw, d, generator=g) * 2
+    k = torch.randn(B, H, Fv * hw, d, generator=g) * 2
+    scale = d**-0.5
+    qk = QueryKey(q, k, scale, torch.bfloat16)
+    got = qk.logits()
+    assert got.dtype == torch.float32 and qk.detach().logit_dtype == torch.bfloat16
+    ref = _bf16(_bf16(_bf16(q) @ _bf16(k).transpose(-1, -2)) * scale)
+    ulp = 2.0 ** (torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - 7)
+    assert bool(((got.double() - ref).abs() <= ulp).all())
+    assert float((got.double() == ref).double().mean()) > 0.9
+    assert not torch.equal(got, QueryKey(q, k, scale).logits())  # the fp32 logits differ
+    c = _case(B=B, H=H, Fv=Fv, hw=hw, seed=9, dtype=torch.float32)
+    dense = _official(c)(got, c["head_mlp"])
+    for chunk in (None, 3):
+        torch.testing.assert_close(_official(c, query_chunk=chunk)(qk, c["head_mlp"]), dense, rtol=1e-5, atol=1e-6)

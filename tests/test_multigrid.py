@@ -175,7 +175,7 @@ def test_stream_dataset_reads_the_chosen_grid_with_masks_at_load_time(caches) ->
     from cameo_corr.train.data import CorrStreamDataset
 
     cache = CorrCache(caches["multi"])
-    opts = dict(num_views=VIEWS, resolution=32, seed=0, num_epochs=1, order="capture")
+    opts = dict(num_views=VIEWS, resolution=32, seed=0, num_epochs=1, order="capture", order_scope="sample")
     primary = next(iter(CorrStreamDataset(caches["multi"], **opts)))
     extra = next(iter(CorrStreamDataset(caches["multi"], grid=EXTRA, **opts)))
     assert primary["corr_nn"].shape[-1] == 16 and extra["corr_nn"].shape[-1] == 64

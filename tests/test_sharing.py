@@ -31,7 +31,8 @@ from test_train_data import F, assert_batches_equal
 
 
 def make(cache, **kw) -> CorrStreamDataset:
-    opts = dict(num_views=F, resolution=32, seed=3, shuffle_buffer=3)
+    """The test dataset; a stream of single samples (no ``batch_size``) draws its order per sample."""
+    opts = dict(num_views=F, resolution=32, seed=3, shuffle_buffer=3, order_scope="batch" if kw.get("batch_size") else "sample")
     opts.update(kw)
     return CorrStreamDataset(cache, **opts)
 

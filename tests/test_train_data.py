@@ -47,7 +47,8 @@ def tiny_cache(tiny_train_cache: Path) -> Path:
 
 
 def make(cache: Path, **kw) -> CorrStreamDataset:
-    opts = dict(num_views=F, resolution=32, seed=3, shuffle_buffer=3)
+    """The test dataset; a stream of single samples (no ``batch_size``) draws its order per sample."""
+    opts = dict(num_views=F, resolution=32, seed=3, shuffle_buffer=3, order_scope="batch" if kw.get("batch_size") else "sample")
     opts.update(kw)
     return CorrStreamDataset(cache, **opts)
 
@@ -359,6 +360,82 @@ def test_reference_count_is_uniform_like_the_official_cond_num(tiny_cache: Path)
     counts = Counter(ds.choose(0, 0, q)[1] for q in range(3000))
     assert set(counts) == {1, 2, 3}
     assert all(abs(c / 3000 - 1 / 3) < 0.03 for c in counts.values())
+
+
+# ---------------------------------------------------------------------------- per-batch order draws
+def view_pattern(views: np.ndarray) -> tuple[int, ...]:
+    """The order of a sample's views relative to capture order: the rank of each output view among them."""
+    return tuple(np.argsort(np.argsort(views)).tolist())
+
+
+def test_every_sample_of_a_batch_shares_the_reference_count_and_the_order(tiny_cache: Path) -> None:
+    """``order_scope="batch"`` (the default): the samples of a batch have the same number of references and
+    the same order of their views (the official code draws ``cond_num``, the shuffle/push choice and the
+    permutation once per batch); the draw is the batch's :meth:`batch_order`, keyed by its first stream
+    position. Views are identified independently, by camera pose."""
+    ds = make(tiny_cache, num_views=4, batch_size=3, num_epochs=4)
+    assert ds.order_scope == "batch"
+    cache = ds._process().caches[0]  # the stream's own cache reader
+    seen_refs, seen_patterns = set(), set()
+    for b, batch in enumerate(ds):
+        num_ref, order = ds.batch_order(3 * b)
+        assert batch["num_ref"].tolist() == [num_ref] * len(batch["window_id"])
+        for i, wid in enumerate(batch["window_id"]):
+            src = match_views(batch["extrinsic"][i].numpy(), cache.window(wid)["extrinsics"])
+            assert view_pattern(src) == tuple(order.tolist())
+        seen_refs.add(num_ref)
+        seen_patterns.add(tuple(order.tolist()))
+    assert b == 7 and len(seen_refs) > 1 and len(seen_patterns) > 1  # 24 samples in batches of 3; the draws vary
+
+
+def test_batch_draws_follow_the_official_distribution(tiny_cache: Path) -> None:
+    """Over many batches: ``num_ref`` uniform in [1, 3] for F = 4, ``shuffle`` with probability 0.5 (its
+    permutation equals the push order with probability 1/24), every permutation reachable. With per-sample
+    draws only 1/9 of the batches of 3 share a reference count."""
+    ds = make(tiny_cache, num_views=4, batch_size=3)
+    n = 6000
+    draws = [ds.batch_order(3 * b) for b in range(n)]
+    refs = Counter(r for r, _ in draws)
+    assert set(refs) == {1, 2, 3} and all(abs(c / n - 1 / 3) < 0.025 for c in refs.values())
+    push = {r: tuple(reference_order(4, r, "uniform_push", np.random.default_rng(0)).tolist()) for r in (1, 2, 3)}
+    not_push = sum(tuple(o.tolist()) != push[r] for r, o in draws) / n
+    assert abs(not_push - 0.5 * (1 - 1 / 24)) < 0.025
+    assert len({tuple(o.tolist()) for _, o in draws}) == 24
+    per_sample = make(tiny_cache, num_views=4, order_scope="sample")
+    shared = np.mean([len({per_sample.choose(0, 0, q)[1] for q in range(3 * b, 3 * b + 3)}) == 1 for b in range(n // 2)])
+    assert abs(shared - 1 / 9) < 0.02
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_draw_the_single_process_order_of_each_batch(tiny_cache: Path, world: int) -> None:
+    """Each rank has its own samples, and its batch ``b`` takes the order of batch ``b`` of a single process
+    (keyed by the stream position ``2 b``), so all ranks share it at every step, as the official ranks do."""
+    single = make(tiny_cache, batch_size=2, num_epochs=3)
+    per_rank = [list(make(tiny_cache, batch_size=2, num_epochs=3, rank=r, world_size=world)) for r in range(world)]
+    assert len({len(p) for p in per_rank}) == 1
+    for b, batches in enumerate(zip(*per_rank)):
+        num_ref = single.batch_order(2 * b)[0]
+        assert all(batch["num_ref"].tolist() == [num_ref] * len(batch["window_id"]) for batch in batches)
+    assert len({wid for p in per_rank for batch in p[:1] for wid in batch["window_id"]}) == 2 * world  # their own samples
+
+
+def test_per_sample_draws_stay_available(tiny_cache: Path) -> None:
+    """``order_scope="sample"``: each sample draws its own reference count after its views (the samples
+    are those of the per-sample policy), so batches mix reference counts; the views are the same in both
+    scopes. A stream of single samples cannot draw per batch."""
+    per_sample = make(tiny_cache, num_views=4, batch_size=3, num_epochs=4, order_scope="sample")
+    counts = [len(set(batch["num_ref"].tolist())) for batch in per_sample]
+    assert max(counts) > 1
+    per_batch = make(tiny_cache, num_views=4, batch_size=3, order_scope="batch")
+    for w, q in per_sample.rank_order(0):
+        views, _ = per_sample.choose(int(w), 0, int(q))
+        assert sorted(views.tolist()) == sorted(per_batch.choose(int(w), 0, int(q), first=0)[0].tolist())
+    with pytest.raises(SchemaError, match="order_scope"):
+        next(iter(make(tiny_cache, order_scope="batch")))
+    with pytest.raises(SchemaError, match="first"):
+        per_batch.choose(0, 0, 0)
+    with pytest.raises(SchemaError, match="order_scope"):
+        make(tiny_cache, order_scope="epoch")
 
 
 def test_windows_are_numpy_columns_and_shards_are_read_once_per_visit(tiny_cache: Path) -> None:

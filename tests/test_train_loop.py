@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from cameo_corr.schemas import SchemaError
 from cameo_corr.train.config import load_config, preset_path
+from cameo_corr.train.data import CorrStreamDataset
 from cameo_corr.train.loop import checkpoint_dirs, read_metrics, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def test_resume_is_exact(cache: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-6, atol=1e-7)
     # the data position was checkpointed: 4 steps x 2 micro-batches x 2 samples over 6 windows
     state = json.loads((checkpoint_dirs(tmp_path / "b")[-1] / "loop_state.json").read_text())
-    assert state == {"step": 4, "world_size": 1, "data": {"epoch": 16 // 6, "position": 16 % 6}}
+    assert state == {"step": 4, "world_size": 1, "precision": "fp32", "data": {"epoch": 16 // 6, "position": 16 % 6}}
     # the parameters moved
     fresh = train(config(cache, "train.max_steps=1", "optim.lr=0"), tmp_path / "c", resume="never")
     assert fresh.step == 1
@@ -129,9 +130,14 @@ def test_presets_load_by_name_and_unknown_names_are_errors(tmp_path: Path) -> No
     sd21 = load_config("sd21_cameo", ["train.max_steps=7"])
     assert (sd21.model.layer, sd21.loss.query_chunk, sd21.train.max_steps) == (10, 256, 7)
     assert (sd21.loss.mode, sd21.data.order, sd21.data.shuffle_prob) == ("official", "mixed", 0.5)
-    for bad in ("loss.mode=global", "data.order=random", "data.shuffle_prob=1.5"):
+    assert (sd21.data.order_scope, sd21.train.precision, sd21.loss.skipped_grad) == ("batch", "fp32", "none")
+    for bad in ("loss.mode=global", "data.order=random", "data.shuffle_prob=1.5", "data.order_scope=step",
+                "train.precision=bf16", "loss.skipped_grad=never"):
         with pytest.raises(SchemaError, match=bad.split("=")[0]):
             load_config("tiny_cpu", [bad])
+    with pytest.raises(SchemaError, match="train.precision.*set train.mixed_precision=bf16"):
+        load_config("tiny_cpu", ["train.precision=official_bf16"])
+    assert load_config("tiny_cpu", ["train.precision=official_bf16", "train.mixed_precision=bf16"]).train.precision == "official_bf16"
     with pytest.raises(SchemaError, match="no built-in config 'nope'"):
         preset_path("nope")
     with pytest.raises(SchemaError, match="loss.query_chunk"):
@@ -243,3 +249,113 @@ def test_trains_on_a_mixture_of_caches_and_resumes_it(cache: Path, tmp_path: Pat
     state = json.loads((checkpoint_dirs(tmp_path / "run")[-1] / "loop_state.json").read_text())
     # 3 steps x 2 samples over an epoch of 12 windows (6 per cache)
     assert state["data"] == {"epoch": 0, "position": 6}
+
+
+# ------------------------------------------------------------------------- skipped steps and NaN
+def _snapshot(trainer) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+    """Head MLP weights, UNet weights and the optimizer state of the head's (optimizer-side) parameters."""
+    head = {n: p.detach().clone() for n, p in trainer.head_mlp.named_parameters()}
+    unet = {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.trainable).model.named_parameters()}
+    opt = trainer.optimizer.optimizer
+    state = {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(trainer.head_params) if p in opt.state}
+    return head, unet, state
+
+
+def _no_cameo_rows(batch: dict) -> dict:
+    """The batch with no supervised entry: the official reference- and target-query selections are empty."""
+    return {**batch, "corr_mask": torch.zeros_like(batch["corr_mask"])}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "official_bf16"])
+def test_a_step_without_cameo_term_gives_the_head_mlp_no_gradient(cache: Path, tmp_path: Path, precision: str,
+                                                                   fresh_accelerate_state: None) -> None:
+    """``loss.skipped_grad: none``: a step whose CAMEO term is skipped leaves the head MLP and its AdamW state
+    exactly as they were (no weight decay, no momentum) while the UNet trains on the diffusion loss;
+    ``zero`` gives it a zero gradient, so AdamW decays it and moves its moments."""
+    from cameo_corr.train.loop import Trainer
+
+    extra = ["train.precision=official_bf16", "train.mixed_precision=bf16"] if precision == "official_bf16" else []
+    moved = {}
+    for rule in ("none", "zero"):
+        trainer = Trainer(config(cache, f"loss.skipped_grad={rule}", *extra), tmp_path / rule)
+        stream = trainer.batches()
+        first = trainer.micro_step(next(stream))  # a normal step: the head has gradients and AdamW moments
+        assert first["synced"] and first["cameo_applied"] and math.isfinite(float(first["cameo"]))
+        head, unet, state = _snapshot(trainer)
+        assert len(state) == len(trainer.head_params)
+        m = trainer.micro_step(_no_cameo_rows(next(stream)))
+        assert m["synced"] and not m["cameo_applied"] and not m["cameo_nan"] and math.isnan(float(m["cameo"]))
+        head2, unet2, state2 = _snapshot(trainer)
+        assert any(not torch.equal(unet[k], unet2[k]) for k in unet)  # the diffusion loss trained the UNet
+        same = all(torch.equal(head[k], head2[k]) for k in head) and all(
+            torch.equal(state[i][k], state2[i][k]) for i in state for k in state[i])
+        moved[rule] = not same
+        if precision == "official_bf16":
+            assert all(p.dtype == torch.bfloat16 for p in trainer.head_mlp.parameters())
+            assert all(torch.equal(p.detach(), m_.detach().to(torch.bfloat16))
+                       for p, m_ in zip(trainer.head_mlp.parameters(), trainer.head_params))
+    assert moved == {"none": False, "zero": True}
+
+
+def test_a_nan_total_loss_stops_naming_the_step_and_the_windows(cache: Path, tmp_path: Path) -> None:
+    from cameo_corr.cli import RunFailed
+    from cameo_corr.train.loop import NonFiniteLoss, Trainer
+
+    trainer = Trainer(config(cache), tmp_path / "run")
+    batch = next(trainer.batches())
+    batch = {**batch, "image": batch["image"].clone()}
+    batch["image"][0, -1, 0, 0, 0] = float("nan")  # a target view's pixel: its latents, hence the diffusion loss
+    before = _snapshot(trainer)[1]
+    with pytest.raises(NonFiniteLoss) as err:
+        trainer.micro_step(batch)
+    message = str(err.value)
+    assert isinstance(err.value, RunFailed) and "non-finite training loss nan at step 1 (rank 0, micro-batch 0)" in message
+    assert all(w in message for w in batch["window_id"]) and "diffusion nan" in message
+    after = _snapshot(trainer)[1]
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no optimizer step was taken
+
+
+def test_a_nan_cameo_term_is_skipped_with_a_warning(cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A NaN CAMEO term (here from a head MLP whose weights went NaN) is left out like the official code's
+    skip: the step trains the UNet on the diffusion loss, the head gets no gradient, the warning names the
+    step and the window ids."""
+    from cameo_corr.train.loop import Trainer
+
+    trainer = Trainer(config(cache), tmp_path / "run")
+    with torch.no_grad():
+        trainer.head_mlp.net[2].bias.fill_(float("nan"))
+    batch = next(trainer.batches())
+    head, unet, _ = _snapshot(trainer)
+    with caplog.at_level("WARNING", logger="cameo_corr.train.loop"):
+        m = trainer.micro_step(batch)
+    assert m["cameo_nan"] and not m["cameo_applied"] and math.isfinite(float(m["loss"].detach()))
+    assert float(m["loss"].detach()) == float(m["diffusion"])
+    text = caplog.text
+    assert "the CAMEO loss is NaN at step 1 (rank 0, micro-batch 0)" in text and all(w in text for w in batch["window_id"])
+    head2, unet2, _ = _snapshot(trainer)
+    assert all(torch.equal(head[k].isnan(), head2[k].isnan()) and torch.equal(head[k].nan_to_num(), head2[k].nan_to_num())
+               for k in head)
+    assert not any(p in trainer.optimizer.optimizer.state for p in trainer.head_params)  # AdamW never stepped the head
+    assert any(not torch.equal(unet[k], unet2[k]) for k in unet)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_share_the_batch_order_and_the_skip_rule(cache: Path, tmp_path: Path) -> None:
+    """Two CPU processes (gloo) through ``torch.distributed.run``: each rank trains on its own windows with
+    the reference count of the single-process batch at that step; a step where only rank 0 has no CAMEO
+    term still updates the head MLP on both ranks (DDP averages rank 1's gradient with rank 0's zero), a
+    step where no rank has one leaves it untouched on both, and the UNet stays identical across ranks."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "tests" / "ddp_skip_worker.py"),
+           str(cache), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    single = CorrStreamDataset(str(cache), num_views=3, resolution=64, batch_size=2)
+    for step, (a, b) in enumerate(zip(r0, r1)):
+        assert a["num_ref"] == b["num_ref"] == [single.batch_order(2 * step)[0]] * 2
+        assert a["windows"] != b["windows"] and a["unet_sum"] == b["unet_sum"]
+    assert not set(r0[0]["windows"]) & set(r1[0]["windows"])  # within an epoch the ranks' windows are disjoint
+    assert [(a["applied"], b["applied"]) for a, b in zip(r0, r1)] == [(True, True), (False, True), (False, False)]
+    assert [a["head_moved"] for a in r0] == [b["head_moved"] for b in r1] == [True, True, False]

@@ -2,8 +2,9 @@
 
 Modules: :mod:`~cameo_corr.train.data` (seeded, resumable ``IterableDataset`` over the cache),
 :mod:`~cameo_corr.train.model` (multi-view UNet), :mod:`~cameo_corr.train.loss` (CAMEO loss and
-attention precision), :mod:`~cameo_corr.train.config` (YAML config), :mod:`~cameo_corr.train.loop`
-(accelerate training loop) and :mod:`~cameo_corr.train.cli` (``cameo-corr train``).
+attention precision), :mod:`~cameo_corr.train.config` (YAML config), :mod:`~cameo_corr.train.precision`
+(the training numerics, fp32 or the official run's bf16), :mod:`~cameo_corr.train.loop` (accelerate
+training loop) and :mod:`~cameo_corr.train.cli` (``cameo-corr train``).
 
 The names below are imported lazily, so ``import cameo_corr.train`` stays cheap for the CLI.
 """

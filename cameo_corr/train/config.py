@@ -28,8 +28,8 @@ if typing.TYPE_CHECKING:  # pragma: no cover - typing only
 ORDER_POLICIES = ("mixed", "uniform_push", "shuffle", "capture")
 """How the ``F`` chosen views are reordered ``[references, targets]``:
 
-* ``mixed`` (CAMEO's training default): per sample, ``shuffle`` with probability ``shuffle_prob``
-  (the official ``shuffle_train_rate``, 0.5), ``uniform_push`` otherwise;
+* ``mixed`` (CAMEO's training default): ``shuffle`` with probability ``shuffle_prob`` (the official
+  ``shuffle_train_rate``, 0.5), ``uniform_push`` otherwise;
 * ``uniform_push`` (CAMEO's ``uniform_push_batch``): views in capture order; with one reference the
   view at index ``F // 2 - 1``, otherwise ``linspace(0, F - 1, num_ref)`` (truncated) are references;
   they are pushed to the front, the remaining views follow in capture order;
@@ -38,8 +38,28 @@ ORDER_POLICIES = ("mixed", "uniform_push", "shuffle", "capture")
 * ``capture``: capture order; the first ``num_ref`` views are references.
 
 The number of references is drawn first, uniform in ``[min_ref, max_ref]`` (the official
-``random.randint(min_cond_num, max_cond_num)``, ``[1, 3]`` for ``F = 4``), whatever the policy.
+``random.randint(min_cond_num, max_cond_num)``, ``[1, 3]`` for ``F = 4``), whatever the policy. What one
+draw covers is :data:`ORDER_SCOPES`.
 """
+
+ORDER_SCOPES = ("batch", "sample")
+"""What one draw of the number of references, the ``shuffle``/``uniform_push`` choice and the permutation
+covers (``data.order_scope``):
+
+* ``batch`` (CAMEO's training code, which draws them once per loop iteration, ``train.py`` of
+  cvlab-kaist/CAMEO around line 782, and permutes the whole batch, ``src/datasets/__init__.py``): every
+  sample of a batch has the same number of references and the same order. The draw is a function of
+  ``(seed, position of the batch's first sample in the rank's stream)``, so it is the same on every rank
+  at the same step (the official ranks seed Python's ``random`` alike) and after a resume;
+* ``sample``: each sample draws its own (the views chosen are the same in both scopes).
+"""
+
+PRECISIONS = ("fp32", "official_bf16")
+"""Training numerics (``train.precision``, :mod:`cameo_corr.train.precision`): ``fp32`` weights (autocast
+per ``train.mixed_precision``), or ``official_bf16``, the numerics of the official DeepSpeed bf16 run."""
+
+SKIPPED_GRADS = ("none", "zero")
+"""The head MLP's gradient on an optimizer step without any CAMEO term (``loss.skipped_grad``)."""
 
 CAMERA_NORMS = ("first_view", "official", "none")
 """Camera normalisations of :func:`cameo_corr.train.model.camera_rays` (``model.camera_norm``)."""
@@ -87,6 +107,9 @@ class DataConfig:
     ``uniform_push``), ``uniform_push``, ``shuffle`` or ``capture`` (:data:`ORDER_POLICIES`)."""
     shuffle_prob: float = 0.5
     """Probability of ``shuffle`` under ``order: mixed`` (the official ``shuffle_train_rate``)."""
+    order_scope: str = "batch"
+    """What one order draw covers: ``batch`` (official: one number of references and one order per batch)
+    or ``sample`` (:data:`ORDER_SCOPES`)."""
     tags: dict[str, str] | None = None
     """Manifest ``dataset`` -> batch ``tag``; ``None``: :data:`cameo_corr.train.data.DEFAULT_TAGS`."""
     batch_size: int = 2
@@ -163,6 +186,13 @@ class LossConfig:
     query_chunk: int | None = None
     """Recompute the logits of this many supervised query rows at a time under activation checkpointing
     (bounded memory for SD2.1-size layers, e.g. 256); ``None`` forms the full logit matrix."""
+    skipped_grad: str = "none"
+    """The head MLP's gradient on an optimizer step in which no micro-batch of any rank has a CAMEO term
+    (the official skips: an empty reference- or target-query selection, or a NaN term). ``none``: no
+    gradient, so AdamW leaves the head's weights and moments untouched (the official code's autograd: the
+    term is never added); ``zero``: a zero gradient, so AdamW decays the weights and moves the moments,
+    which is what DeepSpeed ZeRO-2 (the official ``train.sh``) makes of the missing gradient, since it
+    fills it with zeros in its flat fp32 partition."""
 
 
 @dataclass
@@ -203,6 +233,12 @@ class RunConfig:
     """Optimizer steps (each accumulates ``gradient_accumulation_steps`` batches)."""
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
+    """accelerate's autocast: ``no``, ``fp16`` or ``bf16``."""
+    precision: str = "fp32"
+    """``fp32``: fp32 weights in the forward and the optimizer, autocast per ``mixed_precision``;
+    ``official_bf16``: the official run's numerics (bf16 weights with fp32 master copies, bf16 latents,
+    noise and targets, bf16 supervised logits; needs ``mixed_precision: bf16``), see
+    :mod:`cameo_corr.train.precision`."""
     seed: int = 0
     checkpoint_every: int = 0
     """Save a checkpoint every N optimizer steps (0: only at the end)."""
@@ -449,6 +485,15 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
         raise SchemaError("loss.mode", f"expected official or paper, got {cfg.loss.mode!r}", where=where)
     if d.order not in ORDER_POLICIES:
         raise SchemaError("data.order", f"expected mixed, uniform_push, shuffle or capture, got {d.order!r}", where=where)
+    if d.order_scope not in ORDER_SCOPES:
+        raise SchemaError("data.order_scope", f"expected one of {', '.join(ORDER_SCOPES)}, got {d.order_scope!r}", where=where)
+    if r.precision not in PRECISIONS:
+        raise SchemaError("train.precision", f"expected one of {', '.join(PRECISIONS)}, got {r.precision!r}", where=where)
+    if r.precision == "official_bf16" and r.mixed_precision != "bf16":
+        raise SchemaError("train.precision", "official_bf16 runs the UNet under bf16 autocast as the official code does; "
+                          f"set train.mixed_precision=bf16 as well (it is {r.mixed_precision!r})", where=where)
+    if cfg.loss.skipped_grad not in SKIPPED_GRADS:
+        raise SchemaError("loss.skipped_grad", f"expected one of {', '.join(SKIPPED_GRADS)}, got {cfg.loss.skipped_grad!r}", where=where)
     if not 0.0 <= d.shuffle_prob <= 1.0:
         raise SchemaError("data.shuffle_prob", f"must be in [0, 1], got {d.shuffle_prob}", where=where)
     if cfg.loss.query_chunk is not None and cfg.loss.query_chunk < 1:

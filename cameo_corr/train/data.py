@@ -24,10 +24,15 @@ a pass over several epochs. The epoch's slots are then assigned to caches by a s
 epoch)``, so resuming is exact. A sample's ``tag`` is its entry's ``tag`` when set. Caches must agree
 on the token grid (and on ``tau`` when their stored masks are used): :func:`check_mixture`.
 
-Every per-sample random choice (which ``F`` of the window's ``S`` views, how many references, their
-order) is drawn from a generator keyed by ``(seed, epoch, index in the padded epoch order)``, so a
-sample does not depend on ranks, workers or on how far the stream was read before. The state of a
-stream is ``(epoch, position)`` with ``position`` counted in samples of this rank;
+Which ``F`` of the window's ``S`` views a sample takes is drawn from a generator keyed by ``(seed, epoch,
+index in the padded epoch order)``. How many references and in which order (:func:`reference_order`)
+is drawn once per batch by default (``order_scope="batch"``, as CAMEO's training code does): from a
+generator keyed by ``(seed, g)`` with ``g`` the position of the batch's first sample in this rank's
+stream (``epoch * epoch_length + position``), so every sample of a batch shares it, the batch at a given
+step draws the same on every rank (the official ranks seed Python's ``random`` alike) and after a
+resume. With ``order_scope="sample"`` each sample draws its own, keyed like its views. Nothing depends
+on workers or on how far the stream was read before. The state of a stream is ``(epoch, position)``
+with ``position`` counted in samples of this rank;
 :class:`StreamLoader` wraps the ``DataLoader``, counts what was consumed and offers
 ``state_dict``/``load_state_dict`` so a resumed run yields exactly the remaining samples, in order.
 
@@ -74,7 +79,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from cameo_corr.pipeline.masks import DEFAULT_VISIBILITY_TOL, check_policy, check_tau, check_visibility_tol, mask_inputs, recompute_mask
 from cameo_corr.schemas import DatasetError, SchemaError, WindowRecord
-from cameo_corr.train.config import ORDER_POLICIES
+from cameo_corr.train.config import ORDER_POLICIES, ORDER_SCOPES
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.datasets.base import SceneReader
@@ -352,6 +357,8 @@ class CorrStreamDataset(IterableDataset):
             (default ``[1, F - 1]``).
         order: reordering policy, one of :data:`ORDER_POLICIES`.
         shuffle_prob: probability of ``shuffle`` under the ``mixed`` policy.
+        order_scope: one of :data:`ORDER_SCOPES`: ``batch`` draws the number of references and the order
+            once per batch of ``batch_size`` (so it needs ``batch_size``), ``sample`` per sample.
         tags: manifest ``dataset`` -> batch ``tag`` (default :data:`DEFAULT_TAGS`; unlisted datasets
             keep their name).
         seed: seed of every random choice.
@@ -391,6 +398,7 @@ class CorrStreamDataset(IterableDataset):
         max_ref: int | None = None,
         order: str = "mixed",
         shuffle_prob: float = DEFAULT_SHUFFLE_PROB,
+        order_scope: str = "batch",
         tags: dict[str, str] | None = None,
         seed: int = 0,
         shard_shuffle: bool = True,
@@ -433,6 +441,7 @@ class CorrStreamDataset(IterableDataset):
         self.max_ref = self.num_views - 1 if max_ref is None else int(max_ref)
         self.order = order
         self.shuffle_prob = float(shuffle_prob)
+        self.order_scope = order_scope
         self.tags = dict(DEFAULT_TAGS if tags is None else tags)
         self.seed = int(seed)
         self.shard_shuffle = bool(shard_shuffle)
@@ -501,6 +510,8 @@ class CorrStreamDataset(IterableDataset):
             raise SchemaError("order", f"unknown policy {self.order!r}; expected one of {ORDER_POLICIES}")
         if not 0.0 <= self.shuffle_prob <= 1.0:
             raise SchemaError("shuffle_prob", f"must be in [0, 1], got {self.shuffle_prob}")
+        if self.order_scope not in ORDER_SCOPES:
+            raise SchemaError("order_scope", f"unknown scope {self.order_scope!r}; expected one of {ORDER_SCOPES}")
         bad = [k for k, v in self.tags.items() if not isinstance(k, str) or not isinstance(v, str) or not v]
         if bad:
             raise SchemaError("tags", f"expected a mapping of dataset names to non-empty tag strings, got {bad[0]!r}: {self.tags[bad[0]]!r}")
@@ -586,26 +597,30 @@ class CorrStreamDataset(IterableDataset):
         g = start.epoch * self.epoch_length + start.position + int(consumed)
         return StreamState(g // self.epoch_length, g % self.epoch_length)
 
-    def _positions(self) -> Iterator[tuple[int, int, int]]:
-        """``(epoch, window index, padded index)`` of this rank's stream from the start state."""
+    def _positions(self) -> Iterator[tuple[int, int, int, int]]:
+        """``(stream position g, epoch, window index, padded index)`` of this rank's stream from the start
+        state (``g = epoch * epoch_length + position``)."""
         epoch, pos = self.state.epoch, self.state.position
         while self.num_epochs is None or epoch < self.num_epochs:
             order = self.rank_order(epoch)
-            for w, q in order[pos:]:
-                yield epoch, int(w), int(q)
+            for k, (w, q) in enumerate(order[pos:], start=pos):
+                yield epoch * self.epoch_length + k, epoch, int(w), int(q)
             epoch, pos = epoch + 1, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         if self.batch_size is None:
-            for k, (epoch, w, q) in enumerate(self._positions()):
+            if self.order_scope == "batch":
+                raise SchemaError("order_scope", "'batch' draws the number of references and the order once per batch, but this "
+                                  "stream yields single samples (batch_size=None): give batch_size, or order_scope='sample'")
+            for k, (_, epoch, w, q) in enumerate(self._positions()):
                 if k % workers == worker:
                     sample = self.sample(w, epoch, q)
                     if sample is not None:
                         yield sample
             return
-        batch: list[tuple[int, int, int]] = []
+        batch: list[tuple[int, int, int, int]] = []
         b = 0
         for item in self._positions():
             batch.append(item)
@@ -616,10 +631,12 @@ class CorrStreamDataset(IterableDataset):
         if batch and b % workers == worker:
             yield self._batch(batch)
 
-    def _batch(self, items: Sequence[tuple[int, int, int]]) -> dict[str, Any]:
-        """Collated samples of ``(epoch, window, q)`` items; with ``on_corrupt="skip"`` the batch also
-        carries :data:`SKIPPED_KEY` (and is only that when every window of it was corrupt)."""
-        samples = [self.sample(w, e, q) for e, w, q in items]
+    def _batch(self, items: Sequence[tuple[int, int, int, int]]) -> dict[str, Any]:
+        """Collated samples of ``(g, epoch, window, q)`` items (the batch's draw keyed by the first ``g``);
+        with ``on_corrupt="skip"`` the batch also carries :data:`SKIPPED_KEY` (and is only that when every
+        window of it was corrupt)."""
+        first = items[0][0]
+        samples = [self.sample(w, e, q, first=first) for _, e, w, q in items]
         kept = [x for x in samples if x is not None]
         if self.on_corrupt == "raise":
             return collate_samples(kept)
@@ -632,13 +649,34 @@ class CorrStreamDataset(IterableDataset):
             self._proc = _ProcessState(self)
         return self._proc
 
-    def choose(self, window: int, epoch: int, q: int) -> tuple[np.ndarray, int]:
-        """The views of a sample, in output order (indices into the window's S views), and ``num_ref``."""
+    def batch_order(self, first: int) -> tuple[int, np.ndarray]:
+        """``(num_ref, order)`` of the batch whose first sample is at position ``first`` of this rank's
+        stream (``order_scope="batch"``): ``order`` is the :func:`reference_order` permutation of the
+        ``F`` chosen views (in capture order) that every sample of the batch applies. Drawn in the
+        official order (number of references, then the ``shuffle``/``uniform_push`` choice, then the
+        permutation) from a generator keyed by ``(seed, first)``."""
+        rng = np.random.default_rng([self.seed, int(first), 4])
+        num_ref = int(rng.integers(self.min_ref, self.max_ref + 1))
+        return num_ref, reference_order(self.num_views, num_ref, self.order, rng, self.shuffle_prob)
+
+    def choose(self, window: int, epoch: int, q: int, first: int | None = None) -> tuple[np.ndarray, int]:
+        """The views of a sample, in output order (indices into the window's S views), and ``num_ref``.
+
+        The ``F`` views are drawn per sample from ``(seed, epoch, q)``. The number of references and the
+        order come from the batch (:meth:`batch_order` of ``first``, the stream position of the batch's
+        first sample; ``order_scope="batch"``) or from the sample's own generator after its views
+        (``order_scope="sample"``, ``first`` unused).
+        """
         rng = np.random.default_rng([self.seed, epoch, q, 2])
         S = int(self.window_views[window])
         chosen = np.sort(rng.choice(S, size=self.num_views, replace=False))
-        num_ref = int(rng.integers(self.min_ref, self.max_ref + 1))
-        return chosen[reference_order(self.num_views, num_ref, self.order, rng, self.shuffle_prob)], num_ref
+        if self.order_scope == "sample":
+            num_ref = int(rng.integers(self.min_ref, self.max_ref + 1))
+            return chosen[reference_order(self.num_views, num_ref, self.order, rng, self.shuffle_prob)], num_ref
+        if first is None:
+            raise SchemaError("first", "order_scope='batch' draws the order per batch: pass the stream position of the batch's first sample")
+        num_ref, order = self.batch_order(first)
+        return chosen[order], num_ref
 
     def locate(self, window: int) -> tuple[int, str, int]:
         """``(cache index, shard id, row)`` of a window index."""
@@ -653,14 +691,15 @@ class CorrStreamDataset(IterableDataset):
         return {"source": source, "window_id": meta["window_ids"][row], "dataset": meta["datasets"][row], "split": meta["splits"][row],
                 "scene_id": meta["scene_ids"][row], "frame_ids": list(meta["frame_ids"][row]), "shard": shard_id, "row": row}
 
-    def sample(self, window: int, epoch: int = 0, q: int = 0) -> dict[str, Any] | None:
-        """The training sample of window index ``window`` at padded epoch index ``q`` of ``epoch``
+    def sample(self, window: int, epoch: int = 0, q: int = 0, first: int | None = None) -> dict[str, Any] | None:
+        """The training sample of window index ``window`` at padded epoch index ``q`` of ``epoch``, in a
+        batch starting at stream position ``first`` (``order_scope="batch"``; see :meth:`choose`)
         (``None`` when the window is corrupt and ``on_corrupt="skip"``)."""
         from cameo_corr.cache.shard import CorruptCacheError
 
         proc = self._process()
         source, shard_id, row = self.locate(window)
-        views, num_ref = self.choose(window, epoch, q)
+        views, num_ref = self.choose(window, epoch, q, first)
         visit = proc.shard(shard_id, source)
         try:
             blocks = visit.corr_row(row)

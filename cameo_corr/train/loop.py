@@ -11,7 +11,15 @@ supervised layer (the loss recomputes their logits, in ``loss.query_chunk`` chun
 is the diffusion MSE over target views plus
 ``cameo_weight`` times the CAMEO loss (fp32, computed by :func:`cameo_corr.train.loss.cameo_loss`).
 The attention correspondence precision of the supervised layer (head-mean attention, per key view,
-argmax within one token of the cached target) is logged with both losses.
+argmax within one token of the cached target) is logged with both losses. ``train.precision`` sets the
+numerics (:mod:`cameo_corr.train.precision`).
+
+Skips and stops, as the official code does. A micro-batch whose CAMEO term is skipped (the official
+mode's empty reference- or target-query selection) or NaN (logged as a warning naming the step and the
+batch's window ids) trains on the diffusion loss alone. When no micro-batch of any rank had a CAMEO
+term in an optimizer step, the head MLP gets no gradient and AdamW leaves it untouched
+(``loss.skipped_grad: none``), or a zero gradient (``zero``: what DeepSpeed ZeRO-2 does in the official
+run). A non-finite total loss stops the run with :class:`NonFiniteLoss`, naming the step and the window ids.
 
 Randomness that shapes a step (timesteps, noise, camera-condition dropout) is drawn from a generator
 seeded by ``(seed, rank, step, micro-batch)``, so it does not depend on history. A checkpoint
@@ -28,6 +36,7 @@ prepared by accelerate).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import shutil
@@ -35,12 +44,13 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from cameo_corr.cli import RunFailed
 from cameo_corr.schemas import SchemaError
 from cameo_corr.train.config import TrainConfig
 
@@ -50,10 +60,17 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
     from cameo_corr.train.data import StreamLoader
     from cameo_corr.train.model import LatentCodec, MultiViewUNet
+    from cameo_corr.train.precision import MasterWeights
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 _CKPT_RE = re.compile(r"^step-(\d+)$")
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RunFailed):
+    """The total training loss of a micro-batch was NaN or infinite: the run stops (exit 1 on the command line)."""
 
 
 class CameoTrainable(nn.Module):
@@ -71,14 +88,16 @@ class CameoTrainable(nn.Module):
 
 @dataclass
 class LoopState:
-    """Checkpointed loop state: optimizer steps done and the data stream position."""
+    """Checkpointed loop state: optimizer steps done, the data stream position, the process count and the
+    training precision (a checkpoint resumes only under the precision that wrote it)."""
 
     step: int = 0
     loader: "StreamLoader | None" = None
     world_size: int = 1
+    precision: str = "fp32"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "world_size": self.world_size,
+        return {"step": self.step, "world_size": self.world_size, "precision": self.precision,
                 "data": None if self.loader is None else self.loader.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -86,6 +105,10 @@ class LoopState:
         if saved != self.world_size:
             warnings.warn(f"the checkpoint was written by {saved} processes and is resumed by {self.world_size}: the "
                           "data position is per rank, so the sample stream does not continue exactly", stacklevel=2)
+        precision = str(state.get("precision", "fp32"))  # checkpoints from before train.precision are fp32
+        if precision != self.precision:
+            raise SchemaError("train.precision", f"the checkpoint was written with train.precision={precision} and cannot be "
+                              f"resumed with {self.precision}; resume it with train.precision={precision} or start a new --out")
         self.step = int(state["step"])
         if self.loader is not None and state["data"] is not None:
             self.loader.load_state_dict(state["data"])
@@ -145,6 +168,58 @@ def batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 
+class DiffusionInputs(NamedTuple):
+    """The denoising problem of one batch (:func:`diffusion_inputs`)."""
+
+    latents: torch.Tensor
+    """``[B, F, C, h, w]`` clean latents."""
+    timesteps: torch.Tensor
+    """``[B]`` long, one per sample."""
+    model_input: torch.Tensor
+    """``[B, F, C, h, w]``: the clean latents of the references, the noised latents of the targets."""
+    target: torch.Tensor
+    """``[B, F, C, h, w]``: what the model predicts (velocity, noise or sample, ``diffusion.prediction_type``)."""
+
+
+def diffusion_inputs(
+    codec: "LatentCodec",
+    noise_scheduler: "DDPMScheduler",
+    images: torch.Tensor,
+    ref_mask: torch.Tensor,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    *,
+    timestep: int | None = None,
+) -> DiffusionInputs:
+    """Latents of ``images`` ``[B, F, 3, H, W]``, one uniform timestep per sample (or ``timestep`` for every
+    sample), noise, the model input (references, ``ref_mask`` ``[B, F]``, stay clean) and the target, in
+    the numerics of ``cfg.train.precision``: all in the latents' dtype (fp32, or bf16 for ``official_bf16``,
+    where ``add_noise`` and the velocity are then computed in bf16 as in the official run). Draws from
+    ``generator`` in this order: the codec's posterior sample, the timesteps, the noise.
+    """
+    from cameo_corr.train.model import noise_targets
+    from cameo_corr.train.precision import encode_latents
+
+    B = images.shape[0]
+    device = images.device
+    latents = encode_latents(codec, images, generator, cfg.train.precision)
+    T = int(noise_scheduler.config.num_train_timesteps)
+    if timestep is None:
+        t = torch.randint(0, T, (B,), generator=generator, device=device)
+    else:
+        t = torch.full((B,), int(timestep), device=device, dtype=torch.long)
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    model_in = noise_targets(latents, noise_scheduler.add_noise(latents, noise, t), ref_mask)
+    prediction = cfg.diffusion.prediction_type
+    if prediction == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, t)
+    elif prediction == "epsilon":
+        target = noise
+    else:
+        target = latents
+    return DiffusionInputs(latents, t, model_in, target)
+
+
 def compute_losses(
     trainable: nn.Module,
     head_mlp: nn.Module | None,
@@ -161,27 +236,24 @@ def compute_losses(
     """Losses and attention precision of one batch (already on the model's device).
 
     Returns ``loss`` (diffusion + ``cameo_weight`` * CAMEO; what is back-propagated), ``diffusion``,
-    ``cameo`` (``nan`` when ``head_mlp`` is ``None``, i.e. lambda = 0) and ``precision`` (attention
-    correspondence precision of the supervised layer on the token ``grid``; ``nan`` when no query is
-    masked). ``timestep`` fixes every sample's timestep (evaluation); ``camera_dropout=False`` keeps
-    every camera condition. All randomness comes from ``generator``.
+    ``cameo`` (the CAMEO term; ``nan`` when ``head_mlp`` is ``None``, i.e. lambda = 0, or when the term
+    is skipped), ``precision`` (attention correspondence precision of the supervised layer on the token
+    ``grid``; ``nan`` when no query is masked), ``cameo_applied`` (whether the CAMEO term is in ``loss``)
+    and ``cameo_nan`` (whether it was left out because it was NaN). A skipped term (empty official
+    selection, or NaN) adds an exact 0 that back-propagates zero gradients into the head MLP, so that DDP
+    sees a gradient for every parameter on every rank. ``timestep`` fixes every sample's timestep
+    (evaluation); ``camera_dropout=False`` keeps every camera condition. All randomness comes from
+    ``generator``. The numerics follow ``cfg.train.precision`` (:mod:`cameo_corr.train.precision`).
     """
     from cameo_corr.train.loss import attention_precision, cameo_loss
-    from cameo_corr.train.model import camera_rays, domain_labels, noise_targets
+    from cameo_corr.train.model import camera_rays, domain_labels
+    from cameo_corr.train.precision import OFFICIAL_DTYPE
 
     images = batch["image"]
     B, F, _, H, W = images.shape
     device = images.device
-    latents = codec.encode(images, generator=generator)
     ref_mask = torch.arange(F, device=device)[None, :] < batch["num_ref"].to(device)[:, None]
-    T = int(noise_scheduler.config.num_train_timesteps)
-    if timestep is None:
-        t = torch.randint(0, T, (B,), generator=generator, device=device)
-    else:
-        t = torch.full((B,), int(timestep), device=device, dtype=torch.long)
-    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    noisy = noise_scheduler.add_noise(latents, noise, t)
-    model_in = noise_targets(latents, noisy, ref_mask)
+    latents, t, model_in, target = diffusion_inputs(codec, noise_scheduler, images, ref_mask, cfg, generator, timestep=timestep)
     m = cfg.model
     if m.ref_timestep == "zero":  # references are clean: t = 0
         timesteps = torch.where(ref_mask, torch.zeros_like(t)[:, None], t[:, None])
@@ -196,26 +268,32 @@ def compute_losses(
     out = trainable(model_in, timesteps, plucker=plucker, ref_mask=ref_mask, class_labels=labels, drop_camera=drop,
                     return_logits=True)
 
-    prediction = cfg.diffusion.prediction_type
-    if prediction == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, t)
-    elif prediction == "epsilon":
-        target = noise
-    else:
-        target = latents
     err = (out.sample.float() - target.float()).pow(2).mean(dim=(2, 3, 4))  # [B, F]
     diffusion = err[~ref_mask].mean()
+    qk = out.qk._replace(logit_dtype=OFFICIAL_DTYPE) if cfg.train.precision == "official_bf16" else out.qk
+    term, nan_term = None, False
     if head_mlp is not None:
-        cameo = cameo_loss(out.qk, batch["corr_nn"], batch["corr_mask"], batch["corr_dist"], head_mlp, mode=cfg.loss.mode,
-                           ref_views=ref_mask, query_chunk=cfg.loss.query_chunk)
-        loss = diffusion + cfg.loss.cameo_weight * cameo
+        term = cameo_loss(qk, batch["corr_nn"], batch["corr_mask"], batch["corr_dist"], head_mlp, mode=cfg.loss.mode,
+                          ref_views=ref_mask, query_chunk=cfg.loss.query_chunk, when_skipped="none")
+        if term is not None and bool(torch.isnan(term)):
+            term, nan_term = None, True
+    if term is not None:
+        cameo, loss = term.detach(), diffusion + cfg.loss.cameo_weight * term
     else:
         cameo = torch.full((), float("nan"), device=device)
-        loss = diffusion
+        loss = diffusion if head_mlp is None else diffusion + zero_gradients_into(head_mlp)
     with torch.no_grad():
-        precision = attention_precision(out.qk.detach(), batch["corr_nn"], batch["corr_mask"], grid,
+        precision = attention_precision(qk.detach(), batch["corr_nn"], batch["corr_mask"], grid,
                                         query_chunk=cfg.loss.query_chunk)
-    return {"loss": loss, "diffusion": diffusion.detach(), "cameo": cameo.detach(), "precision": precision.detach()}
+    return {"loss": loss, "diffusion": diffusion.detach(), "cameo": cameo, "precision": precision.detach(),
+            "cameo_applied": term is not None, "cameo_nan": nan_term}
+
+
+def zero_gradients_into(module: nn.Module) -> torch.Tensor:
+    """An exact 0 (fp32 scalar) whose gradient into every parameter of ``module`` is exactly zero, whatever
+    the parameters hold (NaN included)."""
+    total = torch.stack([p.float().sum() for p in module.parameters()]).sum()
+    return (total * 0.0).nan_to_num(0.0, 0.0, 0.0)
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -265,6 +343,7 @@ def make_loader(cfg: TrainConfig, *, cache: "str | None" = None, rank: int, worl
         max_ref=d.max_ref,
         order=d.order,
         shuffle_prob=d.shuffle_prob,
+        order_scope=d.order_scope,
         tags=d.tags,
         seed=d.seed if seed is None else seed,
         shard_shuffle=d.shard_shuffle,
@@ -360,10 +439,21 @@ class Trainer:
             model.check_grid(latent_hw, CorrCache(cfg.eval.cache).config.grids, cache=str(cfg.eval.cache))
         head_mlp = HeadMLP(model.heads) if cfg.loss.cameo_weight > 0 else None
         trainable = CameoTrainable(model, head_mlp)
+        self.master: MasterWeights | None = None
+        """fp32 master weights of the bf16 model (``train.precision: official_bf16``); ``None`` for fp32."""
+        self.optimized: list[nn.Parameter] = [p for p in trainable.parameters() if p.requires_grad]
+        """The parameters the optimizer updates (the model's own, or the fp32 masters)."""
+        self.head_params: list[nn.Parameter] = [] if head_mlp is None else list(head_mlp.parameters())
+        """The head MLP's parameters as the optimizer sees them (``loss.skipped_grad``)."""
+        if r.precision == "official_bf16":
+            from cameo_corr.train.precision import OFFICIAL_DTYPE, MasterWeights
+
+            trainable.to(acc.device)
+            self.master = MasterWeights(trainable, OFFICIAL_DTYPE)  # casts the UNet and head MLP to bf16
+            codec = codec.to(OFFICIAL_DTYPE)
+            self.optimized, self.head_params = self.master.params, self.master.subset("head_mlp.")
         o = cfg.optim
-        optimizer = torch.optim.AdamW(
-            [p for p in trainable.parameters() if p.requires_grad], lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
-        )
+        optimizer = torch.optim.AdamW(self.optimized, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         self.lr_scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=r.max_steps)
         self.trainable, self.optimizer = acc.prepare(trainable, optimizer)
         self.codec = codec.to(acc.device)
@@ -371,7 +461,11 @@ class Trainer:
         self.noise_scheduler = make_noise_scheduler(cfg)
         pin = acc.device.type == "cuda"
         self.loader = make_loader(cfg, rank=acc.process_index, world_size=acc.num_processes, pin_memory=pin, grid=self.grid)
-        self.state = LoopState(step=0, loader=self.loader, world_size=acc.num_processes)
+        self.state = LoopState(step=0, loader=self.loader, world_size=acc.num_processes, precision=r.precision)
+        self._micro = 0
+        """Micro-batches done in the current optimizer step."""
+        self._cameo_in_step = False
+        """Whether a micro-batch of the current optimizer step (on this rank) had a CAMEO term."""
         # The frozen codec is saved only where its weights exist nowhere else (the tiny random VAE): a
         # pretrained VAE is reloaded from model.pretrained (~335 MB per checkpoint saved), identity has none.
         extra_state = [self.codec] if cfg.model.vae == "tiny" else []
@@ -395,10 +489,15 @@ class Trainer:
     # ----------------------------------------------------------------------------------- state
     def save(self) -> Path:
         """Write ``<out>/checkpoints/step-<N>`` (model + head MLP as safetensors, optimizer, LR
-        schedule, data position, codec, RNG states); prune to ``keep_checkpoints``."""
+        schedule, data position, codec, RNG states, and the fp32 master weights of ``official_bf16``);
+        prune to ``keep_checkpoints``."""
+        from cameo_corr.train.precision import MASTER_FILE
+
         acc = self.accelerator
         path = self.out / CHECKPOINT_DIR / f"step-{self.state.step:08d}"
         acc.save_state(str(path), safe_serialization=True)
+        if self.master is not None and acc.is_main_process:
+            self.master.save(path / MASTER_FILE)
         acc.wait_for_everyone()  # every rank's RNG state is on disk before the checkpoint is marked finished
         if acc.is_main_process:
             (path / "loop_state.json").write_text(json.dumps(self.state.state_dict()))
@@ -411,7 +510,74 @@ class Trainer:
 
     def load(self, path: str | Path) -> None:
         """Restore everything :meth:`save` wrote."""
+        from cameo_corr.train.precision import MASTER_FILE
+
         self.accelerator.load_state(str(path))
+        if self.master is not None:
+            self.master.load(Path(path) / MASTER_FILE)
+
+    def micro_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Train on one micro-batch (already on the training device) of the current optimizer step.
+
+        Computes the losses (:func:`compute_losses`) and stops on a non-finite total loss
+        (:class:`NonFiniteLoss`, naming the step, the rank, the micro-batch and the batch's window ids);
+        a NaN CAMEO term is left out with a warning. Then backward; at the step's last micro-batch the
+        head MLP's gradient rule (``loss.skipped_grad``), clipping, the optimizer step and, for
+        ``official_bf16``, the rounding of the masters into the model. Returns the losses with
+        ``synced`` (whether this micro-batch ended an optimizer step).
+        """
+        acc, cfg = self.accelerator, self.cfg
+        g = step_generator(cfg.train.seed, acc.process_index, self.state.step, self._micro, acc.device)
+        with acc.accumulate(self.trainable):
+            m = compute_losses(self.trainable, self.head_mlp, self.codec, self.noise_scheduler, batch, cfg, self.grid, g)
+            self._check_losses(m, batch)
+            self._cameo_in_step |= bool(m["cameo_applied"])
+            acc.backward(m["loss"])
+            if acc.sync_gradients:
+                self._finish_gradients()
+            self.optimizer.step()
+            if acc.sync_gradients and self.master is not None:
+                self.master.to_model()
+            self.optimizer.zero_grad(set_to_none=True)
+        synced = bool(acc.sync_gradients)
+        self._micro = 0 if synced else self._micro + 1
+        return {**m, "synced": synced}
+
+    def _where(self, batch: dict[str, Any]) -> str:
+        """``step N (rank r, micro-batch k), windows a, b, ...`` of the micro-batch being trained."""
+        windows = ", ".join(str(w) for w in batch.get("window_id", []))
+        return (f"step {self.state.step + 1} (rank {self.accelerator.process_index}, micro-batch {self._micro}), "
+                f"windows {windows}")
+
+    def _check_losses(self, m: dict[str, Any], batch: dict[str, Any]) -> None:
+        """Stop on a non-finite total loss; warn about a NaN CAMEO term that was left out."""
+        if not bool(torch.isfinite(m["loss"].detach())):
+            found = checkpoint_dirs(self.out)
+            raise NonFiniteLoss(
+                f"non-finite training loss {float(m['loss'].detach()):.6g} at {self._where(batch)}: diffusion {float(m['diffusion']):.6g}, "
+                f"CAMEO {float(m['cameo']):.6g} (weight {self.cfg.loss.cameo_weight}); training stopped, as the official "
+                f"code stops on a NaN loss; last checkpoint: {found[-1] if found else 'none'}", where=str(self.out))
+        if m["cameo_nan"]:
+            logger.warning("the CAMEO loss is NaN at %s: it is left out of this micro-batch's loss (the official code skips "
+                           "a NaN CAMEO term)", self._where(batch))
+
+    def _finish_gradients(self) -> None:
+        """At the end of an optimizer step's backward passes: masters take the gradients
+        (``official_bf16``); without any CAMEO term in the step on any rank, the head MLP's gradient is
+        removed (``loss.skipped_grad: none``) or kept at zero (``zero``); then clipping."""
+        acc, cfg = self.accelerator, self.cfg
+        if self.master is not None:
+            self.master.take_grads()
+        if self.head_mlp is not None:
+            had = torch.tensor([float(self._cameo_in_step)], device=acc.device)
+            if acc.num_processes > 1:
+                had = acc.reduce(had, reduction="sum")
+            if float(had) == 0.0 and cfg.loss.skipped_grad == "none":
+                for p in self.head_params:
+                    p.grad = None
+            self._cameo_in_step = False
+        if cfg.optim.max_grad_norm is not None:
+            acc.clip_grad_norm_(self.optimized, cfg.optim.max_grad_norm)
 
     # ------------------------------------------------------------------------------------ run
     def batches(self) -> Iterator[dict[str, Any]]:
@@ -432,33 +598,28 @@ class Trainer:
         metrics_path = self.out / METRICS_FILE
         progress = tqdm(total=total, initial=self.state.step, disable=not (show_progress and acc.is_local_main_process), desc="train", unit="step")
         stream = self.batches()
-        micro = 0
         acc_metrics: dict[str, list[torch.Tensor]] = {}
+        skipped = 0
         t0 = time.perf_counter()
         while self.state.step < total:
-            batch = next(stream)
-            g = step_generator(cfg.train.seed, acc.process_index, self.state.step, micro, acc.device)
-            with acc.accumulate(self.trainable):
-                m = compute_losses(self.trainable, self.head_mlp, self.codec, self.noise_scheduler, batch, cfg, self.grid, g)
-                acc.backward(m["loss"])
-                if acc.sync_gradients and cfg.optim.max_grad_norm is not None:
-                    acc.clip_grad_norm_(self.trainable.parameters(), cfg.optim.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+            m = self.micro_step(next(stream))
             for k in ("loss", "diffusion", "cameo", "precision"):
                 acc_metrics.setdefault(k, []).append(m[k].detach().float())
-            micro += 1
-            if not acc.sync_gradients:
+            skipped += int(self.head_mlp is not None and not m["cameo_applied"])
+            if not m["synced"]:
                 continue
             if not acc.optimizer_step_was_skipped:  # fp16: the grad scaler skipped an overflowing step
                 self.lr_scheduler.step()
             self.state.step += 1
-            micro = 0
             row = {"step": self.state.step, "lr": float(self.lr_scheduler.get_last_lr()[0])}
-            for k, values in acc_metrics.items():
-                v = acc.reduce(torch.stack(values).nanmean().reshape(1), reduction="mean")
-                row[k] = float(v)
-            acc_metrics = {}
+            for k, values in acc_metrics.items():  # the mean over every rank's micro-batches with a value
+                v = torch.stack(values)
+                known = ~torch.isnan(v)
+                sums = acc.reduce(torch.stack([v[known].sum(), known.sum().float()]), reduction="sum")
+                row[k] = float(sums[0] / sums[1]) if float(sums[1]) > 0 else math.nan
+            if self.head_mlp is not None:  # micro-batches of the step (all ranks) without a CAMEO term
+                row["cameo_skipped"] = int(acc.reduce(torch.tensor([float(skipped)], device=acc.device), reduction="sum"))
+            acc_metrics, skipped = {}, 0
             row["time"] = time.perf_counter() - t0
             if cfg.eval.every > 0 and (self.state.step % cfg.eval.every == 0 or self.state.step == total):
                 ev = evaluate(self.trainable, self.head_mlp, self.codec, self.noise_scheduler, self.eval_batches, cfg, self.grid, acc.device)

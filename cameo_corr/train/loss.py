@@ -4,11 +4,13 @@ Public API (signatures are part of the trainer contract)::
 
     DEFAULT_CAMEO_WEIGHT = 0.02
     LOSS_MODES = ("official", "paper")
-    class HeadMLP(nn.Module): __init__(heads, ratio=4); forward([..., heads]) -> [...]
-    class QueryKey(NamedTuple): query [B, heads, Q, d], key [B, heads, K, d], scale; logits() -> [B, heads, Q, K]
+    class HeadMLP(nn.Module): __init__(heads, ratio=4); forward([..., heads]) -> [...]   # in the input's dtype
+    class QueryKey(NamedTuple): query [B, heads, Q, d], key [B, heads, K, d], scale, logit_dtype=None;
+        logits() -> [B, heads, Q, K]
     cameo_loss(attn: logits [B, heads, F*hw, F*hw] | QueryKey, corr_nn [B, F, F, hw], corr_mask [B, F, F, hw],
                corr_dist [B, F, F, hw] | None, head_mlp, *, mode="official",
-               ref_views [B, F] bool | None = None, query_chunk: int | None = None) -> Tensor  # scalar
+               ref_views [B, F] bool | None = None, query_chunk: int | None = None,
+               when_skipped="zero") -> Tensor (scalar) | None
     attention_precision(attn: [B, heads, Q, K] | [B, Q, K] | QueryKey, corr_nn, corr_mask,
                         grid: int | (h, w), *, logits=True, query_views [B, F] bool | None = None,
                         query_chunk: int | None = None) -> Tensor
@@ -42,8 +44,15 @@ cross-entropy ``-log p[b, i, x, j, nn[b, i, j, x]]`` (exact ``log_softmax``); th
 entries; 0 when there is none.
 
 The loss is computed in at least fp32 with autocast disabled and is unweighted: the caller multiplies
-it by lambda (:data:`DEFAULT_CAMEO_WEIGHT`). A skipped or empty loss is a 0 still connected to the
-inputs and the head MLP, so every parameter receives a (zero) gradient.
+it by lambda (:data:`DEFAULT_CAMEO_WEIGHT`). The head MLP computes in its input's dtype whatever its
+weights' dtype (bf16 weights are upcast, as the official run's fp32 autocast does). A skipped or empty
+loss is a 0 still connected to the inputs and the head MLP, so every parameter receives a (zero)
+gradient, or, with ``when_skipped="none"``, ``None``: the caller then adds no term at all (the
+official code's skip, which gives the head MLP no gradient).
+
+The logits are ``q k^T * scale`` in at least fp32; a :class:`QueryKey` with ``logit_dtype`` (bf16 in
+the official run, whose supervised layer computes them under bf16 autocast) computes the product and the
+scaling in that dtype and upcasts the result.
 
 Memory. Given dense ``logits`` the head MLP runs on the full ``[B, Q, K, 4H]`` tensor unless
 ``query_chunk`` is set. Given a :class:`QueryKey` (what the model's supervised layer hands out: it runs
@@ -67,6 +76,7 @@ import time
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -104,8 +114,11 @@ class HeadMLP(nn.Module):
         self.net = nn.Sequential(nn.Linear(heads, ratio * heads), nn.GELU(), nn.Linear(ratio * heads, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        """Fused score of the per-head values in the last axis."""
-        return self.net(x).squeeze(-1)
+        """Fused score of the per-head values in the last axis, computed in ``x``'s dtype (the weights are
+        cast to it, as autocast casts them: bf16 weights on fp32 input compute in fp32)."""
+        first, act, last = self.net
+        h = act(F.linear(x, first.weight.to(x.dtype), first.bias.to(x.dtype)))
+        return F.linear(h, last.weight.to(x.dtype), last.bias.to(x.dtype)).squeeze(-1)
 
 
 class QueryKey(NamedTuple):
@@ -120,6 +133,8 @@ class QueryKey(NamedTuple):
     key: Tensor
     """``[B, heads, K, d]``"""
     scale: float
+    logit_dtype: torch.dtype | None = None
+    """Compute ``query @ key^T * scale`` in this dtype and upcast the result (``None``: in at least fp32)."""
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -127,15 +142,22 @@ class QueryKey(NamedTuple):
         B, H, Q, _ = self.query.shape
         return (B, H, Q, int(self.key.shape[2]))
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the product and the scaling: ``logit_dtype``, or the queries' dtype promoted to fp32."""
+        return self.logit_dtype if self.logit_dtype is not None else torch.promote_types(self.query.dtype, torch.float32)
+
     def logits(self, rows: slice = slice(None)) -> Tensor:
-        """The logits of query rows ``rows`` ``[B, heads, rows, K]`` in at least fp32."""
-        dtype = torch.promote_types(self.query.dtype, torch.float32)
+        """The logits of query rows ``rows`` ``[B, heads, rows, K]`` in at least fp32 (computed in
+        :attr:`compute_dtype`)."""
+        ct = self.compute_dtype
         with torch.autocast(device_type=self.query.device.type, enabled=False):
-            return torch.matmul(self.query[:, :, rows].to(dtype), self.key.to(dtype).transpose(-1, -2)) * self.scale
+            out = torch.matmul(self.query[:, :, rows].to(ct), self.key.to(ct).transpose(-1, -2)) * self.scale
+        return out.to(torch.promote_types(ct, torch.float32))
 
     def detach(self) -> "QueryKey":
         """The same queries and keys without their graph."""
-        return QueryKey(self.query.detach(), self.key.detach(), self.scale)
+        return QueryKey(self.query.detach(), self.key.detach(), self.scale, self.logit_dtype)
 
 
 Attn = Tensor | QueryKey
@@ -252,11 +274,11 @@ def _group_sum(
     """``sum(weight * term)`` of query rows ``idx`` of one sample against the tokens of key view ``j``.
 
     ``a`` is that sample's queries ``[heads, Q, d]`` with ``key`` ``[heads, K, d]`` (the logits are
-    recomputed, times ``scale``) or its logits ``[heads, Q, K]`` with ``key=None``; ``target``/``weight``
-    ``[n]`` per row.
+    recomputed in their dtype, times ``scale``, then cast to ``dtype``) or its logits ``[heads, Q, K]``
+    with ``key=None``; ``target``/``weight`` ``[n]`` per row.
     """
-    if key is not None:
-        logits = torch.matmul(a.index_select(1, idx), key[:, j * hw : (j + 1) * hw].transpose(-1, -2)) * scale
+    if key is not None:  # a and key are in the logits' compute dtype
+        logits = (torch.matmul(a.index_select(1, idx), key[:, j * hw : (j + 1) * hw].transpose(-1, -2)) * scale).to(dtype)
     else:
         logits = a.index_select(1, idx)[:, :, j * hw : (j + 1) * hw].to(dtype)
     s = head_mlp(logits.permute(1, 2, 0))  # [n, hw]
@@ -284,7 +306,8 @@ def cameo_loss(
     mode: str = "official",
     ref_views: Tensor | None = None,
     query_chunk: int | None = None,
-) -> Tensor:
+    when_skipped: str = "zero",
+) -> Tensor | None:
     """CAMEO attention loss (scalar in at least fp32, unweighted; see the module docstring).
 
     ``attn``: the supervised layer's pre-softmax logits ``[B, heads, F*hw, F*hw]`` or its
@@ -293,9 +316,13 @@ def cameo_loss(
     :class:`HeadMLP`. ``ref_views`` ``[B, F]`` bool marks the reference views (needed for
     ``mode="official"``). ``query_chunk`` scores that many query tokens at a time under activation
     checkpointing (with a :class:`QueryKey`, their logits are recomputed per chunk as well).
+    ``when_skipped``: what a skipped loss (no supervised row, or an empty official selection) returns,
+    ``"zero"`` (a 0 connected to the inputs and the head MLP) or ``"none"`` (``None``).
     """
     if mode not in LOSS_MODES:
         raise SchemaError("mode", f"expected one of {LOSS_MODES}, got {mode!r}")
+    if when_skipped not in ("zero", "none"):
+        raise SchemaError("when_skipped", f"expected 'zero' or 'none', got {when_skipped!r}")
     heads = getattr(head_mlp, "heads", attn.shape[1] if len(attn.shape) == 4 else -1)
     B, Fv, hw = _check_inputs(attn, corr_nn, corr_mask, heads)
     if query_chunk is not None and query_chunk < 1:
@@ -306,7 +333,7 @@ def cameo_loss(
         dist = None if corr_dist is None else corr_dist.to(device)
         rw = _row_weights(corr_nn.to(device), corr_mask.to(device), dist, mode, ref_views, dtype)
         if rw is None:
-            return _connected_zero(attn, head_mlp)
+            return _connected_zero(attn, head_mlp) if when_skipped == "zero" else None
         target, weight = rw
         eps = OFFICIAL_EPS if mode == "official" else 0.0
         Q = Fv * hw
@@ -316,7 +343,11 @@ def cameo_loss(
         # Only the supervised (query token, key view) entries are scored, grouped by sample and key view:
         # the official target has one key view per query row, so this is about 1/F of the dense work.
         for b in range(B):
-            src = (attn.query[b].to(dtype), attn.key[b].to(dtype), attn.scale) if isinstance(attn, QueryKey) else (attn[b], None, 1.0)
+            if isinstance(attn, QueryKey):
+                ct = attn.compute_dtype
+                src = (attn.query[b].to(ct), attn.key[b].to(ct), attn.scale)
+            else:
+                src = (attn[b], None, 1.0)
             for j in range(Fv):
                 rows = torch.nonzero(weight[b, :, j]).flatten()
                 for r0 in range(0, rows.numel(), query_chunk):

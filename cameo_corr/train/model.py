@@ -14,7 +14,7 @@ Public API (signatures are part of the trainer contract)::
     noise_targets(latents, noisy_latents, ref_mask [B, F]) -> Tensor        # references clean, targets noisy
     class LatentCodec / IdentityCodec(factor=8) / VAECodec(vae, chunk=16)
         encode(images [B, F, 3, H, W] in [0, 1]) -> latents [B, F, C, h, w]; decode(latents) -> images
-        latent_size((H, W)) -> (h, w)
+        latent_size((H, W)) -> (h, w); VAECodec.posterior_sample(images) (unscaled), VAECodec.scale(z)
     class MultiViewOutput(NamedTuple): sample [B, F, C, h, w]; qk: QueryKey | None (q, k [B, heads, F*N, d], scale)
     class MultiViewUNet(nn.Module):
         __init__(unet, *, layer: str | int, camera_dropout=0.1, null_tokens=1, qk_norm=False,
@@ -366,13 +366,21 @@ class VAECodec(LatentCodec):
     @torch.no_grad()
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Sampled latents (``generator`` seeds the posterior sample), scaled by the VAE's scaling factor."""
+        return self.scale(self.posterior_sample(images, generator))
+
+    @torch.no_grad()
+    def posterior_sample(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The unscaled posterior sample ``[B, F, C, h, w]`` of images ``[B, F, 3, H, W]`` in [0, 1]."""
         B, Fv = images.shape[:2]
         x = (images.flatten(0, 1) * 2.0 - 1.0).to(self.vae.dtype)
         parts = [
             self.vae.encode(x[i : i + self.chunk]).latent_dist.sample(generator) for i in range(0, x.shape[0], self.chunk)
         ]
-        z = (torch.cat(parts) - self.shift_factor) * self.scaling_factor
-        return z.unflatten(0, (B, Fv))
+        return torch.cat(parts).unflatten(0, (B, Fv))
+
+    def scale(self, z: Tensor) -> Tensor:
+        """Diffusion latents of a posterior sample: ``(z - shift_factor) * scaling_factor`` in ``z``'s dtype."""
+        return (z - self.shift_factor) * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:

@@ -1,0 +1,47 @@
+"""One rank of the two-process CPU (gloo) run of ``test_train_loop.test_ddp_ranks_share_the_batch_order_and_the_skip_rule``.
+
+Usage: ``python -m torch.distributed.run --nproc_per_node 2 tests/ddp_skip_worker.py CACHE OUT``. Three
+optimizer steps: a normal one, one where only rank 0 has no CAMEO term, one where no rank has one. Each
+rank writes ``OUT/rank<r>.json``: per step its batch's reference counts and window ids, whether its
+CAMEO term was applied, whether the head MLP moved, and a checksum of the UNet weights.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from cameo_corr.train.config import load_config, preset_path
+from cameo_corr.train.loop import Trainer
+
+
+def main(cache: str, out: str) -> None:
+    cfg = load_config(preset_path("tiny_cpu"), [f"data.cache={cache}", "data.num_views=3", "data.batch_size=2",
+                                                "data.shuffle_buffer=3", "train.max_steps=3"])
+    trainer = Trainer(cfg, Path(out) / "run")
+    rank = trainer.accelerator.process_index
+    stream = trainer.batches()
+    rows = []
+    for step, skip_ranks in enumerate(((), (0,), (0, 1))):
+        batch = next(stream)
+        if rank in skip_ranks:  # no supervised entry: the official selections are empty
+            batch = {**batch, "corr_mask": torch.zeros_like(batch["corr_mask"])}
+        head = [p.detach().clone() for p in trainer.head_mlp.parameters()]
+        m = trainer.micro_step(batch)
+        trainer.state.step += 1
+        unet = trainer.accelerator.unwrap_model(trainer.trainable).model
+        rows.append({
+            "num_ref": batch["num_ref"].tolist(),
+            "windows": list(batch["window_id"]),
+            "applied": bool(m["cameo_applied"]),
+            "head_moved": any(not torch.equal(a, p) for a, p in zip(head, trainer.head_mlp.parameters())),
+            "unet_sum": float(sum(p.detach().double().sum() for p in unet.parameters())),
+        })
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
