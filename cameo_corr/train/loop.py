@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cameo_corr.cli import RunFailed
+from cameo_corr.cli.errors import RunFailed
 from cameo_corr.schemas import SchemaError
 from cameo_corr.train.config import TrainConfig
 
