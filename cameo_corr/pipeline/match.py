@@ -172,7 +172,10 @@ Array = Any  # a numpy array or a torch tensor
 def _sqdist_rows(q: Array, k: Array) -> Array:
     """Reference metric between matching rows ``q [..., 3]`` and ``k [..., 3]`` (float64, fixed order)."""
     d = q - k
-    return d[..., 0] * d[..., 0] + d[..., 1] * d[..., 1] + d[..., 2] * d[..., 2]
+    d *= d  # each square rounded once, then summed in coordinate order: (d0^2 + d1^2) + d2^2
+    out = d[..., 0] + d[..., 1]
+    out += d[..., 2]
+    return out
 
 
 def _brute_np(queries: np.ndarray, keys: np.ndarray, max_elements: int) -> tuple[np.ndarray, np.ndarray]:
@@ -248,7 +251,7 @@ def _kdtree_nn(queries: np.ndarray, keys: np.ndarray, max_elements: int) -> tupl
     index = cand[:, 0].astype(np.int64)
     best = _sqdist_rows(queries, keys[index])
     if k > 1:
-        redo = np.flatnonzero(~(sq[:, 1] > sq[:, 0] * (1.0 + _KDTREE_TIE_RTOL)))
+        redo = np.flatnonzero(sq[:, 1] <= sq[:, 0] * (1.0 + _KDTREE_TIE_RTOL))  # no NaN: points are finite
         if redo.size:
             index[redo], best[redo] = _brute_np(queries[redo], keys, max_elements)
     return index, np.sqrt(best)
