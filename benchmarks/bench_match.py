@@ -1,7 +1,8 @@
 """Token matching benchmark: all ordered pairs of one window, exact NN + cycle masks (SPEC §3).
 
 For every S in ``--views`` and grid in ``--grids`` it measures, on the same smooth random pointmaps
-(median of ``--repeats`` rounds, one process, one table), the **CPU time** of (``time.process_time``:
+(or, with ``--sevenscenes ROOT``, real windows: a 7-Scenes scene's depth and poses through the depth
+backend) (median of ``--repeats`` rounds, one process, one table), the **CPU time** of (``time.process_time``:
 every thread of the process, so a shared, loaded machine blurs it less than wall time; wall time is
 reported beside it):
 
@@ -34,7 +35,7 @@ The exact methods (the backends and ``ckdtree/view``) must return the same ``nn`
 backends the same ``dist`` and ``mask``; a mismatch aborts the run.
 
 Usage: ``python benchmarks/bench_match.py [--views 4 8 16] [--grids 16 32 64] [--repeats 7]
-[--budget 12] [--slow 1.5] [--json out.json]``.
+[--budget 12] [--slow 1.5] [--sevenscenes ROOT] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -80,6 +81,26 @@ def smooth_pointmaps(S: int, grid: int, seed: int = 0, invalid_frac: float = 0.0
         pts[s] = np.stack([x * z, y * z, z], -1)
     valid = rng.random((S, grid, grid)) >= invalid_frac
     return pts.astype(np.float32), valid
+
+
+def sevenscenes_pointmaps(root: str, S: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token pointmaps ``[S, g, g, 3]`` float32 and validity of one real window: the first ``S`` frames of
+    a 7-Scenes scene (sequences in order, one world frame) through the depth backend, 512 px crop."""
+    from cameo_corr.datasets import open_dataset
+    from cameo_corr.datasets.canonical import CanonicalView, load_window
+    from cameo_corr.pipeline.backends import make_backend
+    from cameo_corr.pipeline.match import tokenize
+    from cameo_corr.schemas import WindowRecord
+
+    reader = open_dataset("7scenes", root, split="all")
+    frames = [f for sid in reader.scene_ids() for f in reader.scene(sid).frames]
+    if len(frames) < S:
+        raise SystemExit(f"--sevenscenes {root}: {len(frames)} frames, a window of {S} views needs more")
+    record = WindowRecord(f"bench-{S}", "7scenes", "all", "scene", tuple(frames[:S]))
+    window = load_window(reader, record, CanonicalView(size=512, policy=reader.preferred_crop_policy()), with_depth=True)
+    result = make_backend("depth", device="cpu")(window)
+    points, valid, _ = tokenize(result.points, result.valid, result.conf, grid)
+    return points.numpy(), valid.numpy()
 
 
 def _cycle_mask(nn: np.ndarray, valid: np.ndarray, w: int, tau: float) -> np.ndarray:
@@ -219,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slow", type=float, default=1.5, help="a method whose warm-up takes longer is reported by that run (s)")
     parser.add_argument("--tau", type=float, default=1.5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sevenscenes", metavar="ROOT", help="real windows instead: a 7-Scenes scene's depth + poses (e.g. the "
+                        "shared stairs sample) through the depth backend")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -242,12 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     columns = backends + list(baselines)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
-          f"median of {args.repeats} rounds; CPU ms, (x) = CPU time / auto's")
+          f"median of {args.repeats} rounds; CPU ms, (x) = CPU time / auto's; "
+          f"{'7-Scenes windows from ' + args.sevenscenes if args.sevenscenes else 'smooth random pointmaps'}")
     match_tokens(torch.zeros(2, 2, 2, 3), torch.ones(2, 2, 2, dtype=torch.bool))  # imports outside timing
     results = []
     for S in args.views:
         for g in args.grids:
-            pts, valid = smooth_pointmaps(S, g, seed=args.seed)
+            if args.sevenscenes:
+                pts, valid = sevenscenes_pointmaps(args.sevenscenes, S, g)
+            else:
+                pts, valid = smooth_pointmaps(S, g, seed=args.seed)
             ref = match_tokens(torch.from_numpy(pts), torch.from_numpy(valid), tau=args.tau, backend="auto")
             row: dict[str, dict] = {}
             runs: dict[str, Callable[[], object]] = {}
