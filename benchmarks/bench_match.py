@@ -1,31 +1,41 @@
 """Token matching benchmark: all ordered pairs of one window, exact NN + cycle masks (SPEC §3).
 
-For every S in ``--views`` and grid in ``--grids`` it times, on the same smooth random pointmaps
-(median of ``--repeats`` runs, one process, one table):
+For every S in ``--views`` and grid in ``--grids`` it measures, on the same smooth random pointmaps
+(or, with ``--sevenscenes ROOT``, real windows: a 7-Scenes scene's depth and poses through the depth
+backend) (median of ``--repeats`` rounds, one process, one table), the **CPU time** of (``time.process_time``:
+every thread of the process, so a shared, loaded machine blurs it less than wall time; wall time is
+reported beside it):
 
 * ``auto`` (ours; the ratios are relative to it) and the three exact backends of
   :func:`cameo_corr.pipeline.match.match_tokens`: ``kdtree``, ``faiss``, ``torch``;
 * ``ckdtree/pair``: the common research-code baseline (DUSt3R/MASt3R): one ``cKDTree`` per view, one
-  ``k=1`` query per ordered pair, then the cycle mask (no tie handling);
+  ``k=1`` query per ordered pair on all cores, then the cycle mask (no tie handling); ``ckdtree/pair/1``
+  the same with one thread per query;
+* ``ckdtree/view``: the previous exact path of this package: one ``cKDTree`` per key view queried with
+  the other views' tokens stacked, ``k=2``, rows with a (near) tie re-done by brute force;
 * ``faiss/pair``: one ``faiss.knn(k=1)`` per ordered pair, then the cycle mask (inexact float32 BLAS);
 * ``numpy loop``: a naive per-pair loop, full ``[hw, hw]`` distance matrix + argmin per pair;
 * ``matmul floor``: a lower bound for brute force: one dense ``[S*hw, S*hw]`` float32 matmul (row
   chunks of 64 Mi elements) + argmin per key view, no cycle mask and not exact.
 
-Each method runs once untimed (warm-up and agreement check), then ``--repeats`` timed runs in a row;
-the table shows the median. The brute-force methods (``faiss``, ``torch``, ``faiss/pair``, ``numpy
-loop``, ``matmul floor``) are first timed on 2 views and extrapolated; a size whose estimate exceeds
-``--budget`` seconds is skipped and shown as ``skip (~N s)``, and a method whose warm-up exceeds
-``--slow`` seconds is reported by that one run.
+Each method runs once untimed (warm-up and agreement check), then ``--repeats`` rounds in which every
+method runs once in turn (so a burst of load hits all of them alike); the table shows the medians. The
+brute-force methods (``faiss``, ``torch``, ``faiss/pair``, ``numpy loop``, ``matmul floor``) are first
+timed on 2 views and extrapolated; a size whose estimate exceeds ``--budget`` seconds is skipped and
+shown as ``skip (~N s)``, and a method whose warm-up exceeds ``--slow`` seconds is reported by that one
+run.
 
 torch and faiss bring two OpenMP runtimes whose idle threads busy-wait by default; on 2 cores they
-starve each other (and scipy's threads), inflating faiss calls by up to 100x. Unless the caller set
-it, the benchmark runs with ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep), which is fair to every
-method.
-The exact backends must return the same ``nn`` and ``mask`` as ``auto``; a mismatch aborts the run.
+starve each other (and the KD-trees' threads), inflating faiss calls by up to 100x. Unless the caller
+set it, the benchmark runs with ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep), which is fair to every
+method. ``OMP_NUM_THREADS`` (pykdtree's and torch's threads) is left as the caller set it: with
+``OMP_NUM_THREADS=1`` the table is the CPU cost of one pipeline worker (Ray gives each worker one thread
+unless told otherwise); unset, pykdtree and torch use every core (less wall time, more CPU time).
+The exact methods (the backends and ``ckdtree/view``) must return the same ``nn`` as ``auto``, and the
+backends the same ``dist`` and ``mask``; a mismatch aborts the run.
 
-Usage: ``python benchmarks/bench_match.py [--views 4 8 16] [--grids 16 32 64] [--repeats 5]
-[--budget 12] [--slow 1.5] [--json out.json]``.
+Usage: ``python benchmarks/bench_match.py [--views 4 8 16] [--grids 16 32 64] [--repeats 7]
+[--budget 12] [--slow 1.5] [--sevenscenes ROOT] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -73,6 +83,26 @@ def smooth_pointmaps(S: int, grid: int, seed: int = 0, invalid_frac: float = 0.0
     return pts.astype(np.float32), valid
 
 
+def sevenscenes_pointmaps(root: str, S: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token pointmaps ``[S, g, g, 3]`` float32 and validity of one real window: the first ``S`` frames of
+    a 7-Scenes scene (sequences in order, one world frame) through the depth backend, 512 px crop."""
+    from cameo_corr.datasets import open_dataset
+    from cameo_corr.datasets.canonical import CanonicalView, load_window
+    from cameo_corr.pipeline.backends import make_backend
+    from cameo_corr.pipeline.match import tokenize
+    from cameo_corr.schemas import WindowRecord
+
+    reader = open_dataset("7scenes", root, split="all")
+    frames = [f for sid in reader.scene_ids() for f in reader.scene(sid).frames]
+    if len(frames) < S:
+        raise SystemExit(f"--sevenscenes {root}: {len(frames)} frames, a window of {S} views needs more")
+    record = WindowRecord(f"bench-{S}", "7scenes", "all", "scene", tuple(frames[:S]))
+    window = load_window(reader, record, CanonicalView(size=512, policy=reader.preferred_crop_policy()), with_depth=True)
+    result = make_backend("depth", device="cpu")(window)
+    points, valid, _ = tokenize(result.points, result.valid, result.conf, grid)
+    return points.numpy(), valid.numpy()
+
+
 def _cycle_mask(nn: np.ndarray, valid: np.ndarray, w: int, tau: float) -> np.ndarray:
     """Cycle mask of baseline ``nn [S, S, hw]`` (same definition as the package)."""
     S, _, hw = nn.shape
@@ -83,8 +113,9 @@ def _cycle_mask(nn: np.ndarray, valid: np.ndarray, w: int, tau: float) -> np.nda
     return (d2 <= tau * tau) & valid[:, None, :]
 
 
-def ckdtree_per_pair(pts: np.ndarray, valid: np.ndarray, tau: float = 1.5) -> np.ndarray:
-    """DUSt3R-style baseline: one cKDTree per view on its valid tokens, one k=1 query per ordered pair."""
+def ckdtree_per_pair(pts: np.ndarray, valid: np.ndarray, tau: float = 1.5, workers: int = -1) -> np.ndarray:
+    """DUSt3R-style baseline: one cKDTree per view on its valid tokens, one k=1 query per ordered pair
+    (``workers`` threads per query; DUSt3R passes several)."""
     from scipy.spatial import cKDTree
 
     S, g = pts.shape[0], pts.shape[1]
@@ -96,8 +127,38 @@ def ckdtree_per_pair(pts: np.ndarray, valid: np.ndarray, tau: float = 1.5) -> np
     for i in range(S):
         for j in range(S):
             if i != j:
-                nn[i, j, idx[i]] = idx[j][trees[j].query(P[i, idx[i]], k=1, workers=-1)[1]]
+                nn[i, j, idx[i]] = idx[j][trees[j].query(P[i, idx[i]], k=1, workers=workers)[1]]
     return _cycle_mask(nn, V, g, tau)
+
+
+def ckdtree_per_view(pts: np.ndarray, valid: np.ndarray, tau: float = 1.5, rtol: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
+    """The previous exact path: one cKDTree per key view on its valid tokens, queried once with the valid
+    tokens of all other views (``k=2``, all cores from 8192 rows); rows whose second neighbour is within
+    ``rtol`` of the first are re-done by float64 brute force (lowest index on ties). Returns ``(nn, mask)``."""
+    from scipy.spatial import cKDTree
+
+    S, g = pts.shape[0], pts.shape[1]
+    P = pts.reshape(S, -1, 3).astype(np.float64)
+    V = valid.reshape(S, -1)
+    nn = np.zeros((S, S, P.shape[1]), dtype=np.int64)
+    for j in range(S):
+        nn[j, j] = np.arange(P.shape[1])
+        keys = np.flatnonzero(V[j])
+        queries = V.copy()
+        queries[j] = False
+        if not (keys.size and queries.any()):
+            continue
+        Q, K = P[queries], P[j, keys]
+        k = min(2, len(keys))
+        d, cand = cKDTree(K).query(Q, k=k, workers=-1 if len(Q) >= 8192 else 1)
+        d, cand = d.reshape(len(Q), k), cand.reshape(len(Q), k)
+        index = cand[:, 0].copy()
+        if k > 1:
+            for r in np.flatnonzero(d[:, 1] <= d[:, 0] * (1.0 + rtol)):
+                diff = Q[r] - K
+                index[r] = np.argmin(diff[:, 0] * diff[:, 0] + diff[:, 1] * diff[:, 1] + diff[:, 2] * diff[:, 2])
+        nn[:, j][queries] = keys[index]
+    return nn, _cycle_mask(nn, V, g, tau)
 
 
 def faiss_per_pair(pts: np.ndarray, valid: np.ndarray, tau: float = 1.5) -> np.ndarray:
@@ -156,37 +217,39 @@ def _runner(
     return lambda: match_tokens(P, V, tau=tau, backend=name)
 
 
-def _cell(result: dict, ours: float) -> str:
-    """``ms (ratio to ours)`` or the skip note of one table cell."""
+def _cell(result: dict, ours: dict, key: str = "cpu") -> str:
+    """``ms (ratio to ours)`` of ``key`` (``cpu`` or ``wall`` seconds), or the skip note of one table cell."""
     if result.get("skipped"):
         return f"skip (~{result['estimate_s']:.0f} s)"
-    return f"{1e3 * result['seconds']:.1f} ({result['seconds'] / ours:.2f}x)"
+    return f"{1e3 * result[key]:.1f} ({result[key] / ours[key]:.2f}x)"
 
 
-def _time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _clock(fn: Callable[[], object]) -> tuple[float, float, object]:
+    """``(cpu seconds, wall seconds, result)`` of one call; CPU time sums every thread of the process."""
+    c0, w0 = time.process_time(), time.perf_counter()
+    out = fn()
+    return time.process_time() - c0, time.perf_counter() - w0, out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--views", type=int, nargs="+", default=[4, 8, 16], help="window sizes S")
     parser.add_argument("--grids", type=int, nargs="+", default=[16, 32, 64], help="token grid sides")
-    parser.add_argument("--repeats", type=int, default=5, help="runs per measurement (median)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per size (median)")
     parser.add_argument("--budget", type=float, default=12.0, help="skip a brute-force run estimated above this (s)")
     parser.add_argument("--slow", type=float, default=1.5, help="a method whose warm-up takes longer is reported by that run (s)")
     parser.add_argument("--tau", type=float, default=1.5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sevenscenes", metavar="ROOT", help="real windows instead: a 7-Scenes scene's depth + poses (e.g. the "
+                        "shared stairs sample) through the depth backend")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
 
     backends = ["auto", "kdtree", "faiss", "torch"]
     baselines: dict[str, Callable[[np.ndarray, np.ndarray], object]] = {
         "ckdtree/pair": lambda p, v: ckdtree_per_pair(p, v, args.tau),
+        "ckdtree/pair/1": lambda p, v: ckdtree_per_pair(p, v, args.tau, workers=1),
+        "ckdtree/view": lambda p, v: ckdtree_per_view(p, v, args.tau),
         "faiss/pair": lambda p, v: faiss_per_pair(p, v, args.tau),
         "numpy loop": lambda p, v: numpy_loop(p, v, args.tau),
         "matmul floor": lambda p, v: matmul_floor(p, v),
@@ -201,43 +264,58 @@ def main(argv: list[str] | None = None) -> int:
     }
     columns = backends + list(baselines)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; median of {args.repeats}; times in ms, (x) = time / auto")
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
+          f"median of {args.repeats} rounds; CPU ms, (x) = CPU time / auto's; "
+          f"{'7-Scenes windows from ' + args.sevenscenes if args.sevenscenes else 'smooth random pointmaps'}")
     match_tokens(torch.zeros(2, 2, 2, 3), torch.ones(2, 2, 2, dtype=torch.bool))  # imports outside timing
     results = []
     for S in args.views:
         for g in args.grids:
-            pts, valid = smooth_pointmaps(S, g, seed=args.seed)
+            if args.sevenscenes:
+                pts, valid = sevenscenes_pointmaps(args.sevenscenes, S, g)
+            else:
+                pts, valid = smooth_pointmaps(S, g, seed=args.seed)
             ref = match_tokens(torch.from_numpy(pts), torch.from_numpy(valid), tau=args.tau, backend="auto")
             row: dict[str, dict] = {}
-            times: dict[str, list[float]] = {}
+            runs: dict[str, Callable[[], object]] = {}
+            clocks: dict[str, list[tuple[float, float]]] = {}
             for name in columns:
                 if name in brute_scale:
-                    estimate = _time(_runner(name, pts[:2], valid[:2], args.tau, baselines), 1) * brute_scale[name](S)
+                    estimate = _clock(_runner(name, pts[:2], valid[:2], args.tau, baselines))[1] * brute_scale[name](S)
                     if estimate > args.budget:
                         row[name] = {"skipped": True, "estimate_s": estimate}
                         continue
                 run = _runner(name, pts, valid, args.tau, baselines)
-                t0 = time.perf_counter()
-                out = run()  # warm-up: exact backends must agree with auto
-                first = time.perf_counter() - t0
-                if name in backends and not (torch.equal(out[0], ref[0]) and torch.equal(out[2], ref[2])):
+                cpu, wall, out = _clock(run)  # warm-up: exact methods must agree with auto
+                if name in backends and not all(torch.equal(a, b) for a, b in zip(out, ref)):
                     raise SystemExit(f"backend {name} disagrees with auto at S={S}, grid={g}")
-                times[name] = [first] if first >= args.slow else [_time(run, 1) for _ in range(args.repeats)]
-            for name, ts in times.items():
-                row[name] = {"seconds": statistics.median(ts), "runs": ts}
+                if name == "ckdtree/view" and not np.array_equal(out[0], ref[0].numpy()):
+                    raise SystemExit(f"{name} disagrees with auto at S={S}, grid={g}")
+                clocks[name] = [(cpu, wall)]
+                if wall < args.slow:
+                    runs[name] = run
+            for name in runs:
+                clocks[name] = []
+            for _ in range(args.repeats):  # rounds: every method once in turn
+                for name, run in runs.items():
+                    clocks[name].append(_clock(run)[:2])
+            for name, cs in clocks.items():
+                row[name] = {"cpu": statistics.median(c for c, _ in cs), "wall": statistics.median(w for _, w in cs),
+                             "runs": [{"cpu": c, "wall": w} for c, w in cs]}
             results.append({"S": S, "grid": g, **row})
-            ours = row["auto"]["seconds"]
+            ours = row["auto"]
             print(f"S={S:2d} grid={g:2d} | " + " | ".join(f"{n}: {_cell(row[n], ours)}" for n in columns), flush=True)
 
-    print()
-    print("| S | grid | " + " | ".join(columns) + " |")
-    print("|" + "---|" * (len(columns) + 2))
-    for row in results:
-        ours = row["auto"]["seconds"]
-        print(f"| {row['S']} | {row['grid']} | " + " | ".join(_cell(row[n], ours) for n in columns) + " |")
+    for key, title in (("cpu", "CPU time"), ("wall", "wall time")):
+        print(f"\n{title}, ms (x = {title} / auto's)\n")
+        print("| S | grid | " + " | ".join(columns) + " |")
+        print("|" + "---|" * (len(columns) + 2))
+        for row in results:
+            print(f"| {row['S']} | {row['grid']} | " + " | ".join(_cell(row[n], row["auto"], key) for n in columns) + " |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"repeats": args.repeats, "tau": args.tau, "results": results}, f, indent=2)
+            json.dump({"repeats": args.repeats, "tau": args.tau, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                       "results": results}, f, indent=2)
     return 0
 
 

@@ -70,7 +70,7 @@ def assert_matches_reference(points: np.ndarray, valid: np.ndarray, tau: float =
         assert nn.dtype == torch.int64 and dist.dtype == torch.float32 and mask.dtype == torch.bool, backend
         np.testing.assert_array_equal(nn.numpy(), ref_nn, err_msg=backend)
         np.testing.assert_array_equal(mask.numpy(), ref_mask, err_msg=backend)
-        np.testing.assert_allclose(dist.numpy(), ref_dist.astype(np.float32), rtol=1e-6, atol=1e-6, err_msg=backend)
+        np.testing.assert_array_equal(dist.numpy(), ref_dist.astype(np.float32), err_msg=backend)  # bit for bit
 
 
 def smooth_views(S: int, h: int, w: int, seed: int) -> np.ndarray:
@@ -177,6 +177,95 @@ def test_backends_agree_on_larger_smooth_window() -> None:
     chunked = match_tokens(P, V, backend="torch", max_elements=7)
     assert all(torch.equal(a, b) for a, b in zip(chunked, ref))
     assert ref[2][~torch.eye(4, dtype=torch.bool)].float().mean() > 0.5  # overlapping views: many matches
+
+
+# ------------------------------------------------------------ KD-tree certificate vs float64 brute force
+def assert_same_as_brute_force(points: np.ndarray, valid: np.ndarray, tau: float = 1.5) -> None:
+    """``kdtree`` (candidates certified by the second neighbour's gap, uncertified rows re-done) against
+    ``torch`` (float64 brute force over every key, no certificate): identical nn, dist and mask."""
+    P, V = torch.from_numpy(points), torch.from_numpy(valid)
+    fast = match_tokens(P, V, tau=tau, backend="kdtree")
+    brute = match_tokens(P, V, tau=tau, backend="torch")
+    for name, a, b in zip(("nn", "dist", "mask"), fast, brute):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{name} differs from the float64 brute force"
+
+
+@pytest.mark.parametrize("S,grid", [(4, 32), (8, 16), (2, 48)])
+def test_kdtree_equals_brute_force_on_smooth_and_snapped_views(S: int, grid: int) -> None:
+    """Smooth overlapping views (nearly every row certified by the tree), then the same views snapped
+    to a 1/8 lattice: exact ties and duplicate points everywhere, which only the exact fallback settles."""
+    points = smooth_views(S, grid, grid, seed=S + grid)
+    valid = np.random.default_rng(grid).random((S, grid, grid)) > 0.1
+    assert_same_as_brute_force(points, valid)
+    snapped = (np.round(points * 8) / 8).astype(np.float32)
+    assert_same_as_brute_force(snapped, valid)
+    assert len(np.unique(snapped[valid], axis=0)) < valid.sum()  # the lattice really holds duplicates
+
+
+def test_kdtree_degenerate_windows_match_reference() -> None:
+    """Every token at one point (all keys tie), one valid token per view, duplicated key pairs, NaN at
+    invalid tokens, and float64 input."""
+    rng = np.random.default_rng(4)
+    same = np.zeros((3, 3, 4, 3), dtype=np.float32) + np.float32([1.0, -2.0, 0.5])
+    valid = rng.random((3, 3, 4)) > 0.3
+    valid[:, 0, 0] = True
+    assert_matches_reference(same, valid)
+    nn, dist, _ = match_tokens(torch.from_numpy(same), torch.from_numpy(valid))
+    first = [int(np.flatnonzero(valid[j].ravel())[0]) for j in range(3)]
+    assert all(bool((nn[i, j, valid[i].ravel()] == first[j]).all()) for i in range(3) for j in range(3) if i != j)
+    assert bool((dist[~torch.eye(3, dtype=torch.bool)][:, 0] == 0).all())
+
+    one = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    single = np.zeros((4, 3, 3), dtype=bool)
+    single[np.arange(4), rng.integers(0, 3, 4), rng.integers(0, 3, 4)] = True
+    assert_matches_reference(one, single)
+
+    pairs = rng.normal(size=(3, 2, 6, 3)).astype(np.float32)
+    pairs[:, :, 1::2] = pairs[:, :, 0::2]  # every key has a twin at the next index
+    holes = rng.random((3, 2, 6)) > 0.2
+    noisy = pairs.copy()
+    noisy[~holes] = np.nan
+    assert_matches_reference(noisy, holes)
+    assert_matches_reference(pairs.astype(np.float64), holes)
+
+
+def test_kdtree_near_tie_below_the_certificate_is_exact() -> None:
+    """Two keys whose squared distances to the query differ by ~1e-13 relative (inside the certificate's
+    1e-9 margin, resolvable in float64): the reference metric's nearest one, here the higher index, wins."""
+    points = np.zeros((2, 1, 3, 3))
+    points[0, 0, 0] = [0.0, 0.0, 0.0]
+    points[1, 0, 0] = [1.0 + 1e-13, 0.0, 0.0]
+    points[1, 0, 1] = [0.0, -1.0, 0.0]
+    points[1, 0, 2] = [40.0, 40.0, 40.0]
+    points[0, 0, 1:] = [[7.0, 7.0, 7.0], [9.0, 9.0, 9.0]]
+    valid = np.ones((2, 1, 3), dtype=bool)
+    assert_matches_reference(points, valid)
+    nn, _, _ = match_tokens(torch.from_numpy(points), torch.from_numpy(valid), backend="kdtree")
+    assert int(nn[0, 1, 0]) == 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    S=st.integers(2, 5),
+    h=st.integers(1, 20),
+    w=st.integers(1, 20),
+    seed=st.integers(0, 2**31 - 1),
+    lattice=st.booleans(),
+    scale=st.sampled_from([1.0, 1e-3, 1e4]),
+    keep=st.floats(0.05, 1.0),
+)
+def test_kdtree_equals_brute_force_property(
+    S: int, h: int, w: int, seed: int, lattice: bool, scale: float, keep: float
+) -> None:
+    """Random windows, on an integer lattice (ties) or not, at several scales and densities of valid
+    tokens (including views with none or one)."""
+    rng = np.random.default_rng(seed)
+    if lattice:
+        points = rng.integers(-3, 4, size=(S, h, w, 3)) * scale
+    else:
+        points = rng.normal(size=(S, h, w, 3)) * scale
+    valid = rng.random((S, h, w)) < keep
+    assert_same_as_brute_force(points.astype(np.float32), valid)
 
 
 # ------------------------------------------------------------------------------------- semantics

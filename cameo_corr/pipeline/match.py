@@ -33,22 +33,22 @@ the first excluded key is within the backend's rounding bound) is recomputed by 
 
 Backends (``backend=``):
 
-* ``"kdtree"``: one ``scipy.spatial.cKDTree`` per key view, built once on its valid tokens, queried with
-  the valid tokens of all other views stacked (one call per key view instead of one per pair; ``k=2``,
-  both cores for large calls). cKDTree sums the same float64 squares, so its first neighbour is the
-  reference argmin whenever the second is further by a relative 1e-9; rows with a (near) tie go to
-  brute force. The second neighbour costs ~25 % more tree search than ``k=1``: the price of the
-  deterministic tie rule.
+* ``"kdtree"``: one KD-tree per key view (``pykdtree``), built once on its valid tokens and queried
+  with the valid tokens of all other views stacked (one call per key view instead of one per pair),
+  ``k=2`` in float64. A query is certified when its second neighbour's squared distance exceeds the
+  first's by a relative :data:`_KDTREE_TIE_RTOL` (1e-9, a million times the rounding of either
+  library's float64 sums): the first neighbour is then the unique nearest key, its distance is
+  re-evaluated in the reference metric, and the rows that fail (exact ties, duplicate keys) go to brute
+  force. The second neighbour is the price of the deterministic tie rule.
 * ``"faiss"``: ``faiss.knn`` (CPU) or ``faiss.knn_gpu`` (CUDA tensors; needs a faiss build with GPUs) with
   4 candidates, then the exact re-rank. faiss computes ``|a|^2 + |b|^2 - 2 a.b`` in float32, so a row is
   certified only when its 4th candidate is further than the first by more than twice the error bound.
 * ``"torch"``: batched brute force in float64 with direct coordinate differences (no matmul expansion),
   chunked so that at most ``max_elements`` distances are alive at once; runs on any device.
 * ``"auto"``: the fastest exact method for the tensor's device. On CPU that is the KD-tree path
-  (``benchmarks/bench_match.py`` on 2 cores: an order of magnitude faster than faiss and brute force;
-  1.2-10x faster than per-pair KD-tree queries where per-call overhead dominates, and on par within
-  run-to-run noise at 64x64 grids, where tree search dominates); on CUDA the torch brute force (no host
-  round trip).
+  (``benchmarks/bench_match.py``, one thread, S=4-8 and 32x32-64x64 grids: 1.8-2.5x less CPU time than
+  per-pair ``cKDTree`` queries, the usual research-code matcher, and an order of magnitude less than
+  faiss and brute force); on CUDA the torch brute force (no host round trip).
 
 The CPU backends run on numpy end to end; the torch backend and faiss-gpu on torch tensors on the input
 device. Results are torch tensors on the input device.
@@ -88,12 +88,11 @@ DEFAULT_MAX_ELEMENTS = 1 << 22
 temporary)."""
 
 _KDTREE_K = 2
-_KDTREE_PARALLEL_ROWS = 8192
-"""Queries per cKDTree call from which its threads pay off (measured on 2 cores; below, one thread)."""
 _FAISS_K = 4
 _KDTREE_TIE_RTOL = 1e-9
-"""cKDTree distances are float64 like the reference metric but may be summed differently; a second
-neighbour within this relative distance of the first is treated as a possible tie and resolved exactly."""
+"""The KD-tree's squared distances are float64 like the reference metric but summed and pruned by
+another code (relative rounding ~1e-15); a second neighbour within this relative squared distance of
+the first is treated as a possible tie and resolved exactly."""
 _FAISS_ERR_CPU = 16 * 2.0**-24
 _FAISS_ERR_GPU = 16 * 2.0**-11
 """Error bound of faiss's float32 ``|a|^2 + |b|^2 - 2 a.b`` relative to ``(|a| + |b|)^2`` (generous; the
@@ -164,16 +163,19 @@ def tokenize(
 
 
 # --------------------------------------------------------------------------- exact nearest neighbours
-# The CPU backends (cKDTree, faiss-cpu) run on numpy end to end: interleaving torch's OpenMP kernels with
-# scipy's worker threads makes the idle OpenMP threads spin against them (measured 5-10x slower on 2
-# cores). The torch backend and faiss-gpu run on torch tensors on the input device.
+# The CPU backends (pykdtree, faiss-cpu) run on numpy end to end: interleaving torch's OpenMP kernels with
+# another library's worker threads makes the idle OpenMP threads spin against them (measured 5-10x slower
+# on 2 cores with scipy's threads). The torch backend and faiss-gpu run on torch tensors on the input device.
 Array = Any  # a numpy array or a torch tensor
 
 
 def _sqdist_rows(q: Array, k: Array) -> Array:
     """Reference metric between matching rows ``q [..., 3]`` and ``k [..., 3]`` (float64, fixed order)."""
     d = q - k
-    return d[..., 0] * d[..., 0] + d[..., 1] * d[..., 1] + d[..., 2] * d[..., 2]
+    d *= d  # each square rounded once, then summed in coordinate order: (d0^2 + d1^2) + d2^2
+    out = d[..., 0] + d[..., 1]
+    out += d[..., 2]
+    return out
 
 
 def _brute_np(queries: np.ndarray, keys: np.ndarray, max_elements: int) -> tuple[np.ndarray, np.ndarray]:
@@ -234,27 +236,25 @@ def _select_torch(
 
 
 def _kdtree_nn(queries: np.ndarray, keys: np.ndarray, max_elements: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact NN via one cKDTree on ``keys`` queried with all ``queries`` (``k=2``).
+    """Exact NN via one KD-tree on ``keys`` queried with all ``queries`` (``k=2``, squared distances).
 
-    cKDTree evaluates the same float64 sum as the reference metric, so its first neighbour is the
-    reference argmin whenever the second one is further by more than :data:`_KDTREE_TIE_RTOL`; the other
-    rows (ties, duplicates) are re-done by brute force.
+    A row whose second neighbour is further than its first by more than :data:`_KDTREE_TIE_RTOL`
+    (relative, squared) has a unique nearest key, whose reference distance is returned; the other rows
+    (ties, duplicates) are re-done by brute force.
     """
-    from scipy.spatial import cKDTree
+    from pykdtree.kdtree import KDTree
 
     n = len(queries)
     k = min(_KDTREE_K, len(keys))
-    tree = cKDTree(keys)
-    d, cand = tree.query(queries, k=k, workers=-1 if n >= _KDTREE_PARALLEL_ROWS else 1)
-    d, cand = d.reshape(n, k), cand.reshape(n, k)
-    index, dist = cand[:, 0], d[:, 0]
+    sq, cand = KDTree(keys).query(queries, k=k, sqr_dists=True)
+    sq, cand = sq.reshape(n, k), cand.reshape(n, k)
+    index = cand[:, 0].astype(np.int64)
+    best = _sqdist_rows(queries, keys[index])
     if k > 1:
-        redo = np.flatnonzero(d[:, 1] <= d[:, 0] * (1.0 + _KDTREE_TIE_RTOL))
+        redo = np.flatnonzero(sq[:, 1] <= sq[:, 0] * (1.0 + _KDTREE_TIE_RTOL))  # no NaN: points are finite
         if redo.size:
-            index, dist = index.copy(), dist.copy()
-            index[redo], sq = _brute_np(queries[redo], keys, max_elements)
-            dist[redo] = np.sqrt(sq)
-    return index, dist
+            index[redo], best[redo] = _brute_np(queries[redo], keys, max_elements)
+    return index, np.sqrt(best)
 
 
 def _faiss_certified(D: Array, cand: Array, q_norm: Array, k_norm_max: Array, err_scale: float) -> Array:
@@ -317,20 +317,31 @@ def _brute_torch_nn(queries: "Tensor", keys: "Tensor", max_elements: int) -> tup
 
 def _nearest_np(points: np.ndarray, valid: np.ndarray, nn_fn: Callable, max_elements: int) -> tuple[np.ndarray, np.ndarray]:
     """``nn`` int64 and ``dist`` float32 ``[S, S, hw]`` of all ordered pairs (numpy; one ``nn_fn`` call per
-    key view with the valid tokens of all other views). The diagonal is the identity at distance 0."""
+    key view with the valid tokens of all other views). The diagonal is the identity at distance 0.
+
+    The valid tokens are gathered once, view after view, so each key view's tokens are one slice and its
+    queries the two slices around it; results are written straight to their flat positions.
+    """
     S, hw = valid.shape
     nn = np.zeros((S, S, hw), dtype=np.int64)
     dist = np.full((S, S, hw), np.inf, dtype=np.float32)
+    diag = np.arange(S)
+    nn[diag, diag] = np.arange(hw)
+    dist[diag, diag] = 0.0
+    flat = np.flatnonzero(valid)  # view-major: view i's valid tokens are rows start[i]:start[i + 1]
+    view, token = np.divmod(flat, hw)
+    pts = points.reshape(-1, 3)[flat]
+    start = np.searchsorted(view, np.arange(S + 1))
+    base = flat + view * ((S - 1) * hw)  # flat position of [view, 0, token] in nn and dist
+    nn_flat, dist_flat = nn.reshape(-1), dist.reshape(-1)
     for j in range(S):
-        nn[j, j] = np.arange(hw)
-        dist[j, j] = 0.0
-        keys = np.flatnonzero(valid[j])
-        queries = valid.copy()
-        queries[j] = False
-        if keys.size and queries.any():
-            local, d = nn_fn(points[queries], points[j, keys], max_elements)
-            nn[:, j][queries] = keys[local]
-            dist[:, j][queries] = d
+        a, b = int(start[j]), int(start[j + 1])
+        if a == b or b - a == len(flat):  # no key, or no query
+            continue
+        local, d = nn_fn(np.concatenate((pts[:a], pts[b:])), pts[a:b], max_elements)
+        at = np.concatenate((base[:a], base[b:])) + j * hw
+        nn_flat[at] = token[a:b][local]
+        dist_flat[at] = d
     return nn, dist
 
 
