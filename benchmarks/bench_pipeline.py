@@ -30,8 +30,8 @@ window (after ``--warmup`` untimed windows), on synthetic scenes written to disk
 * host stages, CPU time per window (``time.process_time``): load + decode + crop
   (:func:`~cameo_corr.datasets.canonical.load_window`), the two pickle hops between pipeline stages
   (loaded window, cache arrays), device -> host copy and cache dtypes
-  (:func:`~cameo_corr.pipeline.cache.window_arrays`), and the shard + manifest fragment write
-  (:class:`~cameo_corr.pipeline.cache.CacheWriter`, shards of ``--shard-size``);
+  (:func:`~cameo_corr.cache.shard.window_arrays`), and the shard + manifest fragment write
+  (:class:`~cameo_corr.cache.writer.CacheWriter`, shards of ``--shard-size``);
 * their ratio: host CPU seconds per window / VGGT forward seconds per window (target: below 5 %).
 
 Models (``--model``): ``vggt-1b``, the released architecture (``vggt.models.vggt.VGGT()``, 1.26 B
@@ -272,9 +272,10 @@ def run_throughput(args: argparse.Namespace) -> int:
     from cameo_corr.datasets.synthetic import generate_dataset
     from cameo_corr.pipeline.backends import make_backend
     from cameo_corr.pipeline.backends.vggt import VGGT_RESOLUTION, VGGTBackend
-    from cameo_corr.pipeline.cache import CacheWriter, WindowOutcome, window_arrays
+    from cameo_corr.cache.shard import window_arrays
+    from cameo_corr.cache.writer import CacheWriter, WindowOutcome
     from cameo_corr.pipeline.match import match_tokens, resolve_backend, tokenize
-    from cameo_corr.pipeline.planner import shard_id_of
+    from cameo_corr.schemas import shard_id_of
     from cameo_corr.schemas import CacheConfig, SchemaError, TokenCorrespondences
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
