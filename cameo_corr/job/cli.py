@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from cameo_corr.cli.args import add_storage_option, grids_arg, key_value_arg
+from cameo_corr.cli.args import add_dataset_option, add_sampling_arguments, add_storage_option, grids_arg
 from cameo_corr.cli.errors import RunFailed, UsageError
 from cameo_corr.datasets.planner import DEFAULT_SHARD_SIZE
 from cameo_corr.schemas import CANONICAL_SIZE, DEFAULT_GRID, DEFAULT_TAU
@@ -28,20 +28,13 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", required=True, help="dataset root directory")
     parser.add_argument("--out", required=True, help="cache directory or fsspec URL (s3://bucket/cache)")
     parser.add_argument("--split", default=None, help="dataset split (default: the reader's default)")
-    parser.add_argument("--dataset-option", action="append", type=key_value_arg, default=[], metavar="KEY=VALUE",
-                        help="extra reader option (JSON value), repeatable")
+    add_dataset_option(parser)
     parser.add_argument("--grid", type=grids_arg, default=((DEFAULT_GRID, DEFAULT_GRID),), metavar="SIDES",
                         help="token grid side h = w, or several comma-separated (16,32,64: one backend pass stores every "
                              "grid; the first is the primary one); 32x16 for h x w (default: 32)")
     parser.add_argument("--views", type=int, default=8, help="views per window S (default: 8)")
     parser.add_argument("--tau", type=float, default=DEFAULT_TAU, help="cycle-consistency threshold in tokens (default: 1.5)")
-    parser.add_argument("--windows-per-scene", type=int, default=1, help="windows K drawn per scene (default: 1)")
-    parser.add_argument("--sampling", choices=SAMPLING_POLICIES, default=None, help="window sampling (default: per dataset)")
-    parser.add_argument("--span-per-view", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                        help="stride sampling: window span in [S*LO, S*HI] raw frames (default: 48 144)")
-    parser.add_argument("--positions", choices=POSITION_UNITS, default=None, help="stride sampling: frame positions (default: per dataset)")
-    parser.add_argument("--fps", type=float, default=None, help="raw video frame rate for timestamp positions (default: 30)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    add_sampling_arguments(parser, policies=SAMPLING_POLICIES, positions=POSITION_UNITS)
     parser.add_argument("--scene", action="append", default=None, help="only this scene id (repeatable)")
     parser.add_argument("--crop-policy", choices=("center", "principal_point", "mask_bbox"), default=None,
                         help="canonical crop (default: the reader's; CO3D with masks: pass mask_bbox)")
@@ -139,7 +132,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Plan windows of a dataset, run a geometry backend on a Ray Data pipeline, match tokens and "
             "write a sharded zarr cache + parquet manifest. Re-running resumes: windows with manifest rows "
-            "are skipped, shards whose folder is missing are redone. One job per cache (a lease). Local "
+            "are skipped, shards whose file is missing are redone. One job per cache (a lease). Local "
             "Ray by default; set RAY_ADDRESS or use `ray job submit` for a cluster (see jobs/README.md)."
         ),
     )
