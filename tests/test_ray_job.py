@@ -154,6 +154,15 @@ def test_rerun_skips_everything(clean, dataset, tmp_path):
     assert sorted(os.listdir(out / "shards")) == before
 
 
+def test_max_windows_computes_a_prefix_and_a_rerun_the_rest(clean, dataset, tmp_path):
+    out = tmp_path / "cache"
+    s = run_preprocess(dataset="synthetic", root=dataset, out=out, workers=1, max_windows=3, **RUN)
+    assert s["windows_ok"] + s["windows_failed"] == 3 and s["windows_deferred"] == 7 and s["windows_skipped"] == 0
+    s = run_preprocess(dataset="synthetic", root=dataset, out=out, workers=1, **RUN)
+    assert s["windows_skipped"] == 3 and s["windows_deferred"] == 0 and s["windows_ok"] + s["windows_failed"] == 7
+    assert_same_cache(clean[0], out)
+
+
 def test_orphans_of_killed_workers_are_redone(clean, dataset, tmp_path):
     out = tmp_path / "cache"
     shutil.copytree(clean[0], out)
@@ -365,15 +374,59 @@ def test_resume_from_a_moved_dataset_root(clean, dataset, tmp_path):
         gone.reader()
 
 
-def test_a_run_without_any_ok_window_fails_loudly(ray_session, shared_data, tmp_path, capsys):
-    """7-Scenes sample scenes have 3 frames: with the default 8 views every window fails."""
+def test_a_plan_without_any_window_is_refused_before_ray(shared_data, tmp_path, capsys):
+    """7-Scenes sample scenes have 3 frames: with the default 8 views no scene gives a window, which the
+    planning check before Ray says in one line naming the scenes and the flag (exit 2, nothing written)."""
+    started = ray.is_initialized()
     rc = cli_main(["preprocess", "--dataset", "7scenes", "--root", str(shared_data / "sevenscenes_stairs"), "--out",
                    str(tmp_path / "c"), "--grid", "8", "--crop-size", "64", "--no-progress"])
     captured = capsys.readouterr()
-    assert rc == 1
-    err = [line for line in captured.err.splitlines() if line.startswith("cameo-corr preprocess: error:")]
-    assert len(err) == 1 and "no window succeeded: all 2 windows failed" in err[0] and "--views 8" in err[0]
-    assert "Traceback" not in captured.err
+    assert rc == 2
+    err = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("cameo-corr preprocess: error: no window to compute: every one of the 2 planned")
+    assert "scene has 3 frames, fewer than the 8 views of a window" in err[0] and "lower --views (now 8)" in err[0]
+    assert "Traceback" not in captured.err and not (tmp_path / "c" / "cache.json").exists()
+    assert ray.is_initialized() == started
+
+
+def test_second_run_after_every_window_failed(ray_session, tmp_path, capsys):
+    """Every image corrupt: the run exits 1 saying so. After the data is fixed, a re-run skips the failed
+    windows, says how many there are and how to redo them, and exits 1 (the cache has no ok window);
+    such a cache pins no config: a run with other --views replaces it and succeeds."""
+    root = synthetic.generate_dataset(tmp_path / "synth", scenes=2, frames=5, image_size=32, seed=2)
+    images = {p: p.read_bytes() for p in Path(root).rglob("images/*")}
+    for path, data in images.items():
+        path.write_bytes(data[:40])
+    out = tmp_path / "cache"
+    base = ["preprocess", "--dataset", "synthetic", "--root", str(root), "--out", str(out), "--grid", "4", "--crop-size", "32",
+            "--windows-per-scene", "2", "--no-progress"]
+
+    def error_line() -> str:
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cameo-corr preprocess: error:")]
+        assert len(err) == 1, err
+        return err[0]
+
+    assert cli_main([*base, "--views", "3"]) == 1
+    line = error_line()
+    assert "no window succeeded: all 4 windows failed" in line and "--retry-failed" in line
+    for path, data in images.items():  # the data is fixed
+        path.write_bytes(data)
+    assert cli_main([*base, "--views", "3"]) == 1
+    printed = capsys.readouterr()
+    assert "already done 4 (4 of them failed)" in printed.out and "re-run with --retry-failed to redo them" in printed.out
+    line = [x for x in printed.err.splitlines() if x.startswith("cameo-corr preprocess: error:")]
+    assert len(line) == 1 and "the cache has no ok window: 4 windows are recorded as failed (4 by an earlier run" in line[0]
+    assert "--retry-failed" in line[0] and "DatasetError" in line[0]
+    summary = tmp_path / "summary.json"
+    assert cli_main([*base, "--views", "4", "--summary-json", str(summary)]) == 0
+    s = json.loads(summary.read_text())
+    assert s["config_replaced"] and s["failed_dropped"] == 4 and s["windows_ok"] == s["cache_windows_ok"] >= 2
+    assert "its config and 4 failed rows were replaced" in capsys.readouterr().out
+    cache = CorrCache(out)
+    assert cache.config.views == 4 and cache.manifest("failed").num_rows == 0 and verify_cache(cache) == []
+    with pytest.raises(CacheMismatchError, match="views: cache has 4, this run has 3"):  # ok windows pin the config
+        run_preprocess(dataset="synthetic", root=root, out=out, workers=1, backend="depth", grid=4, views=3, crop_size=32,
+                       progress=False)
 
 
 INJECT_ENOSPC = '''

@@ -36,6 +36,12 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tau", type=float, default=DEFAULT_TAU, help="cycle-consistency threshold in tokens (default: 1.5)")
     add_sampling_arguments(parser, policies=SAMPLING_POLICIES, positions=POSITION_UNITS)
     parser.add_argument("--scene", action="append", default=None, help="only this scene id (repeatable)")
+    parser.add_argument("--max-windows", type=int, default=None, metavar="N",
+                        help="compute at most N of the windows still to do, in plan order (a trial run; re-run without it "
+                             "to do the rest)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (scenes, windows, failures by reason, what the cache holds, estimated bytes) and "
+                             "exit, without Ray and without writing")
     parser.add_argument("--crop-policy", choices=("center", "principal_point", "mask_bbox"), default=None,
                         help="canonical crop (default: the reader's; CO3D with masks: pass mask_bbox)")
     parser.add_argument("--crop-size", type=int, default=CANONICAL_SIZE, help="canonical view side in pixels (default: 512)")
@@ -73,14 +79,17 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     Errors are raised for the CLI's one error layer (:func:`cameo_corr.cli.main`): input and usage
     errors (bad flag values, a busy or unwritable ``--out``, a mismatching cache, a missing optional
-    package) before Ray starts exit 2; a failed run (storage error, Ray failure, ``--fail-fast``, no
-    window succeeded) raises :class:`~cameo_corr.cli.RunFailed` (exit 1); Ctrl-C exits 130 saying
-    that committed shards are kept.
+    package, a plan without a window to compute) before Ray starts exit 2; a failed run (storage
+    error, Ray failure, ``--fail-fast``, a cache left without an ok window) raises
+    :class:`~cameo_corr.cli.RunFailed` (exit 1); Ctrl-C exits 130 saying that committed shards are
+    kept. ``--dry-run`` prints the plan instead (:func:`dry_run`).
     """
     from cameo_corr.job.config import JobConfig
     from cameo_corr.job.driver import CacheWriteError, run_job
 
     config = JobConfig.from_args(args)
+    if args.dry_run:
+        return dry_run(config, args.summary_json)
     try:
         summary = run_job(config)
     except KeyboardInterrupt:
@@ -96,11 +105,23 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise RunFailed(f"the run failed ({summary['shard_errors'][0][1]}); committed shards are kept, re-run to resume")
     if summary["stopped_early"] or (args.fail_fast and summary["windows_failed"]):
         raise RunFailed(f"--fail-fast: stopped at the first failed window ({summary['errors'][0][1] if summary['errors'] else '?'})")
-    if summary["windows_planned"] and not summary["windows_ok"] and not summary["windows_skipped"]:
-        first = summary["errors"][0][1] if summary["errors"] else "no error recorded"
-        raise RunFailed(f"no window succeeded: all {summary['windows_failed']} windows failed, first: {first} (see the 'failed' "
-                        f"lines above; e.g. fewer frames per scene than --views {args.views}?)")
+    if not summary["cache_windows_ok"]:
+        raise RunFailed(no_ok_window(summary))
     return 0
+
+
+def no_ok_window(summary: Mapping[str, Any]) -> str:
+    """Why a run left its cache without an ok window, and how to redo the failed windows."""
+    errors = list(summary["errors"]) + list(summary["errors_earlier"])
+    first = f", first: {errors[0][1]}" if errors else ""
+    if summary["windows_failed_earlier"]:
+        return (f"the cache has no ok window: {summary['cache_windows_failed']} windows are recorded as failed ("
+                f"{summary['windows_failed_earlier']} by an earlier run, skipped now){first}; fix the input and re-run with "
+                "--retry-failed to redo them")
+    if summary["windows_failed"]:
+        return (f"no window succeeded: all {summary['windows_failed']} windows failed{first} (see the 'failed' lines above); "
+                "fix the input and re-run with --retry-failed to redo them")
+    return f"the cache has no ok window and this run computed none ({summary['windows_planned']} windows planned)"
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
@@ -109,8 +130,10 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     busy = sum(st[k] for k in ("read", "backend", "match", "write")) or 1.0
     lines = [
         f"cache: {summary['out']}",
-        f"windows: planned {summary['windows_planned']}, already done {summary['windows_skipped']}, "
-        f"ok {summary['windows_ok']}, failed {summary['windows_failed']}",
+        f"windows: planned {summary['windows_planned']}, already done {summary['windows_skipped']}"
+        + (f" ({summary['windows_failed_earlier']} of them failed)" if summary["windows_failed_earlier"] else "")
+        + (f", left for a later run (--max-windows) {summary['windows_deferred']}" if summary["windows_deferred"] else "")
+        + f", ok {summary['windows_ok']}, failed {summary['windows_failed']}",
         f"shards written: {summary['shards_written']}, orphans removed: {summary['orphans_removed']}, "
         f"shards repaired: {summary['shards_repaired']} missing, {summary['shards_corrupt']} corrupt, failed windows retried: {summary['failed_retried']}, "
         f"shard errors: {len(summary['shard_errors'])}" + (" (stopped early)" if summary["stopped_early"] else ""),
@@ -121,7 +144,25 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     ]
     lines += [f"  failed {wid}: {err}" for wid, err in summary["errors"]]
     lines += [f"  shard error {sid}: {err}" for sid, err in summary["shard_errors"]]
+    if summary["config_replaced"]:
+        lines.append(f"the cache had no ok window and another config: its config and {summary['failed_dropped']} failed rows "
+                     "were replaced by this run's")
+    if summary["windows_failed_earlier"]:
+        lines.append(f"{summary['windows_failed_earlier']} windows recorded as failed by an earlier run were not redone "
+                     "(e.g. " + "; ".join(f"{w}: {e}" for w, e in summary["errors_earlier"][:2])
+                     + "); re-run with --retry-failed to redo them")
     return "\n".join(lines)
+
+
+def dry_run(config: Any, summary_json: str | None) -> int:
+    """``--dry-run``: print the plan (:func:`~cameo_corr.job.preview.plan_preview`), optionally as JSON too; 0."""
+    from cameo_corr.job.preview import format_plan, plan_preview
+
+    preview = plan_preview(config)
+    print(format_plan(preview))
+    if summary_json:
+        Path(summary_json).write_text(json.dumps(preview, indent=2, default=str))
+    return 0
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -140,4 +181,4 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_from_args)
 
 
-__all__ = ["add_preprocess_arguments", "run_from_args", "format_summary", "register_cli"]
+__all__ = ["add_preprocess_arguments", "run_from_args", "no_ok_window", "format_summary", "dry_run", "register_cli"]

@@ -35,7 +35,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
-from cameo_corr.cache.config import COMPARED_FIELDS, check_compatible, mismatch_error, read_existing_config
+from cameo_corr.cache.config import COMPARED_FIELDS, CacheMismatchError, check_compatible, mismatch_error, read_existing_config
 from cameo_corr.cache.consolidation import PeriodicConsolidation, consolidate_manifest, drop_failed_rows
 from cameo_corr.cache.layout import CONFIG_FILE
 from cameo_corr.cache.lease import CacheLease
@@ -77,12 +77,16 @@ class Clock:
 @dataclass
 class Upkeep:
     """What the start-up upkeep of the cache removed: orphan paths, shards with a missing file, corrupt
-    shards (``repair``), failed windows superseded for a retry (``retry_failed``)."""
+    shards (``repair``), failed windows superseded for a retry (``retry_failed``), and the config of a
+    cache without an ok window that this run replaced (``unpinned``)."""
 
     orphans: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)
     retried: list[str] = field(default_factory=list)
+    unpinned: list[str] | None = None
+    """The failed windows dropped with the config of a cache that had no ok window (:func:`unpin`);
+    ``None`` when the cache kept its config."""
 
 
 @dataclass
@@ -116,10 +120,12 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     reader = config.open_reader()
     plan, view = config.plan_config(), config.view(reader)
     existing = read_existing_config(location)
-    check_before_start(config, location, reader, view, existing)
+    pinned = check_before_start(config, location, reader, view, existing)
     lease = take_lease(config, location)
     started = False
     try:
+        unpinned = unpin(location, existing) if existing is not None and pinned is None else None
+        existing = pinned
         started = init_ray(config.num_cpus, config.workers * config.cpus_per_worker)
         check_cluster(config)
         described = describe_on_cluster(config)
@@ -127,13 +133,15 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         existing = existing or read_existing_config(location)  # another job may have created it before our lease
         check_compatible(existing, cache_config, where=location.url(CONFIG_FILE))
         upkeep = keep_up(config, location, existing or cache_config)
+        upkeep.unpinned = unpinned
         planned, todo = windows_to_do(reader, plan, cache_config, location, config.scenes)
+        todo, deferred = limit_windows(todo, config.max_windows)
         run = run_stages(todo, config, reader, cache_config, described["needs_depth"], (location, lease, clock))
     finally:
         lease.release()
         if started:
             ray.shutdown()
-    return summarize(config, location, planned, todo, upkeep, run, clock)
+    return summarize(config, location, planned, todo, upkeep, run, clock, deferred=deferred)
 
 
 # ----------------------------------------------------------------------------- before Ray starts
@@ -148,22 +156,65 @@ def check_out(config: JobConfig) -> CacheLocation:
     return location
 
 
-def check_before_start(config: JobConfig, location: CacheLocation, reader: "SceneReader", view: "CanonicalView",
-                       existing: CacheConfig | None) -> None:
-    """Refuse a mismatching cache and a backend that cannot run, before starting Ray (the full backend
-    entry is compared once the backend described itself, :func:`run_job`)."""
+def provisional_config(config: JobConfig, reader: "SceneReader", view: "CanonicalView") -> CacheConfig:
+    """The run's ``cache.json`` before the backend described itself (its backend entry is the name only)."""
     provisional = CacheConfig(grid=config.grid, tau=config.tau, views=config.views, backend={"name": config.backend},
                               crop=view.to_dict(), dataset=reader.describe(), extra_grids=config.extra_grids)
     provisional.validate()
+    return provisional
+
+
+def check_before_start(config: JobConfig, location: CacheLocation, reader: "SceneReader", view: "CanonicalView",
+                       existing: CacheConfig | None) -> CacheConfig | None:
+    """Refuse a mismatching cache, a backend that cannot run and a plan without a window to compute
+    (:func:`~cameo_corr.job.plan.check_plan`), before starting Ray (the full backend entry is compared
+    once the backend described itself, :func:`run_job`).
+
+    Returns the config the cache is pinned to: ``existing``, or ``None`` when the cache's config differs
+    from this run's but the cache has no ok window (nothing to keep consistent with: :func:`unpin`
+    replaces its config once the run holds the lease)."""
+    from cameo_corr.job.plan import check_plan
+
+    provisional = provisional_config(config, reader, view)
     where = location.url(CONFIG_FILE)
-    check_compatible(existing, provisional, [f for f in COMPARED_FIELDS if f != "backend"], where=where)
     preflight_backend(config.backend, config.gpus_per_worker, config.backend_options, reader)
-    if existing is not None:
-        given = {"name": config.backend, **config.backend_options}
-        recorded = existing.backend
-        diffs = [(k, recorded[k], v) for k, v in given.items() if k in recorded and v != "auto" and recorded[k] != v]
-        if diffs:
-            raise mismatch_error(diffs, where, field="backend")
+    try:
+        check_compatible(existing, provisional, [f for f in COMPARED_FIELDS if f != "backend"], where=where)
+        if existing is not None:
+            given = {"name": config.backend, **config.backend_options}
+            recorded = existing.backend
+            diffs = [(k, recorded[k], v) for k, v in given.items() if k in recorded and v != "auto" and recorded[k] != v]
+            if diffs:
+                raise mismatch_error(diffs, where, field="backend")
+    except CacheMismatchError:
+        if has_ok_window(location):
+            raise
+        existing = None
+    check_plan(config, reader, config.plan_config())
+    return existing
+
+
+def has_ok_window(location: CacheLocation) -> bool:
+    """Whether the cache's manifest has an ok row (a cache without one pins no config)."""
+    import pyarrow.compute as pc
+
+    status = read_manifest(location, columns=["status"]).column("status")
+    return bool(pc.any(pc.equal(status, "ok")).as_py())
+
+
+def unpin(location: CacheLocation, replaced: CacheConfig) -> list[str]:
+    """Under the lease: drop the failed rows and ``cache.json`` of a cache without an ok window whose
+    config this run replaces (the first commit writes the new one); returns the dropped window ids.
+    When another job committed an ok window meanwhile, nothing is dropped (the config check that
+    follows refuses the run)."""
+    if has_ok_window(location):
+        return []
+    dropped = drop_failed_rows(location)
+    if location.exists(CONFIG_FILE):
+        location.remove(CONFIG_FILE)
+    logger.info("cache %s had no ok window: its config (%s) and %d failed rows were dropped", location.display,
+                replaced.to_json(), len(dropped))
+    return dropped
 
 
 def preflight_backend(
@@ -298,6 +349,14 @@ def windows_to_do(reader: "SceneReader", plan: "PlanConfig", cache_config: Cache
     return planned, planned.filter(pc.invert(pc.is_in(planned.column("window_id"), value_set=done)))
 
 
+def limit_windows(todo: "pa.Table", max_windows: int | None) -> tuple["pa.Table", int]:
+    """``(the first max_windows windows of todo, how many are left for later runs)`` (``--max-windows``:
+    a trial run computes a prefix of the plan; a later run resumes with the rest)."""
+    if max_windows is None or todo.num_rows <= max_windows:
+        return todo, 0
+    return todo.slice(0, max_windows), todo.num_rows - max_windows
+
+
 # ----------------------------------------------------------------------------- the run
 def run_stages(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_config: CacheConfig, needs_depth: bool,
                held: tuple[CacheLocation, "CacheLease", Clock]) -> StageRun:
@@ -422,17 +481,22 @@ def _root_cause(e: BaseException) -> BaseException:
 
 # ----------------------------------------------------------------------------- summary
 def summarize(config: JobConfig, location: CacheLocation, planned: "pa.Table", todo: "pa.Table", upkeep: Upkeep,
-              run: StageRun, clock: Clock) -> dict[str, Any]:
+              run: StageRun, clock: Clock, *, deferred: int = 0) -> dict[str, Any]:
     """The run's summary.
 
-    Keys: ``windows_planned``, ``windows_skipped`` (already in the manifest), ``windows_ok``,
-    ``windows_failed`` (rows this run committed), ``shard_size`` (the size used), ``shards_written``,
+    Keys: ``windows_planned``, ``windows_skipped`` (already in the manifest), ``windows_deferred`` (left
+    for a later run by ``max_windows``), ``windows_ok``, ``windows_failed`` (rows this run committed),
+    ``windows_failed_earlier`` (skipped windows recorded as failed by an earlier run: ``retry_failed``
+    redoes them), ``cache_windows_ok`` and ``cache_windows_failed`` (the whole cache after the run),
+    ``config_replaced`` (the cache had no ok window and another config: its config and its
+    ``failed_dropped`` failed rows were replaced), ``shard_size`` (the size used), ``shards_written``,
     ``shard_errors`` (``(where, error)`` of a run that failed), ``stopped_early``, ``orphans_removed``,
     ``shards_repaired`` (missing shard files), ``shards_corrupt`` (dropped by ``repair``),
     ``failed_retried``, ``manifest_consolidations`` (periodic, while the job ran), ``seconds``,
     ``windows_per_second`` (end to end), ``startup_seconds`` (until the first model actor was ready),
     ``processing_windows_per_second`` (after start-up), ``stage_seconds``, ``bytes_written`` (shard
-    files), ``bytes_per_window``, ``errors`` (first 20 window errors).
+    files), ``bytes_per_window``, ``errors`` (first 20 window errors of this run), ``errors_earlier``
+    (up to 5 of the earlier failures).
     """
     import pyarrow.compute as pc
 
@@ -444,6 +508,7 @@ def summarize(config: JobConfig, location: CacheLocation, planned: "pa.Table", t
     failed_rows = mine.filter(pc.equal(mine.column("status"), "failed"))
     n_failed = failed_rows.num_rows
     n_ok = mine.num_rows - n_failed
+    whole = cache_failures(location, planned, todo)
     results = run.sink.results if run.sink is not None else []
     nbytes = sum(r["bytes"] for r in results)
     seconds = t_end - clock.start
@@ -451,9 +516,15 @@ def summarize(config: JobConfig, location: CacheLocation, planned: "pa.Table", t
     return {
         "out": config.out,
         "windows_planned": planned.num_rows,
-        "windows_skipped": planned.num_rows - todo.num_rows,
+        "windows_skipped": planned.num_rows - todo.num_rows - deferred,
+        "windows_deferred": deferred,
         "windows_ok": n_ok,
         "windows_failed": n_failed,
+        "windows_failed_earlier": whole["failed_earlier"],
+        "cache_windows_ok": whole["ok"],
+        "cache_windows_failed": whole["failed"],
+        "config_replaced": upkeep.unpinned is not None,
+        "failed_dropped": len(upkeep.unpinned or []),
         "shard_size": run.shard_size,
         "shards_written": run.shards_written,
         "shard_errors": run.errors,
@@ -471,7 +542,23 @@ def summarize(config: JobConfig, location: CacheLocation, planned: "pa.Table", t
         "bytes_written": nbytes,
         "bytes_per_window": nbytes / n_ok if n_ok and nbytes else 0.0,
         "errors": list(zip(failed_rows.column("window_id").to_pylist()[:20], failed_rows.column("error").to_pylist()[:20])),
+        "errors_earlier": whole["examples"],
     }
 
 
-__all__ = ["CacheWriteError", "run_preprocess", "run_job", "preflight_backend", "check_out", "summarize"]
+def cache_failures(location: CacheLocation, planned: "pa.Table", todo: "pa.Table") -> dict[str, Any]:
+    """The whole cache after a run: ``ok`` and ``failed`` rows, ``failed_earlier`` (planned windows
+    this run skipped because an earlier run recorded them as failed) and ``examples`` (up to 5 of
+    those as ``(window_id, error)``). Reads the status column, and window ids and errors of failed rows."""
+    import pyarrow.compute as pc
+
+    status = read_manifest(location, columns=["status"]).column("status")
+    failed = read_manifest(location, columns=["window_id", "error"], filter=pc.field("status") == "failed")
+    skipped = pc.invert(pc.is_in(planned.column("window_id"), value_set=todo.column("window_id").combine_chunks()))
+    earlier = failed.filter(pc.is_in(failed.column("window_id"), value_set=planned.column("window_id").filter(skipped).combine_chunks()))
+    return {"ok": int(pc.sum(pc.equal(status, "ok")).as_py() or 0), "failed": failed.num_rows, "failed_earlier": earlier.num_rows,
+            "examples": list(zip(earlier.column("window_id").to_pylist()[:5], earlier.column("error").to_pylist()[:5]))}
+
+
+__all__ = ["CacheWriteError", "run_preprocess", "run_job", "preflight_backend", "check_out", "provisional_config", "check_before_start",
+           "has_ok_window", "unpin", "limit_windows", "summarize", "cache_failures"]
