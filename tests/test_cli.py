@@ -124,6 +124,33 @@ def test_every_subcommand_help_exits_0_and_survives_a_closed_pipe():
 
 
 # --------------------------------------------------------------------------- the global error layer
+def test_stats_and_verify_json_for_scripts(cache3, failed_cache, tmp_path):
+    import json
+    import shutil
+
+    from test_cache import _flip_chunk_byte
+
+    from cameo_corr.cache.layout import shard_dir
+
+    broken = tmp_path / "broken"
+    shutil.copytree(cache3, broken)
+    _flip_chunk_byte(broken / shard_dir("s0"), "mask")
+    stats, good, failed, corrupt = run_all(["cache", "stats", str(cache3), "--json"], ["cache", "verify", str(cache3), "--json"],
+                                           ["cache", "verify", str(failed_cache), "--json"],
+                                           ["cache", "verify", str(broken), "--json", "--deep"])
+    s = json.loads(stats.stdout)
+    assert stats.returncode == 0 and s["windows_ok"] == 2 and s["windows_failed"] == 0 and s["views"] == 3 and s["grid"] == [8, 8]
+    v = json.loads(good.stdout)
+    assert good.returncode == 0 and good.stderr == ""
+    assert v == {"ok": True, "path": str(cache3), "grids": [[8, 8]], "deep": False, "selection": None, "windows_ok": 2,
+                 "checked": 2, "problems": [], "corrupt": []}
+    f = json.loads(failed.stdout)
+    assert failed.returncode == 1 and not f["ok"] and f["windows_ok"] == 0 and f["checked"] == 0
+    c = json.loads(corrupt.stdout)
+    assert corrupt.returncode == 1 and not c["ok"] and c["problems"]
+    assert {(x["shard"], x["array"]) for x in c["corrupt"]} == {("s0", "mask")} and len(c["corrupt"]) == 2
+
+
 def test_closed_pipe_while_printing_results_is_quiet(cache3):
     proc = subprocess.Popen([*CLI, "cache", "stats", str(cache3)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.close()
