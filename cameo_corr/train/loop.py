@@ -71,7 +71,8 @@ class CameoTrainable(nn.Module):
 
 @dataclass
 class LoopState:
-    """Checkpointed loop state: optimizer steps done and the data stream position."""
+    """Checkpointed loop state: optimizer steps done, the data stream position and the corrupt windows
+    skipped so far (``data.on_corrupt=skip``; each ``metrics.jsonl`` row has their total over ranks)."""
 
     step: int = 0
     loader: "StreamLoader | None" = None
@@ -79,7 +80,8 @@ class LoopState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "world_size": self.world_size,
-                "data": None if self.loader is None else self.loader.state_dict()}
+                "data": None if self.loader is None else self.loader.state_dict(),
+                "corrupt_skipped": 0 if self.loader is None else self.loader.corrupt_skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = int(state.get("world_size", self.world_size))
@@ -89,6 +91,8 @@ class LoopState:
         self.step = int(state["step"])
         if self.loader is not None and state["data"] is not None:
             self.loader.load_state_dict(state["data"])
+        if self.loader is not None:  # corrupt windows skipped before the checkpoint (data.on_corrupt=skip)
+            self.loader.corrupt_skipped = int(state.get("corrupt_skipped", 0))
 
 
 @dataclass
@@ -459,6 +463,7 @@ class Trainer:
                 v = acc.reduce(torch.stack(values).nanmean().reshape(1), reduction="mean")
                 row[k] = float(v)
             acc_metrics = {}
+            row["corrupt_skipped"] = int(acc.reduce(torch.tensor([self.loader.corrupt_skipped], device=acc.device), reduction="sum"))
             row["time"] = time.perf_counter() - t0
             if cfg.eval.every > 0 and (self.state.step % cfg.eval.every == 0 or self.state.step == total):
                 ev = evaluate(self.trainable, self.head_mlp, self.codec, self.noise_scheduler, self.eval_batches, cfg, self.grid, acc.device)
@@ -472,7 +477,8 @@ class Trainer:
                 acc.log({k: v for k, v in row.items() if k != "step" and not math.isnan(v)}, step=self.state.step)
             progress.update(1)
             if self.state.step % cfg.train.log_every == 0 or self.state.step == total:
-                progress.set_postfix({k: f"{row[k]:.4g}" for k in ("diffusion", "cameo", "precision") if k in row})
+                progress.set_postfix({k: f"{row[k]:.4g}" for k in ("diffusion", "cameo", "precision") if k in row}
+                                     | ({"corrupt_skipped": row["corrupt_skipped"]} if row["corrupt_skipped"] else {}))
             every = cfg.train.checkpoint_every
             if (every and self.state.step % every == 0) or self.state.step == total:
                 result.checkpoints.append(str(self.save()))
