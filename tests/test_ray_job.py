@@ -145,6 +145,33 @@ def test_planned_table_rebuilds_the_planner_records(dataset):
             w.record.window_id, w.record.scene_id, w.record.frame_ids, w.record.image_paths)
 
 
+def test_geometry_stage_reports_each_window_as_it_finishes(dataset, tmp_path):
+    """The progress counter hears of every window when the geometry stage is done with it (ok or failed),
+    before any shard is committed, and counts a window once when Ray retries its batch."""
+    from types import SimpleNamespace
+
+    from cameo_corr.datasets.planner import plan_table
+    from cameo_corr.job.config import JobConfig
+    from cameo_corr.job.stages import GeometryStage, ProgressCounter, describe_backend, load_batch
+
+    cfg = JobConfig(dataset="synthetic", root=dataset, out=str(tmp_path / "c"), workers=1, **RUN)
+    reader = cfg.open_reader()
+    loaded = load_batch(plan_table(reader, cfg.plan_config(), {}), dataset_json=json.dumps(reader.describe(), sort_keys=True, default=str),
+                        crop=cfg.view(reader).to_dict(), with_depth=True)
+    calls: list[tuple[list[str], list[str]]] = []
+    recorder = SimpleNamespace(finished=SimpleNamespace(remote=lambda ok, failed: calls.append((ok, failed))))
+    spec = cfg.geometry_spec()
+    out = GeometryStage({**spec, "expected": describe_backend(spec)["backend"]}, progress=recorder)(loaded).to_pylist()
+    ok = [r["window_id"] for r in out if r["arrays"] is not None]
+    failed = [r["window_id"] for r in out if r["arrays"] is None]
+    assert calls == [(ok, failed)] and len(ok) == 4 and len(failed) == 6
+    counter = ProgressCounter()
+    counter.finished(ok, failed)
+    counter.finished(ok[:2], failed[:1])  # a batch retried after a worker crash
+    counter.add(2, 0)
+    assert counter.counts() == {"ok": 4, "failed": 6, "committed": 2} and counter.get() == (2, 0)
+
+
 def test_rerun_skips_everything(clean, dataset, tmp_path):
     out = tmp_path / "cache"
     shutil.copytree(clean[0], out)
@@ -463,6 +490,26 @@ def test_full_disk_is_one_line_and_exit_1(dataset, tmp_path):
     assert len(err) == 1 and "No space left on device" in err[0] and "the disk is full" in err[0], res.stderr[-3000:]
     assert "Traceback (most recent call last)" not in res.stderr.split("cameo-corr preprocess: error:")[-1]
     assert "Token authentication is enabled" not in res.stderr
+
+
+def test_healthy_run_prints_no_false_alarm_and_progress_per_window(dataset, tmp_path):
+    """A healthy run from the command line: besides Ray's start-up line and its error-level line about the
+    actors' constructor arguments (explained by our one-line note, printed once), stderr holds only the
+    progress bar, which counts windows ok / failed as they finish and the windows committed."""
+    import re
+
+    from cameo_corr.job.driver import NOTE_PREFIX, RAY_ACTOR_ARGS_NOTE
+
+    sids = open_dataset("synthetic", dataset).scene_ids()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run(_cli(dataset, tmp_path / "c", "--scene", sids[GOOD], "--scene", sids[CORRUPT]), env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line.strip() for line in re.split(r"[\r\n]+", res.stderr) if line.strip()]
+    ray_lines = ("Started a local Ray instance", "has constructor arguments in the object store and max_restarts > 0")
+    assert [line for line in lines if not line.startswith(("preprocess:", NOTE_PREFIX)) and not any(r in line for r in ray_lines)] == []
+    assert lines.count(NOTE_PREFIX + RAY_ACTOR_ARGS_NOTE) == 1 and "will hang" not in res.stderr
+    assert "ok=2, failed=2, committed=4" in lines[-1] and "4/4" in lines[-1]
 
 
 def test_ctrl_c_is_one_line(dataset, tmp_path):

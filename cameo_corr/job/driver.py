@@ -29,6 +29,7 @@ import errno
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import warnings
@@ -388,8 +389,8 @@ def run_stages(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache
 
 def execute(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_config: CacheConfig, needs_depth: bool,
             clock: Clock) -> StageRun:
-    """Build and run the Ray Data pipeline over ``todo`` (a progress bar of committed windows unless
-    ``config.progress`` is off); errors are classified: ``--fail-fast``, storage (:class:`CacheWriteError`),
+    """Build and run the Ray Data pipeline over ``todo`` (a progress bar of the windows done as they
+    finish, ok / failed, and committed, unless ``config.progress`` is off); errors are classified: ``--fail-fast``, storage (:class:`CacheWriteError`),
     our own errors (raised), anything else (a failed run, in the run's errors)."""
     from ray.data import DataContext
     from ray.util.debug import log_once
@@ -401,6 +402,9 @@ def execute(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_co
     log_once("ray_data_progress_manager_disabled")  # ... so Ray Data's notice about its own bars is moot
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    check_free_cpu()
+    if config.max_retries != 0:  # the geometry actors get max_restarts > 0: Ray's core worker says so at error level
+        print(f"{NOTE_PREFIX}{RAY_ACTOR_ARGS_NOTE}", file=sys.stderr, flush=True)
     counter, stop, watcher = start_progress(todo.num_rows) if config.progress else (None, threading.Event(), None)
     ds, sink = build_pipeline(todo, config, reader, needs_depth, cache_config.to_json(), counter)
     run = StageRun(sink=sink)
@@ -426,6 +430,37 @@ def execute(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_co
     return run
 
 
+NOTE_PREFIX = "cameo-corr preprocess: note: "
+RAY_ACTOR_ARGS_NOTE = (
+    "Ray's core worker logs at error level that the geometry actors have 'constructor arguments in the object store "
+    "and max_restarts > 0': Ray Data passes every actor pool's arguments that way (ray-project/ray#57733); the "
+    "arguments live on this driver's node, so a restarted actor finds them, and the line is no failure")
+"""The one line that says what Ray's "constructor arguments in the object store" error-level line means."""
+FREE_CPU_PATIENCE = 5.0
+"""Seconds without a free CPU before :func:`check_free_cpu` warns that the job waits for one."""
+
+
+def check_free_cpu(patience: float = FREE_CPU_PATIENCE) -> None:
+    """Warn when no CPU of the Ray cluster frees up within ``patience`` seconds (other jobs hold them all:
+    the load and commit tasks wait for one).
+
+    This replaces Ray Data's own check, which looks once, at the instant the dataset starts, and right
+    after the job's start-up (the task that describes the backend) often sees a transient zero: it then
+    printed "The Dataset job will hang" on healthy runs. The job's actors reserve CPUs only with
+    ``--cpus-per-worker``, and :func:`check_cluster` refuses a reservation that leaves none free."""
+    import ray
+    from ray.util.debug import log_once
+
+    log_once("cpu_warning")  # Ray Data's one-shot check is taken as done; this one looks for a while
+    deadline = time.monotonic() + patience
+    while ray.available_resources().get("CPU", 0.0) < 1.0:
+        if time.monotonic() >= deadline:
+            logger.warning("no CPU of the Ray cluster has been free for %g s (other jobs hold them): the job's load and commit "
+                           "tasks wait until one is", patience)
+            return
+        time.sleep(0.25)
+
+
 def start_progress(total: int) -> tuple[Any, threading.Event, threading.Thread]:
     """A progress counter actor on the driver's node, and the driver thread drawing it."""
     import ray
@@ -443,20 +478,23 @@ def start_progress(total: int) -> tuple[Any, threading.Event, threading.Thread]:
 
 
 def _watch_progress(counter: Any, total: int, stop: threading.Event) -> None:
-    """Driver thread: a tqdm bar of committed windows with ok / failed counts and the rate."""
+    """Driver thread: a tqdm bar of the windows done as they finish (ok / failed), the windows committed
+    in shards so far and the rate."""
     import ray
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="win", desc="preprocess", dynamic_ncols=True)
+    counts = {"ok": 0, "failed": 0, "committed": 0}
     try:
         while True:
             stopping = stop.wait(1.0)
             try:
-                ok, failed = ray.get(counter.get.remote(), timeout=10)
-            except Exception:  # noqa: BLE001 - progress only: the counter may be restarting
-                ok, failed = bar.n, 0
-            bar.update(ok + failed - bar.n)
-            bar.set_postfix(ok=ok, failed=failed, refresh=True)
+                counts = ray.get(counter.counts.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - progress only: the counter may be restarting; keep the last counts
+                pass
+            bar.set_postfix(counts, refresh=False)
+            bar.update(counts["ok"] + counts["failed"] - bar.n)
+            bar.refresh()
             if stopping:
                 return
     finally:
