@@ -406,6 +406,7 @@ def execute(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_co
     if config.max_retries != 0:  # the geometry actors get max_restarts > 0: Ray's core worker says so at error level
         print(f"{NOTE_PREFIX}{RAY_ACTOR_ARGS_NOTE}", file=sys.stderr, flush=True)
     counter, stop, watcher = start_progress(todo.num_rows) if config.progress else (None, threading.Event(), None)
+    nodes = watch_nodes(stop)
     ds, sink = build_pipeline(todo, config, reader, needs_depth, cache_config.to_json(), counter)
     run = StageRun(sink=sink)
     try:
@@ -425,6 +426,7 @@ def execute(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_co
         stop.set()
         if watcher is not None:
             watcher.join(timeout=15)
+        nodes.join(timeout=15)
     ready = min((r["ready"] for r in sink.results), default=math.inf)
     run.t_ready = clock.at(ready) if math.isfinite(ready) else time.perf_counter()
     return run
@@ -436,6 +438,13 @@ RAY_ACTOR_ARGS_NOTE = (
     "and max_restarts > 0': Ray Data passes every actor pool's arguments that way (ray-project/ray#57733); the "
     "arguments live on this driver's node, so a restarted actor finds them, and the line is no failure")
 """The one line that says what Ray's "constructor arguments in the object store" error-level line means."""
+NODE_LOST_NOTE = (
+    "the Ray node {node} ({address}) was lost; the '(raylet)' lines Ray prints about it (the raylet's last log lines, "
+    "'marked dead') describe that loss: its tasks and actors are retried on the other nodes (--max-retries) and the run "
+    "goes on")
+"""The one line that says what Ray's "(raylet)" lines after a node loss mean."""
+NODE_POLL_SECONDS = 2.0
+"""How often :func:`watch_nodes` asks Ray which nodes are alive."""
 FREE_CPU_PATIENCE = 5.0
 """Seconds without a free CPU before :func:`check_free_cpu` warns that the job waits for one."""
 
@@ -459,6 +468,37 @@ def check_free_cpu(patience: float = FREE_CPU_PATIENCE) -> None:
                            "tasks wait until one is", patience)
             return
         time.sleep(0.25)
+
+
+def watch_nodes(stop: threading.Event, interval: float = NODE_POLL_SECONDS) -> threading.Thread:
+    """A driver thread that, until ``stop`` is set, prints one note (:data:`NODE_LOST_NOTE`) for each Ray
+    node that dies while the stages run: Ray prints a node's last raylet log lines and "marked dead"
+    to every driver, which read like a failure of the job although Ray retries its work elsewhere."""
+    import ray
+
+    def alive_nodes() -> dict[str, str]:
+        return {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
+
+    def run() -> None:
+        try:
+            alive = alive_nodes()
+        except Exception:  # noqa: BLE001 - a note only: without the node list there is nothing to compare
+            return
+        stopping = False
+        while not stopping:  # one last look once the stages ended
+            stopping = stop.wait(interval)
+            try:
+                now = alive_nodes()
+            except Exception:  # noqa: BLE001 - the GCS may be busy right after a node loss; ask again
+                continue
+            for node, address in alive.items():
+                if node not in now:
+                    print(NOTE_PREFIX + NODE_LOST_NOTE.format(node=node[:12], address=address), file=sys.stderr, flush=True)
+            alive = now
+
+    thread = threading.Thread(target=run, daemon=True, name="cameo-node-watch")
+    thread.start()
+    return thread
 
 
 def start_progress(total: int) -> tuple[Any, threading.Event, threading.Thread]:
