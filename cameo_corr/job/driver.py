@@ -390,8 +390,9 @@ def run_stages(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache
 def execute(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_config: CacheConfig, needs_depth: bool,
             clock: Clock) -> StageRun:
     """Build and run the Ray Data pipeline over ``todo`` (a progress bar of the windows done as they
-    finish, ok / failed, and committed, unless ``config.progress`` is off); errors are classified: ``--fail-fast``, storage (:class:`CacheWriteError`),
-    our own errors (raised), anything else (a failed run, in the run's errors)."""
+    finish, ok / failed, and committed, unless ``config.progress`` is off; one note per Ray message that
+    reads like a failure and is none); errors are classified: ``--fail-fast``, storage
+    (:class:`CacheWriteError`), our own errors (raised), anything else (a failed run, in the run's errors)."""
     from ray.data import DataContext
     from ray.util.debug import log_once
 
