@@ -274,7 +274,8 @@ def open_dataset(name: str, root: str | Path, /, *, tag: str | None = None, **op
 def _accepts(hint: Any, value: Any) -> bool:
     """Whether ``value`` (a JSON value from the command line) fits the annotation ``hint`` of a reader option:
     ``int`` (not a bool), ``float`` (an int or float, not a bool), ``str``/``Path`` (a string), ``bool``,
-    ``None``, ``Sequence[X]`` (a list of X), a union of these, or ``Any``."""
+    ``None``, ``Sequence[X]`` (a list or tuple of X), a union of these, or ``Any``; from Python a ``Path``
+    option also takes a ``Path``."""
     if hint is Any:
         return True
     if hint is type(None):
@@ -291,8 +292,10 @@ def _accepts(hint: Any, value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint in (str, Path):
+    if hint is str:
         return isinstance(value, str)
+    if hint is Path:
+        return isinstance(value, (str, os.PathLike))
     return isinstance(hint, type) and isinstance(value, hint)
 
 
