@@ -117,13 +117,40 @@ def test_every_subcommand_help_exits_0_and_survives_a_closed_pipe():
     assert not description.startswith("`") and "``" not in eval_help
     from cameo_corr.pipeline.evaluate import depth_dataset_names
 
-    offered = depth_dataset_names()  # only readers with depth
-    assert "{" + ",".join(offered) + "}" in eval_help and "re10k" not in eval_help
+    offered = depth_dataset_names()  # only readers with depth are offered (another one is refused naming these)
+    assert f"a dataset with depth: {', '.join(offered)}" in " ".join(eval_help.split()) and "re10k" not in eval_help
     assert {"synthetic", "co3d", "7scenes"} <= set(offered)
     assert "tiny_cpu" in helps["train"] and "sd21_cameo" in helps["train"]
 
 
 # --------------------------------------------------------------------------- the global error layer
+def test_stats_and_verify_json_for_scripts(cache3, failed_cache, tmp_path):
+    import json
+    import shutil
+
+    from test_cache import _flip_chunk_byte
+
+    from cameo_corr.cache.layout import shard_dir
+
+    broken = tmp_path / "broken"
+    shutil.copytree(cache3, broken)
+    _flip_chunk_byte(broken / shard_dir("s0"), "mask")
+    stats, good, failed, corrupt = run_all(["cache", "stats", str(cache3), "--json"], ["cache", "verify", str(cache3), "--json"],
+                                           ["cache", "verify", str(failed_cache), "--json"],
+                                           ["cache", "verify", str(broken), "--json", "--deep"])
+    s = json.loads(stats.stdout)
+    assert stats.returncode == 0 and s["windows_ok"] == 2 and s["windows_failed"] == 0 and s["views"] == 3 and s["grid"] == [8, 8]
+    v = json.loads(good.stdout)
+    assert good.returncode == 0 and good.stderr == ""
+    assert v == {"ok": True, "path": str(cache3), "grids": [[8, 8]], "deep": False, "selection": None, "windows_ok": 2,
+                 "checked": 2, "problems": [], "corrupt": []}
+    f = json.loads(failed.stdout)
+    assert failed.returncode == 1 and not f["ok"] and f["windows_ok"] == 0 and f["checked"] == 0
+    c = json.loads(corrupt.stdout)
+    assert corrupt.returncode == 1 and not c["ok"] and c["problems"]
+    assert {(x["shard"], x["array"]) for x in c["corrupt"]} == {("s0", "mask")} and len(c["corrupt"]) == 2
+
+
 def test_closed_pipe_while_printing_results_is_quiet(cache3):
     proc = subprocess.Popen([*CLI, "cache", "stats", str(cache3)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.close()
@@ -226,15 +253,30 @@ def test_spread_matches_keeps_picks_apart_and_off_the_border():
 # --------------------------------------------------------------------------- eval-corr
 def test_eval_corr_says_when_it_evaluates_fewer_windows(shared_data):
     root = shared_data / "sevenscenes_stairs"
-    proc = run("eval-corr", "--dataset", "7scenes", "--root", str(root), "--views", "3", "--windows", "8",
-               "--grid", "4", "--crop-size", "32")
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
-    assert "of 8 requested" in proc.stdout
-    note = [line for line in proc.stderr.splitlines() if line.startswith("cameo-corr eval-corr: note: evaluated ")]
-    assert len(note) == 1 and "of the 8 requested windows" in note[0] and "--windows-per-scene" in note[0], proc.stderr
-    bad = run("eval-corr", "--dataset", "re10k", "--root", str(root))
-    assert bad.returncode == 2 and "invalid choice: 're10k'" in bad.stderr and "Traceback" not in bad.stderr
-    one_error_line(run("eval-corr", "--dataset", "7scenes", "--root", str(root), "--windows", "0"), "eval-corr", 2, "windows")
+    common = ["eval-corr", "--dataset", "7scenes", "--root", str(root), "--windows", "8", "--grid", "4", "--crop-size", "32",
+              "--split", "all"]
+    short, more, random, tau, depthless, flag = run_all(
+        [*common, "--views", "3"], [*common, "--views", "2", "--sampling", "random"], [*common, "--views", "2"],
+        [*common, "--tau", "-1"], ["eval-corr", "--dataset", "re10k", "--root", str(root)],
+        ["eval-corr", "--dataset", "7scenes", "--root", str(root), "--dataset-option", "split=nosuch"])
+
+    def note(proc: subprocess.CompletedProcess) -> str:
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert "of 8 requested" in proc.stdout
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("cameo-corr eval-corr: note: evaluated ")]
+        assert len(lines) == 1 and "of the 8 requested windows" in lines[0], proc.stderr
+        return lines[0]
+
+    # 4 sequences of 3 frames: with 3 views each gives exactly one window, so no option is suggested
+    assert "neither more windows per scene nor" in note(short) and "raise --windows-per-scene" not in note(short)
+    assert "--windows-per-scene 2 gives 7" in note(more)  # random pairs of 3 frames: 3 per scene, 7 of the 8 asked
+    # stride windows of 2 views span the whole (clamped) sequence: more of them coincide; random sampling helps
+    assert "--windows-per-scene 2 --sampling random gives 7" in note(random) and "clamped to the scene" in note(random)
+    one_error_line(tau, "eval-corr", 2, "--tau: must be a finite number >= 0", "got -1.0")
+    line = one_error_line(depthless, "eval-corr", 2, "--dataset re10k: this dataset has no ground-truth depth", "7scenes")
+    assert "cache.json" not in line
+    one_error_line(flag, "eval-corr", 2, "[split]: unknown split 'nosuch'")
+    one_error_line(run("eval-corr", "--dataset", "7scenes", "--root", str(root), "--windows", "0"), "eval-corr", 2, "--windows: must be >= 1")
 
 
 # --------------------------------------------------------------------------- train

@@ -211,12 +211,18 @@ def test_eval_corr_cli_input_errors_exit_2(tmp_path, capsys) -> None:
                  "--points", "head"]) == 2
     assert "does not take --points" in capsys.readouterr().err
     (tmp_path / "re" / "test").mkdir(parents=True)
-    with pytest.raises(SystemExit) as exit_info:  # readers without depth are not even offered
-        main(["eval-corr", "--dataset", "re10k", "--root", str(tmp_path / "re")])
-    assert exit_info.value.code == 2 and "invalid choice: 're10k'" in capsys.readouterr().err
+    assert main(["eval-corr", "--dataset", "re10k", "--root", str(tmp_path / "re")]) == 2  # a reader without depth
+    assert "error: --dataset re10k: this dataset has no ground-truth depth" in capsys.readouterr().err
     assert main(["eval-corr", "--dataset", "synthetic", "--root", str(tmp_path / "synth"), "--backend", "depth",
                  "--visibility-tol", "0"]) == 2
-    assert "cameo-corr eval-corr: error: visibility_tol must be positive, got 0.0" in capsys.readouterr().err
+    assert "cameo-corr eval-corr: error: --visibility-tol: must be positive, got 0.0" in capsys.readouterr().err
+    for flags, message in [(["--span-per-view", "3", "1"], "--span-per-view: expected finite 0 <= lo <= hi"),
+                           (["--fps", "0"], "--fps: must be positive"), (["--views", "1"], "--views: must be >= 2"),
+                           (["--crop-size", "8", "--grid", "16"], "--crop-size: must be >= the token grid side (16"),
+                           (["--dataset-option", "subset=3"], "[subset]: expected a string or null, got 3")]:
+        assert main(["eval-corr", "--dataset", "synthetic", "--root", str(tmp_path / "synth"), *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert f"cameo-corr eval-corr: error: " in err and message in err and len(err.strip().splitlines()) == 1, err
     with pytest.raises(SystemExit) as exit_info:
         main(["eval-corr", "--dataset", "synthetic", "--root", str(tmp_path / "synth"), "--mask-policy", "occlusion"])
     assert exit_info.value.code == 2 and "invalid choice: 'occlusion'" in capsys.readouterr().err

@@ -8,11 +8,13 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cameo_corr.cli import main as cli_main
 from cameo_corr.cache.location import CacheLocation
 from cameo_corr.cache.lease import LEASE_FILE, CacheLease, LeaseHeldError
+from cameo_corr.cache.reader import CorrCache
 
 synthetic = pytest.importorskip("cameo_corr.datasets.synthetic")
 
@@ -50,6 +52,16 @@ def assert_ray_not_started() -> None:
         (["--shard-size", "0"], ["--shard-size must be >= 1"]),
         (["--crop-size", "7"], ["--crop-size must be an integer >= the token grid side (8 for --grid 8", "got 7"]),
         (["--batch-size", "0"], ["--batch-size must be >= 1"]),
+        (["--tau", "-1"], ["--tau must be a finite number >= 0", "got -1.0"]),
+        (["--views", "1"], ["--views: a window needs at least 2 views, got 1"]),
+        (["--span-per-view", "3", "1"], ["--span-per-view: expected finite 0 <= lo <= hi"]),
+        (["--fps", "0"], ["--fps: must be positive"]),
+        (["--max-windows", "0"], ["--max-windows must be >= 1, got 0"]),
+        (["--views", "9"], ["no window to compute: every one of the 1 planned scene(s) fails planning",
+                            "scene has 4 frames, fewer than the 9 views of a window", "lower --views (now 9)"]),
+        (["--scene", "nosuch"], ["--scene nosuch: no such scene in dataset 'synthetic'", "synthetic/scene_0000"]),
+        (["--dataset-option", "subset=3"], ["[subset]: expected a string or null, got 3"]),
+        (["--dry-run", "--views", "9"], ["no window to compute"]),
     ],
 )
 def test_bad_values_exit_2_with_one_line_before_ray(root, tmp_path, capsys, extra, needles):
@@ -57,6 +69,46 @@ def test_bad_values_exit_2_with_one_line_before_ray(root, tmp_path, capsys, extr
     assert preprocess(root, out, *extra) == 2
     one_line_error(capsys, *needles)
     assert not (out / "cache.json").exists()
+    assert_ray_not_started()
+
+
+def test_dry_run_prints_the_plan_without_ray_or_writing(root, tmp_path, capsys):
+    out = tmp_path / "cache"
+    assert preprocess(root, out, "--dry-run", "--windows-per-scene", "3", "--max-windows", "2") == 0
+    printed = capsys.readouterr().out
+    assert "dry run: nothing computed or written" in printed and "1 scenes, 1 of them give windows (S=3, K=3" in printed
+    assert "windows: planned 3, computable 3, failed at planning 0" in printed and "cache: new" in printed
+    assert "this run: 2 of 3 windows to do (--max-windows), 2 to compute" in printed
+    from cameo_corr.schemas import CACHE_ARRAYS
+
+    per_window = sum(int(np.prod(spec.shape(1, 3, (8, 8)))) * spec.dtype.itemsize for spec in CACHE_ARRAYS.values())
+    assert f"bytes: about {2 * per_window:,} for this run ({per_window:,} per window of uncompressed arrays)" in printed
+    assert not out.exists()
+    assert_ray_not_started()
+
+
+def test_dry_run_of_existing_caches(tmp_path, capsys):
+    """A cache with ok windows: the plan's ids are the cache's, measured bytes per window; a cache
+    without an ok window and another config: it says the config would be replaced."""
+    from test_cli import _write_cache
+
+    ok = _write_cache(tmp_path / "ok", 3, ok=True)
+    failed = _write_cache(tmp_path / "failed", 3, ok=False)
+    common = ["preprocess", "--dataset", "synthetic", "--grid", "8", "--crop-size", "64", "--sampling", "random", "--no-progress",
+              "--dry-run"]
+    summary = tmp_path / "plan.json"
+    assert cli_main([*common, "--root", str(tmp_path / "ok" / "data"), "--out", str(ok), "--views", "3",
+                     "--summary-json", str(summary)]) == 0
+    printed = capsys.readouterr().out
+    plan = json.loads(summary.read_text())
+    assert "cache: 2 of the planned windows ok, 0 failed" in printed and "this run: 0 of 0 windows to do" in printed
+    shard_bytes = sum(f.stat().st_size for f in (ok / "shards").iterdir())
+    assert plan["bytes_per_window_measured"] == shard_bytes / 2 and plan["cache"] == {"ok": 2, "failed": 0, "config_replaced": False}
+    assert cli_main([*common, "--root", str(tmp_path / "failed" / "data"), "--out", str(failed), "--views", "4"]) == 0
+    assert "cache: has no ok window and another config: its failed rows and cache.json would be replaced" in capsys.readouterr().out
+    assert cli_main([*common, "--root", str(tmp_path / "ok" / "data"), "--out", str(ok), "--views", "4"]) == 2
+    one_line_error(capsys, "refusing to mix configs", "views: cache has 3, this run has 4")
+    assert (failed / "cache.json").exists() and len(CorrCache(failed).manifest("failed")) == 2  # a dry run changes nothing
     assert_ray_not_started()
 
 

@@ -145,6 +145,33 @@ def test_planned_table_rebuilds_the_planner_records(dataset):
             w.record.window_id, w.record.scene_id, w.record.frame_ids, w.record.image_paths)
 
 
+def test_geometry_stage_reports_each_window_as_it_finishes(dataset, tmp_path):
+    """The progress counter hears of every window when the geometry stage is done with it (ok or failed),
+    before any shard is committed, and counts a window once when Ray retries its batch."""
+    from types import SimpleNamespace
+
+    from cameo_corr.datasets.planner import plan_table
+    from cameo_corr.job.config import JobConfig
+    from cameo_corr.job.stages import GeometryStage, ProgressCounter, describe_backend, load_batch
+
+    cfg = JobConfig(dataset="synthetic", root=dataset, out=str(tmp_path / "c"), workers=1, **RUN)
+    reader = cfg.open_reader()
+    loaded = load_batch(plan_table(reader, cfg.plan_config(), {}), dataset_json=json.dumps(reader.describe(), sort_keys=True, default=str),
+                        crop=cfg.view(reader).to_dict(), with_depth=True)
+    calls: list[tuple[list[str], list[str]]] = []
+    recorder = SimpleNamespace(finished=SimpleNamespace(remote=lambda ok, failed: calls.append((ok, failed))))
+    spec = cfg.geometry_spec()
+    out = GeometryStage({**spec, "expected": describe_backend(spec)["backend"]}, progress=recorder)(loaded).to_pylist()
+    ok = [r["window_id"] for r in out if r["arrays"] is not None]
+    failed = [r["window_id"] for r in out if r["arrays"] is None]
+    assert calls == [(ok, failed)] and len(ok) == 4 and len(failed) == 6
+    counter = ProgressCounter()
+    counter.finished(ok, failed)
+    counter.finished(ok[:2], failed[:1])  # a batch retried after a worker crash
+    counter.add(2, 0)
+    assert counter.counts() == {"ok": 4, "failed": 6, "committed": 2} and counter.get() == (2, 0)
+
+
 def test_rerun_skips_everything(clean, dataset, tmp_path):
     out = tmp_path / "cache"
     shutil.copytree(clean[0], out)
@@ -152,6 +179,15 @@ def test_rerun_skips_everything(clean, dataset, tmp_path):
     s = run_preprocess(dataset="synthetic", root=dataset, out=out, workers=1, **RUN)
     assert s["windows_skipped"] == 10 and s["shards_written"] == 0 and s["windows_ok"] == 0
     assert sorted(os.listdir(out / "shards")) == before
+
+
+def test_max_windows_computes_a_prefix_and_a_rerun_the_rest(clean, dataset, tmp_path):
+    out = tmp_path / "cache"
+    s = run_preprocess(dataset="synthetic", root=dataset, out=out, workers=1, max_windows=3, **RUN)
+    assert s["windows_ok"] + s["windows_failed"] == 3 and s["windows_deferred"] == 7 and s["windows_skipped"] == 0
+    s = run_preprocess(dataset="synthetic", root=dataset, out=out, workers=1, **RUN)
+    assert s["windows_skipped"] == 3 and s["windows_deferred"] == 0 and s["windows_ok"] + s["windows_failed"] == 7
+    assert_same_cache(clean[0], out)
 
 
 def test_orphans_of_killed_workers_are_redone(clean, dataset, tmp_path):
@@ -365,15 +401,59 @@ def test_resume_from_a_moved_dataset_root(clean, dataset, tmp_path):
         gone.reader()
 
 
-def test_a_run_without_any_ok_window_fails_loudly(ray_session, shared_data, tmp_path, capsys):
-    """7-Scenes sample scenes have 3 frames: with the default 8 views every window fails."""
+def test_a_plan_without_any_window_is_refused_before_ray(shared_data, tmp_path, capsys):
+    """7-Scenes sample scenes have 3 frames: with the default 8 views no scene gives a window, which the
+    planning check before Ray says in one line naming the scenes and the flag (exit 2, nothing written)."""
+    started = ray.is_initialized()
     rc = cli_main(["preprocess", "--dataset", "7scenes", "--root", str(shared_data / "sevenscenes_stairs"), "--out",
                    str(tmp_path / "c"), "--grid", "8", "--crop-size", "64", "--no-progress"])
     captured = capsys.readouterr()
-    assert rc == 1
-    err = [line for line in captured.err.splitlines() if line.startswith("cameo-corr preprocess: error:")]
-    assert len(err) == 1 and "no window succeeded: all 2 windows failed" in err[0] and "--views 8" in err[0]
-    assert "Traceback" not in captured.err
+    assert rc == 2
+    err = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("cameo-corr preprocess: error: no window to compute: every one of the 2 planned")
+    assert "scene has 3 frames, fewer than the 8 views of a window" in err[0] and "lower --views (now 8)" in err[0]
+    assert "Traceback" not in captured.err and not (tmp_path / "c" / "cache.json").exists()
+    assert ray.is_initialized() == started
+
+
+def test_second_run_after_every_window_failed(ray_session, tmp_path, capsys):
+    """Every image corrupt: the run exits 1 saying so. After the data is fixed, a re-run skips the failed
+    windows, says how many there are and how to redo them, and exits 1 (the cache has no ok window);
+    such a cache pins no config: a run with other --views replaces it and succeeds."""
+    root = synthetic.generate_dataset(tmp_path / "synth", scenes=2, frames=5, image_size=32, seed=2)
+    images = {p: p.read_bytes() for p in Path(root).rglob("images/*")}
+    for path, data in images.items():
+        path.write_bytes(data[:40])
+    out = tmp_path / "cache"
+    base = ["preprocess", "--dataset", "synthetic", "--root", str(root), "--out", str(out), "--grid", "4", "--crop-size", "32",
+            "--windows-per-scene", "2", "--no-progress"]
+
+    def error_line() -> str:
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cameo-corr preprocess: error:")]
+        assert len(err) == 1, err
+        return err[0]
+
+    assert cli_main([*base, "--views", "3"]) == 1
+    line = error_line()
+    assert "no window succeeded: all 4 windows failed" in line and "--retry-failed" in line
+    for path, data in images.items():  # the data is fixed
+        path.write_bytes(data)
+    assert cli_main([*base, "--views", "3"]) == 1
+    printed = capsys.readouterr()
+    assert "already done 4 (4 of them failed)" in printed.out and "re-run with --retry-failed to redo them" in printed.out
+    line = [x for x in printed.err.splitlines() if x.startswith("cameo-corr preprocess: error:")]
+    assert len(line) == 1 and "the cache has no ok window: 4 windows are recorded as failed (4 by an earlier run" in line[0]
+    assert "--retry-failed" in line[0] and "DatasetError" in line[0]
+    summary = tmp_path / "summary.json"
+    assert cli_main([*base, "--views", "4", "--summary-json", str(summary)]) == 0
+    s = json.loads(summary.read_text())
+    assert s["config_replaced"] and s["failed_dropped"] == 4 and s["windows_ok"] == s["cache_windows_ok"] >= 2
+    assert "its config and 4 failed rows were replaced" in capsys.readouterr().out
+    cache = CorrCache(out)
+    assert cache.config.views == 4 and cache.manifest("failed").num_rows == 0 and verify_cache(cache) == []
+    with pytest.raises(CacheMismatchError, match="views: cache has 4, this run has 3"):  # ok windows pin the config
+        run_preprocess(dataset="synthetic", root=root, out=out, workers=1, backend="depth", grid=4, views=3, crop_size=32,
+                       progress=False)
 
 
 INJECT_ENOSPC = '''
@@ -410,6 +490,26 @@ def test_full_disk_is_one_line_and_exit_1(dataset, tmp_path):
     assert len(err) == 1 and "No space left on device" in err[0] and "the disk is full" in err[0], res.stderr[-3000:]
     assert "Traceback (most recent call last)" not in res.stderr.split("cameo-corr preprocess: error:")[-1]
     assert "Token authentication is enabled" not in res.stderr
+
+
+def test_healthy_run_prints_no_false_alarm_and_progress_per_window(dataset, tmp_path):
+    """A healthy run from the command line: besides Ray's start-up line and its error-level line about the
+    actors' constructor arguments (explained by our one-line note, printed once), stderr holds only the
+    progress bar, which counts windows ok / failed as they finish and the windows committed."""
+    import re
+
+    from cameo_corr.job.driver import NOTE_PREFIX, RAY_ACTOR_ARGS_NOTE
+
+    sids = open_dataset("synthetic", dataset).scene_ids()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run(_cli(dataset, tmp_path / "c", "--scene", sids[GOOD], "--scene", sids[CORRUPT]), env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line.strip() for line in re.split(r"[\r\n]+", res.stderr) if line.strip()]
+    ray_lines = ("Started a local Ray instance", "has constructor arguments in the object store and max_restarts > 0")
+    assert [line for line in lines if not line.startswith(("preprocess:", NOTE_PREFIX)) and not any(r in line for r in ray_lines)] == []
+    assert lines.count(NOTE_PREFIX + RAY_ACTOR_ARGS_NOTE) == 1 and "will hang" not in res.stderr
+    assert "ok=2, failed=2, committed=4" in lines[-1] and "4/4" in lines[-1]
 
 
 def test_ctrl_c_is_one_line(dataset, tmp_path):

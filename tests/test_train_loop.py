@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -59,7 +60,8 @@ def test_resume_is_exact(cache: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-6, atol=1e-7)
     # the data position was checkpointed: 4 steps x 2 micro-batches x 2 samples over 6 windows
     state = json.loads((checkpoint_dirs(tmp_path / "b")[-1] / "loop_state.json").read_text())
-    assert state == {"step": 4, "world_size": 1, "precision": "fp32", "data": {"epoch": 16 // 6, "position": 16 % 6}}
+    assert state == {"step": 4, "world_size": 1, "precision": "fp32", "data": {"epoch": 16 // 6, "position": 16 % 6},
+                     "corrupt_skipped": 0}
     # the parameters moved
     fresh = train(config(cache, "train.max_steps=1", "optim.lr=0"), tmp_path / "c", resume="never")
     assert fresh.step == 1
@@ -113,6 +115,56 @@ def test_cli_trains_checkpoints_and_resumes(cache: Path, tmp_path: Path) -> None
     assert second["step"] == 3 and math.isfinite(second["cameo"]) and math.isfinite(second["diffusion"])
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
     assert (out / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_corrupt_chunk_is_one_line_and_skipped_windows_reach_the_metrics(cache: Path, tmp_path: Path) -> None:
+    """data.on_corrupt=raise: one error line naming the shard, exit 2, with or without DataLoader workers,
+    and no asyncio "Task was destroyed" lines at exit. skip: every metrics row counts the windows
+    skipped so far, the count survives a resume, and a stream of nothing but corrupt windows stops."""
+    import shutil
+
+    from test_train_data import _corrupt_first_shard
+
+    src = tmp_path / "cache"
+    shutil.copytree(cache, src)
+    bad = _corrupt_first_shard(src)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for workers in (0, 1):
+        cmd = [sys.executable, "-m", "cameo_corr.cli", "train", "--cache", str(src), "--config", str(TINY), "--out",
+               str(tmp_path / f"raise{workers}"), "--max-steps", "4", "--no-progress", *BASE, f"data.num_workers={workers}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and "Task was destroyed" not in proc.stderr, proc.stderr[-3000:]
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("cameo-corr train: error: ")]
+        assert len(lines) == 1 and "corrupt data" in lines[0] and any(f"window {w}" in lines[0] for w in bad), proc.stderr
+
+    cfg = config(src, "data.on_corrupt=skip", "train.max_steps=4", "train.checkpoint_every=2")
+    straight = train(cfg, tmp_path / "a", resume="never")
+    counts = [r["corrupt_skipped"] for r in read_metrics(tmp_path / "a")]
+    # the corrupt windows among the stream positions read (the checkpointed position counts kept and skipped ones)
+    from cameo_corr.train.loop import make_loader
+
+    data = json.loads((checkpoint_dirs(tmp_path / "a")[-1] / "loop_state.json").read_text())["data"]
+    dataset = make_loader(cfg, rank=0, world_size=1).dataset
+    read = [dataset.window_meta(w)["window_id"] for _, w, _ in itertools.islice(dataset._positions(), data["epoch"] * 6 + data["position"])]
+    assert counts == sorted(counts) and counts[-1] == sum(w in bad for w in read) > 0
+    assert straight.history[-1]["corrupt_skipped"] == counts[-1]
+    train(cfg, tmp_path / "b", resume="never", max_steps=2)
+    train(cfg, tmp_path / "b", resume="auto")
+    assert [r["corrupt_skipped"] for r in read_metrics(tmp_path / "b")] == counts
+
+    everything = tmp_path / "all_bad"
+    shutil.copytree(cache, everything)
+    from test_cache import _flip_chunk_byte
+
+    from cameo_corr.cache.layout import shard_dir
+    from cameo_corr.cache.reader import CorrCache
+
+    for shard in set(CorrCache(everything).manifest("ok", columns=["shard"]).column("shard").to_pylist()):
+        _flip_chunk_byte(everything / shard_dir(shard), "nn")
+    with pytest.raises(Exception, match="the last 6 windows read were all corrupt, a whole epoch"):
+        train(config(everything, "data.on_corrupt=skip", "train.max_steps=1"), tmp_path / "c", resume="never")
 
 
 def test_cli_reports_config_errors_naming_the_key(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -29,6 +29,7 @@ from cameo_corr.cli.errors import UsageError
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.cache.reader import CorrCache
     from cameo_corr.cache.select import WindowSelection
+    from cameo_corr.cache.verify import VerifyReport
 
 
 def _open(args: argparse.Namespace) -> "CorrCache":
@@ -82,6 +83,9 @@ def _verify(args: argparse.Namespace) -> int:
     cache = _open(args)
     report = verify_report(cache, max_windows=args.max_windows, deep=args.deep, grids=args.grid, selection=selection)
     where = cache.location.display
+    if args.json:
+        print(json.dumps(verify_json(cache, report, args, selection), indent=2))
+        return 0 if report.windows_ok and not report.problems else 1
     if report.problems:
         print(f"{len(report.problems)} problem(s) in {where}:", file=sys.stderr)
         for p in report.problems:
@@ -97,6 +101,23 @@ def _verify(args: argparse.Namespace) -> int:
     print(f"ok: {report.checked} of {report.windows_ok} windows verified in {where} (grid {grids})"
           + (", every chunk decoded" if args.deep else "") + (f" (selection: {selection.describe()})" if selection else ""))
     return 0
+
+
+def verify_json(cache: "CorrCache", report: "VerifyReport", args: argparse.Namespace, selection: "WindowSelection") -> dict:
+    """``cache verify --json``: ``ok`` (no problem and at least one ok window: exit 0), ``path``,
+    ``grids`` checked, ``deep``, ``selection``, ``windows_ok``, ``checked``, ``problems`` (one line
+    each) and ``corrupt`` (``{"window", "shard", "array"}``, ``null`` for a whole shard or its metadata)."""
+    return {
+        "ok": bool(report.windows_ok) and not report.problems,
+        "path": cache.location.display,
+        "grids": [list(g) for g in (cache.config.grids if args.grid is None else args.grid)],
+        "deep": args.deep,
+        "selection": selection.describe() if selection else None,
+        "windows_ok": report.windows_ok,
+        "checked": report.checked,
+        "problems": list(report.problems),
+        "corrupt": [{"window": w, "shard": sh, "array": a} for w, sh, a in report.corrupt],
+    }
 
 
 @cli_errors
@@ -197,7 +218,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stats", help="windows, scenes, failures, mask coverage histogram, bytes")
     common(p)
     p.add_argument("--bins", type=int, default=COVERAGE_BINS, help="histogram bins (default: 10)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON (for scripts)")
     p.add_argument("--grid", type=grid_arg, default=None, metavar="SIDE",
                    help="token grid the valid/mask shares describe, 32 or 32x16 (default: the primary grid)")
     subset(p)
@@ -209,6 +230,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--deep", action="store_true", help="also decode every chunk of every shard and list the corrupt windows")
     p.add_argument("--grid", type=grids_arg, default=None, metavar="SIDES",
                    help="check these grids' arrays, comma-separated (default: every grid the cache stores)")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as JSON on stdout (ok, windows checked, problems, corrupt windows); same exit code")
     subset(p)
     p.set_defaults(func=_verify)
 
@@ -250,4 +273,4 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_merge)
 
 
-__all__ = ["cli_errors", "register_cli"]
+__all__ = ["cli_errors", "verify_json", "register_cli"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -14,7 +13,7 @@ from cameo_corr.cache.config import read_config
 from cameo_corr.cache.layout import CONFIG_FILE, shard_dir
 from cameo_corr.cache.location import CacheLocation
 from cameo_corr.cache.manifest import ManifestIndex, read_manifest
-from cameo_corr.cache.shard import SHARD_WINDOW_KEYS, CorruptCacheError, run_on_zarr_loop, shard_zip_store
+from cameo_corr.cache.shard import SHARD_WINDOW_KEYS, CorruptCacheError, gather_all, run_on_zarr_loop, shard_zip_store
 from cameo_corr.schemas import CACHE_ARRAYS, CacheConfig, DatasetError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -159,7 +158,7 @@ class CorrCache:
 
         async def open_all() -> tuple[Any, list[Any]]:  # one trip to zarr's event loop for group and arrays
             agroup = await open_group(store=store, mode="r", use_consolidated=True if self.version >= 2 else None)
-            return agroup, await asyncio.gather(*(agroup.getitem(key) for key in keys))
+            return agroup, await gather_all(*(agroup.getitem(key) for key in keys))
 
         try:
             agroup, arrays = run_on_zarr_loop(open_all())
@@ -224,7 +223,7 @@ class CorrCache:
                 raise CorruptCacheError(self.location.display, shard_id, name, window, e) from e
 
         async def read() -> list[Any]:
-            return await asyncio.gather(*(one(n) for n in names))
+            return await gather_all(*(one(n) for n in names))
 
         return {name: np.asarray(v) for name, v in zip(names, run_on_zarr_loop(read()))}
 

@@ -52,7 +52,12 @@ class CorruptCacheError(CameoCorrError):
         what = f"array '{array}'" if array else "shard metadata"
         which = f"window {window}" if window else "all windows of the shard"
         reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+        self.reason = reason
         super().__init__(f"{cache}: shard {shard}, {what}, {which}: corrupt data ({reason})")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by the named parts (a DataLoader worker hands the error to the training process intact)."""
+        return type(self), (self.cache, self.shard, self.array, self.window, self.reason)
 
 
 
@@ -62,6 +67,23 @@ def run_on_zarr_loop(coro: Any) -> Any:
     from zarr.core.sync import sync
 
     return sync(coro)
+
+
+async def gather_all(*aws: Any) -> list[Any]:
+    """``asyncio.gather(*aws)`` that lets every read finish before raising the first error.
+
+    A plain ``gather`` raises at the first failure and leaves the other reads, and the chunk tasks zarr
+    started inside the failed one, pending on zarr's loop; at exit Python then reports each as "Task was
+    destroyed but it is pending!". Here the tasks started meanwhile are awaited (their own errors are
+    retrieved and dropped) before the first error is raised."""
+    before = asyncio.all_tasks()
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        left = asyncio.all_tasks() - before
+        await asyncio.gather(*left, return_exceptions=True)
+        raise errors[0]
+    return results
 
 
 
@@ -259,6 +281,7 @@ __all__ = [
     "CHUNK_WINDOWS",
     "CorruptCacheError",
     "run_on_zarr_loop",
+    "gather_all",
     "SHARD_WINDOW_KEYS",
     "shard_window_meta",
     "shard_zip_bytes",

@@ -1,11 +1,12 @@
 """Argument types and options shared by several commands (``--grid``, ``KEY=VALUE`` options,
-``--storage-option``). Importing this module is light: no torch, Ray or zarr."""
+``--storage-option``, ``--dataset-option`` and the window sampling options of ``preprocess`` and
+``eval-corr``). Importing this module is light: no torch, Ray or zarr."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import Any, Sequence
 
 from cameo_corr.schemas import SchemaError, parse_grids
 
@@ -43,9 +44,42 @@ def add_storage_option(parser: argparse.ArgumentParser | Any, what: str = "") ->
                         help=f"fsspec storage option{what} (JSON value), repeatable")
 
 
+def add_dataset_option(parser: argparse.ArgumentParser | Any) -> None:
+    """Add the repeatable ``--dataset-option KEY=VALUE`` (dataset reader options, JSON values) to ``parser``."""
+    parser.add_argument("--dataset-option", action="append", type=key_value_arg, default=[], metavar="KEY=VALUE",
+                        help="extra reader option (JSON value), repeatable")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser | Any, *, policies: Sequence[str], positions: Sequence[str]) -> None:
+    """Add the window sampling options ``--windows-per-scene``, ``--sampling``, ``--span-per-view``,
+    ``--positions``, ``--fps`` and ``--seed`` (the same flags for every command that plans windows).
+
+    ``policies`` and ``positions`` are the planner's choices
+    (:data:`~cameo_corr.datasets.planner.SAMPLING_POLICIES`, :data:`~cameo_corr.datasets.planner.POSITION_UNITS`),
+    passed in because this module sits below the planner.
+    """
+    parser.add_argument("--windows-per-scene", type=int, default=1,
+                        help="windows K drawn per scene (default: 1; a short scene may give fewer distinct windows)")
+    parser.add_argument("--sampling", choices=tuple(policies), default=None, help="window sampling (default: per dataset)")
+    parser.add_argument("--span-per-view", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="stride sampling: window span in [S*LO, S*HI] raw frames (default: 48 144)")
+    parser.add_argument("--positions", choices=tuple(positions), default=None,
+                        help="stride sampling: frame positions (default: per dataset)")
+    parser.add_argument("--fps", type=float, default=None, help="raw video frame rate for timestamp positions (default: 30)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+
+
+SAMPLING_FLAGS: dict[str, str] = {
+    "views": "--views", "windows_per_scene": "--windows-per-scene", "policy": "--sampling", "span_per_view": "--span-per-view",
+    "positions": "--positions", "fps": "--fps", "seed": "--seed",
+}
+"""The command-line flag of each window sampling setting (``PlanConfig`` field -> flag), for errors."""
+
+
 def storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
     """The ``--storage-option`` values of ``args`` as a dict (``None`` when none were given)."""
     return dict(args.storage_option) or None
 
 
-__all__ = ["key_value_arg", "grids_arg", "grid_arg", "add_storage_option", "storage_options"]
+__all__ = ["key_value_arg", "grids_arg", "grid_arg", "add_storage_option", "add_dataset_option", "add_sampling_arguments",
+           "SAMPLING_FLAGS", "storage_options"]

@@ -9,10 +9,14 @@ A reader's ``name`` is its registry name (the on-disk layout it reads). Its ``ta
 from __future__ import annotations
 
 import abc
+import collections.abc
 import importlib
 import inspect
+import json
 import os
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
@@ -260,7 +264,60 @@ def open_dataset(name: str, root: str | Path, /, *, tag: str | None = None, **op
     if unknown:
         raise DatasetError(str(root), f"unknown option {unknown[0]!r} of reader {name!r}; it takes {accepted + ['tag']}",
                            field=unknown[0])
+    check_option_types(cls, options, str(root))
     reader = cls(root, **options)
     if tag is not None:
         reader.tag = tag
     return reader
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether ``value`` (a JSON value from the command line) fits the annotation ``hint`` of a reader option:
+    ``int`` (not a bool), ``float`` (an int or float, not a bool), ``str``/``Path`` (a string), ``bool``,
+    ``None``, ``Sequence[X]`` (a list or tuple of X), a union of these, or ``Any``; from Python a ``Path``
+    option also takes a ``Path``."""
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(h, value) for h in typing.get_args(hint))
+    if origin is not None and isinstance(origin, type) and issubclass(origin, collections.abc.Sequence):
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, (list, tuple)) and all(_accepts(item, v) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is Path:
+        return isinstance(value, (str, os.PathLike))
+    return isinstance(hint, type) and isinstance(value, hint)
+
+
+def _describe_hint(hint: Any) -> str:
+    """An option annotation in words (``a string or null``)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        words = list(dict.fromkeys(_describe_hint(h) for h in typing.get_args(hint)))
+        return " or ".join(words)
+    if origin is not None and isinstance(origin, type) and issubclass(origin, collections.abc.Sequence):
+        (item,) = typing.get_args(hint) or (Any,)
+        return f"a list of {_describe_hint(item).removeprefix('a ').removeprefix('an ')}s"
+    return {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            Path: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_option_types(cls: type[SceneReader], options: dict[str, Any], where: str) -> None:
+    """Refuse a reader option whose value does not have the type the reader's constructor declares
+    (:class:`DatasetError` naming the option, e.g. ``--dataset-option max_depth="3"``); values are
+    checked by the reader itself."""
+    hints = typing.get_type_hints(cls.__init__)
+    for name, value in options.items():
+        hint = hints.get(name, Any)
+        if not _accepts(hint, value):
+            raise DatasetError(where, f"expected {_describe_hint(hint)}, got {json.dumps(value)}", field=name)

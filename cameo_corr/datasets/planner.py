@@ -42,6 +42,7 @@ import hashlib
 import itertools
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
@@ -261,6 +262,21 @@ def scene_window_indices(dataset: str, split: str, scene_id: str, frame_ids: Seq
 
 def _too_short(frames: int, config: PlanConfig) -> str:
     return f"scene has {frames} frames, fewer than the {config.views} views of a window"
+
+
+TOO_SHORT = "fewer frames than views"
+"""The :func:`failure_reason` of a scene with fewer frames than the views of a window."""
+_TOO_SHORT_RE = re.compile(r"^scene has \d+ frames, fewer than the \d+ views of a window$")
+
+
+def failure_reason(error: str) -> str:
+    """The reason class of a planned or computed window's ``error`` text, to count failures by reason:
+    :data:`TOO_SHORT` for a scene with fewer frames than views, else the error class name that starts
+    the text (``DatasetError: ...``), else the whole text."""
+    if _TOO_SHORT_RE.match(error):
+        return TOO_SHORT
+    head = error.split(":", 1)[0]
+    return head if head.isidentifier() else error
 
 
 def plan_scene(scene: SceneRecord, config: PlanConfig, fingerprint: Mapping[str, Any]) -> list[PlannedWindow]:
@@ -526,6 +542,8 @@ __all__ = [
     "scene_window_bounds",
     "scene_window_indices",
     "plan_scene",
+    "TOO_SHORT",
+    "failure_reason",
     "failed_window",
     "plan_windows",
     "PLAN_COLUMNS",

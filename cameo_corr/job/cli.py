@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from cameo_corr.cli.args import add_storage_option, grids_arg, key_value_arg
+from cameo_corr.cli.args import add_dataset_option, add_sampling_arguments, add_storage_option, grids_arg
 from cameo_corr.cli.errors import RunFailed, UsageError
 from cameo_corr.datasets.planner import DEFAULT_SHARD_SIZE
 from cameo_corr.schemas import CANONICAL_SIZE, DEFAULT_GRID, DEFAULT_TAU
@@ -28,21 +28,20 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", required=True, help="dataset root directory")
     parser.add_argument("--out", required=True, help="cache directory or fsspec URL (s3://bucket/cache)")
     parser.add_argument("--split", default=None, help="dataset split (default: the reader's default)")
-    parser.add_argument("--dataset-option", action="append", type=key_value_arg, default=[], metavar="KEY=VALUE",
-                        help="extra reader option (JSON value), repeatable")
+    add_dataset_option(parser)
     parser.add_argument("--grid", type=grids_arg, default=((DEFAULT_GRID, DEFAULT_GRID),), metavar="SIDES",
                         help="token grid side h = w, or several comma-separated (16,32,64: one backend pass stores every "
                              "grid; the first is the primary one); 32x16 for h x w (default: 32)")
     parser.add_argument("--views", type=int, default=8, help="views per window S (default: 8)")
     parser.add_argument("--tau", type=float, default=DEFAULT_TAU, help="cycle-consistency threshold in tokens (default: 1.5)")
-    parser.add_argument("--windows-per-scene", type=int, default=1, help="windows K drawn per scene (default: 1)")
-    parser.add_argument("--sampling", choices=SAMPLING_POLICIES, default=None, help="window sampling (default: per dataset)")
-    parser.add_argument("--span-per-view", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                        help="stride sampling: window span in [S*LO, S*HI] raw frames (default: 48 144)")
-    parser.add_argument("--positions", choices=POSITION_UNITS, default=None, help="stride sampling: frame positions (default: per dataset)")
-    parser.add_argument("--fps", type=float, default=None, help="raw video frame rate for timestamp positions (default: 30)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    add_sampling_arguments(parser, policies=SAMPLING_POLICIES, positions=POSITION_UNITS)
     parser.add_argument("--scene", action="append", default=None, help="only this scene id (repeatable)")
+    parser.add_argument("--max-windows", type=int, default=None, metavar="N",
+                        help="compute at most N of the windows still to do, in plan order (a trial run; re-run without it "
+                             "to do the rest)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (scenes, windows, failures by reason, what the cache holds, estimated bytes) and "
+                             "exit, without Ray and without writing")
     parser.add_argument("--crop-policy", choices=("center", "principal_point", "mask_bbox"), default=None,
                         help="canonical crop (default: the reader's; CO3D with masks: pass mask_bbox)")
     parser.add_argument("--crop-size", type=int, default=CANONICAL_SIZE, help="canonical view side in pixels (default: 512)")
@@ -80,14 +79,17 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     Errors are raised for the CLI's one error layer (:func:`cameo_corr.cli.main`): input and usage
     errors (bad flag values, a busy or unwritable ``--out``, a mismatching cache, a missing optional
-    package) before Ray starts exit 2; a failed run (storage error, Ray failure, ``--fail-fast``, no
-    window succeeded) raises :class:`~cameo_corr.cli.RunFailed` (exit 1); Ctrl-C exits 130 saying
-    that committed shards are kept.
+    package, a plan without a window to compute) before Ray starts exit 2; a failed run (storage
+    error, Ray failure, ``--fail-fast``, a cache left without an ok window) raises
+    :class:`~cameo_corr.cli.RunFailed` (exit 1); Ctrl-C exits 130 saying that committed shards are
+    kept. ``--dry-run`` prints the plan instead (:func:`dry_run`).
     """
     from cameo_corr.job.config import JobConfig
     from cameo_corr.job.driver import CacheWriteError, run_job
 
     config = JobConfig.from_args(args)
+    if args.dry_run:
+        return dry_run(config, args.summary_json)
     try:
         summary = run_job(config)
     except KeyboardInterrupt:
@@ -103,11 +105,23 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise RunFailed(f"the run failed ({summary['shard_errors'][0][1]}); committed shards are kept, re-run to resume")
     if summary["stopped_early"] or (args.fail_fast and summary["windows_failed"]):
         raise RunFailed(f"--fail-fast: stopped at the first failed window ({summary['errors'][0][1] if summary['errors'] else '?'})")
-    if summary["windows_planned"] and not summary["windows_ok"] and not summary["windows_skipped"]:
-        first = summary["errors"][0][1] if summary["errors"] else "no error recorded"
-        raise RunFailed(f"no window succeeded: all {summary['windows_failed']} windows failed, first: {first} (see the 'failed' "
-                        f"lines above; e.g. fewer frames per scene than --views {args.views}?)")
+    if not summary["cache_windows_ok"]:
+        raise RunFailed(no_ok_window(summary))
     return 0
+
+
+def no_ok_window(summary: Mapping[str, Any]) -> str:
+    """Why a run left its cache without an ok window, and how to redo the failed windows."""
+    errors = list(summary["errors"]) + list(summary["errors_earlier"])
+    first = f", first: {errors[0][1]}" if errors else ""
+    if summary["windows_failed_earlier"]:
+        return (f"the cache has no ok window: {summary['cache_windows_failed']} windows are recorded as failed ("
+                f"{summary['windows_failed_earlier']} by an earlier run, skipped now){first}; fix the input and re-run with "
+                "--retry-failed to redo them")
+    if summary["windows_failed"]:
+        return (f"no window succeeded: all {summary['windows_failed']} windows failed{first} (see the 'failed' lines above); "
+                "fix the input and re-run with --retry-failed to redo them")
+    return f"the cache has no ok window and this run computed none ({summary['windows_planned']} windows planned)"
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
@@ -116,8 +130,10 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     busy = sum(st[k] for k in ("read", "backend", "match", "write")) or 1.0
     lines = [
         f"cache: {summary['out']}",
-        f"windows: planned {summary['windows_planned']}, already done {summary['windows_skipped']}, "
-        f"ok {summary['windows_ok']}, failed {summary['windows_failed']}",
+        f"windows: planned {summary['windows_planned']}, already done {summary['windows_skipped']}"
+        + (f" ({summary['windows_failed_earlier']} of them failed)" if summary["windows_failed_earlier"] else "")
+        + (f", left for a later run (--max-windows) {summary['windows_deferred']}" if summary["windows_deferred"] else "")
+        + f", ok {summary['windows_ok']}, failed {summary['windows_failed']}",
         f"shards written: {summary['shards_written']}, orphans removed: {summary['orphans_removed']}, "
         f"shards repaired: {summary['shards_repaired']} missing, {summary['shards_corrupt']} corrupt, failed windows retried: {summary['failed_retried']}, "
         f"shard errors: {len(summary['shard_errors'])}" + (" (stopped early)" if summary["stopped_early"] else ""),
@@ -128,7 +144,25 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     ]
     lines += [f"  failed {wid}: {err}" for wid, err in summary["errors"]]
     lines += [f"  shard error {sid}: {err}" for sid, err in summary["shard_errors"]]
+    if summary["config_replaced"]:
+        lines.append(f"the cache had no ok window and another config: its config and {summary['failed_dropped']} failed rows "
+                     "were replaced by this run's")
+    if summary["windows_failed_earlier"]:
+        lines.append(f"{summary['windows_failed_earlier']} windows recorded as failed by an earlier run were not redone "
+                     "(e.g. " + "; ".join(f"{w}: {e}" for w, e in summary["errors_earlier"][:2])
+                     + "); re-run with --retry-failed to redo them")
     return "\n".join(lines)
+
+
+def dry_run(config: Any, summary_json: str | None) -> int:
+    """``--dry-run``: print the plan (:func:`~cameo_corr.job.preview.plan_preview`), optionally as JSON too; 0."""
+    from cameo_corr.job.preview import format_plan, plan_preview
+
+    preview = plan_preview(config)
+    print(format_plan(preview))
+    if summary_json:
+        Path(summary_json).write_text(json.dumps(preview, indent=2, default=str))
+    return 0
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -139,7 +173,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Plan windows of a dataset, run a geometry backend on a Ray Data pipeline, match tokens and "
             "write a sharded zarr cache + parquet manifest. Re-running resumes: windows with manifest rows "
-            "are skipped, shards whose folder is missing are redone. One job per cache (a lease). Local "
+            "are skipped, shards whose file is missing are redone. One job per cache (a lease). Local "
             "Ray by default; set RAY_ADDRESS or use `ray job submit` for a cluster (see jobs/README.md)."
         ),
     )
@@ -147,4 +181,4 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_from_args)
 
 
-__all__ = ["add_preprocess_arguments", "run_from_args", "format_summary", "register_cli"]
+__all__ = ["add_preprocess_arguments", "run_from_args", "no_ok_window", "format_summary", "dry_run", "register_cli"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from cameo_corr.cache.consolidation import DEFAULT_CONSOLIDATE_EVERY, DEFAULT_CONSOLIDATE_SECONDS
 from cameo_corr.cache.lease import DEFAULT_LEASE_TIMEOUT
+from cameo_corr.cli.args import SAMPLING_FLAGS
 from cameo_corr.cli.errors import UsageError
 from cameo_corr.datasets.planner import DEFAULT_SHARD_SIZE
 from cameo_corr.schemas import CANONICAL_SIZE, DEFAULT_GRID, DEFAULT_TAU, SchemaError, as_grid, check_grids, grid_name
@@ -29,7 +31,9 @@ class JobConfig:
     **What to read**: ``dataset`` (reader name), ``root``, ``split`` (``None``: the reader's default),
     ``dataset_options`` (reader options), ``scenes`` (only these scene ids). **Windows**: ``views`` S,
     ``windows_per_scene`` K, ``sampling``/``span_per_view``/``positions``/``fps``/``seed`` (``None``:
-    the dataset's default, :func:`~cameo_corr.datasets.planner.default_plan_config`). **Geometry**:
+    the dataset's default, :func:`~cameo_corr.datasets.planner.default_plan_config`), ``max_windows``
+    (compute at most this many of the windows still to do, in plan order: a trial run; ``None``: all).
+    **Geometry**:
     ``backend`` with ``backend_options``, the canonical ``crop_policy`` (``None``: the reader's) and
     ``crop_size``, the primary ``grid`` (``h = w`` or ``(h, w)``) and ``extra_grids`` (tokenized and
     matched from the same pointmaps), ``tau``, ``match_backend``. **Where it runs**: ``workers`` model
@@ -56,6 +60,7 @@ class JobConfig:
     positions: str | None = None
     fps: float | None = None
     seed: int = 0
+    max_windows: int | None = None
     backend: str = "depth"
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     crop_policy: str | None = None
@@ -124,10 +129,16 @@ class JobConfig:
             (self.lease_timeout > 0, f"--lease-timeout must be > 0 seconds, got {self.lease_timeout}"),
             (self.consolidate_every >= 1, f"--consolidate-every must be >= 1 (pending shard fragments), got {self.consolidate_every}"),
             (self.consolidate_seconds > 0, f"--consolidate-seconds must be > 0, got {self.consolidate_seconds}"),
+            (math.isfinite(self.tau) and self.tau >= 0, f"--tau must be a finite number >= 0 (tokens), got {self.tau}"),
+            (self.max_windows is None or self.max_windows >= 1, f"--max-windows must be >= 1, got {self.max_windows}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        try:
+            self.plan_config()
+        except SchemaError as e:  # the sampling flags, named as the command line spells them
+            raise UsageError(f"{SAMPLING_FLAGS.get(e.field, e.field)}: {e.message}") from None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "JobConfig":

@@ -29,13 +29,14 @@ import errno
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
-from cameo_corr.cache.config import COMPARED_FIELDS, check_compatible, mismatch_error, read_existing_config
+from cameo_corr.cache.config import COMPARED_FIELDS, CacheMismatchError, check_compatible, mismatch_error, read_existing_config
 from cameo_corr.cache.consolidation import PeriodicConsolidation, consolidate_manifest, drop_failed_rows
 from cameo_corr.cache.layout import CONFIG_FILE
 from cameo_corr.cache.lease import CacheLease
@@ -77,12 +78,16 @@ class Clock:
 @dataclass
 class Upkeep:
     """What the start-up upkeep of the cache removed: orphan paths, shards with a missing file, corrupt
-    shards (``repair``), failed windows superseded for a retry (``retry_failed``)."""
+    shards (``repair``), failed windows superseded for a retry (``retry_failed``), and the config of a
+    cache without an ok window that this run replaced (``unpinned``)."""
 
     orphans: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)
     retried: list[str] = field(default_factory=list)
+    unpinned: list[str] | None = None
+    """The failed windows dropped with the config of a cache that had no ok window (:func:`unpin`);
+    ``None`` when the cache kept its config."""
 
 
 @dataclass
@@ -116,10 +121,12 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     reader = config.open_reader()
     plan, view = config.plan_config(), config.view(reader)
     existing = read_existing_config(location)
-    check_before_start(config, location, reader, view, existing)
+    pinned = check_before_start(config, location, reader, view, existing)
     lease = take_lease(config, location)
     started = False
     try:
+        unpinned = unpin(location, existing) if existing is not None and pinned is None else None
+        existing = pinned
         started = init_ray(config.num_cpus, config.workers * config.cpus_per_worker)
         check_cluster(config)
         described = describe_on_cluster(config)
@@ -127,13 +134,15 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         existing = existing or read_existing_config(location)  # another job may have created it before our lease
         check_compatible(existing, cache_config, where=location.url(CONFIG_FILE))
         upkeep = keep_up(config, location, existing or cache_config)
+        upkeep.unpinned = unpinned
         planned, todo = windows_to_do(reader, plan, cache_config, location, config.scenes)
+        todo, deferred = limit_windows(todo, config.max_windows)
         run = run_stages(todo, config, reader, cache_config, described["needs_depth"], (location, lease, clock))
     finally:
         lease.release()
         if started:
             ray.shutdown()
-    return summarize(config, location, planned, todo, upkeep, run, clock)
+    return summarize(config, location, planned, todo, upkeep, run, clock, deferred=deferred)
 
 
 # ----------------------------------------------------------------------------- before Ray starts
@@ -148,22 +157,65 @@ def check_out(config: JobConfig) -> CacheLocation:
     return location
 
 
-def check_before_start(config: JobConfig, location: CacheLocation, reader: "SceneReader", view: "CanonicalView",
-                       existing: CacheConfig | None) -> None:
-    """Refuse a mismatching cache and a backend that cannot run, before starting Ray (the full backend
-    entry is compared once the backend described itself, :func:`run_job`)."""
+def provisional_config(config: JobConfig, reader: "SceneReader", view: "CanonicalView") -> CacheConfig:
+    """The run's ``cache.json`` before the backend described itself (its backend entry is the name only)."""
     provisional = CacheConfig(grid=config.grid, tau=config.tau, views=config.views, backend={"name": config.backend},
                               crop=view.to_dict(), dataset=reader.describe(), extra_grids=config.extra_grids)
     provisional.validate()
+    return provisional
+
+
+def check_before_start(config: JobConfig, location: CacheLocation, reader: "SceneReader", view: "CanonicalView",
+                       existing: CacheConfig | None) -> CacheConfig | None:
+    """Refuse a mismatching cache, a backend that cannot run and a plan without a window to compute
+    (:func:`~cameo_corr.job.plan.check_plan`), before starting Ray (the full backend entry is compared
+    once the backend described itself, :func:`run_job`).
+
+    Returns the config the cache is pinned to: ``existing``, or ``None`` when the cache's config differs
+    from this run's but the cache has no ok window (nothing to keep consistent with: :func:`unpin`
+    replaces its config once the run holds the lease)."""
+    from cameo_corr.job.plan import check_plan
+
+    provisional = provisional_config(config, reader, view)
     where = location.url(CONFIG_FILE)
-    check_compatible(existing, provisional, [f for f in COMPARED_FIELDS if f != "backend"], where=where)
     preflight_backend(config.backend, config.gpus_per_worker, config.backend_options, reader)
-    if existing is not None:
-        given = {"name": config.backend, **config.backend_options}
-        recorded = existing.backend
-        diffs = [(k, recorded[k], v) for k, v in given.items() if k in recorded and v != "auto" and recorded[k] != v]
-        if diffs:
-            raise mismatch_error(diffs, where, field="backend")
+    try:
+        check_compatible(existing, provisional, [f for f in COMPARED_FIELDS if f != "backend"], where=where)
+        if existing is not None:
+            given = {"name": config.backend, **config.backend_options}
+            recorded = existing.backend
+            diffs = [(k, recorded[k], v) for k, v in given.items() if k in recorded and v != "auto" and recorded[k] != v]
+            if diffs:
+                raise mismatch_error(diffs, where, field="backend")
+    except CacheMismatchError:
+        if has_ok_window(location):
+            raise
+        existing = None
+    check_plan(config, reader, config.plan_config())
+    return existing
+
+
+def has_ok_window(location: CacheLocation) -> bool:
+    """Whether the cache's manifest has an ok row (a cache without one pins no config)."""
+    import pyarrow.compute as pc
+
+    status = read_manifest(location, columns=["status"]).column("status")
+    return bool(pc.any(pc.equal(status, "ok")).as_py())
+
+
+def unpin(location: CacheLocation, replaced: CacheConfig) -> list[str]:
+    """Under the lease: drop the failed rows and ``cache.json`` of a cache without an ok window whose
+    config this run replaces (the first commit writes the new one); returns the dropped window ids.
+    When another job committed an ok window meanwhile, nothing is dropped (the config check that
+    follows refuses the run)."""
+    if has_ok_window(location):
+        return []
+    dropped = drop_failed_rows(location)
+    if location.exists(CONFIG_FILE):
+        location.remove(CONFIG_FILE)
+    logger.info("cache %s had no ok window: its config (%s) and %d failed rows were dropped", location.display,
+                replaced.to_json(), len(dropped))
+    return dropped
 
 
 def preflight_backend(
@@ -298,6 +350,14 @@ def windows_to_do(reader: "SceneReader", plan: "PlanConfig", cache_config: Cache
     return planned, planned.filter(pc.invert(pc.is_in(planned.column("window_id"), value_set=done)))
 
 
+def limit_windows(todo: "pa.Table", max_windows: int | None) -> tuple["pa.Table", int]:
+    """``(the first max_windows windows of todo, how many are left for later runs)`` (``--max-windows``:
+    a trial run computes a prefix of the plan; a later run resumes with the rest)."""
+    if max_windows is None or todo.num_rows <= max_windows:
+        return todo, 0
+    return todo.slice(0, max_windows), todo.num_rows - max_windows
+
+
 # ----------------------------------------------------------------------------- the run
 def run_stages(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_config: CacheConfig, needs_depth: bool,
                held: tuple[CacheLocation, "CacheLease", Clock]) -> StageRun:
@@ -329,9 +389,10 @@ def run_stages(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache
 
 def execute(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_config: CacheConfig, needs_depth: bool,
             clock: Clock) -> StageRun:
-    """Build and run the Ray Data pipeline over ``todo`` (a progress bar of committed windows unless
-    ``config.progress`` is off); errors are classified: ``--fail-fast``, storage (:class:`CacheWriteError`),
-    our own errors (raised), anything else (a failed run, in the run's errors)."""
+    """Build and run the Ray Data pipeline over ``todo`` (a progress bar of the windows done as they
+    finish, ok / failed, and committed, unless ``config.progress`` is off; one note per Ray message that
+    reads like a failure and is none); errors are classified: ``--fail-fast``, storage
+    (:class:`CacheWriteError`), our own errors (raised), anything else (a failed run, in the run's errors)."""
     from ray.data import DataContext
     from ray.util.debug import log_once
 
@@ -342,7 +403,11 @@ def execute(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_co
     log_once("ray_data_progress_manager_disabled")  # ... so Ray Data's notice about its own bars is moot
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    check_free_cpu()
+    if config.max_retries != 0:  # the geometry actors get max_restarts > 0: Ray's core worker says so at error level
+        print(f"{NOTE_PREFIX}{RAY_ACTOR_ARGS_NOTE}", file=sys.stderr, flush=True)
     counter, stop, watcher = start_progress(todo.num_rows) if config.progress else (None, threading.Event(), None)
+    nodes = watch_nodes(stop)
     ds, sink = build_pipeline(todo, config, reader, needs_depth, cache_config.to_json(), counter)
     run = StageRun(sink=sink)
     try:
@@ -362,9 +427,79 @@ def execute(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_co
         stop.set()
         if watcher is not None:
             watcher.join(timeout=15)
+        nodes.join(timeout=15)
     ready = min((r["ready"] for r in sink.results), default=math.inf)
     run.t_ready = clock.at(ready) if math.isfinite(ready) else time.perf_counter()
     return run
+
+
+NOTE_PREFIX = "cameo-corr preprocess: note: "
+RAY_ACTOR_ARGS_NOTE = (
+    "Ray's core worker logs at error level that the geometry actors have 'constructor arguments in the object store "
+    "and max_restarts > 0': Ray Data passes every actor pool's arguments that way (ray-project/ray#57733); the "
+    "arguments live on this driver's node, so a restarted actor finds them, and the line is no failure")
+"""The one line that says what Ray's "constructor arguments in the object store" error-level line means."""
+NODE_LOST_NOTE = (
+    "the Ray node {node} ({address}) was lost; the '(raylet)' lines Ray prints about it (the raylet's last log lines, "
+    "'marked dead') describe that loss: its tasks and actors are retried on the other nodes (--max-retries) and the run "
+    "goes on")
+"""The one line that says what Ray's "(raylet)" lines after a node loss mean."""
+NODE_POLL_SECONDS = 2.0
+"""How often :func:`watch_nodes` asks Ray which nodes are alive."""
+FREE_CPU_PATIENCE = 5.0
+"""Seconds without a free CPU before :func:`check_free_cpu` warns that the job waits for one."""
+
+
+def check_free_cpu(patience: float = FREE_CPU_PATIENCE) -> None:
+    """Warn when no CPU of the Ray cluster frees up within ``patience`` seconds (other jobs hold them all:
+    the load and commit tasks wait for one).
+
+    This replaces Ray Data's own check, which looks once, at the instant the dataset starts, and right
+    after the job's start-up (the task that describes the backend) often sees a transient zero: it then
+    printed "The Dataset job will hang" on healthy runs. The job's actors reserve CPUs only with
+    ``--cpus-per-worker``, and :func:`check_cluster` refuses a reservation that leaves none free."""
+    import ray
+    from ray.util.debug import log_once
+
+    log_once("cpu_warning")  # Ray Data's one-shot check is taken as done; this one looks for a while
+    deadline = time.monotonic() + patience
+    while ray.available_resources().get("CPU", 0.0) < 1.0:
+        if time.monotonic() >= deadline:
+            logger.warning("no CPU of the Ray cluster has been free for %g s (other jobs hold them): the job's load and commit "
+                           "tasks wait until one is", patience)
+            return
+        time.sleep(0.25)
+
+
+def watch_nodes(stop: threading.Event, interval: float = NODE_POLL_SECONDS) -> threading.Thread:
+    """A driver thread that, until ``stop`` is set, prints one note (:data:`NODE_LOST_NOTE`) for each Ray
+    node that dies while the stages run: Ray prints a node's last raylet log lines and "marked dead"
+    to every driver, which read like a failure of the job although Ray retries its work elsewhere."""
+    import ray
+
+    def alive_nodes() -> dict[str, str]:
+        return {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
+
+    def run() -> None:
+        try:
+            alive = alive_nodes()
+        except Exception:  # noqa: BLE001 - a note only: without the node list there is nothing to compare
+            return
+        stopping = False
+        while not stopping:  # one last look once the stages ended
+            stopping = stop.wait(interval)
+            try:
+                now = alive_nodes()
+            except Exception:  # noqa: BLE001 - the GCS may be busy right after a node loss; ask again
+                continue
+            for node, address in alive.items():
+                if node not in now:
+                    print(NOTE_PREFIX + NODE_LOST_NOTE.format(node=node[:12], address=address), file=sys.stderr, flush=True)
+            alive = now
+
+    thread = threading.Thread(target=run, daemon=True, name="cameo-node-watch")
+    thread.start()
+    return thread
 
 
 def start_progress(total: int) -> tuple[Any, threading.Event, threading.Thread]:
@@ -384,20 +519,23 @@ def start_progress(total: int) -> tuple[Any, threading.Event, threading.Thread]:
 
 
 def _watch_progress(counter: Any, total: int, stop: threading.Event) -> None:
-    """Driver thread: a tqdm bar of committed windows with ok / failed counts and the rate."""
+    """Driver thread: a tqdm bar of the windows done as they finish (ok / failed), the windows committed
+    in shards so far and the rate."""
     import ray
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="win", desc="preprocess", dynamic_ncols=True)
+    counts = {"ok": 0, "failed": 0, "committed": 0}
     try:
         while True:
             stopping = stop.wait(1.0)
             try:
-                ok, failed = ray.get(counter.get.remote(), timeout=10)
-            except Exception:  # noqa: BLE001 - progress only: the counter may be restarting
-                ok, failed = bar.n, 0
-            bar.update(ok + failed - bar.n)
-            bar.set_postfix(ok=ok, failed=failed, refresh=True)
+                counts = ray.get(counter.counts.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - progress only: the counter may be restarting; keep the last counts
+                pass
+            bar.set_postfix(counts, refresh=False)
+            bar.update(counts["ok"] + counts["failed"] - bar.n)
+            bar.refresh()
             if stopping:
                 return
     finally:
@@ -422,17 +560,22 @@ def _root_cause(e: BaseException) -> BaseException:
 
 # ----------------------------------------------------------------------------- summary
 def summarize(config: JobConfig, location: CacheLocation, planned: "pa.Table", todo: "pa.Table", upkeep: Upkeep,
-              run: StageRun, clock: Clock) -> dict[str, Any]:
+              run: StageRun, clock: Clock, *, deferred: int = 0) -> dict[str, Any]:
     """The run's summary.
 
-    Keys: ``windows_planned``, ``windows_skipped`` (already in the manifest), ``windows_ok``,
-    ``windows_failed`` (rows this run committed), ``shard_size`` (the size used), ``shards_written``,
+    Keys: ``windows_planned``, ``windows_skipped`` (already in the manifest), ``windows_deferred`` (left
+    for a later run by ``max_windows``), ``windows_ok``, ``windows_failed`` (rows this run committed),
+    ``windows_failed_earlier`` (skipped windows recorded as failed by an earlier run: ``retry_failed``
+    redoes them), ``cache_windows_ok`` and ``cache_windows_failed`` (the whole cache after the run),
+    ``config_replaced`` (the cache had no ok window and another config: its config and its
+    ``failed_dropped`` failed rows were replaced), ``shard_size`` (the size used), ``shards_written``,
     ``shard_errors`` (``(where, error)`` of a run that failed), ``stopped_early``, ``orphans_removed``,
     ``shards_repaired`` (missing shard files), ``shards_corrupt`` (dropped by ``repair``),
     ``failed_retried``, ``manifest_consolidations`` (periodic, while the job ran), ``seconds``,
     ``windows_per_second`` (end to end), ``startup_seconds`` (until the first model actor was ready),
     ``processing_windows_per_second`` (after start-up), ``stage_seconds``, ``bytes_written`` (shard
-    files), ``bytes_per_window``, ``errors`` (first 20 window errors).
+    files), ``bytes_per_window``, ``errors`` (first 20 window errors of this run), ``errors_earlier``
+    (up to 5 of the earlier failures).
     """
     import pyarrow.compute as pc
 
@@ -444,6 +587,7 @@ def summarize(config: JobConfig, location: CacheLocation, planned: "pa.Table", t
     failed_rows = mine.filter(pc.equal(mine.column("status"), "failed"))
     n_failed = failed_rows.num_rows
     n_ok = mine.num_rows - n_failed
+    whole = cache_failures(location, planned, todo)
     results = run.sink.results if run.sink is not None else []
     nbytes = sum(r["bytes"] for r in results)
     seconds = t_end - clock.start
@@ -451,9 +595,15 @@ def summarize(config: JobConfig, location: CacheLocation, planned: "pa.Table", t
     return {
         "out": config.out,
         "windows_planned": planned.num_rows,
-        "windows_skipped": planned.num_rows - todo.num_rows,
+        "windows_skipped": planned.num_rows - todo.num_rows - deferred,
+        "windows_deferred": deferred,
         "windows_ok": n_ok,
         "windows_failed": n_failed,
+        "windows_failed_earlier": whole["failed_earlier"],
+        "cache_windows_ok": whole["ok"],
+        "cache_windows_failed": whole["failed"],
+        "config_replaced": upkeep.unpinned is not None,
+        "failed_dropped": len(upkeep.unpinned or []),
         "shard_size": run.shard_size,
         "shards_written": run.shards_written,
         "shard_errors": run.errors,
@@ -471,7 +621,23 @@ def summarize(config: JobConfig, location: CacheLocation, planned: "pa.Table", t
         "bytes_written": nbytes,
         "bytes_per_window": nbytes / n_ok if n_ok and nbytes else 0.0,
         "errors": list(zip(failed_rows.column("window_id").to_pylist()[:20], failed_rows.column("error").to_pylist()[:20])),
+        "errors_earlier": whole["examples"],
     }
 
 
-__all__ = ["CacheWriteError", "run_preprocess", "run_job", "preflight_backend", "check_out", "summarize"]
+def cache_failures(location: CacheLocation, planned: "pa.Table", todo: "pa.Table") -> dict[str, Any]:
+    """The whole cache after a run: ``ok`` and ``failed`` rows, ``failed_earlier`` (planned windows
+    this run skipped because an earlier run recorded them as failed) and ``examples`` (up to 5 of
+    those as ``(window_id, error)``). Reads the status column, and window ids and errors of failed rows."""
+    import pyarrow.compute as pc
+
+    status = read_manifest(location, columns=["status"]).column("status")
+    failed = read_manifest(location, columns=["window_id", "error"], filter=pc.field("status") == "failed")
+    skipped = pc.invert(pc.is_in(planned.column("window_id"), value_set=todo.column("window_id").combine_chunks()))
+    earlier = failed.filter(pc.is_in(failed.column("window_id"), value_set=planned.column("window_id").filter(skipped).combine_chunks()))
+    return {"ok": int(pc.sum(pc.equal(status, "ok")).as_py() or 0), "failed": failed.num_rows, "failed_earlier": earlier.num_rows,
+            "examples": list(zip(earlier.column("window_id").to_pylist()[:5], earlier.column("error").to_pylist()[:5]))}
+
+
+__all__ = ["CacheWriteError", "run_preprocess", "run_job", "preflight_backend", "check_out", "provisional_config", "check_before_start",
+           "has_ok_window", "unpin", "limit_windows", "summarize", "cache_failures"]

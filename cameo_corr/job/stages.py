@@ -149,11 +149,13 @@ class GeometryStage:
     (tokenized and matched from the same pointmaps: one backend pass per window), ``tau`` and
     ``expected`` (the backend description the cache's config was built with; an actor whose backend
     describes itself differently, e.g. another dtype on another GPU type, refuses to start).
+    ``progress`` (a :class:`ProgressCounter` actor or ``None``) hears of every window as it finishes.
     """
 
-    def __init__(self, spec: Mapping[str, Any]) -> None:
+    def __init__(self, spec: Mapping[str, Any], progress: Any = None) -> None:
         from cameo_corr.pipeline.backends import make_backend
 
+        self.progress = progress
         self.spec = dict(spec)
         self.backend = make_backend(spec["backend"], **spec["backend_options"])
         described = self.backend.describe()
@@ -187,6 +189,9 @@ class GeometryStage:
                 errors[k] = outcome
             else:
                 arrays[k] = pickle.dumps(outcome, protocol=5)
+        if self.progress is not None:  # windows done as they finish, before their shard is committed
+            self.progress.finished.remote([r["window_id"] for r, e in zip(rows, errors) if e is None],
+                                          [r["window_id"] for r, e in zip(rows, errors) if e is not None])
         return pa.table(
             {"window_id": [r["window_id"] for r in rows], "record": [r["record"] for r in rows], "arrays": arrays, "error": errors,
              "read_seconds": [r["read_seconds"] for r in rows], "backend_seconds": backend_s, "match_seconds": match_s,
@@ -306,18 +311,42 @@ class ShardSink(Datasink):
 
 
 class ProgressCounter:
-    """Windows committed so far (a tiny actor on the driver's node the commit tasks report to)."""
+    """Windows done so far (a tiny actor on the driver's node the stages report to): finished by the
+    geometry stage, ok or failed (:meth:`finished`; each window counted once, also when Ray retries its
+    batch after a system failure: the ids seen are kept as 64-bit integers, about 60 bytes a window),
+    and committed in shards (:meth:`add`)."""
 
     def __init__(self) -> None:
         self.ok = 0
         self.failed = 0
+        self.seen: set[int] = set()
+        self.finished_ok = 0
+        self.finished_failed = 0
 
     def add(self, ok: int, failed: int) -> None:
+        """A shard holding ``ok`` and ``failed`` windows was committed."""
         self.ok += ok
         self.failed += failed
 
+    def finished(self, ok_ids: list[str], failed_ids: list[str]) -> None:
+        """These windows left the geometry stage (with arrays, or with an error)."""
+        for ids, ok in ((ok_ids, True), (failed_ids, False)):
+            for wid in ids:
+                key = int(wid, 16)
+                if key not in self.seen:
+                    self.seen.add(key)
+                    if ok:
+                        self.finished_ok += 1
+                    else:
+                        self.finished_failed += 1
+
     def get(self) -> tuple[int, int]:
+        """``(ok, failed)`` windows committed."""
         return self.ok, self.failed
+
+    def counts(self) -> dict[str, int]:
+        """``ok`` and ``failed`` windows finished, and ``committed`` windows (ok and failed)."""
+        return {"ok": self.finished_ok, "failed": self.finished_failed, "committed": self.ok + self.failed}
 
 
 
@@ -348,7 +377,8 @@ def build_pipeline(todo: "pa.Table", config: "JobConfig", reader: "SceneReader",
         ds = ds.map_batches(
             GeometryStage, batch_format="pyarrow", batch_size=config.batch_size, compute=ActorPoolStrategy(size=config.workers),
             num_gpus=config.gpus_per_worker, num_cpus=config.cpus_per_worker, **actor_retries,
-            fn_constructor_kwargs={"spec": {**config.geometry_spec(), "expected": json.loads(cache_config_json)["backend"]}},
+            fn_constructor_kwargs={"spec": {**config.geometry_spec(), "expected": json.loads(cache_config_json)["backend"]},
+                                   "progress": progress},
         )
     return ds, sink
 

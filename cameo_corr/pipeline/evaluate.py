@@ -45,6 +45,7 @@ from cameo_corr.schemas import (
     DEFAULT_TAU,
     CameoCorrError,
     PointmapResult,
+    SchemaError,
     TokenCorrespondences,
     WindowData,
     check_grids,
@@ -54,6 +55,8 @@ from cameo_corr.pipeline.masks import DEFAULT_VISIBILITY_TOL, MASK_POLICIES
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; torch is imported lazily so the CLI parser stays light
     import torch
+
+    from cameo_corr.datasets.planner import PlanConfig
 
 ANGLE_BINS: tuple[float, ...] = (0.0, 30.0, 60.0, 90.0, 120.0)
 """Edges (degrees) of the view-angle bins: ``[0, 30), [30, 60), [60, 90), [90, 120]``."""
@@ -282,24 +285,72 @@ class EvalConfig:
     batch_size: int = 1
     mask_policies: tuple[str, ...] = MASK_POLICIES
     visibility_tol: float = DEFAULT_VISIBILITY_TOL
+    sampling: str | None = None
+    """Window sampling policy (``None``: the dataset's default, as ``preprocess`` plans it)."""
+    span_per_view: tuple[float, float] | None = None
+    """``stride`` sampling: a window spans ``[S*lo, S*hi]`` raw frames (``None``: the default)."""
+    positions: str | None = None
+    """``stride`` sampling: frame positions, ``ordinal`` or ``timestamp_us`` (``None``: the dataset's default)."""
+    fps: float | None = None
+    """Raw video frame rate for ``timestamp_us`` positions (``None``: the default)."""
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the setting that is out of range."""
-        if self.views < 2:
-            raise ValueError(f"views must be >= 2, got {self.views}")
-        if self.windows < 1 or self.windows_per_scene < 1 or self.batch_size < 1:
-            raise ValueError("windows, windows_per_scene and batch_size must be >= 1")
-        if not (self.radius > 0 and math.isfinite(self.radius)):
-            raise ValueError(f"radius must be positive, got {self.radius}")
-        if not (self.occlusion_tol > 0 and math.isfinite(self.occlusion_tol)):
-            raise ValueError(f"occlusion_tol must be positive, got {self.occlusion_tol}")
-        if len(self.bins) < 2 or any(b1 <= b0 for b0, b1 in zip(self.bins, self.bins[1:])):
-            raise ValueError(f"bins must be increasing edges, got {self.bins}")
-        if not self.mask_policies or any(p not in MASK_POLICIES for p in self.mask_policies):
-            raise ValueError(f"mask_policies must be one or more of {MASK_POLICIES}, got {self.mask_policies}")
-        if not (self.visibility_tol > 0 and math.isfinite(self.visibility_tol)):
-            raise ValueError(f"visibility_tol must be positive, got {self.visibility_tol}")
-        check_grids([tuple(self.grid), *self.extra_grids])
+        """Raise :class:`~cameo_corr.schemas.SchemaError` (a ``ValueError``) whose ``field`` names the
+        setting that is out of range (:data:`EVAL_FLAGS` maps it to its command-line flag)."""
+        from cameo_corr.datasets.planner import PlanConfig
+
+        checks = [
+            ("views", self.views >= 2, f"must be >= 2, got {self.views}"),
+            ("windows", self.windows >= 1, f"must be >= 1, got {self.windows}"),
+            ("windows_per_scene", self.windows_per_scene >= 1, f"must be >= 1, got {self.windows_per_scene}"),
+            ("batch_size", self.batch_size >= 1, f"must be >= 1, got {self.batch_size}"),
+            ("tau", math.isfinite(self.tau) and self.tau >= 0, f"must be a finite number >= 0 (tokens), got {self.tau}"),
+            ("radius", self.radius > 0 and math.isfinite(self.radius), f"must be positive, got {self.radius}"),
+            ("occlusion_tol", self.occlusion_tol > 0 and math.isfinite(self.occlusion_tol), f"must be positive, got {self.occlusion_tol}"),
+            ("bins", len(self.bins) >= 2 and all(b1 > b0 for b0, b1 in zip(self.bins, self.bins[1:])),
+             f"must be increasing edges, got {self.bins}"),
+            ("mask_policies", bool(self.mask_policies) and all(p in MASK_POLICIES for p in self.mask_policies),
+             f"must be one or more of {MASK_POLICIES}, got {self.mask_policies}"),
+            ("visibility_tol", self.visibility_tol > 0 and math.isfinite(self.visibility_tol),
+             f"must be positive, got {self.visibility_tol}"),
+        ]
+        for name, ok, message in checks:
+            if not ok:
+                raise SchemaError(name, message)
+        try:
+            check_grids([tuple(self.grid), *self.extra_grids])
+        except SchemaError as e:
+            raise SchemaError("grid", e.message) from None
+        side = max(max(g) for g in (self.grid, *self.extra_grids))
+        if self.size < side:
+            raise SchemaError("size", f"must be >= the token grid side ({side}: every token needs at least one pixel), got {self.size}")
+        try:
+            PlanConfig(**self._plan_overrides())
+        except SchemaError as e:
+            raise SchemaError({"policy": "sampling"}.get(e.field, e.field), e.message) from None
+
+    def _plan_overrides(self) -> dict[str, Any]:
+        """The sampling settings given (``None``: the dataset's default), as ``PlanConfig`` fields."""
+        given = {"views": self.views, "windows_per_scene": self.windows_per_scene, "policy": self.sampling,
+                 "span_per_view": self.span_per_view, "positions": self.positions, "fps": self.fps, "seed": self.seed}
+        return {k: v for k, v in given.items() if v is not None}
+
+    def plan_config(self, dataset: str) -> "PlanConfig":
+        """How windows of ``dataset`` (a reader name) are drawn: its default sampling with these settings."""
+        from cameo_corr.datasets.planner import default_plan_config
+
+        return default_plan_config(dataset, **self._plan_overrides())
+
+
+EVAL_FLAGS: dict[str, str] = {
+    "size": "--crop-size", "policy": "--crop-policy", "mask_policies": "--mask-policy", "extra_grids": "--grid", "bins": "bins",
+}
+"""Command-line flags of the :class:`EvalConfig` settings whose flag is not ``--`` + the name with dashes."""
+
+
+def eval_flag(field: str) -> str:
+    """The ``eval-corr`` flag of :class:`EvalConfig` setting ``field``."""
+    return EVAL_FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress: bool = False) -> dict[str, Any]:
@@ -319,14 +370,15 @@ def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress:
     from cameo_corr.datasets.canonical import CanonicalView, load_window
     from cameo_corr.pipeline.backends.depth import DepthBackend
     from cameo_corr.pipeline.match import correspond
-    from cameo_corr.datasets.planner import default_plan_config, plan_windows
+    from cameo_corr.datasets.planner import plan_windows
 
     config.validate()
     view = CanonicalView(size=config.size, policy=config.policy or reader.preferred_crop_policy())
-    plan = default_plan_config(reader.name, views=config.views, windows_per_scene=config.windows_per_scene, seed=config.seed)
+    plan = config.plan_config(reader.name)
     fingerprint = {"eval_corr": backend.describe(), "grid": list(config.grid), "tau": config.tau, "crop": view.to_dict()}
     planned = plan_windows(reader, plan, fingerprint)
-    failed_plan = [{"window_id": p.record.window_id, "scene_id": p.record.scene_id, "error": p.error} for p in planned if p.error]
+    failed_plan = [{"window_id": p.record.window_id, "scene_id": p.record.scene_id, "error": p.error, "planning": True}
+                   for p in planned if p.error]
     failed: list[dict[str, Any]] = list(failed_plan)
     todo = [p.record for p in planned if not p.error][: config.windows]
     truth = DepthBackend(device=backend.device, frame="world")
@@ -383,8 +435,10 @@ def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress:
             "crop": view.to_dict(),
             "mask_policies": list(config.mask_policies),
             "visibility_tol": config.visibility_tol,
+            "plan": plan.to_dict(),
         },
         "windows_planned": len(planned) - len(failed_plan),
+        "scenes_planned": len({p.record.scene_id for p in planned if not p.error}),
         "windows_evaluated": evaluated,
         "failed": failed,
         **_policy_report(totals, "cycle", config.bins),
@@ -448,8 +502,10 @@ def format_table(report: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------ command line
 def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the ``eval-corr`` command."""
+    from cameo_corr.cli.args import add_dataset_option, add_sampling_arguments, grids_arg
+    from cameo_corr.datasets.base import DATASET_NAMES
+    from cameo_corr.datasets.planner import POSITION_UNITS, SAMPLING_POLICIES
     from cameo_corr.pipeline.backends import add_backend_arguments
-    from cameo_corr.cli.args import grids_arg
 
     depth = depth_dataset_names()
     p = subparsers.add_parser(
@@ -457,15 +513,18 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         help="precision/coverage of a backend's token correspondences against ground-truth depth",
         description="Judge a geometry backend's token correspondences (nn) and cycle masks against ground truth "
         "from a dataset with depth and cameras: per view pair, binned by the angle between the optical axes, "
-        "precision at 1 token, mask precision and coverage. Datasets without depth cannot be evaluated. When the "
-        "dataset yields fewer windows than --windows, the ones it has are evaluated and the shortfall is reported.",
+        "precision at 1 token, mask precision and coverage. Datasets without depth cannot be evaluated. Windows are "
+        "planned as `preprocess` plans them (the same dataset and sampling options). When the dataset yields fewer "
+        "windows than --windows, the ones it has are evaluated and the shortfall is explained.",
     )
-    p.add_argument("--dataset", required=True, choices=depth, help=f"a dataset with depth: {', '.join(depth)}")
+    p.add_argument("--dataset", required=True, choices=DATASET_NAMES, metavar="DATASET",
+                   help=f"a dataset with depth: {', '.join(depth)}")
     p.add_argument("--root", required=True, type=Path, help="dataset root")
     p.add_argument("--split", default=None, help="dataset split (reader default when omitted)")
+    add_dataset_option(p)
     p.add_argument("--views", type=int, default=4, help="views per window (default 4)")
     p.add_argument("--windows", type=int, default=8, help="windows to evaluate (default 8)")
-    p.add_argument("--windows-per-scene", type=int, default=1, help="windows drawn per scene (default 1)")
+    add_sampling_arguments(p, policies=SAMPLING_POLICIES, positions=POSITION_UNITS)
     p.add_argument("--grid", type=grids_arg, default=((DEFAULT_GRID, DEFAULT_GRID),), metavar="SIDES",
                    help=f"token grid side, or several comma-separated (16,32,64) scored on the same backend outputs "
                         f"(default {DEFAULT_GRID})")
@@ -477,7 +536,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
                    help=f"mask policies to score, one or more of {', '.join(MASK_POLICIES)} (default: all)")
     p.add_argument("--visibility-tol", type=float, default=DEFAULT_VISIBILITY_TOL,
                    help=f"relative depth tolerance of the visibility mask (default {DEFAULT_VISIBILITY_TOL})")
-    p.add_argument("--seed", type=int, default=0, help="window sampling seed")
     p.add_argument("--crop-size", type=int, default=512, help="canonical view side in pixels (default 512)")
     p.add_argument("--crop-policy", choices=("center", "principal_point", "mask_bbox"), default=None,
                    help="canonical crop (default: the reader's)")
@@ -494,11 +552,64 @@ def depth_dataset_names() -> tuple[str, ...]:
     return tuple(n for n in DATASET_NAMES if reader_class(n).stores_depth())
 
 
+def shortfall_reasons(report: dict[str, Any], requested: int, reader: Any) -> list[str]:
+    """Why a run evaluated fewer than ``requested`` windows, and the options that would give more
+    (``[]`` when it evaluated them all). When the dataset planned too few windows, ``reader`` is planned
+    again (frame ids only, no pixel) with more windows per scene, then also with a shorter stride span,
+    random sampling or one view fewer, and the first of these that gives more windows is named. (A
+    stride window's span is clamped to its scene, so on short scenes every draw gives the same frames
+    and more windows per scene alone add nothing.)"""
+    import dataclasses
+
+    from cameo_corr.datasets.planner import PlanConfig, plan_table
+
+    plan, views = PlanConfig(**report["config"]["plan"]), report["config"]["views"]
+    K, planned, scenes = plan.windows_per_scene, report["windows_planned"], report["scenes_planned"]
+    reasons: list[str] = []
+    failed_plan = sum(1 for f in report["failed"] if f.get("planning"))
+    if planned < requested:
+        what = f"the dataset yields only {planned} window(s) from {scenes} scene(s) with --views {views} --windows-per-scene {K}"
+        k = max(K + 1, math.ceil(requested / max(scenes, 1)))
+        candidates = [(f"--windows-per-scene {k}", {"windows_per_scene": k})]
+        if plan.policy == "stride":
+            candidates += [(f"--windows-per-scene {k} --span-per-view 1 2", {"windows_per_scene": k, "span_per_view": (1.0, 2.0)}),
+                           (f"--windows-per-scene {k} --sampling random", {"windows_per_scene": k, "policy": "random"})]
+        if views > 2:
+            candidates.append((f"--views {views - 1} --windows-per-scene {k}", {"windows_per_scene": k, "views": views - 1}))
+        hint = "no scene gives a window: see the planning errors above (a scene needs at least --views frames)"
+        if scenes:
+            hint = ("neither more windows per scene nor, with them, a shorter --span-per-view, --sampling random or one view "
+                    "fewer gives more distinct windows of these scenes; add scenes")
+            for flags, overrides in candidates:
+                probe = plan_table(reader, dataclasses.replace(plan, **overrides), {})
+                more = probe.column("error").null_count
+                if more > planned:
+                    hint = f"{flags} gives {more}"
+                    if overrides.keys() != {"windows_per_scene"} and plan.policy == "stride":
+                        lo, hi = plan.span_per_view
+                        hint += (f"; a stride window spans {views}x{lo:g} to {views}x{hi:g} raw frames, clamped to the scene, "
+                                 "so on these short scenes more draws give the same frames")
+                    break
+        reasons.append(f"{what} ({hint})")
+    if failed_plan:
+        reasons.append(f"{failed_plan} scene(s) could not be planned (listed above)")
+    if len(report["failed"]) > failed_plan:
+        reasons.append(f"{len(report['failed']) - failed_plan} window(s) failed (listed above)")
+    return reasons
+
+
 def _run_cli(args: argparse.Namespace) -> int:
     from cameo_corr.cli.errors import UsageError
     from cameo_corr.datasets import open_dataset
     from cameo_corr.pipeline.backends import backend_options_from_args, make_backend
-    reader_options = {} if args.split is None else {"split": args.split}
+
+    depth = depth_dataset_names()
+    if args.dataset not in depth:
+        raise UsageError(f"--dataset {args.dataset}: this dataset has no ground-truth depth, which eval-corr scores "
+                         f"against; use one with depth: {', '.join(depth)}")
+    reader_options = dict(args.dataset_option)
+    if args.split is not None:
+        reader_options["split"] = args.split
     config = EvalConfig(
         views=args.views,
         windows=args.windows,
@@ -515,10 +626,17 @@ def _run_cli(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         mask_policies=tuple(dict.fromkeys(args.mask_policy)),
         visibility_tol=args.visibility_tol,
+        sampling=args.sampling,
+        span_per_view=None if args.span_per_view is None else tuple(args.span_per_view),
+        positions=args.positions,
+        fps=args.fps,
     )
     try:
         config.validate()
-        reader = open_dataset(args.dataset, args.root, **reader_options)  # --dataset offers only readers with depth
+    except SchemaError as e:
+        raise UsageError(f"{eval_flag(e.field)}: {e.message}") from None
+    try:
+        reader = open_dataset(args.dataset, args.root, **reader_options)
         backend = make_backend(args.backend, **backend_options_from_args(args))
     except (ImportError, ValueError) as e:  # SchemaError and DatasetError are ValueErrors
         raise UsageError(str(e)) from e
@@ -527,14 +645,8 @@ def _run_cli(args: argparse.Namespace) -> int:
     for f in report["failed"]:
         print(f"failed window {f['window_id']} (scene {f['scene_id']}): {f['error']}", file=sys.stderr)
     if report["windows_evaluated"] < args.windows:
-        reasons = []
-        if report["windows_planned"] < args.windows:
-            reasons.append(f"the dataset yields only {report['windows_planned']} windows with --views {args.views} "
-                           f"--windows-per-scene {args.windows_per_scene} (raise --windows-per-scene for more)")
-        if report["failed"]:
-            reasons.append(f"{len(report['failed'])} failed (listed above)")
         print(f"cameo-corr eval-corr: note: evaluated {report['windows_evaluated']} of the {args.windows} requested "
-              f"windows: {'; '.join(reasons)}", file=sys.stderr)
+              f"windows: {'; '.join(shortfall_reasons(report, args.windows, reader))}", file=sys.stderr)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2, sort_keys=True))
@@ -553,7 +665,10 @@ __all__ = [
     "score_window",
     "policy_masks",
     "EvalConfig",
+    "EVAL_FLAGS",
+    "eval_flag",
     "evaluate_backend",
+    "shortfall_reasons",
     "format_table",
     "depth_dataset_names",
     "register_cli",

@@ -165,6 +165,15 @@ class CacheConfig:
             keys += [array_key(n, tuple(g), tuple(self.grid)) for n in GRID_ARRAYS]  # type: ignore[arg-type]
         return keys
 
+    def window_nbytes(self) -> int:
+        """Bytes of one window's arrays as the shard format holds them before compression
+        (:data:`CACHE_ARRAYS` dtypes and shapes: the grid arrays once per stored grid, the cameras once)."""
+        total = 0
+        for name, spec in CACHE_ARRAYS.items():
+            for grid in self.grids if name in GRID_ARRAYS else self.grids[:1]:
+                total += int(np.prod(spec.shape(1, self.views, grid))) * spec.dtype.itemsize
+        return total
+
     def fingerprint(self) -> dict[str, Any]:
         """The part of the config that changes cached values (goes into every ``window_id``).
 

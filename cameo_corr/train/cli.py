@@ -56,7 +56,7 @@ def _train(args: argparse.Namespace) -> int:
     last = result.history[-1] if result.history else {}
     summary = {
         "step": result.step,
-        **{k: last[k] for k in ("diffusion", "cameo", "precision") if k in last},
+        **{k: last[k] for k in ("diffusion", "cameo", "precision", "corrupt_skipped") if k in last},
         "checkpoint": result.checkpoints[-1] if result.checkpoints else None,
     }
     print(json.dumps(summary))

@@ -57,7 +57,8 @@ decoded together and kept for the next windows of the same shard (a small LRU, s
 shuffle interleaves a few neighbouring shards), with the windows' ids, scenes and frame ids from the
 shard itself. A window whose cached bytes fail their checksum raises
 :class:`~cameo_corr.cache.shard.CorruptCacheError` (``on_corrupt="raise"``), or with
-``on_corrupt="skip"`` is left out, logged and counted (:attr:`StreamLoader.corrupt_skipped`).
+``on_corrupt="skip"`` is left out, logged and counted (:attr:`StreamLoader.corrupt_skipped`; the
+training loop writes the count into every ``metrics.jsonl`` row and checkpoints it).
 
 Reader, zarr groups and scene records are opened lazily per process (worker), and the dataset holds
 only plain data, so it is safe under the ``fork`` and ``spawn`` multiprocessing contexts.
@@ -78,7 +79,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from cameo_corr.pipeline.masks import DEFAULT_VISIBILITY_TOL, check_policy, check_tau, check_visibility_tol, mask_inputs, recompute_mask
-from cameo_corr.schemas import DatasetError, SchemaError, WindowRecord
+from cameo_corr.schemas import CameoCorrError, DatasetError, SchemaError, WindowRecord
 from cameo_corr.train.config import ORDER_POLICIES, ORDER_SCOPES
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -98,6 +99,8 @@ _CORR_KEYS = ("nn", "mask", "dist")
 CORRUPT_POLICIES = ("raise", "skip")
 """What the stream does with a window whose cached bytes are corrupt: stop with the error, or skip it."""
 SKIPPED_KEY = "corrupt_skipped"
+WORKER_ERROR_KEY = "worker_error"
+"""Key of the one-item batch that carries an error of ours out of a DataLoader worker (:class:`CarryErrors`)."""
 """Batch key: how many of the batch's stream positions were corrupt windows left out (``skip``)."""
 
 logger = logging.getLogger(__name__)
@@ -739,13 +742,44 @@ class CorrStreamDataset(IterableDataset):
         }
 
 
+class CarryErrors(IterableDataset):
+    """``dataset`` as the DataLoader's workers run it, with our errors carried out as data.
+
+    PyTorch re-raises an error of a worker process by calling its class with one formatted message,
+    which our errors (they name a file and a field) do not take: a corrupt chunk read by a worker
+    became a ``RuntimeError`` with two tracebacks. Here a :class:`~cameo_corr.schemas.CameoCorrError`
+    raised while iterating ends the worker's stream with a batch ``{WORKER_ERROR_KEY: error}`` (the
+    error itself when it pickles, else a ``CameoCorrError`` with its message), which
+    :class:`StreamLoader` raises in the training process.
+    """
+
+    def __init__(self, dataset: "CorrStreamDataset") -> None:
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        import pickle
+
+        try:
+            yield from self.dataset
+        except CameoCorrError as e:
+            if get_worker_info() is None:
+                raise
+            try:
+                carried: CameoCorrError = pickle.loads(pickle.dumps(e))
+            except Exception:  # noqa: BLE001 - an error class that cannot be rebuilt: keep its message
+                carried = CameoCorrError(str(e))
+            yield {WORKER_ERROR_KEY: carried}
+
+
 class StreamLoader:
     """A ``DataLoader`` over a :class:`CorrStreamDataset` that knows how far it was read.
 
     The dataset yields collated batches itself (``batch_size`` set on the dataset), so the wrapped
     ``DataLoader`` runs with ``batch_size=None``; workers take batches round-robin, which is the order
     the ``DataLoader`` returns them in. Corrupt windows skipped by the dataset are counted in
-    :attr:`corrupt_skipped` (and in the stream position). :meth:`state_dict` is the stream state after the batches
+    :attr:`corrupt_skipped` (and in the stream position); a whole epoch of this rank's stream skipped
+    in a row is an error (nothing left to train on). An error of ours in a worker is raised here as
+    itself (:class:`CarryErrors`). :meth:`state_dict` is the stream state after the batches
     consumed so far; after :meth:`load_state_dict` the next iteration yields exactly the remaining
     batches. Every iteration starts fresh workers with a copy of the dataset at the current state
     (persistent workers would keep a stale start state, so they are not offered). The
@@ -781,7 +815,7 @@ class StreamLoader:
         self._consumed = 0
         generator = torch.Generator().manual_seed(self.dataset.seed)
         loader = DataLoader(
-            self.dataset,
+            CarryErrors(self.dataset),
             batch_size=None,
             num_workers=self.num_workers,
             multiprocessing_context=self.multiprocessing_context,
@@ -789,10 +823,19 @@ class StreamLoader:
             prefetch_factor=self.prefetch_factor,
             generator=generator,
         )
+        in_a_row = 0  # corrupt windows skipped since the last kept sample
         for batch in loader:
+            if WORKER_ERROR_KEY in batch:
+                raise batch[WORKER_ERROR_KEY]
             skipped = int(batch.pop(SKIPPED_KEY, 0))
             self.corrupt_skipped += skipped
             self._consumed += skipped + (len(batch["num_ref"]) if batch else 0)
+            in_a_row = 0 if batch else in_a_row + skipped
+            if in_a_row >= self.dataset.epoch_length:
+                raise CameoCorrError(
+                    f"data.on_corrupt=skip: the last {in_a_row} windows read were all corrupt, a whole epoch of this "
+                    "rank's stream, so nothing is left to train on; list them with `cameo-corr cache verify --deep` and "
+                    "recompute them with `cameo-corr preprocess --repair`")
             if batch:
                 yield batch
 

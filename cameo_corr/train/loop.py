@@ -88,8 +88,9 @@ class CameoTrainable(nn.Module):
 
 @dataclass
 class LoopState:
-    """Checkpointed loop state: optimizer steps done, the data stream position, the process count and the
-    training precision (a checkpoint resumes only under the precision that wrote it)."""
+    """Checkpointed loop state: optimizer steps done, the data stream position, the process count, the
+    training precision (a checkpoint resumes only under the precision that wrote it) and the corrupt
+    windows skipped so far (``data.on_corrupt=skip``; each ``metrics.jsonl`` row has their total over ranks)."""
 
     step: int = 0
     loader: "StreamLoader | None" = None
@@ -98,7 +99,8 @@ class LoopState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "world_size": self.world_size, "precision": self.precision,
-                "data": None if self.loader is None else self.loader.state_dict()}
+                "data": None if self.loader is None else self.loader.state_dict(),
+                "corrupt_skipped": 0 if self.loader is None else self.loader.corrupt_skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = int(state.get("world_size", self.world_size))
@@ -112,6 +114,8 @@ class LoopState:
         self.step = int(state["step"])
         if self.loader is not None and state["data"] is not None:
             self.loader.load_state_dict(state["data"])
+        if self.loader is not None:  # corrupt windows skipped before the checkpoint (data.on_corrupt=skip)
+            self.loader.corrupt_skipped = int(state.get("corrupt_skipped", 0))
 
 
 @dataclass
@@ -620,6 +624,7 @@ class Trainer:
             if self.head_mlp is not None:  # micro-batches of the step (all ranks) without a CAMEO term
                 row["cameo_skipped"] = int(acc.reduce(torch.tensor([float(skipped)], device=acc.device), reduction="sum"))
             acc_metrics, skipped = {}, 0
+            row["corrupt_skipped"] = int(acc.reduce(torch.tensor([self.loader.corrupt_skipped], device=acc.device), reduction="sum"))
             row["time"] = time.perf_counter() - t0
             if cfg.eval.every > 0 and (self.state.step % cfg.eval.every == 0 or self.state.step == total):
                 ev = evaluate(self.trainable, self.head_mlp, self.codec, self.noise_scheduler, self.eval_batches, cfg, self.grid, acc.device)
@@ -633,7 +638,8 @@ class Trainer:
                 acc.log({k: v for k, v in row.items() if k != "step" and not math.isnan(v)}, step=self.state.step)
             progress.update(1)
             if self.state.step % cfg.train.log_every == 0 or self.state.step == total:
-                progress.set_postfix({k: f"{row[k]:.4g}" for k in ("diffusion", "cameo", "precision") if k in row})
+                progress.set_postfix({k: f"{row[k]:.4g}" for k in ("diffusion", "cameo", "precision") if k in row}
+                                     | ({"corrupt_skipped": row["corrupt_skipped"]} if row["corrupt_skipped"] else {}))
             every = cfg.train.checkpoint_every
             if (every and self.state.step % every == 0) or self.state.step == total:
                 result.checkpoints.append(str(self.save()))
