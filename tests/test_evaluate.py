@@ -222,7 +222,7 @@ def test_eval_corr_cli_input_errors_exit_2(tmp_path, capsys) -> None:
                            (["--dataset-option", "subset=3"], "[subset]: expected a string or null, got 3")]:
         assert main(["eval-corr", "--dataset", "synthetic", "--root", str(tmp_path / "synth"), *flags]) == 2, flags
         err = capsys.readouterr().err
-        assert f"cameo-corr eval-corr: error: " in err and message in err and len(err.strip().splitlines()) == 1, err
+        assert "cameo-corr eval-corr: error: " in err and message in err and len(err.strip().splitlines()) == 1, err
     with pytest.raises(SystemExit) as exit_info:
         main(["eval-corr", "--dataset", "synthetic", "--root", str(tmp_path / "synth"), "--mask-policy", "occlusion"])
     assert exit_info.value.code == 2 and "invalid choice: 'occlusion'" in capsys.readouterr().err

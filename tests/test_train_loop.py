@@ -147,7 +147,7 @@ def test_corrupt_chunk_is_one_line_and_skipped_windows_reach_the_metrics(cache: 
 
     data = json.loads((checkpoint_dirs(tmp_path / "a")[-1] / "loop_state.json").read_text())["data"]
     dataset = make_loader(cfg, rank=0, world_size=1).dataset
-    read = [dataset.window_meta(w)["window_id"] for _, w, _ in itertools.islice(dataset._positions(), data["epoch"] * 6 + data["position"])]
+    read = [dataset.window_meta(w)["window_id"] for _, _, w, _ in itertools.islice(dataset._positions(), data["epoch"] * 6 + data["position"])]
     assert counts == sorted(counts) and counts[-1] == sum(w in bad for w in read) > 0
     assert straight.history[-1]["corrupt_skipped"] == counts[-1]
     train(cfg, tmp_path / "b", resume="never", max_steps=2)
