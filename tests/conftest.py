@@ -100,3 +100,22 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint (moto's server) for the whole session; see ``tests/s3_endpoint.py``."""
+    pytest.importorskip("s3fs", reason="s3fs is needed for s3:// caches (pip install -e '.[cluster]')")
+    from s3_endpoint import start_endpoint
+
+    endpoint = start_endpoint()
+    try:
+        yield endpoint
+    finally:
+        endpoint.server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    """A fresh, empty bucket on :func:`s3_endpoint`, as ``s3://<name>``."""
+    return s3_endpoint.new_bucket()
