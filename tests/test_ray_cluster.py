@@ -66,6 +66,12 @@ def ray_cli() -> str:
     return exe
 
 
+def run_node(cmd: list[str], env: dict[str, str]) -> None:
+    """``ray start ...``; a failure shows Ray's own output."""
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed (rc {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
 class LocalCluster:
     """Processes of a `ray start` cluster, found by its private base dir (each node's temp dir is under it)."""
 
@@ -92,13 +98,12 @@ class LocalCluster:
         head = [ray, "start", "--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
                 "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(free_port()),
                 *temp, *common, *node_ports()]
-        subprocess.run(head, env=env, check=True, capture_output=True, timeout=180)
+        run_node(head, env)
         for i in range(2):
             ports = node_ports()
             self.worker_manager_ports.append(int(ports[1]))
             temp, env = self.node_dirs(f"w{i}")
-            subprocess.run([ray, "start", "--address", f"127.0.0.1:{self.gcs_port}", *temp, *common, *ports],
-                           env=env, check=True, capture_output=True, timeout=180)
+            run_node([ray, "start", "--address", f"127.0.0.1:{self.gcs_port}", *temp, *common, *ports], env)
 
     def processes(self) -> list[psutil.Process]:
         found: dict[int, psutil.Process] = {}
