@@ -113,7 +113,7 @@ class CacheLease:
             if current is None:
                 self._version = self.store.create(self._record())
             else:
-                self._judge(current)
+                self.taken_over = {**current, "reason": self._judge(current)}
                 self._version = self.store.replace(self._record(), version)
             if self._version is not None:
                 break
@@ -122,23 +122,27 @@ class CacheLease:
             holder = (self.read() or {}).get("holder", "unknown")
             raise LeaseHeldError(f"{self.location.url(LEASE_FILE)}: another job ({holder}) took the cache's lease at the "
                                  "same time; run one job per cache")
+        if self.taken_over is not None:
+            logger.warning("taking over the cache lease of %s (renewed %.0f s ago): %s", self.taken_over.get("holder"),
+                           max(time.time() - float(self.taken_over.get("renewed") or 0.0), 0.0), self.taken_over["reason"])
         self._thread = threading.Thread(target=self._renew_loop, name="cache-lease", daemon=True)
         self._thread.start()
         return self
 
-    def _judge(self, current: dict[str, Any]) -> None:
-        """Refuse a live lease of a holder that is not provably gone (:class:`LeaseHeldError`), else
-        log the takeover naming the previous holder and why."""
+    def _judge(self, current: dict[str, Any]) -> str:
+        """Why the lease ``current`` may be taken over (stale, its holder provably gone, ``force``); a live
+        lease of a holder that is not provably gone raises :class:`LeaseHeldError` naming it."""
         age = time.time() - float(current.get("renewed") or 0.0)
-        stale = age >= float(current.get("timeout") or self.timeout)
-        gone = None if stale or self.force else holder_gone(current)
-        if not (stale or gone or self.force):
+        if age >= float(current.get("timeout") or self.timeout):
+            return f"not renewed for {age:.0f} s"
+        if self.force:
+            return "--force"
+        gone = holder_gone(current)
+        if gone is None:
             raise LeaseHeldError(
                 f"{self.location.url(LEASE_FILE)}: the cache is being written by another job ({current.get('holder')}, "
                 f"lease renewed {max(age, 0.0):.0f} s ago); wait for it, or pass --force if that job is dead")
-        why = gone or ("--force" if self.force and not stale else f"not renewed for {age:.0f} s")
-        logger.warning("taking over the cache lease of %s (renewed %.0f s ago): %s", current.get("holder"), max(age, 0.0), why)
-        self.taken_over = {**current, "reason": why}
+        return gone
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.timeout / 4):
