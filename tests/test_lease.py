@@ -165,3 +165,13 @@ def test_live_lease_of_this_very_process_is_refused(tmp_path):
     location = CacheLocation(tmp_path / "cache")
     with CacheLease(location).acquire(), pytest.raises(LeaseHeldError, match="being written by another job"):
         CacheLease(location).acquire()
+
+
+def test_an_s3_store_that_ignores_conditional_writes_gets_the_settle_lease_and_a_warning(s3_endpoint, monkeypatch, caplog):
+    location = CacheLocation(f"{s3_endpoint.new_bucket()}/cache", s3_endpoint.storage_options)
+    assert S3LeaseStore(location, LEASE_FILE).honours_conditional_create()  # moto's server does, as AWS S3 does
+    assert location.listdir() == []  # the probe object is gone
+    monkeypatch.setattr(S3LeaseStore, "honours_conditional_create", lambda self: False)
+    with caplog.at_level(logging.WARNING, logger="cameo_corr.cache.lease_store"):
+        store = CacheLease(location).store
+    assert type(store) is LeaseStore and "ignores If-None-Match" in caplog.text
