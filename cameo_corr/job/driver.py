@@ -116,13 +116,13 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     (:func:`summarize`). Input errors raise before Ray starts."""
     import ray
 
-    import_run_modules()
     clock = Clock()
     location = check_out(config)
     reader = config.open_reader()
     plan, view = config.plan_config(), config.view(reader)
     existing = read_existing_config(location)
     pinned = check_before_start(config, location, reader, view, existing)
+    import_run_modules()
     lease = take_lease(config, location)
     started = False
     try:
