@@ -201,6 +201,13 @@ def data(tmp_path_factory) -> Path:
     return Path(generate_dataset(tmp_path_factory.mktemp("data") / "synth", scenes=5, frames=8, image_size=48, seed=1))
 
 
+def phase(what: str, since: list[float]) -> None:
+    """Print how long the test's phase ``what`` took (pytest shows it with a failure: where a slow CI spent its time)."""
+    now = time.monotonic()
+    print(f"[cluster test] {what}: {now - since[0]:.1f} s", flush=True)
+    since[0] = now
+
+
 def wait_for(condition, job: Job, what: str, timeout: float = 240) -> None:
     """Poll ``condition`` while ``job`` runs; its death or a timeout fail the test as *its* failure, with its log."""
     deadline = time.monotonic() + timeout
@@ -213,6 +220,8 @@ def test_concurrent_job_refused_node_loss_survived_two_nodes_of_one_cpu_finish(
         cluster, data, s3_endpoint, monkeypatch, reference_of, assert_equals_reference):
     for key, value in s3_endpoint.env.items():  # this process reads the bucket as the nodes do: AWS_* variables
         monkeypatch.setenv(key, value)
+    clock = [time.monotonic()]
+    assert all(any((Path(cluster.base) / node).glob("session_*")) for node in ("h", "w0", "w1"))  # a Ray dir per node
     bucket = s3_endpoint.new_bucket()
     out = f"{bucket}/caches/synth"
     location = CacheLocation(out)
@@ -221,16 +230,20 @@ def test_concurrent_job_refused_node_loss_survived_two_nodes_of_one_cpu_finish(
     job = cluster.submit(out, data, "--workers", "2")
     wait_for(lambda: location.exists("lease.json"), job, "taking the cache's lease")
     holder = json.loads(location.read_bytes("lease.json"))
+    phase("job 1 submitted, holds the lease", clock)
     refused = cluster.driver(out, data, "--workers", "2")
     refused_log = refused.finish(60)
     assert job.running(), f"the first job ended while the second was refused:\n{job.log()}\n----- second:\n{refused_log[-3000:]}"
     assert refused.proc.returncode == 2 and "cameo-corr preprocess: error:" in refused_log, refused_log[-3000:]
     assert "being written by another job" in refused_log and holder["holder"] in refused_log, refused_log[-3000:]
     assert "pass --force" in refused_log and "Connected to Ray cluster" not in refused_log, refused_log[-3000:]
+    phase("job 2 refused", clock)
     # 2. a worker node's raylet is killed mid-run: the job itself completes, rc 0, cache == reference
     wait_for(lambda: bool(fragment_names(location)), job, "its first shard")
     cluster.raylet_of(cluster.worker_manager_ports[0]).send_signal(signal.SIGKILL)
+    phase("job 1's first shard, a worker node killed", clock)
     log = job.finish(300)
+    phase("job 1 finished", clock)
     assert job.proc.returncode == 0, log[-4000:]
     # Ray prints the lost node's last raylet log lines and "marked dead" to the driver; one note says what they mean
     if "has been marked dead" in log:
@@ -242,6 +255,7 @@ def test_concurrent_job_refused_node_loss_survived_two_nodes_of_one_cpu_finish(
     assert verify_cache(cache, deep=True) == []
     assert_equals_reference(out, reference)
     assert not location.exists("lease.json")
+    phase("job 1's cache verified (deep) and compared", clock)
 
     # 3. the two nodes left have one CPU each; two model actors must not starve the load/commit tasks. The
     # cache holds a live lease of a driver on another machine whose Ray job (the first one) has ended: it
@@ -253,6 +267,7 @@ def test_concurrent_job_refused_node_loss_survived_two_nodes_of_one_cpu_finish(
     CacheLocation(out2).write_bytes_atomic("lease.json", json.dumps(ended).encode())
     job = cluster.submit(out2, data, "--workers", "2")
     log = job.finish(300)
+    phase("job 3 finished", clock)
     assert job.proc.returncode == 0, log[-4000:]
     assert f"taking over the cache lease of {ended['holder']}" in log and f"its Ray job {first} is SUCCEEDED" in log, log[-4000:]
     assert_equals_reference(out2, reference_of(data, CorrCache(out2).config, 3, 2))

@@ -14,14 +14,14 @@ import pytest
 pytestmark = pytest.mark.slow
 
 JOB_ARGS = ["--dataset", "synthetic", "--backend", "depth", "--grid", "8", "--views", "3", "--windows-per-scene", "2",
-            "--crop-size", "48", "--shard-size", "1", "--workers", "1", "--num-cpus", "2", "--no-progress"]
+            "--crop-size", "48", "--shard-size", "2", "--workers", "1", "--num-cpus", "2", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     from cameo_corr.datasets.synthetic import generate_dataset
 
-    return Path(generate_dataset(tmp_path_factory.mktemp("data") / "synth", scenes=3, frames=6, image_size=48, seed=2))
+    return Path(generate_dataset(tmp_path_factory.mktemp("data") / "synth", scenes=2, frames=6, image_size=48, seed=2))
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
@@ -54,4 +54,13 @@ def test_two_jobs_on_one_bucket_one_refused_cache_equals_reference(s3_endpoint, 
 
     config = CorrCache(out).config
     assert_equals_reference(out, reference_of(data, config, 3, 2))
+    assert "secret=***" in config.created_by["command"] or "--storage-option" not in config.created_by["command"]
     assert not CorrCache(out).location.exists("lease.json")
+
+
+def test_storage_option_values_never_reach_the_recorded_command():
+    from cameo_corr.job.config import redact_storage_options
+
+    argv = ["--out", "s3://b/c", "--storage-option", "secret=abc", '--storage-option=client_kwargs={"a": 1}', "--grid", "8"]
+    assert redact_storage_options(argv) == ["--out", "s3://b/c", "--storage-option", "secret=***",
+                                            "--storage-option=client_kwargs=***", "--grid", "8"]
