@@ -5,16 +5,15 @@ from __future__ import annotations
 import errno
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cameo_corr.cli import main as cli_main
+from cameo_corr.cache.lease import LEASE_FILE, CacheLease
 from cameo_corr.cache.location import CacheLocation
-from cameo_corr.cache.lease import LEASE_FILE, CacheLease, LeaseHeldError
 from cameo_corr.cache.reader import CorrCache
+from cameo_corr.cli import main as cli_main
 
 synthetic = pytest.importorskip("cameo_corr.datasets.synthetic")
 
@@ -155,54 +154,3 @@ def test_second_job_on_a_cache_is_refused_naming_the_holder(root, tmp_path, caps
     assert_ray_not_started()
 
 
-@pytest.fixture(params=["local", "memory"])
-def location(request, tmp_path, monkeypatch):
-    import cameo_corr.cache.lease as lease_mod
-
-    monkeypatch.setattr(lease_mod, "SETTLE_SECONDS", 0.0)
-    if request.param == "local":
-        yield CacheLocation(tmp_path / "cache")
-        return
-    import fsspec
-
-    url = f"memory://lease-{tmp_path.name}/cache"
-    yield CacheLocation(url)
-    fsspec.filesystem("memory").rm(url.removeprefix("memory://"), recursive=True)
-
-
-def test_lease_one_holder_stale_takeover_force_and_release(location):
-    first = CacheLease(location).acquire()
-    held = json.loads(location.read_bytes(LEASE_FILE))
-    assert held["token"] == first.token and f"pid {os.getpid()}" in held["holder"]
-    with pytest.raises(LeaseHeldError, match=r"another job \(.*pid \d+.*renewed \d+ s ago.*--force"):
-        CacheLease(location).acquire()
-    forced = CacheLease(location, force=True).acquire()
-    assert forced.taken_over["token"] == first.token
-    first.release()  # no longer ours: left alone
-    assert json.loads(location.read_bytes(LEASE_FILE))["token"] == forced.token
-    forced.release()
-    assert not location.exists(LEASE_FILE)
-    # a crashed job's lease: renewed long ago, taken over without --force
-    stale = {"holder": "someone@elsewhere pid 1", "token": "dead", "renewed": time.time() - 1000, "timeout": 60}
-    location.write_bytes_atomic(LEASE_FILE, json.dumps(stale).encode())
-    taker = CacheLease(location).acquire()
-    assert taker.taken_over["holder"] == "someone@elsewhere pid 1"
-    taker.release()
-
-
-def test_lease_is_renewed_and_loss_is_noticed(location):
-    lease = CacheLease(location, timeout=0.4).acquire()
-    try:
-        first = json.loads(location.read_bytes(LEASE_FILE))["renewed"]
-        deadline = time.monotonic() + 10
-        while json.loads(location.read_bytes(LEASE_FILE))["renewed"] == first and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert json.loads(location.read_bytes(LEASE_FILE))["renewed"] > first
-        other = CacheLease(location, force=True).acquire()
-        deadline = time.monotonic() + 10
-        while lease.lost is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert lease.lost is not None and f"pid {os.getpid()}" in lease.lost
-        other.release()
-    finally:
-        lease.release()

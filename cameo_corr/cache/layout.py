@@ -4,6 +4,7 @@
 
     <cache>/cache.json                          written once (first shard commit); its identity is checked by every writer
     <cache>/lease.json                          the job writing the cache (one writer at a time, renewed while it runs)
+    <cache>/lease.json.lock                     local caches only: the lock under which the lease file is swapped
     <cache>/shards/<shard_id>.zarr.zip          one zip file per shard: a zarr v3 group of its ok windows (version 1: a
                                                 <shard_id>.zarr directory)
     <cache>/manifest/part-<shard_id>.parquet    one fragment per shard, written LAST (tmp name + rename)

@@ -24,6 +24,21 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.datasets.canonical import CanonicalView
     from cameo_corr.datasets.planner import PlanConfig
 
+def redact_storage_options(argv: list[str]) -> list[str]:
+    """``argv`` with the values of ``--storage-option KEY=VALUE`` replaced by ``***`` (credentials never
+    reach ``cache.json``, which records the command)."""
+    flag = "--storage-option"
+    out = []
+    for i, arg in enumerate(argv):
+        if arg.startswith(flag + "="):
+            out.append(f"{flag}={arg[len(flag) + 1:].split('=', 1)[0]}=***")
+        elif i > 0 and argv[i - 1] == flag:
+            out.append(f"{arg.split('=', 1)[0]}=***")
+        else:
+            out.append(arg)
+    return out
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """Everything one preprocessing run needs; frozen, normalised and validated on construction.
@@ -161,7 +176,7 @@ class JobConfig:
             storage_options=dict(args.storage_option),
             scenes=args.scene,
             progress=not args.no_progress,
-            command=" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+            command=" ".join([os.path.basename(sys.argv[0]), *redact_storage_options(sys.argv[1:])]),
         )
 
     def open_reader(self) -> "SceneReader":

@@ -122,6 +122,7 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     plan, view = config.plan_config(), config.view(reader)
     existing = read_existing_config(location)
     pinned = check_before_start(config, location, reader, view, existing)
+    import_run_modules()
     lease = take_lease(config, location)
     started = False
     try:
@@ -146,6 +147,25 @@ def run_job(config: JobConfig) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- before Ray starts
+def import_run_modules() -> None:
+    """Import every module of the package the driver uses later in the run, before it takes the lease.
+
+    Under ``ray job submit`` the driver runs from the job's working directory as Ray unpacked it on the
+    head node, and Ray re-extracts a package (delete, then unzip: ``overwrite=True``) whenever its
+    runtime-env agent sets the same package up again; a module first imported during that window fails
+    with "No module named ...". Imported here, nothing the driver needs is read from that directory once
+    the job holds the cache."""
+    import importlib
+
+    for module in RUN_MODULES:
+        importlib.import_module(module)
+
+
+RUN_MODULES = ("cameo_corr.cache.verify", "cameo_corr.datasets.planner", "cameo_corr.job.plan", "cameo_corr.job.stages",
+               "cameo_corr.pipeline.backends")
+"""The package's modules the driver imports after taking the lease (:func:`import_run_modules`)."""
+
+
 def check_out(config: JobConfig) -> CacheLocation:
     """The cache location, refusing an ``--out`` that is a file (:class:`UsageError`)."""
     try:

@@ -1,0 +1,66 @@
+"""``cameo-corr preprocess --out s3://...`` end to end against a real S3 endpoint (moto's server over HTTP,
+reached through s3fs): two jobs started together on one bucket (one refused by the lease), the cache
+checked by ``cache verify --deep`` and equal to the pipeline functions called directly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+JOB_ARGS = ["--dataset", "synthetic", "--backend", "depth", "--grid", "8", "--views", "3", "--windows-per-scene", "2",
+            "--crop-size", "48", "--shard-size", "2", "--workers", "1", "--num-cpus", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from cameo_corr.datasets.synthetic import generate_dataset
+
+    return Path(generate_dataset(tmp_path_factory.mktemp("data") / "synth", scenes=2, frames=6, image_size=48, seed=2))
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cameo_corr.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_jobs_on_one_bucket_one_refused_cache_equals_reference(s3_endpoint, data, monkeypatch, reference_of,
+                                                                     assert_equals_reference):
+    out = f"{s3_endpoint.new_bucket()}/caches/synth"
+    env = {**os.environ, **s3_endpoint.env, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("RAY_ADDRESS", None)
+    # one job finds the endpoint in the AWS_* environment, the other in --storage-option flags
+    by_env = cli("preprocess", "--root", str(data), "--out", out, *JOB_ARGS, env=env)
+    plain = {k: v for k, v in env.items() if not k.startswith("AWS_ENDPOINT_URL")}
+    by_flags = cli("preprocess", "--root", str(data), "--out", out, *JOB_ARGS, *s3_endpoint.cli_options(), env=plain)
+    logs = [p.communicate(timeout=300)[0] for p in (by_env, by_flags)]
+    codes = sorted(p.returncode for p in (by_env, by_flags))
+    assert codes == [0, 2], "\n-----\n".join(log[-3000:] for log in logs)
+    refused = logs[[by_env.returncode, by_flags.returncode].index(2)]
+    assert "cameo-corr preprocess: error:" in refused and "being written by another job" in refused, refused[-3000:]
+    assert "Started a local Ray instance" not in refused  # refused before Ray starts
+
+    verify = subprocess.run([sys.executable, "-m", "cameo_corr.cli", "cache", "verify", out, "--deep",
+                             *s3_endpoint.cli_options()], env=plain, capture_output=True, text=True, timeout=120, check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    for key, value in s3_endpoint.env.items():  # the test process reads the bucket through the environment
+        monkeypatch.setenv(key, value)
+    from cameo_corr.cache.reader import CorrCache
+
+    config = CorrCache(out).config
+    assert_equals_reference(out, reference_of(data, config, 3, 2))
+    assert "secret=***" in config.created_by["command"] or "--storage-option" not in config.created_by["command"]
+    assert not CorrCache(out).location.exists("lease.json")
+
+
+def test_storage_option_values_never_reach_the_recorded_command():
+    from cameo_corr.job.config import redact_storage_options
+
+    argv = ["--out", "s3://b/c", "--storage-option", "secret=abc", '--storage-option=client_kwargs={"a": 1}', "--grid", "8"]
+    assert redact_storage_options(argv) == ["--out", "s3://b/c", "--storage-option", "secret=***",
+                                            "--storage-option=client_kwargs=***", "--grid", "8"]
