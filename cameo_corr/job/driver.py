@@ -151,10 +151,11 @@ def import_run_modules() -> None:
     """Import every module of the package the driver uses later in the run, before it takes the lease.
 
     Under ``ray job submit`` the driver runs from the job's working directory as Ray unpacked it on the
-    head node, and Ray re-extracts a package (delete, then unzip: ``overwrite=True``) whenever its
-    runtime-env agent sets the same package up again; a module first imported during that window fails
-    with "No module named ...". Imported here, nothing the driver needs is read from that directory once
-    the job holds the cache."""
+    head node. A module first imported late in the run depends on that directory still being whole then;
+    importing them here, after the input checks (bad input is still refused at once) and before the
+    lease, means a job that cannot import its code fails before it holds the cache, not after it has
+    taken the lease (a precaution: the cause of one CI run whose first job ended right after taking the
+    lease was not established)."""
     import importlib
 
     for module in RUN_MODULES:
