@@ -52,7 +52,7 @@ def _next_generation(info: Mapping[str, Any]) -> int:
     return max([int(n.split("-")[1]) for n in info["files"]] + [0]) + 1
 
 
-def _swap_consolidation(location: CacheLocation, info: Mapping[str, Any], parts: Sequence[Mapping[str, Any]],
+def write_consolidation(location: CacheLocation, info: Mapping[str, Any], parts: Sequence[Mapping[str, Any]],
                         merged: Iterable[str]) -> dict[str, Any]:
     """Replace ``consolidated.json`` atomically (``parts``, merged shard ids), then delete the compact
     files of ``info`` that the new one no longer lists."""
@@ -70,7 +70,7 @@ def write_compact(location: CacheLocation, table: "pa.Table", info: Mapping[str,
     """Write ``table`` as the one part of the next generation listing ``merged`` shard fragments,
     swap ``consolidated.json`` atomically, then delete the previous generations' files."""
     part = _write_part(location, table, _next_generation(info), row_group_size=row_group_size, file_rows=file_rows)
-    return _swap_consolidation(location, info, [part], merged)
+    return write_consolidation(location, info, [part], merged)
 
 
 def _parts_to_merge(rows: Sequence[int]) -> int:
@@ -123,7 +123,7 @@ def _consolidate(location: CacheLocation, *, full: bool, row_group_size: int = M
         if first < len(sizes) and (len(sizes) - first > 1 or len(sizes) > len(parts)):  # one new part: the new rows + merged parts
             merge = SortedMerge(part_runs(location, parts[first:]) + new.runs())
             parts[first:] = [write_sorted(location, merge, _next_generation(info), row_group_size=row_group_size, file_rows=file_rows)]
-    new_info = _swap_consolidation(location, info, parts, set(info["fragments"]) | {fragment_shard(n) for n in pending})
+    new_info = write_consolidation(location, info, parts, set(info["fragments"]) | {fragment_shard(n) for n in pending})
     for name in pending:
         location.remove(MANIFEST_DIR, name)
     return new_info, pending
@@ -227,9 +227,9 @@ def remove_rows(location: "CacheLocation", predicate: Callable[["pa.Table"], Any
 
             merge = SortedMerge([mapped(run, keep) for run in part_runs(location, info["parts"])])
             part = write_sorted(location, merge, _next_generation(info), row_group_size=MANIFEST_ROW_GROUP, file_rows=MANIFEST_FILE_ROWS)
-            _swap_consolidation(location, info, [part], sorted(merged - forget))
+            write_consolidation(location, info, [part], sorted(merged - forget))
         elif forget & merged:
-            _swap_consolidation(location, info, info["parts"], sorted(merged - forget))
+            write_consolidation(location, info, info["parts"], sorted(merged - forget))
     return removed
 
 
@@ -301,6 +301,7 @@ def drop_failed_rows(location: "CacheLocation") -> list[str]:
 
 __all__ = [
     "write_compact",
+    "write_consolidation",
     "consolidate_manifest",
     "DEFAULT_CONSOLIDATE_EVERY",
     "DEFAULT_CONSOLIDATE_SECONDS",

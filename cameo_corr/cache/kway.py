@@ -219,6 +219,27 @@ def part_runs(location: "CacheLocation", parts: Sequence[Any], batch_rows: int =
     return [file_batches(location, compact_paths(location, q["files"]), batch_rows=batch_rows) for q in parts]
 
 
+def manifest_batches(location: "CacheLocation", columns: Sequence[str], filter: Any = None,
+                     filter_columns: Sequence[str] | None = None) -> Iterator["pa.Table"]:
+    """The manifest rows (``columns`` only, ``filter`` applied; it reads ``filter_columns``, all columns
+    when not given) a batch at a time: the compact files
+    :data:`MERGE_BATCH_ROWS` rows at a time, then the pending fragments :data:`FRAGMENT_GROUP` files at
+    a time (rows the compact files hold skipped). Unsorted; memory: one batch."""
+    import pyarrow as pa
+
+    from cameo_corr.cache.manifest import fragment_names, read_consolidation
+
+    info = read_consolidation(location)
+    full = manifest_schema()
+    schema = pa.schema([full.field(c) for c in columns], metadata=full.metadata)
+    names = list(columns) if filter is None else full.names if filter_columns is None else list(dict.fromkeys([*columns, *filter_columns]))
+    for table in file_batches(location, compact_paths(location, info["files"]), columns=names):
+        yield (table if filter is None else table.filter(filter)).select(schema.names)
+    fragments = fragment_names(location)
+    for start in range(0, len(fragments), FRAGMENT_GROUP):
+        yield fragment_rows(location, info, fragments[start : start + FRAGMENT_GROUP], schema, filter)
+
+
 def mapped(tables: Iterable["pa.Table"], fn: Callable[["pa.Table"], "pa.Table"]) -> Iterator["pa.Table"]:
     """``fn`` applied to each table of ``tables``."""
     for table in tables:
@@ -299,6 +320,7 @@ __all__ = [
     "sliced",
     "SpilledRuns",
     "part_runs",
+    "manifest_batches",
     "mapped",
     "write_sorted",
 ]
