@@ -256,6 +256,15 @@ def id_array(values: "pa.Array | pa.ChunkedArray") -> np.ndarray:
     return np.array([v.encode() for v in arr.to_pylist()], dtype=bytes)
 
 
+def sorted_member(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    """Whether each of ``ids`` is in the sorted array ``sorted_ids`` (binary search over fixed-width
+    ids: no hash set, no Python object per id)."""
+    if not len(sorted_ids) or not len(ids):
+        return np.zeros(len(ids), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return sorted_ids[at] == ids
+
+
 class ManifestIndex:
     """What a reader needs per ok window, as numpy columns (no Python object per window).
 
@@ -302,5 +311,6 @@ __all__ = [
     "read_manifest_file",
     "parquet_bytes",
     "id_array",
+    "sorted_member",
     "ManifestIndex",
 ]

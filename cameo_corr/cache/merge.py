@@ -33,7 +33,14 @@ from cameo_corr.cache.consolidation import write_consolidation
 from cameo_corr.cache.kway import SortedMerge, SpilledRuns, manifest_batches, mapped, part_runs, write_sorted
 from cameo_corr.cache.layout import CONFIG_FILE, TMP_PREFIX, shard_dir
 from cameo_corr.cache.location import CacheLocation
-from cameo_corr.cache.manifest import MANIFEST_FILE_ROWS, MANIFEST_ROW_GROUP, fragment_names, id_array, read_consolidation
+from cameo_corr.cache.manifest import (
+    MANIFEST_FILE_ROWS,
+    MANIFEST_ROW_GROUP,
+    fragment_names,
+    id_array,
+    read_consolidation,
+    sorted_member,
+)
 from cameo_corr.cache.reader import CorrCache
 from cameo_corr.cache.select import WindowSelection
 from cameo_corr.cache.shard import shard_zip_bytes
@@ -192,7 +199,7 @@ def merge_caches(
         ids, codes, names, rows, ok = _narrow_index(cache, selection)
         plan = _Taken(len(ids), np.zeros(len(ids), dtype=bool), np.flatnonzero(~ok), ids[~ok])
         seen_ok += int(ok.sum())
-        fresh = ok & ~_member(ids, taken)
+        fresh = ok & ~sorted_member(ids, taken)
         totals = _shard_totals(cache, codes[ok], names, bool(selection))
         for shard_id, pos in _shard_groups(codes, names, rows, ok):
             if shard_id in whole_from:
@@ -284,14 +291,6 @@ def _write_config(caches: Sequence["CorrCache"], dst: "CacheLocation", selection
     dst.write_bytes_atomic(CONFIG_FILE, dataclasses.replace(config, created_by=created).to_json().encode())
 
 
-def _member(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
-    """Whether each of ``ids`` is in the sorted array ``sorted_ids`` (binary search, no hash set)."""
-    if not len(sorted_ids) or not len(ids):
-        return np.zeros(len(ids), dtype=bool)
-    at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-    return sorted_ids[at] == ids
-
-
 def _narrow_index(cache: "CorrCache", selection: WindowSelection) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, np.ndarray]:
     """``(ids, shard codes, shard names, rows, ok)`` of the selected manifest rows of ``cache`` sorted by
     ``window_id`` (stable: the order in which :func:`_sorted_rows` streams them), read a batch at a time
@@ -348,7 +347,7 @@ def _take_failed(plans: Sequence[_Taken], taken: np.ndarray) -> int:
     seen = np.zeros(0, dtype="S1")
     kept = 0
     for plan in plans:
-        fresh = ~_member(plan.failed_ids, taken) & ~_member(plan.failed_ids, seen)
+        fresh = ~sorted_member(plan.failed_ids, taken) & ~sorted_member(plan.failed_ids, seen)
         plan.keep[plan.failed_pos[fresh]] = True
         seen = np.union1d(seen, plan.failed_ids[fresh])
         kept += int(fresh.sum())
