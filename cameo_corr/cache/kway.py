@@ -237,7 +237,7 @@ def manifest_batches(location: "CacheLocation", columns: Sequence[str], filter: 
         yield (table if filter is None else table.filter(filter)).select(schema.names)
     fragments = fragment_names(location)
     for start in range(0, len(fragments), FRAGMENT_GROUP):
-        yield fragment_rows(location, info, fragments[start : start + FRAGMENT_GROUP], schema, filter)
+        yield fragment_rows(location, info, fragments[start : start + FRAGMENT_GROUP], schema, filter, filter_columns)
 
 
 def mapped(tables: Iterable["pa.Table"], fn: Callable[["pa.Table"], "pa.Table"]) -> Iterator["pa.Table"]:
