@@ -121,7 +121,7 @@ def conform(table: "pa.Table", schema: "pa.Schema") -> "pa.Table":
 
 
 def file_batches(location: "CacheLocation", paths: Sequence[str], *, columns: Sequence[str] | None = None,
-                 batch_rows: int = MERGE_BATCH_ROWS) -> Iterator["pa.Table"]:
+                 batch_rows: int | None = None) -> Iterator["pa.Table"]:
     """The rows of the manifest files ``paths`` (in order), ``batch_rows`` at a time, with the manifest
     schema (or its ``columns``); one batch in memory at a time."""
     import pyarrow as pa
@@ -129,6 +129,7 @@ def file_batches(location: "CacheLocation", paths: Sequence[str], *, columns: Se
 
     full = manifest_schema()
     schema = full if columns is None else pa.schema([full.field(c) for c in columns], metadata=full.metadata)
+    batch_rows = batch_rows or MERGE_BATCH_ROWS
     for path in paths:
         try:
             with (open(path, "rb") if location.local else location.fs.open(path, "rb")) as source, pq.ParquetFile(source) as f:
@@ -147,8 +148,9 @@ def sort_table(table: "pa.Table") -> "pa.Table":
     return table.take(pa.array(order))
 
 
-def sliced(table: "pa.Table", rows: int = MERGE_BATCH_ROWS) -> Iterator["pa.Table"]:
-    """``table`` in slices of ``rows`` rows (zero-copy)."""
+def sliced(table: "pa.Table", rows: int | None = None) -> Iterator["pa.Table"]:
+    """``table`` in slices of ``rows`` rows (default :data:`MERGE_BATCH_ROWS`; zero-copy)."""
+    rows = rows or MERGE_BATCH_ROWS
     for start in range(0, table.num_rows, rows):
         yield table.slice(start, rows)
 
@@ -161,8 +163,9 @@ class SpilledRuns:
     deleted by :meth:`close`. Use as a context manager; :attr:`rows` counts the rows."""
 
     def __init__(self, location: "CacheLocation", info: Any, fragments: Sequence[str], *, spill: "CacheLocation",
-                 filter: Any = None, chunk_rows: int = SORT_CHUNK_ROWS) -> None:
+                 filter: Any = None, chunk_rows: int | None = None) -> None:
         self.spill, self.spilled, self.rows = spill, [], 0
+        chunk_rows = chunk_rows or SORT_CHUNK_ROWS
         self.memory: "pa.Table | None" = None
         pending: list["pa.Table"] = []
         held = 0
@@ -176,12 +179,11 @@ class SpilledRuns:
         if pending and (held or not self.spilled):
             import pyarrow as pa
 
-            table = sort_table(pa.concat_tables(pending))
-            self.rows += table.num_rows
             if self.spilled:
-                self._spill([table])
+                self._spill(pending)
             else:
-                self.memory = table
+                self.memory = sort_table(pa.concat_tables(pending))
+                self.rows += self.memory.num_rows
 
     def _spill(self, tables: list["pa.Table"]) -> None:
         import pyarrow as pa
@@ -192,10 +194,10 @@ class SpilledRuns:
         rel = f"{MANIFEST_DIR}/{TMP_PREFIX}run-{uuid.uuid4().hex[:12]}.parquet"
         self.spill.fs.makedirs(self.spill.path(MANIFEST_DIR), exist_ok=True)
         with self.spill.fs.open(self.spill.path(rel), "wb") as f:
-            pq.write_table(table, f, compression="zstd", row_group_size=MERGE_BATCH_ROWS)
+            pq.write_table(table, f, compression="zstd", row_group_size=max(MERGE_BATCH_ROWS, 1024))
         self.spilled.append(rel)
 
-    def runs(self, batch_rows: int = MERGE_BATCH_ROWS) -> list[Iterable["pa.Table"]]:
+    def runs(self, batch_rows: int | None = None) -> list[Iterable["pa.Table"]]:
         """The sorted runs (spilled files in order, or the one in-memory chunk)."""
         if self.memory is not None:
             return [sliced(self.memory, batch_rows)]
@@ -214,7 +216,7 @@ class SpilledRuns:
         self.close()
 
 
-def part_runs(location: "CacheLocation", parts: Sequence[Any], batch_rows: int = MERGE_BATCH_ROWS) -> list[Iterable["pa.Table"]]:
+def part_runs(location: "CacheLocation", parts: Sequence[Any], batch_rows: int | None = None) -> list[Iterable["pa.Table"]]:
     """One sorted run per consolidated part (its files in order)."""
     return [file_batches(location, compact_paths(location, q["files"]), batch_rows=batch_rows) for q in parts]
 

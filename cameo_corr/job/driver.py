@@ -337,8 +337,8 @@ def keep_up(config: JobConfig, location: CacheLocation, cache_config: CacheConfi
 
     writer = CacheWriter(config.out, cache_config, config.storage())
     orphans = writer.remove_orphans()
-    if len(fragment_names(location)) >= config.consolidate_every:  # e.g. a killed job that never consolidated:
-        consolidate_manifest(location)  # merged first (streamed, bounded memory), then read by column
+    # pending fragments (a killed job that never consolidated) are read for two columns only; merging
+    # them first costs ~4x more start-up, and the job's first periodic round merges them (streamed) anyway
     done = DoneWindows.read(location)
     upkeep = Upkeep(orphans=orphans, missing=writer.repair_missing_shards(referenced=done.shards), done=done)
     if config.repair and location.exists(CONFIG_FILE):
