@@ -277,12 +277,17 @@ def run_step(step: str, path: Path) -> dict[str, float]:
 HEX = np.array([list(f"{b:02x}".encode()) for b in range(256)], dtype=np.uint8)
 
 
+def _hex16_bytes(values: np.ndarray) -> np.ndarray:
+    """uint64 values as 16-character hex ids (numpy ``S16``, vectorised)."""
+    digits = HEX[values.astype(">u8").view(np.uint8).reshape(-1, 8)].reshape(-1, 16)
+    return np.ascontiguousarray(digits).view("S16").ravel()
+
+
 def _hex16(values: np.ndarray) -> Any:
-    """uint64 values as 16-character hex strings (an Arrow string array, vectorised)."""
+    """uint64 values as 16-character hex strings (an Arrow string array)."""
     import pyarrow as pa
 
-    digits = HEX[values.astype(">u8").view(np.uint8).reshape(-1, 8)].reshape(-1, 16)
-    return pa.array(np.ascontiguousarray(digits).view("S16").ravel()).cast(pa.string())
+    return pa.array(_hex16_bytes(values)).cast(pa.string())
 
 
 def _mix(values: np.ndarray, salt: int) -> np.ndarray:
@@ -340,7 +345,7 @@ def build_manifest_only(path: Path, windows: int, offset: int = 0) -> dict[str, 
     parts, files, start = [], [], offset
     for gen, size in enumerate(sizes, start=1):
         index = np.arange(start, start + size, dtype=np.int64)
-        index = index[np.argsort(_hex16(_mix(index, 1)).to_numpy(zero_copy_only=False).astype("S16"), kind="stable")]
+        index = index[np.argsort(_hex16_bytes(_mix(index, 1)), kind="stable")]
         names = []
         for k, lo in enumerate(range(0, size, 4_194_304)):
             name = f"compact-{gen:06d}-{k:05d}.parquet"
@@ -369,7 +374,7 @@ def measure_manifest(step: str, path: Path, other: Path | None) -> dict[str, flo
 
     from cameo_corr.cache.consolidation import consolidate_manifest
     from cameo_corr.cache.location import CacheLocation
-    from cameo_corr.cache.manifest import fragment_names, read_manifest
+    from cameo_corr.cache.manifest import read_manifest
     from cameo_corr.cache.merge import merge_caches
     from cameo_corr.cache.reader import CorrCache
     from cameo_corr.cache.writer import CacheWriter
@@ -390,8 +395,6 @@ def measure_manifest(step: str, path: Path, other: Path | None) -> dict[str, flo
             done = read_manifest(loc, columns=["window_id"]).column("window_id").combine_chunks()
             out["todo"] = planned.filter(pc.invert(pc.is_in(planned.column("window_id"), value_set=done))).num_rows
         else:
-            if len(fragment_names(loc)) >= CONSOLIDATE_EVERY:
-                consolidate_manifest(loc)
             done = DoneWindows.read(loc)
             writer.repair_missing_shards(referenced=done.shards)
             out["todo"] = done.todo(planned).num_rows
