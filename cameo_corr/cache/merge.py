@@ -308,11 +308,12 @@ def _narrow_index(cache: "CorrCache", selection: WindowSelection) -> tuple[np.nd
                       pc.equal(t.column("status"), "ok").to_numpy(zero_copy_only=False).astype(bool)))
     if not parts:
         return np.zeros(0, "S1"), np.zeros(0, np.int32), [], np.zeros(0, np.int32), np.zeros(0, bool)
-    ids = np.concatenate([p[0] for p in parts])
-    order = np.argsort(ids, kind="stable")
-    ids = ids[order]
-    cols = [np.concatenate([p[i] for p in parts])[order] for i in (1, 2, 3)]
-    return ids, cols[0], list(names), cols[1], cols[2]
+    cols = [np.concatenate([p[i] for p in parts]) for i in range(4)]
+    del parts  # one copy of each column from here on
+    order = np.argsort(cols[0], kind="stable")
+    for i in range(4):
+        cols[i] = cols[i][order]
+    return cols[0], cols[1], list(names), cols[2], cols[3]
 
 
 def _shard_totals(cache: "CorrCache", codes: np.ndarray, names: list[str], selected: bool) -> dict[str, int]:
