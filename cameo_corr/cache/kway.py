@@ -31,6 +31,8 @@ MERGE_BATCH_ROWS = 8_192
 """Rows read at a time from each sorted run (memory: about this many rows per run, ~0.5 KB each at S=8)."""
 SORT_CHUNK_ROWS = 131_072
 """Rows of unsorted fragments sorted in memory at once; more pending rows are spilled as sorted runs."""
+NARROW_BATCH_ROWS = 65_536
+"""Rows per batch of :func:`manifest_batches` (a few narrow columns: a row group at a time)."""
 FRAGMENT_GROUP = 256
 """Fragment files read together (on the reader's thread pool)."""
 
@@ -225,7 +227,7 @@ def manifest_batches(location: "CacheLocation", columns: Sequence[str], filter: 
                      filter_columns: Sequence[str] | None = None) -> Iterator["pa.Table"]:
     """The manifest rows (``columns`` only, ``filter`` applied; it reads ``filter_columns``, all columns
     when not given) a batch at a time: the compact files
-    :data:`MERGE_BATCH_ROWS` rows at a time, then the pending fragments :data:`FRAGMENT_GROUP` files at
+    :data:`NARROW_BATCH_ROWS` rows at a time, then the pending fragments :data:`FRAGMENT_GROUP` files at
     a time (rows the compact files hold skipped). Unsorted; memory: one batch."""
     import pyarrow as pa
 
@@ -235,7 +237,7 @@ def manifest_batches(location: "CacheLocation", columns: Sequence[str], filter: 
     full = manifest_schema()
     schema = pa.schema([full.field(c) for c in columns], metadata=full.metadata)
     names = list(columns) if filter is None else full.names if filter_columns is None else list(dict.fromkeys([*columns, *filter_columns]))
-    for table in file_batches(location, compact_paths(location, info["files"]), columns=names):
+    for table in file_batches(location, compact_paths(location, info["files"]), columns=names, batch_rows=NARROW_BATCH_ROWS):
         yield (table if filter is None else table.filter(filter)).select(schema.names)
     fragments = fragment_names(location)
     for start in range(0, len(fragments), FRAGMENT_GROUP):
