@@ -125,7 +125,8 @@ def conform(table: "pa.Table", schema: "pa.Schema") -> "pa.Table":
 def file_batches(location: "CacheLocation", paths: Sequence[str], *, columns: Sequence[str] | None = None,
                  batch_rows: int | None = None) -> Iterator["pa.Table"]:
     """The rows of the manifest files ``paths`` (in order), ``batch_rows`` at a time, with the manifest
-    schema (or its ``columns``); one batch in memory at a time."""
+    schema (or its ``columns``); one row group read at a time (iterating a whole file lets Arrow's
+    reader buffer far ahead: ~350 MB for a 4M-row file against ~140 MB)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -136,8 +137,9 @@ def file_batches(location: "CacheLocation", paths: Sequence[str], *, columns: Se
         try:
             with (open(path, "rb") if location.local else location.fs.open(path, "rb")) as source, pq.ParquetFile(source) as f:
                 present = [c for c in schema.names if c in f.schema_arrow.names]
-                for batch in f.iter_batches(batch_size=batch_rows, columns=present):
-                    yield conform(pa.Table.from_batches([batch]), schema)
+                for group in range(f.num_row_groups):  # one row group at a time: a whole-file reader reads ahead
+                    for batch in f.iter_batches(batch_size=batch_rows, row_groups=[group], columns=present, use_threads=False):
+                        yield conform(pa.Table.from_batches([batch]), schema)
         except (pa.ArrowInvalid, OSError) as e:
             raise DatasetError(location.url(MANIFEST_DIR), f"cannot read the manifest file {path.rsplit('/', 1)[-1]}: {e}") from e
 
