@@ -53,8 +53,10 @@ import numpy as np
 SHARD_SIZE = 64
 CONSOLIDATE_EVERY = 256
 PLAN_BASELINE = "fa32198"
+MANIFEST_BASELINE = "064e384"
+"""The manifest code before streaming merges (consolidation, compact and merge held whole manifests)."""
 """The planner before clips were read in batches (one header per clip, per-clip parse and checks)."""
-VIEWS = 2
+VIEWS = 8
 GRID = (2, 2)
 
 
@@ -271,6 +273,200 @@ def run_step(step: str, path: Path) -> dict[str, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# ------------------------------------------------------------------------------ manifest at scale
+HEX = np.array([list(f"{b:02x}".encode()) for b in range(256)], dtype=np.uint8)
+
+
+def _hex16_bytes(values: np.ndarray) -> np.ndarray:
+    """uint64 values as 16-character hex ids (numpy ``S16``, vectorised)."""
+    digits = HEX[values.astype(">u8").view(np.uint8).reshape(-1, 8)].reshape(-1, 16)
+    return np.ascontiguousarray(digits).view("S16").ravel()
+
+
+def _hex16(values: np.ndarray) -> Any:
+    """uint64 values as 16-character hex strings (an Arrow string array)."""
+    import pyarrow as pa
+
+    return pa.array(_hex16_bytes(values)).cast(pa.string())
+
+
+def _mix(values: np.ndarray, salt: int) -> np.ndarray:
+    """A bijection of uint64 (odd multiplier, xor-shift): distinct inputs give distinct, scattered ids."""
+    x = (values.astype(np.uint64) + np.uint64(salt)) * np.uint64(0x9E3779B97F4A7C15)
+    return x ^ (x >> np.uint64(29))
+
+
+def fake_rows(index: np.ndarray, views: int) -> Any:
+    """Manifest rows of windows ``index`` (ok, shards of 64 consecutive windows, S=``views``), built with
+    Arrow kernels only (no Python object per row)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = len(index)
+    scene = pc.binary_join_element_wise("scene", pc.utf8_lpad(pa.array(index // 10).cast(pa.string()), 7, "0"), "")
+    flat = np.repeat(index, views)
+    suffix = pa.array(np.tile([f"-{v}" for v in range(views)], n))
+    frames = pc.binary_join_element_wise(pa.array(flat).cast(pa.string()), suffix, "")
+    paths = pc.binary_join_element_wise(pc.take(scene, pa.array(np.repeat(np.arange(n), views))), "/", frames, ".jpg", "")
+    offsets = pa.array(np.arange(0, n * views + 1, views, dtype=np.int32))
+    from cameo_corr.schemas import manifest_schema
+
+    return pa.Table.from_arrays([
+        _hex16(_mix(index, 1)), pa.array(["synthetic"] * n), pa.array(["train"] * n), scene,
+        pa.ListArray.from_arrays(offsets, frames), pa.ListArray.from_arrays(offsets, paths),
+        _hex16(_mix(index // SHARD_SIZE, 2)), pa.array((index % SHARD_SIZE).astype(np.int32)),
+        pa.array(np.full(n, views, np.int32)), pa.array(np.ones(n, np.float32)), pa.array(np.ones(n, np.float32)),
+        pa.array(["ok"] * n), pa.nulls(n, pa.string()), pa.array(np.full(n, 44_719, np.int64)),
+    ], schema=manifest_schema())
+
+
+def build_manifest_only(path: Path, windows: int, offset: int = 0) -> dict[str, float]:
+    """A fake cache whose manifest is what periodic consolidation leaves after ``windows`` windows
+    (rounds of ``CONSOLIDATE_EVERY`` shards of 64 merged as the binary counter does: a few sorted parts)
+    and whose shard files are EMPTY placeholders: for the manifest steps only (compact, resume, merge),
+    which never open a shard. Windows ``offset .. offset+windows-1`` (another offset: disjoint ids)."""
+    import pyarrow.parquet as pq
+
+    from cameo_corr.cache.consolidation import _parts_to_merge
+    from cameo_corr.cache.location import CacheLocation
+    from cameo_corr.schemas import manifest_schema
+
+    t0 = time.perf_counter()
+    per_round = CONSOLIDATE_EVERY * SHARD_SIZE
+    sizes: list[int] = []
+    for start in range(0, windows, per_round):
+        sizes.append(min(per_round, windows - start))
+        first = _parts_to_merge(sizes)
+        sizes[first:] = [sum(sizes[first:])]
+    loc = CacheLocation(path)
+    loc.write_bytes_atomic("cache.json", fake_config(str(path.parent / "no-dataset")).to_json().encode())
+    (path / "manifest").mkdir(parents=True, exist_ok=True)
+    (path / "shards").mkdir(parents=True, exist_ok=True)
+    parts, files, start = [], [], offset
+    for gen, size in enumerate(sizes, start=1):
+        index = np.arange(start, start + size, dtype=np.int64)
+        index = index[np.argsort(_hex16_bytes(_mix(index, 1)), kind="stable")]
+        names = []
+        for k, lo in enumerate(range(0, size, 4_194_304)):
+            name = f"compact-{gen:06d}-{k:05d}.parquet"
+            with pq.ParquetWriter(path / "manifest" / name, manifest_schema(), compression="zstd") as w:
+                for c in range(lo, min(lo + 4_194_304, size), 65_536):
+                    w.write_table(fake_rows(index[c : min(c + 65_536, lo + 4_194_304, size)], VIEWS), row_group_size=65_536)
+            names.append(name)
+        parts.append({"files": names, "rows": size})
+        files += names
+        start += size
+    shard_ids = _hex16(_mix(np.arange(offset // SHARD_SIZE, (offset + windows - 1) // SHARD_SIZE + 1), 2)).to_pylist()
+    for sid in shard_ids:
+        (path / "shards" / f"{sid}.zarr.zip").touch()
+    info = {"schema_version": 2, "files": files, "fragments": sorted(shard_ids), "rows": windows, "parts": parts}
+    loc.write_bytes_atomic("manifest/consolidated.json", json.dumps(info).encode())
+    return {"build_s": time.perf_counter() - t0, "parts": len(parts)}
+
+
+def measure_manifest(step: str, path: Path, other: Path | None) -> dict[str, float]:
+    """A manifest step on ``path`` with whatever package version is importable (ours or a baseline):
+    ``compact`` (``cache compact``: every part and fragment into one part), ``resume`` (a resumed job's
+    start-up: orphan-free cache, repair listing, done ids, planned minus done; the planned ids are read
+    before the clock), ``merge`` (``cache merge path other``). Returns wall and CPU seconds, peak RSS."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from cameo_corr.cache.consolidation import consolidate_manifest
+    from cameo_corr.cache.location import CacheLocation
+    from cameo_corr.cache.manifest import read_manifest
+    from cameo_corr.cache.merge import merge_caches
+    from cameo_corr.cache.reader import CorrCache
+    from cameo_corr.cache.writer import CacheWriter
+
+    _warm_imports()
+    loc = CacheLocation(path)
+    planned = pa.table({"window_id": read_manifest(loc, columns=["window_id"]).column("window_id")}) if step == "resume" else None
+    t0, c0 = time.perf_counter(), time.process_time()
+    out: dict[str, float] = {}
+    if step == "compact":
+        out["rows"] = consolidate_manifest(loc, full=True)["rows"]
+    elif step == "resume":
+        writer = CacheWriter(path, CorrCache(path).config)
+        try:
+            from cameo_corr.cache.done import DoneWindows  # this package: one read, sorted-id filter
+        except ImportError:  # the baseline: repair listing, then the done ids, then is_in
+            writer.repair_missing_shards()
+            done = read_manifest(loc, columns=["window_id"]).column("window_id").combine_chunks()
+            out["todo"] = planned.filter(pc.invert(pc.is_in(planned.column("window_id"), value_set=done))).num_rows
+        else:
+            done = DoneWindows.read(loc)
+            writer.repair_missing_shards(referenced=done.shards)
+            out["todo"] = done.todo(planned).num_rows
+    elif step == "merge":
+        out["rows"] = merge_caches([path, other], path.parent / f"{path.name}-merged").windows_ok
+    else:
+        raise ValueError(step)
+    out.update(s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, rss_mb=_rss_mb())
+    return out
+
+
+def run_manifest_step(step: str, path: Path, other: Path | None = None, code: Path | None = None) -> dict[str, float]:
+    """:func:`measure_manifest` in a fresh interpreter, on this checkout's package or the one under ``code``."""
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    cmd = [sys.executable, __file__, "--measure", f"manifest-{step}", "--cache", str(path), "--views", str(VIEWS)]
+    proc = subprocess.run(cmd + (["--other", str(other)] if other else []), capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"manifest step {step} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def manifest_steps(cache: Path, small: Path, work: Path, code: Path | None) -> dict[str, dict[str, float]]:
+    """``resume_fragments`` (when ``cache`` has fragments), ``compact``, ``resume`` and ``merge`` (with
+    ``small``), each on a hard-linked copy of ``cache`` (steps change the copy, never ``cache``)."""
+    from cameo_corr.cache.location import CacheLocation
+    from cameo_corr.cache.manifest import fragment_names
+
+    out: dict[str, dict[str, float]] = {}
+    copy = work / f"{cache.name}-copy"
+    if fragment_names(CacheLocation(cache)):
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(cache, copy, copy_function=os.link)
+        out["resume_fragments"] = run_manifest_step("resume", copy, code=code)
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(cache, copy, copy_function=os.link)
+    out["compact"] = run_manifest_step("compact", copy, code=code)
+    out["resume"] = run_manifest_step("resume", copy, code=code)
+    shutil.rmtree(work / f"{copy.name}-merged", ignore_errors=True)
+    out["merge"] = run_manifest_step("merge", copy, small, code=code)
+    shutil.rmtree(work / f"{copy.name}-merged", ignore_errors=True)
+    shutil.rmtree(copy, ignore_errors=True)
+    return out
+
+
+MANIFEST_ROWS = [("resume_fragments", "resume start-up, fragments only"), ("compact", "cache compact"),
+                 ("resume", "resume start-up, consolidated"), ("merge", "cache merge with a cache of N/10")]
+
+
+def manifest_report(results: dict[int, dict[str, dict[str, dict[str, float]]]]) -> str:
+    """The manifest table: CPU seconds and peak RSS per step, ours and the baseline side by side, with
+    the baseline/ours ratios and the growth per 10x."""
+    scales = sorted(results)
+    lines = ["| manifest step (CPU s / peak RSS MB) | " + " | ".join(f"{n:,} windows" for n in scales) + " | growth per 10x (ours) |",
+             "|" + "---|" * (len(scales) + 2)]
+    for step, name in MANIFEST_ROWS:
+        for variant in ("ours", "baseline"):
+            got = [results[n].get(variant, {}).get(step) for n in scales]
+            if not any(got):
+                continue
+            cells = [f"{g['cpu_s']:.3g} s / {g['rss_mb']:.0f} MB" if g else "-" for g in got]
+            growth = ", ".join(f"{b['cpu_s'] / a['cpu_s']:.1f}x / {b['rss_mb'] / a['rss_mb']:.1f}x" for a, b in zip(got, got[1:])
+                               if a and b) if variant == "ours" else ""
+            lines.append(f"| {name}: {variant} | " + " | ".join(cells) + f" | {growth} |")
+        ratios = [(results[n].get("baseline", {}).get(step), results[n].get("ours", {}).get(step)) for n in scales]
+        if any(b and o for b, o in ratios):
+            lines.append(f"| {name}: baseline / ours | " + " | ".join(
+                f"{b['cpu_s'] / o['cpu_s']:.2f}x CPU, {b['rss_mb'] / o['rss_mb']:.2f}x RSS" if b and o else "-" for b, o in ratios) + " | |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ planning
 def build_re10k_root(root: Path, clips: int, frames: int = 150) -> None:
     """Camera files of ``clips`` clips x ``frames`` frames; the frames of a clip are hard links to one
@@ -417,24 +613,47 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=None, help="where to build (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the built caches and roots")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    p.add_argument("--views", type=int, default=8, help="views per window (S): the manifest's frame-id and path lists")
+    p.add_argument("--manifest-only-from", type=int, default=2_000_000,
+                   help="scales from this many windows get a manifest-only cache (empty shard files): manifest steps only")
+    p.add_argument("--manifest-baseline", default=MANIFEST_BASELINE,
+                   help=f"git ref of the manifest code to compare with ('' for none; default {MANIFEST_BASELINE})")
+    p.add_argument("--manifest-baseline-max", type=int, default=1_000_000, help="run the manifest baseline only up to this scale")
+    p.add_argument("--manifest-steps-only", action="store_true", help="measure the manifest steps only (no open/dataset/...)")
     p.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     p.add_argument("--cache", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--other", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    global VIEWS
+    VIEWS = args.views
     from cameo_corr.cache.location import CacheLocation
     from cameo_corr.cache.manifest import fragment_names
 
     if args.measure:
-        print(json.dumps(measure_plan(args.cache, args.plan_workers[0]) if args.measure == "plan" else measure(args.measure, args.cache)))
+        if args.measure.startswith("manifest-"):
+            print(json.dumps(measure_manifest(args.measure.removeprefix("manifest-"), args.cache, args.other)))
+        else:
+            print(json.dumps(measure_plan(args.cache, args.plan_workers[0]) if args.measure == "plan" else measure(args.measure, args.cache)))
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     results: dict[int, dict[str, dict[str, float]]] = {}
+    manifest: dict[int, dict[str, dict[str, dict[str, float]]]] = {}
     plans: dict[int, dict[str, list[dict[str, float]]]] = {}
+    manifest_code = baseline_code(args.manifest_baseline, work) if args.manifest_baseline else None
     try:
         for n in args.scales:
             path = work / f"cache-{n}"
             if not (path / "cache.json").exists():
-                built = build_cache(path, n)
+                built = build_manifest_only(path, n) if n >= args.manifest_only_from else build_cache(path, n)
                 print(f"built {n:,} windows in {built['build_s']:.0f} s", flush=True)
+            small = work / f"small-{n}"
+            if not (small / "cache.json").exists():
+                build_manifest_only(small, max(n // 10, SHARD_SIZE), offset=10**12)
+            variants = [("baseline", manifest_code)] if manifest_code and n <= args.manifest_baseline_max else []
+            manifest[n] = {name: manifest_steps(path, small, work, code) for name, code in variants + [("ours", None)]}
+            print(f"{n:,} manifest: " + json.dumps(manifest[n]), flush=True)
+            if args.manifest_steps_only or n >= args.manifest_only_from:
+                continue
             results[n] = {}
             if fragment_names(CacheLocation(path)):  # a job killed before consolidating (or before periodic consolidation)
                 periodic = work / f"cache-{n}-periodic"
@@ -471,11 +690,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (2 cores)")
     if results:
         print(table_text(results))
+    if manifest:
+        print()
+        print(manifest_report(manifest))
     if plans:
         print()
         print(plan_report(plans))
     if args.json:
-        args.json.write_text(json.dumps({"caches": results, "plans": plans}, indent=2))
+        args.json.write_text(json.dumps({"caches": results, "manifest": manifest, "plans": plans}, indent=2))
 
 
 if __name__ == "__main__":

@@ -266,6 +266,85 @@ def test_merge_refusals(tmp_path: Path) -> None:
         merge_caches([a, tmp_path / "b"], tmp_path / "z", selection=WindowSelection(split="test"))
 
 
+def test_merge_of_different_dataset_roots_is_refused_or_records_the_given_root(tmp_path: Path) -> None:
+    """Issue 19 item 6: cache.json records one dataset root, so inputs of two roots are refused naming
+    both, unless --dataset-root names the root holding every input's scenes (recorded in OUT)."""
+    a = writer_cache(tmp_path / "a", {"s1": ([0, 1], ())}, dataset={"name": "synthetic", "root": "data-a", "split": "train"})
+    b = writer_cache(tmp_path / "b", {"s2": ([2], ())}, dataset={"name": "synthetic", "root": "data-b", "split": "train"})
+    with pytest.raises(SchemaError, match=r"field 'dataset.root'.*a was built from data-a, .*b from data-b.*--dataset-root") as e:
+        merge_caches([a, b], tmp_path / "x")
+    assert str(b / "cache.json") in str(e.value) and not (tmp_path / "x").exists()
+    with pytest.raises(DatasetError, match="not a directory"):
+        merge_caches([a, b], tmp_path / "x", dataset_root=str(tmp_path / "nowhere"))
+    (tmp_path / "both").mkdir()
+    merge_caches([a, b], tmp_path / "c", dataset_root=str(tmp_path / "both"))
+    c = CorrCache(tmp_path / "c")
+    assert c.config.dataset["root"] == str(tmp_path / "both") and c.config.created_by["dataset_roots"] == ["data-a", "data-b"]
+    assert len(c) == 3 and c.config.dataset["name"] == "synthetic"
+    same = writer_cache(tmp_path / "d", {"s3": ([3], ())})  # one root (the default): merged as before, root kept
+    assert CorrCache(merge_caches([writer_cache(tmp_path / "e", {"s4": ([4], ())}), same], tmp_path / "f").out).config.dataset["root"] == "data"
+
+
+def test_merge_roots_through_the_cli_and_the_merged_cache_reads_its_scenes(tiny_train_cache: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Two parts of the real tiny cache, one recording a moved copy of the dataset root: refused in one
+    line naming the field, then merged with --dataset-root; every scene of OUT is in its dataset."""
+    from cameo_corr.cache.location import CacheLocation
+
+    root = CorrCache(tiny_train_cache).config.dataset["root"]
+    moved = tmp_path / "moved-root"
+    shutil.copytree(root, moved)
+    shards = sorted(pc.unique(CorrCache(tiny_train_cache).manifest("ok", columns=["shard"]).column("shard")).to_pylist())
+    p1 = copy_cache(tiny_train_cache, tmp_path / "p1")
+    drop_shards(CacheLocation(p1), shards[1:])
+    p2 = copy_cache(tiny_train_cache, tmp_path / "p2", dataset={**CorrCache(tiny_train_cache).config.dataset, "root": str(moved)})
+    drop_shards(CacheLocation(p2), shards[:1])
+    out = tmp_path / "union"
+    assert cli_main(["cache", "merge", str(p1), str(p2), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "dataset.root" in err and str(moved) in err and err.count("\n") == 1
+    assert cli_main(["cache", "merge", str(p1), str(p2), "--out", str(out), "--dataset-root", str(moved)]) == 0
+    merged = CorrCache(out)
+    assert merged.config.dataset["root"] == str(moved) and len(merged) == len(CorrCache(tiny_train_cache))
+    scenes = set(merged.manifest("ok", columns=["scene_id"]).column("scene_id").to_pylist())
+    assert scenes <= set(merged.reader().scene_ids())
+
+
+def test_merge_streams_spilled_fragments_and_selection_like_consolidated_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inputs with pending fragments, merged with tiny sort chunks and batches (spilled runs, many
+    steps), give the same cache as the same inputs consolidated; the selection applies to both."""
+    import cameo_corr.cache.kway as kway
+    from cameo_corr.cache.consolidation import consolidate_manifest
+    from cameo_corr.cache.location import CacheLocation
+
+    shards = {"s1": ([0, 1, 2], (1,)), "s2": ([3, 4], ()), "s6": ([8, 9, 10], (9,))}
+    a = writer_cache(tmp_path / "a", shards)
+    b = writer_cache(tmp_path / "b", {"s2": ([3, 4], ()), "s3": ([1, 5], ()), "s4": ([4, 6], ()), "s5": ([7], (7,))})
+    for name, src in (("ac", a), ("bc", b)):
+        shutil.copytree(src, tmp_path / name)
+        consolidate_manifest(CacheLocation(tmp_path / name))
+    monkeypatch.setattr(kway, "SORT_CHUNK_ROWS", 2)
+    monkeypatch.setattr(kway, "MERGE_BATCH_ROWS", 2)
+    monkeypatch.setattr(kway, "FRAGMENT_GROUP", 1)
+    for selection in (WindowSelection(), WindowSelection(min_mask_frac=0.0)):
+        out_p, out_c = tmp_path / f"p{bool(selection)}", tmp_path / f"c{bool(selection)}"
+        rp = merge_caches([a, b], out_p, selection=selection)
+        rc = merge_caches([tmp_path / "ac", tmp_path / "bc"], out_c, selection=selection)
+        assert dataclasses_equal(rp, rc, out_p, out_c)
+        got, want = (CorrCache(p).manifest(None).to_pylist() for p in (out_p, out_c))
+        assert len(got) == rp.windows_ok + rp.windows_failed and repr(got) == repr(want)  # repr: NaN fractions compare equal
+        assert verify_report(CorrCache(out_p), deep=True).problems == []
+        assert not [n for n in (tmp_path / "a" / "manifest").iterdir() if n.name.startswith(".tmp-")]
+        assert not [n for n in (out_p / "manifest").iterdir() if n.name.startswith(".tmp-")]
+
+
+def dataclasses_equal(a, b, out_a: Path, out_b: Path) -> bool:
+    """Two merge reports equal but for the output path."""
+    import dataclasses
+
+    return dataclasses.replace(a, out=str(out_b)) == dataclasses.replace(b, out=str(out_b))
+
+
 def test_merge_copies_across_devices_and_on_object_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 

@@ -138,7 +138,7 @@ def _merge(args: argparse.Namespace) -> int:
     if len(args.caches) < 2:
         raise UsageError(f"merge needs at least two caches, got {len(args.caches)}", where="command line")
     report = merge_caches(args.caches, args.out, selection=_selection(args), storage_options=storage_options(args),
-                          command=" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]))
+                          command=" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]), dataset_root=args.dataset_root)
     print(report.summary())
     return 0
 
@@ -268,6 +268,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                        "supersedes a failed one), the manifest is consolidated and cache.json records the sources.")
     p.add_argument("caches", nargs="+", metavar="CACHE", help="two or more cache directories or URLs (earlier ones win ties)")
     p.add_argument("--out", required=True, help="new cache directory or URL (must not exist or be empty)")
+    p.add_argument("--dataset-root", default=None, metavar="ROOT",
+                   help="dataset root to record in OUT's cache.json when the inputs were built from different roots "
+                   "(ROOT must hold every input's scenes; without it such inputs are refused)")
     common(p, positional=False)
     subset(p)
     p.set_defaults(func=_merge)

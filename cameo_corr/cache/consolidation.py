@@ -20,20 +20,19 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 
 from cameo_corr.cache.layout import CONSOLIDATED_FILE, MANIFEST_DIR, SHARD_SUFFIXES, fragment_shard, shard_dir
+from cameo_corr.cache.kway import SortedMerge, SpilledRuns, file_batches, mapped, part_runs, sliced, sort_table, write_sorted
 from cameo_corr.cache.manifest import (
     MANIFEST_FILE_ROWS,
     MANIFEST_ROW_GROUP,
+    compact_paths,
     fragment_names,
-    fragment_rows,
-    id_array,
     parquet_bytes,
     read_consolidation,
     read_manifest_file,
 )
-from cameo_corr.schemas import SCHEMA_VERSION, CameoCorrError, manifest_schema
+from cameo_corr.schemas import SCHEMA_VERSION, CameoCorrError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import pyarrow as pa
@@ -46,21 +45,14 @@ logger = logging.getLogger(__name__)
 def _write_part(location: CacheLocation, table: "pa.Table", gen: int, *, row_group_size: int, file_rows: int) -> dict[str, Any]:
     """Write ``table`` sorted by ``window_id`` as the compact files of generation ``gen``; returns the
     part entry of ``consolidated.json``."""
-    ids = id_array(table.column("window_id"))
-    table = table.take(np.argsort(ids, kind="stable"))
-    files = []
-    for k, start in enumerate(range(0, max(table.num_rows, 1), file_rows)):
-        name = f"compact-{gen:06d}-{k:05d}.parquet"
-        location.write_bytes_atomic(f"{MANIFEST_DIR}/{name}", parquet_bytes(table.slice(start, file_rows), row_group_size))
-        files.append(name)
-    return {"files": files, "rows": table.num_rows}
+    return write_sorted(location, sliced(sort_table(table)), gen, row_group_size=row_group_size, file_rows=file_rows)
 
 
 def _next_generation(info: Mapping[str, Any]) -> int:
     return max([int(n.split("-")[1]) for n in info["files"]] + [0]) + 1
 
 
-def _swap_consolidation(location: CacheLocation, info: Mapping[str, Any], parts: Sequence[Mapping[str, Any]],
+def write_consolidation(location: CacheLocation, info: Mapping[str, Any], parts: Sequence[Mapping[str, Any]],
                         merged: Iterable[str]) -> dict[str, Any]:
     """Replace ``consolidated.json`` atomically (``parts``, merged shard ids), then delete the compact
     files of ``info`` that the new one no longer lists."""
@@ -78,7 +70,7 @@ def write_compact(location: CacheLocation, table: "pa.Table", info: Mapping[str,
     """Write ``table`` as the one part of the next generation listing ``merged`` shard fragments,
     swap ``consolidated.json`` atomically, then delete the previous generations' files."""
     part = _write_part(location, table, _next_generation(info), row_group_size=row_group_size, file_rows=file_rows)
-    return _swap_consolidation(location, info, [part], merged)
+    return write_consolidation(location, info, [part], merged)
 
 
 def _parts_to_merge(rows: Sequence[int]) -> int:
@@ -115,25 +107,26 @@ def consolidate_manifest(
 
 def _consolidate(location: CacheLocation, *, full: bool, row_group_size: int = MANIFEST_ROW_GROUP,
                  file_rows: int = MANIFEST_FILE_ROWS) -> tuple[dict[str, Any], list[str]]:
-    """:func:`consolidate_manifest`, also returning the names of the fragments it merged."""
-    import pyarrow as pa
+    """:func:`consolidate_manifest`, also returning the names of the fragments it merged.
 
+    The pending fragments become sorted runs (:class:`~cameo_corr.cache.kway.SpilledRuns`: one chunk in
+    memory, more spilled); the parts to merge are read a batch at a time; :class:`SortedMerge` streams
+    them all into the new part. Memory: a batch per run and one row group, whatever the row count."""
     info = read_consolidation(location)
     pending = fragment_names(location)
     parts = [dict(q) for q in info["parts"]]
     if not pending and not (full and len(parts) > 1):
         return info, []
-    tables = [fragment_rows(location, info, pending, manifest_schema(), None)] if pending else []
-    sizes = [q["rows"] for q in parts] + [t.num_rows for t in tables if t.num_rows]
-    first = 0 if full else _parts_to_merge(sizes)
-    if first < len(sizes) and (len(sizes) - first > 1 or len(sizes) > len(parts)):  # one new part: the new rows + merged parts
-        names = [f for q in parts[first:] for f in q["files"]]
-        table = pa.concat_tables([read_manifest_file(location, f"{MANIFEST_DIR}/{n}") for n in names] + tables)
-        parts[first:] = [_write_part(location, table, _next_generation(info), row_group_size=row_group_size, file_rows=file_rows)]
-    new = _swap_consolidation(location, info, parts, set(info["fragments"]) | {fragment_shard(n) for n in pending})
+    with SpilledRuns(location, info, pending, spill=location) as new:
+        sizes = [q["rows"] for q in parts] + ([new.rows] if new.rows else [])
+        first = 0 if full else _parts_to_merge(sizes)
+        if first < len(sizes) and (len(sizes) - first > 1 or len(sizes) > len(parts)):  # one new part: the new rows + merged parts
+            merge = SortedMerge(part_runs(location, parts[first:]) + new.runs())
+            parts[first:] = [write_sorted(location, merge, _next_generation(info), row_group_size=row_group_size, file_rows=file_rows)]
+    new_info = write_consolidation(location, info, parts, set(info["fragments"]) | {fragment_shard(n) for n in pending})
     for name in pending:
         location.remove(MANIFEST_DIR, name)
-    return new, pending
+    return new_info, pending
 
 
 DEFAULT_CONSOLIDATE_EVERY = 256
@@ -206,44 +199,76 @@ class PeriodicConsolidation:
             self._thread.join()
 
 
-def remove_rows(location: "CacheLocation", predicate: Callable[["pa.Table"], Any], *, shards: Iterable[str] | None = None) -> list[str]:
+def remove_rows(location: "CacheLocation", predicate: Callable[["pa.Table"], Any], *, shards: Iterable[str] | None = None,
+                columns: Sequence[str] | None = None) -> list[str]:
     """Remove the manifest rows for which ``predicate(table)`` (a boolean Arrow array) is true; return
     their window ids.
 
     Every pending fragment holding such rows is rewritten atomically without them (deleted when nothing
-    is left), then the compact files are rewritten without theirs as one new part. With ``shards``,
-    only the fragments of those shards are read, and those shard ids stop being listed as merged in
+    is left), then the compact files are rewritten without theirs as one new part, streamed (a batch
+    per part in memory). ``columns`` names the columns ``predicate`` reads (all by default): the compact
+    files are first scanned with those only, and rewritten only when a row goes. With ``shards``, only
+    the fragments of those shards are read, and those shard ids stop being listed as merged in
     ``consolidated.json`` (so a later commit of the same shard id is not taken for finished).
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     forget = set(shards) if shards is not None else set()
     info = read_consolidation(location)
     removed: list[str] = []
     for name in fragment_names(location):
-        if shards is not None and fragment_shard(name) not in forget:
-            continue
-        rel = f"{MANIFEST_DIR}/{name}"
-        table = read_manifest_file(location, rel)
-        gone = pc.fill_null(predicate(table), False)
-        if not pc.any(gone).as_py():
-            continue
-        removed += table.filter(gone).column("window_id").to_pylist()
-        kept = table.filter(pc.invert(gone))
-        if kept.num_rows:
-            location.write_bytes_atomic(rel, parquet_bytes(kept, MANIFEST_ROW_GROUP))
-        else:
-            location.remove(rel)
+        if shards is None or fragment_shard(name) in forget:
+            removed += _remove_from_fragment(location, f"{MANIFEST_DIR}/{name}", predicate)
     merged = set(info["fragments"])
     if info["files"] and (shards is None or forget & merged):
-        parts = [read_manifest_file(location, f"{MANIFEST_DIR}/{n}") for n in info["files"]]
-        table = pa.concat_tables(parts) if parts else manifest_schema().empty_table()
-        gone = pc.fill_null(predicate(table), False)
-        if pc.any(gone).as_py() or forget & merged:
-            removed += table.filter(gone).column("window_id").to_pylist()
-            write_compact(location, table.filter(pc.invert(gone)), info, sorted(merged - forget))
+        gone = _compact_matches(location, info, predicate, columns)
+        if gone:
+            removed += gone
+            def keep(table: "pa.Table") -> "pa.Table":
+                return table.filter(_negated(predicate(table)))
+
+            merge = SortedMerge([mapped(run, keep) for run in part_runs(location, info["parts"])])
+            part = write_sorted(location, merge, _next_generation(info), row_group_size=MANIFEST_ROW_GROUP, file_rows=MANIFEST_FILE_ROWS)
+            write_consolidation(location, info, [part], sorted(merged - forget))
+        elif forget & merged:
+            write_consolidation(location, info, info["parts"], sorted(merged - forget))
     return removed
+
+
+def _negated(mask: Any) -> Any:
+    """Rows to keep: not ``mask`` (nulls count as false, i.e. kept)."""
+    import pyarrow.compute as pc
+
+    return pc.invert(pc.fill_null(mask, False))
+
+
+def _remove_from_fragment(location: "CacheLocation", rel: str, predicate: Callable[["pa.Table"], Any]) -> list[str]:
+    """Rewrite one fragment without the rows ``predicate`` selects (delete it when none is left);
+    returns their window ids."""
+    import pyarrow.compute as pc
+
+    table = read_manifest_file(location, rel)
+    gone = pc.fill_null(predicate(table), False)
+    if not pc.any(gone).as_py():
+        return []
+    kept = table.filter(pc.invert(gone))
+    if kept.num_rows:
+        location.write_bytes_atomic(rel, parquet_bytes(kept, MANIFEST_ROW_GROUP))
+    else:
+        location.remove(rel)
+    return table.filter(gone).column("window_id").to_pylist()
+
+
+def _compact_matches(location: "CacheLocation", info: Mapping[str, Any], predicate: Callable[["pa.Table"], Any],
+                     columns: Sequence[str] | None) -> list[str]:
+    """Window ids of the compact rows ``predicate`` selects (reading ``columns`` and ``window_id`` only)."""
+    import pyarrow.compute as pc
+
+    wanted = None if columns is None else list(dict.fromkeys(["window_id", *columns]))
+    gone: list[str] = []
+    for table in file_batches(location, compact_paths(location, info["files"]), columns=wanted):
+        mask = pc.fill_null(predicate(table), False)
+        if pc.any(mask).as_py():
+            gone += table.filter(mask).column("window_id").to_pylist()
+    return gone
 
 
 def drop_shards(location: "CacheLocation", shard_ids: Iterable[str]) -> list[str]:
@@ -258,7 +283,7 @@ def drop_shards(location: "CacheLocation", shard_ids: Iterable[str]) -> list[str
     if not drop:
         return []
     values = pa.array(sorted(drop), pa.string())
-    removed = remove_rows(location, lambda t: pc.is_in(t.column("shard"), values), shards=drop)
+    removed = remove_rows(location, lambda t: pc.is_in(t.column("shard"), values), shards=drop, columns=["shard"])
     for shard_id in sorted(drop):
         for version in SHARD_SUFFIXES:
             if location.exists(shard_dir(shard_id, version)):
@@ -271,11 +296,12 @@ def drop_failed_rows(location: "CacheLocation") -> list[str]:
     dropped window ids."""
     import pyarrow.compute as pc
 
-    return remove_rows(location, lambda t: pc.equal(t.column("status"), "failed"))
+    return remove_rows(location, lambda t: pc.equal(t.column("status"), "failed"), columns=["status"])
 
 
 __all__ = [
     "write_compact",
+    "write_consolidation",
     "consolidate_manifest",
     "DEFAULT_CONSOLIDATE_EVERY",
     "DEFAULT_CONSOLIDATE_SECONDS",

@@ -105,12 +105,15 @@ def find_orphans(location: "CacheLocation") -> list[str]:
     return found
 
 
-def read_manifest(location: CacheLocation, columns: Sequence[str] | None = None, filter: Any = None) -> "pa.Table":
+def read_manifest(location: CacheLocation, columns: Sequence[str] | None = None, filter: Any = None,
+                  filter_columns: Sequence[str] | None = None) -> "pa.Table":
     """The manifest: consolidated files (each sorted by ``window_id``) then the pending fragments.
 
     ``columns`` selects columns (all by default: reading only what is needed is what keeps a million
     window manifest cheap); ``filter`` is a ``pyarrow.compute`` expression pushed down to the Parquet
-    reader (row groups are skipped by their statistics). Version 1 fragments lack ``shard_bytes``,
+    reader (row groups are skipped by their statistics); ``filter_columns`` names the columns it reads
+    (pending fragments are then decoded for those and ``columns`` only; every column when not given).
+    Version 1 fragments lack ``shard_bytes``,
     which reads as null. An empty table when the cache has no rows. A consolidation running meanwhile
     (the job consolidates periodically) may delete files between the listing and the read: the read
     then starts again from the new ``consolidated.json``.
@@ -125,7 +128,7 @@ def read_manifest(location: CacheLocation, columns: Sequence[str] | None = None,
         fragments = fragment_names(location)
         try:
             table = pa.concat_tables([_read_parquet(location, compact_paths(location, info["files"]), schema, filter),
-                                      fragment_rows(location, info, fragments, schema, filter)])
+                                      fragment_rows(location, info, fragments, schema, filter, filter_columns)])
         except DatasetError as e:
             if isinstance(e.__cause__, FileNotFoundError) and attempt + 1 < MANIFEST_READ_ATTEMPTS:
                 continue
@@ -139,17 +142,19 @@ def compact_paths(location: CacheLocation, names: Iterable[str]) -> list[str]:
 
 
 def fragment_rows(location: CacheLocation, info: Mapping[str, Any], fragments: Sequence[str], schema: "pa.Schema",
-                   filter: Any) -> "pa.Table":
+                   filter: Any, filter_columns: Sequence[str] | None = None) -> "pa.Table":
     """Rows of the fragments ``fragments`` that the compact files of ``info`` do not hold (see
-    :func:`fragment_names`: a fragment of a shard listed as merged may repeat compact rows)."""
+    :func:`fragment_names`: a fragment of a shard listed as merged may repeat compact rows); ``filter``
+    reads ``filter_columns`` (all columns when not given)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     merged = set(info["fragments"])
-    table = _read_fragments(location, compact_paths(location, [n for n in fragments if fragment_shard(n) not in merged]), schema, filter)
+    table = _read_fragments(location, compact_paths(location, [n for n in fragments if fragment_shard(n) not in merged]), schema, filter,
+                            filter_columns)
     again = compact_paths(location, [n for n in fragments if fragment_shard(n) in merged])
     if again:
-        extra = _read_fragments(location, again, schema, filter)
+        extra = _read_fragments(location, again, schema, filter, filter_columns)
         if "window_id" in schema.names and extra.num_rows:
             compact = _read_parquet(location, compact_paths(location, info["files"]), pa.schema([manifest_schema().field("window_id")]),
                                     pc.field("window_id").isin(extra.column("window_id")))
@@ -183,7 +188,8 @@ def _read_parquet(location: CacheLocation, paths: list[str], schema: "pa.Schema"
         raise DatasetError(location.url(MANIFEST_DIR), f"cannot read the manifest: {e}") from e
 
 
-def _read_fragments(location: CacheLocation, paths: list[str], schema: "pa.Schema", filter: Any) -> "pa.Table":
+def _read_fragments(location: CacheLocation, paths: list[str], schema: "pa.Schema", filter: Any,
+                    filter_columns: Sequence[str] | None = None) -> "pa.Table":
     """Columns ``schema`` of the fragment files ``paths``, filtered by ``filter``.
 
     A fragment is one small row group, so the fixed cost per file (open, footer, metadata) is all
@@ -197,7 +203,10 @@ def _read_fragments(location: CacheLocation, paths: list[str], schema: "pa.Schem
     if not paths:
         return schema.empty_table()
     full = manifest_schema()
-    wanted = full.names if filter is not None else schema.names  # the filter may name other columns
+    if filter is None:
+        wanted = list(schema.names)
+    else:  # the filter may name other columns
+        wanted = full.names if filter_columns is None else [c for c in full.names if c in {*schema.names, *filter_columns}]
     target = pa.schema([full.field(c) for c in wanted])
 
     def read(path: str) -> "pa.Table":
@@ -256,6 +265,15 @@ def id_array(values: "pa.Array | pa.ChunkedArray") -> np.ndarray:
     return np.array([v.encode() for v in arr.to_pylist()], dtype=bytes)
 
 
+def sorted_member(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    """Whether each of ``ids`` is in the sorted array ``sorted_ids`` (binary search over fixed-width
+    ids: no hash set, no Python object per id)."""
+    if not len(sorted_ids) or not len(ids):
+        return np.zeros(len(ids), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return sorted_ids[at] == ids
+
+
 class ManifestIndex:
     """What a reader needs per ok window, as numpy columns (no Python object per window).
 
@@ -302,5 +320,6 @@ __all__ = [
     "read_manifest_file",
     "parquet_bytes",
     "id_array",
+    "sorted_member",
     "ManifestIndex",
 ]

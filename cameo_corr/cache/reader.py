@@ -81,7 +81,7 @@ class CorrCache:
             raise ValueError(f"status must be 'ok', 'failed' or None, got {status!r}")
         if columns is not None:
             filt = None if status is None else pc.field("status") == status
-            return read_manifest(self.location, columns=columns, filter=filt)
+            return read_manifest(self.location, columns=columns, filter=filt, filter_columns=["status"])
         table = self._full_manifest()
         return table if status is None else table.filter(pc.equal(table.column("status"), status))
 

@@ -124,7 +124,7 @@ def selected_manifest(cache: "CorrCache", selection: WindowSelection, status: st
     expr = selection.expression()
     if status is not None:
         expr = pc.field("status") == status if expr is None else (pc.field("status") == status) & expr
-    table = read_manifest(cache.location, columns=columns, filter=expr)
+    table = read_manifest(cache.location, columns=columns, filter=expr, filter_columns=["status", *selection.columns()])
     if table.num_rows == 0 and selection:
         what = f"'{status}' windows" if status is not None else "windows"
         raise DatasetError(f"{cache.location.display}/manifest", f"no {what} match the selection ({selection.describe()})",

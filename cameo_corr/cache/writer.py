@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -82,14 +82,17 @@ class CacheWriter:
             self.location.remove(rel)
         return removed
 
-    def repair_missing_shards(self) -> list[str]:
+    def repair_missing_shards(self, referenced: Iterable[str] | None = None) -> list[str]:
         """Forget the shards whose ok manifest rows point at a missing shard file (one listing of
         ``shards/``): their rows are removed (:func:`drop_shards`), so a run redoes their windows.
-        Returns the shard ids."""
+        ``referenced`` (the shard ids of the ok rows, e.g. :attr:`DoneWindows.shards
+        <cameo_corr.cache.done.DoneWindows.shards>` of a read already made) saves reading the
+        ``shard`` column again. Returns the shard ids."""
         import pyarrow.compute as pc
 
         present = {sid for n in self.location.listdir(SHARDS_DIR) if (sid := shard_id_of_name(n)) is not None}
-        referenced = pc.unique(read_manifest(self.location, columns=["shard"]).column("shard").drop_null()).to_pylist()
+        if referenced is None:
+            referenced = pc.unique(read_manifest(self.location, columns=["shard"]).column("shard").drop_null()).to_pylist()
         missing = sorted(s for s in referenced if s not in present)
         drop_shards(self.location, missing)
         return missing

@@ -36,12 +36,16 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
+import numpy as np
+
 from cameo_corr.cache.config import COMPARED_FIELDS, CacheMismatchError, check_compatible, mismatch_error, read_existing_config
 from cameo_corr.cache.consolidation import PeriodicConsolidation, consolidate_manifest, drop_failed_rows
+from cameo_corr.cache.done import DoneWindows
 from cameo_corr.cache.layout import CONFIG_FILE
 from cameo_corr.cache.lease import CacheLease
 from cameo_corr.cache.location import CacheLocation
-from cameo_corr.cache.manifest import fragment_names, read_manifest
+from cameo_corr.cache.kway import manifest_batches
+from cameo_corr.cache.manifest import fragment_names, id_array, read_manifest, sorted_member
 from cameo_corr.cache.reader import CorrCache
 from cameo_corr.cache.verify import repair_corrupt_shards
 from cameo_corr.cache.writer import CacheWriter
@@ -88,6 +92,8 @@ class Upkeep:
     unpinned: list[str] | None = None
     """The failed windows dropped with the config of a cache that had no ok window (:func:`unpin`);
     ``None`` when the cache kept its config."""
+    done: DoneWindows = field(default_factory=DoneWindows)
+    """The windows with a manifest row after the upkeep (read once: :class:`DoneWindows`)."""
 
 
 @dataclass
@@ -136,7 +142,7 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         check_compatible(existing, cache_config, where=location.url(CONFIG_FILE))
         upkeep = keep_up(config, location, existing or cache_config)
         upkeep.unpinned = unpinned
-        planned, todo = windows_to_do(reader, plan, cache_config, location, config.scenes)
+        planned, todo = windows_to_do(reader, plan, cache_config, upkeep.done, config.scenes)
         todo, deferred = limit_windows(todo, config.max_windows)
         run = run_stages(todo, config, reader, cache_config, described["needs_depth"], (location, lease, clock))
     finally:
@@ -351,24 +357,29 @@ def keep_up(config: JobConfig, location: CacheLocation, cache_config: CacheConfi
     rows. ``cache_config`` is the cache's (read once; the run's own for a new cache)."""
 
     writer = CacheWriter(config.out, cache_config, config.storage())
-    upkeep = Upkeep(orphans=writer.remove_orphans(), missing=writer.repair_missing_shards())
+    orphans = writer.remove_orphans()
+    # pending fragments (a killed job that never consolidated) are read for two columns only; merging
+    # them first costs ~4x more start-up, and the job's first periodic round merges them (streamed) anyway
+    done = DoneWindows.read(location)
+    upkeep = Upkeep(orphans=orphans, missing=writer.repair_missing_shards(referenced=done.shards), done=done)
     if config.repair and location.exists(CONFIG_FILE):
         upkeep.corrupt = repair_corrupt_shards(CorrCache(config.out, config.storage(), config=cache_config))["shards"]
     if config.retry_failed:
         upkeep.retried = drop_failed_rows(location)
+        done.forget(upkeep.retried)
+    if upkeep.missing or upkeep.corrupt:  # rows of forgotten shards were dropped: read the done ids again
+        upkeep.done = DoneWindows.read(location)
     return upkeep
 
 
-def windows_to_do(reader: "SceneReader", plan: "PlanConfig", cache_config: CacheConfig, location: CacheLocation,
+def windows_to_do(reader: "SceneReader", plan: "PlanConfig", cache_config: CacheConfig, done: DoneWindows,
                   scenes: Any) -> tuple["pa.Table", "pa.Table"]:
-    """``(planned, todo)``: every planned window of the run, and those without a manifest row yet."""
-    import pyarrow.compute as pc
-
+    """``(planned, todo)``: every planned window of the run, and those not ``done`` (without a
+    manifest row yet; binary search in the sorted done ids)."""
     from cameo_corr.datasets.planner import plan_table
 
     planned = plan_table(reader, plan, cache_config.fingerprint(), scene_ids=scenes)
-    done = read_manifest(location, columns=["window_id"]).column("window_id").combine_chunks()
-    return planned, planned.filter(pc.invert(pc.is_in(planned.column("window_id"), value_set=done)))
+    return planned, done.todo(planned)
 
 
 def limit_windows(todo: "pa.Table", max_windows: int | None) -> tuple["pa.Table", int]:
@@ -598,17 +609,11 @@ def summarize(config: JobConfig, location: CacheLocation, planned: "pa.Table", t
     files), ``bytes_per_window``, ``errors`` (first 20 window errors of this run), ``errors_earlier``
     (up to 5 of the earlier failures).
     """
-    import pyarrow.compute as pc
-
     from cameo_corr.job.stages import STAGES
 
     t_end = time.perf_counter()
-    mine = read_manifest(location, columns=["window_id", "status", "error"],
-                         filter=pc.field("window_id").isin(todo.column("window_id").combine_chunks()))
-    failed_rows = mine.filter(pc.equal(mine.column("status"), "failed"))
-    n_failed = failed_rows.num_rows
-    n_ok = mine.num_rows - n_failed
     whole = cache_failures(location, planned, todo)
+    n_ok, n_failed = whole["mine_ok"], whole["mine_failed"]
     results = run.sink.results if run.sink is not None else []
     nbytes = sum(r["bytes"] for r in results)
     seconds = t_end - clock.start
@@ -641,23 +646,40 @@ def summarize(config: JobConfig, location: CacheLocation, planned: "pa.Table", t
         "stage_seconds": {k: float(sum(r["stages"][k] for r in results)) for k in STAGES},
         "bytes_written": nbytes,
         "bytes_per_window": nbytes / n_ok if n_ok and nbytes else 0.0,
-        "errors": list(zip(failed_rows.column("window_id").to_pylist()[:20], failed_rows.column("error").to_pylist()[:20])),
+        "errors": whole["errors"],
         "errors_earlier": whole["examples"],
     }
 
 
 def cache_failures(location: CacheLocation, planned: "pa.Table", todo: "pa.Table") -> dict[str, Any]:
-    """The whole cache after a run: ``ok`` and ``failed`` rows, ``failed_earlier`` (planned windows
-    this run skipped because an earlier run recorded them as failed) and ``examples`` (up to 5 of
-    those as ``(window_id, error)``). Reads the status column, and window ids and errors of failed rows."""
+    """The cache after a run, in one pass over the ``window_id``, ``status`` and ``error`` columns (a
+    batch at a time; membership by binary search in sorted ids): ``ok`` and ``failed`` rows of the
+    whole cache, ``mine_ok`` and ``mine_failed`` (rows of this run's windows, ``todo``) with ``errors``
+    (the first 20 of its failures as ``(window_id, error)``), ``failed_earlier`` (planned windows this
+    run skipped because an earlier run recorded them as failed) and ``examples`` (up to 5 of those)."""
     import pyarrow.compute as pc
 
-    status = read_manifest(location, columns=["status"]).column("status")
-    failed = read_manifest(location, columns=["window_id", "error"], filter=pc.field("status") == "failed")
-    skipped = pc.invert(pc.is_in(planned.column("window_id"), value_set=todo.column("window_id").combine_chunks()))
-    earlier = failed.filter(pc.is_in(failed.column("window_id"), value_set=planned.column("window_id").filter(skipped).combine_chunks()))
-    return {"ok": int(pc.sum(pc.equal(status, "ok")).as_py() or 0), "failed": failed.num_rows, "failed_earlier": earlier.num_rows,
-            "examples": list(zip(earlier.column("window_id").to_pylist()[:5], earlier.column("error").to_pylist()[:5]))}
+    mine = np.sort(id_array(todo.column("window_id")))
+    planned_ids = id_array(planned.column("window_id"))
+    skipped = np.sort(planned_ids[~sorted_member(planned_ids, mine)])
+    out: dict[str, Any] = {"ok": 0, "failed": 0, "mine_ok": 0, "mine_failed": 0, "errors": [], "failed_earlier": 0, "examples": []}
+    for table in manifest_batches(location, ["window_id", "status", "error"]):
+        if not table.num_rows:
+            continue
+        ids = id_array(table.column("window_id"))
+        ok = pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False).astype(bool)
+        in_run, earlier = sorted_member(ids, mine), ~ok & sorted_member(ids, skipped)
+        out["ok"] += int(ok.sum())
+        out["failed"] += int((~ok).sum())
+        out["mine_ok"] += int((in_run & ok).sum())
+        out["mine_failed"] += int((in_run & ~ok).sum())
+        out["failed_earlier"] += int(earlier.sum())
+        for key, mask, limit in (("errors", in_run & ~ok, 20), ("examples", earlier, 5)):
+            picked = np.flatnonzero(mask)[: limit - len(out[key])]
+            if len(picked):
+                rows = table.take(picked)
+                out[key] += list(zip(rows.column("window_id").to_pylist(), rows.column("error").to_pylist()))
+    return out
 
 
 __all__ = ["CacheWriteError", "run_preprocess", "run_job", "preflight_backend", "check_out", "provisional_config", "check_before_start",
