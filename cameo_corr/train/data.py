@@ -85,6 +85,7 @@ from cameo_corr.train.config import ORDER_POLICIES, ORDER_SCOPES
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.datasets.base import SceneReader
     from cameo_corr.datasets.canonical import CanonicalView
+    from cameo_corr.cache.local_cache import LocalShardCache
     from cameo_corr.cache.reader import CorrCache
     from cameo_corr.train.mixture import CacheSource
 
@@ -298,11 +299,13 @@ class _ProcessState:
         from cameo_corr.cache.reader import CorrCache
 
         self.pid = os.getpid()
+        self.local_cache = owner.make_local_cache()
+        """This process's handle on the node's shard cache (``None``: shards are read from the caches)."""
         self.caches: list[CorrCache] = []
         self.readers: list[SceneReader] = []
         self.views: list[CanonicalView] = []
         for source in owner.sources:
-            cache = CorrCache(source.path, storage_options=owner.storage_options)
+            cache = CorrCache(source.path, storage_options=owner.storage_options, local_cache=self.local_cache)
             if source.dataset_root is None:
                 reader = cache.reader()
             else:
@@ -323,6 +326,26 @@ class _ProcessState:
         if owner.mask_options:
             self.read_names = tuple(dict.fromkeys(_CORR_KEYS + mask_inputs(owner.mask_options["policy"])))
         self.shard_reads = 0
+        self.upcoming: tuple[int, dict[int, int], np.ndarray] | None = None
+        """``(epoch, {shard index: position}, shard indices)``: the order in which this rank's stream
+        first reaches each shard in an epoch (for prefetching the next ones)."""
+
+    def prefetch_after(self, owner: CorrStreamDataset, epoch: int, shard: int) -> None:
+        """Ask the local shard cache for the ``owner.local_cache_prefetch`` shards the stream reaches after
+        shard index ``shard`` in ``epoch``."""
+        if self.local_cache is None or owner.local_cache_prefetch <= 0:
+            return
+        if self.upcoming is None or self.upcoming[0] != epoch:
+            shards = owner.window_shard[owner.rank_order(epoch)[:, 0]]
+            _, first = np.unique(shards, return_index=True)
+            seq = shards[np.sort(first)]
+            self.upcoming = (epoch, {int(k): i for i, k in enumerate(seq.tolist())}, seq)
+        _, position, seq = self.upcoming
+        i = position.get(shard)
+        if i is None:
+            return
+        for k in seq[i + 1 : i + 1 + owner.local_cache_prefetch].tolist():
+            self.caches[int(owner.shard_source[k])].prefetch([owner.shard_ids[k]])
 
     def shard(self, shard_id: str, source: int = 0) -> _ShardVisit:
         """The decoded shard of cache ``source`` (read once per visit; the few most recent shards are kept)."""
@@ -389,6 +412,10 @@ class CorrStreamDataset(IterableDataset):
             :data:`SKIPPED_KEY` (a batch of only skipped windows is ``{SKIPPED_KEY: n}``).
         grid: the token grid to read from a cache storing several (``None``: its primary grid); a grid
             the cache lacks is a :class:`~cameo_corr.schemas.SchemaError` listing the stored grids.
+        local_cache, local_cache_bytes, local_cache_prefetch: a local directory keeping copies of the
+            shard files of remote caches within a byte budget, shared by the processes of a node, and
+            how many of the next shards of the epoch order to fetch ahead
+            (:class:`~cameo_corr.cache.local_cache.LocalShardCache`; ``None``: read shards from the store).
     """
 
     def __init__(
@@ -421,6 +448,9 @@ class CorrStreamDataset(IterableDataset):
         visibility_tol: float = DEFAULT_VISIBILITY_TOL,
         on_corrupt: str = "raise",
         grid: int | tuple[int, int] | None = None,
+        local_cache: str | Path | None = None,
+        local_cache_bytes: int = 50 * 2**30,
+        local_cache_prefetch: int = 2,
     ) -> None:
         from cameo_corr.cache.reader import CorrCache
         from cameo_corr.cache.select import WindowSelection
@@ -455,6 +485,10 @@ class CorrStreamDataset(IterableDataset):
         self.num_epochs = num_epochs
         self.max_open = int(max_open)
         self.on_corrupt = on_corrupt
+        self.local_cache = None if local_cache is None else str(local_cache)
+        self.local_cache_bytes = int(local_cache_bytes)
+        self.local_cache_prefetch = int(local_cache_prefetch)
+        self.make_local_cache()  # checks the options now, not in the first worker
         self._check_options()
 
         caches = [CorrCache(src.path, storage_options=storage_options) for src in sources]
@@ -528,6 +562,14 @@ class CorrStreamDataset(IterableDataset):
             raise SchemaError("num_epochs", f"must be positive or None, got {self.num_epochs}")
         if self.on_corrupt not in CORRUPT_POLICIES:
             raise SchemaError("on_corrupt", f"unknown policy {self.on_corrupt!r}; expected one of {CORRUPT_POLICIES}")
+
+    def make_local_cache(self) -> LocalShardCache | None:
+        """A handle on the node's local shard cache (``None`` without ``local_cache``)."""
+        from cameo_corr.cache.local_cache import LocalShardCache
+
+        if self.local_cache is None:
+            return None
+        return LocalShardCache(self.local_cache, self.local_cache_bytes, prefetch=self.local_cache_prefetch)
 
     # ------------------------------------------------------------------------------ order and state
     def __getstate__(self) -> dict[str, Any]:
@@ -703,7 +745,10 @@ class CorrStreamDataset(IterableDataset):
         proc = self._process()
         source, shard_id, row = self.locate(window)
         views, num_ref = self.choose(window, epoch, q, first)
+        reads = proc.shard_reads
         visit = proc.shard(shard_id, source)
+        if proc.shard_reads != reads:  # a new shard visit: fetch the next shards of the order ahead
+            proc.prefetch_after(self, epoch, int(self.window_shard[window]))
         try:
             blocks = visit.corr_row(row)
             if self.mask_options:
