@@ -297,16 +297,25 @@ class CorrCache:
             out = {k: _torch.from_numpy(v) for k, v in out.items()}
         return out
 
+    def dataset_root(self) -> str:
+        """The dataset root recorded in ``cache.json``; a :class:`DatasetError` (field ``dataset.root``)
+        when it is not a directory, saying where to give another one."""
+        root = str(self.config.dataset["root"])
+        if "://" not in root and not os.path.isdir(root):
+            hint = "" if self.config.images is not None else ("; or preprocess with --store-images jpeg (or png) so the "
+                                                                "cache holds its views and training needs no dataset root")
+            raise DatasetError(root, "the dataset root recorded in cache.json is not a directory (moved? the root is not "
+                               "part of the cache's identity: pass the new one, e.g. data.dataset_root=<dir> to train, "
+                               f"--root to preprocess){hint}", field="dataset.root")
+        return root
+
     def reader(self) -> "SceneReader":
         """The dataset reader the cache was built from (``open_dataset(**config.dataset)``)."""
         from cameo_corr.datasets.base import open_dataset
 
         options = dict(self.config.dataset)
-        root = options.pop("root")
-        if "://" not in str(root) and not os.path.isdir(root):
-            raise DatasetError(str(root), "the dataset root recorded in cache.json is not a directory (moved? the root is not "
-                               "part of the cache's identity: pass the new one, e.g. data.dataset_root=<dir> to train, "
-                               "--root to preprocess)", field="dataset.root")
+        root = self.dataset_root()
+        options.pop("root")
         return open_dataset(options.pop("name"), root, **options)
 
     def view(self) -> "CanonicalView":
