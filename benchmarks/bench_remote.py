@@ -39,11 +39,13 @@ def build(base: Path, args: argparse.Namespace) -> dict[str, Path]:
     from cameo_corr.datasets.synthetic import generate_dataset
     from cameo_corr.job.driver import run_preprocess
 
+    caches = {fmt: base / f"cache-{fmt}" for fmt in ("none", "jpeg", "png")}
+    if all((c / "cache.json").exists() for c in caches.values()):
+        print(f"reusing the caches under {base}")
+        return caches
     root = generate_dataset(base / "data", scenes=args.scenes, frames=args.frames, image_size=args.image_size, seed=0)
-    caches = {}
-    for fmt in ("none", "jpeg", "png"):
-        caches[fmt] = base / f"cache-{fmt}"
-        run_preprocess(dataset="synthetic", root=root, out=caches[fmt], backend="depth", grid=args.grid, views=args.views,
+    for fmt, out in caches.items():
+        run_preprocess(dataset="synthetic", root=root, out=out, backend="depth", grid=args.grid, views=args.views,
                        windows_per_scene=args.windows_per_scene, shard_size=args.shard_size, crop_size=args.crop_size,
                        workers=1, progress=False, store_images=fmt, jpeg_quality=args.jpeg_quality)
     return caches
@@ -73,7 +75,7 @@ def upload(local: Path, endpoint: str, options: dict[str, Any]) -> str:
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
     bucket = f"bench-{os.getpid()}"
     if not fs.exists(bucket):
-        fs.mkdir(bucket)
+        fs.mkdir(bucket, region_name="us-east-1")
     fs.put(str(local) + "/", f"{bucket}/cache", recursive=True)
     return f"s3://{bucket}/cache"
 
@@ -158,9 +160,12 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--endpoint-url", default=None, help="an S3 endpoint to use instead of a local moto server")
+    p.add_argument("--work", default=None, help="keep the dataset and caches here and reuse them on the next run "
+                                                 "(default: a temporary directory; the build options must not change)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        caches = build(Path(tmp), args)
+        work = Path(args.work) if args.work else Path(tmp)
+        caches = build(work, args)
         print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
         remote_section(caches, Path(tmp), args)
         stored_section(caches, args)

@@ -112,3 +112,11 @@ def test_store_images_jpeg_to_s3_then_train_without_the_dataset(tiny_train_cache
         assert x["window_id"] == y["window_id"] and torch.equal(x["corr_nn"], y["corr_nn"])
         assert 0 < (x["image"] - y["image"]).abs().mean() < 0.06  # lossy, close (q85 on 64 px synthetic textures: ~0.04)
     assert np.all(remote.read_shard(remote.locate(remote.window_ids()[0])[0], ["image_nbytes"])["image_nbytes"] > 0)
+
+
+def test_viz_draws_the_stored_views(tiny_train_cache, png_cache):
+    from cameo_corr.cache.viz import load_window_images
+
+    plain, stored = CorrCache(tiny_train_cache), CorrCache(png_cache)
+    wid = plain.window_ids()[0]
+    assert np.array_equal(load_window_images(stored, stored.row(wid)), load_window_images(plain, plain.row(wid)))
