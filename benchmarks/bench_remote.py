@@ -1,9 +1,10 @@
 """Training from object storage, and self-contained caches: samples/s and loader cost, side by side.
 
 1. **Remote shards** (``data.local_cache``): one epoch of :class:`~cameo_corr.train.data.CorrStreamDataset`
-   (one process, ``num_workers=0``) read three ways, alternately over ``--rounds`` rounds: from a
-   local cache directory (the baseline), from ``s3://`` through an empty local shard cache (cold: each
-   shard is downloaded once) and again through the filled one (warm). By default the S3 endpoint is
+   (one process, ``num_workers=0``; opening the stream, once per run, is timed apart) read three ways,
+   alternately over ``--rounds`` rounds in a rotating order: from a local cache directory (the
+   baseline), from ``s3://`` through an empty local shard cache (cold: each shard is downloaded once)
+   and again through the filled one (warm), and from ``s3://`` without a local cache (direct). By default the S3 endpoint is
    moto's server in a separate process on the loopback interface (``--endpoint-url`` names another
    one), so network latency and bandwidth are those of loopback, not of a real object store.
 2. **Stored views** (``--store-images``): the same windows preprocessed with ``none``, ``jpeg`` and
@@ -70,25 +71,29 @@ def start_moto() -> tuple[str, subprocess.Popen]:
 
 
 def upload(local: Path, endpoint: str, options: dict[str, Any]) -> str:
+    import boto3
     import s3fs
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
     bucket = f"bench-{os.getpid()}"
-    if not fs.exists(bucket):
-        fs.mkdir(bucket, region_name="us-east-1")
+    if not fs.exists(bucket):  # a bucket in us-east-1 (no location constraint), as moto expects
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=options["key"], aws_secret_access_key=options["secret"],
+                     region_name="us-east-1").create_bucket(Bucket=bucket)
     fs.put(str(local) + "/", f"{bucket}/cache", recursive=True)
     return f"s3://{bucket}/cache"
 
 
-def epoch(cache: str, args: argparse.Namespace, **kw: Any) -> tuple[float, float, int]:
-    """``(wall s, CPU s, samples)`` of one epoch of the stream (construction included)."""
+def epoch(cache: str, args: argparse.Namespace, **kw: Any) -> tuple[float, float, float, int]:
+    """``(open wall s, epoch wall s, epoch CPU s, samples)``: building the stream (manifest read once
+    per run), then one epoch of it (shards, images, targets)."""
     from cameo_corr.train.data import CorrStreamDataset
 
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0 = time.perf_counter()
     ds = CorrStreamDataset(cache, num_views=args.num_views, resolution=args.resolution, seed=0, order_scope="sample",
                            num_epochs=1, **kw)
+    t1, c1 = time.perf_counter(), time.process_time()
     n = sum(1 for _ in ds)
-    return time.perf_counter() - t0, time.process_time() - c0, n
+    return t1 - t0, time.perf_counter() - t1, time.process_time() - c1, n
 
 
 def remote_section(caches: dict[str, Path], base: Path, args: argparse.Namespace) -> None:
@@ -97,21 +102,26 @@ def remote_section(caches: dict[str, Path], base: Path, args: argparse.Namespace
     try:
         url = upload(caches["none"], endpoint, options)
         rates: dict[str, list[float]] = {"local": [], "s3 cold": [], "s3 warm": [], "s3 direct": []}
+        opens: dict[str, list[float]] = {k: [] for k in rates}
         for r in range(args.rounds):
             lc = base / f"lc-{r}"
             runs = {"local": (str(caches["none"]), {}),
                     "s3 cold": (url, {"storage_options": options, "local_cache": lc}),
                     "s3 warm": (url, {"storage_options": options, "local_cache": lc}),
                     "s3 direct": (url, {"storage_options": options})}
-            for name, (src, kw) in runs.items():
-                wall, _, n = epoch(src, args, **kw)
+            groups = [["local"], ["s3 cold", "s3 warm"], ["s3 direct"]]  # cold before warm; the groups rotate per round
+            for name in [n for g in groups[r % 3:] + groups[: r % 3] for n in g]:
+                src, kw = runs[name]
+                t_open, wall, _, n = epoch(src, args, **kw)
                 rates[name].append(n / wall)
+                opens[name].append(t_open)
             shutil.rmtree(lc)
         med = {k: float(np.median(v)) for k, v in rates.items()}
         print(f"\n1. samples/s over one epoch ({n} samples, median of {args.rounds} rounds; endpoint: "
               f"{'moto on loopback' if server else endpoint})")
         for name, v in med.items():
-            print(f"   {name:10s} {v:8.1f} samples/s   {v / med['local']:.2f}x local")
+            print(f"   {name:10s} {v:8.1f} samples/s (rounds {min(rates[name]):.1f}-{max(rates[name]):.1f})   "
+                  f"{v / med['local']:.2f}x local   opening the stream: {np.median(opens[name]):.2f} s, once per run")
         print(f"   targets: warm >= 0.9x local: {'met' if med['s3 warm'] >= 0.9 * med['local'] else 'NOT met'}; "
               f"cold >= 0.5x local: {'met' if med['s3 cold'] >= 0.5 * med['local'] else 'NOT met'}")
     finally:
@@ -135,7 +145,7 @@ def stored_section(caches: dict[str, Path], args: argparse.Namespace) -> None:
     rate: dict[str, list[float]] = {fmt: [] for fmt in caches}
     for _ in range(args.rounds):
         for fmt, path in caches.items():
-            wall, c, n = epoch(str(path), args)
+            _, wall, c, n = epoch(str(path), args)
             cpu[fmt].append(c / n)
             rate[fmt].append(n / wall)
     base = float(np.median(cpu["none"]))

@@ -167,3 +167,21 @@ def test_corrupt_shard_from_s3_still_raises_naming_the_window(tiny_train_cache, 
     shard = CorrCache(src).locate(bad[0])[0]
     assert [e.window for e in cache.corrupt_windows(shard)] == bad
     assert (tmp_path / "lc").exists() and shard_dir(shard).endswith(".zarr.zip")
+
+
+def test_dataloader_workers_share_the_local_cache(tiny_train_cache, remote, tmp_path):
+    from cameo_corr.train.data import CorrStreamDataset, StreamLoader
+
+    url, options = remote
+
+    def batches(source: str, **kw) -> list[dict]:
+        ds = CorrStreamDataset(source, num_views=3, resolution=32, seed=3, shuffle_buffer=3, batch_size=2, num_epochs=1, **kw)
+        return list(StreamLoader(ds, num_workers=2, multiprocessing_context="fork"))
+
+    local = batches(str(tiny_train_cache))
+    remote_batches = batches(url, storage_options=options, local_cache=tmp_path / "lc", local_cache_bytes=1 << 30)
+    assert [b["window_id"] for b in remote_batches] == [b["window_id"] for b in local]
+    for x, y in zip(local, remote_batches):
+        assert torch.equal(x["corr_nn"], y["corr_nn"]) and torch.equal(x["image"], y["image"])
+    copies = [p for p in (tmp_path / "lc").glob("*/*") if ".part-" not in p.name]
+    assert len(copies) == len(shard_rels(url, options))  # one copy per shard, whichever worker fetched it
