@@ -43,7 +43,7 @@ def _plain_json(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-COMPARED_FIELDS = ("schema_version", "grid", "extra_grids", "tau", "views", "crop", "dataset", "backend")
+COMPARED_FIELDS = ("schema_version", "grid", "extra_grids", "tau", "views", "crop", "dataset", "backend", "images")
 """``cache.json`` fields that must agree between a cache and a run writing into it (its identity)."""
 
 

@@ -44,7 +44,7 @@ from cameo_corr.cache.manifest import (
 from cameo_corr.cache.reader import CorrCache
 from cameo_corr.cache.select import WindowSelection
 from cameo_corr.cache.shard import shard_zip_bytes
-from cameo_corr.schemas import CACHE_ARRAYS, GRID_ARRAYS, SCHEMA_VERSION, DatasetError, SchemaError, shard_id_of
+from cameo_corr.schemas import CACHE_ARRAYS, GRID_ARRAYS, IMAGE_ARRAYS, SCHEMA_VERSION, DatasetError, SchemaError, shard_id_of
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import pyarrow as pa
@@ -110,6 +110,8 @@ def _stored_arrays(cache: "CorrCache", shard_id: str) -> dict[str, np.ndarray]:
         names = tuple(CACHE_ARRAYS) if tuple(g) == tuple(cache.config.grid) else tuple(GRID_ARRAYS)
         keys = cache.config.array_keys(tuple(g), names)
         out.update({keys[n]: v for n, v in cache.read_shard(shard_id, names, grid=tuple(g)).items()})
+    if cache.config.images is not None:  # the stored views of a self-contained cache
+        out.update(cache.read_shard(shard_id, tuple(IMAGE_ARRAYS)))
     return out
 
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import pyarrow as pa
     import zarr
 
+    from cameo_corr.cache.local_cache import LocalShardCache
     from cameo_corr.datasets.base import SceneReader
     from cameo_corr.datasets.canonical import CanonicalView
 
@@ -35,12 +36,22 @@ class CorrCache:
     written since). Bytes failing their checksum raise
     :class:`CorruptCacheError`. Reads schema versions 1 and 2. Instances pickle without their open
     shards or manifest, so they can be handed to DataLoader worker processes.
+
+    With ``local_cache`` (a :class:`~cameo_corr.cache.local_cache.LocalShardCache`) the shard files of
+    a remote cache are read from local copies (fetched once per node, kept in a byte budget) and
+    :meth:`prefetch` fetches shards ahead; a local cache, and version 1 caches, read shards directly.
     """
 
     max_open_shards = 64
 
-    def __init__(self, path: str | Path, storage_options: dict | None = None, *, config: CacheConfig | None = None) -> None:
+    def __init__(self, path: str | Path, storage_options: dict | None = None, *, config: CacheConfig | None = None,
+                 local_cache: LocalShardCache | None = None) -> None:
+        from fsspec.implementations.local import LocalFileSystem
+
         self.location = CacheLocation(path, storage_options)
+        remote = not isinstance(self.location.fs, LocalFileSystem)
+        self.local_cache = local_cache if remote else None
+        """Where shard files of this (remote) cache are read from; ``None``: read from the cache itself."""
         self.path = path
         self.storage_options = storage_options
         self.config: CacheConfig = read_config(self.location) if config is None else config
@@ -131,8 +142,16 @@ class CorrCache:
             raise KeyError(f"window {window_id!r} is not in the manifest of {self.location.display}")
         return index.shards[index.shard[i]], int(index.row[i])
 
+    def prefetch(self, shard_ids: Sequence[str]) -> None:
+        """Fetch these shards into the local shard cache in the background (no-op without one)."""
+        if self.local_cache is not None and self.version >= 2:
+            self.local_cache.prefetch(self.location, [shard_dir(s, self.version) for s in shard_ids])
+
     def _open_store(self, shard_id: str) -> Any:
         rel = shard_dir(shard_id, self.version)
+        if self.local_cache is not None and self.version >= 2:
+            handle = self.local_cache.open(self.location, rel)  # a missing shard raises DatasetError here
+            return shard_zip_store(self.location.url(rel), lambda: handle)
         if not self.location.exists(rel):
             raise DatasetError(self.location.url(rel), "shard listed in the manifest is missing")
         if self.version == 1:
@@ -278,16 +297,25 @@ class CorrCache:
             out = {k: _torch.from_numpy(v) for k, v in out.items()}
         return out
 
+    def dataset_root(self) -> str:
+        """The dataset root recorded in ``cache.json``; a :class:`DatasetError` (field ``dataset.root``)
+        when it is not a directory, saying where to give another one."""
+        root = str(self.config.dataset["root"])
+        if "://" not in root and not os.path.isdir(root):
+            hint = "" if self.config.images is not None else ("; or preprocess with --store-images jpeg (or png) so the "
+                                                                "cache holds its views and training needs no dataset root")
+            raise DatasetError(root, "the dataset root recorded in cache.json is not a directory (moved? the root is not "
+                               "part of the cache's identity: pass the new one, e.g. data.dataset_root=<dir> to train, "
+                               f"--root to preprocess){hint}", field="dataset.root")
+        return root
+
     def reader(self) -> "SceneReader":
         """The dataset reader the cache was built from (``open_dataset(**config.dataset)``)."""
         from cameo_corr.datasets.base import open_dataset
 
         options = dict(self.config.dataset)
-        root = options.pop("root")
-        if "://" not in str(root) and not os.path.isdir(root):
-            raise DatasetError(str(root), "the dataset root recorded in cache.json is not a directory (moved? the root is not "
-                               "part of the cache's identity: pass the new one, e.g. data.dataset_root=<dir> to train, "
-                               "--root to preprocess)", field="dataset.root")
+        root = self.dataset_root()
+        options.pop("root")
         return open_dataset(options.pop("name"), root, **options)
 
     def view(self) -> "CanonicalView":

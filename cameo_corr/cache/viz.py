@@ -3,7 +3,7 @@
 Two labelled views with a few numbered, well-spread cycle-consistent matches, the query view's tokens
 by status and the matched share of valid query tokens for every view pair. Images come from the
 dataset through ``CorrCache.reader()`` and ``CorrCache.view()``, i.e. the same canonical crop the cache
-was computed on.
+was computed on, or from the cache's stored views when it has them (``preprocess --store-images``).
 """
 
 from __future__ import annotations
@@ -21,10 +21,18 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 
 def load_window_images(cache: "CorrCache", row: Mapping[str, Any]) -> np.ndarray:
-    """``[S, size, size, 3]`` uint8 canonical views of the cached window of manifest ``row``, read from
-    its dataset."""
+    """``[S, size, size, 3]`` uint8 canonical views of the cached window of manifest ``row``: the stored
+    views of a self-contained cache (``--store-images``), else read from its dataset."""
     from cameo_corr.datasets.canonical import load_window
 
+    if cache.config.images is not None:
+        from cameo_corr.datasets.image_io import decode_view
+
+        shard, r = cache.locate(row["window_id"])
+        stored = cache.read_row(shard, r, row["window_id"], names=("images", "image_nbytes"))
+        size = int(cache.view().size)
+        return np.stack([decode_view(data, int(n), size, where=f"{cache.location.display}: window {row['window_id']}")
+                         for data, n in zip(stored["images"], stored["image_nbytes"])])
     reader = cache.reader()
     frames = {f.frame_id: f for f in reader.scene(row["scene_id"]).frames}
     record = WindowRecord.from_frames(row["window_id"], row["dataset"], row["split"], row["scene_id"], row["frame_ids"], frames,

@@ -30,7 +30,14 @@ from cameo_corr.cache.manifest import (
     read_manifest_file,
 )
 from cameo_corr.cache.shard import shard_window_meta, shard_zip_bytes, window_fractions
-from cameo_corr.schemas import CacheConfig, SchemaError, WindowRecord, manifest_schema, validate_window_arrays
+from cameo_corr.schemas import (
+    CacheConfig,
+    SchemaError,
+    WindowRecord,
+    manifest_schema,
+    validate_image_arrays,
+    validate_window_arrays,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import pyarrow as pa
@@ -184,10 +191,21 @@ class CacheWriter:
                 if missing:
                     raise SchemaError(missing[0], "missing", where=where)
                 validate_window_arrays({n: o.arrays[k] for n, k in keys.items()}, cfg.views, grid, where=where)  # type: ignore[index]
-        data = {key: np.stack([o.arrays[key] for o in ok]) for key in cfg.stored_keys()}  # type: ignore[index]
+            if cfg.images is not None:
+                validate_image_arrays(o.arrays, cfg.views, where=f"window {o.record.window_id}")  # type: ignore[arg-type]
+        data = {key: _stack(key, [o.arrays[key] for o in ok]) for key in cfg.stored_keys()}  # type: ignore[index]
         blob = shard_zip_bytes(shard_id, shard_window_meta([o.record for o in ok]), data, self.config)
         self.location.write_bytes_atomic(shard_dir(shard_id), blob)
         return len(blob)
+
+
+def _stack(key: str, values: Sequence[np.ndarray]) -> np.ndarray:
+    """The ``[W, ...]`` array of ``key`` of a shard's windows; the encoded views (``images``, whose last
+    axis is each window's longest view) are zero padded to the shard's longest."""
+    longest = max(v.shape[-1] for v in values)
+    if key == "images" and any(v.shape[-1] != longest for v in values):
+        values = [np.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, longest - v.shape[-1])]) for v in values]
+    return np.stack(values)
 
 
 __all__ = ["WindowOutcome", "CacheWriter"]

@@ -89,4 +89,46 @@ def downscaled_size(source: Path, full_hw: tuple[int, int], factor: int, *, path
     return hw
 
 
-__all__ = ["PNG16_MODES", "read_image", "read_image_size", "read_png16", "resize_nearest", "downscaled_size"]
+def encode_views(images: np.ndarray, fmt: str, quality: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """RGB uint8 views ``[S, H, W, 3]`` as image files: ``(bytes [S, L] uint8, zero padded to the longest,
+    lengths [S] int32)``; ``fmt`` is ``jpeg`` (at ``quality``, Pillow's default 4:2:0 chroma subsampling)
+    or ``png`` (lossless)."""
+    import io
+
+    files = []
+    for view in np.asarray(images):
+        buffer = io.BytesIO()
+        im = Image.fromarray(np.ascontiguousarray(view))
+        if fmt == "jpeg":
+            im.save(buffer, format="JPEG", quality=int(quality if quality is not None else 90))
+        elif fmt == "png":
+            im.save(buffer, format="PNG", compress_level=6)
+        else:
+            raise ValueError(f"unknown image format {fmt!r}; expected jpeg or png")
+        files.append(buffer.getvalue())
+    lengths = np.array([len(f) for f in files], dtype=np.int32)
+    out = np.zeros((len(files), int(lengths.max(initial=0))), dtype=np.uint8)
+    for i, f in enumerate(files):
+        out[i, : len(f)] = np.frombuffer(f, dtype=np.uint8)
+    return out, lengths
+
+
+def decode_view(data: np.ndarray, nbytes: int, size: int, *, where: str) -> np.ndarray:
+    """One stored view (the first ``nbytes`` of ``data``) as RGB uint8 ``[size, size, 3]``, resized from
+    the stored side with Pillow's antialiased bilinear filter (a JPEG is decoded at a reduced DCT scale
+    first when ``size`` is at most half its side). Errors are :class:`DatasetError` naming ``where``."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(np.asarray(data[:nbytes]).tobytes())) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (size, size))
+            rgb = im.convert("RGB")
+            if rgb.size != (size, size):
+                rgb = rgb.resize((size, size), resample=Image.Resampling.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DatasetError(where, f"cannot decode the stored view: {e}", field="images") from e
+
+
+__all__ = ["encode_views", "decode_view", "PNG16_MODES", "read_image", "read_image_size", "read_png16", "resize_nearest", "downscaled_size"]

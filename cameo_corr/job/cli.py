@@ -45,6 +45,10 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop-policy", choices=("center", "principal_point", "mask_bbox"), default=None,
                         help="canonical crop (default: the reader's; CO3D with masks: pass mask_bbox)")
     parser.add_argument("--crop-size", type=int, default=CANONICAL_SIZE, help="canonical view side in pixels (default: 512)")
+    parser.add_argument("--store-images", choices=("none", "jpeg", "png"), default="none",
+                        help="also store each window's canonical views in its shard, so training needs no dataset root "
+                             "(default: none)")
+    parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of --store-images jpeg (default: 90)")
     add_backend_arguments(parser)
     parser.add_argument("--match-backend", default="auto", choices=("auto", "torch", "faiss", "kdtree"), help="exact NN method (default: auto)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per backend call (VGGT batching; default: 1)")

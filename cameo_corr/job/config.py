@@ -17,7 +17,7 @@ from cameo_corr.cache.lease import DEFAULT_LEASE_TIMEOUT
 from cameo_corr.cli.args import SAMPLING_FLAGS
 from cameo_corr.cli.errors import UsageError
 from cameo_corr.datasets.planner import DEFAULT_SHARD_SIZE
-from cameo_corr.schemas import CANONICAL_SIZE, DEFAULT_GRID, DEFAULT_TAU, SchemaError, as_grid, check_grids, grid_name
+from cameo_corr.schemas import CANONICAL_SIZE, DEFAULT_GRID, DEFAULT_TAU, IMAGE_FORMATS, SchemaError, as_grid, check_grids, grid_name
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.datasets.base import SceneReader
@@ -55,7 +55,8 @@ class JobConfig:
     actors with ``gpus_per_worker``/``cpus_per_worker``, ``batch_size`` windows per backend call,
     ``num_cpus`` of a local Ray instance, ``shard_size`` windows per commit, ``max_retries`` (-1:
     unlimited). **The cache**: ``out`` (directory or fsspec URL) with ``storage_options``;
-    ``retry_failed`` redoes failed windows, ``repair`` recomputes corrupt shards, ``force`` takes over
+    ``store_images`` (``none``, ``jpeg`` at ``jpeg_quality``, or ``png``: each window's canonical views
+    stored in its shard, so a trainer needs no dataset root), ``retry_failed`` redoes failed windows, ``repair`` recomputes corrupt shards, ``force`` takes over
     another job's lease, ``lease_timeout``, ``consolidate_every`` shards / ``consolidate_seconds``
     (manifest consolidation while the job runs). **Behaviour**: ``fail_fast``, ``progress``,
     ``command`` (recorded in ``cache.json``). ``lease_timeout``, ``consolidate_every`` and
@@ -92,6 +93,8 @@ class JobConfig:
     shard_size: int = DEFAULT_SHARD_SIZE
     max_retries: int = 3
     storage_options: Mapping[str, Any] = field(default_factory=dict)
+    store_images: str = "none"
+    jpeg_quality: int = 90
     retry_failed: bool = False
     repair: bool = False
     force: bool = False
@@ -146,6 +149,8 @@ class JobConfig:
             (self.consolidate_seconds > 0, f"--consolidate-seconds must be > 0, got {self.consolidate_seconds}"),
             (math.isfinite(self.tau) and self.tau >= 0, f"--tau must be a finite number >= 0 (tokens), got {self.tau}"),
             (self.max_windows is None or self.max_windows >= 1, f"--max-windows must be >= 1, got {self.max_windows}"),
+            (self.store_images in ("none", *IMAGE_FORMATS), f"--store-images must be none, jpeg or png, got {self.store_images!r}"),
+            (1 <= self.jpeg_quality <= 100, f"--jpeg-quality must be in [1, 100], got {self.jpeg_quality}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -206,6 +211,12 @@ class JobConfig:
         options, matcher, grids and ``tau`` (plain JSON values, shipped to the workers)."""
         return {"backend": self.backend, "backend_options": dict(self.backend_options), "match_backend": self.match_backend,
                 "grid": list(self.grid), "extra_grids": [list(g) for g in self.extra_grids], "tau": self.tau}
+
+    def images(self) -> dict[str, Any] | None:
+        """The ``images`` entry of ``cache.json`` (``None``: views are not stored)."""
+        if self.store_images == "none":
+            return None
+        return {"format": "jpeg", "quality": int(self.jpeg_quality)} if self.store_images == "jpeg" else {"format": "png"}
 
     def storage(self) -> dict[str, Any] | None:
         """``storage_options`` for :class:`~cameo_corr.cache.location.CacheLocation` (``None`` when empty)."""

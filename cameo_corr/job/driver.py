@@ -187,7 +187,8 @@ def check_out(config: JobConfig) -> CacheLocation:
 def provisional_config(config: JobConfig, reader: "SceneReader", view: "CanonicalView") -> CacheConfig:
     """The run's ``cache.json`` before the backend described itself (its backend entry is the name only)."""
     provisional = CacheConfig(grid=config.grid, tau=config.tau, views=config.views, backend={"name": config.backend},
-                              crop=view.to_dict(), dataset=reader.describe(), extra_grids=config.extra_grids)
+                              crop=view.to_dict(), dataset=reader.describe(), extra_grids=config.extra_grids,
+                              images=config.images())
     provisional.validate()
     return provisional
 
@@ -336,7 +337,7 @@ def make_cache_config(config: JobConfig, reader: "SceneReader", view: "Canonical
 
     cache_config = CacheConfig(
         grid=config.grid, extra_grids=config.extra_grids, tau=config.tau, views=config.views, backend=described["backend"],
-        crop=view.to_dict(), dataset=reader.describe(),
+        crop=view.to_dict(), dataset=reader.describe(), images=config.images(),
         created_by={
             "package": "cameo-corr",
             "version": cameo_corr.__version__,

@@ -88,33 +88,49 @@ def window_record(dataset_json: str, row: Mapping[str, Any]) -> WindowRecord:
                                     _scene_frames(dataset_json, row["scene_id"]), root=str(_reader(dataset_json).root))
 
 
-def load_batch(batch: "pa.Table", *, dataset_json: str, crop: Mapping[str, Any], with_depth: bool) -> "pa.Table":
+def stored_views(data: Any, images: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`~cameo_corr.schemas.IMAGE_ARRAYS` of a loaded window (``cache.json``'s ``images``:
+    format and quality): its canonical views encoded, and the dataset's cameras of those views."""
+    import numpy as np
+
+    from cameo_corr.datasets.image_io import encode_views
+
+    encoded, nbytes = encode_views(data.images, images["format"], images.get("quality"))
+    return {"images": encoded, "image_nbytes": nbytes, "image_intrinsics": np.asarray(data.intrinsics, dtype=np.float64),
+            "image_extrinsics": np.asarray(data.extrinsics, dtype=np.float64)}
+
+
+def load_batch(batch: "pa.Table", *, dataset_json: str, crop: Mapping[str, Any], with_depth: bool,
+               images: Mapping[str, Any] | None = None) -> "pa.Table":
     """Load stage body: read + decode + crop each window; data errors become the row's ``error``.
 
     Output columns: ``window_id``, ``record`` (pickled :class:`WindowRecord`), ``data`` (pickled
-    :class:`~cameo_corr.schemas.WindowData`, null when failed), ``error``, ``read_seconds``.
+    :class:`~cameo_corr.schemas.WindowData`, null when failed), ``views`` (pickled :func:`stored_views`
+    when ``images`` is given, else null), ``error``, ``read_seconds``.
     """
     import pyarrow as pa
 
     from cameo_corr.datasets.canonical import CanonicalView, load_window
 
     view = CanonicalView.from_dict(crop)
-    out: dict[str, list[Any]] = {"window_id": [], "record": [], "data": [], "error": [], "read_seconds": []}
+    out: dict[str, list[Any]] = {"window_id": [], "record": [], "data": [], "views": [], "error": [], "read_seconds": []}
     for row in batch.to_pylist():
         t0 = time.perf_counter()
         record = WindowRecord(row["window_id"], row["dataset"], row["split"], row["scene_id"], ())
-        data, error = None, row["error"]
+        data, views, error = None, None, row["error"]
         if error is None:
             try:
                 record = window_record(dataset_json, row)
-                data = pickle.dumps(load_window(_reader(dataset_json), record, view, with_depth=with_depth), protocol=5)
+                window = load_window(_reader(dataset_json), record, view, with_depth=with_depth)
+                data = pickle.dumps(window, protocol=5)
+                views = None if images is None else pickle.dumps(stored_views(window, images), protocol=5)
             except DATA_ERRORS as e:
                 error = _error_text(e)
         for name, value in (("window_id", row["window_id"]), ("record", pickle.dumps(record, protocol=5)), ("data", data),
-                            ("error", error), ("read_seconds", time.perf_counter() - t0)):
+                            ("views", views), ("error", error), ("read_seconds", time.perf_counter() - t0)):
             out[name].append(value)
     return pa.table(out, schema=pa.schema([("window_id", pa.string()), ("record", pa.large_binary()), ("data", pa.large_binary()),
-                                           ("error", pa.string()), ("read_seconds", pa.float64())]))
+                                           ("views", pa.large_binary()), ("error", pa.string()), ("read_seconds", pa.float64())]))
 
 
 
@@ -166,7 +182,8 @@ class GeometryStage:
     def __call__(self, batch: "pa.Table") -> "pa.Table":
         """Pointmaps + correspondences of the loaded windows of ``batch`` (drops the ``data`` column).
 
-        Adds ``arrays`` (pickled cache arrays, null when failed), ``backend_seconds``,
+        Adds ``arrays`` (pickled cache arrays with the loaded window's stored ``views`` if any, null when
+        failed), ``backend_seconds``,
         ``match_seconds`` and ``ready_time`` (when this actor finished loading its model, UNIX time).
         """
         import pyarrow as pa
@@ -188,7 +205,8 @@ class GeometryStage:
             if isinstance(outcome, str):
                 errors[k] = outcome
             else:
-                arrays[k] = pickle.dumps(outcome, protocol=5)
+                views = rows[k].get("views")
+                arrays[k] = pickle.dumps({**outcome, **(pickle.loads(views) if views is not None else {})}, protocol=5)
         if self.progress is not None:  # windows done as they finish, before their shard is committed
             self.progress.finished.remote([r["window_id"] for r, e in zip(rows, errors) if e is None],
                                           [r["window_id"] for r, e in zip(rows, errors) if e is not None])
@@ -372,7 +390,7 @@ def build_pipeline(todo: "pa.Table", config: "JobConfig", reader: "SceneReader",
         ds = ds.map_batches(
             load_batch, batch_format="pyarrow", batch_size=config.batch_size, num_cpus=1, **task_retries,
             fn_kwargs={"dataset_json": json.dumps(reader.describe(), sort_keys=True, default=str), "crop": view.to_dict(),
-                       "with_depth": needs_depth},
+                       "with_depth": needs_depth, "images": json.loads(cache_config_json).get("images")},
         )
         ds = ds.map_batches(
             GeometryStage, batch_format="pyarrow", batch_size=config.batch_size, compute=ActorPoolStrategy(size=config.workers),
@@ -401,6 +419,7 @@ __all__ = [
     "STAGES",
     "source",
     "window_record",
+    "stored_views",
     "load_batch",
     "check_pointmaps",
     "describe_backend",

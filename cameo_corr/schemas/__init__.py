@@ -20,12 +20,15 @@ Every name is importable from ``cameo_corr.schemas`` itself.
 from cameo_corr.schemas.cache import (
     CACHE_ARRAYS,
     GRID_ARRAYS,
+    IMAGE_ARRAYS,
+    IMAGE_FORMATS,
     READABLE_SCHEMA_VERSIONS,
     SCHEMA_VERSION,
     VALUES_VERSION,
     ArraySpec,
     CacheConfig,
     array_key,
+    validate_image_arrays,
     validate_window_arrays,
 )
 from cameo_corr.schemas.cameras import (
@@ -111,7 +114,10 @@ __all__ = [
     "ArraySpec",
     "CACHE_ARRAYS",
     "GRID_ARRAYS",
+    "IMAGE_ARRAYS",
+    "IMAGE_FORMATS",
     "array_key",
+    "validate_image_arrays",
     "validate_window_arrays",
     "MANIFEST_COLUMNS",
     "WINDOW_STATUSES",

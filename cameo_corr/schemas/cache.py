@@ -24,7 +24,8 @@ fragments consolidated into sorted Parquet files, shard byte counts recorded in 
 
 Several grids per cache (``CacheConfig.extra_grids``) are an addition to version 2, not a new
 version: a single-grid cache is byte-for-byte what it was, and code older than the addition refuses
-a multi-grid ``cache.json`` (unknown field ``extra_grids``) instead of misreading it.
+a multi-grid ``cache.json`` (unknown field ``extra_grids``) instead of misreading it. Stored views
+(``CacheConfig.images``, :data:`IMAGE_ARRAYS`) are an addition of the same kind.
 """
 READABLE_SCHEMA_VERSIONS = (1, 2)
 """Cache layouts this code reads (version 1 caches convert with ``cameo-corr cache migrate``)."""
@@ -69,6 +70,20 @@ CACHE_ARRAYS: dict[str, ArraySpec] = {
     )
 }
 """Arrays of one shard group (``<cache>/shards/<shard_id>.zarr.zip``; ``.zarr`` directory in version 1)."""
+IMAGE_ARRAYS: dict[str, ArraySpec] = {
+    spec.name: spec
+    for spec in (
+        ArraySpec("images", np.dtype(np.uint8), ("W", "S", "L"), "encoded canonical view (JPEG or PNG file bytes), zero padded"),
+        ArraySpec("image_nbytes", np.dtype(np.int32), ("W", "S"), "length of each encoded view in 'images'"),
+        ArraySpec("image_intrinsics", np.dtype(np.float64), ("W", "S", 3, 3), "dataset intrinsics, canonical-view pixels"),
+        ArraySpec("image_extrinsics", np.dtype(np.float64), ("W", "S", 4, 4), "dataset world-to-camera, OpenCV"),
+    )
+}
+"""The stored views of a self-contained cache (``CacheConfig.images`` set; ``preprocess --store-images``):
+each window's canonical views as image files with the dataset's cameras, so a trainer needs no dataset
+root. ``L`` is the longest encoded view of the shard (fixed-size uint8 rows: plain zarr v3 arrays)."""
+IMAGE_FORMATS = ("jpeg", "png")
+"""Encodings of stored views (``CacheConfig.images["format"]``)."""
 GRID_ARRAYS: tuple[str, ...] = ("points", "valid", "conf", "nn", "dist", "mask")
 """The arrays that depend on the token grid: stored once per grid of a multi-grid cache. The others
 (the cameras) are stored once per window."""
@@ -80,11 +95,30 @@ def array_key(name: str, grid: tuple[int, int], primary: tuple[int, int]) -> str
     The primary grid's arrays and the cameras keep their plain names (a single-grid shard is exactly
     that); the arrays of an extra grid live in the subgroup ``g<h>x<w>/`` (``g16x16/nn``).
     """
+    if name in IMAGE_ARRAYS:
+        return name
     if name not in CACHE_ARRAYS:
-        raise SchemaError(name, f"not a cache array; expected one of {list(CACHE_ARRAYS)}")
+        raise SchemaError(name, f"not a cache array; expected one of {list(CACHE_ARRAYS) + list(IMAGE_ARRAYS)}")
     if name not in GRID_ARRAYS or tuple(grid) == tuple(primary):
         return name
     return f"g{grid_name(grid)}/{name}"
+
+
+def validate_image_arrays(arrays: Mapping[str, np.ndarray], views: int, *, where: str) -> None:
+    """Check one window's stored views (:data:`IMAGE_ARRAYS` without the ``W`` axis): dtypes, shapes,
+    and lengths that fit the encoded rows."""
+    for name, spec in IMAGE_ARRAYS.items():
+        if name not in arrays:
+            raise SchemaError(name, "missing (the cache stores views: CacheConfig.images)", where=where)
+        arr = np.asarray(arrays[name])
+        if arr.dtype != spec.dtype:
+            raise SchemaError(name, f"expected dtype {spec.dtype}, got {arr.dtype}", where=where)
+        expected = tuple(views if d == "S" else d for d in spec.dims[1:])  # "L": any length
+        if len(arr.shape) != len(expected) or any(d != "L" and n != d for n, d in zip(arr.shape, expected)):
+            raise SchemaError(name, f"expected shape {expected}, got {arr.shape}", where=where)
+    nbytes = np.asarray(arrays["image_nbytes"])
+    if np.any(nbytes <= 0) or np.any(nbytes > np.asarray(arrays["images"]).shape[-1]):
+        raise SchemaError("image_nbytes", f"lengths {nbytes.tolist()} do not fit the encoded rows", where=where)
 
 
 def validate_window_arrays(arrays: Mapping[str, np.ndarray], views: int, grid: tuple[int, int], *, where: str) -> None:
@@ -134,6 +168,10 @@ class CacheConfig:
     """Grids stored next to ``grid`` from the same pointmaps (``--grid 16,32,64``: ``grid`` is 16x16 and
     these are 32x32 and 64x64). Absent from ``cache.json`` when empty, so a single-grid cache.json is
     unchanged and code without multi-grid support refuses a multi-grid one (unknown field)."""
+    images: dict[str, Any] | None = None
+    """Stored views (``preprocess --store-images``): ``{"format": "jpeg", "quality": 90}`` or
+    ``{"format": "png"}``; each shard then holds :data:`IMAGE_ARRAYS`. Absent from ``cache.json`` when
+    ``None`` (the default), so such a cache.json is unchanged and older code refuses a cache with views."""
 
     @property
     def grids(self) -> tuple[tuple[int, int], ...]:
@@ -163,6 +201,8 @@ class CacheConfig:
         keys = list(CACHE_ARRAYS)
         for g in self.extra_grids:
             keys += [array_key(n, tuple(g), tuple(self.grid)) for n in GRID_ARRAYS]  # type: ignore[arg-type]
+        if self.images is not None:
+            keys += list(IMAGE_ARRAYS)
         return keys
 
     def window_nbytes(self) -> int:
@@ -216,6 +256,7 @@ class CacheConfig:
         if self.extra_grids and self.schema_version < 2:
             raise SchemaError("extra_grids", "needs schema version 2 (version 1 caches hold one grid)", where=where)
         check_grids(self.grids, where=where)
+        _validate_images(self.images, where)
         if not (math.isfinite(self.tau) and self.tau >= 0):
             raise SchemaError("tau", f"must be a finite non-negative number, got {self.tau}", where=where)
         if self.views < 2:
@@ -234,6 +275,8 @@ class CacheConfig:
             d["extra_grids"] = [list(g) for g in self.extra_grids]
         else:
             del d["extra_grids"]
+        if self.images is None:
+            del d["images"]
         return json.dumps(d, indent=2, sort_keys=True)
 
     @classmethod
@@ -261,6 +304,22 @@ class CacheConfig:
         return cfg
 
 
+def _validate_images(images: Any, where: str) -> None:
+    """Check ``cache.json``'s ``images``: ``None``, ``{"format": "png"}`` or ``{"format": "jpeg", "quality": 1..100}``."""
+    if images is None:
+        return
+    if not isinstance(images, Mapping) or images.get("format") not in IMAGE_FORMATS:
+        raise SchemaError("images", f"expected {{'format': one of {IMAGE_FORMATS}, ...}}, got {images!r}", where=where)
+    allowed = {"format", "quality"} if images["format"] == "jpeg" else {"format"}
+    unknown = sorted(set(images) - allowed)
+    if unknown:
+        raise SchemaError(f"images.{unknown[0]}", "unknown field", where=where)
+    if images["format"] == "jpeg":
+        q = images.get("quality")
+        if not _is_int(q) or not 1 <= q <= 100:
+            raise SchemaError("images.quality", f"JPEG quality must be an integer in [1, 100], got {q!r}", where=where)
+
+
 __all__ = [
     "SCHEMA_VERSION",
     "READABLE_SCHEMA_VERSIONS",
@@ -268,7 +327,10 @@ __all__ = [
     "ArraySpec",
     "CACHE_ARRAYS",
     "GRID_ARRAYS",
+    "IMAGE_ARRAYS",
+    "IMAGE_FORMATS",
     "array_key",
+    "validate_image_arrays",
     "validate_window_arrays",
     "CacheConfig",
 ]

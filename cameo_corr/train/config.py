@@ -126,6 +126,14 @@ class DataConfig:
     """Relative depth tolerance of the visibility mask."""
     on_corrupt: str = "raise"
     """A window whose cached bytes fail their checksum: ``raise`` (stop naming it) or ``skip`` (count it)."""
+    local_cache: str | None = None
+    """Local directory holding copies of a remote cache's shard files (``s3://``, ``gs://``...), shared by
+    the workers and ranks of a node (:class:`cameo_corr.cache.local_cache.LocalShardCache`); ``None``:
+    read shards from the store. Ignored for local caches."""
+    local_cache_bytes: int = 50 * 2**30
+    """Byte budget of ``local_cache`` (least recently used shards are evicted)."""
+    local_cache_prefetch: int = 2
+    """Shards fetched ahead into ``local_cache``, in the epoch's order (0: none)."""
 
 
 @dataclass
@@ -479,6 +487,7 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
         check_policy(cfg.eval.mask_policy, "eval.mask_policy", where)
     if d.multiprocessing_context not in (None, "fork", "spawn", "forkserver"):
         raise SchemaError("data.multiprocessing_context", f"expected fork, spawn or forkserver, got {d.multiprocessing_context!r}", where=where)
+    _validate_local_cache(d, where)
     if r.mixed_precision not in ("no", "fp16", "bf16"):
         raise SchemaError("train.mixed_precision", f"expected no, fp16 or bf16, got {r.mixed_precision!r}", where=where)
     if cfg.loss.mode not in ("official", "paper"):
@@ -512,6 +521,16 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
         raise SchemaError("train.keep_checkpoints", f"must be >= 1 or null (keep all), got {r.keep_checkpoints}", where=where)
     if r.checkpoint_every < 0:
         raise SchemaError("train.checkpoint_every", f"must be >= 0, got {r.checkpoint_every}", where=where)
+
+
+def _validate_local_cache(d: DataConfig, where: str) -> None:
+    """Checks of ``data.local_cache*`` (a local directory, a positive budget, a prefetch depth >= 0)."""
+    if d.local_cache is not None and "://" in d.local_cache:
+        raise SchemaError("data.local_cache", f"must be a local directory, got the URL {d.local_cache!r}", where=where)
+    if isinstance(d.local_cache_bytes, bool) or d.local_cache_bytes <= 0:
+        raise SchemaError("data.local_cache_bytes", f"must be a positive number of bytes, got {d.local_cache_bytes!r}", where=where)
+    if d.local_cache_prefetch < 0:
+        raise SchemaError("data.local_cache_prefetch", f"must be >= 0, got {d.local_cache_prefetch}", where=where)
 
 
 def data_sources(d: DataConfig, where: str = "config") -> "list[CacheSource] | None":

@@ -38,7 +38,10 @@ with ``position`` counted in samples of this rank;
 
 Images are loaded from the dataset root through the cache's reader with the cache's canonical view
 (same crop box as the pipeline) resized directly to the training resolution, so the cached token grid
-lines up with the pixels. The ``F x F`` block of ``nn``/``mask``/``dist`` is gathered and frames are
+lines up with the pixels. A self-contained cache (``preprocess --store-images``) holds each window's
+canonical views and their dataset cameras: they are decoded from the shard (read with the shard's
+other arrays) and resized to the training resolution, and no dataset root is needed; a ``dataset_root``
+given explicitly still reads the images from there. The ``F x F`` block of ``nn``/``mask``/``dist`` is gathered and frames are
 reordered ``[references, targets]``; the same permutation is applied to every per-view axis and both
 view axes of the per-pair tensors (``nn`` values stay token indices of the key view).
 
@@ -79,12 +82,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from cameo_corr.pipeline.masks import DEFAULT_VISIBILITY_TOL, check_policy, check_tau, check_visibility_tol, mask_inputs, recompute_mask
-from cameo_corr.schemas import CameoCorrError, DatasetError, SchemaError, WindowRecord
+from cameo_corr.schemas import IMAGE_ARRAYS, CameoCorrError, DatasetError, SchemaError, WindowRecord
 from cameo_corr.train.config import ORDER_POLICIES, ORDER_SCOPES
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.datasets.base import SceneReader
     from cameo_corr.datasets.canonical import CanonicalView
+    from cameo_corr.cache.local_cache import LocalShardCache
     from cameo_corr.cache.reader import CorrCache
     from cameo_corr.train.mixture import CacheSource
 
@@ -245,6 +249,20 @@ def _source_windows(cache: "CorrCache", selection: Any, num_views: int) -> tuple
     return shard, row, views, sorted(names)
 
 
+def stored_window(arrays: dict[str, np.ndarray], views: np.ndarray, size: int, resolution: int, *, where: str
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(images uint8 [F, R, R, 3], intrinsics [F, 3, 3], extrinsics [F, 4, 4])`` of views ``views`` of a
+    window's stored views (its :data:`~cameo_corr.schemas.IMAGE_ARRAYS` row; canonical side ``size``)
+    at the training resolution ``R``: decoded and resized, intrinsics scaled by ``R / size`` (exact for
+    the canonical view's pixel-centre convention)."""
+    from cameo_corr.datasets.image_io import decode_view
+
+    images = np.stack([decode_view(arrays["images"][i], int(arrays["image_nbytes"][i]), resolution, where=where) for i in views])
+    scale = np.diag([resolution / size, resolution / size, 1.0])
+    intrinsics = scale @ np.asarray(arrays["image_intrinsics"][views], dtype=np.float64)
+    return images, intrinsics, np.asarray(arrays["image_extrinsics"][views])
+
+
 class _ShardVisit:
     """One shard as a worker reads it: the arrays ``names`` of all its windows (the correspondence
     arrays, plus the inputs of a mask recomputed at load time), decoded once, and the windows' metadata
@@ -298,12 +316,17 @@ class _ProcessState:
         from cameo_corr.cache.reader import CorrCache
 
         self.pid = os.getpid()
+        self.local_cache = owner.make_local_cache()
+        """This process's handle on the node's shard cache (``None``: shards are read from the caches)."""
         self.caches: list[CorrCache] = []
-        self.readers: list[SceneReader] = []
+        self.readers: list[SceneReader | None] = []
+        """The dataset reader of each cache (``None`` for a cache whose stored views are used)."""
         self.views: list[CanonicalView] = []
-        for source in owner.sources:
-            cache = CorrCache(source.path, storage_options=owner.storage_options)
-            if source.dataset_root is None:
+        for source, stored in zip(owner.sources, owner.stored_views):
+            cache = CorrCache(source.path, storage_options=owner.storage_options, local_cache=self.local_cache)
+            if stored:
+                reader = None
+            elif source.dataset_root is None:
                 reader = cache.reader()
             else:
                 ds = dict(cache.config.dataset)
@@ -323,12 +346,33 @@ class _ProcessState:
         if owner.mask_options:
             self.read_names = tuple(dict.fromkeys(_CORR_KEYS + mask_inputs(owner.mask_options["policy"])))
         self.shard_reads = 0
+        self.upcoming: tuple[int, dict[int, int], np.ndarray] | None = None
+        """``(epoch, {shard index: position}, shard indices)``: the order in which this rank's stream
+        first reaches each shard in an epoch (for prefetching the next ones)."""
+
+    def prefetch_after(self, owner: CorrStreamDataset, epoch: int, shard: int) -> None:
+        """Ask the local shard cache for the ``owner.local_cache_prefetch`` shards the stream reaches after
+        shard index ``shard`` in ``epoch``."""
+        if self.local_cache is None or owner.local_cache_prefetch <= 0:
+            return
+        if self.upcoming is None or self.upcoming[0] != epoch:
+            shards = owner.window_shard[owner.rank_order(epoch)[:, 0]]
+            _, first = np.unique(shards, return_index=True)
+            seq = shards[np.sort(first)]
+            self.upcoming = (epoch, {int(k): i for i, k in enumerate(seq.tolist())}, seq)
+        _, position, seq = self.upcoming
+        i = position.get(shard)
+        if i is None:
+            return
+        for k in seq[i + 1 : i + 1 + owner.local_cache_prefetch].tolist():
+            self.caches[int(owner.shard_source[k])].prefetch([owner.shard_ids[k]])
 
     def shard(self, shard_id: str, source: int = 0) -> _ShardVisit:
         """The decoded shard of cache ``source`` (read once per visit; the few most recent shards are kept)."""
         key = (source, shard_id)
         if key not in self.shards:
-            self.shards[key] = _ShardVisit(self.caches[source], shard_id, self.grid, self.read_names)
+            names = self.read_names + (tuple(IMAGE_ARRAYS) if self.readers[source] is None else ())
+            self.shards[key] = _ShardVisit(self.caches[source], shard_id, self.grid, names)
             self.shard_reads += 1
             while len(self.shards) > self.max_visits:
                 self.shards.popitem(last=False)
@@ -389,6 +433,10 @@ class CorrStreamDataset(IterableDataset):
             :data:`SKIPPED_KEY` (a batch of only skipped windows is ``{SKIPPED_KEY: n}``).
         grid: the token grid to read from a cache storing several (``None``: its primary grid); a grid
             the cache lacks is a :class:`~cameo_corr.schemas.SchemaError` listing the stored grids.
+        local_cache, local_cache_bytes, local_cache_prefetch: a local directory keeping copies of the
+            shard files of remote caches within a byte budget, shared by the processes of a node, and
+            how many of the next shards of the epoch order to fetch ahead
+            (:class:`~cameo_corr.cache.local_cache.LocalShardCache`; ``None``: read shards from the store).
     """
 
     def __init__(
@@ -421,6 +469,9 @@ class CorrStreamDataset(IterableDataset):
         visibility_tol: float = DEFAULT_VISIBILITY_TOL,
         on_corrupt: str = "raise",
         grid: int | tuple[int, int] | None = None,
+        local_cache: str | Path | None = None,
+        local_cache_bytes: int = 50 * 2**30,
+        local_cache_prefetch: int = 2,
     ) -> None:
         from cameo_corr.cache.reader import CorrCache
         from cameo_corr.cache.select import WindowSelection
@@ -455,6 +506,10 @@ class CorrStreamDataset(IterableDataset):
         self.num_epochs = num_epochs
         self.max_open = int(max_open)
         self.on_corrupt = on_corrupt
+        self.local_cache = None if local_cache is None else str(local_cache)
+        self.local_cache_bytes = int(local_cache_bytes)
+        self.local_cache_prefetch = int(local_cache_prefetch)
+        self.make_local_cache()  # checks the options now, not in the first worker
         self._check_options()
 
         caches = [CorrCache(src.path, storage_options=storage_options) for src in sources]
@@ -467,6 +522,11 @@ class CorrStreamDataset(IterableDataset):
         cache's own canonical size is used for its windows); ``None``: stored mask."""
         self.view_sizes = tuple(int(c.view().size) for c in caches)
         """Canonical crop size of each cache (the image size of its cached intrinsics)."""
+        self.stored_views = tuple(c.config.images is not None and src.dataset_root is None for src, c in zip(sources, caches))
+        """Per cache: whether images come from its stored views (``--store-images``) rather than a dataset root."""
+        for src, cache_obj, stored in zip(sources, caches, self.stored_views):
+            if not stored and src.dataset_root is None:
+                cache_obj.dataset_root()  # neither stored views nor a dataset root: say so now, not in a worker
         if tau is not None or mask_policy != "cycle":
             self.mask_options = {"tau": check_tau(caches[0].config.tau if tau is None else tau), "policy": mask_policy,
                                  "tol": check_visibility_tol(visibility_tol)}
@@ -528,6 +588,14 @@ class CorrStreamDataset(IterableDataset):
             raise SchemaError("num_epochs", f"must be positive or None, got {self.num_epochs}")
         if self.on_corrupt not in CORRUPT_POLICIES:
             raise SchemaError("on_corrupt", f"unknown policy {self.on_corrupt!r}; expected one of {CORRUPT_POLICIES}")
+
+    def make_local_cache(self) -> LocalShardCache | None:
+        """A handle on the node's local shard cache (``None`` without ``local_cache``)."""
+        from cameo_corr.cache.local_cache import LocalShardCache
+
+        if self.local_cache is None:
+            return None
+        return LocalShardCache(self.local_cache, self.local_cache_bytes, prefetch=self.local_cache_prefetch)
 
     # ------------------------------------------------------------------------------ order and state
     def __getstate__(self) -> dict[str, Any]:
@@ -703,7 +771,10 @@ class CorrStreamDataset(IterableDataset):
         proc = self._process()
         source, shard_id, row = self.locate(window)
         views, num_ref = self.choose(window, epoch, q, first)
+        reads = proc.shard_reads
         visit = proc.shard(shard_id, source)
+        if proc.shard_reads != reads:  # a new shard visit: fetch the next shards of the order ahead
+            proc.prefetch_after(self, epoch, int(self.window_shard[window]))
         try:
             blocks = visit.corr_row(row)
             if self.mask_options:
@@ -723,16 +794,22 @@ class CorrStreamDataset(IterableDataset):
             if block.shape[:2] != (S, S) or S != len(frame_ids):
                 raise SchemaError(key, f"row {row} has shape {block.shape}, the shard lists {len(frame_ids)} views", where=f"shard {shard_id}")
             corr[key] = block[np.ix_(views, views)]
-        from cameo_corr.datasets.canonical import load_window
+        if proc.readers[source] is None:
+            images, intrinsics, extrinsics = stored_window(blocks, views, self.view_sizes[source], self.resolution,
+                                                           where=f"{self.sources[source].path}: shard {shard_id}, window {window_id}")
+        else:
+            from cameo_corr.datasets.canonical import load_window
 
-        record = WindowRecord.from_frames(window_id, meta["datasets"][row], meta["splits"][row], scene_id, [frame_ids[i] for i in views],
-                                          proc.frames(scene_id, source), root=str(proc.readers[source].root))
-        data = load_window(proc.readers[source], record, proc.views[source], with_depth=False)
-        image = torch.from_numpy(np.ascontiguousarray(data.images)).permute(0, 3, 1, 2).float().div_(255.0)
+            reader = proc.readers[source]
+            record = WindowRecord.from_frames(window_id, meta["datasets"][row], meta["splits"][row], scene_id,
+                                              [frame_ids[i] for i in views], proc.frames(scene_id, source), root=str(reader.root))
+            data = load_window(reader, record, proc.views[source], with_depth=False)
+            images, intrinsics, extrinsics = data.images, data.intrinsics, data.extrinsics
+        image = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
         return {
             "image": image,
-            "intrinsic": torch.from_numpy(np.asarray(data.intrinsics, dtype=np.float32)),
-            "extrinsic": torch.from_numpy(np.asarray(data.extrinsics, dtype=np.float32)),
+            "intrinsic": torch.from_numpy(np.asarray(intrinsics, dtype=np.float32)),
+            "extrinsic": torch.from_numpy(np.asarray(extrinsics, dtype=np.float32)),
             "tag": self.sources[source].tag or self.tags.get(meta["datasets"][row], meta["datasets"][row]),
             "window_id": window_id,
             "num_ref": num_ref,

@@ -365,6 +365,9 @@ def make_loader(cfg: TrainConfig, *, cache: "str | None" = None, rank: int, worl
         visibility_tol=d.visibility_tol,
         on_corrupt=d.on_corrupt,
         grid=grid,
+        local_cache=d.local_cache,
+        local_cache_bytes=d.local_cache_bytes,
+        local_cache_prefetch=d.local_cache_prefetch,
     )
     return StreamLoader(dataset, num_workers=d.num_workers, multiprocessing_context=d.multiprocessing_context,
                         pin_memory=pin_memory)
