@@ -261,27 +261,51 @@ def check_mixture(caches: Sequence["CorrCache"], grid: tuple[int, int], *, tau_m
                                          f"{other.location.display} has {b}", where=other.location.url(CONFIG_FILE))
 
 
+def _shard_columns(batches: Iterator[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """``(shard code, row, views, shard ids)`` of manifest batches, each batch turned into numpy at once."""
+    from cameo_corr.cache.manifest import StringCodes
+
+    codes, rows, views = StringCodes(), [], []
+    for batch in batches:
+        codes.add(batch.column("shard"))
+        rows.append(batch.column("row").to_numpy(zero_copy_only=False).astype(np.int32))
+        views.append(batch.column("num_views").to_numpy(zero_copy_only=False).astype(np.int16))
+    shard, names = codes.result()
+    return shard, (np.concatenate(rows) if rows else np.zeros(0, np.int32)), (np.concatenate(views) if views else np.zeros(0, np.int16)), names
+
+
 def _source_windows(cache: "CorrCache", selection: Any, num_views: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """The selected ok windows of one cache as numpy columns: ``(shard code, row, views, shard ids)``,
-    shard codes indexing the sorted shard ids."""
+    shard codes indexing the sorted shard ids. The manifest is streamed (no Arrow table of all rows)."""
     import pyarrow.compute as pc
 
-    from cameo_corr.cache.select import selected_manifest
+    from cameo_corr.cache.manifest import scan_manifest
 
     where = f"{cache.location.display}/manifest"
-    table = selected_manifest(cache, selection, "ok", ["shard", "row", "num_views"])
-    if table.num_rows == 0:
+    expr, chosen = pc.field("status") == "ok", selection.expression()
+    shard, row, views, names = scan_manifest(cache.location, _shard_columns, ["shard", "row", "num_views"],
+                                             expr if chosen is None else expr & chosen)
+    if len(row) == 0:
+        if selection:
+            raise DatasetError(where, f"no 'ok' windows match the selection ({selection.describe()})", field="selection")
         raise DatasetError(where, "no 'ok' windows", field="status")
-    encoded = pc.dictionary_encode(table.column("shard").combine_chunks())
-    names = encoded.dictionary.to_pylist()
     rank_of_name = np.argsort(np.argsort(np.array(names, dtype=object)))  # shard codes in sorted-name order
-    shard = rank_of_name[encoded.indices.to_numpy(zero_copy_only=False)].astype(np.int32)
-    row = table.column("row").to_numpy().astype(np.int32)
-    views = table.column("num_views").to_numpy().astype(np.int16)
+    shard = rank_of_name[shard].astype(np.int32)
     if views.min() < num_views:
         raise DatasetError(where, f"{int((views < num_views).sum())} windows have fewer views than num_views="
                            f"{num_views} (e.g. {int(views.min())})", field="num_views")
     return shard, row, views, sorted(names)
+
+
+def _by_shard_and_row(shard: np.ndarray, row: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """The permutation sorting windows by ``(shard, row)``: a scatter when each shard's rows are exactly
+    ``0 ... n - 1`` (all its windows selected: the usual case), else a sort."""
+    if len(row) and row.min() >= 0 and bool((row < start[shard + 1] - start[shard]).all()):
+        order = np.full(len(row), -1, np.int64)
+        order[start[shard] + row] = np.arange(len(row))
+        if bool((order >= 0).all()):
+            return order
+    return np.argsort((shard.astype(np.int64) << 32) | row.astype(np.int64), kind="stable")
 
 
 def _window_columns(caches: Sequence[CorrCache], sources: Sequence[CacheSource], defaults: Any, num_views: int) -> dict[str, Any]:
@@ -296,19 +320,17 @@ def _window_columns(caches: Sequence[CorrCache], sources: Sequence[CacheSource],
         view_parts.append(views)
         names_all += names
         shard_source.append(np.full(len(names), k, dtype=np.int16))
-    shard = np.concatenate(shard_parts)
-    key = (shard.astype(np.int64) << 32) | np.concatenate(row_parts).astype(np.int64)  # shard codes grow with the cache
-    counts = np.bincount(shard, minlength=len(names_all))
-    del shard
-    order = np.argsort(key)  # the keys are distinct (checked next), so any sort gives this order
-    key = key[order]
+    shard, row = np.concatenate(shard_parts), np.concatenate(row_parts)
+    start = np.concatenate([[0], np.cumsum(np.bincount(shard, minlength=len(names_all)))]).astype(np.int64)
+    order = _by_shard_and_row(shard, row, start)
     owner = np.concatenate(shard_source)
-    if len(key) > 1 and np.any(key[1:] == key[:-1]):
-        dup = int(key[1:][key[1:] == key[:-1]][0])
-        where = f"{caches[owner[dup >> 32]].location.display}/manifest"
-        raise DatasetError(where, f"shard {names_all[dup >> 32]} row {dup & 0xFFFFFFFF} is listed by more than one ok window", field="row")
-    rows = key & 0xFFFFFFFF
-    start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    shard, rows = shard[order], row[order]
+    same = (rows[1:] == rows[:-1]) & (shard[1:] == shard[:-1])
+    if same.any():
+        k, r = int(shard[1:][same][0]), int(rows[1:][same][0])
+        raise DatasetError(f"{caches[owner[k]].location.display}/manifest", f"shard {names_all[k]} row {r} is listed by more "
+                           "than one ok window", field="row")
+    del shard, same
     views = np.concatenate(view_parts)[order]
     low, high = np.minimum.reduceat(views, start[:-1]), np.maximum.reduceat(views, start[:-1])
     if np.any(low != high):
