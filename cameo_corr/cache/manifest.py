@@ -225,8 +225,8 @@ class StringCodes:
         codes_u[new] = np.arange(len(self.names), len(self.names) + len(new), dtype=np.int32)
         self.names += [v.decode() for v in raw[first[new]].tolist()]
         self._stored = np.concatenate([self._stored, raw[first[new]]])
-        order = np.argsort(np.concatenate([self._hashes, uniq[new]]), kind="stable")
-        self._hashes, self._codes = np.concatenate([self._hashes, uniq[new]])[order], np.concatenate([self._codes, codes_u[new]])[order]
+        at = pos[new]  # where the new hashes go in the sorted ones (both sorted: a merge, no sort)
+        self._hashes, self._codes = np.insert(self._hashes, at, uniq[new]), np.insert(self._codes, at, codes_u[new])
         out = np.where(valid, codes_u[inverse.ravel()], -1).astype(np.int32)
         if len(out) and not np.array_equal(self._stored[out[valid]], raw[valid]):
             raise SchemaError("shard", "two manifest values share a 64-bit hash; read this column as a table")
