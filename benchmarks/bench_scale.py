@@ -24,11 +24,16 @@ process's own):
   (``--plan-workers``), alternating with the planner of ``--plan-baseline`` (a git ref, run from an
   extracted copy) in ``--plan-rounds`` rounds; every variant must plan the same window ids.
 
+With ``--read-scales 10000000``, the read side at that scale, S=8 (:func:`build_bulk_cache` writes
+the cache in bulk): ``window_ids()``, ``cache_stats``, ``verify_report(max_windows=16)`` and the
+``CorrStreamDataset`` construction (pickled size, unpickle and epoch order per worker), each in a fresh
+process, in CPU seconds and peak RSS, alternating with the package at ``--read-baseline``.
+
 Timings start after the modules a step imports lazily are imported. The machine's load average is
 printed with the table: on a shared 2-core machine it dominates the absolute numbers.
 
 Usage: ``python benchmarks/bench_scale.py [--scales 10000 100000 1000000] [--clips 670 6700 67000]
-[--work DIR] [--keep]``. Growth is ``value(next scale) / value(this scale)`` for a 10x step; linear
+[--work DIR] [--keep] [--read-scales 10000000]``. Growth is ``value(next scale) / value(this scale)`` for a 10x step; linear
 growth is 10x.
 """
 
