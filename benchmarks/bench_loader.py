@@ -13,6 +13,13 @@ once per visit, :class:`~cameo_corr.train.data.CorrStreamDataset`), and one deco
 array (``CorrCache.read_row``, what a per-window reader does). The default cache is one shard of 64
 windows of S=8 on a 32x32 grid.
 
+Then the window shuffles over a multi-shard epoch: the built cache's windows are written again through
+the real writer as ``--epoch-shards`` shards of ``--shard-size`` windows (their arrays, new ids), and one
+epoch of correspondence targets is read in stream order by a fresh process state under each policy,
+alternately: ``block`` (the default: blocks of ``--shuffle-shards`` shards, each window of a block
+equally likely anywhere in it) and ``buffer`` (the previous default: a ``--shuffle-buffer``-slot buffer,
+4 shard visits kept). It reports shard decodes per shard per epoch and CPU seconds per sample.
+
 Usage: ``python benchmarks/bench_loader.py [--cache DIR] [--samples N] ...``. Without ``--cache`` a
 synthetic dataset and its cache are built in a temporary directory first (not timed).
 """
@@ -125,6 +132,68 @@ def time_targets_per_window(cache: Path, ds: Any, epoch: list[tuple[int, int, in
     return (time.perf_counter() - t0) / len(epoch)
 
 
+def replicate_cache(src: Path, dst: Path, shards: int, shard_size: int) -> Path:
+    """A cache of ``shards`` shards of ``shard_size`` windows written by the real writer with the arrays
+    of ``src``'s windows (cycled) under new window ids (same scenes and frames), so an epoch spans many
+    shards of realistic data."""
+    import dataclasses
+
+    from cameo_corr.cache.reader import CorrCache
+    from cameo_corr.cache.writer import CacheWriter, WindowOutcome
+    from cameo_corr.schemas import WindowRecord, shard_id_of
+
+    cache = CorrCache(src)
+    reader = cache.reader()
+    scenes: dict[str, dict[str, Any]] = {}
+    windows = []
+    for row in cache.manifest("ok").to_pylist():
+        if row["scene_id"] not in scenes:
+            scenes[row["scene_id"]] = {f.frame_id: f for f in reader.scene(row["scene_id"]).frames}
+        frames = tuple(scenes[row["scene_id"]][f] for f in row["frame_ids"])
+        windows.append((WindowRecord(row["window_id"], row["dataset"], row["split"], row["scene_id"], frames),
+                        cache.window(row["window_id"])))
+    writer = CacheWriter(dst, cache.config)
+    writer.initialize()
+    for k in range(shards):
+        outs = [WindowOutcome(dataclasses.replace(windows[i % len(windows)][0], window_id=f"{i:016x}"), arrays=windows[i % len(windows)][1])
+                for i in range(k * shard_size, (k + 1) * shard_size)]
+        writer.write_shard(shard_id_of([o.record.window_id for o in outs]), outs)
+    return dst
+
+
+def time_epoch_targets(cache: Path, policy: str, args: argparse.Namespace) -> dict[str, float]:
+    """One epoch of correspondence targets in stream order under window shuffle ``policy``, read by a
+    fresh process state: shard decodes per shard and CPU seconds per sample."""
+    from cameo_corr.train.data import CorrStreamDataset, _ProcessState
+
+    ds = CorrStreamDataset(cache, num_views=args.num_views, resolution=args.resolution, seed=0, order_scope="sample",
+                           window_shuffle=policy, shuffle_shards=args.shuffle_shards, shuffle_buffer=args.shuffle_buffer)
+    order = ds.rank_order(0)
+    proc = _ProcessState(ds)
+    t0 = time.process_time()
+    for w, q in order.tolist():
+        views, _ = ds.choose(w, 0, q)
+        source, shard_id, row = ds.locate(w)
+        blocks = proc.shard(shard_id, source).corr_row(row)
+        for key in ("nn", "mask", "dist"):
+            blocks[key][np.ix_(views, views)]
+    cpu = time.process_time() - t0
+    return {"decodes_per_shard": proc.shard_reads / len(ds.shard_ids), "cpu_ms_per_sample": 1000 * cpu / len(order)}
+
+
+def compare_shuffles(cache: Path, work: Path, args: argparse.Namespace) -> dict[str, float]:
+    """``block`` vs ``buffer`` over a multi-shard epoch, alternating, medians of ``--repeats``."""
+    multi = replicate_cache(cache, work / "multi-shard", args.epoch_shards, args.shard_size)
+    runs: dict[str, list[dict[str, float]]] = {"block": [], "buffer": []}
+    for _ in range(args.repeats):
+        for policy, done in runs.items():
+            done.append(time_epoch_targets(multi, policy, args))
+    med = {p: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for p, rs in runs.items()}
+    return {"epoch_shards": args.epoch_shards, "epoch_windows": args.epoch_shards * args.shard_size,
+            **{f"{p}_{k}": v for p, m in med.items() for k, v in m.items()},
+            "shuffle_cpu_ratio": med["buffer"]["cpu_ms_per_sample"] / med["block"]["cpu_ms_per_sample"]}
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, help="existing cache (default: build a synthetic one)")
@@ -140,6 +209,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--num-views", type=int, default=4, help="F views per training sample")
     p.add_argument("--resolution", type=int, default=256, help="training resolution")
     p.add_argument("--samples", type=int, default=24)
+    p.add_argument("--epoch-shards", type=int, default=16, help="shards of the multi-shard cache the shuffles are compared on")
+    p.add_argument("--shuffle-shards", type=int, default=4, help="block shuffle: shards per block")
+    p.add_argument("--shuffle-buffer", type=int, default=64, help="buffer shuffle: slots")
     p.add_argument("--match-backend", default="auto")
     p.add_argument("--json", type=Path, help="also write the numbers here")
     args = p.parse_args(argv)
@@ -177,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             visits.append(time_targets_by_visit(cache, ds, epoch, args.resolution))
             per_window.append(time_targets_per_window(cache, ds, epoch))
         t_visit, t_window = float(np.median(visits)), float(np.median(per_window))
+        shuffles = compare_shuffles(Path(cache), Path(tmp), args)
 
     both = same_nn = mask_equal = total = 0
     max_image_diff = 0.0
@@ -203,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "nn_agreement_on_masked": same_nn / max(both, 1),
         "mask_agreement": mask_equal / max(total, 1),
         "max_image_abs_diff": max_image_diff,
+        **shuffles,
     }
     print(
         f"cached loader : {res['cached_samples_per_s']:8.2f} samples/s\n"
@@ -213,7 +287,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"one decode per window per array {res['targets_ms_per_sample_per_window']:.3f} ms/sample "
         f"(ratio {res['targets_speedup']:.1f}x)\n"
         f"ratio cached/online: {res['speedup']:.1f}x   "
-        f"(targets agree: nn {100 * res['nn_agreement_on_masked']:.2f}% of masked entries, mask {100 * res['mask_agreement']:.2f}%)"
+        f"(targets agree: nn {100 * res['nn_agreement_on_masked']:.2f}% of masked entries, mask {100 * res['mask_agreement']:.2f}%)\n"
+        f"window shuffles over one epoch of {res['epoch_windows']} windows in {res['epoch_shards']} shards of {args.shard_size} "
+        f"(targets only, medians of {args.repeats} alternating runs): block of {args.shuffle_shards} shards "
+        f"{res['block_decodes_per_shard']:.2f} decodes per shard, {res['block_cpu_ms_per_sample']:.3f} CPU ms/sample; "
+        f"buffer of {args.shuffle_buffer} slots {res['buffer_decodes_per_shard']:.2f} decodes per shard, "
+        f"{res['buffer_cpu_ms_per_sample']:.3f} CPU ms/sample (ratio {res['shuffle_cpu_ratio']:.2f}x)"
     )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))

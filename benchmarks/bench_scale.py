@@ -24,11 +24,16 @@ process's own):
   (``--plan-workers``), alternating with the planner of ``--plan-baseline`` (a git ref, run from an
   extracted copy) in ``--plan-rounds`` rounds; every variant must plan the same window ids.
 
+With ``--read-scales 10000000``, the read side at that scale, S=8 (:func:`build_bulk_cache` writes
+the cache in bulk): ``window_ids()``, ``cache_stats``, ``verify_report(max_windows=16)`` and the
+``CorrStreamDataset`` construction (pickled size, unpickle and epoch order per worker), each in a fresh
+process, in CPU seconds and peak RSS, alternating with the package at ``--read-baseline``.
+
 Timings start after the modules a step imports lazily are imported. The machine's load average is
 printed with the table: on a shared 2-core machine it dominates the absolute numbers.
 
 Usage: ``python benchmarks/bench_scale.py [--scales 10000 100000 1000000] [--clips 670 6700 67000]
-[--work DIR] [--keep]``. Growth is ``value(next scale) / value(this scale)`` for a 10x step; linear
+[--work DIR] [--keep] [--read-scales 10000000]``. Growth is ``value(next scale) / value(this scale)`` for a 10x step; linear
 growth is 10x.
 """
 
@@ -566,6 +571,218 @@ def plan_report(plans: dict[int, dict[str, list[dict[str, float]]]]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------ read side at 10M windows
+READ_VIEWS = 8
+"""S of the windows of the read-side caches (the read-side targets are stated for S=8)."""
+READ_STEPS = ("ids", "stats", "verify16", "dataset")
+READ_BASELINE = "064e384"
+"""The reader and loader before issue 20's read side (window ids as a list of str, per-window columns)."""
+
+
+def _hex_ids(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` distinct random 16-hex-digit ids (what window ids look like) as ``S16``, vectorised."""
+    lut = np.frombuffer(b"".join(f"{b:02x}".encode() for b in range(256)), dtype=np.uint8).reshape(256, 2)
+    while True:
+        ids = np.ascontiguousarray(lut[rng.integers(0, 256, size=(n, 8), dtype=np.uint8)].reshape(n, 16)).view("S16").ravel()
+        if len(np.unique(ids)) == n:
+            return ids
+
+
+def _bulk_rows(ids: np.ndarray, first: int, shards: list[str], shard_bytes: list[int], fracs: tuple[float, float]) -> Any:
+    """Manifest rows of windows ``first ...`` (ids ``ids``; window ``i``: scene ``i // 10``, frames
+    ``i-0 ... i-(S-1)``, shard ``shards[(i - first) // 64]``), built column by column with Arrow."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from cameo_corr.schemas import manifest_schema
+
+    n, S = len(ids), READ_VIEWS
+    index = np.arange(first, first + n)
+    scene = pc.binary_join_element_wise("scene", pc.utf8_lpad(pc.cast(pa.array(index // 10), pa.string()), 7, "0"), "")
+    flat = pc.binary_join_element_wise(pc.cast(pa.array(np.repeat(index, S)), pa.string()),
+                                       pc.cast(pa.array(np.tile(np.arange(S), n)), pa.string()), "-")
+    paths = pc.binary_join_element_wise(pc.take(scene, pa.array(np.repeat(np.arange(n), S))), flat, "/")
+    offsets = pa.array(np.arange(0, S * n + 1, S, dtype=np.int32))
+    shard_index = np.arange(n) // SHARD_SIZE
+    cols = {
+        "window_id": pa.array(ids).cast(pa.string()), "dataset": pa.array(["synthetic"] * n), "split": pa.array(["train"] * n),
+        "scene_id": scene, "frame_ids": pa.ListArray.from_arrays(offsets, flat),
+        "image_paths": pa.ListArray.from_arrays(offsets, pc.binary_join_element_wise(paths, ".jpg", "")),
+        "shard": pc.take(pa.array(shards), pa.array(shard_index)), "row": pa.array(np.arange(n) % SHARD_SIZE, pa.int32()),
+        "num_views": pa.array(np.full(n, S), pa.int32()), "valid_frac": pa.array(np.full(n, fracs[0]), pa.float32()),
+        "mask_frac": pa.array(np.full(n, fracs[1]), pa.float32()), "status": pa.array(["ok"] * n),
+        "error": pa.nulls(n, pa.string()), "shard_bytes": pa.array(np.asarray(shard_bytes)[shard_index], pa.int64()),
+    }
+    return pa.table(cols, schema=manifest_schema())
+
+
+def _shard_file(members: dict[str, bytes], meta: dict[str, Any], shard_id: str, windows: dict[str, list[Any]]) -> bytes:
+    """A shard file from the encoded members of a template shard and this shard's own ``zarr.json``
+    (compact JSON: Python's encoder is ~20x slower with ``indent``)."""
+    import io
+    import zipfile
+
+    attrs = {**meta["attributes"], "shard_id": shard_id, **windows}
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in sorted([*members, "zarr.json"]):
+            zf.writestr(name, json.dumps({**meta, "attributes": attrs}).encode() if name == "zarr.json" else members[name])
+    return out.getvalue()
+
+
+def build_bulk_cache(path: Path, windows: int) -> dict[str, float]:
+    """A fake version 2 cache of ``windows`` windows of S=:data:`READ_VIEWS` in shards of 64, written in
+    bulk: ``cache.json`` as the writer writes it; every shard file from the members of one shard encoded
+    by the real encoder, with its own ``zarr.json`` (window ids, scenes, frame ids); the manifest in one
+    consolidation by the real compact-file writer (:func:`write_compact`). Window ids are random
+    16-hex-digit ids. :class:`CacheWriter`'s per-window work (~0.4 ms per window of S=8) would make
+    10M windows an hour's build on a shared 2-core machine; the read side sees the same files."""
+    import dataclasses
+    import io
+    import zipfile
+
+    from cameo_corr.cache.consolidation import write_compact
+    from cameo_corr.cache.layout import CONFIG_FILE, shard_dir
+    from cameo_corr.cache.location import CacheLocation
+    from cameo_corr.cache.manifest import read_consolidation
+    from cameo_corr.cache.shard import shard_zip_bytes, window_fractions
+    from cameo_corr.schemas import shard_id_of
+
+    t0 = time.perf_counter()
+    config = dataclasses.replace(fake_config(str(path.parent / "no-dataset")), views=READ_VIEWS)
+    one = {k: v[:1, :1] if k in ("nn", "dist", "mask") else v[:1] for k, v in fake_window_arrays().items()}  # view-constant
+    arrays = {k: np.broadcast_to(v, (READ_VIEWS,) * (2 if k in ("nn", "dist", "mask") else 1) + v.shape[2 if k in ("nn", "dist", "mask") else 1:])
+              for k, v in one.items()}
+    loc = CacheLocation(path)
+    loc.write_bytes_atomic(CONFIG_FILE, config.to_json().encode())
+    ids = _hex_ids(np.random.default_rng(windows), windows)
+    tables, shard_ids = [], []
+    templates: dict[int, tuple[dict[str, bytes], dict[str, Any]]] = {}
+    (path / "shards").mkdir(exist_ok=True)
+    for chunk in range(0, windows, SHARD_SIZE * 4096):
+        names, sizes = [], []
+        for start in range(chunk, min(chunk + SHARD_SIZE * 4096, windows), SHARD_SIZE):
+            wids = [w.decode() for w in ids[start : start + SHARD_SIZE].tolist()]
+            W = len(wids)
+            meta = {"window_ids": wids, "scene_ids": [f"scene{i // 10:07d}" for i in range(start, start + W)],
+                    "frame_ids": [[f"{i}-{v}" for v in range(READ_VIEWS)] for i in range(start, start + W)],
+                    "datasets": ["synthetic"] * W, "splits": ["train"] * W}
+            sid = shard_id_of(wids)
+            if W not in templates:
+                blob = shard_zip_bytes(sid, meta, {k: np.stack([arrays[k]] * W) for k in config.stored_keys()}, config)
+                with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+                    templates[W] = ({n: zf.read(n) for n in zf.namelist() if n != "zarr.json"}, json.loads(zf.read("zarr.json")))
+            blob = _shard_file(*templates[W], sid, meta)
+            (path / shard_dir(sid)).write_bytes(blob)
+            names.append(sid)
+            sizes.append(len(blob))
+        tables.append(_bulk_rows(ids[chunk : chunk + len(names) * SHARD_SIZE][: windows - chunk], chunk, names, sizes,
+                                 window_fractions(arrays)))
+        shard_ids += names
+    import pyarrow as pa
+
+    write_compact(loc, pa.concat_tables(tables), read_consolidation(loc), shard_ids)
+    return {"build_s": time.perf_counter() - t0}
+
+
+def measure_read(step: str, path: Path) -> dict[str, float]:
+    """One read-side step in this (fresh) process: seconds, CPU seconds and peak RSS of the process
+    (``rss_mb``, imports included: ``base_rss_mb`` is the peak before the step)."""
+    from cameo_corr.cache.reader import CorrCache
+    from cameo_corr.cache.stats import cache_stats
+    from cameo_corr.cache.verify import verify_report
+
+    if step == "dataset":  # torch: only in this step's process
+        from cameo_corr.train.data import CorrStreamDataset
+    _warm_imports()
+    out: dict[str, float] = {"base_rss_mb": _rss_mb()}
+    t0, c0 = time.perf_counter(), time.process_time()
+    if step == "ids":
+        ids = CorrCache(path).window_ids()
+        out["windows"] = len(ids)
+        assert ids[len(ids) // 2] in ids and ids[0] < ids[-1]
+    elif step == "stats":
+        out["windows"] = cache_stats(CorrCache(path))["windows_ok"]
+    elif step == "verify16":
+        report = verify_report(CorrCache(path), max_windows=16)
+        assert not report.problems, report.problems[:3]
+        out["checked"] = report.checked
+    elif step == "dataset":
+        ds = CorrStreamDataset(path, num_views=2, resolution=64)
+        out.update(s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, rss_mb=_rss_mb())
+        blob = pickle.dumps(ds)
+        out["pickled_mb"] = len(blob) / 2**20
+        t1 = time.process_time()
+        pickle.loads(blob)
+        out["unpickle_cpu_s"] = time.process_time() - t1
+        t2 = time.process_time()
+        ds.rank_order(0)
+        out["epoch_order_cpu_s"] = time.process_time() - t2
+        out["after_rss_mb"] = _rss_mb()
+        return out
+    else:
+        raise ValueError(step)
+    out.update(s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, rss_mb=_rss_mb())
+    return out
+
+
+def run_read(step: str, path: Path, code: Path | None = None) -> dict[str, float]:
+    """:func:`measure_read` in a fresh interpreter, on this checkout's package or the one under ``code``."""
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    proc = subprocess.run([sys.executable, __file__, "--measure", f"read:{step}", "--cache", str(path)],
+                          check=False, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"read step {step} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+READ_ROWS = [
+    ("ids", "window_ids(): CPU s", "cpu_s", None), ("ids", "  peak RSS (MB)", "rss_mb", 1024.0),
+    ("stats", "cache stats: CPU s", "cpu_s", None), ("stats", "  peak RSS (MB)", "rss_mb", 1024.0),
+    ("verify16", "verify --max-windows 16: CPU s", "cpu_s", None), ("verify16", "  peak RSS (MB)", "rss_mb", 1024.0),
+    ("dataset", "CorrStreamDataset(): CPU s", "cpu_s", 5.0), ("dataset", "  peak RSS (MB)", "rss_mb", 1024.0),
+    ("dataset", "  pickled per worker (MB)", "pickled_mb", 100.0), ("dataset", "  unpickle, CPU s", "unpickle_cpu_s", None),
+    ("dataset", "  epoch order, CPU s", "epoch_order_cpu_s", None),
+]
+
+
+def read_report(results: dict[int, dict[str, dict[str, dict[str, float]]]]) -> str:
+    """The read-side table: medians per variant (this code, the baseline) at each scale, with targets."""
+    lines = []
+    for n, variants in sorted(results.items()):
+        names = sorted(variants, key=lambda k: k != "baseline")
+        lines += [f"| read side, {n:,} windows of S={READ_VIEWS}, medians | " + " | ".join(names) + " | target |",
+                  "|" + "---|" * (len(names) + 2)]
+        for step, label, key, target in READ_ROWS:
+            vals = [np.median([r[key] for r in variants[v][step]]) if variants[v].get(step) else None for v in names]
+            ok = "" if target is None or vals[-1] is None else ("met" if vals[-1] <= target else f"**missed** (<= {target:g})")
+            lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.3g}" for v in vals) + f" | {ok} |")
+    return "\n".join(lines)
+
+
+def run_read_side(work: Path, scales: list[int], baseline: str, rounds: int) -> dict[int, dict[str, dict[str, list[dict[str, float]]]]]:
+    """Build (once) and measure the read-side steps at each scale, alternating with the baseline code."""
+    results: dict[int, dict[str, dict[str, list[dict[str, float]]]]] = {}
+    for n in scales:
+        path = work / f"bulk-{n}"
+        if not (path / "manifest" / "consolidated.json").exists():
+            print(f"built {n:,} windows of S={READ_VIEWS} in bulk in {build_bulk_cache(path, n)['build_s']:.0f} s", flush=True)
+        variants = {"ours": None, **({"baseline": baseline_code(baseline, work)} if baseline else {})}
+        results[n] = {v: {s: [] for s in READ_STEPS} for v in variants}
+        for _ in range(rounds):
+            for step in READ_STEPS:
+                for name, code in variants.items():
+                    try:
+                        results[n][name][step].append(run_read(step, path, code))
+                    except RuntimeError as e:  # e.g. the baseline killed for memory: reported, not fatal
+                        print(f"{name} {step}: {str(e).splitlines()[-1]}", flush=True)
+                        continue
+                    print(f"{n:,} {name} {step}: " + json.dumps(results[n][name][step][-1]), flush=True)
+    return results
+
+
 # ------------------------------------------------------------------------------ report
 ROWS = [
     ("compact", "s", "consolidate fragments at job end (s)", None),
@@ -620,6 +837,10 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"git ref of the manifest code to compare with ('' for none; default {MANIFEST_BASELINE})")
     p.add_argument("--manifest-baseline-max", type=int, default=1_000_000, help="run the manifest baseline only up to this scale")
     p.add_argument("--manifest-steps-only", action="store_true", help="measure the manifest steps only (no open/dataset/...)")
+    p.add_argument("--read-scales", type=int, nargs="*", default=[],
+                   help="also measure the read side (window ids, stats, verify-16, dataset) at these scales, S=8 (e.g. 10000000)")
+    p.add_argument("--read-baseline", default=READ_BASELINE, help=f"git ref of the read side to compare with ('' for none; default {READ_BASELINE})")
+    p.add_argument("--read-rounds", type=int, default=1, help="alternating rounds of the read-side variants")
     p.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     p.add_argument("--cache", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--other", type=Path, default=None, help=argparse.SUPPRESS)
@@ -629,6 +850,9 @@ def main(argv: list[str] | None = None) -> None:
     from cameo_corr.cache.location import CacheLocation
     from cameo_corr.cache.manifest import fragment_names
 
+    if args.measure and args.measure.startswith("read:"):
+        print(json.dumps(measure_read(args.measure[len("read:"):], args.cache)))
+        return
     if args.measure:
         if args.measure.startswith("manifest-"):
             print(json.dumps(measure_manifest(args.measure.removeprefix("manifest-"), args.cache, args.other)))
@@ -683,6 +907,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"plan {clips:,} clips, {name}: " + json.dumps(plans[clips][name][-1]), flush=True)
             digests = {r["ids_sha256"] for runs in plans[clips].values() for r in runs}
             assert len(digests) == 1, f"planned window ids differ between the variants at {clips} clips"
+        reads = run_read_side(work, args.read_scales, args.read_baseline, args.read_rounds)
     finally:
         if not args.keep and args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -696,8 +921,11 @@ def main(argv: list[str] | None = None) -> None:
     if plans:
         print()
         print(plan_report(plans))
+    if reads:
+        print()
+        print(read_report(reads))
     if args.json:
-        args.json.write_text(json.dumps({"caches": results, "manifest": manifest, "plans": plans}, indent=2))
+        args.json.write_text(json.dumps({"caches": results, "manifest": manifest, "plans": plans, "reads": reads}, indent=2))
 
 
 if __name__ == "__main__":

@@ -719,3 +719,26 @@ def test_repair_missing_shards_and_drop_failed_rows(tmp_path, compact):
     assert len(writer.done_window_ids()) == 3  # window 1's failed row was superseded and not redone here
     writer.consolidate()
     assert CorrCache(path).window_ids() == sorted(record(i).window_id for i in (0, 2, 3)) and len(writer.done_window_ids()) == 3
+
+
+def test_window_ids_are_one_numpy_array_read_as_strings(tmp_path) -> None:
+    from cameo_corr.cache.reader import WindowIds
+
+    writer = CacheWriter(tmp_path / "cache", config())
+    writer.write_shard("a", outcomes([4, 0, 2]))
+    writer.write_shard("b", outcomes([3, 1], failed=(1,)))
+    cache = CorrCache(tmp_path / "cache")
+    ids = cache.window_ids()
+    expected = sorted(record(i).window_id for i in (0, 2, 3, 4))
+    # no Python string (nor list slot) per window: the index's S<n> array itself, 16 bytes per id
+    assert isinstance(ids, WindowIds) and ids.array is cache.index().ids and ids.array.dtype == np.dtype("S16")
+    assert ids == expected and list(ids) == expected and len(ids) == 4 and ids != expected[:3] and ids != expected[::-1]
+    assert ids[0] == expected[0] and ids[-1] == expected[-1] and ids[1:3] == expected[1:3] and isinstance(ids[0], str)
+    assert record(2).window_id in ids and record(1).window_id not in ids and "x" * 40 not in ids and 3 not in ids
+    assert ids == CorrCache(tmp_path / "cache").window_ids() and sorted(ids) == expected
+    with pytest.raises(TypeError):
+        hash(ids)
+    empty = CacheWriter(tmp_path / "empty", config())
+    empty.write_shard("c", outcomes([5], failed=(5,)))
+    none = CorrCache(tmp_path / "empty").window_ids()
+    assert none == [] and not none and "w" not in none

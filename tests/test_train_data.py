@@ -15,6 +15,8 @@ from cameo_corr.schemas import DatasetError, SchemaError
 from cameo_corr.train.data import (
     CorrStreamDataset,
     StreamLoader,
+    StreamState,
+    block_order,
     collate_samples,
     epoch_order,
     reference_order,
@@ -443,8 +445,8 @@ def test_windows_are_numpy_columns_and_shards_are_read_once_per_visit(tiny_cache
 
     from cameo_corr.cache.reader import CorrCache
 
-    ds = make(tiny_cache, num_epochs=1, shuffle_buffer=0, shard_shuffle=False)
-    assert {type(v) for k, v in vars(ds).items() if k.startswith("window_")} == {np.ndarray}
+    ds = make(tiny_cache, num_epochs=1, shuffle_shards=0, shard_shuffle=False)
+    assert {type(getattr(ds, k)) for k in ("window_row", "window_shard", "shard_start", "shard_views")} == {np.ndarray}
     assert len(pickle.dumps(ds)) < 4096  # a few bytes per window, no Python object per window
     cache = CorrCache(tiny_cache)
     shards = cache.manifest("ok", columns=["shard"]).column("shard").to_pylist()
@@ -483,3 +485,112 @@ def test_corrupt_window_stops_or_is_skipped_and_counted(tiny_cache: Path, tmp_pa
     assert loader.state_dict() == {"epoch": 1, "position": 0}
     with pytest.raises(SchemaError, match="on_corrupt"):
         make(src, on_corrupt="ignore")
+
+
+# ------------------------------------------------------------------------------ shard-aware order
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(0, 6), min_size=1, max_size=9), seed=st.integers(0, 2**31), epoch=st.integers(0, 5),
+       block=st.integers(0, 4))
+def test_block_order_permutes_windows_within_blocks_of_shards(sizes: list[int], seed: int, epoch: int, block: int) -> None:
+    start = np.cumsum([0] + sizes)
+    order = block_order(start, seed=seed, epoch=epoch, block_shards=block)
+    assert sorted(order.tolist()) == list(range(sum(sizes)))
+    assert np.array_equal(order, block_order(start, seed=seed, epoch=epoch, block_shards=block))
+    perm = np.random.default_rng([seed, epoch, 0]).permutation(len(sizes))  # the buffer shuffle's shard order
+    rank = np.empty(len(sizes), dtype=np.int64)
+    rank[perm] = np.arange(len(sizes))
+    shard = np.searchsorted(start, order, side="right") - 1
+    blocks = rank[shard] // max(block, 1)
+    assert np.all(np.diff(blocks) >= 0)  # a block's windows are emitted together, blocks in shard order
+    if block == 0:  # no window shuffle: shard after shard, storage order
+        rows = [list(range(start[k], start[k + 1])) for k in perm]
+        assert order.tolist() == [w for r in rows for w in r]
+
+
+def test_block_order_is_uniform_within_blocks_and_over_the_epoch() -> None:
+    start = np.arange(0, 24 * 8 + 1, 8)  # 24 shards of 8 windows, blocks of 4 shards (32 windows)
+    first = Counter(int(block_order(start, seed=s, epoch=0, shard_shuffle=False)[0]) for s in range(3200))
+    assert set(first) == set(range(32)) and min(first.values()) > 50 and max(first.values()) < 160  # ~100 each
+    positions = np.zeros(192)
+    for s in range(400):
+        order = block_order(start, seed=s, epoch=1)
+        positions[order] += np.arange(192) / 191
+    assert np.abs(positions / 400 - 0.5).max() < 0.1  # every window is as likely early as late in an epoch
+    order = block_order(start, seed=0, epoch=0)
+    same = (np.searchsorted(start, order[1:], side="right") == np.searchsorted(start, order[:-1], side="right")).mean()
+    assert 0.1 < same < 0.35  # neighbours share a shard about 7/31 of the time (storage order: 7/8)
+    assert not np.array_equal(order, block_order(start, seed=0, epoch=1))
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Path:
+    """A cache of 24 shards of 8 windows through the real writer (one set of schema-valid arrays for every
+    window: the order and the shard visits are under test, not the values; the tiny cache's dataset)."""
+    from test_cache import config as cache_config
+    from test_cache import record, token_arrays
+
+    from cameo_corr.cache.reader import CorrCache
+    from cameo_corr.cache.writer import CacheWriter, WindowOutcome
+    from cameo_corr.schemas import shard_id_of
+
+    base = tmp_path_factory.mktemp("many-shards")
+    arrays = token_arrays(0)
+    writer = CacheWriter(base / "cache", cache_config(dataset=dict(CorrCache(tiny_cache).config.dataset)))
+    writer.initialize()
+    for k in range(24):
+        outs = [WindowOutcome(record(i), arrays=arrays) for i in range(8 * k, 8 * k + 8)]
+        writer.write_shard(shard_id_of([o.record.window_id for o in outs]), outs)
+    return base / "cache"
+
+
+def epoch_decodes(ds: CorrStreamDataset, monkeypatch: pytest.MonkeyPatch) -> int:
+    """``_ShardVisit`` constructions of one process reading the correspondence targets of the stream in
+    order (what :meth:`CorrStreamDataset.sample` reads before the images)."""
+    import cameo_corr.train.data as data
+
+    built = []
+
+    class Counted(data._ShardVisit):
+        def __init__(self, *args, **kw) -> None:
+            built.append(args[1])
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(data, "_ShardVisit", Counted)
+    proc = ds._process()
+    for _, _, w, _ in ds._positions():
+        source, shard_id, row = ds.locate(w)
+        proc.shard(shard_id, source).corr_row(row)
+    return len(built)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_default_shuffle_decodes_each_shard_once_per_epoch(many_shards: Path, monkeypatch: pytest.MonkeyPatch, world: int) -> None:
+    ds = CorrStreamDataset(many_shards, num_views=2, resolution=32, num_epochs=3, world_size=world, rank=world - 1)
+    assert ds.window_shuffle == "block" and len(ds.shard_ids) == 24
+    assert epoch_decodes(ds, monkeypatch) <= 1.2 * 24 * 3
+    # the previous policy, a 64-slot buffer over shards of 8 with 4 visits kept, decodes shards again and again
+    old = CorrStreamDataset(many_shards, num_views=2, resolution=32, num_epochs=3, world_size=world, rank=world - 1,
+                            window_shuffle="buffer", shuffle_buffer=64)
+    assert epoch_decodes(old, monkeypatch) > 2 * 24 * 3
+
+
+def test_block_shuffle_resumes_mid_epoch_exactly(many_shards: Path) -> None:
+    full = list(CorrStreamDataset(many_shards, num_views=2, resolution=32, num_epochs=2, world_size=2)._positions())
+    for cut in (1, 37, 96, 130):  # in the first block, mid-epoch, at the epoch boundary, in the second epoch
+        ds = CorrStreamDataset(many_shards, num_views=2, resolution=32, num_epochs=2, world_size=2)
+        ds.load_state_dict(ds.state_after(cut, StreamState()).__dict__)
+        assert list(ds._positions()) == full[cut:]
+
+
+def test_dataset_pickles_without_per_window_objects(many_shards: Path) -> None:
+    import pickle
+
+    ds = CorrStreamDataset(many_shards, num_views=2, resolution=32)
+    per_window = [k for k, v in vars(ds).items() if isinstance(v, (list, tuple, dict)) and len(v) >= len(ds)]
+    assert per_window == []  # no Python object per window
+    assert ds.window_row.itemsize == 1 and ds.shard_views.tolist() == [3] * 24
+    blob = pickle.dumps(ds)
+    assert len(blob) < 4096 + 2 * len(ds) + 48 * len(ds.shard_ids)  # ~1 byte per window (its row) and ~40 per shard
+    copy = pickle.loads(blob)
+    assert copy._window_shard is None and np.array_equal(copy.window_shard, ds.window_shard)
+    assert [copy.locate(w) for w in range(len(ds))] == [ds.locate(w) for w in range(len(ds))]

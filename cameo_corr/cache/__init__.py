@@ -29,7 +29,7 @@ Importing this package is light (no zarr, pyarrow or torch until a cache is open
 
 from cameo_corr.cache.config import CacheMismatchError, read_config
 from cameo_corr.cache.location import CacheLocation
-from cameo_corr.cache.reader import CorrCache
+from cameo_corr.cache.reader import CorrCache, WindowIds
 from cameo_corr.cache.select import WindowSelection
 from cameo_corr.cache.shard import CorruptCacheError
 from cameo_corr.cache.writer import CacheWriter, WindowOutcome
@@ -39,6 +39,7 @@ __all__ = [
     "CacheMismatchError",
     "CacheWriter",
     "CorrCache",
+    "WindowIds",
     "CorruptCacheError",
     "WindowOutcome",
     "WindowSelection",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -43,6 +43,7 @@ MANIFEST_READ_THREADS = 8
 ``--consolidate-every`` of them, or thousands when it ran without periodic consolidation)."""
 MANIFEST_READ_ATTEMPTS = 3
 """Reads of the manifest when a concurrent consolidation deletes files under a reader."""
+T = TypeVar("T")
 
 
 
@@ -135,6 +136,110 @@ def read_manifest(location: CacheLocation, columns: Sequence[str] | None = None,
             raise
         return table.replace_schema_metadata(schema.metadata)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def scan_manifest(location: CacheLocation, fold: Callable[[Iterator["pa.RecordBatch"]], T], columns: Sequence[str],
+                  filter: Any = None) -> T:
+    """``fold`` of the rows :func:`read_manifest` would return, streamed as record batches (the compact
+    files one row group at a time, then the pending fragments) instead of one table: ``fold`` keeps what
+    it needs (numpy columns, counts), so the peak is that plus a batch or two. Three columns of a
+    10M-window manifest peak at 0.29 GB scanned against 0.97 GB read as a table. Row groups are read in
+    turn (a dataset scan reads ahead of a slow ``fold``: 0.8 GB). When a concurrent consolidation
+    deletes files under the scan, ``fold`` runs again on fresh batches."""
+    import pyarrow as pa
+
+    full = manifest_schema()
+    schema = pa.schema([full.field(c) for c in columns], metadata=full.metadata)
+    for attempt in range(MANIFEST_READ_ATTEMPTS):
+        info = read_consolidation(location)
+        fragments = fragment_names(location)
+
+        def batches(info: Mapping[str, Any] = info, fragments: Sequence[str] = fragments) -> Iterator[pa.RecordBatch]:
+            for path in compact_paths(location, info["files"]):
+                yield from _file_batches(location, path, schema, filter)
+            yield from fragment_rows(location, info, fragments, schema, filter).to_batches()
+
+        try:
+            return fold(batches())
+        except DatasetError as e:
+            if isinstance(e.__cause__, FileNotFoundError) and attempt + 1 < MANIFEST_READ_ATTEMPTS:
+                continue
+            raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _file_batches(location: CacheLocation, path: str, schema: "pa.Schema", filter: Any) -> Iterator["pa.RecordBatch"]:
+    """Columns ``schema`` of one compact manifest file, a row group at a time, rows satisfying ``filter``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = list(schema.names)
+    if filter is not None:  # the columns the filter reads too (a name inside a literal only adds a column)
+        names += [c for c in manifest_schema().names if c not in names and c in str(filter)]
+    try:
+        with (open(path, "rb") if location.local else location.fs.open(path, "rb")) as source, pq.ParquetFile(source) as f:
+            for batch in f.iter_batches(batch_size=MANIFEST_ROW_GROUP, columns=names, use_threads=False):
+                table = pa.Table.from_batches([batch])
+                if filter is not None:
+                    table = table.filter(filter)
+                yield from table.select(schema.names).cast(schema).to_batches()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DatasetError(location.url(MANIFEST_DIR), f"cannot read the manifest file {path.rsplit('/', 1)[-1]}: {e}") from e
+
+
+class StringCodes:
+    """Integer codes of a string column streamed in batches (:func:`scan_manifest`): a running dictionary
+    of the values in first-seen order, so no string is kept per row (``add`` each batch's column, then
+    :meth:`result`; with ``keep=False`` only :attr:`names` is kept). Nulls get code -1.
+
+    Values are matched by a 64-bit hash of their bytes (numpy, no Python object per row), checked
+    against each code's stored bytes, so a hash collision is an error, never a wrong code."""
+
+    def __init__(self, keep: bool = True) -> None:
+        self.names: list[str] = []
+        """The distinct values, in first-seen order (code ``k`` is ``names[k]``)."""
+        self._hashes = np.zeros(0, np.uint64)  # sorted
+        self._codes = np.zeros(0, np.int32)  # code of each sorted hash
+        self._stored = np.zeros(0, "S1")  # the bytes of each code's value
+        self._parts: list[np.ndarray] = []
+        self._keep = keep
+
+    def add(self, column: "pa.Array") -> np.ndarray:
+        """Code the rows of one batch's column (new values join the dictionary); returns the codes."""
+        import pyarrow.compute as pc
+
+        valid = np.asarray(pc.is_valid(column).to_numpy(zero_copy_only=False), dtype=bool)
+        raw = id_array(column.fill_null("") if column.null_count else column)
+        width = -(-max(raw.dtype.itemsize, 1) // 8) * 8
+        words = np.zeros((len(raw), width), np.uint8)
+        words[:, : raw.dtype.itemsize] = raw.view(np.uint8).reshape(len(raw), raw.dtype.itemsize) if len(raw) else words[:, :0]
+        hashes = np.zeros(len(raw), np.uint64)
+        for k, col in enumerate(words.view(np.uint64).T):  # sum of word * P**k: zero padding adds nothing
+            hashes += col * np.uint64(pow(0x100000001B3, k + 1, 1 << 64))
+        hashes ^= hashes >> np.uint64(33)  # then mix the bits
+        hashes *= np.uint64(0xFF51AFD7ED558CCD)
+        hashes ^= hashes >> np.uint64(29)
+        uniq, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+        pos = np.searchsorted(self._hashes, uniq)
+        known = (pos < len(self._hashes)) & (self._hashes[np.minimum(pos, len(self._hashes) - 1)] == uniq) if len(self._hashes) else np.zeros(len(uniq), bool)
+        new = np.flatnonzero(~known & valid[first])
+        codes_u = np.full(len(uniq), -1, np.int32)
+        codes_u[known] = self._codes[pos[known]]
+        codes_u[new] = np.arange(len(self.names), len(self.names) + len(new), dtype=np.int32)
+        self.names += [v.decode() for v in raw[first[new]].tolist()]
+        self._stored = np.concatenate([self._stored, raw[first[new]]])
+        at = pos[new]  # where the new hashes go in the sorted ones (both sorted: a merge, no sort)
+        self._hashes, self._codes = np.insert(self._hashes, at, uniq[new]), np.insert(self._codes, at, codes_u[new])
+        out = np.where(valid, codes_u[inverse.ravel()], -1).astype(np.int32)
+        if len(out) and not np.array_equal(self._stored[out[valid]], raw[valid]):
+            raise SchemaError("shard", "two manifest values share a 64-bit hash; read this column as a table")
+        if self._keep:
+            self._parts.append(out)
+        return out
+
+    def result(self) -> tuple[np.ndarray, list[str]]:
+        """``(int32 code per row, the distinct values)``."""
+        return (np.concatenate(self._parts) if self._parts else np.zeros(0, np.int32)), list(self.names)
 
 
 def compact_paths(location: CacheLocation, names: Iterable[str]) -> list[str]:
@@ -284,13 +389,35 @@ class ManifestIndex:
     def __init__(self, table: "pa.Table") -> None:
         import pyarrow.compute as pc
 
-        ids = id_array(table.column("window_id"))
-        order = np.argsort(ids, kind="stable")
-        self.ids = ids[order]
         encoded = pc.dictionary_encode(table.column("shard").combine_chunks())
-        self.shards: list[str] = encoded.dictionary.to_pylist()
-        self.shard = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int32)[order]
-        self.row = table.column("row").to_numpy().astype(np.int32)[order]
+        self._build(id_array(table.column("window_id")), encoded.indices.to_numpy(zero_copy_only=False).astype(np.int32),
+                    encoded.dictionary.to_pylist(), table.column("row").to_numpy().astype(np.int32))
+
+    @classmethod
+    def from_batches(cls, batches: Iterable["pa.RecordBatch"]) -> "ManifestIndex":
+        """The index of ok rows streamed as batches (:func:`scan_manifest`): each batch becomes numpy at
+        once, so the Arrow table of all rows never exists."""
+        ids, rows, shards = [], [], StringCodes()
+        for batch in batches:
+            ids.append(id_array(batch.column("window_id")))
+            shards.add(batch.column("shard"))
+            rows.append(batch.column("row").to_numpy(zero_copy_only=False).astype(np.int32))
+        index = cls.__new__(cls)
+        codes, names = shards.result()
+        index._build(np.concatenate(ids) if ids else np.zeros(0, "S1"), codes, names,
+                     np.concatenate(rows) if rows else np.zeros(0, np.int32))
+        return index
+
+    def _build(self, ids: np.ndarray, shard: np.ndarray, shards: list[str], row: np.ndarray) -> None:
+        self.shards: list[str] = shards
+        if len(ids) < 2 or bool(np.all(ids[1:] >= ids[:-1])):  # one consolidated part: already sorted
+            self.ids, self.shard, self.row = ids, shard, row
+        else:
+            order = np.argsort(ids, kind="stable")
+            self.ids = ids[order]
+            del ids
+            self.shard = shard[order]
+            self.row = row[order]
         if len(self.ids) > 1 and np.any(self.ids[1:] == self.ids[:-1]):
             dup = self.ids[1:][self.ids[1:] == self.ids[:-1]][0].decode()
             raise SchemaError("window_id", f"window {dup} has more than one ok manifest row")
@@ -322,4 +449,6 @@ __all__ = [
     "id_array",
     "sorted_member",
     "ManifestIndex",
+    "scan_manifest",
+    "StringCodes",
 ]

@@ -5,12 +5,12 @@ failure reasons, orphans left by killed workers. Reads only the manifest columns
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
 from cameo_corr.cache.layout import MANIFEST_DIR, SHARDS_DIR
-from cameo_corr.cache.manifest import find_orphans
+from cameo_corr.cache.manifest import StringCodes, find_orphans, scan_manifest
 from cameo_corr.cache.select import selected_manifest
 from cameo_corr.cache.shard import window_fractions
 
@@ -25,21 +25,69 @@ STATS_COLUMNS = ("scene_id", "shard", "status", "valid_frac", "mask_frac", "erro
 
 
 
-def _codes(column: "pa.ChunkedArray") -> tuple[np.ndarray, int]:
-    """``(code per row, number of distinct values)`` of a string column: one hash pass (Arrow's
-    dictionary encoding of the whole column), so distinct counts of any row subset are a linear
-    numpy pass over int32 codes, not a hash aggregation per chunk and subset. Nulls get code -1."""
+class _Distinct:
+    """The distinct values of a string column streamed in batches: each batch's uniques, merged into one
+    unique array every :attr:`merge_every` batches (memory: the distinct values and a few batches)."""
+
+    merge_every = 16
+
+    def __init__(self) -> None:
+        self._parts: list[Any] = []
+
+    def add(self, column: Any) -> None:
+        """Take the distinct values of one batch's column."""
+        import pyarrow.compute as pc
+
+        self._parts.append(pc.unique(column))
+        if len(self._parts) > self.merge_every:
+            self._parts = [self.values()]
+
+    def values(self) -> Any:
+        """The distinct values seen so far (a pyarrow array; a null among them when nulls were seen)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        return pc.unique(pa.chunked_array(self._parts, pa.string()))
+
+
+def _stats_columns(batches: Iterable["pa.RecordBatch"]) -> dict[str, Any]:
+    """What :func:`cache_stats` needs of every row, folded batch by batch (:func:`scan_manifest`): the ok
+    rows' fractions (float32), the shards with ok rows and their recorded sizes, the distinct scenes of
+    ok and of all rows, the failed rows' errors; with a ``row`` column (a selection), the ok rows' shard
+    codes and rows. No Arrow table and no shard code of every row is kept."""
     import pyarrow.compute as pc
 
-    encoded = pc.dictionary_encode(column.combine_chunks())
-    return pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False), len(encoded.dictionary)
-
-
-def _distinct(codes: np.ndarray, size: int) -> int:
-    """How many distinct non-null codes (< ``size``) ``codes`` holds."""
-    seen = np.zeros(size + 1, dtype=bool)
-    seen[codes] = True  # null (-1) lands in the spare last slot
-    return int(seen[:size].sum())
+    shards = StringCodes(keep=False)
+    keep: dict[str, list[Any]] = {k: [] for k in ("mask_frac", "valid_frac", "shard", "row")}
+    scenes_ok, scenes_other = _Distinct(), _Distinct()
+    errors: list[str | None] = []
+    seen, size, unrecorded, n_ok = np.zeros(0, bool), np.zeros(0, np.int64), False, 0
+    for batch in batches:
+        status = batch.column("status")
+        ok = pc.equal(status, "ok").fill_null(False)
+        errors += batch.column("error").filter(pc.equal(status, "failed").fill_null(False)).to_pylist()
+        codes = shards.add(batch.column("shard"))[ok.to_numpy(zero_copy_only=False)]
+        n_ok += len(codes)
+        grow = len(shards.names) - len(seen)
+        seen, size = np.concatenate([seen, np.zeros(grow, bool)]), np.concatenate([size, np.zeros(grow, np.int64)])
+        seen[codes] = True
+        recorded = batch.column("shard_bytes").filter(ok)
+        unrecorded |= recorded.null_count > 0
+        np.maximum.at(size, codes, recorded.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64))  # the same for a shard's rows
+        for name in ("mask_frac", "valid_frac", "row"):
+            if name in batch.schema.names:
+                keep[name].append(batch.column(name).filter(ok).to_numpy(zero_copy_only=False))
+        if "row" in batch.schema.names:
+            keep["shard"].append(codes)
+        scenes_ok.add(batch.column("scene_id").filter(ok))
+        scenes_other.add(batch.column("scene_id").filter(pc.invert(ok)))
+    ok_values = scenes_ok.values()
+    scenes_other.add(ok_values)
+    scenes_all = scenes_other.values()
+    out: dict[str, Any] = {k: np.concatenate(v) if v else np.zeros(0) for k, v in keep.items()}
+    out.update(errors=errors, shards=shards.names, seen=seen, size=size, unrecorded=unrecorded, n_ok=n_ok,
+               scenes_ok=len(ok_values) - int(ok_values.null_count > 0), scenes_total=len(scenes_all) - int(scenes_all.null_count > 0))
+    return out
 
 
 def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS, grid: tuple[int, int] | None = None,
@@ -53,45 +101,32 @@ def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS, grid: tuple[in
     (default: the primary grid, whose shares the manifest records; another grid of a multi-grid cache
     is read from the shards' ``valid`` and ``mask`` arrays).
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-
     if bins < 1:
         raise ValueError(f"--bins must be >= 1, got {bins}")
     if selection:
-
-        table = selected_manifest(cache, selection, None, [*STATS_COLUMNS, "row"])
-    else:
-        table = cache.manifest(None, columns=list(STATS_COLUMNS))
-    ok_mask = pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False)
-    failed = table.filter(pc.equal(table.column("status"), "failed"))
+        cols = _stats_columns(selected_manifest(cache, selection, None, [*STATS_COLUMNS, "row"]).to_batches())
+    else:  # streamed: no Arrow table of every row
+        cols = scan_manifest(cache.location, _stats_columns, list(STATS_COLUMNS))
     grid = cache.select_grid(grid)
+    n_ok, shard_names = cols["n_ok"], cols["shards"]
     if grid == tuple(cache.config.grid):
-        mask_frac = table.column("mask_frac").to_numpy()[ok_mask].astype(np.float64)
-        valid_frac = table.column("valid_frac").to_numpy()[ok_mask].astype(np.float64)
+        mask_frac, valid_frac = cols["mask_frac"], cols["valid_frac"]
     else:
-        ok_shards = pc.unique(table.column("shard").filter(pa.array(ok_mask))).to_pylist()
+        ok_shards = sorted(shard_names[k] for k in np.flatnonzero(cols["seen"]).tolist())
         rows: dict[str, set[int]] | None = None
         if selection:  # only the selected rows of the shards
             rows = {}
-            ok_rows = table.filter(pa.array(ok_mask))
-            for sid, r in zip(ok_rows.column("shard").to_pylist(), ok_rows.column("row").to_pylist()):
-                rows.setdefault(sid, set()).add(r)
-        valid_frac, mask_frac = _grid_fractions(cache, sorted(ok_shards), grid, rows)
+            for k, r in zip(cols["shard"].tolist(), cols["row"].tolist()):
+                rows.setdefault(shard_names[k], set()).add(int(r))
+        valid_frac, mask_frac = _grid_fractions(cache, ok_shards, grid, rows)
     counts, edges = np.histogram(mask_frac, bins=bins, range=(0.0, 1.0))
-    errors = failed.column("error").to_pylist()
+    errors = cols["errors"]
     reasons = Counter((e or "").split(":", 1)[0] for e in errors)
-    scene, n_scenes = _codes(table.column("scene_id"))
-    shard, n_shards = _codes(table.column("shard"))
     loc = cache.location
     orphans = find_orphans(loc)
-    n_ok, n_failed = int(ok_mask.sum()), failed.num_rows
-    recorded = table.column("shard_bytes").to_numpy()[ok_mask]
-    if n_ok and not np.isnan(recorded.astype(np.float64)).any():
-        per_shard = np.zeros(n_shards, dtype=np.int64)  # the size recorded with each ok row of a shard (the same for all)
-        np.maximum.at(per_shard, shard[ok_mask], recorded.astype(np.int64))
-        shard_bytes, source = int(per_shard.sum()), "recorded"
+    n_failed = len(errors)
+    if n_ok and not cols["unrecorded"]:
+        shard_bytes, source = int(cols["size"].sum()), "recorded"
     elif n_ok:
         shard_bytes, source = loc.disk_usage(SHARDS_DIR), "measured"
     else:
@@ -108,11 +143,11 @@ def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS, grid: tuple[in
         "backend": cache.config.backend.get("name"),
         "windows_ok": n_ok,
         "windows_failed": n_failed,
-        "scenes_ok": _distinct(scene[ok_mask], n_scenes),
-        "scenes_total": _distinct(scene, n_scenes),
-        "shards": _distinct(shard[ok_mask], n_shards),
-        "valid_frac_mean": float(valid_frac.mean()) if n_ok else 0.0,
-        "mask_frac_mean": float(mask_frac.mean()) if n_ok else 0.0,
+        "scenes_ok": cols["scenes_ok"],
+        "scenes_total": cols["scenes_total"],
+        "shards": int(cols["seen"].sum()),
+        "valid_frac_mean": float(np.mean(valid_frac, dtype=np.float64)) if n_ok else 0.0,
+        "mask_frac_mean": float(np.mean(mask_frac, dtype=np.float64)) if n_ok else 0.0,
         "mask_frac_histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
         "failure_reasons": dict(reasons.most_common()),
         "failure_examples": errors[:5],

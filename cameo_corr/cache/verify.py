@@ -15,12 +15,12 @@ chunk of every shard. :func:`repair_corrupt_shards` drops the shards holding cor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
 from cameo_corr.cache.consolidation import drop_shards
-from cameo_corr.cache.manifest import id_array, read_manifest
+from cameo_corr.cache.manifest import StringCodes, id_array, read_manifest, scan_manifest
 from cameo_corr.cache.select import selected_manifest
 from cameo_corr.cache.shard import CorruptCacheError, window_fractions
 from cameo_corr.schemas import CACHE_ARRAYS, CameoCorrError, token_coords, validate_window_arrays
@@ -84,30 +84,58 @@ class VerifyReport:
     corrupt: list[tuple[str | None, str, str | None]] = field(default_factory=list)
 
 
-def _manifest_problems(table: "pa.Table") -> tuple[list[str], np.ndarray]:
-    """Row-level manifest problems (vectorised over all rows) and the mask of well-formed ok rows."""
-
+def _light_columns(batches: Iterable["pa.RecordBatch"]) -> dict[str, Any]:
+    """The ``window_id``, ``status``, ``shard``, ``row``, ``error`` columns of all rows as numpy, batch by
+    batch: ids (``S<n>``), status and shard codes (:class:`StringCodes`), null and empty masks."""
     import pyarrow.compute as pc
 
     def mask(arr: Any) -> np.ndarray:
         return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=bool)
 
-    status = table.column("status")
-    shard_null, row_null = mask(table.column("shard").is_null()), mask(table.column("row").is_null())
-    error = table.column("error")
-    error_null = mask(error.is_null())
-    error_empty = error_null | mask(pc.equal(error.fill_null(""), ""))
-    ids = id_array(table.column("window_id"))
+    ids, status, shard = [], StringCodes(), StringCodes()
+    masks: dict[str, list[np.ndarray]] = {"shard_null": [], "row_null": [], "error_null": [], "error_empty": []}
+    for batch in batches:
+        ids.append(id_array(batch.column("window_id")))
+        status.add(batch.column("status"))
+        shard.add(batch.column("shard"))
+        error = batch.column("error")
+        masks["shard_null"].append(mask(batch.column("shard").is_null()))
+        masks["row_null"].append(mask(batch.column("row").is_null()))
+        masks["error_null"].append(mask(error.is_null()))
+        masks["error_empty"].append(mask(pc.equal(error.fill_null(""), "")))
+    out = {k: np.concatenate(v) if v else np.zeros(0, bool) for k, v in masks.items()}
+    out["ids"] = np.concatenate(ids) if ids else np.zeros(0, "S1")
+    out["status"], out["statuses"] = status.result()
+    out["shard"], out["shards"] = shard.result()
+    return out
+
+
+def _schema(columns: Sequence[str]) -> "pa.Schema":
+    import pyarrow as pa
+
+    from cameo_corr.schemas import manifest_schema
+
+    return pa.schema([manifest_schema().field(c) for c in columns])
+
+
+def _manifest_problems(cols: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+    """Row-level manifest problems (vectorised over all rows of :func:`_light_columns`) and the mask of
+    well-formed ok rows."""
+    ids, statuses = cols["ids"], cols["statuses"]
     problems: list[str] = []
-    srt = np.sort(ids)
+    srt = ids if len(ids) < 2 or bool(np.all(ids[1:] >= ids[:-1])) else np.sort(ids)  # one consolidated part: sorted
     dup = np.unique(srt[1:][srt[1:] == srt[:-1]]) if len(srt) > 1 else srt[:0]
+    del srt
     problems += [f"window {w.decode()}: {int((ids == w).sum())} manifest rows" for w in dup]
-    is_ok, is_failed = mask(pc.equal(status, "ok").fill_null(False)), mask(pc.equal(status, "failed").fill_null(False))
+    code = {name: k for k, name in enumerate(statuses)}
+    is_ok, is_failed = cols["status"] == code.get("ok", -2), cols["status"] == code.get("failed", -2)
     for i in np.flatnonzero(~(is_ok | is_failed)):
-        problems.append(f"window {ids[i].decode()}: unknown status {status[int(i)].as_py()!r}")
-    for i in np.flatnonzero(is_failed & ~(shard_null & row_null & ~error_empty)):
+        value = statuses[cols["status"][i]] if cols["status"][i] >= 0 else None
+        problems.append(f"window {ids[i].decode()}: unknown status {value!r}")
+    shard_null, row_null = cols["shard_null"], cols["row_null"]
+    for i in np.flatnonzero(is_failed & ~(shard_null & row_null & ~cols["error_empty"])):
         problems.append(f"window {ids[i].decode()}: failed row must have shard/row null and an error")
-    bad_ok = is_ok & (shard_null | row_null | ~error_null)
+    bad_ok = is_ok & (shard_null | row_null | ~cols["error_null"])
     for i in np.flatnonzero(bad_ok):
         problems.append(f"window {ids[i].decode()}: ok row must have shard and row and no error")
     return problems, is_ok & ~bad_ok
@@ -173,19 +201,19 @@ def verify_report(cache: "CorrCache", *, max_windows: int | None = None, deep: b
     light_columns = ["window_id", "status", "shard", "row", "error"]
     if selection:
 
-        light = selected_manifest(cache, selection, None, light_columns)
+        light = _light_columns(selected_manifest(cache, selection, None, light_columns).to_batches())
         # rows of every ok window (selected or not) that the shards' rows are checked against
         referenced: dict[str, set[int]] = {}
         for sid, r in zip(*cache.manifest("ok", columns=["shard", "row"]).to_pydict().values()):
             referenced.setdefault(sid, set()).add(r)
-    else:
-        light = cache.manifest(None, columns=light_columns)
+    else:  # streamed: all rows as numpy columns, no Arrow table of them
+        light = scan_manifest(cache.location, _light_columns, light_columns)
     report = VerifyReport()
     report.problems, ok_mask = _manifest_problems(light)
-    ok = light.filter(pa.array(ok_mask))
-    report.windows_ok = ok.num_rows
-    counts = pc.value_counts(ok.column("shard")).to_pylist()
-    sizes = dict(sorted((c["values"], c["counts"]) for c in counts))
+    report.windows_ok = int(ok_mask.sum())
+    counts = np.bincount(light["shard"][ok_mask], minlength=len(light["shards"]))
+    names = light["shards"]
+    sizes = {names[k]: int(counts[k]) for k in sorted(np.flatnonzero(counts), key=names.__getitem__)}
     visit: list[str] = []
     budget = max_windows
     for sid, size in sizes.items():
@@ -194,13 +222,18 @@ def verify_report(cache: "CorrCache", *, max_windows: int | None = None, deep: b
         visit.append(sid)
         if budget is not None:
             budget -= size
-    wanted = ok.filter(pc.is_in(ok.column("shard"), pa.array(visit, pa.string()))).column("window_id")
+    codes = {name: k for k, name in enumerate(names)}
+    chosen = ok_mask & np.isin(light["shard"], [codes[s] for s in visit])
+    wanted = pa.array([w.decode() for w in light["ids"][chosen].tolist()], pa.string())
+    del light
     columns = ["window_id", "status", "shard", "row", "num_views", "frame_ids", "valid_frac", "mask_frac"]
     if max_windows is None:
         expr = selection.expression() if selection else None
         full = read_manifest(cache.location, columns=columns, filter=pc.field("status") == "ok" if expr is None else (pc.field("status") == "ok") & expr)
     else:
-        full = read_manifest(cache.location, columns=columns, filter=pc.field("window_id").isin(wanted.combine_chunks()))
+        # streamed: the filter keeps a few rows of each batch, so the wide columns of the others never pile up
+        full = scan_manifest(cache.location, lambda batches: pa.Table.from_batches(list(batches), _schema(columns)), columns,
+                             pc.field("window_id").isin(wanted))
     rows_by_shard: dict[str, list[dict[str, Any]]] = {}
     for r in full.to_pylist():
         if r["status"] == "ok" and r["shard"] in sizes:

@@ -54,6 +54,18 @@ covers (``data.order_scope``):
 * ``sample``: each sample draws its own (the views chosen are the same in both scopes).
 """
 
+WINDOW_SHUFFLES = ("block", "buffer")
+"""How an epoch's windows are shuffled after the shards are (``data.window_shuffle``):
+
+* ``block`` (default): the shuffled shards are cut into blocks of ``shuffle_shards`` consecutive shards
+  and the windows of each block are permuted uniformly. A stream then holds ``shuffle_shards`` decoded
+  shards per cache and decodes each shard once per epoch (per process); ``shuffle_shards`` of 64 windows
+  each mix 256 windows by default (every order of a block's windows is equally likely);
+* ``buffer`` (the previous policy): the windows, shard after shard, go through a seeded shuffle buffer of
+  ``shuffle_buffer`` slots. Its stragglers outlive the 4 shard visits a process keeps, so a shard is
+  decoded several times per epoch (about 4x with 64 slots over shards of 64).
+"""
+
 PRECISIONS = ("fp32", "official_bf16")
 """Training numerics (``train.precision``, :mod:`cameo_corr.train.precision`): ``fp32`` weights (autocast
 per ``train.mixed_precision``), or ``official_bf16``, the numerics of the official DeepSpeed bf16 run."""
@@ -113,7 +125,12 @@ class DataConfig:
     tags: dict[str, str] | None = None
     """Manifest ``dataset`` -> batch ``tag``; ``None``: :data:`cameo_corr.train.data.DEFAULT_TAGS`."""
     batch_size: int = 2
+    window_shuffle: str = "block"
+    """Window shuffle after the shard shuffle: ``block`` or ``buffer`` (:data:`WINDOW_SHUFFLES`)."""
+    shuffle_shards: int = 4
+    """``window_shuffle: block``: shards whose windows are permuted together (0: no window shuffle)."""
     shuffle_buffer: int = 64
+    """``window_shuffle: buffer``: slots of the shuffle buffer."""
     shard_shuffle: bool = True
     num_workers: int = 0
     multiprocessing_context: str | None = None
@@ -505,6 +522,11 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> None:
         raise SchemaError("loss.skipped_grad", f"expected one of {', '.join(SKIPPED_GRADS)}, got {cfg.loss.skipped_grad!r}", where=where)
     if not 0.0 <= d.shuffle_prob <= 1.0:
         raise SchemaError("data.shuffle_prob", f"must be in [0, 1], got {d.shuffle_prob}", where=where)
+    if d.window_shuffle not in WINDOW_SHUFFLES:
+        raise SchemaError("data.window_shuffle", f"expected one of {', '.join(WINDOW_SHUFFLES)}, got {d.window_shuffle!r}", where=where)
+    if d.shuffle_shards < 0 or d.shuffle_buffer < 0:
+        field = "data.shuffle_shards" if d.shuffle_shards < 0 else "data.shuffle_buffer"
+        raise SchemaError(field, f"must be >= 0, got {d.shuffle_shards if d.shuffle_shards < 0 else d.shuffle_buffer}", where=where)
     if cfg.loss.query_chunk is not None and cfg.loss.query_chunk < 1:
         raise SchemaError("loss.query_chunk", f"must be >= 1, got {cfg.loss.query_chunk}", where=where)
     if cfg.loss.cameo_weight < 0:

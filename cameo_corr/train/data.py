@@ -4,7 +4,11 @@
 sample order is a pure function of ``(seed, epoch)``, computed from the manifest alone:
 
 1. the shards are shuffled (shard-level shuffle, so reads stay sequential within a shard);
-2. the windows, read shard after shard, go through a seeded shuffle buffer of ``shuffle_buffer`` slots;
+2. the windows are shuffled by ``window_shuffle`` (:data:`~cameo_corr.train.config.WINDOW_SHUFFLES`):
+   ``block`` (default, :func:`block_order`) cuts the shuffled shards into blocks of ``shuffle_shards``
+   shards and permutes each block's windows uniformly, so a process holds ``shuffle_shards`` decoded
+   shards and decodes each shard once per epoch; ``buffer`` (the previous policy, :func:`epoch_order`)
+   streams them, shard after shard, through a seeded shuffle buffer of ``shuffle_buffer`` slots;
 3. the epoch order is padded by wrapping to a multiple of ``world_size`` (as ``DistributedSampler``
    does, so every rank sees the same number of samples) and rank ``r`` takes every ``world_size``-th
    window starting at ``r``;
@@ -53,12 +57,14 @@ int64 ``[F, F, h*w]``, ``corr_mask`` bool ``[F, F, h*w]``, ``corr_dist`` float32
 are collated with :func:`collate_samples` to ``[B, ...]`` (``tag`` and ``window_id`` become lists,
 ``num_ref`` ``[B]``).
 
-Windows are held as numpy columns (shard index, row, number of views: 10 bytes per window, no
-Python object per window), so a million-window dataset pickles into each DataLoader worker in a few
-MB. A worker reads a shard once per visit: the ``nn``/``mask``/``dist`` arrays of all its windows are
-decoded together and kept for the next windows of the same shard (a small LRU, since the buffer
-shuffle interleaves a few neighbouring shards), with the windows' ids, scenes and frame ids from the
-shard itself. A window whose cached bytes fail their checksum raises
+Windows are held as numpy columns, sorted by shard: per window only its row in the shard (1 byte
+for shards of up to 256 windows), per shard its first window, cache and number of views; no Python
+object per window, so ten million windows pickle into each DataLoader worker in about 10 MB (sent once
+per iteration of a :class:`StreamLoader`, which streams every epoch of a run). A worker reads a shard
+once per visit: the ``nn``/``mask``/``dist`` arrays of all its windows are decoded together and kept
+for the next windows of the same shard (the shards of the current block, per cache: an LRU of
+:attr:`CorrStreamDataset.shard_visits`), with the windows' ids, scenes and frame ids from the shard
+itself. A window whose cached bytes fail their checksum raises
 :class:`~cameo_corr.cache.shard.CorruptCacheError` (``on_corrupt="raise"``), or with
 ``on_corrupt="skip"`` is left out, logged and counted (:attr:`StreamLoader.corrupt_skipped`; the
 training loop writes the count into every ``metrics.jsonl`` row and checkpoints it).
@@ -69,6 +75,7 @@ only plain data, so it is safe under the ``fork`` and ``spawn`` multiprocessing 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -83,7 +90,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from cameo_corr.pipeline.masks import DEFAULT_VISIBILITY_TOL, check_policy, check_tau, check_visibility_tol, mask_inputs, recompute_mask
 from cameo_corr.schemas import IMAGE_ARRAYS, CameoCorrError, DatasetError, SchemaError, WindowRecord
-from cameo_corr.train.config import ORDER_POLICIES, ORDER_SCOPES
+from cameo_corr.train.config import ORDER_POLICIES, ORDER_SCOPES, WINDOW_SHUFFLES
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.datasets.base import SceneReader
@@ -106,6 +113,9 @@ SKIPPED_KEY = "corrupt_skipped"
 WORKER_ERROR_KEY = "worker_error"
 """Key of the one-item batch that carries an error of ours out of a DataLoader worker (:class:`CarryErrors`)."""
 """Batch key: how many of the batch's stream positions were corrupt windows left out (``skip``)."""
+
+BUFFER_SHARD_VISITS = 4
+"""Shard visits a process keeps per cache under ``window_shuffle="buffer"`` (as before the block shuffle)."""
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +167,35 @@ def epoch_order(
     final[:-1] = first[1:]
     last[drawn[final]] = steps[final] + size
     return np.concatenate([stream[held], stream[last[rng.permutation(size)]]])
+
+
+def block_order(shard_start: np.ndarray, *, seed: int, epoch: int, shard_shuffle: bool = True, block_shards: int = 4
+                ) -> np.ndarray:
+    """The global order of one epoch under the block shuffle: window indices, shard by shard.
+
+    Shard ``k`` holds the window indices ``shard_start[k]:shard_start[k + 1]``. The shards are permuted
+    (when ``shard_shuffle``; the same permutation as :func:`epoch_order`'s), cut into blocks of
+    ``block_shards`` consecutive shards, and the windows of each block are permuted uniformly
+    (``block_shards=0``: kept in storage order). A reader holding ``block_shards`` decoded shards decodes
+    each shard once. Deterministic in ``(seed, epoch)``.
+    """
+    if block_shards < 0:
+        raise SchemaError("shuffle_shards", f"must be >= 0, got {block_shards}")
+    start = np.asarray(shard_start, dtype=np.int64)
+    sizes = np.diff(start)
+    shards = np.arange(len(sizes))
+    if shard_shuffle:
+        shards = np.random.default_rng([seed, epoch, 0]).permutation(len(sizes))
+    lengths = sizes[shards]
+    offsets = np.cumsum(lengths) - lengths  # where each shard's windows start in the stream
+    stream = np.repeat(start[shards] - offsets, lengths) + np.arange(int(lengths.sum()))
+    if block_shards == 0:
+        return stream
+    rng = np.random.default_rng([seed, epoch, 5])
+    bounds = np.append(offsets[::block_shards], len(stream)).tolist()
+    for a, b in itertools.pairwise(bounds):
+        stream[a:b] = stream[a:b][rng.permutation(b - a)]
+    return stream
 
 
 def reference_order(num_views: int, num_ref: int, policy: str, rng: np.random.Generator, shuffle_prob: float = DEFAULT_SHUFFLE_PROB) -> np.ndarray:
@@ -226,23 +265,36 @@ def check_mixture(caches: Sequence["CorrCache"], grid: tuple[int, int], *, tau_m
                                          f"{other.location.display} has {b}", where=other.location.url(CONFIG_FILE))
 
 
+def _shard_columns(batches: Iterator[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """``(shard code, row, views, shard ids)`` of manifest batches, each batch turned into numpy at once."""
+    from cameo_corr.cache.manifest import StringCodes
+
+    codes, rows, views = StringCodes(), [], []
+    for batch in batches:
+        codes.add(batch.column("shard"))
+        rows.append(batch.column("row").to_numpy(zero_copy_only=False).astype(np.int32))
+        views.append(batch.column("num_views").to_numpy(zero_copy_only=False).astype(np.int16))
+    shard, names = codes.result()
+    return shard, (np.concatenate(rows) if rows else np.zeros(0, np.int32)), (np.concatenate(views) if views else np.zeros(0, np.int16)), names
+
+
 def _source_windows(cache: "CorrCache", selection: Any, num_views: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """The selected ok windows of one cache as numpy columns: ``(shard code, row, views, shard ids)``,
-    shard codes indexing the sorted shard ids."""
+    shard codes indexing the sorted shard ids. The manifest is streamed (no Arrow table of all rows)."""
     import pyarrow.compute as pc
 
-    from cameo_corr.cache.select import selected_manifest
+    from cameo_corr.cache.manifest import scan_manifest
 
     where = f"{cache.location.display}/manifest"
-    table = selected_manifest(cache, selection, "ok", ["shard", "row", "num_views"])
-    if table.num_rows == 0:
+    expr, chosen = pc.field("status") == "ok", selection.expression()
+    shard, row, views, names = scan_manifest(cache.location, _shard_columns, ["shard", "row", "num_views"],
+                                             expr if chosen is None else expr & chosen)
+    if len(row) == 0:
+        if selection:
+            raise DatasetError(where, f"no 'ok' windows match the selection ({selection.describe()})", field="selection")
         raise DatasetError(where, "no 'ok' windows", field="status")
-    encoded = pc.dictionary_encode(table.column("shard").combine_chunks())
-    names = encoded.dictionary.to_pylist()
     rank_of_name = np.argsort(np.argsort(np.array(names, dtype=object)))  # shard codes in sorted-name order
-    shard = rank_of_name[encoded.indices.to_numpy(zero_copy_only=False)].astype(np.int32)
-    row = table.column("row").to_numpy().astype(np.int32)
-    views = table.column("num_views").to_numpy().astype(np.int16)
+    shard = rank_of_name[shard].astype(np.int32)
     if views.min() < num_views:
         raise DatasetError(where, f"{int((views < num_views).sum())} windows have fewer views than num_views="
                            f"{num_views} (e.g. {int(views.min())})", field="num_views")
@@ -261,6 +313,50 @@ def stored_window(arrays: dict[str, np.ndarray], views: np.ndarray, size: int, r
     scale = np.diag([resolution / size, resolution / size, 1.0])
     intrinsics = scale @ np.asarray(arrays["image_intrinsics"][views], dtype=np.float64)
     return images, intrinsics, np.asarray(arrays["image_extrinsics"][views])
+
+
+def _by_shard_and_row(shard: np.ndarray, row: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """The permutation sorting windows by ``(shard, row)``: a scatter when each shard's rows are exactly
+    ``0 ... n - 1`` (all its windows selected: the usual case), else a sort."""
+    if len(row) and row.min() >= 0 and bool((row < start[shard + 1] - start[shard]).all()):
+        order = np.full(len(row), -1, np.int64)
+        order[start[shard] + row] = np.arange(len(row))
+        if bool((order >= 0).all()):
+            return order
+    return np.argsort((shard.astype(np.int64) << 32) | row.astype(np.int64), kind="stable")
+
+
+def _window_columns(caches: Sequence[CorrCache], sources: Sequence[CacheSource], defaults: Any, num_views: int) -> dict[str, Any]:
+    """The selected windows of all caches as compact columns, sorted by cache, shard, then row:
+    ``shard_ids``, ``shard_source``, ``shard_start`` (``[shards + 1]`` bounds), ``shard_views`` (one S per
+    shard) and ``window_row`` (the smallest unsigned dtype holding the largest row)."""
+    shard_parts, row_parts, view_parts, names_all, shard_source = [], [], [], [], []
+    for k, (src, cache) in enumerate(zip(sources, caches)):
+        shard, row, views, names = _source_windows(cache, src.selection.over(defaults), num_views)
+        shard_parts.append(shard + len(names_all))
+        row_parts.append(row)
+        view_parts.append(views)
+        names_all += names
+        shard_source.append(np.full(len(names), k, dtype=np.int16))
+    shard, row = np.concatenate(shard_parts), np.concatenate(row_parts)
+    start = np.concatenate([[0], np.cumsum(np.bincount(shard, minlength=len(names_all)))]).astype(np.int64)
+    order = _by_shard_and_row(shard, row, start)
+    owner = np.concatenate(shard_source)
+    shard, rows = shard[order], row[order]
+    same = (rows[1:] == rows[:-1]) & (shard[1:] == shard[:-1])
+    if same.any():
+        k, r = int(shard[1:][same][0]), int(rows[1:][same][0])
+        raise DatasetError(f"{caches[owner[k]].location.display}/manifest", f"shard {names_all[k]} row {r} is listed by more "
+                           "than one ok window", field="row")
+    del shard, same
+    views = np.concatenate(view_parts)[order]
+    low, high = np.minimum.reduceat(views, start[:-1]), np.maximum.reduceat(views, start[:-1])
+    if np.any(low != high):
+        k = int(np.flatnonzero(low != high)[0])
+        raise DatasetError(f"{caches[owner[k]].location.display}/manifest", f"the windows of shard {names_all[k]} have "
+                           f"{int(low[k])} to {int(high[k])} views; a shard holds windows of one S", field="num_views")
+    return {"shard_ids": tuple(names_all), "shard_source": owner, "shard_start": start, "shard_views": low.astype(np.int16),
+            "window_row": rows.astype(np.min_scalar_type(int(rows.max()) if len(rows) else 0))}
 
 
 class _ShardVisit:
@@ -307,9 +403,6 @@ class _ProcessState:
     groups), the dataset reader and canonical view; and the shards being visited and the frame records
     of recently used scenes (keyed by cache index)."""
 
-    max_shards = 4
-    """Shard visits kept per cache."""
-
     def __init__(self, owner: "CorrStreamDataset") -> None:
         from cameo_corr.datasets.base import open_dataset
         from cameo_corr.datasets.canonical import CanonicalView
@@ -339,7 +432,8 @@ class _ProcessState:
         self.scenes: OrderedDict[tuple[int, str], dict[str, Any]] = OrderedDict()
         self.shards: OrderedDict[tuple[int, str], _ShardVisit] = OrderedDict()
         self.max_open = owner.max_open * len(owner.sources)
-        self.max_visits = self.max_shards * len(owner.sources)
+        self.max_shards = owner.shard_visits
+        """Shard visits kept per cache (:attr:`CorrStreamDataset.shard_visits`)."""
         self.grid = owner.grid
         self.read_names = _CORR_KEYS
         """Arrays read per shard visit: the correspondence arrays, and the inputs of a recomputed mask."""
@@ -374,8 +468,9 @@ class _ProcessState:
             names = self.read_names + (tuple(IMAGE_ARRAYS) if self.readers[source] is None else ())
             self.shards[key] = _ShardVisit(self.caches[source], shard_id, self.grid, names)
             self.shard_reads += 1
-            while len(self.shards) > self.max_visits:
-                self.shards.popitem(last=False)
+            mine = [k for k in self.shards if k[0] == source]  # each cache keeps its own block, however often drawn
+            for old in mine[: max(len(mine) - self.max_shards, 0)]:
+                del self.shards[old]
         self.shards.move_to_end(key)
         return self.shards[key]
 
@@ -409,7 +504,12 @@ class CorrStreamDataset(IterableDataset):
         tags: manifest ``dataset`` -> batch ``tag`` (default :data:`DEFAULT_TAGS`; unlisted datasets
             keep their name).
         seed: seed of every random choice.
-        shard_shuffle, shuffle_buffer: shard-level shuffle and buffer size of the window shuffle.
+        shard_shuffle: shuffle the shards (else storage order).
+        window_shuffle: how the windows are shuffled, one of :data:`~cameo_corr.train.config.WINDOW_SHUFFLES`:
+            ``block`` (:func:`block_order`, blocks of ``shuffle_shards`` shards) or ``buffer``
+            (:func:`epoch_order`, a buffer of ``shuffle_buffer`` slots; the previous policy).
+        shuffle_shards: shards per block of the block shuffle (0: no window shuffle).
+        shuffle_buffer: slots of the buffer shuffle.
         rank, world_size: this process's data-parallel rank and the number of ranks (pass them
             explicitly, e.g. ``accelerator.process_index`` / ``accelerator.num_processes``).
         batch_size: when given, the stream yields collated batches of this many samples (use with
@@ -453,6 +553,8 @@ class CorrStreamDataset(IterableDataset):
         tags: dict[str, str] | None = None,
         seed: int = 0,
         shard_shuffle: bool = True,
+        window_shuffle: str = "block",
+        shuffle_shards: int = 4,
         shuffle_buffer: int = 64,
         rank: int = 0,
         world_size: int = 1,
@@ -499,6 +601,8 @@ class CorrStreamDataset(IterableDataset):
         self.tags = dict(DEFAULT_TAGS if tags is None else tags)
         self.seed = int(seed)
         self.shard_shuffle = bool(shard_shuffle)
+        self.window_shuffle = window_shuffle
+        self.shuffle_shards = int(shuffle_shards)
         self.shuffle_buffer = int(shuffle_buffer)
         self.rank = int(rank)
         self.world_size = int(world_size)
@@ -530,37 +634,29 @@ class CorrStreamDataset(IterableDataset):
         if tau is not None or mask_policy != "cycle":
             self.mask_options = {"tau": check_tau(caches[0].config.tau if tau is None else tau), "policy": mask_policy,
                                  "tol": check_visibility_tol(visibility_tol)}
-        defaults = WindowSelection(split, scenes_file, min_mask_frac)
-        shard_parts, row_parts, view_parts, names_all, shard_source = [], [], [], [], []
-        for k, (src, cache_obj) in enumerate(zip(sources, caches)):
-            shard, row, views, names = _source_windows(cache_obj, src.selection.over(defaults), self.num_views)
-            shard_parts.append(shard + len(names_all))
-            row_parts.append(row)
-            view_parts.append(views)
-            names_all += names
-            shard_source.append(np.full(len(names), k, dtype=np.int16))
-        shard = np.concatenate(shard_parts)
-        order = np.lexsort((np.concatenate(row_parts), shard))  # shard indices grow with the source: sorted by source too
-        self.shard_ids: tuple[str, ...] = tuple(names_all)
-        """Shard ids, sorted within each cache, caches in order; ``window_shard`` indexes into it."""
-        self.shard_source: np.ndarray = np.concatenate(shard_source)
+        cols = _window_columns(caches, sources, WindowSelection(split, scenes_file, min_mask_frac), self.num_views)
+        self.shard_ids: tuple[str, ...] = cols["shard_ids"]
+        """Shard ids, sorted within each cache, caches in order; :attr:`shard_start` and :attr:`window_shard` index it."""
+        self.shard_source: np.ndarray = cols["shard_source"]
         """``[shards]`` int16 index (into :attr:`sources`) of the cache of each shard."""
-        self.window_shard: np.ndarray = shard[order].astype(np.int32)
-        """``[N]`` int32 shard index of each window (windows sorted by cache, shard, then row)."""
-        self.window_row: np.ndarray = np.concatenate(row_parts)[order]
-        """``[N]`` int32 row of each window in its shard."""
-        self.window_views: np.ndarray = np.concatenate(view_parts)[order]
-        """``[N]`` int16 number of views S of each window."""
-        bounds = np.searchsorted(self.window_shard, np.arange(len(self.shard_ids) + 1))
-        self.shard_start: np.ndarray = bounds.astype(np.int64)
-        """``[shards + 1]``: the windows of shard ``k`` are ``shard_start[k]:shard_start[k + 1]``."""
-        sizes = np.bincount(self.shard_source[self.window_shard], minlength=len(sources)).astype(np.int64)
+        self.shard_start: np.ndarray = cols["shard_start"]
+        """``[shards + 1]`` int64: the windows of shard ``k`` are ``shard_start[k]:shard_start[k + 1]`` (windows
+        sorted by cache, shard, then row)."""
+        self.shard_views: np.ndarray = cols["shard_views"]
+        """``[shards]`` int16 number of views S of the windows of each shard."""
+        self.window_row: np.ndarray = cols["window_row"]
+        """``[N]`` row of each window in its shard (the smallest unsigned dtype holding the largest row)."""
+        self._window_shard: np.ndarray | None = None
+        sizes = np.bincount(self.shard_source, weights=np.diff(self.shard_start), minlength=len(sources)).astype(np.int64)
         self.source_windows: np.ndarray = sizes
         """``[caches]`` number of selected windows of each cache."""
         self.source_counts: np.ndarray = mixture_counts([s.weight for s in sources], int(sizes.sum()))
         """``[caches]`` samples drawn from each cache per epoch (see :func:`mixture_counts`)."""
         self.epoch_length = math.ceil(int(sizes.sum()) / self.world_size)
         """Samples per epoch on each rank (the padded epoch order divided by ``world_size``)."""
+        self.shard_visits = max(self.shuffle_shards, 1) if self.window_shuffle == "block" else BUFFER_SHARD_VISITS
+        """Decoded shards a process keeps per cache: a block's (``shuffle_shards``), or
+        :data:`BUFFER_SHARD_VISITS` under the buffer shuffle."""
         self.state = StreamState()
         self._proc: _ProcessState | None = None
 
@@ -588,6 +684,11 @@ class CorrStreamDataset(IterableDataset):
             raise SchemaError("num_epochs", f"must be positive or None, got {self.num_epochs}")
         if self.on_corrupt not in CORRUPT_POLICIES:
             raise SchemaError("on_corrupt", f"unknown policy {self.on_corrupt!r}; expected one of {CORRUPT_POLICIES}")
+        if self.window_shuffle not in WINDOW_SHUFFLES:
+            raise SchemaError("window_shuffle", f"unknown policy {self.window_shuffle!r}; expected one of {WINDOW_SHUFFLES}")
+        for name in ("shuffle_shards", "shuffle_buffer"):
+            if getattr(self, name) < 0:
+                raise SchemaError(name, f"must be >= 0, got {getattr(self, name)}")
 
     def make_local_cache(self) -> LocalShardCache | None:
         """A handle on the node's local shard cache (``None`` without ``local_cache``)."""
@@ -601,11 +702,23 @@ class CorrStreamDataset(IterableDataset):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_proc"] = None  # open readers and zarr groups never cross a process boundary
+        state["_window_shard"] = None  # rebuilt from shard_start where needed: 4 bytes per window not pickled
         return state
 
     def __len__(self) -> int:
         """Number of windows (not samples per epoch: see :attr:`epoch_length`)."""
         return len(self.window_row)
+
+    @property
+    def window_shard(self) -> np.ndarray:
+        """``[N]`` int32 shard index of each window (built from :attr:`shard_start` once per process)."""
+        if self._window_shard is None:
+            self._window_shard = np.repeat(np.arange(len(self.shard_ids), dtype=np.int32), np.diff(self.shard_start))
+        return self._window_shard
+
+    def shard_of(self, window: int) -> int:
+        """Shard index of window index ``window`` (a binary search of :attr:`shard_start`)."""
+        return int(np.searchsorted(self.shard_start, window, side="right")) - 1
 
     def shard_rows(self, source: int | None = None) -> list[np.ndarray]:
         """Window indices of each shard (of cache ``source``; ``None``: all), in row order (what
@@ -613,18 +726,27 @@ class CorrStreamDataset(IterableDataset):
         shards = range(len(self.shard_ids)) if source is None else np.flatnonzero(self.shard_source == source)
         return [np.arange(self.shard_start[k], self.shard_start[k + 1]) for k in shards]
 
+    def pass_order(self, source: int | None, seed: int, epoch: int) -> np.ndarray:
+        """One pass over the windows of cache ``source`` (``None``: all) in stream order: shard shuffle then
+        window shuffle (:func:`block_order` or :func:`epoch_order`, per :attr:`window_shuffle`)."""
+        if self.window_shuffle == "buffer":
+            return epoch_order(self.shard_rows(source), seed=seed, epoch=epoch, shard_shuffle=self.shard_shuffle,
+                               shuffle_buffer=self.shuffle_buffer)
+        first, last = (0, len(self.shard_ids) - 1) if source is None else np.flatnonzero(self.shard_source == source)[[0, -1]]
+        return block_order(self.shard_start[first : last + 2], seed=seed, epoch=epoch, shard_shuffle=self.shard_shuffle,
+                           block_shards=self.shuffle_shards)
+
     def epoch_windows(self, epoch: int) -> np.ndarray:
         """The window indices of one epoch, in stream order, before the rank split.
 
-        One cache: :func:`epoch_order` of ``(seed, epoch)``. A mixture: cache ``k`` contributes
+        One cache: :meth:`pass_order` of ``(seed, epoch)``. A mixture: cache ``k`` contributes
         :attr:`source_counts` ``[k]`` samples per epoch, the next ones of its own endless stream (its
-        passes ``p = 0, 1, ...``, each :func:`epoch_order` of ``(seed_k, p)`` over its shards, so reads stay
+        passes ``p = 0, 1, ...``, each :meth:`pass_order` of ``(seed_k, p)`` over its shards, so reads stay
         shard-ordered within each cache); the caches' samples are interleaved by a seeded shuffle of the
         epoch's slots.
         """
         if len(self.sources) == 1:
-            return epoch_order(self.shard_rows(), seed=self.seed, epoch=epoch, shard_shuffle=self.shard_shuffle,
-                               shuffle_buffer=self.shuffle_buffer)
+            return self.pass_order(None, self.seed, epoch)
         slots = np.repeat(np.arange(len(self.sources)), self.source_counts)
         np.random.default_rng([self.seed, epoch, 3]).shuffle(slots)
         out = np.empty(len(slots), dtype=np.int64)
@@ -634,9 +756,7 @@ class CorrStreamDataset(IterableDataset):
             seed = self.seed if k == 0 else int(np.random.SeedSequence([self.seed, k]).generate_state(1)[0])
             start = epoch * c
             first, last = start // n, (start + c - 1) // n
-            rows = self.shard_rows(k)
-            stream = np.concatenate([epoch_order(rows, seed=seed, epoch=p, shard_shuffle=self.shard_shuffle,
-                                                 shuffle_buffer=self.shuffle_buffer) for p in range(first, last + 1)])
+            stream = np.concatenate([self.pass_order(k, seed, p) for p in range(first, last + 1)])
             out[slots == k] = stream[start - first * n : start - first * n + c]
         return out
 
@@ -739,7 +859,7 @@ class CorrStreamDataset(IterableDataset):
         (``order_scope="sample"``, ``first`` unused).
         """
         rng = np.random.default_rng([self.seed, epoch, q, 2])
-        S = int(self.window_views[window])
+        S = int(self.shard_views[self.shard_of(window)])
         chosen = np.sort(rng.choice(S, size=self.num_views, replace=False))
         if self.order_scope == "sample":
             num_ref = int(rng.integers(self.min_ref, self.max_ref + 1))
@@ -751,7 +871,7 @@ class CorrStreamDataset(IterableDataset):
 
     def locate(self, window: int) -> tuple[int, str, int]:
         """``(cache index, shard id, row)`` of a window index."""
-        shard = int(self.window_shard[window])
+        shard = self.shard_of(window)
         return int(self.shard_source[shard]), self.shard_ids[shard], int(self.window_row[window])
 
     def window_meta(self, window: int) -> dict[str, Any]:
