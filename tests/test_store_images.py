@@ -38,8 +38,12 @@ def png_cache(tiny_train_cache: Path, tmp_path_factory) -> Path:
 
 
 def samples(cache: Path | str, resolution: int, **kw) -> list[dict]:
-    return list(CorrStreamDataset(cache, num_views=3, resolution=resolution, seed=3, shuffle_buffer=3, order_scope="sample",
-                                  num_epochs=1, **kw))
+    """One sample per window, in window-id order, each drawn at padded index 0 of epoch 0 (the same views
+    of a window in every cache): two caches of the same windows group them into shards as their jobs
+    committed them, so their streams' orders differ while their windows do not."""
+    ds = CorrStreamDataset(cache, num_views=3, resolution=resolution, seed=3, order_scope="sample", num_epochs=1, **kw)
+    drawn = [ds.sample(i, epoch=0, q=0) for i in range(len(ds))]
+    return sorted(drawn, key=lambda s: s["window_id"])
 
 
 def test_cache_json_images_field_is_absent_unless_used_and_checked():
