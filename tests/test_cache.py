@@ -742,3 +742,24 @@ def test_window_ids_are_one_numpy_array_read_as_strings(tmp_path) -> None:
     empty.write_shard("c", outcomes([5], failed=(5,)))
     none = CorrCache(tmp_path / "empty").window_ids()
     assert none == [] and not none and "w" not in none
+
+
+def test_string_codes_of_streamed_batches() -> None:
+    """Codes of a column streamed in batches: nulls -1, values of any width (a value met first in a batch
+    of wider values keeps its code in a batch of narrower ones), each value one code."""
+    import pyarrow as pa
+
+    from cameo_corr.cache.manifest import StringCodes
+
+    rng = np.random.default_rng(0)
+    pool = [f"{i:016x}" for i in range(300)] + ["a", "bb", "scene0000001", "é", ""]
+    codes, seen = StringCodes(), []
+    for b in range(12):
+        values = [None if rng.random() < 0.05 else pool[i] for i in rng.integers(0, len(pool), 200)]
+        values = {3: ["a", "a", None], 4: [None, None], 5: []}.get(b, values)
+        got = codes.add(pa.array(values, pa.string()))
+        assert [None if c < 0 else codes.names[c] for c in got] == values
+        seen += values
+    every, names = codes.result()
+    assert [None if c < 0 else names[c] for c in every] == seen
+    assert sorted(names) == sorted({v for v in seen if v is not None})  # each value once

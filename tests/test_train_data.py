@@ -594,3 +594,18 @@ def test_dataset_pickles_without_per_window_objects(many_shards: Path) -> None:
     copy = pickle.loads(blob)
     assert copy._window_shard is None and np.array_equal(copy.window_shard, ds.window_shard)
     assert [copy.locate(w) for w in range(len(ds))] == [ds.locate(w) for w in range(len(ds))]
+
+
+def test_window_shuffle_options_are_checked(tiny_cache: Path) -> None:
+    from cameo_corr.train.config import load_config
+
+    with pytest.raises(SchemaError, match="window_shuffle"):
+        make(tiny_cache, window_shuffle="global")
+    with pytest.raises(SchemaError, match="shuffle_shards"):
+        make(tiny_cache, shuffle_shards=-1)
+    with pytest.raises(SchemaError, match="data.window_shuffle"):
+        load_config(None, ["data.window_shuffle=global"])
+    with pytest.raises(SchemaError, match="data.shuffle_shards"):
+        load_config(None, ["data.shuffle_shards=-2"])
+    cfg = load_config(None, ["data.window_shuffle=buffer", "data.shuffle_shards=2"])
+    assert (cfg.data.window_shuffle, cfg.data.shuffle_shards) == ("buffer", 2)

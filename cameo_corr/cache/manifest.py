@@ -189,15 +189,16 @@ def _file_batches(location: CacheLocation, path: str, schema: "pa.Schema", filte
 
 class StringCodes:
     """Integer codes of a string column streamed in batches (:func:`scan_manifest`): a running dictionary
-    of the values in first-seen order, so no string is kept per row (``add`` each batch's column, then
-    :meth:`result`; with ``keep=False`` only :attr:`names` is kept). Nulls get code -1.
+    of the values, each value one code for good (new values of a batch take the next codes), so no string
+    is kept per row (``add`` each batch's column, then :meth:`result`; with ``keep=False`` only
+    :attr:`names` is kept). Nulls get code -1.
 
     Values are matched by a 64-bit hash of their bytes (numpy, no Python object per row), checked
     against each code's stored bytes, so a hash collision is an error, never a wrong code."""
 
     def __init__(self, keep: bool = True) -> None:
         self.names: list[str] = []
-        """The distinct values, in first-seen order (code ``k`` is ``names[k]``)."""
+        """The distinct values (code ``k`` is ``names[k]``)."""
         self._hashes = np.zeros(0, np.uint64)  # sorted
         self._codes = np.zeros(0, np.int32)  # code of each sorted hash
         self._stored = np.zeros(0, "S1")  # the bytes of each code's value
@@ -209,10 +210,11 @@ class StringCodes:
         import pyarrow.compute as pc
 
         valid = np.asarray(pc.is_valid(column).to_numpy(zero_copy_only=False), dtype=bool)
-        raw = id_array(column.fill_null("") if column.null_count else column)
+        raw = id_array(column.filter(pc.is_valid(column)) if column.null_count else column)  # the valid rows
         width = -(-max(raw.dtype.itemsize, 1) // 8) * 8
         words = np.zeros((len(raw), width), np.uint8)
-        words[:, : raw.dtype.itemsize] = raw.view(np.uint8).reshape(len(raw), raw.dtype.itemsize) if len(raw) else words[:, :0]
+        if len(raw):
+            words[:, : raw.dtype.itemsize] = raw.view(np.uint8).reshape(len(raw), raw.dtype.itemsize)
         hashes = np.zeros(len(raw), np.uint64)
         for k, col in enumerate(words.view(np.uint64).T):  # sum of word * P**k: zero padding adds nothing
             hashes += col * np.uint64(pow(0x100000001B3, k + 1, 1 << 64))
@@ -222,7 +224,7 @@ class StringCodes:
         uniq, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
         pos = np.searchsorted(self._hashes, uniq)
         known = (pos < len(self._hashes)) & (self._hashes[np.minimum(pos, len(self._hashes) - 1)] == uniq) if len(self._hashes) else np.zeros(len(uniq), bool)
-        new = np.flatnonzero(~known & valid[first])
+        new = np.flatnonzero(~known)
         codes_u = np.full(len(uniq), -1, np.int32)
         codes_u[known] = self._codes[pos[known]]
         codes_u[new] = np.arange(len(self.names), len(self.names) + len(new), dtype=np.int32)
@@ -230,9 +232,10 @@ class StringCodes:
         self._stored = np.concatenate([self._stored, raw[first[new]]])
         at = pos[new]  # where the new hashes go in the sorted ones (both sorted: a merge, no sort)
         self._hashes, self._codes = np.insert(self._hashes, at, uniq[new]), np.insert(self._codes, at, codes_u[new])
-        out = np.where(valid, codes_u[inverse.ravel()], -1).astype(np.int32)
-        if len(out) and not np.array_equal(self._stored[out[valid]], raw[valid]):
-            raise SchemaError("shard", "two manifest values share a 64-bit hash; read this column as a table")
+        out = np.full(len(valid), -1, np.int32)
+        out[valid] = codes_u[inverse.ravel()]
+        if len(raw) and not np.array_equal(self._stored[out[valid]], raw):
+            raise SchemaError(str(column.type), "two distinct manifest values share a 64-bit hash (never seen: please report)")
         if self._keep:
             self._parts.append(out)
         return out
