@@ -411,3 +411,27 @@ def test_ddp_ranks_share_the_batch_order_and_the_skip_rule(cache: Path, tmp_path
     assert not set(r0[0]["windows"]) & set(r1[0]["windows"])  # within an epoch the ranks' windows are disjoint
     assert [(a["applied"], b["applied"]) for a, b in zip(r0, r1)] == [(True, True), (False, True), (False, False)]
     assert [a["head_moved"] for a in r0] == [b["head_moved"] for b in r1] == [True, True, False]
+
+
+def test_a_training_command_reads_each_cache_json_once(cache: Path, tmp_path: Path, monkeypatch) -> None:
+    """The train command's views check, the trainer's grid check, the training and evaluation streams and
+    their DataLoader worker all use the cache.json read once at the start (it used to be read 4-5 times)."""
+    from cameo_corr.cli import main
+    from cameo_corr.schemas import CacheConfig
+
+    log = tmp_path / "parsed.txt"  # a file: the forked DataLoader worker's parses count too
+    log.touch()
+    real = CacheConfig.from_json.__func__
+
+    def counting(cls, text, *args, **kwargs):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(cls, text, *args, **kwargs)
+
+    monkeypatch.setattr(CacheConfig, "from_json", classmethod(counting))
+    rc = main(["train", "--cache", str(cache), "--config", "tiny_cpu", "--out", str(tmp_path / "run"), "--max-steps", "1",
+               "--no-progress", *BASE, "data.num_workers=1", "data.multiprocessing_context=fork", "eval.every=1",
+               f"eval.cache={json.dumps(str(cache))}", "eval.batches=1"])
+    assert rc == 0
+    parsed = log.read_text().split()
+    assert len(parsed) == 1, parsed

@@ -11,6 +11,7 @@ import json
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    from cameo_corr.schemas import CacheConfig
     from cameo_corr.train.config import TrainConfig
 
 
@@ -49,10 +50,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={int(args.max_steps)}")
     cfg = load_config(args.config, overrides)
-    check_views(cfg)
+    configs = check_views(cfg)
     from cameo_corr.train.loop import train  # torch + diffusers: only once the input is known to be good
 
-    result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, configs=configs)
     last = result.history[-1] if result.history else {}
     summary = {
         "step": result.step,
@@ -63,19 +64,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_views(cfg: "TrainConfig") -> None:
-    """Refuse ``data.num_views`` larger than a cache's views per window, saying which override fixes it."""
+def check_views(cfg: "TrainConfig") -> "dict[str, CacheConfig]":
+    """Refuse ``data.num_views`` larger than a cache's views per window, saying which override fixes it;
+    return every cache's ``cache.json`` (read here once for the whole command, by path)."""
     from cameo_corr.cli.errors import UsageError
     from cameo_corr.cache.layout import CONFIG_FILE
-    from cameo_corr.cache.reader import CorrCache
-    from cameo_corr.train.config import data_sources
+    from cameo_corr.train.config import data_sources, read_cache_configs
 
+    configs = read_cache_configs(cfg)
     mixture = data_sources(cfg.data)
     paths = [m.path for m in mixture] if mixture is not None else [cfg.data.cache] if cfg.data.cache is not None else []
     for path in paths:
-        cache = CorrCache(path)
-        S = cache.config.views
+        S = configs[str(path)].views
         if cfg.data.num_views > S:
             raise UsageError(
                 f"data.num_views={cfg.data.num_views} but the cache has S={S} views per window; pass data.num_views={S} "
-                f"(or fewer, at least 2) on the command line", where=f"{cache.location.display}/{CONFIG_FILE}")
+                f"(or fewer, at least 2) on the command line", where=f"{path}/{CONFIG_FILE}")
+    return configs

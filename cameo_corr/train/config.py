@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from cameo_corr.pipeline.masks import DEFAULT_VISIBILITY_TOL, check_policy, check_tau, check_visibility_tol
-from cameo_corr.schemas import SchemaError
+from cameo_corr.schemas import CacheConfig, SchemaError
 
 if typing.TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.train.mixture import CacheSource
@@ -441,6 +441,23 @@ def preset_path(name: str) -> Path:
     if not path.is_file():
         raise SchemaError("config", f"no built-in config {name!r}; presets: {', '.join(preset_names())}")
     return path
+
+
+def read_cache_configs(cfg: TrainConfig, known: Mapping[str, CacheConfig] | None = None) -> dict[str, CacheConfig]:
+    """The ``cache.json`` of every cache ``cfg`` reads (``data.cache`` or the mixture's, and ``eval.cache``),
+    by path as configured; the ones in ``known`` (read by the caller) are not read again."""
+    from cameo_corr.cache.config import read_config
+    from cameo_corr.cache.location import CacheLocation
+
+    mixture = data_sources(cfg.data)
+    paths = [m.path for m in mixture] if mixture is not None else [cfg.data.cache] if cfg.data.cache is not None else []
+    if cfg.eval.every > 0 and cfg.eval.cache is not None:
+        paths.append(cfg.eval.cache)
+    configs = dict(known or {})
+    for path in paths:
+        if str(path) not in configs:
+            configs[str(path)] = read_config(CacheLocation(path))
+    return configs
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:

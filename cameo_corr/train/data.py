@@ -82,14 +82,14 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from cameo_corr.pipeline.masks import DEFAULT_VISIBILITY_TOL, check_policy, check_tau, check_visibility_tol, mask_inputs, recompute_mask
-from cameo_corr.schemas import IMAGE_ARRAYS, CameoCorrError, DatasetError, SchemaError, WindowRecord
+from cameo_corr.schemas import IMAGE_ARRAYS, CacheConfig, CameoCorrError, DatasetError, SchemaError, WindowRecord
 from cameo_corr.train.config import ORDER_POLICIES, ORDER_SCOPES, WINDOW_SHUFFLES
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -415,8 +415,8 @@ class _ProcessState:
         self.readers: list[SceneReader | None] = []
         """The dataset reader of each cache (``None`` for a cache whose stored views are used)."""
         self.views: list[CanonicalView] = []
-        for source, stored in zip(owner.sources, owner.stored_views):
-            cache = CorrCache(source.path, storage_options=owner.storage_options, local_cache=self.local_cache)
+        for source, stored, config in zip(owner.sources, owner.stored_views, owner.cache_configs):
+            cache = CorrCache(source.path, storage_options=owner.storage_options, config=config, local_cache=self.local_cache)
             if stored:
                 reader = None
             elif source.dataset_root is None:
@@ -537,6 +537,8 @@ class CorrStreamDataset(IterableDataset):
             shard files of remote caches within a byte budget, shared by the processes of a node, and
             how many of the next shards of the epoch order to fetch ahead
             (:class:`~cameo_corr.cache.local_cache.LocalShardCache`; ``None``: read shards from the store).
+        configs: the ``cache.json`` of caches the caller has read already, by path as given (``str``); the
+            others are read here. Worker processes reuse what the dataset holds.
     """
 
     def __init__(
@@ -574,6 +576,7 @@ class CorrStreamDataset(IterableDataset):
         local_cache: str | Path | None = None,
         local_cache_bytes: int = 50 * 2**30,
         local_cache_prefetch: int = 2,
+        configs: Mapping[str, CacheConfig] | None = None,
     ) -> None:
         from cameo_corr.cache.reader import CorrCache
         from cameo_corr.cache.select import WindowSelection
@@ -616,7 +619,10 @@ class CorrStreamDataset(IterableDataset):
         self.make_local_cache()  # checks the options now, not in the first worker
         self._check_options()
 
-        caches = [CorrCache(src.path, storage_options=storage_options) for src in sources]
+        known = dict(configs or {})
+        caches = [CorrCache(src.path, storage_options=storage_options, config=known.get(str(src.path))) for src in sources]
+        self.cache_configs: tuple[CacheConfig, ...] = tuple(c.config for c in caches)
+        """Each source's ``cache.json``, read once here (or given): the worker processes reuse it."""
         self.grid: tuple[int, int] = caches[0].select_grid(grid)
         """The token grid read (``grid``; default the first cache's primary grid), stored by every cache."""
         uses_cycle = check_policy(mask_policy) != "visibility"

@@ -44,7 +44,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
+    from cameo_corr.schemas import CacheConfig
     from cameo_corr.train.data import StreamLoader
     from cameo_corr.train.model import LatentCodec, MultiViewUNet
     from cameo_corr.train.precision import MasterWeights
@@ -326,11 +327,13 @@ def resolve_resume(out: str | Path, resume: str) -> Path | None:
 # ------------------------------------------------------------------------------------------ setup
 def make_loader(cfg: TrainConfig, *, cache: "str | None" = None, rank: int, world_size: int, split: str | None = None,
                 seed: int | None = None, num_epochs: int | None = None, pin_memory: bool = False,
-                mask_policy: str | None = None, grid: tuple[int, int] | None = None) -> "StreamLoader":
+                mask_policy: str | None = None, grid: tuple[int, int] | None = None,
+                configs: "Mapping[str, CacheConfig] | None" = None) -> "StreamLoader":
     """The training stream of this rank (``cfg.data``), as a resumable loader (``pin_memory`` for CUDA training;
     ``split``, ``seed`` and ``mask_policy`` override ``cfg.data``'s; ``grid`` is the token grid read from
     caches that store several, default the (first) cache's primary grid). ``cache`` reads that one cache;
-    ``None`` reads ``data.cache`` or the mixture ``data.caches``."""
+    ``None`` reads ``data.cache`` or the mixture ``data.caches``. ``configs``: the caches' ``cache.json``
+    read already, by path (see :func:`~cameo_corr.train.config.read_cache_configs`)."""
     from cameo_corr.train.config import data_sources
     from cameo_corr.train.data import CorrStreamDataset, StreamLoader
 
@@ -370,6 +373,7 @@ def make_loader(cfg: TrainConfig, *, cache: "str | None" = None, rank: int, worl
         local_cache=d.local_cache,
         local_cache_bytes=d.local_cache_bytes,
         local_cache_prefetch=d.local_cache_prefetch,
+        configs=configs,
     )
     return StreamLoader(dataset, num_workers=d.num_workers, multiprocessing_context=d.multiprocessing_context,
                         pin_memory=pin_memory)
@@ -406,12 +410,11 @@ def evaluate(
 class Trainer:
     """Builds everything from a :class:`TrainConfig` and runs optimizer steps (see :func:`train`)."""
 
-    def __init__(self, cfg: TrainConfig, out: str | Path) -> None:
+    def __init__(self, cfg: TrainConfig, out: str | Path, configs: "Mapping[str, CacheConfig] | None" = None) -> None:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
         from diffusers.optimization import get_scheduler
 
-        from cameo_corr.cache.reader import CorrCache
         from cameo_corr.train.loss import HeadMLP
         from cameo_corr.train.model import build_model
 
@@ -441,11 +444,15 @@ class Trainer:
             **cfg.model.options,
         )
         latent_hw = codec.latent_size((cfg.data.resolution, cfg.data.resolution))
+        from cameo_corr.train.config import read_cache_configs
+
+        self.configs: dict[str, CacheConfig] = read_cache_configs(cfg, configs)
+        """Every cache's ``cache.json``, read once for the whole run (training and evaluation streams)."""
         paths = [cfg.data.cache] if mixture is None else [m.path for m in mixture]
-        self.grid: tuple[int, int] = [model.check_grid(latent_hw, CorrCache(p).config.grids, cache=str(p)) for p in paths][0]
+        self.grid: tuple[int, int] = [model.check_grid(latent_hw, self.configs[str(p)].grids, cache=str(p)) for p in paths][0]
         """The supervised layer's token grid (every cache must store it): the grid read from caches that store several."""
         if cfg.eval.every > 0 and cfg.eval.cache is not None:
-            model.check_grid(latent_hw, CorrCache(cfg.eval.cache).config.grids, cache=str(cfg.eval.cache))
+            model.check_grid(latent_hw, self.configs[str(cfg.eval.cache)].grids, cache=str(cfg.eval.cache))
         head_mlp = HeadMLP(model.heads) if cfg.loss.cameo_weight > 0 else None
         trainable = CameoTrainable(model, head_mlp)
         self.master: MasterWeights | None = None
@@ -469,7 +476,8 @@ class Trainer:
         self.head_mlp = acc.unwrap_model(self.trainable).head_mlp
         self.noise_scheduler = make_noise_scheduler(cfg)
         pin = acc.device.type == "cuda"
-        self.loader = make_loader(cfg, rank=acc.process_index, world_size=acc.num_processes, pin_memory=pin, grid=self.grid)
+        self.loader = make_loader(cfg, rank=acc.process_index, world_size=acc.num_processes, pin_memory=pin, grid=self.grid,
+                                  configs=self.configs)
         self.state = LoopState(step=0, loader=self.loader, world_size=acc.num_processes, precision=r.precision)
         self._micro = 0
         """Micro-batches done in the current optimizer step."""
@@ -483,7 +491,7 @@ class Trainer:
         if cfg.eval.every > 0:
             eval_loader = make_loader(cfg, cache=cfg.eval.cache, rank=acc.process_index,
                                       world_size=acc.num_processes, split=cfg.eval.split, seed=cfg.eval.seed, num_epochs=1,
-                                      mask_policy=cfg.eval.mask_policy, grid=self.grid)
+                                      mask_policy=cfg.eval.mask_policy, grid=self.grid, configs=self.configs)
             for batch in eval_loader:
                 self.eval_batches.append(batch)
                 if len(self.eval_batches) == cfg.eval.batches:
@@ -668,20 +676,21 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def train(
-    cfg: TrainConfig, out: str | Path, *, resume: str = "auto", max_steps: int | None = None, progress: bool = True
+    cfg: TrainConfig, out: str | Path, *, resume: str = "auto", max_steps: int | None = None, progress: bool = True,
+    configs: "Mapping[str, CacheConfig] | None" = None,
 ) -> TrainResult:
     """Train from ``cfg`` writing into ``out`` (config, ``metrics.jsonl``, ``checkpoints/``, ``logs/``).
 
     ``resume``: ``auto`` continues from the latest checkpoint under ``out`` when there is one,
     ``never`` starts fresh (refusing an ``out`` that already has checkpoints), or a checkpoint path.
     ``max_steps`` overrides ``cfg.train.max_steps`` (the LR schedule still uses the config's value).
-    ``progress=False`` hides the progress bar.
+    ``progress=False`` hides the progress bar. ``configs``: the caches' ``cache.json`` read already, by path.
     """
     out = Path(out)
     start = resolve_resume(out, resume)
     if resume == "never" and checkpoint_dirs(out):
         raise SchemaError("resume", "output directory already has checkpoints; use --resume auto or a new --out", where=str(out))
-    trainer = Trainer(cfg, out)
+    trainer = Trainer(cfg, out, configs)
     if trainer.accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
