@@ -173,3 +173,16 @@ def test_pending_fragments_spill_sorted_runs_and_clean_up(tmp_path: Path, monkey
         got = pa.concat_tables(list(SortedMerge(runs.runs(batch_rows=2)))).column("window_id").to_pylist()
     assert got == sorted(ids)
     assert not [n for n in (tmp_path / "manifest").iterdir() if n.name.startswith(".tmp-")]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 2**64 - 1), max_size=40), st.lists(st.integers(0, 2**64 - 1), max_size=40), st.booleans())
+def test_sorted_member_is_set_membership(done: list[int], asked: list[int], odd: bool) -> None:
+    """Hex ids search as uint64 keys (same order as the bytes); any other id falls back to bytes."""
+    from cameo_corr.cache.manifest import id_keys, sorted_member
+
+    as_ids = lambda xs: np.array([f"{x:016x}".encode() for x in xs] + ([b"not-hex-id-00000"] if odd else []), dtype="S16")  # noqa: E731
+    table, query = np.sort(as_ids(done)), as_ids(asked + done[:3])
+    assert sorted_member(query, table).tolist() == [q in set(table.tolist()) for q in query.tolist()]
+    keys = id_keys(table)
+    assert keys.dtype == (np.dtype("S16") if odd or not len(table) else np.uint64) and (np.sort(keys) == keys).all()

@@ -44,7 +44,12 @@ class DoneWindows:
             if table.num_rows:
                 ids.append(id_array(table.column("window_id")))
                 shards.update(pc.unique(table.column("shard").combine_chunks().drop_null()).to_pylist())
-        return cls(np.sort(np.concatenate(ids)) if ids else np.zeros(0, dtype="S1"), shards)
+        if not ids:
+            return cls(None, shards)
+        done = np.concatenate(ids)
+        del ids
+        done.sort(kind="stable")  # timsort: the consolidated parts arrive as long sorted runs
+        return cls(done, shards)
 
     def __len__(self) -> int:
         return len(self.ids)

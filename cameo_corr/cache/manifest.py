@@ -265,13 +265,38 @@ def id_array(values: "pa.Array | pa.ChunkedArray") -> np.ndarray:
     return np.array([v.encode() for v in arr.to_pylist()], dtype=bytes)
 
 
+_HEX_VALUE = np.full(256, 255, dtype=np.uint8)
+_HEX_VALUE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def id_keys(ids: np.ndarray) -> np.ndarray:
+    """``S16`` ids of 16 lowercase hex digits (every id this package makes) as ``uint64`` keys, which
+    sort and compare as the bytes do and binary-search ~10x faster; other ids are returned as they are."""
+    if ids.dtype != np.dtype("S16") or not len(ids):
+        return ids
+    digits = _HEX_VALUE[np.ascontiguousarray(ids).view(np.uint8).reshape(-1, 16)]
+    if (digits > 15).any():
+        return ids
+    keys = np.zeros(len(ids), dtype=np.uint64)
+    for k in range(16):
+        keys <<= np.uint64(4)
+        keys |= digits[:, k]
+    return keys
+
+
 def sorted_member(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
     """Whether each of ``ids`` is in the sorted array ``sorted_ids`` (binary search over fixed-width
-    ids: no hash set, no Python object per id)."""
+    ids, as ``uint64`` keys when both are hex ids: no hash set, no Python object per id)."""
     if not len(sorted_ids) or not len(ids):
         return np.zeros(len(ids), dtype=bool)
-    at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-    return sorted_ids[at] == ids
+    keys, table = id_keys(ids), id_keys(sorted_ids)
+    if keys.dtype != table.dtype:
+        keys, table = ids, sorted_ids
+    order = np.argsort(keys, kind="stable")  # searching in key order: ~3x fewer cache misses than at random
+    keys = keys[order]
+    found = np.empty(len(keys), dtype=bool)
+    found[order] = table[np.minimum(np.searchsorted(table, keys), len(table) - 1)] == keys
+    return found
 
 
 class ManifestIndex:
@@ -320,6 +345,7 @@ __all__ = [
     "read_manifest_file",
     "parquet_bytes",
     "id_array",
+    "id_keys",
     "sorted_member",
     "ManifestIndex",
 ]
