@@ -158,6 +158,14 @@ def test_done_windows_one_pass_todo_and_forget(tmp_path: Path) -> None:
     done.forget(["00000000000000d1"])
     assert done.todo(planned).column("k").to_pylist() == [1, 3, 4]
     assert DoneWindows.read(CacheLocation(tmp_path / "none")).todo(planned).num_rows == 5
+    assert done.ids.dtype == np.uint64  # hex ids: 8-byte keys
+    odd = pa.table({"window_id": ["not-a-hex-window", "00000000000000b1"], "k": [7, 8]})
+    assert done.todo(odd).column("k").to_pylist() == [7]  # ids that are not hex: compared as bytes
+    other = write_cache(tmp_path / "other", {"x": ["w000000000000001", "w000000000000002"]})
+    mixed = DoneWindows.read(other)
+    assert mixed.ids.dtype == np.dtype("S16") and mixed.todo(odd.append_column("w", odd.column("k"))).num_rows == 2
+    mixed.forget(["w000000000000001"])
+    assert len(mixed) == 1
     assert json.loads((tmp_path / "manifest" / "consolidated.json").read_text())["rows"] == 3
 
 

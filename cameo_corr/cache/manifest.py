@@ -284,6 +284,12 @@ def id_keys(ids: np.ndarray) -> np.ndarray:
     return keys
 
 
+def ids_of_keys(keys: np.ndarray) -> np.ndarray:
+    """The ``S16`` hex ids of ``uint64`` keys (the inverse of :func:`id_keys`)."""
+    nibbles = (keys[:, None] >> (np.uint64(4) * np.arange(15, -1, -1, dtype=np.uint64))) & np.uint64(15)
+    return np.frombuffer(b"0123456789abcdef", dtype=np.uint8)[nibbles].view("S16").ravel()
+
+
 def sorted_member(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
     """Whether each of ``ids`` is in the sorted array ``sorted_ids`` (binary search over fixed-width
     ids, as ``uint64`` keys when both are hex ids: no hash set, no Python object per id)."""
@@ -346,6 +352,7 @@ __all__ = [
     "parquet_bytes",
     "id_array",
     "id_keys",
+    "ids_of_keys",
     "sorted_member",
     "ManifestIndex",
 ]
