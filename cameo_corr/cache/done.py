@@ -42,11 +42,19 @@ class DoneWindows:
         import pyarrow.compute as pc
 
         ids: list[np.ndarray] = []
+        shard_keys: list[np.ndarray] = []  # hex shard ids as uint64 keys (a batch of a sorted part spans most shards)
         shards: set[str] = set()
         for table in manifest_batches(location, ["window_id", "shard"]):
             if table.num_rows:
                 ids.append(id_array(table.column("window_id")))
-                shards.update(pc.unique(table.column("shard").combine_chunks().drop_null()).to_pylist())
+                present = table.column("shard").combine_chunks().drop_null()
+                keys = id_keys(id_array(present)) if len(present) else np.zeros(0, np.uint64)
+                if keys.dtype == np.uint64:
+                    shard_keys.append(np.unique(keys))
+                else:
+                    shards.update(pc.unique(present).to_pylist())
+        if shard_keys:
+            shards.update(ids_of_keys(np.unique(np.concatenate(shard_keys))).astype("U16").tolist())
         if not ids:
             return cls(None, shards)
         done = id_keys(np.concatenate(ids))  # hex ids as uint64 keys: 8 bytes each, radix-sorted

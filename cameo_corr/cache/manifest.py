@@ -277,11 +277,8 @@ def id_keys(ids: np.ndarray) -> np.ndarray:
     digits = _HEX_VALUE[np.ascontiguousarray(ids).view(np.uint8).reshape(-1, 16)]
     if (digits > 15).any():
         return ids
-    keys = np.zeros(len(ids), dtype=np.uint64)
-    for k in range(16):
-        keys <<= np.uint64(4)
-        keys |= digits[:, k]
-    return keys
+    packed = (digits[:, 0::2] << 4) | digits[:, 1::2]  # two hex digits per byte, most significant first
+    return np.ascontiguousarray(packed).view(">u8").ravel().astype(np.uint64)
 
 
 def ids_of_keys(keys: np.ndarray) -> np.ndarray:
