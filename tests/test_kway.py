@@ -166,6 +166,11 @@ def test_done_windows_one_pass_todo_and_forget(tmp_path: Path) -> None:
     assert mixed.ids.dtype == np.dtype("S16") and mixed.todo(odd.append_column("w", odd.column("k"))).num_rows == 2
     mixed.forget(["w000000000000001"])
     assert len(mixed) == 1
+    failed = CacheLocation(tmp_path / "failed")  # no ok row: no shard at all
+    fake_fragment(failed, "00000000000000f0", ["00000000000000f1"], failed=True)
+    assert DoneWindows.read(failed).shards == set() and len(DoneWindows.read(failed)) == 1
+    hexed = write_cache(tmp_path / "hexed", {"00000000000000aa": ["00000000000000a1"], "00000000000000bb": ["00000000000000b2"]})
+    assert DoneWindows.read(hexed).shards == {"00000000000000aa", "00000000000000bb"}
     assert json.loads((tmp_path / "manifest" / "consolidated.json").read_text())["rows"] == 3
 
 
