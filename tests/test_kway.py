@@ -158,6 +158,19 @@ def test_done_windows_one_pass_todo_and_forget(tmp_path: Path) -> None:
     done.forget(["00000000000000d1"])
     assert done.todo(planned).column("k").to_pylist() == [1, 3, 4]
     assert DoneWindows.read(CacheLocation(tmp_path / "none")).todo(planned).num_rows == 5
+    assert done.ids.dtype == np.uint64  # hex ids: 8-byte keys
+    odd = pa.table({"window_id": ["not-a-hex-window", "00000000000000b1"], "k": [7, 8]})
+    assert done.todo(odd).column("k").to_pylist() == [7]  # ids that are not hex: compared as bytes
+    other = write_cache(tmp_path / "other", {"x": ["w000000000000001", "w000000000000002"]})
+    mixed = DoneWindows.read(other)
+    assert mixed.ids.dtype == np.dtype("S16") and mixed.todo(odd.append_column("w", odd.column("k"))).num_rows == 2
+    mixed.forget(["w000000000000001"])
+    assert len(mixed) == 1
+    failed = CacheLocation(tmp_path / "failed")  # no ok row: no shard at all
+    fake_fragment(failed, "00000000000000f0", ["00000000000000f1"], failed=True)
+    assert DoneWindows.read(failed).shards == set() and len(DoneWindows.read(failed)) == 1
+    hexed = write_cache(tmp_path / "hexed", {"00000000000000aa": ["00000000000000a1"], "00000000000000bb": ["00000000000000b2"]})
+    assert DoneWindows.read(hexed).shards == {"00000000000000aa", "00000000000000bb"}
     assert json.loads((tmp_path / "manifest" / "consolidated.json").read_text())["rows"] == 3
 
 
@@ -173,3 +186,16 @@ def test_pending_fragments_spill_sorted_runs_and_clean_up(tmp_path: Path, monkey
         got = pa.concat_tables(list(SortedMerge(runs.runs(batch_rows=2)))).column("window_id").to_pylist()
     assert got == sorted(ids)
     assert not [n for n in (tmp_path / "manifest").iterdir() if n.name.startswith(".tmp-")]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 2**64 - 1), max_size=40), st.lists(st.integers(0, 2**64 - 1), max_size=40), st.booleans())
+def test_sorted_member_is_set_membership(done: list[int], asked: list[int], odd: bool) -> None:
+    """Hex ids search as uint64 keys (same order as the bytes); any other id falls back to bytes."""
+    from cameo_corr.cache.manifest import id_keys, sorted_member
+
+    as_ids = lambda xs: np.array([f"{x:016x}".encode() for x in xs] + ([b"not-hex-id-00000"] if odd else []), dtype="S16")  # noqa: E731
+    table, query = np.sort(as_ids(done)), as_ids(asked + done[:3])
+    assert sorted_member(query, table).tolist() == [q in set(table.tolist()) for q in query.tolist()]
+    keys = id_keys(table)
+    assert keys.dtype == (np.dtype("S16") if odd or not len(table) else np.uint64) and (np.sort(keys) == keys).all()

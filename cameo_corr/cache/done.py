@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 
 from cameo_corr.cache.kway import manifest_batches
-from cameo_corr.cache.manifest import id_array, sorted_member
+from cameo_corr.cache.manifest import id_array, id_keys, ids_of_keys, sorted_member
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import pyarrow as pa
@@ -27,7 +27,10 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 
 class DoneWindows:
-    """The ids of the windows with a manifest row (ok or failed), sorted, and the shards of the ok rows."""
+    """The ids of the windows with a manifest row (ok or failed), sorted, and the shards of the ok rows.
+
+    :attr:`ids` holds ``uint64`` keys when every id is 16 hex digits (:func:`~cameo_corr.cache.manifest.id_keys`),
+    the fixed-width ids otherwise."""
 
     def __init__(self, ids: np.ndarray | None = None, shards: set[str] | None = None) -> None:
         self.ids = np.zeros(0, dtype="S1") if ids is None else ids
@@ -39,19 +42,32 @@ class DoneWindows:
         import pyarrow.compute as pc
 
         ids: list[np.ndarray] = []
+        shard_keys: list[np.ndarray] = []  # hex shard ids as uint64 keys (a batch of a sorted part spans most shards)
         shards: set[str] = set()
         for table in manifest_batches(location, ["window_id", "shard"]):
             if table.num_rows:
                 ids.append(id_array(table.column("window_id")))
-                shards.update(pc.unique(table.column("shard").combine_chunks().drop_null()).to_pylist())
-        return cls(np.sort(np.concatenate(ids)) if ids else np.zeros(0, dtype="S1"), shards)
+                present = table.column("shard").combine_chunks().drop_null()
+                keys = id_keys(id_array(present)) if len(present) else np.zeros(0, np.uint64)
+                if keys.dtype == np.uint64:
+                    shard_keys.append(_distinct(keys))
+                else:
+                    shards.update(pc.unique(present).to_pylist())
+        if shard_keys:
+            shards.update(ids_of_keys(_distinct(np.concatenate(shard_keys))).astype("U16").tolist())
+        if not ids:
+            return cls(None, shards)
+        done = id_keys(np.concatenate(ids))  # hex ids as uint64 keys: 8 bytes each, radix-sorted
+        del ids
+        done.sort(kind="stable")
+        return cls(done, shards)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def contains(self, window_ids: "pa.Array | pa.ChunkedArray") -> np.ndarray:
         """Whether each of ``window_ids`` is done (a boolean numpy array)."""
-        return sorted_member(id_array(window_ids), self.ids)
+        return _member(id_keys(id_array(window_ids)), self.ids)
 
     def todo(self, planned: "pa.Table") -> "pa.Table":
         """The rows of ``planned`` whose ``window_id`` is not done, in their order."""
@@ -63,9 +79,27 @@ class DoneWindows:
 
     def forget(self, window_ids: Iterable[str]) -> None:
         """Take ``window_ids`` out of the done set (their rows were dropped: they are to be redone)."""
-        gone = np.array([w.encode() for w in window_ids], dtype=bytes)
-        if len(gone) and len(self.ids):
-            self.ids = self.ids[~sorted_member(self.ids, np.sort(gone))]
+        import pyarrow as pa
+
+        gone = list(window_ids)
+        if gone and len(self.ids):
+            self.ids = self.ids[~_member(self.ids, np.sort(id_keys(id_array(pa.array(gone, pa.string()))), kind="stable"))]
+
+
+def _distinct(keys: np.ndarray) -> np.ndarray:
+    """The distinct values of ``keys``, sorted (a radix sort in place: ``np.unique`` hashes, ~10x slower
+    on a batch's shard keys)."""
+    keys.sort()
+    return keys[np.concatenate([[True], keys[1:] != keys[:-1]])] if len(keys) else keys
+
+
+def _member(asked: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """:func:`~cameo_corr.cache.manifest.sorted_member` of ids or keys; where one side holds ``uint64``
+    keys and the other ids that are not all hex, both are compared as ids."""
+    if asked.dtype != table.dtype:
+        asked = ids_of_keys(asked) if asked.dtype == np.uint64 else asked
+        table = ids_of_keys(table) if table.dtype == np.uint64 else table
+    return sorted_member(asked, table)
 
 
 __all__ = ["DoneWindows"]

@@ -10,6 +10,7 @@ the ok windows as numpy columns (:class:`ManifestIndex`: no Python object per wi
 
 from __future__ import annotations
 
+import binascii
 import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
@@ -373,13 +374,36 @@ def id_array(values: "pa.Array | pa.ChunkedArray") -> np.ndarray:
     return np.array([v.encode() for v in arr.to_pylist()], dtype=bytes)
 
 
+def id_keys(ids: np.ndarray) -> np.ndarray:
+    """``S16`` ids of 16 lowercase hex digits (every id this package makes) as ``uint64`` keys, which
+    sort and compare as the bytes do and binary-search ~10x faster; other ids are returned as they are."""
+    if ids.dtype != np.dtype("S16") or not len(ids):
+        return ids
+    raw = np.ascontiguousarray(ids).tobytes()
+    if raw.translate(None, b"0123456789abcdef"):  # an id with another byte (upper case, padding): as they are
+        return ids
+    return np.frombuffer(binascii.unhexlify(raw), dtype=">u8").astype(np.uint64)
+
+
+def ids_of_keys(keys: np.ndarray) -> np.ndarray:
+    """The ``S16`` hex ids of ``uint64`` keys (the inverse of :func:`id_keys`)."""
+    nibbles = (keys[:, None] >> (np.uint64(4) * np.arange(15, -1, -1, dtype=np.uint64))) & np.uint64(15)
+    return np.frombuffer(b"0123456789abcdef", dtype=np.uint8)[nibbles].view("S16").ravel()
+
+
 def sorted_member(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
     """Whether each of ``ids`` is in the sorted array ``sorted_ids`` (binary search over fixed-width
-    ids: no hash set, no Python object per id)."""
+    ids, as ``uint64`` keys when both are hex ids: no hash set, no Python object per id)."""
     if not len(sorted_ids) or not len(ids):
         return np.zeros(len(ids), dtype=bool)
-    at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-    return sorted_ids[at] == ids
+    keys, table = id_keys(ids), id_keys(sorted_ids)
+    if keys.dtype != table.dtype:
+        keys, table = ids, sorted_ids
+    order = np.argsort(keys, kind="stable")  # searching in key order: ~3x fewer cache misses than at random
+    keys = keys[order]
+    found = np.empty(len(keys), dtype=bool)
+    found[order] = table[np.minimum(np.searchsorted(table, keys), len(table) - 1)] == keys
+    return found
 
 
 class ManifestIndex:
@@ -450,6 +474,8 @@ __all__ = [
     "read_manifest_file",
     "parquet_bytes",
     "id_array",
+    "id_keys",
+    "ids_of_keys",
     "sorted_member",
     "ManifestIndex",
     "scan_manifest",
