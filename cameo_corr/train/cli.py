@@ -69,12 +69,10 @@ def check_views(cfg: "TrainConfig") -> "dict[str, CacheConfig]":
     return every cache's ``cache.json`` (read here once for the whole command, by path)."""
     from cameo_corr.cli.errors import UsageError
     from cameo_corr.cache.layout import CONFIG_FILE
-    from cameo_corr.train.config import data_sources, read_cache_configs
+    from cameo_corr.train.config import read_cache_configs, training_cache_paths
 
     configs = read_cache_configs(cfg)
-    mixture = data_sources(cfg.data)
-    paths = [m.path for m in mixture] if mixture is not None else [cfg.data.cache] if cfg.data.cache is not None else []
-    for path in paths:
+    for path in training_cache_paths(cfg):
         S = configs[str(path)].views
         if cfg.data.num_views > S:
             raise UsageError(

@@ -443,14 +443,22 @@ def preset_path(name: str) -> Path:
     return path
 
 
+def training_cache_paths(cfg: TrainConfig) -> list[Any]:
+    """The caches the training stream reads: the mixture's (``data.caches``) or ``data.cache`` (none when
+    neither is set)."""
+    mixture = data_sources(cfg.data)
+    if mixture is not None:
+        return [m.path for m in mixture]
+    return [cfg.data.cache] if cfg.data.cache is not None else []
+
+
 def read_cache_configs(cfg: TrainConfig, known: Mapping[str, CacheConfig] | None = None) -> dict[str, CacheConfig]:
     """The ``cache.json`` of every cache ``cfg`` reads (``data.cache`` or the mixture's, and ``eval.cache``),
     by path as configured; the ones in ``known`` (read by the caller) are not read again."""
     from cameo_corr.cache.config import read_config
     from cameo_corr.cache.location import CacheLocation
 
-    mixture = data_sources(cfg.data)
-    paths = [m.path for m in mixture] if mixture is not None else [cfg.data.cache] if cfg.data.cache is not None else []
+    paths = training_cache_paths(cfg)
     if cfg.eval.every > 0 and cfg.eval.cache is not None:
         paths.append(cfg.eval.cache)
     configs = dict(known or {})

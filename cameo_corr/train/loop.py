@@ -52,7 +52,7 @@ from torch import nn
 
 from cameo_corr.cli.errors import RunFailed
 from cameo_corr.schemas import SchemaError
-from cameo_corr.train.config import TrainConfig
+from cameo_corr.train.config import TrainConfig, read_cache_configs, training_cache_paths
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from accelerate import Accelerator
@@ -444,12 +444,10 @@ class Trainer:
             **cfg.model.options,
         )
         latent_hw = codec.latent_size((cfg.data.resolution, cfg.data.resolution))
-        from cameo_corr.train.config import read_cache_configs
-
         self.configs: dict[str, CacheConfig] = read_cache_configs(cfg, configs)
         """Every cache's ``cache.json``, read once for the whole run (training and evaluation streams)."""
-        paths = [cfg.data.cache] if mixture is None else [m.path for m in mixture]
-        self.grid: tuple[int, int] = [model.check_grid(latent_hw, self.configs[str(p)].grids, cache=str(p)) for p in paths][0]
+        self.grid: tuple[int, int] = [model.check_grid(latent_hw, self.configs[str(p)].grids, cache=str(p))
+                                      for p in training_cache_paths(cfg)][0]
         """The supervised layer's token grid (every cache must store it): the grid read from caches that store several."""
         if cfg.eval.every > 0 and cfg.eval.cache is not None:
             model.check_grid(latent_hw, self.configs[str(cfg.eval.cache)].grids, cache=str(cfg.eval.cache))
