@@ -391,6 +391,16 @@ def ids_of_keys(keys: np.ndarray) -> np.ndarray:
     return np.frombuffer(b"0123456789abcdef", dtype=np.uint8)[nibbles].view("S16").ravel()
 
 
+def find_sorted_id(sorted_ids: np.ndarray, window_id: str) -> int:
+    """Position of ``window_id`` in the sorted fixed-width (``S<n>``) array ``sorted_ids``, or -1 (binary search)."""
+    key = window_id.encode()
+    if not len(sorted_ids) or len(key) > sorted_ids.dtype.itemsize:
+        return -1
+    k = np.array(key, dtype=sorted_ids.dtype)
+    i = int(np.searchsorted(sorted_ids, k))
+    return i if i < len(sorted_ids) and sorted_ids[i] == k else -1
+
+
 def sorted_member(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
     """Whether each of ``ids`` is in the sorted array ``sorted_ids`` (binary search over fixed-width
     ids, as ``uint64`` keys when both are hex ids: no hash set, no Python object per id)."""
@@ -454,11 +464,7 @@ class ManifestIndex:
 
     def find(self, window_id: str) -> int:
         """Position of ``window_id`` in :attr:`ids`, or -1."""
-        key = np.array(window_id.encode(), dtype=self.ids.dtype) if len(self.ids) else None
-        if key is None or len(window_id.encode()) > self.ids.dtype.itemsize:
-            return -1
-        i = int(np.searchsorted(self.ids, key))
-        return i if i < len(self.ids) and self.ids[i] == key else -1
+        return find_sorted_id(self.ids, window_id)
 
 
 __all__ = [
@@ -476,6 +482,7 @@ __all__ = [
     "id_array",
     "id_keys",
     "ids_of_keys",
+    "find_sorted_id",
     "sorted_member",
     "ManifestIndex",
     "scan_manifest",

@@ -12,7 +12,7 @@ import numpy as np
 from cameo_corr.cache.config import read_config
 from cameo_corr.cache.layout import CONFIG_FILE, shard_dir
 from cameo_corr.cache.location import CacheLocation
-from cameo_corr.cache.manifest import ManifestIndex, read_manifest, scan_manifest
+from cameo_corr.cache.manifest import ManifestIndex, find_sorted_id, read_manifest, scan_manifest
 from cameo_corr.cache.shard import SHARD_WINDOW_KEYS, CorruptCacheError, gather_all, run_on_zarr_loop, shard_zip_store
 from cameo_corr.schemas import CACHE_ARRAYS, CacheConfig, DatasetError
 
@@ -58,13 +58,7 @@ class WindowIds(Sequence[str]):
             yield from (v.decode() for v in self.array[start : start + step].tolist())
 
     def __contains__(self, window_id: object) -> bool:
-        if not isinstance(window_id, str) or not len(self.array):
-            return False
-        key = window_id.encode()
-        if len(key) > self.array.dtype.itemsize:
-            return False
-        i = int(np.searchsorted(self.array, np.array(key, dtype=self.array.dtype)))
-        return i < len(self.array) and self.array[i] == key
+        return isinstance(window_id, str) and find_sorted_id(self.array, window_id) >= 0
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, WindowIds):
