@@ -33,10 +33,12 @@ def plan_preview(config: JobConfig) -> dict[str, Any]:
     ``bytes_per_window_measured`` (the existing cache's, else ``None``), ``bytes_estimated`` (of this
     run's computable windows, by the measured figure when there is one), ``retry_failed``.
     """
+    import numpy as np
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     from cameo_corr.cache.config import read_existing_config
-    from cameo_corr.cache.manifest import read_manifest
+    from cameo_corr.cache.manifest import id_array, read_manifest, sorted_member
     from cameo_corr.datasets.planner import plan_table
     from cameo_corr.job.driver import check_before_start, check_out, provisional_config
 
@@ -58,12 +60,13 @@ def plan_preview(config: JobConfig) -> dict[str, Any]:
         cache = {"ok": 0, "failed": 0, "config_replaced": pinned is None}
         if pinned is not None:
             rows = read_manifest(location, columns=["window_id", "status", "shard", "shard_bytes"])
-            mine = rows.filter(pc.is_in(rows.column("window_id"), value_set=table.column("window_id").combine_chunks()))
+            planned_ids = id_array(table.column("window_id"))  # binary search of sorted ids, as a run's DoneWindows
+            mine = rows.filter(pa.array(sorted_member(id_array(rows.column("window_id")), np.sort(planned_ids))))
             status = mine.column("status")
             cache["ok"] = int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
             cache["failed"] = mine.num_rows - cache["ok"]
             redo = mine if not config.retry_failed else mine.filter(pc.equal(status, "ok"))
-            todo = table.filter(pc.invert(pc.is_in(table.column("window_id"), value_set=redo.column("window_id").combine_chunks())))
+            todo = table.filter(pa.array(~sorted_member(planned_ids, np.sort(id_array(redo.column("window_id"))))))
             measured = _measured_bytes_per_window(rows)
     this_run = todo if config.max_windows is None else todo.slice(0, config.max_windows)
     n_compute = int(pc.sum(pc.is_null(this_run.column("error"))).as_py() or 0)
