@@ -35,6 +35,9 @@ NARROW_BATCH_ROWS = 65_536
 """Rows per batch of :func:`manifest_batches` (a few narrow columns: a row group at a time)."""
 FRAGMENT_GROUP = 256
 """Fragment files read together (on the reader's thread pool)."""
+SPILL_COMPRESSION = "lz4"
+"""Compression of the spilled sorted runs, Arrow IPC files: written and read once, so a fast codec (lz4
+IPC: ~4.5x less CPU to write and read back than zstd Parquet, at ~3x the bytes)."""
 
 
 class SortedMerge:
@@ -191,21 +194,30 @@ class SpilledRuns:
 
     def _spill(self, tables: list["pa.Table"]) -> None:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         table = sort_table(pa.concat_tables(tables))
         self.rows += table.num_rows
-        rel = f"{MANIFEST_DIR}/{TMP_PREFIX}run-{uuid.uuid4().hex[:12]}.parquet"
+        rel = f"{MANIFEST_DIR}/{TMP_PREFIX}run-{uuid.uuid4().hex[:12]}.arrow"
         self.spill.fs.makedirs(self.spill.path(MANIFEST_DIR), exist_ok=True)
-        with self.spill.fs.open(self.spill.path(rel), "wb") as f:
-            pq.write_table(table, f, compression="zstd", row_group_size=max(MERGE_BATCH_ROWS, 1024))
+        with self.spill.fs.open(self.spill.path(rel), "wb") as f, \
+                pa.ipc.new_file(f, table.schema, options=pa.ipc.IpcWriteOptions(compression=SPILL_COMPRESSION)) as w:
+            w.write_table(table, max_chunksize=MERGE_BATCH_ROWS)
         self.spilled.append(rel)
 
     def runs(self, batch_rows: int | None = None) -> list[Iterable["pa.Table"]]:
         """The sorted runs (spilled files in order, or the one in-memory chunk)."""
         if self.memory is not None:
             return [sliced(self.memory, batch_rows)]
-        return [file_batches(self.spill, [self.spill.path(rel)], batch_rows=batch_rows) for rel in self.spilled]
+        return [self._read_spilled(rel, batch_rows) for rel in self.spilled]
+
+    def _read_spilled(self, rel: str, batch_rows: int | None) -> Iterator["pa.Table"]:
+        """The rows of the spilled run ``rel``, ``batch_rows`` at a time, one record batch read at a time."""
+        import pyarrow as pa
+
+        with self.spill.fs.open(self.spill.path(rel), "rb") as f:
+            reader = pa.ipc.open_file(f)
+            for i in range(reader.num_record_batches):
+                yield from sliced(pa.Table.from_batches([reader.get_batch(i)]), batch_rows)
 
     def close(self) -> None:
         """Delete the spilled files."""
