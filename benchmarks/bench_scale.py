@@ -65,11 +65,14 @@ VIEWS = 8
 GRID = (2, 2)
 
 
-def fake_config(root: str) -> Any:
+def fake_config(root: Path) -> Any:
+    """The ``cache.json`` of a fake cache whose dataset root is ``root``, created empty: the steps read
+    no frame, but the dataset refuses a root that is not a directory."""
     from cameo_corr.schemas import CacheConfig
 
+    root.mkdir(parents=True, exist_ok=True)
     return CacheConfig(grid=GRID, tau=1.5, views=VIEWS, backend={"name": "depth", "version": "bench"},
-                       crop={"policy": "center", "size": 64}, dataset={"name": "synthetic", "root": root, "split": "train"})
+                       crop={"policy": "center", "size": 64}, dataset={"name": "synthetic", "root": str(root), "split": "train"})
 
 
 def fake_window_arrays() -> dict[str, np.ndarray]:
@@ -131,7 +134,7 @@ def build_cache(path: Path, windows: int) -> dict[str, float]:
 
     real = cache_module.shard_zip_bytes
     cache_module.shard_zip_bytes = templated_shard_bytes(real)
-    config = fake_config(str(path.parent / "no-dataset"))
+    config = fake_config(path.parent / "no-dataset")
     writer = CacheWriter(path, config)
     writer.initialize()
     hasher = WindowIdHasher(config.fingerprint())
@@ -205,18 +208,62 @@ def _warm_imports() -> None:
     import zarr.storage  # noqa: F401
 
 
-def measure(step: str, path: Path) -> dict[str, float]:
-    """One step, in this (fresh) process (module imports done before the clock starts)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
+def read_step(step: str, path: Path) -> dict[str, float]:
+    """``stats`` (``cache_stats``: ok windows) or ``verify16`` (``verify_report(max_windows=16)``, which
+    must find no problem: windows checked) on the cache at ``path``."""
     from cameo_corr.cache.reader import CorrCache
-    from cameo_corr.cache.writer import CacheWriter
     from cameo_corr.cache.stats import cache_stats
     from cameo_corr.cache.verify import verify_report
+
+    if step == "stats":
+        return {"windows": cache_stats(CorrCache(path))["windows_ok"]}
+    report = verify_report(CorrCache(path), max_windows=16)
+    assert not report.problems, report.problems[:3]
+    return {"checked": report.checked}
+
+
+def planned_ids(path: Path) -> Any:
+    """The planned table of a re-run of the job that wrote ``path``: its window ids (read before the clock)."""
+    import pyarrow as pa
+
+    from cameo_corr.cache.location import CacheLocation
+    from cameo_corr.cache.manifest import read_manifest
+
+    return pa.table({"window_id": read_manifest(CacheLocation(path), columns=["window_id"]).column("window_id")})
+
+
+def resume_startup(path: Path, planned: Any) -> int:
+    """What a resumed job does before it hands out work, with whatever package is importable: the
+    done ids, the repair listing and the planned windows without a manifest row (this package: one
+    read into :class:`DoneWindows`, binary search; a baseline without it: the listing, the done ids,
+    then ``is_in``). Returns the number of windows to do."""
+    import pyarrow.compute as pc
+
+    from cameo_corr.cache.location import CacheLocation
+    from cameo_corr.cache.manifest import read_manifest
+    from cameo_corr.cache.reader import CorrCache
+    from cameo_corr.cache.writer import CacheWriter
+
+    writer = CacheWriter(path, CorrCache(path).config)
+    try:
+        from cameo_corr.cache.done import DoneWindows
+    except ImportError:
+        writer.repair_missing_shards()
+        done = read_manifest(CacheLocation(path), columns=["window_id"]).column("window_id").combine_chunks()
+        return planned.filter(pc.invert(pc.is_in(planned.column("window_id"), value_set=done))).num_rows
+    found = DoneWindows.read(CacheLocation(path))
+    writer.repair_missing_shards(referenced=found.shards)
+    return found.todo(planned).num_rows
+
+
+def measure(step: str, path: Path) -> dict[str, float]:
+    """One step, in this (fresh) process (module imports done before the clock starts)."""
+    from cameo_corr.cache.reader import CorrCache
+    from cameo_corr.cache.writer import CacheWriter
     from cameo_corr.train.data import CorrStreamDataset
 
     _warm_imports()
+    planned = planned_ids(path) if step == "resume" else None
     base = _rss_mb()
     t0 = time.perf_counter()
     out: dict[str, float] = {}
@@ -224,10 +271,7 @@ def measure(step: str, path: Path) -> dict[str, float]:
         n = len(CorrCache(path).window_ids())
         out["windows"] = n
     elif step == "resume":
-        done = CacheWriter(path, CorrCache(path).config).done_window_ids()
-        planned = pa.table({"window_id": done})  # a re-run plans the same ids
-        todo = planned.filter(pc.invert(pc.is_in(planned.column("window_id"), value_set=done)))
-        out["todo"] = todo.num_rows
+        out["todo"] = resume_startup(path, planned)
     elif step == "dataset":
         ds = CorrStreamDataset(path, num_views=2, resolution=64)
         out["s"] = time.perf_counter() - t0
@@ -241,12 +285,8 @@ def measure(step: str, path: Path) -> dict[str, float]:
         ds.rank_order(0)
         out["epoch_order_s"] = time.perf_counter() - t2
         return out
-    elif step == "stats":
-        out["windows"] = cache_stats(CorrCache(path))["windows_ok"]
-    elif step == "verify16":
-        report = verify_report(CorrCache(path), max_windows=16)
-        assert not report.problems, report.problems[:3]
-        out["checked"] = report.checked
+    elif step in ("stats", "verify16"):
+        out.update(read_step(step, path))
     elif step == "window":
         cache = CorrCache(path)
         ids = cache.window_ids()
@@ -344,7 +384,7 @@ def build_manifest_only(path: Path, windows: int, offset: int = 0) -> dict[str, 
         first = _parts_to_merge(sizes)
         sizes[first:] = [sum(sizes[first:])]
     loc = CacheLocation(path)
-    loc.write_bytes_atomic("cache.json", fake_config(str(path.parent / "no-dataset")).to_json().encode())
+    loc.write_bytes_atomic("cache.json", fake_config(path.parent / "no-dataset").to_json().encode())
     (path / "manifest").mkdir(parents=True, exist_ok=True)
     (path / "shards").mkdir(parents=True, exist_ok=True)
     parts, files, start = [], [], offset
@@ -374,35 +414,20 @@ def measure_manifest(step: str, path: Path, other: Path | None) -> dict[str, flo
     ``compact`` (``cache compact``: every part and fragment into one part), ``resume`` (a resumed job's
     start-up: orphan-free cache, repair listing, done ids, planned minus done; the planned ids are read
     before the clock), ``merge`` (``cache merge path other``). Returns wall and CPU seconds, peak RSS."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
     from cameo_corr.cache.consolidation import consolidate_manifest
     from cameo_corr.cache.location import CacheLocation
-    from cameo_corr.cache.manifest import read_manifest
     from cameo_corr.cache.merge import merge_caches
-    from cameo_corr.cache.reader import CorrCache
-    from cameo_corr.cache.writer import CacheWriter
 
     _warm_imports()
     loc = CacheLocation(path)
-    planned = pa.table({"window_id": read_manifest(loc, columns=["window_id"]).column("window_id")}) if step == "resume" else None
+    planned = planned_ids(path) if step == "resume" else None
     t0, c0 = time.perf_counter(), time.process_time()
     out: dict[str, float] = {}
     if step == "compact":
         out["rows"] = consolidate_manifest(loc, full=True)["rows"]
     elif step == "resume":
-        writer = CacheWriter(path, CorrCache(path).config)
-        try:
-            from cameo_corr.cache.done import DoneWindows  # this package: one read, sorted-id filter
-        except ImportError:  # the baseline: repair listing, then the done ids, then is_in
-            writer.repair_missing_shards()
-            done = read_manifest(loc, columns=["window_id"]).column("window_id").combine_chunks()
-            out["todo"] = planned.filter(pc.invert(pc.is_in(planned.column("window_id"), value_set=done))).num_rows
-        else:
-            done = DoneWindows.read(loc)
-            writer.repair_missing_shards(referenced=done.shards)
-            out["todo"] = done.todo(planned).num_rows
+        out["todo"] = resume_startup(path, planned)
     elif step == "merge":
         out["rows"] = merge_caches([path, other], path.parent / f"{path.name}-merged").windows_ok
     else:
@@ -649,7 +674,7 @@ def build_bulk_cache(path: Path, windows: int) -> dict[str, float]:
     from cameo_corr.schemas import shard_id_of
 
     t0 = time.perf_counter()
-    config = dataclasses.replace(fake_config(str(path.parent / "no-dataset")), views=READ_VIEWS)
+    config = dataclasses.replace(fake_config(path.parent / "no-dataset"), views=READ_VIEWS)
     one = {k: v[:1, :1] if k in ("nn", "dist", "mask") else v[:1] for k, v in fake_window_arrays().items()}  # view-constant
     arrays = {k: np.broadcast_to(v, (READ_VIEWS,) * (2 if k in ("nn", "dist", "mask") else 1) + v.shape[2 if k in ("nn", "dist", "mask") else 1:])
               for k, v in one.items()}
@@ -689,8 +714,6 @@ def measure_read(step: str, path: Path) -> dict[str, float]:
     """One read-side step in this (fresh) process: seconds, CPU seconds and peak RSS of the process
     (``rss_mb``, imports included: ``base_rss_mb`` is the peak before the step)."""
     from cameo_corr.cache.reader import CorrCache
-    from cameo_corr.cache.stats import cache_stats
-    from cameo_corr.cache.verify import verify_report
 
     if step == "dataset":  # torch: only in this step's process
         from cameo_corr.train.data import CorrStreamDataset
@@ -701,12 +724,8 @@ def measure_read(step: str, path: Path) -> dict[str, float]:
         ids = CorrCache(path).window_ids()
         out["windows"] = len(ids)
         assert ids[len(ids) // 2] in ids and ids[0] < ids[-1]
-    elif step == "stats":
-        out["windows"] = cache_stats(CorrCache(path))["windows_ok"]
-    elif step == "verify16":
-        report = verify_report(CorrCache(path), max_windows=16)
-        assert not report.problems, report.problems[:3]
-        out["checked"] = report.checked
+    elif step in ("stats", "verify16"):
+        out.update(read_step(step, path))
     elif step == "dataset":
         ds = CorrStreamDataset(path, num_views=2, resolution=64)
         out.update(s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, rss_mb=_rss_mb())
