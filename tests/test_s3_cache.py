@@ -64,3 +64,39 @@ def test_storage_option_values_never_reach_the_recorded_command():
     argv = ["--out", "s3://b/c", "--storage-option", "secret=abc", '--storage-option=client_kwargs={"a": 1}', "--grid", "8"]
     assert redact_storage_options(argv) == ["--out", "s3://b/c", "--storage-option", "secret=***",
                                             "--storage-option=client_kwargs=***", "--grid", "8"]
+
+
+def test_a_file_replaced_while_it_is_read_is_read_whole(s3_endpoint):
+    """``consolidated.json`` and ``lease.json`` are replaced while other processes read them: a read
+    returns the old or the new bytes, never an error (a read that pins the ETag of a first request and
+    fetches with ``If-Match`` is refused when the object is replaced in between)."""
+    import threading
+    import time
+
+    import s3fs
+
+    from cameo_corr.cache.location import CacheLocation
+
+    url = f"{s3_endpoint.new_bucket()}/cache"
+    versions = [b'{"renewed": %d}' % i + b" " * (i * 7) for i in range(2)]
+    writer = s3fs.S3FileSystem(skip_instance_cache=True, **s3_endpoint.storage_options)
+    writer.pipe(f"{url}/lease.json", versions[0])
+    location = CacheLocation(url, s3_endpoint.storage_options)
+    stop, written = threading.Event(), [0]
+
+    def replace() -> None:
+        while not stop.is_set():
+            written[0] += 1
+            writer.pipe(f"{url}/lease.json", versions[written[0] % 2])
+
+    thread = threading.Thread(target=replace, daemon=True)
+    thread.start()
+    try:
+        reads, deadline = 0, time.monotonic() + 4
+        while time.monotonic() < deadline:
+            assert location.read_bytes("lease.json") in versions
+            reads += 1
+    finally:
+        stop.set()
+        thread.join()
+    assert reads > 20 and written[0] > 20

@@ -104,8 +104,10 @@ class CacheLocation:
         self.move(tmp, rel)
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open(self._fresh(self.path(rel)), "rb") as f:
-            return f.read()
+        """The bytes of ``rel``, fetched whole (one GET on an object store). A file replaced while it is
+        read (``consolidated.json``, ``lease.json``) gives the old or the new bytes: a file object would
+        pin the ETag of its first request and refuse an object replaced before its read."""
+        return self.fs.cat_file(self._fresh(self.path(rel)))
 
     def zarr_store(self, rel: str, *, read_only: bool) -> Any:
         """A zarr v3 store rooted at ``rel``: ``LocalStore`` locally, ``FsspecStore`` for URLs."""
