@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from pathlib import Path
 
@@ -609,3 +610,83 @@ def test_window_shuffle_options_are_checked(tiny_cache: Path) -> None:
         load_config(None, ["data.shuffle_shards=-2"])
     cfg = load_config(None, ["data.window_shuffle=buffer", "data.shuffle_shards=2"])
     assert (cfg.data.window_shuffle, cfg.data.shuffle_shards) == ("buffer", 2)
+
+
+# ------------------------------------------------------------------------------ construction
+def test_sorted_codes_number_values_in_sorted_order() -> None:
+    """Shard codes by the ids' sorted order: 16-hex-digit ids through their uint64 keys; a batch with any
+    other id (or a null, code -1) turns every row over to the hashed codes, with the same result."""
+    import pyarrow as pa
+
+    from cameo_corr.train.data import _SortedCodes
+
+    rng = np.random.default_rng(0)
+    pool = [f"{rng.integers(2**63):016x}" for _ in range(50)]
+    batches = [[pool[i] for i in rng.integers(0, 50, 40)] for _ in range(4)]
+    hex_only = _SortedCodes()
+    for values in batches:
+        hex_only.add(pa.array(values, pa.string()))
+    codes, names = hex_only.result()
+    every = list(itertools.chain(*batches))
+    assert names == sorted(set(every)) and [names[c] for c in codes] == every
+    mixed = _SortedCodes()
+    for values in batches + [["shard-c", None, pool[0]]] + batches[:1]:
+        mixed.add(pa.array(values, pa.string()))
+    codes, names = mixed.result()
+    every += ["shard-c", None, pool[0]] + batches[0]
+    assert names == sorted({v for v in every if v is not None})
+    assert [None if c < 0 else names[c] for c in codes] == every
+
+
+def test_scan_takes_or_skips_constant_row_groups_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compact row group whose filter columns are constant (all ``ok``, all ``failed``) is kept or skipped
+    by its statistics, without reading them; a mixed one is filtered; pending fragments too."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from test_cache import config as cache_config
+    from test_cache import outcomes
+
+    from cameo_corr.cache.consolidation import consolidate_manifest
+    from cameo_corr.cache.manifest import read_manifest, scan_manifest
+    from cameo_corr.cache.writer import CacheWriter
+
+    writer = CacheWriter(tmp_path / "cache", cache_config())
+    writer.initialize()
+    writer.write_shard("a", outcomes(range(4)))  # ids sort as their numbers: row groups of 4 are these shards
+    writer.write_shard("b", outcomes(range(4, 8), failed=range(4, 8)))
+    writer.write_shard("c", outcomes(range(8, 12), failed=(9,)))
+    consolidate_manifest(writer.location, row_group_size=4)
+    writer.write_shard("d", outcomes(range(12, 14), failed=(13,)))  # a pending fragment
+    read: list[tuple[list[int], list[str]]] = []
+    real = pq.ParquetFile.iter_batches
+
+    def iter_batches(self, *args, **kw):
+        read.append((list(kw["row_groups"]), list(kw["columns"])))
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", iter_batches)
+    for expr in (pc.field("status") == "ok", (pc.field("status") == "ok") & (pc.field("split") == "train")):
+        read.clear()
+        got = scan_manifest(writer.location, lambda batches: pa.Table.from_batches(list(batches)), ["window_id", "row"], expr)
+        want = read_manifest(writer.location, ["window_id", "row"], expr)
+        assert got.to_pylist() == want.to_pylist() and got.num_rows == 4 + 3 + 1
+        assert [g for g, _ in read] == [[0], [2]]  # the failed group is skipped
+        assert "status" not in read[0][1] and "status" in read[1][1]
+
+
+def test_construction_keeps_every_window_in_shard_and_row_order(many_shards: Path, tiny_cache: Path) -> None:
+    """The dataset's columns against the manifest sorted in Python: every selected window once, by shard
+    id then row; with a selection that leaves shards partly taken (the sorted path) too."""
+    from cameo_corr.cache.manifest import read_manifest
+    from cameo_corr.cache.reader import CorrCache
+
+    fracs = sorted(CorrCache(tiny_cache).manifest("ok", columns=["mask_frac"]).column("mask_frac").to_pylist())
+    for cache, least in ((many_shards, None), (tiny_cache, None), (tiny_cache, fracs[len(fracs) // 2])):
+        ds = CorrStreamDataset(cache, num_views=2, resolution=32, min_mask_frac=least)
+        rows = read_manifest(CorrCache(cache).location, ["shard", "row", "num_views", "status", "mask_frac"]).to_pylist()
+        rows = sorted((r["shard"], r["row"], r["num_views"]) for r in rows if r["status"] == "ok" and (least is None or r["mask_frac"] >= least))
+        assert least is None or {k for k, r, _ in rows if r} - {k for k, r, _ in rows if not r}  # a shard without its row 0
+        got = [(ds.shard_ids[k], int(ds.window_row[w]), int(ds.shard_views[k])) for k in range(len(ds.shard_ids))
+               for w in range(ds.shard_start[k], ds.shard_start[k + 1])]
+        assert got == rows

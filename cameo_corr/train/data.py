@@ -96,6 +96,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.datasets.base import SceneReader
     from cameo_corr.datasets.canonical import CanonicalView
     from cameo_corr.cache.local_cache import LocalShardCache
+    from cameo_corr.cache.manifest import StringCodes
     from cameo_corr.cache.reader import CorrCache
     from cameo_corr.train.mixture import CacheSource
 
@@ -265,11 +266,69 @@ def check_mixture(caches: Sequence["CorrCache"], grid: tuple[int, int], *, tau_m
                                          f"{other.location.display} has {b}", where=other.location.url(CONFIG_FILE))
 
 
-def _shard_columns(batches: Iterator[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """``(shard code, row, views, shard ids)`` of manifest batches, each batch turned into numpy at once."""
-    from cameo_corr.cache.manifest import StringCodes
+class _SortedCodes:
+    """Codes of a string column streamed in batches, numbered in the values' sorted order (``add`` each
+    batch's column, then :meth:`result`). Values of 16 hex digits (every shard id this package makes)
+    are kept as their exact ``uint64`` keys, which sort as the ids do, and coded once at the end by a
+    sort (no hash, no string per row); a batch with any other value (or a null) turns the coding over to
+    :class:`~cameo_corr.cache.manifest.StringCodes` for every row."""
 
-    codes, rows, views = StringCodes(), [], []
+    CHUNK = 1 << 16
+    """Keys searched at a time at the end (sorted first: a binary search in cache order)."""
+
+    def __init__(self) -> None:
+        self._keys: list[np.ndarray] = []
+        self._strings: StringCodes | None = None
+
+    def add(self, column: Any) -> None:
+        """Take one batch's column."""
+        import pyarrow as pa
+
+        from cameo_corr.cache.manifest import (
+            StringCodes,
+            id_array,
+            id_keys,
+            ids_of_keys,
+        )
+
+        if self._strings is None and not column.null_count:
+            keys = id_keys(id_array(column))
+            if keys.dtype == np.uint64:
+                self._keys.append(keys)
+                return
+        if self._strings is None:  # the batches taken so far, as their values again
+            self._strings = StringCodes()
+            for keys in self._keys:
+                self._strings.add(pa.array(ids_of_keys(keys), pa.binary()).cast(pa.string()))
+            self._keys = []
+        self._strings.add(column)
+
+    def result(self) -> tuple[np.ndarray, list[str]]:
+        """``(int32 code per row, the distinct values sorted)``: code ``k`` is the ``k``-th smallest value
+        (-1: null)."""
+        from cameo_corr.cache.manifest import ids_of_keys
+
+        if self._strings is not None:
+            codes, names = self._strings.result()
+            rank = np.argsort(np.argsort(np.array(names, dtype=str))).astype(np.int32)
+            return np.append(rank, -1)[codes], sorted(names)
+        keys = np.concatenate(self._keys) if self._keys else np.zeros(0, np.uint64)
+        self._keys = []
+        ranked = np.sort(keys)
+        distinct = ranked[np.append(True, ranked[1:] != ranked[:-1])] if len(ranked) else ranked
+        del ranked
+        codes = np.empty(len(keys), np.int32)
+        for a in range(0, len(keys), self.CHUNK):
+            part = keys[a : a + self.CHUNK]
+            order = np.argsort(part)
+            codes[a : a + self.CHUNK][order] = np.searchsorted(distinct, part[order])
+        return codes, ids_of_keys(distinct).astype(str).tolist()
+
+
+def _shard_columns(batches: Iterator[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """``(shard code, row, views, shard ids)`` of manifest batches, each batch turned into numpy at once;
+    shard codes index the sorted shard ids (:class:`_SortedCodes`)."""
+    codes, rows, views = _SortedCodes(), [], []
     for batch in batches:
         codes.add(batch.column("shard"))
         rows.append(batch.column("row").to_numpy(zero_copy_only=False).astype(np.int32))
@@ -293,12 +352,10 @@ def _source_windows(cache: "CorrCache", selection: Any, num_views: int) -> tuple
         if selection:
             raise DatasetError(where, f"no 'ok' windows match the selection ({selection.describe()})", field="selection")
         raise DatasetError(where, "no 'ok' windows", field="status")
-    rank_of_name = np.argsort(np.argsort(np.array(names, dtype=object)))  # shard codes in sorted-name order
-    shard = rank_of_name[shard].astype(np.int32)
     if views.min() < num_views:
         raise DatasetError(where, f"{int((views < num_views).sum())} windows have fewer views than num_views="
                            f"{num_views} (e.g. {int(views.min())})", field="num_views")
-    return shard, row, views, sorted(names)
+    return shard, row, views, names
 
 
 def stored_window(arrays: dict[str, np.ndarray], views: np.ndarray, size: int, resolution: int, *, where: str
@@ -315,15 +372,18 @@ def stored_window(arrays: dict[str, np.ndarray], views: np.ndarray, size: int, r
     return images, intrinsics, np.asarray(arrays["image_extrinsics"][views])
 
 
-def _by_shard_and_row(shard: np.ndarray, row: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """The permutation sorting windows by ``(shard, row)``: a scatter when each shard's rows are exactly
-    ``0 ... n - 1`` (all its windows selected: the usual case), else a sort."""
-    if len(row) and row.min() >= 0 and bool((row < start[shard + 1] - start[shard]).all()):
-        order = np.full(len(row), -1, np.int64)
-        order[start[shard] + row] = np.arange(len(row))
-        if bool((order >= 0).all()):
-            return order
-    return np.argsort((shard.astype(np.int64) << 32) | row.astype(np.int64), kind="stable")
+def _row_slots(shard: np.ndarray, row: np.ndarray, start: np.ndarray) -> np.ndarray | None:
+    """Where each window goes when the windows are sorted by ``(shard, row)``: ``start[shard] + row``, when
+    each shard's rows are exactly ``0 ... n - 1`` (all its windows selected: the usual case); else ``None``."""
+    if not len(row) or row.min() < 0:
+        return None
+    slots = start[:-1][shard]
+    if not bool((row < start[1:][shard] - slots).all()):
+        return None
+    slots += row
+    filled = np.zeros(len(row), bool)
+    filled[slots] = True
+    return slots if bool(filled.all()) else None  # n rows below n, none left empty: each once
 
 
 def _window_columns(caches: Sequence[CorrCache], sources: Sequence[CacheSource], defaults: Any, num_views: int) -> dict[str, Any]:
@@ -338,25 +398,33 @@ def _window_columns(caches: Sequence[CorrCache], sources: Sequence[CacheSource],
         view_parts.append(views)
         names_all += names
         shard_source.append(np.full(len(names), k, dtype=np.int16))
-    shard, row = np.concatenate(shard_parts), np.concatenate(row_parts)
+    shard, row, views = (parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in (shard_parts, row_parts, view_parts))
+    del shard_parts, row_parts, view_parts
     start = np.concatenate([[0], np.cumsum(np.bincount(shard, minlength=len(names_all)))]).astype(np.int64)
-    order = _by_shard_and_row(shard, row, start)
     owner = np.concatenate(shard_source)
-    shard, rows = shard[order], row[order]
-    same = (rows[1:] == rows[:-1]) & (shard[1:] == shard[:-1])
-    if same.any():
-        k, r = int(shard[1:][same][0]), int(rows[1:][same][0])
-        raise DatasetError(f"{caches[owner[k]].location.display}/manifest", f"shard {names_all[k]} row {r} is listed by more "
-                           "than one ok window", field="row")
-    del shard, same
-    views = np.concatenate(view_parts)[order]
+    row_type = np.min_scalar_type(int(row.max()) if len(row) else 0)
+    slots = _row_slots(shard, row, start)
+    if slots is not None:  # scattered to their places: the rows become 0 ... n - 1 per shard
+        rows, ordered = np.empty(len(row), row_type), np.empty_like(views)
+        rows[slots], ordered[slots] = row, views
+        views = ordered
+    else:
+        order = np.argsort((shard.astype(np.int64) << 32) | row.astype(np.int64), kind="stable")
+        shard, rows = shard[order], row[order]
+        same = (rows[1:] == rows[:-1]) & (shard[1:] == shard[:-1])
+        if same.any():
+            k, r = int(shard[1:][same][0]), int(rows[1:][same][0])
+            raise DatasetError(f"{caches[owner[k]].location.display}/manifest", f"shard {names_all[k]} row {r} is listed by more "
+                               "than one ok window", field="row")
+        rows, views = rows.astype(row_type), views[order]
+    del shard, row, slots
     low, high = np.minimum.reduceat(views, start[:-1]), np.maximum.reduceat(views, start[:-1])
     if np.any(low != high):
         k = int(np.flatnonzero(low != high)[0])
         raise DatasetError(f"{caches[owner[k]].location.display}/manifest", f"the windows of shard {names_all[k]} have "
                            f"{int(low[k])} to {int(high[k])} views; a shard holds windows of one S", field="num_views")
     return {"shard_ids": tuple(names_all), "shard_source": owner, "shard_start": start, "shard_views": low.astype(np.int16),
-            "window_row": rows.astype(np.min_scalar_type(int(rows.max()) if len(rows) else 0))}
+            "window_row": rows}
 
 
 class _ShardVisit:
