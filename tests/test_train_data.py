@@ -19,6 +19,7 @@ from cameo_corr.train.data import (
     StreamState,
     block_order,
     collate_samples,
+    deal_to_lanes,
     epoch_order,
     reference_order,
 )
@@ -690,3 +691,92 @@ def test_construction_keeps_every_window_in_shard_and_row_order(many_shards: Pat
         got = [(ds.shard_ids[k], int(ds.window_row[w]), int(ds.shard_views[k])) for k in range(len(ds.shard_ids))
                for w in range(ds.shard_start[k], ds.shard_start[k + 1])]
         assert got == rows
+
+
+# ------------------------------------------------------------------------------ DataLoader workers
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(0, 60), first=st.integers(0, 200), unit=st.integers(1, 7), lanes=st.integers(0, 4))
+def test_deal_to_lanes_gives_each_lane_one_stretch_in_order(n: int, first: int, unit: int, lanes: int) -> None:
+    order = np.stack([np.arange(n) * 10, np.arange(n)], axis=1)
+    dealt = deal_to_lanes(order, first=first, unit=unit, lanes=lanes)
+    if lanes <= 1:
+        assert dealt is order
+        return
+    assert sorted(dealt[:, 1].tolist()) == list(range(n)) and np.array_equal(dealt[:, 0], dealt[:, 1] * 10)  # rows moved whole
+    lane = (first + np.arange(n)) // unit % lanes
+    stretches = [dealt[lane == i, 1].tolist() for i in range(lanes)]
+    assert list(itertools.chain(*stretches)) == list(range(n))  # lane 0 the first stretch, lane 1 the next, ... each in order
+
+
+def reference_rank_order(ds: CorrStreamDataset, epoch: int) -> np.ndarray:
+    """The rank order as it was before the workers' lanes: block order, padded by wrapping, every world_size-th."""
+    order = block_order(ds.shard_start, seed=ds.seed, epoch=epoch, block_shards=ds.shuffle_shards)
+    q = np.arange(ds.epoch_length * ds.world_size)
+    return np.stack([order[q % len(order)], q], axis=1)[ds.rank :: ds.world_size]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_zero_or_one_worker_keeps_the_order(many_shards: Path, world: int) -> None:
+    for workers in (0, 1):
+        for batch in (None, 5):
+            ds = CorrStreamDataset(many_shards, num_views=2, resolution=32, world_size=world, rank=world - 1, num_workers=workers,
+                                   batch_size=batch, order_scope="sample")
+            for epoch in range(3):
+                assert np.array_equal(ds.rank_order(epoch), reference_rank_order(ds, epoch))
+    two = CorrStreamDataset(many_shards, num_views=2, resolution=32, world_size=world, rank=world - 1, num_workers=2, batch_size=5)
+    dealt, before = two.rank_order(1), reference_rank_order(two, 1)
+    assert not np.array_equal(dealt, before) and sorted(map(tuple, dealt.tolist())) == sorted(map(tuple, before.tolist()))
+
+
+def worker_decodes(ds: CorrStreamDataset, workers: int) -> int:
+    """Shard decodes of ``workers`` DataLoader workers reading the correspondence targets of the stream, each
+    what ``__iter__`` reads in worker ``w`` of ``workers`` (a fresh process state each)."""
+    from cameo_corr.train.data import _ProcessState
+
+    total = 0
+    for w in range(workers):
+        proc = _ProcessState(ds, workers)
+        for items in ds.worker_items(w, workers):
+            for _, _, window, _ in items:
+                source, shard_id, row = ds.locate(window)
+                proc.shard(shard_id, source).corr_row(row)
+        total += proc.shard_reads
+    return total
+
+
+@pytest.mark.parametrize(("world", "batch", "mixture"), [(1, 5, False), (2, 4, False), (1, None, False), (1, 3, True)])
+def test_two_workers_decode_each_shard_about_once_per_epoch(many_shards: Path, world: int, batch: int | None, mixture: bool) -> None:
+    from cameo_corr.train.mixture import CacheSource
+
+    opts = {"num_views": 2, "resolution": 32, "num_epochs": 3, "world_size": world, "rank": world - 1, "batch_size": batch,
+            "order_scope": "sample"}
+    cache = [CacheSource(str(many_shards), 1.0), CacheSource(str(many_shards), 1.0)] if mixture else many_shards
+    ds = CorrStreamDataset(cache, num_workers=2, **opts)
+    shards = len(ds.shard_ids)  # each cache's, a mixture's caches apart
+    assert worker_decodes(ds, 2) <= 1.2 * shards * 3
+    assert worker_decodes(ds, 1) <= 1.3 * shards * 3  # one process reading both lanes keeps both lanes' blocks (LRU: a few more)
+    # the previous policy: each worker takes every other batch of every block, so decodes nearly every shard
+    assert worker_decodes(CorrStreamDataset(cache, num_workers=0, **opts), 2) > 1.6 * shards * 3
+
+
+def test_workers_loader_yields_the_stream_order_and_resumes_exactly(tiny_cache: Path) -> None:
+    stream = list(make(tiny_cache, batch_size=2, num_epochs=3, num_workers=2))
+    assert [t for b in stream for t in b["window_id"]] != [t for b in make(tiny_cache, batch_size=2, num_epochs=3) for t in b["window_id"]]
+    full = list(StreamLoader(make(tiny_cache, batch_size=2, num_epochs=3, num_workers=2), multiprocessing_context="fork"))
+    assert_batches_equal(full, stream)
+    for cut in (1, 4, 5):  # inside the first epoch, at the boundary, inside the second
+        loader = StreamLoader(make(tiny_cache, batch_size=2, num_epochs=3, num_workers=2), multiprocessing_context="fork")
+        it = iter(loader)
+        head = [next(it) for _ in range(cut)]
+        state = loader.state_dict()
+        assert state == {"epoch": (2 * cut) // 6, "position": (2 * cut) % 6, "num_workers": 2}
+        resumed = StreamLoader(make(tiny_cache, batch_size=2, num_epochs=3, num_workers=2), multiprocessing_context="fork")
+        resumed.load_state_dict(state)
+        assert_batches_equal(head + list(resumed), full)
+    ds = make(tiny_cache, batch_size=2, num_epochs=3, num_workers=2)
+    ds.load_state_dict(ds.state_dict_of(ds.state_after(3, StreamState())))  # any position: batches not aligned to the lanes
+    assert [x for b in ds.worker_items() for x in b] == list(make(tiny_cache, batch_size=2, num_epochs=3, num_workers=2)._positions())[3:]
+    with pytest.warns(UserWarning, match="num_workers=2 and is resumed with 0"):
+        make(tiny_cache, batch_size=2).load_state_dict({"epoch": 0, "position": 2, "num_workers": 2})
+    with pytest.raises(SchemaError, match="num_workers"):
+        make(tiny_cache, num_workers=-1)
