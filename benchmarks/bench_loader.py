@@ -20,6 +20,13 @@ alternately: ``block`` (the default: blocks of ``--shuffle-shards`` shards, each
 equally likely anywhere in it) and ``buffer`` (the previous default: a ``--shuffle-buffer``-slot buffer,
 4 shard visits kept). It reports shard decodes per shard per epoch and CPU seconds per sample.
 
+Then the block shuffle read by ``--loader-workers`` DataLoader workers (batches of ``--batch-size``):
+each worker's batches of the stream (:meth:`~cameo_corr.train.data.CorrStreamDataset.worker_items`,
+what its ``__iter__`` reads) are read by a fresh process state of its own, alternately with the
+order dealt to that many workers (``num_workers``: each worker reads its own lane of blocks) and the
+previous order (``num_workers=0``: every worker takes every other batch of every block). It reports
+shard decodes per shard per epoch of all workers together and CPU seconds per sample.
+
 Usage: ``python benchmarks/bench_loader.py [--cache DIR] [--samples N] ...``. Without ``--cache`` a
 synthetic dataset and its cache are built in a temporary directory first (not timed).
 """
@@ -181,13 +188,41 @@ def time_epoch_targets(cache: Path, policy: str, args: argparse.Namespace) -> di
     return {"decodes_per_shard": proc.shard_reads / len(ds.shard_ids), "cpu_ms_per_sample": 1000 * cpu / len(order)}
 
 
+def time_worker_targets(cache: Path, dealt_to: int, args: argparse.Namespace) -> dict[str, float]:
+    """One epoch of correspondence targets under the block shuffle as ``--loader-workers`` DataLoader
+    workers read it, the epoch order dealt to ``dealt_to`` workers: each worker's batches in turn, by a
+    fresh process state per worker; shard decodes per shard (all workers) and CPU seconds per sample."""
+    from cameo_corr.train.data import CorrStreamDataset, _ProcessState
+
+    ds = CorrStreamDataset(cache, num_views=args.num_views, resolution=args.resolution, seed=0, order_scope="sample", num_epochs=1,
+                           shuffle_shards=args.shuffle_shards, batch_size=args.batch_size, num_workers=dealt_to)
+    workers, decodes = args.loader_workers, 0
+    t0 = time.process_time()
+    for worker in range(workers):
+        proc = _ProcessState(ds, workers)
+        for items in ds.worker_items(worker, workers):
+            for _, e, w, q in items:
+                views, _ = ds.choose(w, e, q)
+                source, shard_id, row = ds.locate(w)
+                blocks = proc.shard(shard_id, source).corr_row(row)
+                for key in ("nn", "mask", "dist"):
+                    blocks[key][np.ix_(views, views)]
+        decodes += proc.shard_reads
+    cpu = time.process_time() - t0
+    return {"decodes_per_shard": decodes / len(ds.shard_ids), "cpu_ms_per_sample": 1000 * cpu / ds.epoch_length}
+
+
 def compare_shuffles(cache: Path, work: Path, args: argparse.Namespace) -> dict[str, float]:
-    """``block`` vs ``buffer`` over a multi-shard epoch, alternating, medians of ``--repeats``."""
+    """``block`` vs ``buffer`` over a multi-shard epoch, then the block shuffle read by ``--loader-workers``
+    workers with the order dealt to them vs not, alternating, medians of ``--repeats``."""
     multi = replicate_cache(cache, work / "multi-shard", args.epoch_shards, args.shard_size)
-    runs: dict[str, list[dict[str, float]]] = {"block": [], "buffer": []}
+    runs: dict[str, list[dict[str, float]]] = {"block": [], "buffer": [], "workers_dealt": [], "workers_previous": []}
     for _ in range(args.repeats):
         for policy, done in runs.items():
-            done.append(time_epoch_targets(multi, policy, args))
+            if policy.startswith("workers_"):
+                done.append(time_worker_targets(multi, args.loader_workers if policy == "workers_dealt" else 0, args))
+            else:
+                done.append(time_epoch_targets(multi, policy, args))
     med = {p: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for p, rs in runs.items()}
     return {"epoch_shards": args.epoch_shards, "epoch_windows": args.epoch_shards * args.shard_size,
             **{f"{p}_{k}": v for p, m in med.items() for k, v in m.items()},
@@ -212,6 +247,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--epoch-shards", type=int, default=16, help="shards of the multi-shard cache the shuffles are compared on")
     p.add_argument("--shuffle-shards", type=int, default=4, help="block shuffle: shards per block")
     p.add_argument("--shuffle-buffer", type=int, default=64, help="buffer shuffle: slots")
+    p.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers reading the block shuffle")
+    p.add_argument("--batch-size", type=int, default=2, help="batch size of the workers' stream (data.batch_size)")
     p.add_argument("--match-backend", default="auto")
     p.add_argument("--json", type=Path, help="also write the numbers here")
     args = p.parse_args(argv)
@@ -292,7 +329,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"(targets only, medians of {args.repeats} alternating runs): block of {args.shuffle_shards} shards "
         f"{res['block_decodes_per_shard']:.2f} decodes per shard, {res['block_cpu_ms_per_sample']:.3f} CPU ms/sample; "
         f"buffer of {args.shuffle_buffer} slots {res['buffer_decodes_per_shard']:.2f} decodes per shard, "
-        f"{res['buffer_cpu_ms_per_sample']:.3f} CPU ms/sample (ratio {res['shuffle_cpu_ratio']:.2f}x)"
+        f"{res['buffer_cpu_ms_per_sample']:.3f} CPU ms/sample (ratio {res['shuffle_cpu_ratio']:.2f}x)\n"
+        f"block shuffle read by {args.loader_workers} DataLoader workers (batches of {args.batch_size}): order dealt to the workers "
+        f"{res['workers_dealt_decodes_per_shard']:.2f} decodes per shard per epoch, {res['workers_dealt_cpu_ms_per_sample']:.3f} CPU "
+        f"ms/sample; previous order (every worker takes every other batch) {res['workers_previous_decodes_per_shard']:.2f} decodes "
+        f"per shard, {res['workers_previous_cpu_ms_per_sample']:.3f} CPU ms/sample"
     )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from cameo_corr.train.data import (
     StreamState,
     block_order,
     collate_samples,
+    deal_to_lanes,
     epoch_order,
     reference_order,
 )
@@ -609,3 +611,172 @@ def test_window_shuffle_options_are_checked(tiny_cache: Path) -> None:
         load_config(None, ["data.shuffle_shards=-2"])
     cfg = load_config(None, ["data.window_shuffle=buffer", "data.shuffle_shards=2"])
     assert (cfg.data.window_shuffle, cfg.data.shuffle_shards) == ("buffer", 2)
+
+
+# ------------------------------------------------------------------------------ construction
+def test_sorted_codes_number_values_in_sorted_order() -> None:
+    """Shard codes by the ids' sorted order: 16-hex-digit ids through their uint64 keys; a batch with any
+    other id (or a null, code -1) turns every row over to the hashed codes, with the same result."""
+    import pyarrow as pa
+
+    from cameo_corr.train.data import _SortedCodes
+
+    rng = np.random.default_rng(0)
+    pool = [f"{rng.integers(2**63):016x}" for _ in range(50)]
+    batches = [[pool[i] for i in rng.integers(0, 50, 40)] for _ in range(4)]
+    hex_only = _SortedCodes()
+    for values in batches:
+        hex_only.add(pa.array(values, pa.string()))
+    codes, names = hex_only.result()
+    every = list(itertools.chain(*batches))
+    assert names == sorted(set(every)) and [names[c] for c in codes] == every
+    mixed = _SortedCodes()
+    for values in batches + [["shard-c", None, pool[0]]] + batches[:1]:
+        mixed.add(pa.array(values, pa.string()))
+    codes, names = mixed.result()
+    every += ["shard-c", None, pool[0]] + batches[0]
+    assert names == sorted({v for v in every if v is not None})
+    assert [None if c < 0 else names[c] for c in codes] == every
+
+
+def test_scan_takes_or_skips_constant_row_groups_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compact row group whose filter columns are constant (all ``ok``, all ``failed``) is kept or skipped
+    by its statistics, without reading them; a mixed one is filtered; pending fragments too."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from test_cache import config as cache_config
+    from test_cache import outcomes
+
+    from cameo_corr.cache.consolidation import consolidate_manifest
+    from cameo_corr.cache.manifest import read_manifest, scan_manifest
+    from cameo_corr.cache.writer import CacheWriter
+
+    writer = CacheWriter(tmp_path / "cache", cache_config())
+    writer.initialize()
+    writer.write_shard("a", outcomes(range(4)))  # ids sort as their numbers: row groups of 4 are these shards
+    writer.write_shard("b", outcomes(range(4, 8), failed=range(4, 8)))
+    writer.write_shard("c", outcomes(range(8, 12), failed=(9,)))
+    consolidate_manifest(writer.location, row_group_size=4)
+    writer.write_shard("d", outcomes(range(12, 14), failed=(13,)))  # a pending fragment
+    read: list[tuple[list[int], list[str]]] = []
+    real = pq.ParquetFile.iter_batches
+
+    def iter_batches(self, *args, **kw):
+        read.append((list(kw["row_groups"]), list(kw["columns"])))
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", iter_batches)
+    for expr in (pc.field("status") == "ok", (pc.field("status") == "ok") & (pc.field("split") == "train")):
+        read.clear()
+        got = scan_manifest(writer.location, lambda batches: pa.Table.from_batches(list(batches)), ["window_id", "row"], expr)
+        want = read_manifest(writer.location, ["window_id", "row"], expr)
+        assert got.to_pylist() == want.to_pylist() and got.num_rows == 4 + 3 + 1
+        assert [g for g, _ in read] == [[0], [2]]  # the failed group is skipped
+        assert "status" not in read[0][1] and "status" in read[1][1]
+
+
+def test_construction_keeps_every_window_in_shard_and_row_order(many_shards: Path, tiny_cache: Path) -> None:
+    """The dataset's columns against the manifest sorted in Python: every selected window once, by shard
+    id then row; with a selection that leaves shards partly taken (the sorted path) too."""
+    from cameo_corr.cache.manifest import read_manifest
+    from cameo_corr.cache.reader import CorrCache
+
+    fracs = sorted(CorrCache(tiny_cache).manifest("ok", columns=["mask_frac"]).column("mask_frac").to_pylist())
+    for cache, least in ((many_shards, None), (tiny_cache, None), (tiny_cache, fracs[len(fracs) // 2])):
+        ds = CorrStreamDataset(cache, num_views=2, resolution=32, min_mask_frac=least)
+        rows = read_manifest(CorrCache(cache).location, ["shard", "row", "num_views", "status", "mask_frac"]).to_pylist()
+        rows = sorted((r["shard"], r["row"], r["num_views"]) for r in rows if r["status"] == "ok" and (least is None or r["mask_frac"] >= least))
+        assert least is None or {k for k, r, _ in rows if r} - {k for k, r, _ in rows if not r}  # a shard without its row 0
+        got = [(ds.shard_ids[k], int(ds.window_row[w]), int(ds.shard_views[k])) for k in range(len(ds.shard_ids))
+               for w in range(ds.shard_start[k], ds.shard_start[k + 1])]
+        assert got == rows
+
+
+# ------------------------------------------------------------------------------ DataLoader workers
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(0, 60), first=st.integers(0, 200), unit=st.integers(1, 7), lanes=st.integers(0, 4))
+def test_deal_to_lanes_gives_each_lane_one_stretch_in_order(n: int, first: int, unit: int, lanes: int) -> None:
+    order = np.stack([np.arange(n) * 10, np.arange(n)], axis=1)
+    dealt = deal_to_lanes(order, first=first, unit=unit, lanes=lanes)
+    if lanes <= 1:
+        assert dealt is order
+        return
+    assert sorted(dealt[:, 1].tolist()) == list(range(n)) and np.array_equal(dealt[:, 0], dealt[:, 1] * 10)  # rows moved whole
+    lane = (first + np.arange(n)) // unit % lanes
+    stretches = [dealt[lane == i, 1].tolist() for i in range(lanes)]
+    assert list(itertools.chain(*stretches)) == list(range(n))  # lane 0 the first stretch, lane 1 the next, ... each in order
+
+
+def reference_rank_order(ds: CorrStreamDataset, epoch: int) -> np.ndarray:
+    """The rank order as it was before the workers' lanes: block order, padded by wrapping, every world_size-th."""
+    order = block_order(ds.shard_start, seed=ds.seed, epoch=epoch, block_shards=ds.shuffle_shards)
+    q = np.arange(ds.epoch_length * ds.world_size)
+    return np.stack([order[q % len(order)], q], axis=1)[ds.rank :: ds.world_size]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_zero_or_one_worker_keeps_the_order(many_shards: Path, world: int) -> None:
+    for workers in (0, 1):
+        for batch in (None, 5):
+            ds = CorrStreamDataset(many_shards, num_views=2, resolution=32, world_size=world, rank=world - 1, num_workers=workers,
+                                   batch_size=batch, order_scope="sample")
+            for epoch in range(3):
+                assert np.array_equal(ds.rank_order(epoch), reference_rank_order(ds, epoch))
+    two = CorrStreamDataset(many_shards, num_views=2, resolution=32, world_size=world, rank=world - 1, num_workers=2, batch_size=5)
+    dealt, before = two.rank_order(1), reference_rank_order(two, 1)
+    assert not np.array_equal(dealt, before) and sorted(map(tuple, dealt.tolist())) == sorted(map(tuple, before.tolist()))
+
+
+def worker_decodes(ds: CorrStreamDataset, workers: int) -> int:
+    """Shard decodes of ``workers`` DataLoader workers reading the correspondence targets of the stream, each
+    what ``__iter__`` reads in worker ``w`` of ``workers`` (a fresh process state each)."""
+    from cameo_corr.train.data import _ProcessState
+
+    total = 0
+    for w in range(workers):
+        proc = _ProcessState(ds, workers)
+        for items in ds.worker_items(w, workers):
+            for _, _, window, _ in items:
+                source, shard_id, row = ds.locate(window)
+                proc.shard(shard_id, source).corr_row(row)
+        total += proc.shard_reads
+    return total
+
+
+@pytest.mark.parametrize(("world", "batch", "mixture"), [(1, 5, False), (2, 4, False), (1, None, False), (1, 3, True)])
+def test_two_workers_decode_each_shard_about_once_per_epoch(many_shards: Path, world: int, batch: int | None, mixture: bool) -> None:
+    from cameo_corr.train.mixture import CacheSource
+
+    opts = {"num_views": 2, "resolution": 32, "num_epochs": 3, "world_size": world, "rank": world - 1, "batch_size": batch,
+            "order_scope": "sample"}
+    cache = [CacheSource(str(many_shards), 1.0), CacheSource(str(many_shards), 1.0)] if mixture else many_shards
+    ds = CorrStreamDataset(cache, num_workers=2, **opts)
+    shards = len(ds.shard_ids)  # each cache's, a mixture's caches apart
+    assert worker_decodes(ds, 2) <= 1.2 * shards * 3
+    assert worker_decodes(ds, 1) <= 1.3 * shards * 3  # one process reading both lanes keeps both lanes' blocks (LRU: a few more)
+    # the previous policy: each worker takes every other batch of every block, so decodes nearly every shard
+    assert worker_decodes(CorrStreamDataset(cache, num_workers=0, **opts), 2) > 1.6 * shards * 3
+
+
+def test_workers_loader_yields_the_stream_order_and_resumes_exactly(tiny_cache: Path) -> None:
+    stream = list(make(tiny_cache, batch_size=2, num_epochs=3, num_workers=2))
+    assert [t for b in stream for t in b["window_id"]] != [t for b in make(tiny_cache, batch_size=2, num_epochs=3) for t in b["window_id"]]
+    full = list(StreamLoader(make(tiny_cache, batch_size=2, num_epochs=3, num_workers=2), multiprocessing_context="fork"))
+    assert_batches_equal(full, stream)
+    for cut in (1, 4, 5):  # inside the first epoch, at the boundary, inside the second
+        loader = StreamLoader(make(tiny_cache, batch_size=2, num_epochs=3, num_workers=2), multiprocessing_context="fork")
+        it = iter(loader)
+        head = [next(it) for _ in range(cut)]
+        state = loader.state_dict()
+        assert state == {"epoch": (2 * cut) // 6, "position": (2 * cut) % 6, "num_workers": 2}
+        resumed = StreamLoader(make(tiny_cache, batch_size=2, num_epochs=3, num_workers=2), multiprocessing_context="fork")
+        resumed.load_state_dict(state)
+        assert_batches_equal(head + list(resumed), full)
+    ds = make(tiny_cache, batch_size=2, num_epochs=3, num_workers=2)
+    ds.load_state_dict(ds.state_dict_of(ds.state_after(3, StreamState())))  # any position: batches not aligned to the lanes
+    assert [x for b in ds.worker_items() for x in b] == list(make(tiny_cache, batch_size=2, num_epochs=3, num_workers=2)._positions())[3:]
+    with pytest.warns(UserWarning, match="num_workers=2 and is resumed with 0"):
+        make(tiny_cache, batch_size=2).load_state_dict({"epoch": 0, "position": 2, "num_workers": 2})
+    with pytest.raises(SchemaError, match="num_workers"):
+        make(tiny_cache, num_workers=-1)

@@ -133,6 +133,8 @@ class DataConfig:
     """``window_shuffle: buffer``: slots of the shuffle buffer."""
     shard_shuffle: bool = True
     num_workers: int = 0
+    """DataLoader workers; above 1 the epoch order is dealt to them, one lane each (part of the order:
+    :func:`~cameo_corr.train.data.deal_to_lanes`)."""
     multiprocessing_context: str | None = None
     seed: int = 0
     tau: float | None = None

@@ -12,9 +12,16 @@ sample order is a pure function of ``(seed, epoch)``, computed from the manifest
 3. the epoch order is padded by wrapping to a multiple of ``world_size`` (as ``DistributedSampler``
    does, so every rank sees the same number of samples) and rank ``r`` takes every ``world_size``-th
    window starting at ``r``;
-4. a rank's stream is cut into batches (or single samples) that the DataLoader workers take round-robin,
+4. with ``num_workers=N > 1`` (the DataLoader workers that will read the stream) the rank's epoch order is
+   dealt to ``N`` lanes (:func:`deal_to_lanes`): counting batches (or single samples) from the rank's
+   stream position 0, batch ``j`` belongs to lane ``j % N``, and lane ``i`` takes the ``i``-th of ``N``
+   consecutive stretches of the epoch order, so each lane runs through its own blocks of shards.
+   ``num_workers`` 0 and 1 leave the order as it is; any other worker count is part of the order;
+5. a rank's stream is cut into batches (or single samples) that the DataLoader workers take round-robin,
    which is the order in which ``DataLoader`` returns them, so the loader yields the rank's stream in
-   order whatever the number of workers.
+   order whatever the number of workers. When the dataset's ``num_workers`` is the loader's, worker
+   ``w`` reads one lane only and decodes each of its shards about once per epoch (without the lanes
+   every worker reads every block and decodes nearly every shard once per epoch).
 
 **Mixtures** (several caches, ``data.caches: [{path, weight, tag}]``): an epoch has as many samples as
 the caches have selected windows in total, ``N = sum_k n_k``; cache ``k`` contributes
@@ -24,7 +31,7 @@ stream of passes (pass ``p`` is step 1-2 above over that cache's shards, seeded 
 ``e`` takes the samples ``e * c_k ... (e + 1) * c_k - 1`` of it: weights proportional to the sizes
 visit every window once per epoch, a heavier weight repeats a cache's windows, a lighter one spreads
 a pass over several epochs. The epoch's slots are then assigned to caches by a seeded shuffle
-(``(seed, epoch)``), and steps 3-4 follow unchanged; the order stays a pure function of ``(seed,
+(``(seed, epoch)``), and steps 3-5 follow unchanged; the order stays a pure function of ``(seed,
 epoch)``, so resuming is exact. A sample's ``tag`` is its entry's ``tag`` when set. Caches must agree
 on the token grid (and on ``tau`` when their stored masks are used): :func:`check_mixture`.
 
@@ -79,6 +86,7 @@ import itertools
 import logging
 import math
 import os
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +104,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.datasets.base import SceneReader
     from cameo_corr.datasets.canonical import CanonicalView
     from cameo_corr.cache.local_cache import LocalShardCache
+    from cameo_corr.cache.manifest import StringCodes
     from cameo_corr.cache.reader import CorrCache
     from cameo_corr.train.mixture import CacheSource
 
@@ -198,6 +207,23 @@ def block_order(shard_start: np.ndarray, *, seed: int, epoch: int, shard_shuffle
     return stream
 
 
+def deal_to_lanes(order: np.ndarray, *, first: int, unit: int, lanes: int) -> np.ndarray:
+    """``order`` (the items at stream positions ``first, first + 1, ...``) rearranged for ``lanes`` readers
+    that take units of ``unit`` positions in turn.
+
+    The unit holding stream position ``g`` is the ``g // unit``-th and belongs to lane ``(g // unit) %
+    lanes``; lane ``i``'s positions, in stream order, receive the ``i``-th of ``lanes`` consecutive
+    stretches of ``order`` (each as long as the lane has positions here). A reader of one lane thus
+    meets ``order``'s items in their order, from one stretch only. ``lanes <= 1``: ``order`` itself.
+    """
+    if lanes <= 1:
+        return order
+    lane = ((first + np.arange(len(order), dtype=np.int64)) // unit % lanes).astype(np.min_scalar_type(lanes - 1))
+    dealt = np.empty_like(order)
+    dealt[np.argsort(lane, kind="stable")] = order  # lane 0's positions take the first stretch, and so on
+    return dealt
+
+
 def reference_order(num_views: int, num_ref: int, policy: str, rng: np.random.Generator, shuffle_prob: float = DEFAULT_SHUFFLE_PROB) -> np.ndarray:
     """Permutation of ``range(num_views)`` putting the ``num_ref`` references first (see ORDER_POLICIES).
 
@@ -265,11 +291,69 @@ def check_mixture(caches: Sequence["CorrCache"], grid: tuple[int, int], *, tau_m
                                          f"{other.location.display} has {b}", where=other.location.url(CONFIG_FILE))
 
 
-def _shard_columns(batches: Iterator[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """``(shard code, row, views, shard ids)`` of manifest batches, each batch turned into numpy at once."""
-    from cameo_corr.cache.manifest import StringCodes
+class _SortedCodes:
+    """Codes of a string column streamed in batches, numbered in the values' sorted order (``add`` each
+    batch's column, then :meth:`result`). Values of 16 hex digits (every shard id this package makes)
+    are kept as their exact ``uint64`` keys, which sort as the ids do, and coded once at the end by a
+    sort (no hash, no string per row); a batch with any other value (or a null) turns the coding over to
+    :class:`~cameo_corr.cache.manifest.StringCodes` for every row."""
 
-    codes, rows, views = StringCodes(), [], []
+    CHUNK = 1 << 16
+    """Keys searched at a time at the end (sorted first: a binary search in cache order)."""
+
+    def __init__(self) -> None:
+        self._keys: list[np.ndarray] = []
+        self._strings: StringCodes | None = None
+
+    def add(self, column: Any) -> None:
+        """Take one batch's column."""
+        import pyarrow as pa
+
+        from cameo_corr.cache.manifest import (
+            StringCodes,
+            id_array,
+            id_keys,
+            ids_of_keys,
+        )
+
+        if self._strings is None and not column.null_count:
+            keys = id_keys(id_array(column))
+            if keys.dtype == np.uint64:
+                self._keys.append(keys)
+                return
+        if self._strings is None:  # the batches taken so far, as their values again
+            self._strings = StringCodes()
+            for keys in self._keys:
+                self._strings.add(pa.array(ids_of_keys(keys), pa.binary()).cast(pa.string()))
+            self._keys = []
+        self._strings.add(column)
+
+    def result(self) -> tuple[np.ndarray, list[str]]:
+        """``(int32 code per row, the distinct values sorted)``: code ``k`` is the ``k``-th smallest value
+        (-1: null)."""
+        from cameo_corr.cache.manifest import ids_of_keys
+
+        if self._strings is not None:
+            codes, names = self._strings.result()
+            rank = np.argsort(np.argsort(np.array(names, dtype=str))).astype(np.int32)
+            return np.append(rank, -1)[codes], sorted(names)
+        keys = np.concatenate(self._keys) if self._keys else np.zeros(0, np.uint64)
+        self._keys = []
+        ranked = np.sort(keys)
+        distinct = ranked[np.append(True, ranked[1:] != ranked[:-1])] if len(ranked) else ranked
+        del ranked
+        codes = np.empty(len(keys), np.int32)
+        for a in range(0, len(keys), self.CHUNK):
+            part = keys[a : a + self.CHUNK]
+            order = np.argsort(part)
+            codes[a : a + self.CHUNK][order] = np.searchsorted(distinct, part[order])
+        return codes, ids_of_keys(distinct).astype(str).tolist()
+
+
+def _shard_columns(batches: Iterator[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """``(shard code, row, views, shard ids)`` of manifest batches, each batch turned into numpy at once;
+    shard codes index the sorted shard ids (:class:`_SortedCodes`)."""
+    codes, rows, views = _SortedCodes(), [], []
     for batch in batches:
         codes.add(batch.column("shard"))
         rows.append(batch.column("row").to_numpy(zero_copy_only=False).astype(np.int32))
@@ -293,12 +377,10 @@ def _source_windows(cache: "CorrCache", selection: Any, num_views: int) -> tuple
         if selection:
             raise DatasetError(where, f"no 'ok' windows match the selection ({selection.describe()})", field="selection")
         raise DatasetError(where, "no 'ok' windows", field="status")
-    rank_of_name = np.argsort(np.argsort(np.array(names, dtype=object)))  # shard codes in sorted-name order
-    shard = rank_of_name[shard].astype(np.int32)
     if views.min() < num_views:
         raise DatasetError(where, f"{int((views < num_views).sum())} windows have fewer views than num_views="
                            f"{num_views} (e.g. {int(views.min())})", field="num_views")
-    return shard, row, views, sorted(names)
+    return shard, row, views, names
 
 
 def stored_window(arrays: dict[str, np.ndarray], views: np.ndarray, size: int, resolution: int, *, where: str
@@ -315,15 +397,18 @@ def stored_window(arrays: dict[str, np.ndarray], views: np.ndarray, size: int, r
     return images, intrinsics, np.asarray(arrays["image_extrinsics"][views])
 
 
-def _by_shard_and_row(shard: np.ndarray, row: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """The permutation sorting windows by ``(shard, row)``: a scatter when each shard's rows are exactly
-    ``0 ... n - 1`` (all its windows selected: the usual case), else a sort."""
-    if len(row) and row.min() >= 0 and bool((row < start[shard + 1] - start[shard]).all()):
-        order = np.full(len(row), -1, np.int64)
-        order[start[shard] + row] = np.arange(len(row))
-        if bool((order >= 0).all()):
-            return order
-    return np.argsort((shard.astype(np.int64) << 32) | row.astype(np.int64), kind="stable")
+def _row_slots(shard: np.ndarray, row: np.ndarray, start: np.ndarray) -> np.ndarray | None:
+    """Where each window goes when the windows are sorted by ``(shard, row)``: ``start[shard] + row``, when
+    each shard's rows are exactly ``0 ... n - 1`` (all its windows selected: the usual case); else ``None``."""
+    if not len(row) or row.min() < 0:
+        return None
+    slots = start[:-1][shard]
+    if not bool((row < start[1:][shard] - slots).all()):
+        return None
+    slots += row
+    filled = np.zeros(len(row), bool)
+    filled[slots] = True
+    return slots if bool(filled.all()) else None  # n rows below n, none left empty: each once
 
 
 def _window_columns(caches: Sequence[CorrCache], sources: Sequence[CacheSource], defaults: Any, num_views: int) -> dict[str, Any]:
@@ -338,25 +423,33 @@ def _window_columns(caches: Sequence[CorrCache], sources: Sequence[CacheSource],
         view_parts.append(views)
         names_all += names
         shard_source.append(np.full(len(names), k, dtype=np.int16))
-    shard, row = np.concatenate(shard_parts), np.concatenate(row_parts)
+    shard, row, views = (parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in (shard_parts, row_parts, view_parts))
+    del shard_parts, row_parts, view_parts
     start = np.concatenate([[0], np.cumsum(np.bincount(shard, minlength=len(names_all)))]).astype(np.int64)
-    order = _by_shard_and_row(shard, row, start)
     owner = np.concatenate(shard_source)
-    shard, rows = shard[order], row[order]
-    same = (rows[1:] == rows[:-1]) & (shard[1:] == shard[:-1])
-    if same.any():
-        k, r = int(shard[1:][same][0]), int(rows[1:][same][0])
-        raise DatasetError(f"{caches[owner[k]].location.display}/manifest", f"shard {names_all[k]} row {r} is listed by more "
-                           "than one ok window", field="row")
-    del shard, same
-    views = np.concatenate(view_parts)[order]
+    row_type = np.min_scalar_type(int(row.max()) if len(row) else 0)
+    slots = _row_slots(shard, row, start)
+    if slots is not None:  # scattered to their places: the rows become 0 ... n - 1 per shard
+        rows, ordered = np.empty(len(row), row_type), np.empty_like(views)
+        rows[slots], ordered[slots] = row, views
+        views = ordered
+    else:
+        order = np.argsort((shard.astype(np.int64) << 32) | row.astype(np.int64), kind="stable")
+        shard, rows = shard[order], row[order]
+        same = (rows[1:] == rows[:-1]) & (shard[1:] == shard[:-1])
+        if same.any():
+            k, r = int(shard[1:][same][0]), int(rows[1:][same][0])
+            raise DatasetError(f"{caches[owner[k]].location.display}/manifest", f"shard {names_all[k]} row {r} is listed by more "
+                               "than one ok window", field="row")
+        rows, views = rows.astype(row_type), views[order]
+    del shard, row, slots
     low, high = np.minimum.reduceat(views, start[:-1]), np.maximum.reduceat(views, start[:-1])
     if np.any(low != high):
         k = int(np.flatnonzero(low != high)[0])
         raise DatasetError(f"{caches[owner[k]].location.display}/manifest", f"the windows of shard {names_all[k]} have "
                            f"{int(low[k])} to {int(high[k])} views; a shard holds windows of one S", field="num_views")
     return {"shard_ids": tuple(names_all), "shard_source": owner, "shard_start": start, "shard_views": low.astype(np.int16),
-            "window_row": rows.astype(np.min_scalar_type(int(rows.max()) if len(rows) else 0))}
+            "window_row": rows}
 
 
 class _ShardVisit:
@@ -403,7 +496,7 @@ class _ProcessState:
     groups), the dataset reader and canonical view; and the shards being visited and the frame records
     of recently used scenes (keyed by cache index)."""
 
-    def __init__(self, owner: "CorrStreamDataset") -> None:
+    def __init__(self, owner: "CorrStreamDataset", workers: int = 1) -> None:
         from cameo_corr.datasets.base import open_dataset
         from cameo_corr.datasets.canonical import CanonicalView
         from cameo_corr.cache.reader import CorrCache
@@ -432,8 +525,10 @@ class _ProcessState:
         self.scenes: OrderedDict[tuple[int, str], dict[str, Any]] = OrderedDict()
         self.shards: OrderedDict[tuple[int, str], _ShardVisit] = OrderedDict()
         self.max_open = owner.max_open * len(owner.sources)
-        self.max_shards = owner.shard_visits
-        """Shard visits kept per cache (:attr:`CorrStreamDataset.shard_visits`)."""
+        lanes = max(owner.num_workers, 1)
+        self.max_shards = owner.shard_visits * (lanes // math.gcd(lanes, workers))
+        """Shard visits kept per cache: :attr:`CorrStreamDataset.shard_visits` for each lane of the stream this
+        process reads (one of ``workers`` DataLoader worker processes, or the only process: ``workers=1``)."""
         self.grid = owner.grid
         self.read_names = _CORR_KEYS
         """Arrays read per shard visit: the correspondence arrays, and the inputs of a recomputed mask."""
@@ -514,6 +609,10 @@ class CorrStreamDataset(IterableDataset):
             explicitly, e.g. ``accelerator.process_index`` / ``accelerator.num_processes``).
         batch_size: when given, the stream yields collated batches of this many samples (use with
             ``DataLoader(batch_size=None)``, as :class:`StreamLoader` does); ``None`` yields samples.
+        num_workers: the DataLoader workers that will read the stream (``data.num_workers``): above 1,
+            the epoch order is dealt to that many lanes, one per worker (:func:`deal_to_lanes`), so each
+            worker decodes its own shards; part of the order (0 and 1: the same order). Any loader still
+            yields the stream in order, only with more decodes when its workers differ.
         num_epochs: stop after this many epochs; ``None`` streams forever.
         dataset_root: dataset root to read images from instead of the one recorded in ``cache.json``
             (one cache; a mixture gives it per entry).
@@ -561,6 +660,7 @@ class CorrStreamDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         batch_size: int | None = None,
+        num_workers: int = 0,
         num_epochs: int | None = None,
         dataset_root: str | Path | None = None,
         storage_options: dict[str, Any] | None = None,
@@ -610,6 +710,8 @@ class CorrStreamDataset(IterableDataset):
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.batch_size = None if batch_size is None else int(batch_size)
+        self.num_workers = int(num_workers)
+        """DataLoader workers the epoch order is dealt to (``<= 1``: not dealt)."""
         self.num_epochs = num_epochs
         self.max_open = int(max_open)
         self.on_corrupt = on_corrupt
@@ -686,6 +788,8 @@ class CorrStreamDataset(IterableDataset):
             raise SchemaError("resolution", f"must be positive, got {self.resolution}")
         if self.batch_size is not None and self.batch_size <= 0:
             raise SchemaError("batch_size", f"must be positive, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise SchemaError("num_workers", f"must be >= 0, got {self.num_workers}")
         if self.num_epochs is not None and self.num_epochs <= 0:
             raise SchemaError("num_epochs", f"must be positive or None, got {self.num_epochs}")
         if self.on_corrupt not in CORRUPT_POLICIES:
@@ -767,25 +871,41 @@ class CorrStreamDataset(IterableDataset):
         return out
 
     def rank_order(self, epoch: int) -> np.ndarray:
-        """``[epoch_length, 2]`` of ``(window index, index in the padded epoch order)`` for this rank."""
+        """``[epoch_length, 2]`` of ``(window index, index in the padded epoch order)`` for this rank, in
+        stream order (dealt to the lanes of :attr:`num_workers` workers, :func:`deal_to_lanes`)."""
         order = self.epoch_windows(epoch)
         padded = self.epoch_length * self.world_size
         q = np.arange(padded, dtype=np.int64)
         windows = order[q % len(order)]
         mine = slice(self.rank, padded, self.world_size)
-        return np.stack([windows[mine], q[mine]], axis=1)
+        return deal_to_lanes(np.stack([windows[mine], q[mine]], axis=1), first=epoch * self.epoch_length,
+                             unit=self.batch_size or 1, lanes=self.num_workers)
 
     def state_dict(self) -> dict[str, int]:
-        """The start state of the next iteration, ``{"epoch", "position"}``."""
-        return {"epoch": self.state.epoch, "position": self.state.position}
+        """The start state of the next iteration (:meth:`state_dict_of`)."""
+        return self.state_dict_of(self.state)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Start the next iteration at ``state`` (as returned by :meth:`state_dict` or :meth:`state_after`)."""
+    def state_dict_of(self, state: StreamState) -> dict[str, int]:
+        """``{"epoch", "position"}`` of ``state``, and ``"num_workers"`` when the epoch order is dealt to
+        more than one worker (the order depends on it)."""
+        out = {"epoch": state.epoch, "position": state.position}
+        if self.num_workers > 1:
+            out["num_workers"] = self.num_workers
+        return out
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Start the next iteration at ``state`` (as returned by :meth:`state_dict`, or a :class:`StreamState`'s
+        fields). A state saved with another worker count (no ``"num_workers"``: 0 or 1) is taken with a
+        warning: the epoch order is dealt to the workers, so the stream does not continue exactly."""
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0:
             raise SchemaError("epoch", f"must be >= 0, got {epoch}")
         if not 0 <= position < self.epoch_length:
             raise SchemaError("position", f"must be in [0, {self.epoch_length}) (samples per epoch on this rank), got {position}")
+        saved = int(state.get("num_workers", 0))
+        if max(saved, 1) != max(self.num_workers, 1):
+            warnings.warn(f"the data stream was saved with data.num_workers={saved} and is resumed with {self.num_workers}: the "
+                          "epoch order is dealt to the workers, so the sample stream does not continue exactly", stacklevel=2)
         self.state = StreamState(epoch, position)
 
     def state_after(self, consumed: int, start: StreamState | None = None) -> StreamState:
@@ -804,6 +924,21 @@ class CorrStreamDataset(IterableDataset):
                 yield epoch * self.epoch_length + k, epoch, int(w), int(q)
             epoch, pos = epoch + 1, 0
 
+    def worker_items(self, worker: int = 0, workers: int = 1) -> Iterator[list[tuple[int, int, int, int]]]:
+        """The ``(g, epoch, window, q)`` items of the stream (from the start state) that DataLoader worker
+        ``worker`` of ``workers`` reads, a batch at a time: the stream cut into batches of ``batch_size``
+        (the last may be shorter; single samples without ``batch_size``), the ``k``-th for worker ``k % workers``."""
+        unit = self.batch_size or 1
+        chunk: list[tuple[int, int, int, int]] = []
+        for n, item in enumerate(self._positions()):
+            if n // unit % workers == worker:
+                chunk.append(item)
+                if len(chunk) == unit:
+                    yield chunk
+                    chunk = []
+        if chunk:
+            yield chunk
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
@@ -811,22 +946,13 @@ class CorrStreamDataset(IterableDataset):
             if self.order_scope == "batch":
                 raise SchemaError("order_scope", "'batch' draws the number of references and the order once per batch, but this "
                                   "stream yields single samples (batch_size=None): give batch_size, or order_scope='sample'")
-            for k, (_, epoch, w, q) in enumerate(self._positions()):
-                if k % workers == worker:
-                    sample = self.sample(w, epoch, q)
-                    if sample is not None:
-                        yield sample
+            for [(_, epoch, w, q)] in self.worker_items(worker, workers):
+                sample = self.sample(w, epoch, q)
+                if sample is not None:
+                    yield sample
             return
-        batch: list[tuple[int, int, int, int]] = []
-        b = 0
-        for item in self._positions():
-            batch.append(item)
-            if len(batch) == self.batch_size:
-                if b % workers == worker:
-                    yield self._batch(batch)
-                batch, b = [], b + 1
-        if batch and b % workers == worker:
-            yield self._batch(batch)
+        for items in self.worker_items(worker, workers):
+            yield self._batch(items)
 
     def _batch(self, items: Sequence[tuple[int, int, int, int]]) -> dict[str, Any]:
         """Collated samples of ``(g, epoch, window, q)`` items (the batch's draw keyed by the first ``g``);
@@ -843,7 +969,8 @@ class CorrStreamDataset(IterableDataset):
     # -------------------------------------------------------------------------------------- samples
     def _process(self) -> _ProcessState:
         if self._proc is None or self._proc.pid != os.getpid():
-            self._proc = _ProcessState(self)
+            info = get_worker_info()
+            self._proc = _ProcessState(self, 1 if info is None else info.num_workers)
         return self._proc
 
     def batch_order(self, first: int) -> tuple[int, np.ndarray]:
@@ -985,7 +1112,9 @@ class StreamLoader:
     itself (:class:`CarryErrors`). :meth:`state_dict` is the stream state after the batches
     consumed so far; after :meth:`load_state_dict` the next iteration yields exactly the remaining
     batches. Every iteration starts fresh workers with a copy of the dataset at the current state
-    (persistent workers would keep a stale start state, so they are not offered). The
+    (persistent workers would keep a stale start state, so they are not offered). ``num_workers``
+    defaults to the dataset's, whose epoch order is dealt to that many workers (each then decodes its
+    own shards); another count still yields the stream in order, with more shard decodes. The
     ``DataLoader``'s own base seed comes from a private generator, so iterating never touches the
     global torch RNG (which the training loop checkpoints).
     """
@@ -994,17 +1123,21 @@ class StreamLoader:
         self,
         dataset: CorrStreamDataset,
         *,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         multiprocessing_context: str | None = None,
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
     ) -> None:
         if dataset.batch_size is None:
             raise SchemaError("batch_size", "StreamLoader needs a dataset built with batch_size")
+        num_workers = dataset.num_workers if num_workers is None else int(num_workers)
         if multiprocessing_context is not None and num_workers == 0:
             raise SchemaError("multiprocessing_context", "given but num_workers is 0")
+        if max(num_workers, 1) != max(dataset.num_workers, 1):
+            logger.warning("a StreamLoader of %d workers over a stream dealt to %d (the dataset's num_workers): the order is "
+                           "kept, but its workers decode shards of each other's lanes", num_workers, dataset.num_workers)
         self.dataset = dataset
-        self.num_workers = int(num_workers)
+        self.num_workers = num_workers
         self.multiprocessing_context = multiprocessing_context
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
@@ -1043,11 +1176,10 @@ class StreamLoader:
                 yield batch
 
     def state_dict(self) -> dict[str, int]:
-        """``{"epoch", "position"}`` after the samples consumed so far."""
-        s = self.dataset.state_after(self._consumed)
-        return {"epoch": s.epoch, "position": s.position}
+        """The stream state after the samples consumed so far (:meth:`CorrStreamDataset.state_dict_of`)."""
+        return self.dataset.state_dict_of(self.dataset.state_after(self._consumed))
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Continue from ``state`` at the next iteration."""
         self.dataset.load_state_dict(state)
         self._consumed = 0

@@ -360,6 +360,7 @@ def make_loader(cfg: TrainConfig, *, cache: "str | None" = None, rank: int, worl
         rank=rank,
         world_size=world_size,
         batch_size=d.batch_size,
+        num_workers=d.num_workers,
         num_epochs=num_epochs,
         dataset_root=d.dataset_root if mixture is None else None,
         split=d.split if split is None else split,
