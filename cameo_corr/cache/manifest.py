@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
@@ -40,8 +41,9 @@ MANIFEST_FILE_ROWS = 4_194_304
 MANIFEST_READAHEAD = 64
 """Compact manifest files a dataset scan reads ahead."""
 MANIFEST_READ_THREADS = 8
-"""Threads reading pending fragments (small files: a job killed before consolidating leaves up to
-``--consolidate-every`` of them, or thousands when it ran without periodic consolidation)."""
+"""Threads reading pending fragments from an object store; locally at most one per core (small files: a
+job killed before consolidating leaves up to ``--consolidate-every`` of them, or thousands when it ran
+without periodic consolidation)."""
 MANIFEST_READ_ATTEMPTS = 3
 """Reads of the manifest when a concurrent consolidation deletes files under a reader."""
 T = TypeVar("T")
@@ -379,7 +381,10 @@ def _read_fragments(location: CacheLocation, paths: list[str], schema: "pa.Schem
         except (pa.ArrowInvalid, OSError) as e:
             raise DatasetError(location.url(MANIFEST_DIR), f"cannot read the manifest fragment {path.rsplit('/', 1)[-1]}: {e}") from e
 
-    with ThreadPoolExecutor(MANIFEST_READ_THREADS) as pool:
+    # an object store: requests overlap on every thread; local files: the parse is CPU work, and threads
+    # beyond the cores only add switching (~15% more CPU with 8 threads on 2 cores, no less wall time)
+    threads = MANIFEST_READ_THREADS if not location.local else max(1, min(MANIFEST_READ_THREADS, len(os.sched_getaffinity(0))))
+    with ThreadPoolExecutor(threads) as pool:
         table = pa.concat_tables(list(pool.map(read, paths)))
     if filter is not None:
         table = table.filter(filter)
