@@ -260,7 +260,7 @@ def _kdtree_nn(queries: np.ndarray, keys: np.ndarray, max_elements: int) -> tupl
     k = min(_KDTREE_K, len(keys))
     sq, cand = KDTree(keys).query(queries, k=k, sqr_dists=True)
     sq, cand = sq.reshape(n, k), cand.reshape(n, k)
-    index = cand[:, 0].astype(np.intp)
+    index = cand[:, 0]  # unsigned, a view: written in place where brute force re-does a row
     best = _sqdist_taken(queries, keys, index)
     if k > 1:
         redo = np.flatnonzero(sq[:, 1] <= sq[:, 0] * (1.0 + _KDTREE_TIE_RTOL))  # no NaN: points are finite
@@ -340,17 +340,14 @@ def _nearest_np(points: np.ndarray, valid: np.ndarray, nn_fn: Callable, max_elem
     S, hw = valid.shape
     nn = np.zeros((S, S, hw), dtype=np.int64)
     dist = np.full((S, S, hw), np.inf, dtype=np.float32)
-    diag = np.arange(S)
-    nn[diag, diag] = np.arange(hw)
-    dist[diag, diag] = 0.0
+    nn.reshape(S * S, hw)[:: S + 1] = np.arange(hw)  # the diagonal blocks [i, i]
+    dist.reshape(S * S, hw)[:: S + 1] = 0.0
     flat = np.flatnonzero(valid)  # view-major: view i's valid tokens are rows start[i]:start[i + 1]
     pts = points.reshape(-1, 3).take(flat, axis=0).astype(np.float64, copy=False)
     _check_finite(bool(np.isfinite(pts).all()))
     n_all = len(flat)
-    start = np.zeros(S + 1, dtype=np.int64)
-    np.cumsum(np.count_nonzero(valid, axis=1), out=start[1:])
-    view = np.repeat(np.arange(S), np.diff(start))
-    token = flat - view * hw
+    view, token = np.divmod(flat, hw)
+    start = np.searchsorted(view, np.arange(S + 1))
     twice = np.concatenate((pts, pts))
     base = flat + view * ((S - 1) * hw)  # flat position of [view, 0, token] in nn and dist
     base = np.concatenate((base, base))
