@@ -359,7 +359,7 @@ def _nearest_np(points: np.ndarray, valid: np.ndarray, nn_fn: Callable, max_elem
         local, d = nn_fn(twice[b : n_all + a], pts[a:b], max_elements)
         at = base[b : n_all + a] + j * hw
         nn_flat[at] = token[a:b].take(local)
-        dist_flat[at] = d
+        dist_flat[at] = d.astype(np.float32)  # cast first: a float64 -> float32 scatter is 2x slower
     return nn, dist
 
 
