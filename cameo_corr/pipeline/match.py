@@ -343,14 +343,17 @@ def _nearest_np(points: np.ndarray, valid: np.ndarray, nn_fn: Callable, max_elem
     nn.reshape(S * S, hw)[:: S + 1] = np.arange(hw)  # the diagonal blocks [i, i]
     dist.reshape(S * S, hw)[:: S + 1] = 0.0
     flat = np.flatnonzero(valid)  # view-major: view i's valid tokens are rows start[i]:start[i + 1]
-    pts = points.reshape(-1, 3).take(flat, axis=0).astype(np.float64, copy=False)
-    _check_finite(bool(np.isfinite(pts).all()))
     n_all = len(flat)
+    twice = np.empty((2 * n_all, 3))
+    pts = twice[:n_all]
+    pts[...] = points.reshape(-1, 3).take(flat, axis=0)
+    _check_finite(bool(np.isfinite(pts).all()))
+    twice[n_all:] = pts
     view, token = np.divmod(flat, hw)
     start = np.searchsorted(view, np.arange(S + 1))
-    twice = np.concatenate((pts, pts))
-    base = flat + view * ((S - 1) * hw)  # flat position of [view, 0, token] in nn and dist
-    base = np.concatenate((base, base))
+    base = np.empty(2 * n_all, dtype=np.int64)
+    np.add(flat, view * ((S - 1) * hw), out=base[:n_all])  # flat position of [view, 0, token] in nn and dist
+    base[n_all:] = base[:n_all]
     nn_flat, dist_flat = nn.reshape(-1), dist.reshape(-1)
     for j in range(S):
         a, b = int(start[j]), int(start[j + 1])
