@@ -334,9 +334,10 @@ def _nearest_np(points: np.ndarray, valid: np.ndarray, nn_fn: Callable, max_elem
     diagonal is the identity at distance 0. Raises :class:`SchemaError` for non-finite valid points.
 
     The valid tokens are gathered once, view after view, into float64 rows stored twice in a row: key
-    view ``j``'s tokens are rows ``a:b`` and its queries (every other view's tokens) the contiguous rows
-    ``b:N+a`` of the doubled array, so no query array is copied per key view; results are written straight
-    to their flat positions.
+    view ``j``'s tokens are rows ``a:b`` and its queries (every other view's tokens, views ``j+1..S-1``
+    then ``0..j-1``) the contiguous rows ``b:N+a`` of the doubled array, so no query array is copied per
+    key view; each query view's block of results is written straight to its row ``[i, j]`` at the view's
+    valid tokens (no flat index arrays: fewer fresh pages per window).
     """
     S, hw = valid.shape
     nn = np.zeros((S, S, hw), dtype=np.int64)
@@ -351,19 +352,22 @@ def _nearest_np(points: np.ndarray, valid: np.ndarray, nn_fn: Callable, max_elem
     _check_finite(bool(np.isfinite(pts).all()))
     twice[n_all:] = pts
     view, token = np.divmod(flat, hw)
-    start = np.searchsorted(view, np.arange(S + 1))
-    base = np.empty(2 * n_all, dtype=np.int64)
-    np.add(flat, view * ((S - 1) * hw), out=base[:n_all])  # flat position of [view, 0, token] in nn and dist
-    base[n_all:] = base[:n_all]
-    nn_flat, dist_flat = nn.reshape(-1), dist.reshape(-1)
+    start = np.searchsorted(view, np.arange(S + 1)).tolist()
     for j in range(S):
-        a, b = int(start[j]), int(start[j + 1])
+        a, b = start[j], start[j + 1]
         if a == b or b - a == n_all:  # no key, or no query
             continue
         local, d = nn_fn(twice[b : n_all + a], pts[a:b], max_elements)
-        at = base[b : n_all + a] + j * hw
-        nn_flat[at] = token[a:b].take(local)
-        dist_flat[at] = d.astype(np.float32)  # cast first: a float64 -> float32 scatter is 2x slower
+        found = token[a:b].take(local)
+        d = d.astype(np.float32)  # cast once: a float64 -> float32 scatter is 2x slower
+        row = 0
+        for i in [*range(j + 1, S), *range(j)]:  # the order of the query rows b..N+a
+            lo, hi = start[i], start[i + 1]
+            if hi > lo:
+                tokens = token[lo:hi]
+                nn[i, j][tokens] = found[row : row + hi - lo]
+                dist[i, j][tokens] = d[row : row + hi - lo]
+                row += hi - lo
     return nn, dist
 
 
