@@ -19,10 +19,11 @@ reported beside it):
   chunks of 64 Mi elements) + argmin per key view, no cycle mask and not exact.
 
 Each method runs once untimed (warm-up and agreement check), then ``--repeats`` rounds in which every
-method runs once in turn (so a burst of load hits all of them alike), each round starting one method
-later: with a fixed order the first method always ran right after the dense brute force had flushed
-the caches (``kdtree``, the same code as ``auto`` run second, read a median 0.95x of ``auto`` at S=4
-32x32 over ten runs); the table shows the medians. The
+method runs once (so a burst of load hits all of them alike), in a new random order each round (seeded
+by ``--seed``): with a fixed order each method always ran after the same one, ``auto`` after the dense
+brute force that had flushed the caches, ``kdtree`` (the same code) after ``auto``'s warm memory, and
+``kdtree`` read a median 0.95x of ``auto``'s time at S=4 32x32 over ten runs; the table shows the
+medians. The
 brute-force methods (``faiss``, ``torch``, ``faiss/pair``, ``numpy loop``, ``matmul floor``) are first
 timed on 2 views and extrapolated; a size whose estimate exceeds ``--budget`` seconds is skipped and
 shown as ``skip (~N s)``, and a method whose warm-up exceeds ``--slow`` seconds is reported by that one
@@ -46,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import time
 from typing import Callable
@@ -301,8 +303,10 @@ def main(argv: list[str] | None = None) -> int:
             for name in runs:
                 clocks[name] = []
             order = list(runs.items())
-            for r in range(args.repeats):  # rounds: every method once in turn, each round starting one method later
-                for name, run in order[r % len(order) :] + order[: r % len(order)]:
+            shuffle = random.Random(args.seed)
+            for _ in range(args.repeats):  # rounds: every method once, in a new random order each round
+                shuffle.shuffle(order)
+                for name, run in order:
                     clocks[name].append(_clock(run)[:2])
             for name, cs in clocks.items():
                 row[name] = {"cpu": statistics.median(c for c, _ in cs), "wall": statistics.median(w for _, w in cs),
