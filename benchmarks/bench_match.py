@@ -19,11 +19,7 @@ reported beside it):
   chunks of 64 Mi elements) + argmin per key view, no cycle mask and not exact.
 
 Each method runs once untimed (warm-up and agreement check), then ``--repeats`` rounds in which every
-method runs once (so a burst of load hits all of them alike), in a new random order each round (seeded
-by ``--seed``): with a fixed order each method always ran after the same one, ``auto`` after the dense
-brute force that had flushed the caches, ``kdtree`` (the same code) after ``auto``'s warm memory, and
-``kdtree`` read a median 0.95x of ``auto``'s time at S=4 32x32 over ten runs; the table shows the
-medians. The
+method runs once in turn (so a burst of load hits all of them alike); the table shows the medians. The
 brute-force methods (``faiss``, ``torch``, ``faiss/pair``, ``numpy loop``, ``matmul floor``) are first
 timed on 2 views and extrapolated; a size whose estimate exceeds ``--budget`` seconds is skipped and
 shown as ``skip (~N s)``, and a method whose warm-up exceeds ``--slow`` seconds is reported by that one
@@ -47,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import time
 from typing import Callable
@@ -302,11 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                     runs[name] = run
             for name in runs:
                 clocks[name] = []
-            order = list(runs.items())
-            shuffle = random.Random(args.seed)
-            for _ in range(args.repeats):  # rounds: every method once, in a new random order each round
-                shuffle.shuffle(order)
-                for name, run in order:
+            for _ in range(args.repeats):  # rounds: every method once in turn
+                for name, run in runs.items():
                     clocks[name].append(_clock(run)[:2])
             for name, cs in clocks.items():
                 row[name] = {"cpu": statistics.median(c for c, _ in cs), "wall": statistics.median(w for _, w in cs),
