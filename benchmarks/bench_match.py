@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
           f"median of {args.repeats} rounds; CPU ms, (x) = CPU time / auto's; "
-          f"{'7-Scenes windows from ' + args.sevenscenes if args.sevenscenes else 'smooth random pointmaps'}")
+          f"{'7-Scenes windows from ' + args.sevenscenes if args.sevenscenes else 'smooth random pointmaps'}; "
+          f"load average {os.getloadavg()[0]:.1f}")
     match_tokens(torch.zeros(2, 2, 2, 3), torch.ones(2, 2, 2, dtype=torch.bool))  # imports outside timing
     results = []
     for S in args.views:
@@ -306,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             ours = row["auto"]
             print(f"S={S:2d} grid={g:2d} | " + " | ".join(f"{n}: {_cell(row[n], ours)}" for n in columns), flush=True)
 
+    load = os.getloadavg()[0]
+    print(f"\nload average at the end: {load:.1f}")
     for key, title in (("cpu", "CPU time"), ("wall", "wall time")):
         print(f"\n{title}, ms (x = {title} / auto's)\n")
         print("| S | grid | " + " | ".join(columns) + " |")
@@ -315,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"repeats": args.repeats, "tau": args.tau, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                       "load_average_end": load,
                        "results": results}, f, indent=2)
     return 0
 

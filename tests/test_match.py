@@ -12,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cameo_corr.pipeline.match import (
+    _sqdist_rows,
+    _sqdist_taken,
     correspond,
     global_targets,
     match_tokens,
@@ -266,6 +268,58 @@ def test_kdtree_equals_brute_force_property(
         points = rng.normal(size=(S, h, w, 3)) * scale
     valid = rng.random((S, h, w)) < keep
     assert_same_as_brute_force(points.astype(np.float32), valid)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    S=st.integers(2, 5),
+    h=st.integers(1, 8),
+    w=st.integers(1, 8),
+    seed=st.integers(0, 2**31 - 1),
+    rel=st.sampled_from([1e-13, 1e-10, 1e-8, 1e-6]),
+    keep=st.floats(0.3, 1.0),
+)
+def test_kdtree_near_ties_in_every_key_view_equal_brute_force(
+    S: int, h: int, w: int, seed: int, rel: float, keep: float
+) -> None:
+    """Integer lattices nudged by multiples of ``rel`` (float64): every query has several keys whose
+    squared distances differ by about ``rel`` relative, below, near and above the certificate's 1e-9,
+    in every key view, with the valid tokens of the views before and after it as queries (the two ends
+    of the gathered rows); against the explicit loop and the float64 brute force."""
+    rng = np.random.default_rng(seed)
+    points = rng.integers(-3, 4, size=(S, h, w, 3)).astype(np.float64)
+    points += rng.integers(-2, 3, size=points.shape) * (4.0 * rel)
+    valid = rng.random((S, h, w)) < keep
+    assert_same_as_brute_force(points, valid)
+    assert_matches_reference(points, valid, backends=["kdtree", "auto"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    m=st.integers(1, 12),
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e3, 1e30]),
+    near=st.booleans(),
+    f32=st.booleans(),
+)
+def test_sqdist_taken_is_the_reference_metric_bit_for_bit(n: int, m: int, seed: int, scale: float, near: bool, f32: bool) -> None:
+    """The KD-tree path's reference distances (``keys.take(index) - queries``, squared in place) equal
+    the reference metric (``queries - keys[index]``) in every bit, for unsigned strided index views as the
+    tree returns them, at extreme scales and for queries a relative 1e-12 from their key."""
+    rng = np.random.default_rng(seed)
+    keys = rng.normal(size=(m, 3)) * scale
+    index = rng.integers(0, m, size=n).astype(np.uint32)
+    queries = rng.normal(size=(n, 3)) * scale
+    if near:
+        queries = keys[index] * (1.0 + 1e-12 * rng.normal(size=(n, 3)))
+    if f32:
+        keys, queries = keys.astype(np.float32).astype(np.float64), queries.astype(np.float32).astype(np.float64)
+    column = np.stack([index, index[::-1]], axis=1)[:, 0]  # a strided view, like the tree's first column
+    got = _sqdist_taken(queries, keys, column)
+    want = _sqdist_rows(queries, keys[index])
+    assert got.dtype == want.dtype == np.float64
+    assert np.array_equal(got.view(np.int64), want.view(np.int64))
 
 
 # ------------------------------------------------------------------------------------- semantics
