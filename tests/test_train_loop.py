@@ -97,15 +97,24 @@ def test_resume_never_refuses_a_used_directory(cache: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_cli_trains_checkpoints_and_resumes(cache: Path, tmp_path: Path) -> None:
+def test_cli_trains_checkpoints_and_resumes(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The command trains and checkpoints in a subprocess of its own; the resume runs the same command in
+    this process (one interpreter start-up less)."""
+    from cameo_corr.cli import main
+
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = ["train", "--cache", str(cache), "--config", str(TINY), "--out", str(out)]
 
-    def cli(*args: str) -> dict:
-        cmd = [sys.executable, "-m", "cameo_corr.cli", "train", "--cache", str(cache), "--config", str(TINY), "--out", str(out), *args, *BASE]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    def cli(*extra: str) -> dict:
+        proc = subprocess.run([sys.executable, "-m", "cameo_corr.cli", *args, *extra, *BASE], capture_output=True, text=True,
+                              env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def in_process(*extra: str) -> dict:
+        assert main([*args, *extra, *BASE]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
     first = cli("--max-steps", "2", "train.checkpoint_every=1", "train.keep_checkpoints=1")
     assert first["step"] == 2 and first["checkpoint"].endswith("step-00000002")
@@ -113,7 +122,7 @@ def test_cli_trains_checkpoints_and_resumes(cache: Path, tmp_path: Path) -> None
     assert [p.name for p in ckpts] == ["step-00000002"]  # older ones pruned
     files = {p.name for p in ckpts[0].iterdir()}
     assert {"model.safetensors", "optimizer.bin", "loop_state.json"} <= files
-    second = cli("--max-steps", "3")
+    second = in_process("--max-steps", "3")
     assert second["step"] == 3 and math.isfinite(second["cameo"]) and math.isfinite(second["diffusion"])
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
     assert (out / "config.yaml").is_file()
