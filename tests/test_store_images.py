@@ -22,18 +22,26 @@ from cameo_corr.train.data import CorrStreamDataset
 CLI = [sys.executable, "-m", "cameo_corr.cli"]
 
 
-def preprocess(root: str, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``cameo-corr preprocess`` of the tiny cache's dataset with the tiny cache's settings."""
-    args = [*CLI, "preprocess", "--dataset", "synthetic", "--root", root, "--out", str(out), "--backend", "depth", "--grid", "8",
+def preprocess_args(root: str, out: Path | str, *extra: str) -> list[str]:
+    """The arguments of ``cameo-corr preprocess`` of the tiny cache's dataset with the tiny cache's settings."""
+    return ["preprocess", "--dataset", "synthetic", "--root", root, "--out", str(out), "--backend", "depth", "--grid", "8",
             "--views", "5", "--windows-per-scene", "2", "--shard-size", "2", "--crop-size", "64", "--no-progress", *extra]
-    return subprocess.run(args, check=False, capture_output=True, text=True, timeout=600, env=env)
+
+
+def preprocess(root: str, out: Path | str, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``cameo-corr preprocess`` (:func:`preprocess_args`) in a subprocess."""
+    return subprocess.run([*CLI, *preprocess_args(root, out, *extra)], check=False, capture_output=True, text=True, timeout=600,
+                          env=env)
 
 
 @pytest.fixture(scope="module")
 def png_cache(tiny_train_cache: Path, tmp_path_factory) -> Path:
+    """The tiny cache's windows with PNG views, by the command run in this process (the JPEG test below runs
+    it as a subprocess): no second interpreter start-up."""
+    from cameo_corr.cli import main as cli_main
+
     out = tmp_path_factory.mktemp("png") / "cache"
-    proc = preprocess(CorrCache(tiny_train_cache).config.dataset["root"], out, "--store-images", "png")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert cli_main(preprocess_args(CorrCache(tiny_train_cache).config.dataset["root"], out, "--store-images", "png")) == 0
     return out
 
 

@@ -40,17 +40,18 @@ def model_state(run: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_resume_is_exact(cache: Path, tmp_path: Path) -> None:
-    """N steps straight == N/2 steps, a new process-like Trainer resuming, N/2 more (with grad accumulation)."""
-    cfg = config(cache, "train.max_steps=4", "train.checkpoint_every=2", "train.gradient_accumulation_steps=2")
+    """N steps straight == N/2 steps, a new process-like Trainer resuming, N/2 more (with grad accumulation);
+    N = 2 keeps it short (a step costs seconds on a CPU) and still resumes across an epoch's end."""
+    cfg = config(cache, "train.max_steps=2", "train.checkpoint_every=1", "train.gradient_accumulation_steps=2")
     straight = train(cfg, tmp_path / "a", resume="never")
-    assert straight.step == 4 and len(straight.history) == 4
-    half = train(cfg, tmp_path / "b", resume="never", max_steps=2)
-    assert half.step == 2 and [p.rsplit("-", 1)[-1] for p in half.checkpoints] == ["00000002"]
+    assert straight.step == 2 and len(straight.history) == 2
+    half = train(cfg, tmp_path / "b", resume="never", max_steps=1)
+    assert half.step == 1 and [p.rsplit("-", 1)[-1] for p in half.checkpoints] == ["00000001"]
     rest = train(cfg, tmp_path / "b", resume="auto")
-    assert rest.step == 4 and [r["step"] for r in rest.history] == [3, 4]
+    assert rest.step == 2 and [r["step"] for r in rest.history] == [2]
 
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["step"] for r in b] == [1, 2]
     for ra, rb in zip(a, b):
         for k in ("loss", "diffusion", "cameo", "precision", "lr"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-7), (ra["step"], k)
@@ -58,9 +59,10 @@ def test_resume_is_exact(cache: Path, tmp_path: Path) -> None:
     assert sa.keys() == sb.keys() and any(k.startswith("head_mlp.") for k in sa)
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-6, atol=1e-7)
-    # the data position was checkpointed: 4 steps x 2 micro-batches x 2 samples over 6 windows
+    # the data position was checkpointed: 2 steps x 2 micro-batches x 2 samples over 6 windows (the resumed
+    # step read past the end of epoch 0)
     state = json.loads((checkpoint_dirs(tmp_path / "b")[-1] / "loop_state.json").read_text())
-    assert state == {"step": 4, "world_size": 1, "precision": "fp32", "data": {"epoch": 16 // 6, "position": 16 % 6},
+    assert state == {"step": 2, "world_size": 1, "precision": "fp32", "data": {"epoch": 8 // 6, "position": 8 % 6},
                      "corrupt_skipped": 0}
     # the parameters moved
     fresh = train(config(cache, "train.max_steps=1", "optim.lr=0"), tmp_path / "c", resume="never")
@@ -95,15 +97,24 @@ def test_resume_never_refuses_a_used_directory(cache: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_cli_trains_checkpoints_and_resumes(cache: Path, tmp_path: Path) -> None:
+def test_cli_trains_checkpoints_and_resumes(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The command trains and checkpoints in a subprocess of its own; the resume runs the same command in
+    this process (one interpreter start-up less)."""
+    from cameo_corr.cli import main
+
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = ["train", "--cache", str(cache), "--config", str(TINY), "--out", str(out)]
 
-    def cli(*args: str) -> dict:
-        cmd = [sys.executable, "-m", "cameo_corr.cli", "train", "--cache", str(cache), "--config", str(TINY), "--out", str(out), *args, *BASE]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    def cli(*extra: str) -> dict:
+        proc = subprocess.run([sys.executable, "-m", "cameo_corr.cli", *args, *extra, *BASE], capture_output=True, text=True,
+                              env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def in_process(*extra: str) -> dict:
+        assert main([*args, *extra, *BASE]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
     first = cli("--max-steps", "2", "train.checkpoint_every=1", "train.keep_checkpoints=1")
     assert first["step"] == 2 and first["checkpoint"].endswith("step-00000002")
@@ -111,7 +122,7 @@ def test_cli_trains_checkpoints_and_resumes(cache: Path, tmp_path: Path) -> None
     assert [p.name for p in ckpts] == ["step-00000002"]  # older ones pruned
     files = {p.name for p in ckpts[0].iterdir()}
     assert {"model.safetensors", "optimizer.bin", "loop_state.json"} <= files
-    second = cli("--max-steps", "3")
+    second = in_process("--max-steps", "3")
     assert second["step"] == 3 and math.isfinite(second["cameo"]) and math.isfinite(second["diffusion"])
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
     assert (out / "config.yaml").is_file()
@@ -130,14 +141,22 @@ def test_corrupt_chunk_is_one_line_and_skipped_windows_reach_the_metrics(cache: 
     shutil.copytree(cache, src)
     bad = _corrupt_first_shard(src)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for workers in (0, 1):
-        cmd = [sys.executable, "-m", "cameo_corr.cli", "train", "--cache", str(src), "--config", str(TINY), "--out",
-               str(tmp_path / f"raise{workers}"), "--max-steps", "4", "--no-progress", *BASE, f"data.num_workers={workers}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        assert proc.returncode == 2, proc.stderr[-3000:]
-        assert "Traceback" not in proc.stderr and "Task was destroyed" not in proc.stderr, proc.stderr[-3000:]
-        lines = [line for line in proc.stderr.splitlines() if line.startswith("cameo-corr train: error: ")]
-        assert len(lines) == 1 and "corrupt data" in lines[0] and any(f"window {w}" in lines[0] for w in bad), proc.stderr
+    procs = [subprocess.Popen([sys.executable, "-m", "cameo_corr.cli", "train", "--cache", str(src), "--config", str(TINY), "--out",
+                               str(tmp_path / f"raise{workers}"), "--max-steps", "4", "--no-progress", *BASE,
+                               f"data.num_workers={workers}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for workers in (0, 1)]  # both at once: each is a fresh interpreter (this keeps the suite short)
+    try:
+        errs = [proc.communicate(timeout=300)[1] for proc in procs]
+    finally:
+        for proc in procs:  # a timed-out one is not left running
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, err in zip(procs, errs):
+        assert proc.returncode == 2, err[-3000:]
+        assert "Traceback" not in err and "Task was destroyed" not in err, err[-3000:]
+        lines = [line for line in err.splitlines() if line.startswith("cameo-corr train: error: ")]
+        assert len(lines) == 1 and "corrupt data" in lines[0] and any(f"window {w}" in lines[0] for w in bad), err
 
     cfg = config(src, "data.on_corrupt=skip", "train.max_steps=4", "train.checkpoint_every=2")
     straight = train(cfg, tmp_path / "a", resume="never")
