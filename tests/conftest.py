@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,15 @@ def s3_endpoint():
 def s3_bucket(s3_endpoint) -> str:
     """A fresh, empty bucket on :func:`s3_endpoint`, as ``s3://<name>``."""
     return s3_endpoint.new_bucket()
+
+
+def _sigint_as_in_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def default_sigint():
+    """A ``preexec_fn`` giving the child SIGINT as a terminal's foreground command has it: a suite started
+    in the background by a non-interactive shell inherits SIGINT ignored, and so would a command whose
+    Ctrl-C handling a test checks."""
+    return _sigint_as_in_a_terminal

@@ -158,11 +158,11 @@ def test_closed_pipe_while_printing_results_is_quiet(cache3):
     assert proc.wait(timeout=120) == EXIT_BROKEN_PIPE and err == "", err
 
 
-def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, default_sigint):
     fifo = tmp_path / "config.yaml"
     os.mkfifo(fifo)  # `train --config` blocks reading it: the command is surely running when we press Ctrl-C
     proc = subprocess.Popen([*CLI, "train", "--config", str(fifo), "--out", str(tmp_path / "run")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while True:  # opening the write end without blocking succeeds once the command has opened the read end
         try:

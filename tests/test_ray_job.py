@@ -512,11 +512,11 @@ def test_healthy_run_prints_no_false_alarm_and_progress_per_window(dataset, tmp_
     assert "ok=2, failed=2, committed=4" in lines[-1] and "4/4" in lines[-1]
 
 
-def test_ctrl_c_is_one_line(dataset, tmp_path):
+def test_ctrl_c_is_one_line(dataset, tmp_path, default_sigint):
     out = tmp_path / "c"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(_cli(dataset, out, "--shard-size", "1"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=default_sigint)  # SIGINT not inherited ignored
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and proc.poll() is None and not fragment_names(_loc(out)):
