@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import binascii
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
@@ -349,12 +348,14 @@ def _read_fragments(location: CacheLocation, paths: list[str], schema: "pa.Schem
 
     A fragment is one small row group, so the fixed cost per file (open, footer, metadata) is all
     there is: each file is fetched whole (one request on an object store) and read from memory by
-    ``pyarrow.parquet.ParquetFile`` on a pool of
-    :data:`MANIFEST_READ_THREADS` threads (Arrow releases the GIL), about 1.5x less CPU per file than
-    a dataset scan. Columns a version 1 fragment lacks read as null.
+    ``pyarrow.parquet.ParquetFile`` on a pool of threads (Arrow releases the GIL;
+    :data:`MANIFEST_READ_THREADS`, locally at most one per usable CPU), about 1.5x less CPU per file
+    than a dataset scan. Columns a version 1 fragment lacks read as null.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from cameo_corr.datasets.planner import usable_cpus
 
     if not paths:
         return schema.empty_table()
@@ -383,7 +384,7 @@ def _read_fragments(location: CacheLocation, paths: list[str], schema: "pa.Schem
 
     # an object store: requests overlap on every thread; local files: the parse is CPU work, and threads
     # beyond the cores only add switching (~15% more CPU with 8 threads on 2 cores, no less wall time)
-    threads = MANIFEST_READ_THREADS if not location.local else max(1, min(MANIFEST_READ_THREADS, len(os.sched_getaffinity(0))))
+    threads = MANIFEST_READ_THREADS if not location.local else min(MANIFEST_READ_THREADS, usable_cpus())
     with ThreadPoolExecutor(threads) as pool:
         table = pa.concat_tables(list(pool.map(read, paths)))
     if filter is not None:

@@ -384,8 +384,12 @@ def plan_workers(scenes: int, scenes_per_batch: int = 2048) -> int:
     batches = math.ceil(scenes / scenes_per_batch)
     if batches < PARALLEL_MIN_BATCHES:
         return 1
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cpus, batches, 8))
+    return max(1, min(usable_cpus(), batches, 8))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the platform reports it, else every CPU)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 PARALLEL_MIN_BATCHES = 4
@@ -551,6 +555,7 @@ __all__ = [
     "plan_schema",
     "iter_plan_batches",
     "plan_workers",
+    "usable_cpus",
     "PARALLEL_MIN_BATCHES",
     "READ_BATCH",
     "plan_table",
