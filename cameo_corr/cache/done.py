@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 
 from cameo_corr.cache.kway import manifest_batches
-from cameo_corr.cache.manifest import id_array, id_keys, ids_of_keys, sorted_member
+from cameo_corr.cache.manifest import distinct_sorted, id_array, id_keys, ids_of_keys, sorted_member
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import pyarrow as pa
@@ -50,11 +50,11 @@ class DoneWindows:
                 present = table.column("shard").combine_chunks().drop_null()
                 keys = id_keys(id_array(present)) if len(present) else np.zeros(0, np.uint64)
                 if keys.dtype == np.uint64:
-                    shard_keys.append(_distinct(keys))
+                    shard_keys.append(distinct_sorted(keys))
                 else:
                     shards.update(pc.unique(present).to_pylist())
         if shard_keys:
-            shards.update(ids_of_keys(_distinct(np.concatenate(shard_keys))).astype("U16").tolist())
+            shards.update(ids_of_keys(distinct_sorted(np.concatenate(shard_keys))).astype("U16").tolist())
         if not ids:
             return cls(None, shards)
         done = id_keys(np.concatenate(ids))  # hex ids as uint64 keys: 8 bytes each, radix-sorted
@@ -84,13 +84,6 @@ class DoneWindows:
         gone = list(window_ids)
         if gone and len(self.ids):
             self.ids = self.ids[~_member(self.ids, np.sort(id_keys(id_array(pa.array(gone, pa.string()))), kind="stable"))]
-
-
-def _distinct(keys: np.ndarray) -> np.ndarray:
-    """The distinct values of ``keys``, sorted (a radix sort in place: ``np.unique`` hashes, ~10x slower
-    on a batch's shard keys)."""
-    keys.sort()
-    return keys[np.concatenate([[True], keys[1:] != keys[:-1]])] if len(keys) else keys
 
 
 def _member(asked: np.ndarray, table: np.ndarray) -> np.ndarray:

@@ -457,6 +457,13 @@ def find_sorted_id(sorted_ids: np.ndarray, window_id: str) -> int:
     return i if i < len(sorted_ids) and sorted_ids[i] == k else -1
 
 
+def distinct_sorted(keys: np.ndarray) -> np.ndarray:
+    """The distinct values of ``keys``, sorted; ``keys`` itself is sorted in place (``np.unique`` on
+    ``uint64`` keys costs ~10x more: it sorts a copy stably)."""
+    keys.sort()
+    return keys[np.concatenate([[True], keys[1:] != keys[:-1]])] if len(keys) else keys
+
+
 def sorted_member(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
     """Whether each of ``ids`` is in the sorted array ``sorted_ids`` (binary search over fixed-width
     ids, as ``uint64`` keys when both are hex ids: no hash set, no Python object per id)."""
@@ -539,6 +546,7 @@ __all__ = [
     "id_keys",
     "ids_of_keys",
     "find_sorted_id",
+    "distinct_sorted",
     "sorted_member",
     "ManifestIndex",
     "scan_manifest",

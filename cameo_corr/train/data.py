@@ -331,7 +331,7 @@ class _SortedCodes:
     def result(self) -> tuple[np.ndarray, list[str]]:
         """``(int32 code per row, the distinct values sorted)``: code ``k`` is the ``k``-th smallest value
         (-1: null)."""
-        from cameo_corr.cache.manifest import ids_of_keys
+        from cameo_corr.cache.manifest import distinct_sorted, ids_of_keys
 
         if self._strings is not None:
             codes, names = self._strings.result()
@@ -339,9 +339,7 @@ class _SortedCodes:
             return np.append(rank, -1)[codes], sorted(names)
         keys = np.concatenate(self._keys) if self._keys else np.zeros(0, np.uint64)
         self._keys = []
-        ranked = np.sort(keys)
-        distinct = ranked[np.append(True, ranked[1:] != ranked[:-1])] if len(ranked) else ranked
-        del ranked
+        distinct = distinct_sorted(keys.copy())
         codes = np.empty(len(keys), np.int32)
         for a in range(0, len(keys), self.CHUNK):
             part = keys[a : a + self.CHUNK]
