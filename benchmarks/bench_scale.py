@@ -222,6 +222,20 @@ def read_step(step: str, path: Path) -> dict[str, float]:
     return {"checked": report.checked}
 
 
+def worker_side(ds: Any, clock: Any, unit: str) -> dict[str, float]:
+    """What each DataLoader worker pays for the dataset ``ds``: its pickled size (``pickled_mb``), the
+    unpickling and the first epoch order, timed by ``clock`` (``unpickle_<unit>``, ``epoch_order_<unit>``)."""
+    blob = pickle.dumps(ds)
+    out = {"pickled_mb": len(blob) / 2**20}
+    t = clock()
+    pickle.loads(blob)
+    out[f"unpickle_{unit}"] = clock() - t
+    t = clock()
+    ds.rank_order(0)
+    out[f"epoch_order_{unit}"] = clock() - t
+    return out
+
+
 def planned_ids(path: Path) -> Any:
     """The planned table of a re-run of the job that wrote ``path``: its window ids (read before the clock)."""
     import pyarrow as pa
@@ -276,14 +290,7 @@ def measure(step: str, path: Path) -> dict[str, float]:
         ds = CorrStreamDataset(path, num_views=2, resolution=64)
         out["s"] = time.perf_counter() - t0
         out["added_rss_mb"] = _rss_mb() - base
-        blob = pickle.dumps(ds)
-        out["pickled_mb"] = len(blob) / 2**20
-        t1 = time.perf_counter()
-        pickle.loads(blob)
-        out["unpickle_s"] = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        ds.rank_order(0)
-        out["epoch_order_s"] = time.perf_counter() - t2
+        out.update(worker_side(ds, time.perf_counter, "s"))
         return out
     elif step in ("stats", "verify16"):
         out.update(read_step(step, path))
@@ -729,14 +736,7 @@ def measure_read(step: str, path: Path) -> dict[str, float]:
     elif step == "dataset":
         ds = CorrStreamDataset(path, num_views=2, resolution=64)
         out.update(s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, rss_mb=_rss_mb())
-        blob = pickle.dumps(ds)
-        out["pickled_mb"] = len(blob) / 2**20
-        t1 = time.process_time()
-        pickle.loads(blob)
-        out["unpickle_cpu_s"] = time.process_time() - t1
-        t2 = time.process_time()
-        ds.rank_order(0)
-        out["epoch_order_cpu_s"] = time.process_time() - t2
+        out.update(worker_side(ds, time.process_time, "cpu_s"))
         out["after_rss_mb"] = _rss_mb()
         return out
     else:
