@@ -242,6 +242,26 @@ def test_manifest_consolidation_sorted_and_readers_merge_newer_fragments(tmp_pat
     assert len(set(writer.done_window_ids().to_pylist())) == len(writer.done_window_ids()) == 5
 
 
+def test_fragment_stores_the_resume_columns_uncompressed(tmp_path):
+    """A fragment's window_id and shard column chunks (what a resumed job reads from every pending
+    fragment) are stored uncompressed, every other column zstd; the rows read back unchanged."""
+    import pyarrow.parquet as pq
+
+    from cameo_corr.cache.done import DoneWindows
+    from cameo_corr.cache.manifest import FRAGMENT_PLAIN_COLUMNS
+
+    writer = CacheWriter(tmp_path / "c", config())
+    writer.initialize()
+    rows = writer.write_shard("a", outcomes([3, 4], failed=(4,)))
+    meta = pq.read_metadata(tmp_path / "c" / fragment_path("a")).row_group(0)
+    codecs = {meta.column(i).path_in_schema.split(".")[0]: meta.column(i).compression for i in range(meta.num_columns)}
+    assert set(codecs) == set(rows.column_names) and set(FRAGMENT_PLAIN_COLUMNS) == {"window_id", "shard"}
+    assert codecs == {c: "UNCOMPRESSED" if c in FRAGMENT_PLAIN_COLUMNS else "ZSTD" for c in codecs}
+    assert str(read_manifest(writer.location).to_pylist()) == str(rows.to_pylist())  # NaN fractions of the failed row compare as text
+    done = DoneWindows.read(writer.location)
+    assert done.contains(rows.column("window_id")).all() and done.shards == {"a"}
+
+
 def _manifest_rows(writer: CacheWriter) -> list[str]:
     """The manifest's rows, sorted, as text (NaN fractions of failed rows compare equal)."""
     return [str(r) for r in sorted(read_manifest(writer.location).to_pylist(), key=lambda r: r["window_id"])]
