@@ -199,7 +199,7 @@ def time_worker_targets(cache: Path, dealt_to: int, args: argparse.Namespace) ->
     workers, decodes = args.loader_workers, 0
     t0 = time.process_time()
     for worker in range(workers):
-        proc = _ProcessState(ds, workers)
+        proc = _ProcessState(ds, workers, worker)
         for items in ds.worker_items(worker, workers):
             for _, e, w, q in items:
                 views, _ = ds.choose(w, e, q)

@@ -735,7 +735,7 @@ def worker_decodes(ds: CorrStreamDataset, workers: int) -> int:
 
     total = 0
     for w in range(workers):
-        proc = _ProcessState(ds, workers)
+        proc = _ProcessState(ds, workers, w)
         for items in ds.worker_items(w, workers):
             for _, _, window, _ in items:
                 source, shard_id, row = ds.locate(window)
@@ -780,3 +780,101 @@ def test_workers_loader_yields_the_stream_order_and_resumes_exactly(tiny_cache: 
         make(tiny_cache, batch_size=2).load_state_dict({"epoch": 0, "position": 2, "num_workers": 2})
     with pytest.raises(SchemaError, match="num_workers"):
         make(tiny_cache, num_workers=-1)
+
+
+# ------------------------------------------------------------------------------ prefetch per worker
+@pytest.fixture(scope="module")
+def lane_shards(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Path:
+    """Twelve shards of two real windows (the tiny cache's, cycled, under new ids, so samples load their
+    images) written by the real writer: lanes of several shards each."""
+    import dataclasses
+
+    from cameo_corr.cache.reader import CorrCache
+    from cameo_corr.cache.writer import CacheWriter, WindowOutcome
+    from cameo_corr.schemas import WindowRecord, shard_id_of
+
+    cache = CorrCache(tiny_cache)
+    reader = cache.reader()
+    windows = []
+    for row in cache.manifest("ok").to_pylist():
+        frames = {f.frame_id: f for f in reader.scene(row["scene_id"]).frames}
+        record = WindowRecord(row["window_id"], row["dataset"], row["split"], row["scene_id"], tuple(frames[f] for f in row["frame_ids"]))
+        windows.append((record, cache.window(row["window_id"])))
+    out = tmp_path_factory.mktemp("lane-shards") / "cache"
+    writer = CacheWriter(out, cache.config)
+    writer.initialize()
+    for k in range(12):
+        outs = [WindowOutcome(dataclasses.replace(windows[i % len(windows)][0], window_id=f"{i:016x}"), arrays=windows[i % len(windows)][1])
+                for i in range(2 * k, 2 * k + 2)]
+        writer.write_shard(shard_id_of([o.record.window_id for o in outs]), outs)
+    return out
+
+
+def prefetch_log(ds: CorrStreamDataset, worker: int, workers: int, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
+    """``("visit", epoch, shard index)`` for each shard decode and ``("prefetch", epoch, shard index)`` for each
+    shard asked of the local cache, in order, while ``ds`` is iterated as DataLoader worker ``worker`` of
+    ``workers`` sees it (``workers=0``: the main process, no worker info)."""
+    from types import SimpleNamespace
+
+    from cameo_corr.cache.reader import CorrCache
+    from cameo_corr.train import data
+
+    log: list[tuple[str, int, int]] = []
+    epoch = [-1]
+    choose = CorrStreamDataset.choose
+
+    def choose_noting_the_epoch(self, window, e, q, first=None):
+        epoch[0] = e  # sample() chooses the views before it visits the window's shard
+        return choose(self, window, e, q, first)
+
+    class Logged(data._ShardVisit):
+        def __init__(self, *args, **kw) -> None:
+            log.append(("visit", epoch[0], ds.shard_ids.index(args[1])))
+            super().__init__(*args, **kw)
+
+    info = None if workers == 0 else SimpleNamespace(id=worker, num_workers=workers)
+    monkeypatch.setattr(data, "get_worker_info", lambda: info)
+    monkeypatch.setattr(CorrStreamDataset, "choose", choose_noting_the_epoch)
+    monkeypatch.setattr(data, "_ShardVisit", Logged)
+    monkeypatch.setattr(CorrCache, "prefetch", lambda self, ids: log.extend(("prefetch", epoch[0], ds.shard_ids.index(s)) for s in ids))
+    assert sum(len(b["window_id"]) if ds.batch_size else 1 for b in ds) > 0
+    return log
+
+
+@pytest.mark.parametrize(("dealt", "workers", "batch", "world", "start"), [
+    (2, 2, 2, 1, 0),  # the loader's workers are those the order was dealt to: each reads its own lane
+    (2, 2, None, 1, 0),  # single samples
+    (2, 2, 3, 2, 0),  # rank 1 of 2
+    (2, 2, 2, 1, 5),  # resumed mid-epoch, off the batches: each worker's batches straddle the lanes
+    (2, 3, 2, 1, 0),  # more workers than lanes
+    (0, 2, 2, 1, 0),  # an order not dealt, read by two workers
+    (0, 0, 2, 1, 0),  # the main process: the rank's stream
+])
+def test_each_worker_prefetches_the_next_shards_its_own_items_reach(lane_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    dealt: int, workers: int, batch: int | None, world: int, start: int) -> None:
+    depth = 2
+    opts = {"num_views": 2, "resolution": 32, "num_epochs": 2, "world_size": world, "rank": world - 1, "batch_size": batch,
+            "order_scope": "sample", "shuffle_shards": 2, "num_workers": dealt, "local_cache": tmp_path / "lc", "local_cache_prefetch": depth}
+    own: dict[int, list[list[int]]] = {}  # per worker, per epoch: its shards in the order its items first reach them
+    for w in range(max(workers, 1)):
+        ds = CorrStreamDataset(lane_shards, **opts)
+        ds.load_state_dict(ds.state_dict_of(StreamState(0, start)))
+        items = [x for b in ds.worker_items(w, max(workers, 1)) for x in b]
+        own[w] = [list(dict.fromkeys(int(ds.window_shard[win]) for _, e, win, _ in items if e == epoch)) for epoch in range(2)]
+        assert [ds.worker_shards(epoch, w, max(workers, 1)).tolist() for epoch in range(2)] == own[w]
+    for w in range(max(workers, 1)):
+        ds = CorrStreamDataset(lane_shards, **opts)
+        ds.load_state_dict(ds.state_dict_of(StreamState(0, start)))
+        log = prefetch_log(ds, w, workers, monkeypatch)
+        expected = []
+        for kind, epoch, shard in log:
+            if kind == "visit":  # a shard of its own, then the next ones its own items reach
+                seq = own[w][epoch]
+                expected += [("visit", epoch, shard)] + [("prefetch", epoch, k) for k in seq[seq.index(shard) + 1 : seq.index(shard) + 1 + depth]]
+        assert log == expected
+        # the first epoch read decodes each of its shards afresh (later ones may start on shards still held): every own shard but the first is asked
+        assert {s for kind, e, s in log if kind == "prefetch" and e == 0} == set(own[w][0][1:])
+        if dealt == workers > 1 and start == 0:  # one lane each: never a shard only another lane reads
+            others = {s for v in own if v != w for seq in own[v] for s in seq}
+            assert not {s for kind, _, s in log if kind == "prefetch"} & (others - {s for seq in own[w] for s in seq})
+            assert others - {s for seq in own[w] for s in seq}  # (there are such shards)

@@ -16,9 +16,10 @@ local directory, so a shard crosses the network once per node while it stays in 
   directory; a second reader of a shard being fetched waits for it instead of fetching it twice);
   downloads go to a temporary name and are renamed into place after their size is checked, so a
   reader never sees half a file; temporary files of dead processes are removed;
-* **prefetch**: :meth:`prefetch` queues shards (the next ones of the epoch order) for a background
-  thread, so the next shard is often local before the stream reaches it. A prefetch that fails is
-  logged at debug level only: the read of that shard fetches it again and raises the error.
+* **prefetch**: :meth:`prefetch` queues shards (the next ones the reading process's own items reach:
+  a DataLoader worker's, not the whole stream's) for a background thread, so the next shard is often
+  local before the process reaches it. A prefetch that fails is logged at debug level only: the read
+  of that shard fetches it again and raises the error.
 
 An evicted file that a reader still holds open stays readable (POSIX unlink semantics); its disk
 space is freed when the reader closes it. Checksums are not checked here: the shard format checks
@@ -76,7 +77,7 @@ class LocalShardCache:
     Args:
         directory: local directory (created if needed), shared by every process of the node.
         max_bytes: budget of the directory: complete files plus downloads in progress.
-        prefetch: how many of the next shards of a stream's order its reader asks to fetch ahead in
+        prefetch: how many of the next shards its reading process reaches it asks to fetch ahead in
             a background thread (0: none; :attr:`prefetch_depth`).
     """
 

@@ -494,7 +494,7 @@ class _ProcessState:
     groups), the dataset reader and canonical view; and the shards being visited and the frame records
     of recently used scenes (keyed by cache index)."""
 
-    def __init__(self, owner: "CorrStreamDataset", workers: int = 1) -> None:
+    def __init__(self, owner: "CorrStreamDataset", workers: int = 1, worker: int = 0) -> None:
         from cameo_corr.datasets.base import open_dataset
         from cameo_corr.datasets.canonical import CanonicalView
         from cameo_corr.cache.reader import CorrCache
@@ -532,21 +532,25 @@ class _ProcessState:
         """Arrays read per shard visit: the correspondence arrays, and the inputs of a recomputed mask."""
         if owner.mask_options:
             self.read_names = tuple(dict.fromkeys(_CORR_KEYS + mask_inputs(owner.mask_options["policy"])))
+        self.worker, self.workers = worker, workers
+        """Which DataLoader worker this process is, of how many (``0, 1``: the only process)."""
         self.shard_reads = 0
-        self.upcoming: tuple[int, dict[int, int], np.ndarray] | None = None
-        """``(epoch, {shard index: position}, shard indices)``: the order in which this rank's stream
-        first reaches each shard in an epoch (for prefetching the next ones)."""
+        self.upcoming: tuple[tuple[int, StreamState], dict[int, int], np.ndarray] | None = None
+        """``((epoch, start state), {shard index: position}, shard indices)``: the order in which the items
+        this process reads first reach each shard in an epoch (:meth:`CorrStreamDataset.worker_shards`; for
+        prefetching the next ones)."""
 
     def prefetch_after(self, owner: CorrStreamDataset, epoch: int, shard: int) -> None:
-        """Ask the local shard cache for the ``owner.local_cache_prefetch`` shards the stream reaches after
-        shard index ``shard`` in ``epoch``."""
+        """Ask the local shard cache for the ``owner.local_cache_prefetch`` shards that this process's own
+        items reach after shard index ``shard`` in ``epoch`` (:meth:`CorrStreamDataset.worker_shards` of
+        this worker: its lane when the loader has the workers the order was dealt to, whatever it reads
+        otherwise; the rank's whole stream for the only process). Computed once per epoch and start state."""
         if self.local_cache is None or owner.local_cache_prefetch <= 0:
             return
-        if self.upcoming is None or self.upcoming[0] != epoch:
-            shards = owner.window_shard[owner.rank_order(epoch)[:, 0]]
-            _, first = np.unique(shards, return_index=True)
-            seq = shards[np.sort(first)]
-            self.upcoming = (epoch, {int(k): i for i, k in enumerate(seq.tolist())}, seq)
+        key = (epoch, owner.state)
+        if self.upcoming is None or self.upcoming[0] != key:
+            seq = owner.worker_shards(epoch, self.worker, self.workers)
+            self.upcoming = (key, {int(k): i for i, k in enumerate(seq.tolist())}, seq)
         _, position, seq = self.upcoming
         i = position.get(shard)
         if i is None:
@@ -632,8 +636,9 @@ class CorrStreamDataset(IterableDataset):
             the cache lacks is a :class:`~cameo_corr.schemas.SchemaError` listing the stored grids.
         local_cache, local_cache_bytes, local_cache_prefetch: a local directory keeping copies of the
             shard files of remote caches within a byte budget, shared by the processes of a node, and
-            how many of the next shards of the epoch order to fetch ahead
-            (:class:`~cameo_corr.cache.local_cache.LocalShardCache`; ``None``: read shards from the store).
+            how many shards each process fetches ahead: the next ones its own items reach (a DataLoader
+            worker's batches, :meth:`worker_shards`; its lane when the workers are those the order is dealt
+            to) (:class:`~cameo_corr.cache.local_cache.LocalShardCache`; ``None``: read shards from the store).
         configs: the ``cache.json`` of caches the caller has read already, by path as given (``str``); the
             others are read here. Worker processes reuse what the dataset holds.
     """
@@ -937,6 +942,27 @@ class CorrStreamDataset(IterableDataset):
         if chunk:
             yield chunk
 
+    def worker_shards(self, epoch: int, worker: int = 0, workers: int = 1) -> np.ndarray:
+        """Shard indices in the order in which the items of ``epoch`` that DataLoader worker ``worker`` of
+        ``workers`` reads (:meth:`worker_items`, from the start state) first reach them: what that worker
+        prefetches into a local shard cache. With the workers the order was dealt to, worker ``w`` reads lane
+        ``w`` (:func:`deal_to_lanes`) and these are its lane's shards; ``workers=1``: the rank's stream.
+        Vectorised over the epoch (no Python per window)."""
+        windows = self.rank_order(epoch)[:, 0]
+        start = self.state.epoch * self.epoch_length + self.state.position  # stream position of the first item read
+        skip = min(max(start - epoch * self.epoch_length, 0), len(windows))  # positions before the start: not read
+        windows = windows[skip:]
+        if workers > 1:
+            unit = self.batch_size or 1
+            period = unit * workers  # the item read n-th from the start belongs to worker n // unit % workers
+            turn = np.zeros(period, dtype=bool)
+            turn[worker * unit : (worker + 1) * unit] = True
+            shift = (epoch * self.epoch_length + skip - start) % period  # n of the epoch's first item read
+            windows = windows[np.resize(np.roll(turn, -shift), len(windows))]
+        shards = self.window_shard[windows]
+        _, first = np.unique(shards, return_index=True)
+        return shards[np.sort(first)]
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
@@ -968,7 +994,7 @@ class CorrStreamDataset(IterableDataset):
     def _process(self) -> _ProcessState:
         if self._proc is None or self._proc.pid != os.getpid():
             info = get_worker_info()
-            self._proc = _ProcessState(self, 1 if info is None else info.num_workers)
+            self._proc = _ProcessState(self, 1, 0) if info is None else _ProcessState(self, info.num_workers, info.id)
         return self._proc
 
     def batch_order(self, first: int) -> tuple[int, np.ndarray]:
