@@ -40,7 +40,7 @@ MANIFEST_FILE_ROWS = 4_194_304
 MANIFEST_READAHEAD = 64
 """Compact manifest files a dataset scan reads ahead."""
 MANIFEST_READ_THREADS = 8
-"""Threads reading pending fragments from an object store; locally at most one per core (small files: a
+"""Threads reading pending fragments from an object store (local fragments are read in the calling thread; small files: a
 job killed before consolidating leaves up to ``--consolidate-every`` of them, or thousands when it ran
 without periodic consolidation)."""
 MANIFEST_READ_ATTEMPTS = 3
@@ -348,14 +348,14 @@ def _read_fragments(location: CacheLocation, paths: list[str], schema: "pa.Schem
 
     A fragment is one small row group, so the fixed cost per file (open, footer, metadata) is all
     there is: each file is fetched whole (one request on an object store) and read from memory by
-    ``pyarrow.parquet.ParquetFile`` on a pool of threads (Arrow releases the GIL;
-    :data:`MANIFEST_READ_THREADS`, locally at most one per usable CPU), about 1.5x less CPU per file
-    than a dataset scan. Columns a version 1 fragment lacks read as null.
+    ``pyarrow.parquet.ParquetFile``, about 1.5x less CPU per file than a dataset scan. Local files
+    are read in this thread: the parse holds the GIL for most of its ~0.3 ms per file, so a pool of
+    threads gave no less wall time on 2 cores and cost ~50% more CPU (switching). From an object
+    store, :data:`MANIFEST_READ_THREADS` threads overlap the requests. Columns a version 1 fragment
+    lacks read as null.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from cameo_corr.datasets.planner import usable_cpus
 
     if not paths:
         return schema.empty_table()
@@ -383,11 +383,11 @@ def _read_fragments(location: CacheLocation, paths: list[str], schema: "pa.Schem
         except (pa.ArrowInvalid, OSError) as e:
             raise DatasetError(location.url(MANIFEST_DIR), f"cannot read the manifest fragment {path.rsplit('/', 1)[-1]}: {e}") from e
 
-    # an object store: requests overlap on every thread; local files: the parse is CPU work, and threads
-    # beyond the cores only add switching (~15% more CPU with 8 threads on 2 cores, no less wall time)
-    threads = MANIFEST_READ_THREADS if not location.local else min(MANIFEST_READ_THREADS, usable_cpus())
-    with ThreadPoolExecutor(threads) as pool:
-        table = pa.concat_tables(list(pool.map(read, paths)))
+    if location.local:
+        table = pa.concat_tables([read(p) for p in paths])
+    else:
+        with ThreadPoolExecutor(MANIFEST_READ_THREADS) as pool:
+            table = pa.concat_tables(list(pool.map(read, paths)))
     if filter is not None:
         table = table.filter(filter)
     return table.select(schema.names)
