@@ -262,6 +262,20 @@ def test_fragment_stores_the_resume_columns_uncompressed(tmp_path):
     assert done.contains(rows.column("window_id")).all() and done.shards == {"a"}
 
 
+def test_unreadable_fragment_is_named(tmp_path):
+    """A pending fragment that is not Parquet fails the manifest read with a DatasetError naming it."""
+    from cameo_corr.cache.done import DoneWindows
+
+    writer = CacheWriter(tmp_path / "c", config())
+    writer.initialize()
+    writer.write_shard("a", outcomes([1]))
+    writer.write_shard("b", outcomes([2]))
+    (tmp_path / "c" / fragment_path("b")).write_bytes(b"not parquet")
+    for read in (lambda: read_manifest(writer.location), lambda: DoneWindows.read(writer.location)):
+        with pytest.raises(DatasetError, match=r"cannot read the manifest fragment part-b\.parquet"):
+            read()
+
+
 def _manifest_rows(writer: CacheWriter) -> list[str]:
     """The manifest's rows, sorted, as text (NaN fractions of failed rows compare equal)."""
     return [str(r) for r in sorted(read_manifest(writer.location).to_pylist(), key=lambda r: r["window_id"])]

@@ -349,10 +349,10 @@ def _read_fragments(location: CacheLocation, paths: list[str], schema: "pa.Schem
     A fragment is one small row group, so the fixed cost per file (open, footer, metadata) is all
     there is: each file is fetched whole (one request on an object store) and read from memory by
     ``pyarrow.parquet.ParquetFile``, about 1.5x less CPU per file than a dataset scan. Local files
-    are read in this thread: the parse holds the GIL for most of its ~0.3 ms per file, so a pool of
-    threads gave no less wall time on 2 cores and cost ~50% more CPU (switching). From an object
-    store, :data:`MANIFEST_READ_THREADS` threads overlap the requests. Columns a version 1 fragment
-    lacks read as null.
+    are read and every file is parsed in this thread: the parse holds the GIL for most of its ~0.3 ms
+    per file, so parsing on a pool of threads gave no less wall time on 2 cores and cost ~50% more CPU
+    (switching). From an object store, :data:`MANIFEST_READ_THREADS` threads overlap the requests and
+    only fetch. Columns a version 1 fragment lacks read as null.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -366,28 +366,32 @@ def _read_fragments(location: CacheLocation, paths: list[str], schema: "pa.Schem
         wanted = full.names if filter_columns is None else [c for c in full.names if c in {*schema.names, *filter_columns}]
     target = pa.schema([full.field(c) for c in wanted])
 
-    def read(path: str) -> "pa.Table":
+    def fetch(path: str) -> bytes:
         try:
             if location.local:
                 with open(path, "rb") as source:
-                    data = source.read()
-            else:  # one GET (a file object makes two requests, and refuses a fragment rewritten in between)
-                data = location.fs.cat_file(path)
-            # from memory: no pre-buffering; a name the file lacks is skipped (filled with nulls below)
-            with pq.ParquetFile(pa.BufferReader(data), pre_buffer=False) as f:
-                table = f.read(columns=wanted, use_threads=False)
-            if table.schema.equals(target):
-                return table
-            columns = [table.column(c) if c in table.column_names else pa.nulls(table.num_rows, full.field(c).type) for c in wanted]
-            return pa.Table.from_arrays(columns, names=wanted).cast(target)
-        except (pa.ArrowInvalid, OSError) as e:
+                    return source.read()
+            return location.fs.cat_file(path)  # one GET (a file object makes two requests, and refuses a fragment rewritten in between)
+        except OSError as e:
             raise DatasetError(location.url(MANIFEST_DIR), f"cannot read the manifest fragment {path.rsplit('/', 1)[-1]}: {e}") from e
 
+    def parse(path: str, data: bytes) -> "pa.Table":
+        try:  # from memory: no pre-buffering; a name the file lacks is skipped (filled with nulls below)
+            with pq.ParquetFile(pa.BufferReader(data), pre_buffer=False) as f:
+                table = f.read(columns=wanted, use_threads=False)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DatasetError(location.url(MANIFEST_DIR), f"cannot read the manifest fragment {path.rsplit('/', 1)[-1]}: {e}") from e
+        if table.schema.equals(target):
+            return table
+        columns = [table.column(c) if c in table.column_names else pa.nulls(table.num_rows, full.field(c).type) for c in wanted]
+        return pa.Table.from_arrays(columns, names=wanted).cast(target)
+
     if location.local:
-        table = pa.concat_tables([read(p) for p in paths])
+        data = [fetch(p) for p in paths]
     else:
         with ThreadPoolExecutor(MANIFEST_READ_THREADS) as pool:
-            table = pa.concat_tables(list(pool.map(read, paths)))
+            data = list(pool.map(fetch, paths))
+    table = pa.concat_tables([parse(p, d) for p, d in zip(paths, data)])
     if filter is not None:
         table = table.filter(filter)
     return table.select(schema.names)
