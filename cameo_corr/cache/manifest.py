@@ -387,11 +387,10 @@ def _read_fragments(location: CacheLocation, paths: list[str], schema: "pa.Schem
         return pa.Table.from_arrays(columns, names=wanted).cast(target)
 
     if location.local:
-        data = [fetch(p) for p in paths]
-    else:
+        table = pa.concat_tables([parse(p, fetch(p)) for p in paths])
+    else:  # each file parsed as its bytes arrive, in order
         with ThreadPoolExecutor(MANIFEST_READ_THREADS) as pool:
-            data = list(pool.map(fetch, paths))
-    table = pa.concat_tables([parse(p, d) for p, d in zip(paths, data)])
+            table = pa.concat_tables([parse(p, d) for p, d in zip(paths, pool.map(fetch, paths))])
     if filter is not None:
         table = table.filter(filter)
     return table.select(schema.names)
