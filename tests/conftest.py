@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -29,13 +30,13 @@ def pipeline_reference(dataset_root: Path, config, views: int, windows_per_scene
     """Every planned window's cache arrays computed by calling the pipeline functions directly (no
     Ray): planner -> load_window -> depth backend -> check_pointmaps -> correspond -> window_arrays;
     ``None`` for a window whose computation fails. The reference of the Ray job's output."""
+    from cameo_corr.cache.shard import window_arrays
     from cameo_corr.datasets.base import open_dataset
     from cameo_corr.datasets.canonical import CanonicalView, load_window
-    from cameo_corr.pipeline.backends import make_backend
-    from cameo_corr.cache.shard import window_arrays
-    from cameo_corr.pipeline.match import correspond
     from cameo_corr.datasets.planner import default_plan_config, plan_windows
     from cameo_corr.job.stages import DATA_ERRORS, check_pointmaps
+    from cameo_corr.pipeline.backends import make_backend
+    from cameo_corr.pipeline.match import correspond
 
     reader = open_dataset("synthetic", dataset_root)
     backend = make_backend("depth", device="cpu")
@@ -74,10 +75,23 @@ def assert_cache_equals_reference(cache_path, reference: dict) -> None:
 @pytest.fixture(scope="session")
 def tiny_train_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny real cache (synthetic scenes through the real preprocessing job, ~1 min to build), shared
-    read-only by the training-data, training-loop and cache-sharing tests: copy it before changing it."""
+    read-only by the training-data, training-loop and cache-sharing tests: copy it before changing it.
+    In a parallel run the first worker that needs it builds it in the run's temporary directory, under a
+    file lock, and the others use that one."""
+    from filelock import FileLock
     from test_train_data import build_tiny_cache
 
-    return build_tiny_cache(tmp_path_factory.mktemp("tiny_train_cache"))[1]
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build_tiny_cache(tmp_path_factory.mktemp("tiny_train_cache"))[1]
+    run_dir = tmp_path_factory.getbasetemp().parent  # the workers' temporary directories are under it
+    built = run_dir / "tiny_train_cache.path"
+    with FileLock(run_dir / "tiny_train_cache.lock"):
+        if not built.is_file():
+            base = run_dir / "tiny_train_cache"
+            shutil.rmtree(base, ignore_errors=True)  # what a worker that failed to build it left
+            base.mkdir()
+            built.write_text(str(build_tiny_cache(base)[1]))
+        return Path(built.read_text())
 
 
 @pytest.fixture(scope="session")
