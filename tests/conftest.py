@@ -17,6 +17,25 @@ if os.environ.get("CI"):
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+# The files that take most of the suite's time (each minutes, in this order, in a serial run): a parallel
+# run starts them first, so that no worker is left with one of them when the others are done.
+SLOWEST_FILES = ("test_ray_job", "test_ray_cluster", "test_train_loop", "test_demo", "test_s3_cache", "test_cli",
+                 "test_store_images", "test_local_cache", "test_selfcheck", "test_loss", "test_official_bf16", "test_masks")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Parallel runs (pytest-xdist, ``--dist loadgroup``): a test file is one group, run whole by one
+    worker, so that its module fixtures (a Ray instance, a cache built by the real job) are set up once;
+    a test's own ``xdist_group`` mark overrides its file's. In the workers, the files of
+    :data:`SLOWEST_FILES` come first (the scheduler hands out the groups in collection order)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    if hasattr(config, "workerinput"):
+        rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+        items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the others keep their order
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
