@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,41 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # run starts them first, so that no worker is left with one of them when the others are done.
 SLOWEST_FILES = ("test_ray_job", "test_ray_cluster", "test_train_loop", "test_demo", "test_s3_cache", "test_cli",
                  "test_store_images", "test_local_cache", "test_selfcheck", "test_loss", "test_official_bf16", "test_masks")
+
+
+# Tests that start several Ray instances or nodes at once: beside another worker's Ray start-ups, a
+# raylet did not register with its GCS within Ray's fixed 30 s on 2 cores. A parallel run runs them alone.
+RUN_ALONE = ("test_ray_cluster.py::", "test_s3_cache.py::test_two_jobs_on_one_bucket_one_refused_cache_equals_reference")
+
+
+@contextlib.contextmanager
+def machine_hold(lock_dir: Path, alone: bool) -> Iterator[None]:
+    """Hold this machine shared (a test beside the other workers' tests) or exclusive (a test that runs
+    alone) through a ``flock`` in ``lock_dir``. An exclusive taker queues at a turnstile first and keeps
+    it while it waits, so that the shared takers of the other workers' next tests cannot starve it."""
+    with open(lock_dir / "turnstile.lock", "a") as turnstile, open(lock_dir / "machine.lock", "a") as machine:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)  # behind an exclusive taker that waits
+        if alone:
+            fcntl.flock(machine, fcntl.LOCK_EX)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        if not alone:
+            fcntl.flock(machine, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(machine, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    """In a parallel run, every test (its setup, call and teardown, module fixtures included) holds the
+    machine shared and a test of :data:`RUN_ALONE` holds it exclusive (the run's directory holds the lock)."""
+    basetemp = item.config.option.basetemp
+    if not (hasattr(item.config, "workerinput") and basetemp):
+        return (yield)
+    alone = f"{item.path.name}::{item.name}".startswith(RUN_ALONE)
+    with machine_hold(Path(basetemp).parent, alone):
+        return (yield)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups
