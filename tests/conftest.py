@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import shutil
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,60 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# The files that take most of the suite's time (each minutes, in this order, in a serial run): a parallel
+# run starts them first, so that no worker is left with one of them when the others are done.
+SLOWEST_FILES = ("test_ray_job", "test_ray_cluster", "test_train_loop", "test_demo", "test_s3_cache", "test_cli",
+                 "test_store_images", "test_local_cache", "test_selfcheck", "test_loss", "test_official_bf16", "test_masks")
+
+
+# Tests that start several Ray instances or nodes at once: beside another worker's Ray start-ups, a
+# raylet did not register with its GCS within Ray's fixed 30 s on 2 cores. A parallel run runs them alone.
+RUN_ALONE = ("test_ray_cluster.py::", "test_s3_cache.py::test_two_jobs_on_one_bucket_one_refused_cache_equals_reference")
+
+
+@contextlib.contextmanager
+def machine_hold(lock_dir: Path, alone: bool) -> Iterator[None]:
+    """Hold this machine shared (a test beside the other workers' tests) or exclusive (a test that runs
+    alone) through a ``flock`` in ``lock_dir``. An exclusive taker queues at a turnstile first and keeps
+    it while it waits, so that the shared takers of the other workers' next tests cannot starve it."""
+    with open(lock_dir / "turnstile.lock", "a") as turnstile, open(lock_dir / "machine.lock", "a") as machine:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)  # behind an exclusive taker that waits
+        if alone:
+            fcntl.flock(machine, fcntl.LOCK_EX)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        if not alone:
+            fcntl.flock(machine, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(machine, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    """In a parallel run, every test (its setup, call and teardown, module fixtures included) holds the
+    machine shared and a test of :data:`RUN_ALONE` holds it exclusive (the run's directory holds the lock)."""
+    basetemp = item.config.option.basetemp
+    if not (hasattr(item.config, "workerinput") and basetemp):
+        return (yield)
+    alone = f"{item.path.name}::{item.name}".startswith(RUN_ALONE)
+    with machine_hold(Path(basetemp).parent, alone):
+        return (yield)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Parallel runs (pytest-xdist, ``--dist loadgroup``): a test file is one group, run whole by one
+    worker, so that its module fixtures (a Ray instance, a cache built by the real job) are set up once;
+    a test's own ``xdist_group`` mark overrides its file's. In the workers, the files of
+    :data:`SLOWEST_FILES` come first (the scheduler hands out the groups in collection order)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    if hasattr(config, "workerinput"):
+        rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+        items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the others keep their order
 
 
 @pytest.fixture(scope="session")
@@ -29,13 +87,13 @@ def pipeline_reference(dataset_root: Path, config, views: int, windows_per_scene
     """Every planned window's cache arrays computed by calling the pipeline functions directly (no
     Ray): planner -> load_window -> depth backend -> check_pointmaps -> correspond -> window_arrays;
     ``None`` for a window whose computation fails. The reference of the Ray job's output."""
+    from cameo_corr.cache.shard import window_arrays
     from cameo_corr.datasets.base import open_dataset
     from cameo_corr.datasets.canonical import CanonicalView, load_window
-    from cameo_corr.pipeline.backends import make_backend
-    from cameo_corr.cache.shard import window_arrays
-    from cameo_corr.pipeline.match import correspond
     from cameo_corr.datasets.planner import default_plan_config, plan_windows
     from cameo_corr.job.stages import DATA_ERRORS, check_pointmaps
+    from cameo_corr.pipeline.backends import make_backend
+    from cameo_corr.pipeline.match import correspond
 
     reader = open_dataset("synthetic", dataset_root)
     backend = make_backend("depth", device="cpu")
@@ -74,10 +132,23 @@ def assert_cache_equals_reference(cache_path, reference: dict) -> None:
 @pytest.fixture(scope="session")
 def tiny_train_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny real cache (synthetic scenes through the real preprocessing job, ~1 min to build), shared
-    read-only by the training-data, training-loop and cache-sharing tests: copy it before changing it."""
+    read-only by the training-data, training-loop and cache-sharing tests: copy it before changing it.
+    In a parallel run the first worker that needs it builds it in the run's temporary directory, under a
+    file lock, and the others use that one."""
+    from filelock import FileLock
     from test_train_data import build_tiny_cache
 
-    return build_tiny_cache(tmp_path_factory.mktemp("tiny_train_cache"))[1]
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build_tiny_cache(tmp_path_factory.mktemp("tiny_train_cache"))[1]
+    run_dir = tmp_path_factory.getbasetemp().parent  # the workers' temporary directories are under it
+    built = run_dir / "tiny_train_cache.path"
+    with FileLock(run_dir / "tiny_train_cache.lock"):
+        if not built.is_file():
+            base = run_dir / "tiny_train_cache"
+            shutil.rmtree(base, ignore_errors=True)  # what a worker that failed to build it left
+            base.mkdir()
+            built.write_text(str(build_tiny_cache(base)[1]))
+        return Path(built.read_text())
 
 
 @pytest.fixture(scope="session")

@@ -1,22 +1,15 @@
-"""A real S3-compatible HTTP endpoint for the tests: moto's server (``moto[server]``) on a free local
-port, used through s3fs exactly as a user's bucket would be (endpoint and credentials from the usual
-``AWS_*`` variables or fsspec storage options). Nothing of s3fs is mocked: every request crosses HTTP."""
+"""A real S3-compatible HTTP endpoint for the tests: moto's server (``moto[server]``) on a local port
+that the kernel picks as the server binds, used through s3fs exactly as a user's bucket would be
+(endpoint and credentials from the usual ``AWS_*`` variables or fsspec storage options). Nothing of s3fs is mocked: every request crosses HTTP."""
 
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -56,12 +49,14 @@ class S3Endpoint:
 
 
 def start_endpoint() -> S3Endpoint:
-    """Start moto's threaded S3 server on 127.0.0.1 and return it."""
+    """Start moto's threaded S3 server on 127.0.0.1 and return it. The server binds port 0 itself: a port
+    probed free and bound later may be taken in between by another process (a parallel test worker's
+    server, a Ray node), and moto's server thread then dies while ``start()`` waits for it forever."""
     from moto.server import ThreadedMotoServer
 
     for k, v in CREDENTIALS.items():
         os.environ.setdefault(k, v)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    return S3Endpoint(url=f"http://127.0.0.1:{port}", server=server)
+    host, port = server.get_host_and_port()
+    return S3Endpoint(url=f"http://{host}:{port}", server=server)
