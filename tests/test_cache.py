@@ -244,7 +244,8 @@ def test_manifest_consolidation_sorted_and_readers_merge_newer_fragments(tmp_pat
 
 def test_fragment_stores_the_resume_columns_uncompressed(tmp_path):
     """A fragment's window_id and shard column chunks (what a resumed job reads from every pending
-    fragment) are stored uncompressed, every other column zstd; the rows read back unchanged."""
+    fragment) are stored uncompressed, every other column zstd; its footer holds no serialized Arrow
+    schema and no statistics; the rows read back unchanged, with the manifest schema."""
     import pyarrow.parquet as pq
 
     from cameo_corr.cache.done import DoneWindows
@@ -257,6 +258,10 @@ def test_fragment_stores_the_resume_columns_uncompressed(tmp_path):
     codecs = {meta.column(i).path_in_schema.split(".")[0]: meta.column(i).compression for i in range(meta.num_columns)}
     assert set(codecs) == set(rows.column_names) and set(FRAGMENT_PLAIN_COLUMNS) == {"window_id", "shard"}
     assert codecs == {c: "UNCOMPRESSED" if c in FRAGMENT_PLAIN_COLUMNS else "ZSTD" for c in codecs}
+    footer = pq.read_metadata(tmp_path / "c" / fragment_path("a"))
+    assert b"ARROW:schema" not in (footer.metadata or {})
+    assert not any(meta.column(i).is_stats_set for i in range(meta.num_columns))
+    assert read_manifest(writer.location).schema.equals(manifest_schema(), check_metadata=False)
     assert str(read_manifest(writer.location).to_pylist()) == str(rows.to_pylist())  # NaN fractions of the failed row compare as text
     done = DoneWindows.read(writer.location)
     assert done.contains(rows.column("window_id")).all() and done.shards == {"a"}

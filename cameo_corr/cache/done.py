@@ -6,7 +6,7 @@ bytes per window, no Python object or hash set per window) and the set of shard 
 at (about one per 64 windows). Planned windows are then filtered by binary search
 (:meth:`DoneWindows.contains`), so the cost grows with the number of windows, not with an ``is_in``
 value set. Pending fragments are read for these two columns only, which they store uncompressed (a
-never-consolidated cache: about 0.3 ms of CPU per fragment file, the fixed cost of opening a Parquet
+never-consolidated cache: about 0.25 ms of CPU per fragment file, the fixed cost of opening a Parquet
 file); merging them first measured ~4x slower at a million windows, and the job's first periodic round
 merges them anyway, streamed, while its workers start.
 """

@@ -349,7 +349,7 @@ def _read_fragments(location: CacheLocation, paths: list[str], schema: "pa.Schem
     A fragment is one small row group, so the fixed cost per file (open, footer, metadata) is all
     there is: each file is fetched whole (one request on an object store) and read from memory by
     ``pyarrow.parquet.ParquetFile``, about 1.5x less CPU per file than a dataset scan. Local files
-    are read and every file is parsed in this thread: the parse holds the GIL for most of its ~0.3 ms
+    are read and every file is parsed in this thread: the parse holds the GIL for most of its ~0.25 ms
     per file, so parsing on a pool of threads gave no less wall time on 2 cores and cost ~50% more CPU
     (switching). From an object store, :data:`MANIFEST_READ_THREADS` threads overlap the requests and
     only fetch. Columns a version 1 fragment lacks read as null.
@@ -413,13 +413,18 @@ reading a column is mostly fixed cost, and a zstd column chunk adds ~30% to the 
 
 def parquet_bytes(table: "pa.Table", row_group_size: int) -> bytes:
     """``table`` (manifest rows: a fragment) as Parquet bytes: zstd, except the
-    :data:`FRAGMENT_PLAIN_COLUMNS`, which are stored uncompressed."""
+    :data:`FRAGMENT_PLAIN_COLUMNS`, which are stored uncompressed. The footer holds neither the
+    serialized Arrow schema nor column statistics: a fragment is read whole and cast to
+    :func:`~cameo_corr.schemas.manifest_schema` (never pruned by statistics), and the smaller footer
+    takes ~18% less CPU to open (~0.25 ms instead of ~0.30 ms per fragment, measured on fragments of
+    64 rows, S=8), which is most of what a resume over pending fragments costs."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     compression = {path: "none" if path in FRAGMENT_PLAIN_COLUMNS else "zstd" for path in _leaf_paths(table.schema)}
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression=compression, row_group_size=row_group_size)
+    pq.write_table(table, sink, compression=compression, row_group_size=row_group_size, store_schema=False,
+                   write_statistics=False)
     return sink.getvalue().to_pybytes()
 
 
