@@ -46,8 +46,8 @@ Backends (``backend=``):
 * ``"torch"``: batched brute force in float64 with direct coordinate differences (no matmul expansion),
   chunked so that at most ``max_elements`` distances are alive at once; runs on any device.
 * ``"auto"``: the fastest exact method for the tensor's device. On CPU that is the KD-tree path
-  (``benchmarks/bench_match.py``, one thread, S=4-8 and 32x32-64x64 grids: 1.5-2x less CPU time than
-  per-pair ``cKDTree`` queries with one thread each, 1.8-3x less than on all cores as research code
+  (``benchmarks/bench_match.py``, one thread, S=4-8 and 32x32-64x64 grids: 1.35-2.1x less CPU time than
+  per-pair ``cKDTree`` queries with one thread each, 1.8-3.4x less than on all cores as research code
   runs them, and an order of magnitude less than faiss and brute force; the two-neighbour tree
   queries are ~80% of its time); on CUDA the torch brute force (no host round trip).
 
