@@ -267,6 +267,30 @@ def test_fragment_stores_the_resume_columns_uncompressed(tmp_path):
     assert done.contains(rows.column("window_id")).all() and done.shards == {"a"}
 
 
+def test_fragments_written_before_the_slim_footer_still_read(tmp_path):
+    """A cache whose pending fragments mix the footer written before (serialized Arrow schema,
+    statistics, every column zstd) with today's reads the same rows through the done ids, the
+    manifest and a consolidation (a job resumed on a cache an older version started)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cameo_corr.cache.done import DoneWindows
+
+    writer = CacheWriter(tmp_path / "c", config())
+    writer.initialize()
+    old = writer.write_shard("a", outcomes([0, 1], failed=(1,)))
+    new = writer.write_shard("b", outcomes([2, 3]))
+    pq.write_table(old, tmp_path / "c" / fragment_path("a"), compression="zstd")  # the earlier encoding
+    assert b"ARROW:schema" in pq.read_metadata(tmp_path / "c" / fragment_path("a")).metadata
+    expected = sorted(map(str, old.to_pylist() + new.to_pylist()))  # NaN fractions of the failed row compare as text
+    assert sorted(map(str, read_manifest(writer.location).to_pylist())) == expected
+    done = DoneWindows.read(writer.location)
+    assert done.contains(pa.concat_tables([old, new]).column("window_id")).all() and done.shards == {"a", "b"}
+    writer.consolidate(full=True)
+    assert not list((tmp_path / "c" / "manifest").glob("part-*"))
+    assert sorted(map(str, read_manifest(writer.location).to_pylist())) == expected
+
+
 def test_unreadable_fragment_is_named(tmp_path):
     """A pending fragment that is not Parquet fails the manifest read with a DatasetError naming it."""
     from cameo_corr.cache.done import DoneWindows
