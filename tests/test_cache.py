@@ -254,15 +254,16 @@ def test_fragment_stores_the_resume_columns_uncompressed(tmp_path):
     writer = CacheWriter(tmp_path / "c", config())
     writer.initialize()
     rows = writer.write_shard("a", outcomes([3, 4], failed=(4,)))
-    meta = pq.read_metadata(tmp_path / "c" / fragment_path("a")).row_group(0)
+    footer = pq.read_metadata(tmp_path / "c" / fragment_path("a"))
+    meta = footer.row_group(0)
     codecs = {meta.column(i).path_in_schema.split(".")[0]: meta.column(i).compression for i in range(meta.num_columns)}
     assert set(codecs) == set(rows.column_names) and set(FRAGMENT_PLAIN_COLUMNS) == {"window_id", "shard"}
     assert codecs == {c: "UNCOMPRESSED" if c in FRAGMENT_PLAIN_COLUMNS else "ZSTD" for c in codecs}
-    footer = pq.read_metadata(tmp_path / "c" / fragment_path("a"))
     assert b"ARROW:schema" not in (footer.metadata or {})
     assert not any(meta.column(i).is_stats_set for i in range(meta.num_columns))
-    assert read_manifest(writer.location).schema.equals(manifest_schema(), check_metadata=False)
-    assert str(read_manifest(writer.location).to_pylist()) == str(rows.to_pylist())  # NaN fractions of the failed row compare as text
+    got = read_manifest(writer.location)
+    assert got.schema.equals(manifest_schema(), check_metadata=False)
+    assert str(got.to_pylist()) == str(rows.to_pylist())  # NaN fractions of the failed row compare as text
     done = DoneWindows.read(writer.location)
     assert done.contains(rows.column("window_id")).all() and done.shards == {"a"}
 
