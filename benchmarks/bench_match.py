@@ -11,8 +11,9 @@ reported beside it):
 * ``ckdtree/pair``: the common research-code baseline (DUSt3R/MASt3R): one ``cKDTree`` per view, one
   ``k=1`` query per ordered pair on all cores, then the cycle mask (no tie handling); ``ckdtree/pair/1``
   the same with one thread per query;
-* ``ckdtree/view``: the previous exact path of this package: one ``cKDTree`` per key view queried with
-  the other views' tokens stacked, ``k=2``, rows with a (near) tie re-done by brute force;
+* ``ckdtree/view``: the same exact tie rule with a library tree (how this package matched before it had
+  its own): one ``cKDTree`` per key view queried with the other views' tokens stacked, ``k=2``, rows
+  with a (near) tie re-done by brute force;
 * ``faiss/pair``: one ``faiss.knn(k=1)`` per ordered pair, then the cycle mask (inexact float32 BLAS);
 * ``numpy loop``: a naive per-pair loop, full ``[hw, hw]`` distance matrix + argmin per pair;
 * ``matmul floor``: a lower bound for brute force: one dense ``[S*hw, S*hw]`` float32 matmul (row
@@ -28,9 +29,11 @@ run.
 torch and faiss bring two OpenMP runtimes whose idle threads busy-wait by default; on 2 cores they
 starve each other (and the KD-trees' threads), inflating faiss calls by up to 100x. Unless the caller
 set it, the benchmark runs with ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep), which is fair to every
-method. ``OMP_NUM_THREADS`` (pykdtree's and torch's threads) is left as the caller set it: with
+method. ``OMP_NUM_THREADS`` (torch's and faiss's threads) is left as the caller set it: with
 ``OMP_NUM_THREADS=1`` the table is the CPU cost of one pipeline worker (Ray gives each worker one thread
-unless told otherwise); unset, pykdtree and torch use every core (less wall time, more CPU time).
+unless told otherwise); unset, torch and faiss use every core (less wall time, more CPU time). Our
+KD-tree runs on one thread either way. Its functions are compiled (or loaded from numba's cache) in the
+untimed warm-up run.
 The exact methods (the backends and ``ckdtree/view``) must return the same ``nn`` as ``auto``, and the
 backends the same ``dist`` and ``mask``; a mismatch aborts the run.
 
@@ -132,7 +135,7 @@ def ckdtree_per_pair(pts: np.ndarray, valid: np.ndarray, tau: float = 1.5, worke
 
 
 def ckdtree_per_view(pts: np.ndarray, valid: np.ndarray, tau: float = 1.5, rtol: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
-    """The previous exact path: one cKDTree per key view on its valid tokens, queried once with the valid
+    """The exact tie rule with a library tree: one cKDTree per key view on its valid tokens, queried once with the valid
     tokens of all other views (``k=2``, all cores from 8192 rows); rows whose second neighbour is within
     ``rtol`` of the first are re-done by float64 brute force (lowest index on ties). Returns ``(nn, mask)``."""
     from scipy.spatial import cKDTree

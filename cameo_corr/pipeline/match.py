@@ -25,31 +25,31 @@ recompute it for another ``tau`` (or combine it with a visibility test) without 
 
 Exactness and ties. Every backend returns the argmin of one reference metric: the squared distance
 ``(a0-b0)^2 + (a1-b1)^2 + (a2-b2)^2`` evaluated in float64 in that order on the float32 (or float64)
-token points. Among keys at exactly the same reference distance the **lowest token index** wins. Fast
-backends only propose candidates: the candidates of a query are re-ranked in the reference metric, and
-a query whose candidate list cannot be proven to contain every key at the minimum distance (the gap to
-the first excluded key is within the backend's rounding bound) is recomputed by exact brute force. So
-``"torch"``, ``"faiss"``, ``"kdtree"`` and ``"auto"`` return identical ``nn`` and ``mask``.
+token points. Among keys at exactly the same reference distance the **lowest token index** wins. The
+KD-tree computes that metric itself and proves the tie rule during its search; faiss only proposes
+candidates, which are re-ranked in the reference metric, and a query whose candidate list cannot be
+proven to contain every key at the minimum distance (the gap to the first excluded key is within
+faiss's rounding bound) is recomputed by exact brute force. So ``"torch"``, ``"faiss"``, ``"kdtree"``
+and ``"auto"`` return identical ``nn`` and ``mask``.
 
 Backends (``backend=``):
 
-* ``"kdtree"``: one KD-tree per key view (``pykdtree``), built once on its valid tokens and queried
-  with the valid tokens of all other views stacked (one call per key view instead of one per pair),
-  ``k=2`` in float64. A query is certified when its second neighbour's squared distance exceeds the
-  first's by a relative :data:`_KDTREE_TIE_RTOL` (1e-9, a million times the rounding of either
-  library's float64 sums): the first neighbour is then the unique nearest key, its distance is
-  re-evaluated in the reference metric, and the rows that fail (exact ties, duplicate keys) go to brute
-  force. The second neighbour is the price of the deterministic tie rule.
+* ``"kdtree"``: one KD-tree per key view (:mod:`cameo_corr.pipeline.kdtree`, compiled with numba),
+  built on its valid tokens and queried with the valid tokens of all other views stacked (one call per
+  key view instead of one per pair). It skips a subtree only when a lower bound of the reference
+  metric to its bounding box, rounded the same way, exceeds the best distance found, so every key at
+  the minimum distance is examined and the lowest index kept: the exact rule for the price of one
+  nearest-neighbour query (library trees need a second neighbour and a re-do of near ties for it).
 * ``"faiss"``: ``faiss.knn`` (CPU) or ``faiss.knn_gpu`` (CUDA tensors; needs a faiss build with GPUs) with
   4 candidates, then the exact re-rank. faiss computes ``|a|^2 + |b|^2 - 2 a.b`` in float32, so a row is
   certified only when its 4th candidate is further than the first by more than twice the error bound.
 * ``"torch"``: batched brute force in float64 with direct coordinate differences (no matmul expansion),
   chunked so that at most ``max_elements`` distances are alive at once; runs on any device.
 * ``"auto"``: the fastest exact method for the tensor's device. On CPU that is the KD-tree path
-  (``benchmarks/bench_match.py``, one thread, S=4-8 and 32x32-64x64 grids: 1.35-2.1x less CPU time than
-  per-pair ``cKDTree`` queries with one thread each, 1.8-3.4x less than on all cores as research code
-  runs them, and an order of magnitude less than faiss and brute force; the two-neighbour tree
-  queries are ~80% of its time); on CUDA the torch brute force (no host round trip).
+  (``benchmarks/bench_match.py``, one thread, S=4-8 and 32x32-64x64 grids: 2.0-3.5x less CPU time than
+  per-pair ``cKDTree`` queries with one thread each, 1.3-1.75x less than this package's previous
+  two-neighbour ``pykdtree`` path, and an order of magnitude less than faiss and brute force); on CUDA
+  the torch brute force (no host round trip).
 
 The CPU backends run on numpy end to end; the torch backend and faiss-gpu on torch tensors on the input
 device. Results are torch tensors on the input device.
@@ -88,12 +88,7 @@ DEFAULT_MAX_ELEMENTS = 1 << 22
 """Default bound on the number of query-key distances brute force holds at once (32 MiB per float64
 temporary)."""
 
-_KDTREE_K = 2
 _FAISS_K = 4
-_KDTREE_TIE_RTOL = 1e-9
-"""The KD-tree's squared distances are float64 like the reference metric but summed and pruned by
-another code (relative rounding ~1e-15); a second neighbour within this relative squared distance of
-the first is treated as a possible tie and resolved exactly."""
 _FAISS_ERR_CPU = 16 * 2.0**-24
 _FAISS_ERR_GPU = 16 * 2.0**-11
 """Error bound of faiss's float32 ``|a|^2 + |b|^2 - 2 a.b`` relative to ``(|a| + |b|)^2`` (generous; the
@@ -164,7 +159,7 @@ def tokenize(
 
 
 # --------------------------------------------------------------------------- exact nearest neighbours
-# The CPU backends (pykdtree, faiss-cpu) run on numpy end to end: interleaving torch's OpenMP kernels with
+# The CPU backends (our KD-tree, faiss-cpu) run on numpy end to end: interleaving torch's OpenMP kernels with
 # another library's worker threads makes the idle OpenMP threads spin against them (measured 5-10x slower
 # on 2 cores with scipy's threads). The torch backend and faiss-gpu run on torch tensors on the input device.
 Array = Any  # a numpy array or a torch tensor
@@ -236,38 +231,13 @@ def _select_torch(
     return index, torch.sqrt(best)
 
 
-def _sqdist_taken(queries: np.ndarray, keys: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """Reference metric between ``queries [n, 3]`` and ``keys[index]`` (float64): :func:`_sqdist_rows`
-    with the difference negated (``k - q``, the same squares bit for bit) and ``take`` instead of a fancy
-    index, computed in place in one temporary (5-7x less CPU time on ~30k rows)."""
-    d = keys.take(index, axis=0)
-    d -= queries
-    d *= d
-    out = d[:, 0] + d[:, 1]
-    out += d[:, 2]
-    return out
-
-
 def _kdtree_nn(queries: np.ndarray, keys: np.ndarray, max_elements: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact NN via one KD-tree on ``keys`` queried with all ``queries`` (``k=2``, squared distances).
+    """Exact NN via :func:`cameo_corr.pipeline.kdtree.nearest`: one tree on ``keys`` queried with all
+    ``queries`` in the reference metric, lowest index on exact ties (``max_elements`` is not needed)."""
+    from cameo_corr.pipeline.kdtree import nearest
 
-    A row whose second neighbour is further than its first by more than :data:`_KDTREE_TIE_RTOL`
-    (relative, squared) has a unique nearest key, whose reference distance is returned; the other rows
-    (ties, duplicates) are re-done by brute force.
-    """
-    from pykdtree.kdtree import KDTree
-
-    n = len(queries)
-    k = min(_KDTREE_K, len(keys))
-    sq, cand = KDTree(keys).query(queries, k=k, sqr_dists=True)
-    sq, cand = sq.reshape(n, k), cand.reshape(n, k)
-    index = cand[:, 0]  # unsigned, a view: written in place where brute force re-does a row
-    best = _sqdist_taken(queries, keys, index)
-    if k > 1:
-        redo = np.flatnonzero(sq[:, 1] <= sq[:, 0] * (1.0 + _KDTREE_TIE_RTOL))  # no NaN: points are finite
-        if redo.size:
-            index[redo], best[redo] = _brute_np(queries[redo], keys, max_elements)
-    return index, np.sqrt(best, out=best)
+    index, sq = nearest(queries, keys)
+    return index, np.sqrt(sq, out=sq)
 
 
 def _faiss_certified(D: Array, cand: Array, q_norm: Array, k_norm_max: Array, err_scale: float) -> Array:
