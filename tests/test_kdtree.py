@@ -3,6 +3,10 @@ float64 brute force written from the rule (every query-key distance in the refer
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -96,3 +100,28 @@ def test_bad_input_is_refused() -> None:
         nearest(np.array([[np.inf, 0.0, 1.0]]), np.zeros((4, 3)))
     with pytest.raises(ValueError, match="leaf"):
         nearest(np.zeros((3, 3)), np.zeros((4, 3)), leaf=0)
+
+
+def test_without_a_writable_cache_directory_it_warns_once_and_still_answers() -> None:
+    """Where numba finds no writable cache directory (a read-only install without a writable home; here
+    numba's list of cache locations is emptied, in a fresh interpreter), importing the module warns once,
+    naming ``NUMBA_CACHE_DIR``, and the compiled-per-process functions give the exact answer."""
+    code = textwrap.dedent(
+        """
+        import warnings
+        import numpy as np
+        import numba.core.caching as caching
+        impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl
+        impl._locator_classes = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from cameo_corr.pipeline import kdtree
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(messages) == 1 and "NUMBA_CACHE_DIR" in messages[0], messages
+        assert kdtree._UNCACHED == ["_select", "_build", "_box_bound", "_nearest"], kdtree._UNCACHED
+        index, sq = kdtree.nearest(np.array([[0.0, 0, 0], [2.5, 0, 0]]), np.array([[1.0, 0, 0], [3.0, 0, 0], [1.0, 0, 0], [2.0, 0, 0]]))
+        assert index.tolist() == [0, 1] and sq.tolist() == [1.0, 0.25], (index, sq)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -24,10 +24,14 @@ the price of one nearest-neighbour query:
   distance of any key in the box, and no key at the minimum distance can be pruned.
 
 Inputs must be finite (checked). The first call in a process compiles the functions or loads
-them from numba's on-disk cache (``__pycache__`` beside this file, or ``NUMBA_CACHE_DIR``).
+them from numba's on-disk cache (``__pycache__`` beside this file, numba's directory in the user's cache,
+or ``NUMBA_CACHE_DIR``); without a writable one it warns and compiles in every process.
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import Callable
 
 import numba
 import numpy as np
@@ -40,7 +44,32 @@ LEAF_SIZE = 16
 _STACK = 128  # depth-first stack; a median-split tree of < 2**62 keys is < 64 levels deep
 
 
-@numba.njit(cache=True, nogil=True)
+_UNCACHED: list[str] = []  # the functions compiled without the disk cache (warned once)
+
+
+def _compiled(**options: object) -> Callable:
+    """``numba.njit(nogil=True, cache=True, **options)``; where numba finds no writable cache directory
+    (a read-only install without a writable home or ``NUMBA_CACHE_DIR``), it warns once and compiles
+    without the disk cache, in every process."""
+
+    def wrap(fn: Callable) -> Callable:
+        try:
+            return numba.njit(nogil=True, cache=True, **options)(fn)
+        except RuntimeError as err:  # numba: "cannot cache function ...: no locator available"
+            if not _UNCACHED:
+                warnings.warn(
+                    f"{err}; compiling {__name__} in every process (~3 s). Set NUMBA_CACHE_DIR to a "
+                    "writable directory to keep the compiled code.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            _UNCACHED.append(fn.__name__)
+            return numba.njit(nogil=True, **options)(fn)
+
+    return wrap
+
+
+@_compiled()
 def _select(order: np.ndarray, keys: np.ndarray, a: int, b: int, k: int, axis: int) -> None:
     """Partition ``order[a:b]`` in place so that ``order[k]`` is a key with the k-th smallest coordinate
     ``axis`` of the range, with no larger one before it and no smaller one after it (Hoare quickselect)."""
@@ -65,7 +94,7 @@ def _select(order: np.ndarray, keys: np.ndarray, a: int, b: int, k: int, axis: i
             return
 
 
-@numba.njit(cache=True, nogil=True)
+@_compiled()
 def _build(keys: np.ndarray, leaf: int):  # noqa: ANN202 - a numba tuple of arrays
     """The tree of ``keys [m, 3]``: ``(points [m, 3] in leaf order, order [m] (key index of each point),
     box [nodes, 6] (min xyz, max xyz), span [nodes, 2] (point range), child [nodes] (first child, -1 for
@@ -119,7 +148,7 @@ def _build(keys: np.ndarray, leaf: int):  # noqa: ANN202 - a numba tuple of arra
     return points, order, box[:nodes], span[:nodes], child[:nodes], split[:nodes]
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@_compiled(inline="always")
 def _box_bound(box: np.ndarray, nd: int, q0: float, q1: float, q2: float) -> float:
     """Lower bound of the reference distance from ``q`` to any key in node ``nd``'s box (module docstring)."""
     g = box[nd, 0] - q0
@@ -137,7 +166,7 @@ def _box_bound(box: np.ndarray, nd: int, q0: float, q1: float, q2: float) -> flo
     return bound
 
 
-@numba.njit(cache=True, nogil=True)
+@_compiled()
 def _nearest(queries: np.ndarray, keys: np.ndarray, leaf: int):  # noqa: ANN202 - a numba tuple of arrays
     points, order, box, span, child, split = _build(keys, leaf)
     n = queries.shape[0]
