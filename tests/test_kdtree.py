@@ -76,7 +76,7 @@ def test_nearest_equals_brute_force(n: int, m: int, leaf: int, kind: str, scale:
 
 def test_token_grids_with_repeated_rows_and_all_keys_equal() -> None:
     """Two smooth token grids (the pipeline's data: queries in raster order), a grid whose every key is
-    the same point (all tie: index 0 for every query), and one key."""
+    the same point (all tie: index 0 for every query), one key, and no query."""
     y, x = np.meshgrid(np.linspace(-1, 1, 40), np.linspace(-1, 1, 40), indexing="ij")
     grid = np.stack([x, y, np.sin(3 * x) * np.cos(2 * y)], -1).reshape(-1, 3)
     shifted = grid + np.array([0.013, -0.021, 0.05])
@@ -87,6 +87,8 @@ def test_token_grids_with_repeated_rows_and_all_keys_equal() -> None:
     assert (index == 0).all()
     assert_exact(grid, same, leaf=1)
     assert_exact(grid, grid[7:8])
+    index, sq = nearest(np.zeros((0, 3)), grid)
+    assert index.shape == sq.shape == (0,)
 
 
 def test_bad_input_is_refused() -> None:
