@@ -46,8 +46,8 @@ Backends (``backend=``):
 * ``"torch"``: batched brute force in float64 with direct coordinate differences (no matmul expansion),
   chunked so that at most ``max_elements`` distances are alive at once; runs on any device.
 * ``"auto"``: the fastest exact method for the tensor's device. On CPU that is the KD-tree path
-  (``benchmarks/bench_match.py``, one thread, S=4-8 and 32x32-64x64 grids: 2.0-3.5x less CPU time than
-  per-pair ``cKDTree`` queries with one thread each, 1.3-1.75x less than this package's previous
+  (``benchmarks/bench_match.py``, one thread, S=4-8 and 32x32-64x64 grids: 2-3.9x less CPU time than
+  per-pair ``cKDTree`` queries with one thread each, 1.3-1.9x less than this package's previous
   two-neighbour ``pykdtree`` path, and an order of magnitude less than faiss and brute force); on CUDA
   the torch brute force (no host round trip).
 
