@@ -135,9 +135,10 @@ def ckdtree_per_pair(pts: np.ndarray, valid: np.ndarray, tau: float = 1.5, worke
 
 
 def ckdtree_per_view(pts: np.ndarray, valid: np.ndarray, tau: float = 1.5, rtol: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
-    """The exact tie rule with a library tree: one cKDTree per key view on its valid tokens, queried once with the valid
-    tokens of all other views (``k=2``, all cores from 8192 rows); rows whose second neighbour is within
-    ``rtol`` of the first are re-done by float64 brute force (lowest index on ties). Returns ``(nn, mask)``."""
+    """The exact tie rule with a library tree: one cKDTree per key view on its valid tokens, queried once
+    with the valid tokens of all other views (``k=2``, all cores from 8192 rows); rows whose second
+    neighbour is within ``rtol`` of the first are re-done by float64 brute force (lowest index on ties).
+    Returns ``(nn, mask)``."""
     from scipy.spatial import cKDTree
 
     S, g = pts.shape[0], pts.shape[1]

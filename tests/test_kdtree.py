@@ -121,7 +121,8 @@ def test_without_a_writable_cache_directory_it_warns_once_and_still_answers() ->
         messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
         assert len(messages) == 1 and "NUMBA_CACHE_DIR" in messages[0], messages
         assert kdtree._UNCACHED == ["_select", "_build", "_box_bound", "_nearest"], kdtree._UNCACHED
-        index, sq = kdtree.nearest(np.array([[0.0, 0, 0], [2.5, 0, 0]]), np.array([[1.0, 0, 0], [3.0, 0, 0], [1.0, 0, 0], [2.0, 0, 0]]))
+        keys = np.array([[1.0, 0, 0], [3.0, 0, 0], [1.0, 0, 0], [2.0, 0, 0]])
+        index, sq = kdtree.nearest(np.array([[0.0, 0, 0], [2.5, 0, 0]]), keys)
         assert index.tolist() == [0, 1] and sq.tolist() == [1.0, 0.25], (index, sq)
         """
     )
