@@ -178,7 +178,8 @@ def lattice_tokens(device: "torch.device", *, views: int = MATCH_VIEWS, grid: in
 
 
 def check_matching(ctx: Context) -> list[Row]:
-    """kdtree / torch / faiss on device tensors against the float64 brute-force reference on the CPU."""
+    """kdtree / torch / faiss on device tensors against the float64 brute-force reference on the CPU; one
+    row per backend (a backend that raises is a failed row of its own, the others are still checked)."""
     import torch
 
     from cameo_corr.pipeline.match import match_tokens
@@ -192,8 +193,13 @@ def check_matching(ctx: Context) -> list[Row]:
         if reason is not None:
             rows.append(Row(check, str(ctx.device), "skip", reason, tolerance=tolerance))
             continue
-        match_tokens(points, valid, backend=name)  # warm-up (faiss GPU resources, CUDA kernels)
-        (nn, dist, mask), seconds = timed(lambda: match_tokens(points, valid, backend=name), ctx.device)
+        try:
+            match_tokens(points, valid, backend=name)  # warm-up (faiss GPU resources, CUDA kernels)
+            (nn, dist, mask), seconds = timed(lambda: match_tokens(points, valid, backend=name), ctx.device)
+        except Exception as e:  # noqa: BLE001 - one matcher's crash is its failed row; the others are still checked
+            detail = traceback.format_exception_only(type(e), e)[-1].strip()
+            rows.append(Row(check, str(ctx.device), "FAIL", f"raised {detail}", tolerance=tolerance))
+            continue
         where = f"S={MATCH_VIEWS}, {MATCH_GRID}x{MATCH_GRID} tokens"
         if nn.device != points.device:
             rows.append(Row(check, str(ctx.device), "FAIL", f"results on {nn.device}, inputs on {points.device}", seconds, tolerance))

@@ -99,6 +99,16 @@ def test_matching_check_passes_on_cpu_and_catches_a_wrong_backend(tmp_path: Path
     rows = check_matching(Context(CPU, tmp_path))
     assert [r.status for r in rows] == ["ok", "ok", "FAIL"] and "3 nn" in rows[2].result
 
+    def kdtree_crashes(points, valid, *, backend="auto", **kw):
+        if backend == "kdtree":
+            raise ModuleNotFoundError("No module named 'somelib'")
+        return real(points, valid, backend=backend, **kw)
+
+    monkeypatch.setattr(match, "match_tokens", kdtree_crashes)  # one crashing matcher hides neither of the others
+    rows = check_matching(Context(CPU, tmp_path))
+    assert [(r.check, r.status) for r in rows] == [("matching kdtree", "FAIL"), ("matching torch", "ok"), ("matching faiss", "ok")]
+    assert rows[0].result == "raised ModuleNotFoundError: No module named 'somelib'"
+
 
 def test_sd21_layer_10_size() -> None:
     size = selfcheck.sd21_layer_size()
