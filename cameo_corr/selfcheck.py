@@ -162,7 +162,7 @@ def match_backends(device: "torch.device") -> list[tuple[str, str | None]]:
             resolve_backend(name, device)
             out.append((name, None))
         except (SchemaError, ImportError) as e:
-            out.append((name, f"{e}; `pip install 'cameo-corr[gpu]'` adds faiss-gpu" if name == "faiss" else str(e)))
+            out.append((name, str(e)))
     return out
 
 

@@ -572,6 +572,18 @@ def test_backend_resolution() -> None:
         assert e.value.field == "backend"
 
 
+def test_faiss_backend_without_faiss_is_refused_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # a Python where faiss cannot be imported
+    points, valid = torch.from_numpy(smooth_views(3, 8, 8, seed=2)), torch.ones(3, 8, 8, dtype=torch.bool)
+    for call in (lambda: resolve_backend("faiss", "cpu"), lambda: match_tokens(points, valid, backend="faiss")):
+        with pytest.raises(SchemaError, match=r"'faiss' needs the faiss package.*faiss-cpu.*cameo-corr\[gpu\]") as e:
+            call()
+        assert e.value.field == "backend"
+    assert torch.equal(match_tokens(points, valid, backend="auto")[0], match_tokens(points, valid, backend="torch")[0])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_torch_backend_equals_cpu() -> None:
     points = torch.from_numpy(smooth_views(4, 16, 16, seed=11))

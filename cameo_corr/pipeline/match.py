@@ -99,22 +99,30 @@ GPU bound also covers TF32 tensor-core GEMMs)."""
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """The concrete backend ``backend`` means for tensors on ``device`` (``"auto"`` resolved).
 
-    Raises :class:`SchemaError` (field ``backend``) for an unknown name, and for ``"faiss"`` on a CUDA
-    device when the installed faiss has no GPU support (never a silent fallback).
+    Raises :class:`SchemaError` (field ``backend``) for an unknown name, for ``"faiss"`` when the faiss
+    package cannot be imported, and for ``"faiss"`` on a CUDA device when the installed faiss has no GPU
+    support (never a silent fallback).
     """
     if backend not in BACKENDS:
         raise SchemaError("backend", f"expected one of {BACKENDS}, got {backend!r}")
     device = torch.device(device)
     if backend == "auto":
         return "torch" if device.type == "cuda" else "kdtree"
-    if backend == "faiss" and device.type == "cuda":
-        import faiss
-
-        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+    if backend == "faiss":
+        try:
+            import faiss
+        except ImportError as e:
+            raise SchemaError(
+                "backend",
+                f"'faiss' needs the faiss package, which cannot be imported ({e}); install faiss-cpu, or faiss-gpu "
+                "for CUDA tensors (`pip install 'cameo-corr[gpu]'`), or use backend='kdtree', 'torch' or 'auto'",
+            ) from e
+        if device.type == "cuda" and (not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0):
             raise SchemaError(
                 "backend",
                 "'faiss' was asked for CUDA tensors but the installed faiss has no GPU support "
-                "(faiss.get_num_gpus() == 0); install faiss-gpu, or use backend='torch' or 'auto'",
+                "(faiss.get_num_gpus() == 0); install faiss-gpu (`pip install 'cameo-corr[gpu]'`), or use backend='torch' "
+                "or 'auto'",
             )
     return backend
 
