@@ -299,3 +299,29 @@ def test_manifest_schema() -> None:
     assert schema.metadata[b"cameo_corr_schema_version"] == str(SCHEMA_VERSION).encode()
     for required in ("window_id", "dataset", "split", "scene_id", "image_paths", "shard", "num_views", "mask_frac", "status"):
         assert required in schema.names
+
+
+def test_every_error_of_the_package_pickles_as_itself() -> None:
+    """Errors raised in a Ray task or a worker process reach the caller with their type, message and
+    attributes, whatever their constructor takes."""
+    import pickle
+
+    from cameo_corr.cache.config import CacheMismatchError
+    from cameo_corr.cache.shard import CorruptCacheError
+    from cameo_corr.cli.errors import UsageError
+    from cameo_corr.pipeline.backends.vggt import CheckpointError
+    from cameo_corr.schemas import DatasetError, SchemaError
+
+    errors = [
+        SchemaError("backend", "no GPU support", where="c/cache.json"),
+        CacheMismatchError("grid", "8 vs 16"),
+        DatasetError("root/a.txt", "bad number", line=3, field="fx", scene_id="s1"),
+        CorruptCacheError("c", "shard-1", "nn", "w1", ValueError("crc")),
+        CheckpointError("w.safetensors", "missing key"),
+        UsageError("--out x: cannot write", "--out"),
+    ]
+    for error in errors:
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is type(error) and str(back) == str(error) and back.args == error.args
+        assert vars(back) == vars(error)
+    assert pickle.loads(pickle.dumps(errors[0])).field == "backend"

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 
 class CameoCorrError(Exception):
-    """Base class of every error this package raises on purpose."""
+    """Base class of every error this package raises on purpose.
+
+    Picklable whatever a subclass's ``__init__`` takes (its message and attributes are restored without
+    calling it), so an error raised in a Ray task or a worker process reaches the caller as itself."""
+
+    def __reduce__(self) -> tuple:
+        return _restore_error, (type(self), self.args, self.__dict__)
+
+
+def _restore_error(cls: type[CameoCorrError], args: tuple, state: dict) -> CameoCorrError:
+    """Unpickle a :class:`CameoCorrError`: ``args`` (the message) and attributes, ``__init__`` not called."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class SchemaError(CameoCorrError, ValueError):
