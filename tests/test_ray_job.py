@@ -284,7 +284,30 @@ def test_cli_errors_before_starting_workers(dataset, tmp_path, capsys, monkeypat
     assert "needs the vggt package" in err and "pip install git+https://github.com/facebookresearch/vggt" in err
     assert cli_main([*base, "--root", str(tmp_path / "missing")]) == 2
     assert "missing: dataset root of 'synthetic' is not a directory" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "faiss", None)  # a matcher whose package is missing: every window would fail
+    assert cli_main([*base, "--root", str(dataset), "--backend", "depth", "--match-backend", "faiss"]) == 2
+    err = capsys.readouterr().err
+    assert "'faiss' needs the faiss package" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "c").exists()
+
+
+def test_a_matcher_that_cannot_run_on_the_workers_device_is_refused_before_any_window(ray_session, dataset, tmp_path):
+    """The matcher is checked where the model actors run, on their device (here a depth backend told to use
+    CUDA tensors with a faiss that has no GPU support), and Ray's wrapper is taken off the error."""
+    import faiss
+
+    from cameo_corr.job.config import JobConfig
+    from cameo_corr.job.driver import describe_on_cluster
+
+    if faiss.get_num_gpus() > 0:
+        pytest.skip("this faiss has GPU support")
+    cfg = JobConfig(dataset="synthetic", root=dataset, out=str(tmp_path / "c"), workers=1, backend_options={"device": "cuda"},
+                    match_backend="faiss", **{k: v for k, v in RUN.items() if k != "backend"}, backend="depth")
+    with pytest.raises(SchemaError, match="'faiss' was asked for CUDA tensors but the installed faiss has no GPU support") as e:
+        describe_on_cluster(cfg)
+    assert type(e.value) is SchemaError and e.value.field == "backend"
+    ok = JobConfig(dataset="synthetic", root=dataset, out=str(tmp_path / "c"), workers=1, match_backend="faiss", **RUN)
+    assert describe_on_cluster(ok)["device"] == "cpu"
 
 
 def test_preflight_warns_when_a_gpu_backend_gets_no_gpu(monkeypatch):

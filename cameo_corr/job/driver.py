@@ -204,9 +204,13 @@ def check_before_start(config: JobConfig, location: CacheLocation, reader: "Scen
     replaces its config once the run holds the lease)."""
     from cameo_corr.job.plan import check_plan
 
+    from cameo_corr.pipeline.match import resolve_backend
+
     provisional = provisional_config(config, reader, view)
     where = location.url(CONFIG_FILE)
     preflight_backend(config.backend, config.gpus_per_worker, config.backend_options, reader)
+    resolve_backend(config.match_backend, "cpu")  # the matcher's package (faiss) imports here; its GPU support
+    # is checked where the actors run (describe_backend)
     try:
         check_compatible(existing, provisional, [f for f in COMPARED_FIELDS if f != "backend"], where=where)
         if existing is not None:
@@ -321,13 +325,20 @@ def check_cluster(config: JobConfig) -> None:
 
 def describe_on_cluster(config: JobConfig) -> dict[str, Any]:
     """The backend's ``cache.json`` entry, whether it needs depth and its device, from a backend built
-    where the model actors will run (a Ray task with their resources)."""
+    where the model actors will run (a Ray task with their resources); a matcher that cannot run on that
+    device raises its :class:`SchemaError` here, before any window is read."""
     import ray
 
     from cameo_corr.job.stages import describe_backend
 
     describe = ray.remote(describe_backend).options(num_cpus=0, num_gpus=config.gpus_per_worker, max_retries=config.max_retries)
-    return ray.get(describe.remote(config.geometry_spec()))
+    try:
+        return ray.get(describe.remote(config.geometry_spec()))
+    except Exception as e:  # noqa: BLE001 - our error behind Ray's wrapper is re-raised as itself (one line)
+        cause = _root_cause(e)
+        if isinstance(cause, CameoCorrError):
+            raise cause from None
+        raise
 
 
 def make_cache_config(config: JobConfig, reader: "SceneReader", view: "CanonicalView", plan: "PlanConfig",

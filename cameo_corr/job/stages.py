@@ -151,10 +151,15 @@ def check_pointmaps(result: Any, record: WindowRecord) -> str | None:
 
 def describe_backend(spec: Mapping[str, Any]) -> dict[str, Any]:
     """The backend entry of ``cache.json``, whether windows need depth and the device, from a backend
-    built with ``spec`` where the model actors will run (a Ray task with their resources)."""
+    built with ``spec`` where the model actors will run (a Ray task with their resources). Raises
+    :class:`SchemaError` (field ``backend``) when the matcher ``spec["match_backend"]`` cannot run on the
+    backend's device (faiss not installed there, or without GPU support for CUDA tensors): every
+    window would fail."""
     from cameo_corr.pipeline.backends import make_backend
+    from cameo_corr.pipeline.match import resolve_backend
 
     backend = make_backend(spec["backend"], **spec["backend_options"])
+    resolve_backend(spec["match_backend"], backend.device)
     return {"backend": backend.describe(), "needs_depth": bool(backend.needs_depth), "device": str(backend.device)}
 
 
