@@ -161,7 +161,7 @@ def match_backends(device: "torch.device") -> list[tuple[str, str | None]]:
         try:
             resolve_backend(name, device)
             out.append((name, None))
-        except (SchemaError, ImportError) as e:
+        except SchemaError as e:
             out.append((name, str(e)))
     return out
 

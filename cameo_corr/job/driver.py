@@ -204,13 +204,9 @@ def check_before_start(config: JobConfig, location: CacheLocation, reader: "Scen
     replaces its config once the run holds the lease)."""
     from cameo_corr.job.plan import check_plan
 
-    from cameo_corr.pipeline.match import resolve_backend
-
     provisional = provisional_config(config, reader, view)
     where = location.url(CONFIG_FILE)
-    preflight_backend(config.backend, config.gpus_per_worker, config.backend_options, reader)
-    resolve_backend(config.match_backend, "cpu")  # the matcher's package (faiss) imports here; its GPU support
-    # is checked where the actors run (describe_backend)
+    preflight_backend(config.backend, config.gpus_per_worker, config.backend_options, reader, config.match_backend)
     try:
         check_compatible(existing, provisional, [f for f in COMPARED_FIELDS if f != "backend"], where=where)
         if existing is not None:
@@ -251,13 +247,17 @@ def unpin(location: CacheLocation, replaced: CacheConfig) -> list[str]:
 
 
 def preflight_backend(
-    backend: str, gpus_per_worker: float, backend_options: Mapping[str, Any] | None, reader: "SceneReader | None" = None
+    backend: str, gpus_per_worker: float, backend_options: Mapping[str, Any] | None, reader: "SceneReader | None" = None,
+    match_backend: str = "auto",
 ) -> None:
     """Driver-side checks before any worker starts: the backend exists (:class:`UsageError`), its
     optional packages are installed (:class:`ImportError` with an install hint otherwise), a backend
-    that needs depth gets a dataset that has depth (:class:`SchemaError` naming ``backend``), and a GPU
-    backend given no GPU is warned about."""
+    that needs depth gets a dataset that has depth (:class:`SchemaError` naming ``backend``), the
+    matcher ``match_backend``'s package imports (:class:`SchemaError`; its GPU support is checked where
+    the actors run, :func:`~cameo_corr.job.stages.describe_backend`), and a GPU backend given no GPU is
+    warned about."""
     from cameo_corr.pipeline.backends import backend_class
+    from cameo_corr.pipeline.match import resolve_backend
 
     try:
         cls = backend_class(backend)
@@ -270,6 +270,7 @@ def preflight_backend(
     if cls.wants_gpu and gpus_per_worker <= 0 and (backend_options or {}).get("device") != "cpu":
         warnings.warn(f"--gpus-per-worker is 0: Ray gives the workers no GPU, so the {backend!r} backend runs on CPU "
                       "in fp32 (pass --gpus-per-worker 1, or --device cpu to silence this)", stacklevel=3)
+    resolve_backend(match_backend, "cpu")
 
 
 

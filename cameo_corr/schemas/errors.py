@@ -15,8 +15,7 @@ class CameoCorrError(Exception):
 
 def _restore_error(cls: type[CameoCorrError], args: tuple, state: dict) -> CameoCorrError:
     """Unpickle a :class:`CameoCorrError`: ``args`` (the message) and attributes, ``__init__`` not called."""
-    error = cls.__new__(cls, *args)
-    error.args = args
+    error = cls.__new__(cls, *args)  # BaseException.__new__ sets ``args``
     error.__dict__.update(state)
     return error
 
