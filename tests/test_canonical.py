@@ -257,6 +257,24 @@ def test_load_window_mask_bbox(tmp_path: Path) -> None:
     assert no_depth.depth is None and no_depth.masks is not None
 
 
+def test_load_window_without_masks(tmp_path: Path) -> None:
+    """``with_masks=False`` returns no masks and reads none unless the crop needs them (``mask_bbox``);
+    images, cameras and depth are those of the load with masks."""
+    reader = _array_reader(tmp_path)
+    record = WindowRecord("w", "arrays", "test", "s", tuple(reader.frames))
+    calls: list[str] = []
+    load_mask = reader.load_mask
+    reader.load_mask = lambda frame: calls.append(frame.frame_id) or load_mask(frame)
+    for policy, reads in (("center", []), ("mask_bbox", ["f0", "f1", "f2"])):
+        view = CanonicalView(size=48, policy=policy)
+        full = load_window(reader, record, view, with_depth=True)
+        calls.clear()
+        lean = load_window(reader, record, view, with_depth=True, with_masks=False)
+        assert lean.masks is None and full.masks is not None and calls == reads, policy
+        for name in ("images", "intrinsics", "extrinsics", "depth"):
+            np.testing.assert_array_equal(getattr(lean, name), getattr(full, name), err_msg=f"{policy}: {name}")
+
+
 def test_load_window_errors(tmp_path: Path) -> None:
     reader = _array_reader(tmp_path, masks=False)
     record = WindowRecord("w", "arrays", "test", "s", tuple(reader.frames))

@@ -68,7 +68,7 @@ def build_cache(reader, out: Path, cfg: CacheConfig, monkeypatch) -> tuple[Path,
     stage = GeometryStage(spec)
     plan = default_plan_config("synthetic", views=VIEWS, windows_per_scene=2)
     loaded = load_batch(plan_table(reader, plan, cfg.fingerprint()), dataset_json=json.dumps(reader.describe()), crop=cfg.crop,
-                        with_depth=True)
+                        with_depth=True, with_masks=False)
     rows = stage(loaded).to_pylist()
     outcomes = [WindowOutcome(pickle.loads(r["record"]), arrays=pickle.loads(r["arrays"])) for r in rows]
     writer = CacheWriter(out, cfg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -157,12 +158,13 @@ def test_geometry_stage_reports_each_window_as_it_finishes(dataset, tmp_path):
 
     cfg = JobConfig(dataset="synthetic", root=dataset, out=str(tmp_path / "c"), workers=1, **RUN)
     reader = cfg.open_reader()
+    spec = cfg.geometry_spec()
+    described = describe_backend(spec)
     loaded = load_batch(plan_table(reader, cfg.plan_config(), {}), dataset_json=json.dumps(reader.describe(), sort_keys=True, default=str),
-                        crop=cfg.view(reader).to_dict(), with_depth=True)
+                        crop=cfg.view(reader).to_dict(), **described["load"])
     calls: list[tuple[list[str], list[str]]] = []
     recorder = SimpleNamespace(finished=SimpleNamespace(remote=lambda ok, failed: calls.append((ok, failed))))
-    spec = cfg.geometry_spec()
-    out = GeometryStage({**spec, "expected": describe_backend(spec)["backend"]}, progress=recorder)(loaded).to_pylist()
+    out = GeometryStage({**spec, "expected": described["backend"]}, progress=recorder)(loaded).to_pylist()
     ok = [r["window_id"] for r in out if r["arrays"] is not None]
     failed = [r["window_id"] for r in out if r["arrays"] is None]
     assert calls == [(ok, failed)] and len(ok) == 4 and len(failed) == 6
@@ -171,6 +173,31 @@ def test_geometry_stage_reports_each_window_as_it_finishes(dataset, tmp_path):
     counter.finished(ok[:2], failed[:1])  # a batch retried after a worker crash
     counter.add(2, 0)
     assert counter.counts() == {"ok": 4, "failed": 6, "committed": 2} and counter.get() == (2, 0)
+
+
+def test_load_stage_reads_what_the_backend_needs(dataset, tmp_path):
+    """The load stage decodes the foreground masks only for a backend that reads them (the depth backend
+    with ``mask_background``), and that backend then keeps its background out of the valid pixels."""
+    from cameo_corr.datasets.planner import plan_table
+    from cameo_corr.job.config import JobConfig
+    from cameo_corr.job.stages import GeometryStage, describe_backend, load_batch
+
+    valid = {}
+    for options in ({"device": "cpu"}, {"device": "cpu", "mask_background": True}):
+        cfg = JobConfig(dataset="synthetic", root=dataset, out=str(tmp_path / "c"), workers=1, backend_options=options, **RUN)
+        reader = cfg.open_reader()
+        spec = cfg.geometry_spec()
+        described = describe_backend(spec)
+        masked = options.get("mask_background", False)
+        assert described["load"] == {"with_depth": True, "with_masks": masked}
+        loaded = load_batch(plan_table(reader, cfg.plan_config(), {}), dataset_json=json.dumps(reader.describe(), sort_keys=True, default=str),
+                            crop=cfg.view(reader).to_dict(), **described["load"])
+        windows = [pickle.loads(d) for d in loaded.column("data").to_pylist() if d is not None]
+        assert windows and all((w.masks is not None) == masked for w in windows)
+        out = GeometryStage({**spec, "expected": described["backend"]})(loaded).to_pylist()
+        valid[masked] = [pickle.loads(r["arrays"])["valid"].mean() for r in out if r["arrays"] is not None]
+    assert len(valid[True]) == len(valid[False]) > 0
+    assert all(m < u for m, u in zip(valid[True], valid[False]))
 
 
 def test_rerun_skips_everything(clean, dataset, tmp_path):

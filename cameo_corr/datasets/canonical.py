@@ -177,12 +177,15 @@ class CanonicalView:
         return rows, cols
 
 
-def load_window(reader: "SceneReader", record: WindowRecord, view: CanonicalView, *, with_depth: bool = False) -> WindowData:
+def load_window(reader: "SceneReader", record: WindowRecord, view: CanonicalView, *, with_depth: bool = False,
+                with_masks: bool = True) -> WindowData:
     """Load the S frames of ``record`` through ``reader`` into the canonical ``view``.
 
-    Images, intrinsics and extrinsics are always returned; foreground masks when the reader has them
-    (all frames or none); depth when ``with_depth`` (an error if the reader has none). Pixel arrays
-    must match each frame's ``image_size``; mismatches raise :class:`DatasetError` naming the file.
+    Images, intrinsics and extrinsics are always returned; foreground masks when ``with_masks`` and the
+    reader has them (all frames or none); depth when ``with_depth`` (an error if the reader has none).
+    Masks are read only when returned or when the crop policy needs them (``mask_bbox``): a backend
+    that ignores them (VGGT) skips their decoding, cropping and transport. Pixel arrays must match
+    each frame's ``image_size``; mismatches raise :class:`DatasetError` naming the file.
     """
     S = record.num_views
     if S == 0:
@@ -193,9 +196,10 @@ def load_window(reader: "SceneReader", record: WindowRecord, view: CanonicalView
     extrinsics = np.empty((S, 4, 4), dtype=np.float64)
     depth = np.empty((S, size, size), dtype=np.float32) if with_depth else None
     masks: np.ndarray | None = None
+    read_masks = with_masks or view.policy == "mask_bbox"
     for i, frame in enumerate(record.frames):
         hw = tuple(int(v) for v in frame.image_size)
-        mask = reader.load_mask(frame)
+        mask = reader.load_mask(frame) if read_masks else None
         if mask is not None:
             _check_pixels(mask, hw, frame.mask_path or frame.image_path, "mask", record.scene_id)
             if masks is None:
@@ -212,7 +216,7 @@ def load_window(reader: "SceneReader", record: WindowRecord, view: CanonicalView
         images[i] = view.apply_image(image, box)
         intrinsics[i] = view.apply_intrinsics(frame.intrinsics, box)
         extrinsics[i] = np.asarray(frame.extrinsics, dtype=np.float64)
-        if masks is not None:
+        if masks is not None and with_masks:
             masks[i] = view.apply_mask(mask, box)
         if depth is not None:
             d = reader.load_depth(frame)
@@ -221,7 +225,8 @@ def load_window(reader: "SceneReader", record: WindowRecord, view: CanonicalView
                                    field="depth", scene_id=record.scene_id)
             _check_pixels(d, hw, frame.depth_path or frame.image_path, "depth", record.scene_id)
             depth[i] = view.apply_depth(d, box)
-    data = WindowData(record=record, images=images, intrinsics=intrinsics, extrinsics=extrinsics, depth=depth, masks=masks)
+    data = WindowData(record=record, images=images, intrinsics=intrinsics, extrinsics=extrinsics, depth=depth,
+                      masks=masks if with_masks else None)
     data.validate()
     return data
 

@@ -144,7 +144,7 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         upkeep.unpinned = unpinned
         planned, todo = windows_to_do(reader, plan, cache_config, upkeep.done, config.scenes)
         todo, deferred = limit_windows(todo, config.max_windows)
-        run = run_stages(todo, config, reader, cache_config, described["needs_depth"], (location, lease, clock))
+        run = run_stages(todo, config, reader, cache_config, described["load"], (location, lease, clock))
     finally:
         lease.release()
         if started:
@@ -404,11 +404,12 @@ def limit_windows(todo: "pa.Table", max_windows: int | None) -> tuple["pa.Table"
 
 
 # ----------------------------------------------------------------------------- the run
-def run_stages(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_config: CacheConfig, needs_depth: bool,
+def run_stages(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_config: CacheConfig, load: Mapping[str, bool],
                held: tuple[CacheLocation, "CacheLease", Clock]) -> StageRun:
     """Run the stages over ``todo`` while a driver thread consolidates the manifest, then consolidate the
     rest (unless the lease was lost). The shard size is capped at ``ceil(todo / workers)`` so small runs
-    keep every worker busy. ``held`` is the cache's location, this job's lease and its clock."""
+    keep every worker busy. ``load`` is the load stage's ``load_window`` options (what the backend reads),
+    ``held`` the cache's location, this job's lease and its clock."""
 
     location, lease, clock = held
     total = todo.num_rows
@@ -420,7 +421,7 @@ def run_stages(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache
     if total:
         periodic.start()
         try:
-            run = execute(todo, dataclasses.replace(config, shard_size=shard_size), reader, cache_config, needs_depth, clock)
+            run = execute(todo, dataclasses.replace(config, shard_size=shard_size), reader, cache_config, load, clock)
         finally:
             periodic.stop()
     run.shard_size, run.consolidations = shard_size, periodic.rounds
@@ -432,7 +433,7 @@ def run_stages(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache
     return run
 
 
-def execute(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_config: CacheConfig, needs_depth: bool,
+def execute(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_config: CacheConfig, load: Mapping[str, bool],
             clock: Clock) -> StageRun:
     """Build and run the Ray Data pipeline over ``todo`` (a progress bar of the windows done as they
     finish, ok / failed, and committed, unless ``config.progress`` is off; one note per Ray message that
@@ -453,7 +454,7 @@ def execute(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_co
         print(f"{NOTE_PREFIX}{RAY_ACTOR_ARGS_NOTE}", file=sys.stderr, flush=True)
     counter, stop, watcher = start_progress(todo.num_rows) if config.progress else (None, threading.Event(), None)
     nodes = watch_nodes(stop)
-    ds, sink = build_pipeline(todo, config, reader, needs_depth, cache_config.to_json(), counter)
+    ds, sink = build_pipeline(todo, config, reader, load, cache_config.to_json(), counter)
     run = StageRun(sink=sink)
     try:
         commit(ds, sink, config.max_retries)

@@ -100,7 +100,7 @@ def stored_views(data: Any, images: Mapping[str, Any]) -> dict[str, Any]:
             "image_extrinsics": np.asarray(data.extrinsics, dtype=np.float64)}
 
 
-def load_batch(batch: "pa.Table", *, dataset_json: str, crop: Mapping[str, Any], with_depth: bool,
+def load_batch(batch: "pa.Table", *, dataset_json: str, crop: Mapping[str, Any], with_depth: bool, with_masks: bool,
                images: Mapping[str, Any] | None = None) -> "pa.Table":
     """Load stage body: read + decode + crop each window; data errors become the row's ``error``.
 
@@ -121,7 +121,7 @@ def load_batch(batch: "pa.Table", *, dataset_json: str, crop: Mapping[str, Any],
         if error is None:
             try:
                 record = window_record(dataset_json, row)
-                window = load_window(_reader(dataset_json), record, view, with_depth=with_depth)
+                window = load_window(_reader(dataset_json), record, view, with_depth=with_depth, with_masks=with_masks)
                 data = pickle.dumps(window, protocol=5)
                 views = None if images is None else pickle.dumps(stored_views(window, images), protocol=5)
             except DATA_ERRORS as e:
@@ -150,8 +150,9 @@ def check_pointmaps(result: Any, record: WindowRecord) -> str | None:
 
 
 def describe_backend(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The backend entry of ``cache.json``, whether windows need depth and the device, from a backend
-    built with ``spec`` where the model actors will run (a Ray task with their resources). Raises
+    """The backend entry of ``cache.json``, the ``load_window`` options of the load stage (``load``:
+    ``with_depth``, ``with_masks``: what the backend reads) and the device, from a backend built with
+    ``spec`` where the model actors will run (a Ray task with their resources). Raises
     :class:`SchemaError` (field ``backend``) when the matcher ``spec["match_backend"]`` cannot run on the
     backend's device (faiss not installed there, or without GPU support for CUDA tensors): every
     window would fail."""
@@ -160,7 +161,8 @@ def describe_backend(spec: Mapping[str, Any]) -> dict[str, Any]:
 
     backend = make_backend(spec["backend"], **spec["backend_options"])
     resolve_backend(spec["match_backend"], backend.device)
-    return {"backend": backend.describe(), "needs_depth": bool(backend.needs_depth), "device": str(backend.device)}
+    return {"backend": backend.describe(), "device": str(backend.device),
+            "load": {"with_depth": bool(backend.needs_depth), "with_masks": bool(backend.needs_masks)}}
 
 
 class GeometryStage:
@@ -374,9 +376,10 @@ class ProgressCounter:
 
 
 # ----------------------------------------------------------------------------- the pipeline
-def build_pipeline(todo: "pa.Table", config: "JobConfig", reader: "SceneReader", needs_depth: bool, cache_config_json: str,
+def build_pipeline(todo: "pa.Table", config: "JobConfig", reader: "SceneReader", load: Mapping[str, bool], cache_config_json: str,
                    progress: Any = None) -> tuple["ray.data.Dataset", ShardSink]:
     """source -> load -> geometry -> commit over the windows ``todo``: the dataset to write and its sink.
+    ``load`` holds the load stage's ``with_depth`` and ``with_masks`` (:func:`describe_backend`).
 
     ``--max-retries`` bounds the retries of a load/commit task and the restarts of a model actor (-1:
     Ray Data's default, unlimited). Calls on an actor are always retried (Ray Data's default): after a
@@ -395,7 +398,7 @@ def build_pipeline(todo: "pa.Table", config: "JobConfig", reader: "SceneReader",
         ds = ds.map_batches(
             load_batch, batch_format="pyarrow", batch_size=config.batch_size, num_cpus=1, **task_retries,
             fn_kwargs={"dataset_json": json.dumps(reader.describe(), sort_keys=True, default=str), "crop": view.to_dict(),
-                       "with_depth": needs_depth, "images": json.loads(cache_config_json).get("images")},
+                       **load, "images": json.loads(cache_config_json).get("images")},
         )
         ds = ds.map_batches(
             GeometryStage, batch_format="pyarrow", batch_size=config.batch_size, compute=ActorPoolStrategy(size=config.workers),

@@ -47,6 +47,9 @@ class GeometryBackend(abc.ABC):
     """Bumped whenever the backend's output for the same input and options changes."""
     needs_depth: ClassVar[bool] = False
     """Whether windows must be loaded with ``load_window(..., with_depth=True)``."""
+    needs_masks: bool = False
+    """Whether this instance reads the windows' foreground masks (``load_window(..., with_masks=True)``);
+    the job loads them only then."""
     wants_gpu: ClassVar[bool] = False
     """A network that is impractically slow on CPU (drivers warn when no GPU is given to it)."""
 
