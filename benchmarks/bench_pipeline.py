@@ -30,11 +30,14 @@ window (after ``--warmup`` untimed windows), on synthetic scenes written to disk
   (``--match-backends``, default ``torch faiss`` on CUDA: torch brute force against faiss-gpu; ``auto
   torch faiss`` on CPU), which must agree exactly;
 * host stages, CPU time per window (``time.process_time``): load + decode + crop
-  (:func:`~cameo_corr.datasets.canonical.load_window`), the two pickle hops between pipeline stages
+  (:func:`~cameo_corr.datasets.canonical.load_window`, without the masks VGGT does not read, as the
+  job loads them), the two pickle hops between pipeline stages
   (loaded window, cache arrays), device -> host copy and cache dtypes
   (:func:`~cameo_corr.cache.shard.window_arrays`), and the shard + manifest fragment write
   (:class:`~cameo_corr.cache.writer.CacheWriter`, shards of ``--shard-size``);
-* their ratio: host CPU seconds per window / VGGT forward seconds per window (target: below 5 %).
+* their ratio: host CPU seconds per window / VGGT forward seconds per window (target: below 5 %);
+* the forward's FLOPs per window (``torch.utils.flop_counter`` on one untimed forward before the
+  warm-up) and the rate it achieved (FLOPs / median forward time).
 
 Models (``--model``): ``vggt-1b``, the released architecture (``vggt.models.vggt.VGGT()``, 1.26 B
 parameters) with random weights, built on the device (default on CUDA, with ``--dtype bfloat16``);
@@ -183,6 +186,11 @@ def _vggt_installed() -> bool:
 
 def build_model(name: str, device: torch.device, seed: int) -> tuple[nn.Module, str]:
     """``(module in eval mode on device, label)`` of ``--model name`` with random weights (seeded)."""
+    net, label = _build_model(name, device, seed)
+    return net.eval().requires_grad_(False), label  # inference only (and the FLOP counter's module hooks need it)
+
+
+def _build_model(name: str, device: torch.device, seed: int) -> tuple[nn.Module, str]:
     from cameo_corr.pipeline.backends.vggt import build_tiny_vggt, import_vggt_class
 
     torch.manual_seed(seed)
@@ -251,6 +259,17 @@ def _median_ms(values: list[float]) -> float:
     return 1e3 * statistics.median(values)
 
 
+def forward_flops(vggt: Any, images: torch.Tensor) -> float:
+    """FLOPs of one VGGT forward per window (``torch.utils.flop_counter``: matrix products, convolutions
+    and attention), counted on an untimed forward of ``images``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        vggt.predict(images)
+    return counter.get_total_flops() / images.shape[0]
+
+
 def run_throughput(args: argparse.Namespace) -> int:
     """One geometry worker's stages on ``--device``: device stages in wall time, host stages in CPU time."""
     from cameo_corr.datasets.base import open_dataset
@@ -315,13 +334,14 @@ def run_throughput(args: argparse.Namespace) -> int:
         dev: dict[str, list[float]] = {k: [] for k in ("upload+resize", "forward", "postprocess", "tokenize")}
         dev.update({f"match {m}": [] for m in matchers})
         host: dict[str, list[float]] = {k: [] for k in ("load+decode+crop", "pickle hops", "device->host", "shard write")}
+        flops = forward_flops(vggt, vggt.preprocess([load_window(reader, rec, view) for rec in records[:B]]))
         pending: list[Any] = []
         for b0 in range(0, total, B):
             timed = b0 >= args.warmup
             batch_records = records[b0:b0 + B]
             loaded, hop = [], []
             for rec in batch_records:
-                c_load, window = cpu_time(lambda: load_window(reader, rec, view), device)
+                c_load, window = cpu_time(lambda: load_window(reader, rec, view, with_masks=vggt.needs_masks), device)
                 c_hop, window = cpu_time(lambda: pickle.loads(pickle.dumps(window, protocol=5)), device)
                 loaded.append(window)
                 hop.append((c_load, c_hop))
@@ -369,6 +389,7 @@ def run_throughput(args: argparse.Namespace) -> int:
             "device_stages_seconds": {k: statistics.median(v) for k, v in dev.items()},
             "host_stages_cpu_seconds": {k: statistics.median(v) for k, v in host.items()},
             "host_cpu_seconds_per_window": host_total, "host_cpu_over_forward": host_total / forward,
+            "forward_flops_per_window": flops, "forward_flops_per_second": flops / forward,
             "matchers_unavailable": unavailable, "runs": {"device": dev, "host": host},
         }
         print(f"{'device stage (wall)':<24} {'ms/window':>10} {'windows/s':>10}")
@@ -381,7 +402,10 @@ def run_throughput(args: argparse.Namespace) -> int:
             print(f"{k:<24} {_median_ms(v):>10.2f}")
         print(f"{'total':<24} {1e3 * host_total:>10.2f}")
         note = "" if model_name != "stand-in" else "  (meaningless: the stand-in is not VGGT)"
-        print(f"\nhost CPU per window / VGGT forward per window = {100 * host_total / forward:.1f} % (target < 5 %){note}")
+        print(f"\nVGGT forward: {flops / 1e9:,.1f} GFLOP per window (matrix products, convolutions, attention), "
+              f"{flops / forward / 1e12:.2f} TFLOP/s achieved{note}")
+        print(f"host CPU per window / VGGT forward per window = {100 * host_total / forward:.1f} % (target < 5 %: "
+              f"{1e3 * 0.05 * forward:.2f} ms of host CPU per window){note}")
         if args.json:
             Path(args.json).write_text(json.dumps(results_json, indent=2, default=str))
     finally:
