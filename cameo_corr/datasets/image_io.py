@@ -24,7 +24,7 @@ def read_image(
     where = str(source) if path is None else path
     try:
         with Image.open(source) as im:
-            return np.asarray(im.convert(mode))
+            return np.asarray(im if im.mode == mode else im.convert(mode))  # convert() to its own mode only copies
     except FileNotFoundError:
         raise DatasetError(where, f"{field} file does not exist", field=field, scene_id=scene_id) from None
     except (OSError, UnidentifiedImageError, ValueError) as e:
