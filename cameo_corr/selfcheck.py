@@ -115,6 +115,11 @@ def _synchronize(device: "torch.device") -> None:
         torch.cuda.synchronize(device)
 
 
+def raised(e: BaseException) -> str:
+    """The result of a failed row whose check raised ``e``: ``raised <Type>: <message>`` (one line)."""
+    return "raised " + traceback.format_exception_only(type(e), e)[-1].strip()
+
+
 def timed(fn: Callable[[], Any], device: "torch.device") -> tuple[Any, float]:
     """``fn()`` and its wall time in seconds (CUDA work included: synchronized before and after)."""
     _synchronize(device)
@@ -197,8 +202,7 @@ def check_matching(ctx: Context) -> list[Row]:
             match_tokens(points, valid, backend=name)  # warm-up (faiss GPU resources, CUDA kernels)
             (nn, dist, mask), seconds = timed(lambda: match_tokens(points, valid, backend=name), ctx.device)
         except Exception as e:  # noqa: BLE001 - one matcher's crash is its failed row; the others are still checked
-            detail = traceback.format_exception_only(type(e), e)[-1].strip()
-            rows.append(Row(check, str(ctx.device), "FAIL", f"raised {detail}", tolerance=tolerance))
+            rows.append(Row(check, str(ctx.device), "FAIL", raised(e), tolerance=tolerance))
             continue
         where = f"S={MATCH_VIEWS}, {MATCH_GRID}x{MATCH_GRID} tokens"
         if nn.device != points.device:
@@ -562,8 +566,7 @@ def run_selfcheck(device: "str | torch.device | None" = None, *, workdir: str | 
             try:
                 new = check(ctx)
             except Exception as e:  # noqa: BLE001 - a crashing check is a failed check, the others still run
-                detail = traceback.format_exception_only(type(e), e)[-1].strip()
-                new = [Row(name, str(dev), "FAIL", f"raised {detail}", time.perf_counter() - t0)]
+                new = [Row(name, str(dev), "FAIL", raised(e), time.perf_counter() - t0)]
             for row in new:
                 log(f"selfcheck:   {row.status:<4} {row.check}: {row.result}")
             rows.extend(new)

@@ -325,9 +325,10 @@ def check_cluster(config: JobConfig) -> None:
 
 
 def describe_on_cluster(config: JobConfig) -> dict[str, Any]:
-    """The backend's ``cache.json`` entry, whether it needs depth and its device, from a backend built
-    where the model actors will run (a Ray task with their resources); a matcher that cannot run on that
-    device raises its :class:`SchemaError` here, before any window is read."""
+    """The backend's ``cache.json`` entry, the load stage's options and its device
+    (:func:`~cameo_corr.job.stages.describe_backend`), from a backend built where the model actors will
+    run (a Ray task with their resources); a matcher that cannot run on that device raises its
+    :class:`SchemaError` here, before any window is read."""
     import ray
 
     from cameo_corr.job.stages import describe_backend

@@ -40,7 +40,11 @@ class DepthBackend(GeometryBackend):
             raise ValueError(f"depth backend: frame must be one of {FRAMES}, got {frame!r}")
         self.frame = frame
         self.mask_background = bool(mask_background)
-        self.needs_masks = self.mask_background
+
+    @property
+    def needs_masks(self) -> bool:  # type: ignore[override]
+        """The foreground masks are read when the background is masked out."""
+        return self.mask_background
 
     def options(self) -> dict[str, Any]:
         return {"model_id": None, "dtype": "float32", "frame": self.frame, "mask_background": self.mask_background}
