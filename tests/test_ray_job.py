@@ -34,7 +34,7 @@ from cameo_corr.cache.layout import shard_dir
 from cameo_corr.cache.manifest import finished_shard_ids, fragment_names, read_consolidation
 from cameo_corr.cache.reader import CorrCache
 from cameo_corr.cache.verify import verify_cache  # noqa: E402
-from cameo_corr.job.driver import preflight_backend, run_preprocess  # noqa: E402
+from cameo_corr.job.driver import newly_dead_nodes, preflight_backend, run_preprocess  # noqa: E402
 from cameo_corr.job.stages import window_record
 from cameo_corr.schemas import DatasetError, SchemaError  # noqa: E402
 
@@ -348,6 +348,22 @@ def test_preflight_warns_when_a_gpu_backend_gets_no_gpu(monkeypatch):
         preflight_backend("vggt", 1, None)
         preflight_backend("vggt", 0, {"device": "cpu"})
         preflight_backend("depth", 0, None)
+
+
+def test_a_node_is_reported_lost_once_and_only_on_rays_verdict():
+    """The node watch notes a node when Ray's node table lists it dead, once; a node missing from one
+    listing (a partial answer while the GCS handles another node's loss) is no loss."""
+    def node(i: str, alive: bool) -> dict:
+        return {"NodeID": i * 8, "Alive": alive, "NodeManagerAddress": f"10.0.0.{i}"}
+
+    watched: dict[str, str] = {}
+    assert newly_dead_nodes(watched, [node("1", True), node("2", True), node("3", True)]) == []
+    assert newly_dead_nodes(watched, [node("1", True), node("2", True)]) == []  # 3 missing: not dead
+    assert newly_dead_nodes(watched, [node("1", True), node("2", False), node("3", True)]) == [("2" * 8, "10.0.0.2")]
+    assert newly_dead_nodes(watched, [node("1", True), node("2", False), node("3", True)]) == []  # once
+    assert newly_dead_nodes(watched, [node("9", False), node("4", True)]) == []  # dead before it was seen alive
+    assert newly_dead_nodes(watched, [node("4", False), node("3", False)]) == [("4" * 8, "10.0.0.4"), ("3" * 8, "10.0.0.3")]
+    assert watched == {"1" * 8: "10.0.0.1"}
 
 
 def test_depth_backend_on_a_dataset_without_depth_is_refused_up_front(shared_data, tmp_path, capsys):

@@ -524,29 +524,41 @@ def watch_nodes(stop: threading.Event, interval: float = NODE_POLL_SECONDS) -> t
     to every driver, which read like a failure of the job although Ray retries its work elsewhere."""
     import ray
 
-    def alive_nodes() -> dict[str, str]:
-        return {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
+    def look(watched: dict[str, str]) -> None:
+        try:
+            listing = ray.nodes()
+        except Exception:  # noqa: BLE001 - a note only: the GCS may be busy right after a node loss; ask again
+            return
+        for node, address in newly_dead_nodes(watched, listing):
+            print(NOTE_PREFIX + NODE_LOST_NOTE.format(node=node[:12], address=address), file=sys.stderr, flush=True)
 
     def run() -> None:
-        try:
-            alive = alive_nodes()
-        except Exception:  # noqa: BLE001 - a note only: without the node list there is nothing to compare
-            return
-        stopping = False
-        while not stopping:  # one last look once the stages ended
-            stopping = stop.wait(interval)
-            try:
-                now = alive_nodes()
-            except Exception:  # noqa: BLE001 - the GCS may be busy right after a node loss; ask again
-                continue
-            for node, address in alive.items():
-                if node not in now:
-                    print(NOTE_PREFIX + NODE_LOST_NOTE.format(node=node[:12], address=address), file=sys.stderr, flush=True)
-            alive = now
+        watched: dict[str, str] = {}
+        look(watched)
+        while not stop.wait(interval):
+            look(watched)
+        look(watched)  # one last look once the stages ended
 
     thread = threading.Thread(target=run, daemon=True, name="cameo-node-watch")
     thread.start()
     return thread
+
+
+def newly_dead_nodes(watched: dict[str, str], listing: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The nodes of ``watched`` (node id -> address: nodes seen alive and not yet reported) that Ray's node
+    table ``listing`` (``ray.nodes()``) now lists as dead, as (node id, address); they leave ``watched``,
+    and the nodes it lists alive join it.
+
+    Only Ray's own verdict counts: a node missing from one listing is no loss (a healthy node once
+    missed from a listing taken during another node's loss, and was reported lost with it)."""
+    dead = []
+    for entry in listing:
+        node = entry.get("NodeID")
+        if entry.get("Alive"):
+            watched.setdefault(node, entry.get("NodeManagerAddress", "?"))
+        elif node in watched:
+            dead.append((node, watched.pop(node)))
+    return dead
 
 
 def start_progress(total: int) -> tuple[Any, threading.Event, threading.Thread]:
