@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -147,21 +148,29 @@ def test_planned_table_rebuilds_the_planner_records(dataset):
             w.record.window_id, w.record.scene_id, w.record.frame_ids, w.record.image_paths)
 
 
-def test_geometry_stage_reports_each_window_as_it_finishes(dataset, tmp_path):
-    """The progress counter hears of every window when the geometry stage is done with it (ok or failed),
-    before any shard is committed, and counts a window once when Ray retries its batch."""
-    from types import SimpleNamespace
-
+def load_stage(cfg) -> tuple[dict, dict, pa.Table]:
+    """``cfg``'s geometry spec, its backend as the job describes it (``describe_backend``), and every
+    planned window through the load stage with the options that description gives, as the job runs it."""
     from cameo_corr.datasets.planner import plan_table
-    from cameo_corr.job.config import JobConfig
-    from cameo_corr.job.stages import GeometryStage, ProgressCounter, describe_backend, load_batch
+    from cameo_corr.job.stages import describe_backend, load_batch
 
-    cfg = JobConfig(dataset="synthetic", root=dataset, out=str(tmp_path / "c"), workers=1, **RUN)
     reader = cfg.open_reader()
     spec = cfg.geometry_spec()
     described = describe_backend(spec)
     loaded = load_batch(plan_table(reader, cfg.plan_config(), {}), dataset_json=json.dumps(reader.describe(), sort_keys=True, default=str),
                         crop=cfg.view(reader).to_dict(), **described["load"])
+    return spec, described, loaded
+
+
+def test_geometry_stage_reports_each_window_as_it_finishes(dataset, tmp_path):
+    """The progress counter hears of every window when the geometry stage is done with it (ok or failed),
+    before any shard is committed, and counts a window once when Ray retries its batch."""
+    from types import SimpleNamespace
+
+    from cameo_corr.job.config import JobConfig
+    from cameo_corr.job.stages import GeometryStage, ProgressCounter
+
+    spec, described, loaded = load_stage(JobConfig(dataset="synthetic", root=dataset, out=str(tmp_path / "c"), workers=1, **RUN))
     calls: list[tuple[list[str], list[str]]] = []
     recorder = SimpleNamespace(finished=SimpleNamespace(remote=lambda ok, failed: calls.append((ok, failed))))
     out = GeometryStage({**spec, "expected": described["backend"]}, progress=recorder)(loaded).to_pylist()
@@ -178,20 +187,15 @@ def test_geometry_stage_reports_each_window_as_it_finishes(dataset, tmp_path):
 def test_load_stage_reads_what_the_backend_needs(dataset, tmp_path):
     """The load stage decodes the foreground masks only for a backend that reads them (the depth backend
     with ``mask_background``), and that backend then keeps its background out of the valid pixels."""
-    from cameo_corr.datasets.planner import plan_table
     from cameo_corr.job.config import JobConfig
-    from cameo_corr.job.stages import GeometryStage, describe_backend, load_batch
+    from cameo_corr.job.stages import GeometryStage
 
     valid = {}
     for options in ({"device": "cpu"}, {"device": "cpu", "mask_background": True}):
         cfg = JobConfig(dataset="synthetic", root=dataset, out=str(tmp_path / "c"), workers=1, backend_options=options, **RUN)
-        reader = cfg.open_reader()
-        spec = cfg.geometry_spec()
-        described = describe_backend(spec)
+        spec, described, loaded = load_stage(cfg)
         masked = options.get("mask_background", False)
         assert described["load"] == {"with_depth": True, "with_masks": masked}
-        loaded = load_batch(plan_table(reader, cfg.plan_config(), {}), dataset_json=json.dumps(reader.describe(), sort_keys=True, default=str),
-                            crop=cfg.view(reader).to_dict(), **described["load"])
         windows = [pickle.loads(d) for d in loaded.column("data").to_pylist() if d is not None]
         assert windows and all((w.masks is not None) == masked for w in windows)
         out = GeometryStage({**spec, "expected": described["backend"]})(loaded).to_pylist()
