@@ -293,6 +293,21 @@ def test_camera_rays_invariant_to_world_similarity(seed: int, scale: float) -> N
     assert abs(centres.norm(dim=-1).max().item() - 1.0) < 1e-4
 
 
+
+@pytest.mark.parametrize("norm", ["first_view", "official", "none"])
+def test_camera_rays_are_float32_inside_an_autocast_region(norm: str) -> None:
+    """Rays computed where the caller runs under bf16 autocast (as the GPU selfcheck's trainer step did)
+    equal the fp32 ones bit for bit: the camera maths leaves autocast (on CUDA, its bf16 products and
+    fp32 norm fed ``linalg.cross`` mixed dtypes)."""
+    K, E = _cameras(2, 3, 32, seed=3)
+    reference = camera_rays(K, E, (4, 4), 32, norm=norm)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = camera_rays(K, E, (4, 4), 32, norm=norm)
+        normalized = normalize_cameras(E)
+    assert got.dtype == torch.float32 and normalized.dtype == E.dtype
+    assert torch.equal(got, reference)
+    assert torch.equal(normalized, normalize_cameras(E))
+
 # ------------------------------------------------------------------------------- codecs and builder
 def test_identity_codec_round_trip() -> None:
     codec = IdentityCodec(4)

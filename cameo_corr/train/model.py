@@ -71,10 +71,11 @@ embedding (``domain_dict``) and the ``pixel`` encoder; see :class:`MultiViewUNet
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -206,6 +207,23 @@ def layer_grid(unet: UNet2DConditionModel, layer: str | int, latent_hw: tuple[in
 
 
 # -------------------------------------------------------------------------------------- cameras
+_Fn = TypeVar("_Fn", bound=Callable[..., Tensor])
+
+
+def without_autocast(fn: _Fn) -> _Fn:
+    """Run the camera function ``fn`` with autocast disabled on the device of its first argument (a tensor):
+    an autocast region around the caller (the UNet's bf16 forward, a selfcheck) would otherwise compute
+    its matrix products in bf16/fp16 and, on CUDA, feed ``linalg.cross`` mixed dtypes."""
+
+    @functools.wraps(fn)
+    def wrapper(first: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(first, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@without_autocast
 def plucker_rays(
     K: Tensor, E: Tensor, h: int, w: int, image_size: int | tuple[int, int], *, offset: tuple[float, float] = (0.5, 0.5)
 ) -> Tensor:
@@ -215,7 +233,7 @@ def plucker_rays(
     ``E`` ``[..., 4, 4]`` world-to-camera extrinsics (OpenCV); batch dims broadcast. Cell ``(r, c)`` of the
     grid is the ray through the image point ``((c + ox) W / w, (r + oy) H / h)`` with ``offset = (ox, oy)``;
     the default ``(0.5, 0.5)`` is the centre of the cell (pixel centres at +0.5). ``d`` is the unit
-    world-space direction, ``o`` the camera centre. Computed in at least float32.
+    world-space direction, ``o`` the camera centre. Computed in at least float32, also inside an autocast region.
     """
     H, W = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
     dtype = torch.promote_types(torch.promote_types(K.dtype, E.dtype), torch.float32)
@@ -235,6 +253,7 @@ def plucker_rays(
     return torch.cat([dirs, moment], dim=-1).movedim(-1, -3)
 
 
+@without_autocast
 def normalize_cameras(E: Tensor) -> Tensor:
     """Extrinsics ``[..., F, 4, 4]`` re-expressed in view 0's camera frame, scaled so the farthest camera
     centre is at distance 1 from view 0 (unchanged scale when all centres coincide)."""
@@ -247,6 +266,7 @@ def normalize_cameras(E: Tensor) -> Tensor:
     return out
 
 
+@without_autocast
 def normalize_cameras_official(E: Tensor) -> Tensor:
     """The official CAMEO/MVGenMaster camera normalisation of extrinsics ``[..., F, 4, 4]`` (world-to-camera).
 
