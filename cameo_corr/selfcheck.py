@@ -16,8 +16,9 @@ every check picks its CUDA or CPU variant from it:
   synthetic set (``gpus_per_worker=1`` on CUDA), through :func:`cameo_corr.job.driver.run_preprocess`:
   every window done, the cache verified, and on CUDA the cache compared with a CPU run of the job.
 * **trainer**: tiny-model CAMEO training steps on one fixed batch of that cache (fixed timestep and
-  noise), bf16 autocast on CUDA (20 steps, batch 2), fp32 on CPU (8 steps, batch 1): the loss and
-  its CAMEO part finite, the mean of the last quarter of the steps below that of the first quarter.
+  noise), the model prepared by accelerate as the Trainer prepares it: bf16 autocast of its forward on
+  CUDA (20 steps, batch 2), fp32 on CPU (8 steps, batch 1): the loss and its CAMEO part finite, the
+  mean of the last quarter of the steps below that of the first quarter.
 * **supervised layer** (CUDA): peak memory and time of forward + CAMEO loss + backward of the
   supervised attention layer at SD2.1 layer-10 size (random weights) for the dense path and the
   chunked path (when this build provides it).
@@ -230,7 +231,7 @@ def vggt_precisions(device: "torch.device") -> list[tuple[str, str | None]]:
         return [(d, "mixed precision runs through CUDA autocast only (the adapter uses fp32 on CPU)") for d in UNIT_ROUNDOFF]
     out: list[tuple[str, str | None]] = []
     for name in UNIT_ROUNDOFF:
-        ok = name != "bfloat16" or torch.cuda.is_bf16_supported()
+        ok = name != "bfloat16" or torch.cuda.is_bf16_supported(including_emulation=False)
         out.append((name, None if ok else "this GPU has no bf16 support (compute capability < 8.0)"))
     return out
 
@@ -386,20 +387,25 @@ def _cpu() -> "torch.device":
 
 
 # ------------------------------------------------------------------------------------- trainer
-def trainer_precision(device: "torch.device") -> tuple["torch.dtype | None", str]:
-    """The autocast dtype of the trainer check (``None``: fp32) and its label."""
+def trainer_precision(device: "torch.device") -> tuple[str, str]:
+    """accelerate's ``mixed_precision`` for the trainer check (``bf16`` on a GPU with native bf16, else
+    ``no``) and its label."""
     import torch
 
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16, "bf16"
-        return None, "fp32 (no bf16 on this GPU)"
-    return None, "fp32"
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16", "bf16"
+        return "no", "fp32 (no bf16 on this GPU)"
+    return "no", "fp32"
 
 
 def check_trainer(ctx: Context) -> list[Row]:
-    """CAMEO training steps of the tiny model on one fixed batch of the Ray check's cache."""
+    """CAMEO training steps of the tiny model on one fixed batch of the Ray check's cache, with the numerics
+    of the :class:`~cameo_corr.train.loop.Trainer`: the model prepared by accelerate (its mixed precision
+    autocasts the model's forward only; cameras, latents and losses stay outside it), backward through
+    accelerate."""
     import torch
+    from accelerate import Accelerator
 
     from cameo_corr.train.config import load_config, preset_path
     from cameo_corr.train.loop import CameoTrainable, batch_to, compute_losses, make_loader, make_noise_scheduler, step_generator
@@ -410,7 +416,7 @@ def check_trainer(ctx: Context) -> list[Row]:
     kind = "cuda" if ctx.device.type == "cuda" else "cpu"
     steps = TRAIN_STEPS[kind]
     k = max(2, steps // 4)
-    dtype, label = trainer_precision(ctx.device)
+    mixed_precision, label = trainer_precision(ctx.device)
     check = f"trainer {steps} steps {label}"
     tolerance = f"finite; mean of last {k} < mean of first {k}"
     if ctx.cache is None:
@@ -424,6 +430,9 @@ def check_trainer(ctx: Context) -> list[Row]:
     trainable = CameoTrainable(model, head_mlp).to(ctx.device).train()
     codec = codec.to(ctx.device)
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    # the device is the check's (accelerate's own pick would be the current CUDA device, not --device's)
+    acc = Accelerator(mixed_precision=mixed_precision, cpu=ctx.device.type == "cpu", device_placement=False)
+    trainable, optimizer = acc.prepare(trainable, optimizer)
     scheduler = make_noise_scheduler(cfg)
     batch = batch_to(next(iter(make_loader(cfg, cache=str(ctx.cache), rank=0, world_size=1))), ctx.device)
     grid = model.grid(codec.latent_size((cfg.data.resolution, cfg.data.resolution)))
@@ -433,10 +442,9 @@ def check_trainer(ctx: Context) -> list[Row]:
     def run() -> None:
         for step in range(steps):
             g = step_generator(0, 0, 0, 0, ctx.device)  # the same timestep draw and noise every step
-            with torch.autocast(ctx.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                m = compute_losses(trainable, head_mlp, codec, scheduler, batch, cfg, grid, g, timestep=TRAIN_TIMESTEP, camera_dropout=False)
-            m["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.optim.max_grad_norm or math.inf)
+            m = compute_losses(trainable, head_mlp, codec, scheduler, batch, cfg, grid, g, timestep=TRAIN_TIMESTEP, camera_dropout=False)
+            acc.backward(m["loss"])
+            acc.clip_grad_norm_(trainable.parameters(), cfg.optim.max_grad_norm or math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(m["loss"].detach()))

@@ -60,13 +60,14 @@ def test_cuda_variants_are_chosen_by_device_without_calling_cuda(monkeypatch: py
         assert "no GPU support" in cuda_backends["faiss"] and "cameo-corr[gpu]" in cuda_backends["faiss"]
 
     assert all(reason and "CUDA autocast" in reason for _, reason in vggt_precisions(CPU))
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    # a V100 / T4: bf16 only through emulation (torch's default answer counts it as support)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert dict(vggt_precisions(CUDA)) == {"bfloat16": "this GPU has no bf16 support (compute capability < 8.0)", "float16": None}
-    assert trainer_precision(CUDA) == (None, "fp32 (no bf16 on this GPU)")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert trainer_precision(CUDA) == ("no", "fp32 (no bf16 on this GPU)")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert dict(vggt_precisions(CUDA)) == {"bfloat16": None, "float16": None}
-    assert trainer_precision(CUDA) == (torch.bfloat16, "bf16")
-    assert trainer_precision(CPU) == (None, "fp32")
+    assert trainer_precision(CUDA) == ("bf16", "bf16")
+    assert trainer_precision(CPU) == ("no", "fp32")
 
 
 def test_preprocess_options_use_only_keywords_run_preprocess_takes() -> None:
@@ -109,6 +110,30 @@ def test_matching_check_passes_on_cpu_and_catches_a_wrong_backend(tmp_path: Path
     assert [(r.check, r.status) for r in rows] == [("matching kdtree", "FAIL"), ("matching torch", "ok"), ("matching faiss", "ok")]
     assert rows[0].result == "raised ModuleNotFoundError: No module named 'somelib'"
 
+
+
+def test_trainer_check_autocasts_the_model_forward_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_train_cache: Path,
+                                                        fresh_accelerate_state: None) -> None:
+    """The trainer check in bf16 (the GPU variant's precision, here through accelerate's CPU autocast):
+    as in the Trainer, the model's forward runs under autocast and the camera rays reach it in fp32,
+    computed outside it; the steps pass the check (finite, decreasing)."""
+    from cameo_corr.train.loop import CameoTrainable
+
+    seen: list[tuple[bool, torch.dtype]] = []
+    forward = CameoTrainable.forward
+
+    def recording_forward(self, *args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), kwargs["plucker"].dtype))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CameoTrainable, "forward", recording_forward)
+    monkeypatch.setattr(selfcheck, "trainer_precision", lambda device: ("bf16", "bf16"))
+    monkeypatch.setitem(selfcheck.TRAIN_STEPS, "cpu", 4)
+    [row] = selfcheck.check_trainer(Context(CPU, tmp_path, cache=tiny_train_cache))
+    assert row.status == "ok", row
+    assert row.check == "trainer 4 steps bf16"
+    assert seen == [(True, torch.float32)] * 4
+    assert not torch.is_autocast_enabled("cpu")
 
 def test_sd21_layer_10_size() -> None:
     size = selfcheck.sd21_layer_size()
