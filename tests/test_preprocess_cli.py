@@ -61,6 +61,8 @@ def assert_ray_not_started() -> None:
         (["--scene", "nosuch"], ["--scene nosuch: no such scene in dataset 'synthetic'", "synthetic/scene_0000"]),
         (["--dataset-option", "subset=3"], ["[subset]: expected a string or null, got 3"]),
         (["--dry-run", "--views", "9"], ["no window to compute"]),
+        (["--gpus-per-worker", "1", "--device", "cuda:1"], ["--device cuda:1: each model actor sees only the 1 GPU(s) Ray "
+                                                             "assigns it (--gpus-per-worker 1), numbered from cuda:0"]),
     ],
 )
 def test_bad_values_exit_2_with_one_line_before_ray(root, tmp_path, capsys, extra, needles):
@@ -69,6 +71,27 @@ def test_bad_values_exit_2_with_one_line_before_ray(root, tmp_path, capsys, extr
     one_line_error(capsys, *needles)
     assert not (out / "cache.json").exists()
     assert_ray_not_started()
+
+
+def test_gpus_this_machine_lacks_exit_2_with_one_line(root, tmp_path):
+    """GPU actors on a local Ray instance without those GPUs: exit 2 with one error line after Ray's start-up
+    line (their tasks would wait forever), nothing written."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-m", "cameo_corr.cli", "preprocess", "--dataset", "synthetic", "--root", str(root),
+                           "--out", str(out), "--grid", "8", "--views", "3", "--crop-size", "32", "--no-progress",
+                           "--gpus-per-worker", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1] == (
+        "cameo-corr preprocess: error: --workers 1 x --gpus-per-worker 1 need 1 GPU(s) and this machine's local Ray "
+        "instance has 0; lower them (--gpus-per-worker 0 runs the backend on CPU)"), proc.stderr
+    assert not (out / "cache.json").exists()
 
 
 def test_dry_run_prints_the_plan_without_ray_or_writing(root, tmp_path, capsys):

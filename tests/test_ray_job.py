@@ -347,11 +347,56 @@ def test_preflight_warns_when_a_gpu_backend_gets_no_gpu(monkeypatch):
     monkeypatch.setattr(VGGTBackend, "check_requirements", classmethod(lambda cls: None))
     with pytest.warns(UserWarning, match="backend runs on CPU"):
         preflight_backend("vggt", 0, None)
+    with pytest.warns(UserWarning, match="--device cuda with --gpus-per-worker 0: Ray reserves no GPU") as caught:
+        preflight_backend("vggt", 0, {"device": "cuda"})  # it does not run on CPU: only the reservation is missing
+    assert not any("runs on CPU" in str(w.message) for w in caught)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         preflight_backend("vggt", 1, None)
+        preflight_backend("vggt", 1, {"device": "cuda:0"})
         preflight_backend("vggt", 0, {"device": "cpu"})
         preflight_backend("depth", 0, None)
+
+
+def test_model_actors_use_the_device_ray_assigns(tmp_path):
+    """Without GPUs the actors' backend runs on CPU (Ray now leaves a zero-GPU worker the machine's GPUs, where
+    the backend's default would pick cuda); with GPUs it takes Ray's (``cuda``); a device index no actor
+    can see is refused."""
+    from cameo_corr.cli.errors import UsageError
+    from cameo_corr.job.config import JobConfig
+
+    def spec(**kw):
+        return JobConfig(dataset="synthetic", root="data", out=str(tmp_path / "c"), **kw).geometry_spec()["backend_options"]
+
+    assert spec() == {"device": "cpu"}
+    assert spec(backend_options={"frame": "first"}) == {"frame": "first", "device": "cpu"}
+    assert spec(gpus_per_worker=1) == {}
+    assert spec(gpus_per_worker=0.5, backend_options={"device": "cuda:0"}) == {"device": "cuda:0"}
+    assert spec(backend_options={"device": "cuda:1"}) == {"device": "cuda:1"}  # no GPU from Ray: the user's choice (warned)
+    assert spec(gpus_per_worker=2, backend_options={"device": "cuda:1"}) == {"device": "cuda:1"}
+    for gpus, device in ((1, "cuda:1"), (0.5, "cuda:1"), (2, "cuda:2")):
+        with pytest.raises(UsageError, match=rf"--device {device}: each model actor sees only the {max(1, int(gpus))} GPU\(s\) Ray"):
+            spec(gpus_per_worker=gpus, backend_options={"device": device})
+
+
+def test_gpus_the_ray_instance_lacks(ray_session, tmp_path, capsys):
+    """Model actors asking for more GPUs than Ray has: refused on a local instance (nothing will add them),
+    a note on a cluster (an autoscaler may); none asked, nothing said."""
+    from cameo_corr.cli.errors import UsageError
+    from cameo_corr.job.config import JobConfig
+    from cameo_corr.job.driver import check_cluster
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    cfg = JobConfig(dataset="synthetic", root="data", out=str(tmp_path / "c"), workers=2, gpus_per_worker=gpus + 1)
+    with pytest.raises(UsageError, match=rf"--workers 2 x --gpus-per-worker {gpus + 1:g} need {2 * (gpus + 1):g} GPU\(s\) and "
+                                         rf"this machine's local Ray instance has {gpus:g}"):
+        check_cluster(cfg, local=True)
+    check_cluster(cfg, local=False)
+    assert capsys.readouterr().err == (f"cameo-corr preprocess: note: --workers 2 x --gpus-per-worker {gpus + 1:g} need "
+                                       f"{2 * (gpus + 1):g} GPU(s) and the Ray cluster has {gpus:g} now: the job waits until nodes "
+                                       "with GPUs join\n")
+    check_cluster(JobConfig(dataset="synthetic", root="data", out=str(tmp_path / "c"), workers=2), local=True)
+    assert capsys.readouterr().err == ""
 
 
 def test_a_node_is_reported_lost_once_and_only_on_rays_verdict():

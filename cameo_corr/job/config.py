@@ -155,10 +155,20 @@ class JobConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        self._check_device()
         try:
             self.plan_config()
         except SchemaError as e:  # the sampling flags, named as the command line spells them
             raise UsageError(f"{SAMPLING_FLAGS.get(e.field, e.field)}: {e.message}") from None
+
+    def _check_device(self) -> None:
+        """Refuse ``--device cuda:N`` that no model actor can see: Ray shows an actor only the GPUs it
+        assigns to it (``--gpus-per-worker``, a fraction counting as one), numbered from ``cuda:0``."""
+        kind, _, index = str(self.backend_options.get("device") or "").partition(":")
+        visible = max(1, math.ceil(self.gpus_per_worker))
+        if kind == "cuda" and self.gpus_per_worker > 0 and index.isdigit() and int(index) >= visible:
+            raise UsageError(f"--device {kind}:{index}: each model actor sees only the {visible} GPU(s) Ray assigns it "
+                             f"(--gpus-per-worker {self.gpus_per_worker:g}), numbered from cuda:0; pass --device cuda")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "JobConfig":
@@ -208,8 +218,16 @@ class JobConfig:
 
     def geometry_spec(self) -> dict[str, Any]:
         """What every model actor builds (:class:`~cameo_corr.job.stages.GeometryStage`): backend and its
-        options, matcher, grids and ``tau`` (plain JSON values, shipped to the workers)."""
-        return {"backend": self.backend, "backend_options": dict(self.backend_options), "match_backend": self.match_backend,
+        options, matcher, grids and ``tau`` (plain JSON values, shipped to the workers).
+
+        Without ``--gpus-per-worker`` the backend's device defaults to ``cpu``: Ray no longer hides the
+        machine's GPUs from a worker it assigns none (its default since ray-project/ray#62492), so the
+        backend's own default (``cuda`` when visible) would put every actor on GPU 0 unreserved. With
+        GPUs, the backend takes the one Ray assigns (its ``cuda``)."""
+        options = dict(self.backend_options)
+        if self.gpus_per_worker <= 0:
+            options.setdefault("device", "cpu")
+        return {"backend": self.backend, "backend_options": options, "match_backend": self.match_backend,
                 "grid": list(self.grid), "extra_grids": [list(g) for g in self.extra_grids], "tau": self.tau}
 
     def images(self) -> dict[str, Any] | None:

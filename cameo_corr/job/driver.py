@@ -135,7 +135,7 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         unpinned = unpin(location, existing) if existing is not None and pinned is None else None
         existing = pinned
         started = init_ray(config.num_cpus, config.workers * config.cpus_per_worker)
-        check_cluster(config)
+        check_cluster(config, local=started and not os.environ.get("RAY_ADDRESS"))
         described = describe_on_cluster(config)
         cache_config = make_cache_config(config, reader, view, plan, described)
         existing = existing or read_existing_config(location)  # another job may have created it before our lease
@@ -267,7 +267,11 @@ def preflight_backend(
     if reader is not None and cls.needs_depth and not reader.has_depth:
         raise SchemaError("backend", f"the {backend!r} backend needs depth, and dataset {reader.name!r} has none "
                           "(use a geometry model such as --backend vggt)", where=str(reader.root))
-    if cls.wants_gpu and gpus_per_worker <= 0 and (backend_options or {}).get("device") != "cpu":
+    device = str((backend_options or {}).get("device") or "")
+    if gpus_per_worker <= 0 and device.startswith("cuda"):
+        warnings.warn(f"--device {device} with --gpus-per-worker 0: Ray reserves no GPU for the model actors, so every one of "
+                      "them uses that GPU outside Ray's scheduling (pass --gpus-per-worker 1 to give each its own)", stacklevel=3)
+    elif cls.wants_gpu and gpus_per_worker <= 0 and not device:
         warnings.warn(f"--gpus-per-worker is 0: Ray gives the workers no GPU, so the {backend!r} backend runs on CPU "
                       "in fp32 (pass --gpus-per-worker 1, or --device cpu to silence this)", stacklevel=3)
     resolve_backend(match_backend, "cpu")
@@ -314,14 +318,25 @@ def init_ray(num_cpus: int | None, needed_cpus: float) -> bool:
 
 
 
-def check_cluster(config: JobConfig) -> None:
-    """Refuse model actors that would reserve every CPU of the cluster (no CPU left for load and commit)."""
+def check_cluster(config: JobConfig, *, local: bool) -> None:
+    """Refuse model actors that would reserve every CPU of the cluster (no CPU left for load and commit), and
+    on a ``local`` instance (this machine, which no autoscaler grows) GPUs it does not have: their tasks
+    would wait forever. A cluster short of GPUs gets a note that the job waits for GPU nodes to join."""
     import ray
 
-    cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    resources = ray.cluster_resources()
+    cluster_cpus = float(resources.get("CPU", 0.0))
     if config.workers * config.cpus_per_worker > cluster_cpus - 1:
         raise UsageError(f"--workers {config.workers} x --cpus-per-worker {config.cpus_per_worker} leaves no CPU of the cluster's "
                          f"{cluster_cpus:g} for the load and commit tasks; lower --cpus-per-worker (0 is fine)")
+    gpus, needed = float(resources.get("GPU", 0.0)), config.workers * config.gpus_per_worker
+    if needed > gpus:
+        wanted = f"--workers {config.workers} x --gpus-per-worker {config.gpus_per_worker:g} need {needed:g} GPU(s)"
+        if local:
+            raise UsageError(f"{wanted} and this machine's local Ray instance has {gpus:g}; lower them (--gpus-per-worker 0 "
+                             "runs the backend on CPU)")
+        print(f"{NOTE_PREFIX}{wanted} and the Ray cluster has {gpus:g} now: the job waits until nodes with GPUs join",
+              file=sys.stderr, flush=True)
 
 
 def describe_on_cluster(config: JobConfig) -> dict[str, Any]:
