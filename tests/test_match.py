@@ -584,6 +584,60 @@ def test_faiss_backend_without_faiss_is_refused_before_any_work(monkeypatch: pyt
     assert torch.equal(match_tokens(points, valid, backend="auto")[0], match_tokens(points, valid, backend="torch")[0])
 
 
+def test_faiss_gpu_matcher_logic_with_gpu_sized_distance_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The faiss-gpu matcher's own code (centring, float32 candidates, certification with the GPU error
+    bound, exact float64 re-rank) on CPU tensors, with ``faiss.knn_gpu`` stood in by CPU faiss whose
+    distances get errors of 2^-11 (|q| + max|k|)^2 (TF32-sized; the bound allows 16x) and are re-sorted
+    by them, as a GPU returns its candidates: the result equals brute force bit for bit, on lattice
+    points with exact ties and on continuous ones. The stand-in also checks the call runs with the
+    tensors' CUDA device current (faiss takes torch's stream of the current device). The real call runs
+    in ``cameo-corr selfcheck`` on a GPU."""
+    pytest.importorskip("faiss")
+    import faiss
+    import faiss.contrib.torch_utils  # noqa: F401  (faiss.knn on torch tensors, as knn_gpu takes them)
+
+    from cameo_corr.pipeline import match as M
+    from cameo_corr.selfcheck import lattice_tokens
+
+    current: list[int] = [7]
+    gen = torch.Generator().manual_seed(0)
+
+    class device_context:  # torch.cuda.device on a machine without CUDA: records the device made current
+        def __init__(self, index: int) -> None:
+            self.index, self.saved = index, None
+
+        def __enter__(self) -> None:
+            self.saved, current[0] = current[0], self.index
+
+        def __exit__(self, *exc: object) -> None:
+            current[0] = self.saved
+
+    calls: list[int] = []
+
+    def knn_gpu(res, xq, xb, k, D=None, I=None, metric=None, device=-1, use_cuvs=False):  # noqa: E741 - faiss's names
+        assert xq.dtype == xb.dtype == torch.float32 and xq.is_contiguous() and xb.is_contiguous()
+        assert device == current[0] == 3, (device, current[0])
+        calls.append(k)
+        dist, ids = faiss.knn(xq, xb, k)
+        scale = 2.0**-11 * (xq.norm(dim=1, keepdim=True) + xb.norm(dim=1).max()) ** 2
+        dist = dist + scale * (2 * torch.rand(dist.shape, generator=gen) - 1)
+        order = dist.argsort(dim=1)
+        return dist.gather(1, order), ids.gather(1, order)
+
+    monkeypatch.setattr(faiss, "knn_gpu", knn_gpu, raising=False)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "device", device_context)
+    monkeypatch.setattr(M, "_GPU_RESOURCES", {})
+    cases = [lattice_tokens(torch.device("cpu"), views=4, grid=16, seed=seed) for seed in range(3)]
+    cases += [(torch.from_numpy(smooth_views(4, 16, 16, seed=seed)), torch.rand(4, 16, 16, generator=gen) > 0.2) for seed in range(3)]
+    for points, valid in cases:
+        p, v = points.reshape(4, 256, 3).double(), valid.reshape(4, 256)
+        got = M._nearest_torch(p, v, M._faiss_gpu_nn, M.DEFAULT_MAX_ELEMENTS)
+        want = M._nearest_torch(p, v, M._brute_torch_nn, M.DEFAULT_MAX_ELEMENTS)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert calls and current == [7]
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_torch_backend_equals_cpu() -> None:
     points = torch.from_numpy(smooth_views(4, 16, 16, seed=11))

@@ -289,7 +289,8 @@ def _faiss_gpu_nn(queries: "Tensor", keys: "Tensor", max_elements: int) -> tuple
     centre = keys.mean(dim=0)
     q32 = (queries - centre).float().contiguous()
     k32 = (keys - centre).float().contiguous()
-    D, cand = faiss.knn_gpu(res, q32, k32, k, device=dev)
+    with torch.cuda.device(dev):  # knn_gpu runs on torch's stream of the *current* device: make it the tensors'
+        D, cand = faiss.knn_gpu(res, q32, k32, k, device=dev)
     cand = cand.to(torch.long)
     if k == keys.shape[0]:
         certified = (cand >= 0).all(1)
