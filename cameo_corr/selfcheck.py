@@ -19,6 +19,9 @@ every check picks its CUDA or CPU variant from it:
   noise), the model prepared by accelerate as the Trainer prepares it: bf16 autocast of its forward on
   CUDA (20 steps, batch 2), fp32 on CPU (8 steps, batch 1): the loss and its CAMEO part finite, the
   mean of the last quarter of the steps below that of the first quarter.
+* **trainer official_bf16** (CUDA with bf16): ``train.precision: official_bf16`` through the real
+  Trainer (bf16 weights, fp32 masters, the tiny VAE under CUDA's fp16 autocast), 3 steps straight and
+  2 + 1 resumed from a checkpoint: losses finite, the resumed last step equal to the straight one.
 * **supervised layer** (CUDA): peak memory and time of forward + CAMEO loss + backward of the
   supervised attention layer at SD2.1 layer-10 size (random weights) for the dense path and the
   chunked path (when this build provides it).
@@ -461,6 +464,59 @@ def check_trainer(ctx: Context) -> list[Row]:
     return [Row(check, dev, "ok" if ok else "FAIL", result, seconds, tolerance)]
 
 
+OFFICIAL_STEPS = 3
+OFFICIAL_RESUME_TOLERANCE = 1e-2
+"""Largest relative difference of the last step's losses between the straight and the resumed
+``official_bf16`` run: the same batch, noise and weights up to CUDA's nondeterministic kernels, which a
+bf16 rounding of the weights can lift to ~1e-4; a resume that restored the wrong data position, RNG
+state or masters gives another timestep and noise (differences of order 1)."""
+
+
+def official_trainer_run(cache: Path, out: Path, *, vae: str) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """The metrics rows of two ``train.precision: official_bf16`` runs of the tiny preset on ``cache``
+    through :func:`~cameo_corr.train.loop.train`: one straight for :data:`OFFICIAL_STEPS` steps, one
+    stopped a step early and resumed from its checkpoint (``model.vae``: ``vae``)."""
+    from cameo_corr.train.config import load_config, preset_path
+    from cameo_corr.train.loop import read_metrics, train
+
+    cfg = load_config(preset_path("tiny_cpu"), [
+        f"data.cache={cache}", f"data.num_views={RAY_VIEWS}", "data.batch_size=2", "data.shuffle_buffer=1", f"model.vae={vae}",
+        "train.precision=official_bf16", "train.mixed_precision=bf16", f"train.max_steps={OFFICIAL_STEPS}",
+        "train.checkpoint_every=1", "train.log_every=1"])
+    train(cfg, out / "straight", resume="never", progress=False)
+    train(cfg, out / "resumed", resume="never", max_steps=OFFICIAL_STEPS - 1, progress=False)
+    train(cfg, out / "resumed", resume="auto", progress=False)
+    return read_metrics(out / "straight"), read_metrics(out / "resumed")
+
+
+def check_official_trainer(ctx: Context) -> list[Row]:
+    """``train.precision: official_bf16`` through the real Trainer on CUDA: bf16 weights with fp32 masters,
+    the tiny VAE encoding under CUDA's fp16 autocast, accelerate's bf16 autocast, pinned batches, a
+    checkpoint written and resumed; losses finite and the resumed last step equal to the straight one."""
+    import torch
+
+    dev = str(ctx.device)
+    check = f"trainer official_bf16 {OFFICIAL_STEPS} steps, resumed"
+    tolerance = f"finite; resumed last step rel <= {OFFICIAL_RESUME_TOLERANCE:.0e}"
+    if ctx.device.type != "cuda":
+        return [Row(check, dev, "skip", "its VAE encodes under CUDA's fp16 autocast (CPU: tests/test_official_bf16.py)", tolerance=tolerance)]
+    if trainer_precision(ctx.device)[0] != "bf16":
+        return [Row(check, dev, "skip", "this GPU has no bf16 support (compute capability < 8.0)", tolerance=tolerance)]
+    if ctx.cache is None:
+        return [Row(check, dev, "skip", "needs the cache of the ray job check, which did not finish", tolerance=tolerance)]
+    with torch.cuda.device(ctx.device):  # the Trainer trains on accelerate's device: the current one
+        (straight, resumed), seconds = timed(lambda: official_trainer_run(ctx.cache, ctx.workdir / "official", vae="tiny"), ctx.device)
+    keys = ("loss", "diffusion", "cameo")
+    last, again = straight[-1], resumed[-1]
+    finite = all(math.isfinite(row[k]) for row in straight + resumed for k in ("loss", "diffusion"))
+    diff = max((abs(again[k] - last[k]) / max(abs(last[k]), 1e-12) for k in keys if math.isfinite(last[k])), default=math.inf)
+    ok = finite and [r["step"] for r in straight] == [r["step"] for r in resumed] == list(range(1, OFFICIAL_STEPS + 1)) \
+        and diff <= OFFICIAL_RESUME_TOLERANCE
+    result = (f"loss {straight[0]['loss']:.4g} -> {last['loss']:.4g}, CAMEO {last['cameo']:.4g}; resumed step {again['step']:g}: "
+              f"max rel diff {diff:.1e} (steps {[r['step'] for r in resumed]})")
+    return [Row(check, dev, "ok" if ok else "FAIL", ("" if finite else "non-finite loss: ") + result, seconds, tolerance)]
+
+
 # ---------------------------------------------------------------------------- supervised layer
 @dataclass(frozen=True)
 class LayerSize:
@@ -547,9 +603,10 @@ CHECKS: tuple[tuple[str, Callable[[Context], list[Row]]], ...] = (
     ("vggt", check_vggt),
     ("ray job", check_ray_job),
     ("trainer", check_trainer),
+    ("trainer official_bf16", check_official_trainer),
     ("supervised layer", check_supervised_layer),
 )
-"""The checks in run order (the trainer reads the cache the Ray job writes)."""
+"""The checks in run order (the trainers read the cache the Ray job writes)."""
 
 
 def run_selfcheck(device: "str | torch.device | None" = None, *, workdir: str | Path | None = None,

@@ -135,6 +135,21 @@ def test_trainer_check_autocasts_the_model_forward_only(tmp_path: Path, monkeypa
     assert seen == [(True, torch.float32)] * 4
     assert not torch.is_autocast_enabled("cpu")
 
+
+@pytest.mark.slow
+def test_official_trainer_check_runs_and_resumes(tmp_path: Path, tiny_train_cache: Path, fresh_accelerate_state: None) -> None:
+    """The official_bf16 check's runs through the real ``train`` (on CPU with identity latents; the GPU check
+    adds the tiny VAE under CUDA's fp16 autocast): three steps straight, and two then one resumed from the
+    checkpoint, whose last step equals the straight one's bit for bit here; on CPU the check itself is a skip."""
+    straight, resumed = selfcheck.official_trainer_run(tiny_train_cache, tmp_path, vae="identity")
+    steps = list(range(1, selfcheck.OFFICIAL_STEPS + 1))
+    assert [r["step"] for r in straight] == [r["step"] for r in resumed] == steps
+    assert all(math.isfinite(r["loss"]) for r in straight + resumed)
+    assert all(straight[-1][k] == resumed[-1][k] for k in ("loss", "diffusion", "cameo"))
+    assert straight[0]["loss"] != straight[-1]["loss"]
+    [row] = selfcheck.check_official_trainer(Context(CPU, tmp_path, cache=tiny_train_cache))
+    assert row.status == "skip" and "CUDA" in row.result
+
 def test_sd21_layer_10_size() -> None:
     size = selfcheck.sd21_layer_size()
     assert size.grid == (32, 32) and size.tokens == 1024
@@ -203,7 +218,8 @@ def test_cli_selfcheck_cpu_mode_end_to_end(tmp_path: Path) -> None:
     assert vggt and all(r["status"] in ("ok", "skip") for r in vggt)
     assert all(f"{r['status']}: {r['result']}" in proc.stdout for r in rows.values())
     assert lines[-1].endswith(" s") and " failed" in lines[-1] and "0 failed" in lines[-1]
-    assert {name for name, _ in CHECKS} == {"matching", "vggt", "ray job", "trainer", "supervised layer"}
+    assert {name for name, _ in CHECKS} == {"matching", "vggt", "ray job", "trainer", "trainer official_bf16", "supervised layer"}
+    assert [r["status"] for name, r in rows.items() if name.startswith("trainer official_bf16")] == ["skip"]
     # the CUDA-vs-CPU cache comparison of a GPU run, here on the CPU cache against itself
     assert selfcheck.compare_caches(workdir / "cache-cpu", workdir / "cache-cpu") == (1.0, 1.0, [])
 
