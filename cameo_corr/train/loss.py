@@ -534,8 +534,9 @@ def measure_supervised_layer(
     with B=2, F=4 and every pair masked (``mask_frac=1``, the most work for the chunked path). A step is
     the layer's forward (random weights, ``dtype`` autocast on the layer when not fp32), the CAMEO loss
     and the backward pass; see :func:`_layer_step` for the two paths. Peak memory: on CUDA
-    ``torch.cuda.max_memory_allocated`` above the inputs; on CPU the peak resident set size a step adds
-    in a fresh process per path (Linux ``ru_maxrss``; includes allocator slack). Time: the median of
+    ``torch.cuda.max_memory_allocated`` above the inputs, after an unmeasured step of each path (first-use
+    allocations out of both); on CPU the peak resident set size a step adds in a fresh process per path
+    (Linux ``ru_maxrss``; includes allocator slack). Time: the median of
     ``repeats`` steps per path, the paths alternating, after one warm-up step each. Also returns the
     loss values and the largest relative difference of the input gradients between the paths.
     """
@@ -549,6 +550,10 @@ def measure_supervised_layer(
     peak: dict[str, float] = {}
     if device.type == "cuda":
         case = _layer_case(spec, device)
+        for path in paths:  # first-use allocations (cuBLAS workspaces, kernels) out of both peaks
+            _layer_step(case, spec, path)
+            case["attn"].zero_grad(set_to_none=True)
+            case["mlp"].zero_grad(set_to_none=True)
         for path in paths:
             gc.collect()
             torch.cuda.synchronize(device)
