@@ -3,7 +3,10 @@
 Usage: ``python -m torch.distributed.run --nproc_per_node 2 tests/ddp_skip_worker.py CACHE OUT``. Three
 optimizer steps: a normal one, one where only rank 0 has no CAMEO term, one where no rank has one. Each
 rank writes ``OUT/rank<r>.json``: per step its batch's reference counts and window ids, whether its
-CAMEO term was applied, whether the head MLP moved, and a checksum of the UNet weights.
+CAMEO term was applied, whether the head MLP moved, and a checksum of the UNet weights. Then the ranks'
+streams through a checkpoint (rank 1 reads one batch more; the ranks' skipped counts differ): each
+rank's saved and resumed position and count. Then evaluation on two batches per rank, rank 1's without
+a CAMEO term: each rank's own means and the means over both ranks.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cameo_corr.train.config import load_config, preset_path
-from cameo_corr.train.loop import Trainer
+from cameo_corr.train.loop import Trainer, evaluate
 
 
 def main(cache: str, out: str) -> None:
@@ -40,7 +43,24 @@ def main(cache: str, out: str) -> None:
             "head_moved": any(not torch.equal(a, p) for a, p in zip(head, trainer.head_mlp.parameters())),
             "unet_sum": float(sum(p.detach().double().sum() for p in unet.parameters())),
         })
-    (Path(out) / f"rank{rank}.json").write_text(json.dumps(rows))
+    if rank == 1:
+        next(stream)
+    trainer.loader.corrupt_skipped = 10 + rank  # as if the ranks had skipped different corrupt windows
+    saved = {"data": trainer.loader.state_dict(), "corrupt_skipped": trainer.loader.corrupt_skipped}
+    path = trainer.save()
+    again = Trainer(cfg, Path(out) / "run")
+    again.load(path)
+    resumed = {"data": again.loader.state_dict(), "corrupt_skipped": again.loader.corrupt_skipped}
+
+    acc = trainer.accelerator
+    batches = [next(stream) for _ in range(2)]
+    if rank == 1:
+        batches = [{**b, "corr_mask": torch.zeros_like(b["corr_mask"])} for b in batches]
+    args = (trainer.trainable, trainer.head_mlp, trainer.codec, trainer.noise_scheduler, batches, cfg, trainer.grid, acc.device)
+    own = evaluate(*args)
+    both = evaluate(*args, reduce_sum=lambda t: acc.reduce(t, reduction="sum"))
+    result = {"steps": rows, "saved": saved, "resumed": resumed, "eval_own": own, "eval_both": both}
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -62,8 +62,8 @@ def test_resume_is_exact(cache: Path, tmp_path: Path) -> None:
     # the data position was checkpointed: 2 steps x 2 micro-batches x 2 samples over 6 windows (the resumed
     # step read past the end of epoch 0)
     state = json.loads((checkpoint_dirs(tmp_path / "b")[-1] / "loop_state.json").read_text())
-    assert state == {"step": 2, "world_size": 1, "precision": "fp32", "data": {"epoch": 8 // 6, "position": 8 % 6},
-                     "corrupt_skipped": 0}
+    assert state == {"step": 2, "world_size": 1, "precision": "fp32",
+                     "ranks": [{"data": {"epoch": 8 // 6, "position": 8 % 6}, "corrupt_skipped": 0}]}
     # the parameters moved
     fresh = train(config(cache, "train.max_steps=1", "optim.lr=0"), tmp_path / "c", resume="never")
     assert fresh.step == 1
@@ -164,7 +164,7 @@ def test_corrupt_chunk_is_one_line_and_skipped_windows_reach_the_metrics(cache: 
     # the corrupt windows among the stream positions read (the checkpointed position counts kept and skipped ones)
     from cameo_corr.train.loop import make_loader
 
-    data = json.loads((checkpoint_dirs(tmp_path / "a")[-1] / "loop_state.json").read_text())["data"]
+    data = json.loads((checkpoint_dirs(tmp_path / "a")[-1] / "loop_state.json").read_text())["ranks"][0]["data"]
     dataset = make_loader(cfg, rank=0, world_size=1).dataset
     read = [dataset.window_meta(w)["window_id"] for _, _, w, _ in itertools.islice(dataset._positions(), data["epoch"] * 6 + data["position"])]
     assert counts == sorted(counts) and counts[-1] == sum(w in bad for w in read) > 0
@@ -262,6 +262,48 @@ def test_resuming_with_another_process_count_warns() -> None:
     assert same.step == 7
 
 
+class _Stream:
+    """The two things :class:`LoopState` keeps of a rank's data loader: its position and skipped count."""
+
+    def __init__(self, position: int = 0, corrupt_skipped: int = 0) -> None:
+        self.position, self.corrupt_skipped = position, corrupt_skipped
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": 0, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = state["position"]
+
+
+def test_each_rank_resumes_its_own_stream() -> None:
+    """The checkpoint holds every rank's stream (gathered before accelerate saves the loop state from the main
+    process): each rank resumes its own position and skipped count; with another process count the
+    positions cannot carry over and the skipped total stays on rank 0 (so the metric's sum is unchanged);
+    a checkpoint from before per-rank streams (the main process's only) gives every rank its position and
+    rank 0 its skipped count."""
+    from cameo_corr.train.loop import LoopState
+
+    saving = LoopState(step=3, world_size=2, loader=_Stream(5, 1))
+    saving.ranks = [saving.stream(), LoopState(loader=_Stream(7, 4)).stream()]
+    saved = saving.state_dict()
+    assert saved["ranks"] == [{"data": {"epoch": 0, "position": 5}, "corrupt_skipped": 1},
+                              {"data": {"epoch": 0, "position": 7}, "corrupt_skipped": 4}]
+    resumed = [LoopState(world_size=2, rank=r, loader=_Stream()) for r in (0, 1)]
+    for state in resumed:
+        state.load_state_dict(saved)
+    assert [(s.step, s.loader.position, s.loader.corrupt_skipped) for s in resumed] == [(3, 5, 1), (3, 7, 4)]
+    with pytest.warns(UserWarning, match="written by 2 processes and is resumed by 3"):
+        other = [LoopState(world_size=3, rank=r, loader=_Stream()) for r in range(3)]
+        for state in other:
+            state.load_state_dict(saved)
+    assert [(s.loader.position, s.loader.corrupt_skipped) for s in other] == [(5, 5), (7, 0), (7, 0)]
+    old = {"step": 2, "world_size": 2, "precision": "fp32", "data": {"epoch": 0, "position": 4}, "corrupt_skipped": 2}
+    for r in (0, 1):
+        state = LoopState(world_size=2, rank=r, loader=_Stream())
+        state.load_state_dict(old)
+        assert (state.step, state.loader.position, state.loader.corrupt_skipped) == (2, 4, 2 if r == 0 else 0)
+
+
 OFFICIAL_RECIPE = [
     "model.qk_norm=true", "model.no_text_cross_attn=true", "model.frame_local_width=64", "model.cond_encoder=pixel",
     "model.domain_dict={re10k: 0, co3d: 1, others: 2}", "model.camera_norm=official", "model.ref_timestep=sample",
@@ -319,7 +361,7 @@ def test_trains_on_a_mixture_of_caches_and_resumes_it(cache: Path, tmp_path: Pat
     assert rest.step == 3 and [r["step"] for r in rest.history] == [3]
     state = json.loads((checkpoint_dirs(tmp_path / "run")[-1] / "loop_state.json").read_text())
     # 3 steps x 2 samples over an epoch of 12 windows (6 per cache)
-    assert state["data"] == {"epoch": 0, "position": 6}
+    assert state["ranks"][0]["data"] == {"epoch": 0, "position": 6}
 
 
 # ------------------------------------------------------------------------- skipped steps and NaN
@@ -416,13 +458,15 @@ def test_ddp_ranks_share_the_batch_order_and_the_skip_rule(cache: Path, tmp_path
     """Two CPU processes (gloo) through ``torch.distributed.run``: each rank trains on its own windows with
     the reference count of the single-process batch at that step; a step where only rank 0 has no CAMEO
     term still updates the head MLP on both ranks (DDP averages rank 1's gradient with rank 0's zero), a
-    step where no rank has one leaves it untouched on both, and the UNet stays identical across ranks."""
+    step where no rank has one leaves it untouched on both, and the UNet stays identical across ranks. A
+    checkpoint gives each rank back its own stream, and evaluation means count every rank's batches."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "tests" / "ddp_skip_worker.py"),
            str(cache), str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    out0, out1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = out0["steps"], out1["steps"]
     single = CorrStreamDataset(str(cache), num_views=3, resolution=64, batch_size=2)
     for step, (a, b) in enumerate(zip(r0, r1)):
         assert a["num_ref"] == b["num_ref"] == [single.batch_order(2 * step)[0]] * 2
@@ -430,6 +474,14 @@ def test_ddp_ranks_share_the_batch_order_and_the_skip_rule(cache: Path, tmp_path
     assert not set(r0[0]["windows"]) & set(r1[0]["windows"])  # within an epoch the ranks' windows are disjoint
     assert [(a["applied"], b["applied"]) for a, b in zip(r0, r1)] == [(True, True), (False, True), (False, False)]
     assert [a["head_moved"] for a in r0] == [b["head_moved"] for b in r1] == [True, True, False]
+    # each rank resumes its own stream from the checkpoint (accelerate saves the loop state from rank 0 only)
+    assert out0["saved"] != out1["saved"]
+    assert out0["resumed"] == out0["saved"] and out1["resumed"] == out1["saved"]
+    # evaluation: means over both ranks' batches; rank 1's have no CAMEO term, which does not make the mean NaN
+    own0, own1, both = out0["eval_own"], out1["eval_own"], out0["eval_both"]
+    assert out1["eval_both"] == both and math.isnan(own1["eval_cameo"]) and math.isfinite(own0["eval_cameo"])
+    assert both["eval_cameo"] == pytest.approx(own0["eval_cameo"], rel=1e-12)
+    assert both["eval_diffusion"] == pytest.approx((own0["eval_diffusion"] + own1["eval_diffusion"]) / 2, rel=1e-12)
 
 
 def test_a_training_command_reads_each_cache_json_once(cache: Path, tmp_path: Path, monkeypatch) -> None:

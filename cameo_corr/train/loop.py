@@ -24,9 +24,10 @@ run). A non-finite total loss stops the run with :class:`NonFiniteLoss`, naming 
 Randomness that shapes a step (timesteps, noise, camera-condition dropout) is drawn from a generator
 seeded by ``(seed, rank, step, micro-batch)``, so it does not depend on history. A checkpoint
 (``accelerator.save_state``) holds the model + head MLP as safetensors, the optimizer, the learning
-rate schedule, the data stream position, the frozen codec when it is the tiny random VAE (a pretrained
-one is reloaded from its directory) and every process's RNG states; resuming
-from it continues bit-for-bit like the uninterrupted run.
+rate schedule, every process's data stream position and RNG states, the frozen codec when it is the tiny
+random VAE (a pretrained one is reloaded from its directory); resuming from it continues bit-for-bit like
+the uninterrupted run on CPU (CUDA's atomics-based backward kernels are not bitwise deterministic, so two
+uninterrupted CUDA runs differ in the last bits too).
 
 Multi-GPU: ``accelerate launch -m cameo_corr.cli train ...``; every rank reads its own part of the
 cache stream (rank and world size are handed to the dataset explicitly, the DataLoader is not
@@ -44,7 +45,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -89,19 +90,34 @@ class CameoTrainable(nn.Module):
 
 @dataclass
 class LoopState:
-    """Checkpointed loop state: optimizer steps done, the data stream position, the process count, the
-    training precision (a checkpoint resumes only under the precision that wrote it) and the corrupt
-    windows skipped so far (``data.on_corrupt=skip``; each ``metrics.jsonl`` row has their total over ranks)."""
+    """Checkpointed loop state: optimizer steps done, the process count, the training precision (a
+    checkpoint resumes only under the precision that wrote it) and every rank's data stream: its position
+    and the corrupt windows it skipped so far (``data.on_corrupt=skip``; each ``metrics.jsonl`` row has
+    their total over ranks). accelerate saves this object from the main process only, so the ranks'
+    streams are gathered into it first (:meth:`gather`, a collective) and each rank resumes its own."""
 
     step: int = 0
     loader: "StreamLoader | None" = None
     world_size: int = 1
     precision: str = "fp32"
+    rank: int = 0
+    ranks: list[dict[str, Any]] | None = None
+    """Every rank's :meth:`stream`, gathered by :meth:`gather` for the next save (``None``: this rank's only)."""
+
+    def stream(self) -> dict[str, Any]:
+        """This rank's ``{"data": loader position, "corrupt_skipped": count}``."""
+        return {"data": None if self.loader is None else self.loader.state_dict(),
+                "corrupt_skipped": 0 if self.loader is None else self.loader.corrupt_skipped}
+
+    def gather(self) -> None:
+        """Collect every rank's :meth:`stream` for the next :meth:`state_dict` (every rank must call it)."""
+        from accelerate.utils import gather_object
+
+        self.ranks = gather_object([self.stream()])
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "world_size": self.world_size, "precision": self.precision,
-                "data": None if self.loader is None else self.loader.state_dict(),
-                "corrupt_skipped": 0 if self.loader is None else self.loader.corrupt_skipped}
+                "ranks": self.ranks if self.ranks is not None else [self.stream()]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = int(state.get("world_size", self.world_size))
@@ -113,10 +129,17 @@ class LoopState:
             raise SchemaError("train.precision", f"the checkpoint was written with train.precision={precision} and cannot be "
                               f"resumed with {self.precision}; resume it with train.precision={precision} or start a new --out")
         self.step = int(state["step"])
-        if self.loader is not None and state["data"] is not None:
-            self.loader.load_state_dict(state["data"])
-        if self.loader is not None:  # corrupt windows skipped before the checkpoint (data.on_corrupt=skip)
-            self.loader.corrupt_skipped = int(state.get("corrupt_skipped", 0))
+        # checkpoints from before per-rank streams hold the main process's only: every rank takes its position
+        ranks = state.get("ranks") or [{"data": state["data"], "corrupt_skipped": int(state.get("corrupt_skipped", 0))}]
+        if saved == self.world_size and len(ranks) == saved:
+            mine, skipped = ranks[self.rank], int(ranks[self.rank]["corrupt_skipped"])
+        else:  # another process count: positions cannot carry over exactly; the skipped total stays on rank 0
+            mine = ranks[min(self.rank, len(ranks) - 1)]
+            skipped = sum(int(r["corrupt_skipped"]) for r in ranks) if self.rank == 0 else 0
+        if self.loader is not None:
+            if mine["data"] is not None:
+                self.loader.load_state_dict(mine["data"])
+            self.loader.corrupt_skipped = skipped
 
 
 @dataclass
@@ -390,9 +413,12 @@ def evaluate(
     cfg: TrainConfig,
     grid: tuple[int, int],
     device: torch.device,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Mean losses and precision over fixed batches at the fixed timestep ``cfg.eval.timestep``,
-    with fixed noise and no camera dropout (comparable between runs and steps)."""
+    with fixed noise and no camera dropout (comparable between runs and steps). A batch without a value
+    (no CAMEO term, no masked query) does not count. ``reduce_sum`` (a sum over processes, every rank
+    calling it) makes them the means over every rank's batches."""
     was_training = trainable.training
     trainable.eval()
     sums: dict[str, list[float]] = {}
@@ -405,7 +431,15 @@ def evaluate(
                 sums.setdefault(k, []).append(float(m[k]))
     finally:
         trainable.train(was_training)
-    return {f"eval_{k}": float(np.nanmean(v)) if not np.all(np.isnan(v)) else math.nan for k, v in sums.items()}
+    out = {}
+    for k, values in sums.items():  # the same keys in the same order on every rank
+        v = torch.tensor(values, dtype=torch.float64)
+        known = ~torch.isnan(v)
+        total = torch.stack([v[known].sum(), known.sum().double()]).to(device)
+        if reduce_sum is not None:
+            total = reduce_sum(total)
+        out[f"eval_{k}"] = float(total[0] / total[1]) if float(total[1]) > 0 else math.nan
+    return out
 
 
 class Trainer:
@@ -477,7 +511,8 @@ class Trainer:
         pin = acc.device.type == "cuda"
         self.loader = make_loader(cfg, rank=acc.process_index, world_size=acc.num_processes, pin_memory=pin, grid=self.grid,
                                   configs=self.configs)
-        self.state = LoopState(step=0, loader=self.loader, world_size=acc.num_processes, precision=r.precision)
+        self.state = LoopState(step=0, loader=self.loader, world_size=acc.num_processes, precision=r.precision,
+                               rank=acc.process_index)
         self._micro = 0
         """Micro-batches done in the current optimizer step."""
         self._cameo_in_step = False
@@ -511,17 +546,21 @@ class Trainer:
 
         acc = self.accelerator
         path = self.out / CHECKPOINT_DIR / f"step-{self.state.step:08d}"
-        acc.save_state(str(path), safe_serialization=True)
-        if self.master is not None and acc.is_main_process:
-            self.master.save(path / MASTER_FILE)
-        acc.wait_for_everyone()  # every rank's RNG state is on disk before the checkpoint is marked finished
-        if acc.is_main_process:
-            (path / "loop_state.json").write_text(json.dumps(self.state.state_dict()))
-            keep = self.cfg.train.keep_checkpoints
-            if keep is not None:
-                for old in checkpoint_dirs(self.out)[:-keep]:
-                    shutil.rmtree(old)
-        acc.wait_for_everyone()
+        self.state.gather()  # accelerate saves the loop state from the main process only: every rank's stream into it
+        try:
+            acc.save_state(str(path), safe_serialization=True)
+            if self.master is not None and acc.is_main_process:
+                self.master.save(path / MASTER_FILE)
+            acc.wait_for_everyone()  # every rank's RNG state is on disk before the checkpoint is marked finished
+            if acc.is_main_process:
+                (path / "loop_state.json").write_text(json.dumps(self.state.state_dict()))
+                keep = self.cfg.train.keep_checkpoints
+                if keep is not None:
+                    for old in checkpoint_dirs(self.out)[:-keep]:
+                        shutil.rmtree(old)
+            acc.wait_for_everyone()
+        finally:
+            self.state.ranks = None
         return path
 
     def load(self, path: str | Path) -> None:
@@ -639,8 +678,9 @@ class Trainer:
             row["corrupt_skipped"] = int(acc.reduce(torch.tensor([self.loader.corrupt_skipped], device=acc.device), reduction="sum"))
             row["time"] = time.perf_counter() - t0
             if cfg.eval.every > 0 and (self.state.step % cfg.eval.every == 0 or self.state.step == total):
-                ev = evaluate(self.trainable, self.head_mlp, self.codec, self.noise_scheduler, self.eval_batches, cfg, self.grid, acc.device)
-                row.update({k: float(acc.reduce(torch.tensor([v], device=acc.device), reduction="mean")) for k, v in ev.items()})
+                ev = evaluate(self.trainable, self.head_mlp, self.codec, self.noise_scheduler, self.eval_batches, cfg, self.grid,
+                              acc.device, reduce_sum=lambda t: acc.reduce(t, reduction="sum"))
+                row.update(ev)
                 result.evals.append({"step": self.state.step, **ev})
             result.history.append(row)
             if acc.is_main_process:
