@@ -431,15 +431,18 @@ def evaluate(
                 sums.setdefault(k, []).append(float(m[k]))
     finally:
         trainable.train(was_training)
-    out = {}
-    for k, values in sums.items():  # the same keys in the same order on every rank
-        v = torch.tensor(values, dtype=torch.float64)
-        known = ~torch.isnan(v)
-        total = torch.stack([v[known].sum(), known.sum().double()]).to(device)
-        if reduce_sum is not None:
-            total = reduce_sum(total)
-        out[f"eval_{k}"] = float(total[0] / total[1]) if float(total[1]) > 0 else math.nan
-    return out
+    # the same keys in the same order on every rank
+    return {f"eval_{k}": mean_known(torch.tensor(v, dtype=torch.float64, device=device), reduce_sum) for k, v in sums.items()}
+
+
+def mean_known(values: torch.Tensor, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """The mean of the non-NaN entries of ``values`` (NaN when there is none); with ``reduce_sum`` (a sum over
+    processes, which every rank calls) the mean over every rank's entries."""
+    known = ~torch.isnan(values)
+    total = torch.stack([values[known].sum(), known.sum().to(values.dtype)])
+    if reduce_sum is not None:
+        total = reduce_sum(total)
+    return float(total[0] / total[1]) if float(total[1]) > 0 else math.nan
 
 
 class Trainer:
@@ -655,6 +658,10 @@ class Trainer:
         stream = self.batches()
         acc_metrics: dict[str, list[torch.Tensor]] = {}
         skipped = 0
+
+        def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+            return acc.reduce(t, reduction="sum")
+
         t0 = time.perf_counter()
         while self.state.step < total:
             m = self.micro_step(next(stream))
@@ -668,18 +675,15 @@ class Trainer:
             self.state.step += 1
             row = {"step": self.state.step, "lr": float(self.lr_scheduler.get_last_lr()[0])}
             for k, values in acc_metrics.items():  # the mean over every rank's micro-batches with a value
-                v = torch.stack(values)
-                known = ~torch.isnan(v)
-                sums = acc.reduce(torch.stack([v[known].sum(), known.sum().float()]), reduction="sum")
-                row[k] = float(sums[0] / sums[1]) if float(sums[1]) > 0 else math.nan
+                row[k] = mean_known(torch.stack(values), reduce_sum)
             if self.head_mlp is not None:  # micro-batches of the step (all ranks) without a CAMEO term
-                row["cameo_skipped"] = int(acc.reduce(torch.tensor([float(skipped)], device=acc.device), reduction="sum"))
+                row["cameo_skipped"] = int(reduce_sum(torch.tensor([float(skipped)], device=acc.device)))
             acc_metrics, skipped = {}, 0
-            row["corrupt_skipped"] = int(acc.reduce(torch.tensor([self.loader.corrupt_skipped], device=acc.device), reduction="sum"))
+            row["corrupt_skipped"] = int(reduce_sum(torch.tensor([self.loader.corrupt_skipped], device=acc.device)))
             row["time"] = time.perf_counter() - t0
             if cfg.eval.every > 0 and (self.state.step % cfg.eval.every == 0 or self.state.step == total):
                 ev = evaluate(self.trainable, self.head_mlp, self.codec, self.noise_scheduler, self.eval_batches, cfg, self.grid,
-                              acc.device, reduce_sum=lambda t: acc.reduce(t, reduction="sum"))
+                              acc.device, reduce_sum=reduce_sum)
                 row.update(ev)
                 result.evals.append({"step": self.state.step, **ev})
             result.history.append(row)
