@@ -63,6 +63,10 @@ fp16 0.5-1.8 u (9.0e-4, 2.5e-4, 3.5e-4; u = 2^-11), fp32 against fp64 <= 4e-7. 8
 GPU kernels that round and accumulate differently; a broken path (overflow, a head run in the wrong
 precision or a mixed-up output) gives errors of order 1."""
 UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
+NO_BF16 = "this GPU has no bf16 support (compute capability < 8.0)"
+"""Why the bf16 checks of a GPU without native bf16 are skipped."""
+NO_CACHE = "needs the cache of the ray job check, which did not finish"
+"""Why the trainer checks are skipped when the Ray check wrote no cache."""
 
 RAY_SCENES = 2
 RAY_FRAMES = 6
@@ -117,6 +121,14 @@ def _synchronize(device: "torch.device") -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def native_bf16() -> bool:
+    """Whether the current GPU computes in bf16 natively (torch's default answer also counts emulation: a V100
+    or T4 would say yes)."""
+    import torch
+
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def raised(e: BaseException) -> str:
@@ -228,15 +240,9 @@ def check_matching(ctx: Context) -> list[Row]:
 # ---------------------------------------------------------------------------------------- vggt
 def vggt_precisions(device: "torch.device") -> list[tuple[str, str | None]]:
     """``(dtype, reason it cannot run or None)`` of the mixed-precision VGGT checks on ``device``."""
-    import torch
-
     if device.type != "cuda":
         return [(d, "mixed precision runs through CUDA autocast only (the adapter uses fp32 on CPU)") for d in UNIT_ROUNDOFF]
-    out: list[tuple[str, str | None]] = []
-    for name in UNIT_ROUNDOFF:
-        ok = name != "bfloat16" or torch.cuda.is_bf16_supported(including_emulation=False)
-        out.append((name, None if ok else "this GPU has no bf16 support (compute capability < 8.0)"))
-    return out
+    return [(name, None if name != "bfloat16" or native_bf16() else NO_BF16) for name in UNIT_ROUNDOFF]
 
 
 def vggt_images(device: "torch.device", views: int, size: int, seed: int = 0) -> "torch.Tensor":
@@ -393,10 +399,8 @@ def _cpu() -> "torch.device":
 def trainer_precision(device: "torch.device") -> tuple[str, str]:
     """accelerate's ``mixed_precision`` for the trainer check (``bf16`` on a GPU with native bf16, else
     ``no``) and its label."""
-    import torch
-
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported(including_emulation=False):
+        if native_bf16():
             return "bf16", "bf16"
         return "no", "fp32 (no bf16 on this GPU)"
     return "no", "fp32"
@@ -423,7 +427,7 @@ def check_trainer(ctx: Context) -> list[Row]:
     check = f"trainer {steps} steps {label}"
     tolerance = f"finite; mean of last {k} < mean of first {k}"
     if ctx.cache is None:
-        return [Row(check, dev, "skip", "needs the cache of the ray job check, which did not finish", tolerance=tolerance)]
+        return [Row(check, dev, "skip", NO_CACHE, tolerance=tolerance)]
     cfg = load_config(preset_path("tiny_cpu"), [f"data.cache={ctx.cache}", f"data.num_views={RAY_VIEWS}", f"data.batch_size={TRAIN_BATCH[kind]}",
                                                 "data.shuffle_buffer=1"])
     torch.manual_seed(0)
@@ -500,10 +504,10 @@ def check_official_trainer(ctx: Context) -> list[Row]:
     tolerance = f"finite; resumed last step rel <= {OFFICIAL_RESUME_TOLERANCE:.0e}"
     if ctx.device.type != "cuda":
         return [Row(check, dev, "skip", "its VAE encodes under CUDA's fp16 autocast (CPU: tests/test_official_bf16.py)", tolerance=tolerance)]
-    if trainer_precision(ctx.device)[0] != "bf16":
-        return [Row(check, dev, "skip", "this GPU has no bf16 support (compute capability < 8.0)", tolerance=tolerance)]
+    if not native_bf16():
+        return [Row(check, dev, "skip", NO_BF16, tolerance=tolerance)]
     if ctx.cache is None:
-        return [Row(check, dev, "skip", "needs the cache of the ray job check, which did not finish", tolerance=tolerance)]
+        return [Row(check, dev, "skip", NO_CACHE, tolerance=tolerance)]
     with torch.cuda.device(ctx.device):  # the Trainer trains on accelerate's device: the current one
         (straight, resumed), seconds = timed(lambda: official_trainer_run(ctx.cache, ctx.workdir / "official", vae="tiny"), ctx.device)
     keys = ("loss", "diffusion", "cameo")
