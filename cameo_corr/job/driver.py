@@ -130,12 +130,12 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     pinned = check_before_start(config, location, reader, view, existing)
     import_run_modules()
     lease = take_lease(config, location)
-    started = False
+    connected: str | None = None
     try:
         unpinned = unpin(location, existing) if existing is not None and pinned is None else None
         existing = pinned
-        started = init_ray(config.num_cpus, config.workers * config.cpus_per_worker)
-        check_cluster(config, local=started and not os.environ.get("RAY_ADDRESS"))
+        connected = init_ray(config.num_cpus, config.workers * config.cpus_per_worker)
+        check_cluster(config, local=connected == "local")
         described = describe_on_cluster(config)
         cache_config = make_cache_config(config, reader, view, plan, described)
         existing = existing or read_existing_config(location)  # another job may have created it before our lease
@@ -147,7 +147,7 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         run = run_stages(todo, config, reader, cache_config, described["load"], (location, lease, clock))
     finally:
         lease.release()
-        if started:
+        if connected:
             ray.shutdown()
     return summarize(config, location, planned, todo, upkeep, run, clock, deferred=deferred)
 
@@ -289,10 +289,10 @@ def take_lease(config: JobConfig, location: CacheLocation) -> "CacheLease":
 
 
 # ----------------------------------------------------------------------------- Ray
-def init_ray(num_cpus: int | None, needed_cpus: float) -> bool:
+def init_ray(num_cpus: int | None, needed_cpus: float) -> str | None:
     """Connect to ``RAY_ADDRESS`` if set (a cluster, or ``ray job submit``), else start a local
-    instance (never an unrelated ``ray start`` cluster of this machine); returns whether this call
-    connected. A local instance gets ``num_cpus`` logical CPUs, by default enough for one load and
+    instance (never an unrelated ``ray start`` cluster of this machine); returns what this call
+    connected to, ``"cluster"`` or ``"local"`` (``None``: Ray was initialised already). A local instance gets ``num_cpus`` logical CPUs, by default enough for one load and
     one commit task next to the actors' reservation (logical CPUs only gate scheduling).
 
     Ray >= 2.5x enables token authentication for new local instances (a token in ``~/.ray``) and logs
@@ -301,11 +301,11 @@ def init_ray(num_cpus: int | None, needed_cpus: float) -> bool:
     import ray
 
     if ray.is_initialized():
-        return False
+        return None
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
-        return True
+        return "cluster"
     cpus = num_cpus if num_cpus is not None else max(os.cpu_count() or 1, int(needed_cpus + 0.999) + 2)
     auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
     level = auth_log.level
@@ -314,7 +314,7 @@ def init_ray(num_cpus: int | None, needed_cpus: float) -> bool:
         ray.init(address="local", num_cpus=cpus, include_dashboard=False)
     finally:
         auth_log.setLevel(level)
-    return True
+    return "local"
 
 
 
