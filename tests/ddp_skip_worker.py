@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cameo_corr.train.config import load_config, preset_path
-from cameo_corr.train.loop import Trainer, evaluate
+from cameo_corr.train.loop import Trainer, end_process_group, evaluate
 
 
 def main(cache: str, out: str) -> None:
@@ -61,6 +61,7 @@ def main(cache: str, out: str) -> None:
     both = evaluate(*args, reduce_sum=lambda t: acc.reduce(t, reduction="sum"))
     result = {"steps": rows, "saved": saved, "resumed": resumed, "eval_own": own, "eval_both": both}
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -51,9 +51,14 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"train.max_steps={int(args.max_steps)}")
     cfg = load_config(args.config, overrides)
     configs = check_views(cfg)
-    from cameo_corr.train.loop import train  # torch + diffusers: only once the input is known to be good
+    from accelerate import PartialState
+
+    from cameo_corr.train.loop import end_process_group, train  # torch + diffusers: only once the input is good
 
     result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, configs=configs)
+    end_process_group()
+    if not PartialState().is_main_process:  # one summary per run, not one per rank
+        return 0
     last = result.history[-1] if result.history else {}
     summary = {
         "step": result.step,

@@ -700,8 +700,8 @@ class Trainer:
             if (every and self.state.step % every == 0) or self.state.step == total:
                 result.checkpoints.append(str(self.save()))
         progress.close()
-        if cfg.train.tensorboard:
-            acc.end_training()
+        for tracker in acc.trackers:  # flush the logs; the process group stays up (end_training would destroy it)
+            tracker.finish()
         result.step = self.state.step
         return result
 
@@ -745,6 +745,19 @@ def train(
         if trainer.accelerator.is_main_process:
             _truncate_metrics(out / METRICS_FILE, trainer.state.step)
     return trainer.run(max_steps, show_progress=progress)
+
+
+def end_process_group() -> None:
+    """End this process's part of a multi-process run (``accelerate launch`` / ``torchrun``) after it
+    succeeded: wait for every rank, then destroy the default process group. Left to interpreter shutdown,
+    a gloo group's worker threads can abort a process whose run succeeded (SIGABRT), and NCCL warns. Call
+    it once the process needs no more collectives, and not after an error (a rank still inside a
+    collective would never reach the barrier). A no-op in a single process."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
