@@ -487,19 +487,23 @@ def test_ddp_ranks_share_the_batch_order_and_the_skip_rule(cache: Path, tmp_path
 @pytest.mark.slow
 def test_the_train_command_runs_on_two_processes(cache: Path, tmp_path: Path) -> None:
     """The documented multi-GPU command, ``accelerate launch -m cameo_corr.cli train``, here through
-    ``torch.distributed.run`` with two CPU processes (gloo): both ranks train and checkpoint, the checkpoint
-    holds both ranks' streams, the main process prints the one summary line, and each rank destroys its process group before exit (a gloo group left to
+    ``torch.distributed.run`` with two CPU processes (gloo): both ranks train, evaluate and checkpoint, the
+    checkpoint holds both ranks' streams, the main process writes the tensorboard logs and prints the one summary line, and each rank destroys its process group before exit (a gloo group left to
     interpreter shutdown can abort a process whose run succeeded)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "tests" / "ddp_cli_rank.py"),
            str(tmp_path), "train", "--cache", str(cache), "--config", "tiny_cpu", "--out", str(run), "--max-steps", "2",
-           "--no-progress", *BASE]
+           "--no-progress", *BASE, "eval.every=2", "eval.batches=1", f"eval.cache={json.dumps(str(cache))}",
+           "train.tensorboard=true"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [s["step"] for s in summaries] == [2]  # one summary line, from the main process
-    assert [row["step"] for row in read_metrics(run)] == [1, 2]
+    rows = read_metrics(run)
+    assert [row["step"] for row in rows] == [1, 2] and math.isfinite(rows[1]["eval_diffusion"])  # evaluated over both ranks
+    writers = {f.name.split(".")[-2] for f in (run / "logs").rglob("events.out.tfevents.*")}  # ...<host>.<pid>.<n>
+    assert len(writers) == 1  # tensorboard from the main process only (the scalars and, beside them, the hparams)
     loop_state = json.loads((checkpoint_dirs(run)[-1] / "loop_state.json").read_text())
     assert loop_state["world_size"] == 2 and len(loop_state["ranks"]) == 2
     for r in (0, 1):
