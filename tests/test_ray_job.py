@@ -310,9 +310,11 @@ def test_cli_errors_before_starting_workers(dataset, tmp_path, capsys, monkeypat
     base = ["preprocess", "--dataset", "synthetic", "--grid", "8", "--views", "3", "--no-progress", "--out", str(tmp_path / "c")]
     for name in ["vggt", *(m for m in sys.modules if m.startswith("vggt."))]:  # as without the optional extra
         monkeypatch.setitem(sys.modules, name, None)
-    assert cli_main([*base, "--root", str(dataset), "--backend", "vggt"]) == 2
-    err = capsys.readouterr().err
-    assert "needs the vggt package" in err and "pip install git+https://github.com/facebookresearch/vggt" in err
+    for dry in ([], ["--dry-run"]):  # a dry run used to show the ImportError's traceback (exit 1)
+        assert cli_main([*base, "--root", str(dataset), "--backend", "vggt", *dry]) == 2
+        err = capsys.readouterr().err
+        assert "needs the vggt package" in err and "pip install git+https://github.com/facebookresearch/vggt" in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert cli_main([*base, "--root", str(tmp_path / "missing")]) == 2
     assert "missing: dataset root of 'synthetic' is not a directory" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "faiss", None)  # a matcher whose package is missing: every window would fail

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cameo_corr.cli.args import add_dataset_option, add_sampling_arguments, add_storage_option, grids_arg
-from cameo_corr.cli.errors import RunFailed, UsageError
+from cameo_corr.cli.errors import RunFailed
 from cameo_corr.datasets.planner import DEFAULT_SHARD_SIZE
 from cameo_corr.schemas import CANONICAL_SIZE, DEFAULT_GRID, DEFAULT_TAU
 
@@ -100,8 +100,6 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt(f"the shards already committed to {args.out} are kept, re-run the same command to resume") from None
     except CacheWriteError as e:
         raise RunFailed(str(e)) from None
-    except ImportError as e:
-        raise UsageError(str(e)) from None
     print(format_summary(summary))
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))

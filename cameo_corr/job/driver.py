@@ -251,7 +251,7 @@ def preflight_backend(
     match_backend: str = "auto",
 ) -> None:
     """Driver-side checks before any worker starts: the backend exists (:class:`UsageError`), its
-    optional packages are installed (:class:`ImportError` with an install hint otherwise), a backend
+    optional packages are installed (:class:`UsageError` with the install hint otherwise), a backend
     that needs depth gets a dataset that has depth (:class:`SchemaError` naming ``backend``), the
     matcher ``match_backend``'s package imports (:class:`SchemaError`; its GPU support is checked where
     the actors run, :func:`~cameo_corr.job.stages.describe_backend`), and a GPU backend given no GPU is
@@ -263,7 +263,10 @@ def preflight_backend(
         cls = backend_class(backend)
     except ValueError as e:
         raise UsageError(f"--backend {backend}: {e}") from None
-    cls.check_requirements()
+    try:
+        cls.check_requirements()
+    except ImportError as e:  # the one line with the install hint, for a run and a --dry-run alike
+        raise UsageError(str(e)) from None
     if reader is not None and cls.needs_depth and not reader.has_depth:
         raise SchemaError("backend", f"the {backend!r} backend needs depth, and dataset {reader.name!r} has none "
                           "(use a geometry model such as --backend vggt)", where=str(reader.root))
