@@ -536,7 +536,11 @@ def measure_plan(root: Path, workers: int) -> dict[str, float]:
     import inspect
 
     from cameo_corr.datasets.re10k import RE10KReader
-    from cameo_corr.datasets.planner import default_plan_config, plan_table
+
+    try:
+        from cameo_corr.datasets.planner import default_plan_config, plan_table
+    except ModuleNotFoundError:  # the --plan-baseline tree: the planner sat in the pipeline package then
+        from cameo_corr.pipeline.planner import default_plan_config, plan_table
 
     reader = RE10KReader(root)
     config = default_plan_config("re10k", views=8, windows_per_scene=10)
@@ -866,9 +870,6 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     global VIEWS
     VIEWS = args.views
-    from cameo_corr.cache.location import CacheLocation
-    from cameo_corr.cache.manifest import fragment_names
-
     if args.measure and args.measure.startswith("read:"):
         print(json.dumps(measure_read(args.measure[len("read:"):], args.cache)))
         return
@@ -878,6 +879,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(json.dumps(measure_plan(args.cache, args.plan_workers[0]) if args.measure == "plan" else measure(args.measure, args.cache)))
         return
+    from cameo_corr.cache.location import CacheLocation  # not before --measure: a baseline's tree may lack the module
+    from cameo_corr.cache.manifest import fragment_names
+
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     results: dict[int, dict[str, dict[str, float]]] = {}
     manifest: dict[int, dict[str, dict[str, dict[str, float]]]] = {}
