@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    model = build_tiny_vggt(seed=0).to(device)
+    try:
+        model = build_tiny_vggt(seed=0).to(device)
+    except ImportError as e:  # the optional extra: one line with the install hint
+        raise SystemExit(str(e)) from None
     backend = VGGTBackend(model, device=device, dtype="float32")
     images = torch.rand(1, args.views, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)).to(device)
 
