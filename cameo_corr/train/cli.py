@@ -28,7 +28,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", help="cache directory or URL (overrides data.cache)")
     p.add_argument("--config", help=f"YAML config file or a built-in preset: {', '.join(preset_names())} "
                    "(default: the built-in defaults)")
-    p.add_argument("--out", default="runs/train", help="run directory: config.yaml, metrics.jsonl, checkpoints/, logs/")
+    p.add_argument("--out", default="runs/train", help="run directory: config.yaml, metrics.jsonl, checkpoints/ and, with train.tensorboard=true, logs/")
     p.add_argument("--max-steps", type=int, help="total optimizer steps (overrides train.max_steps)")
     p.add_argument("--resume", default="auto", help="auto (latest checkpoint in --out, if any), never, or a checkpoint directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

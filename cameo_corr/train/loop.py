@@ -722,7 +722,7 @@ def train(
     cfg: TrainConfig, out: str | Path, *, resume: str = "auto", max_steps: int | None = None, progress: bool = True,
     configs: "Mapping[str, CacheConfig] | None" = None,
 ) -> TrainResult:
-    """Train from ``cfg`` writing into ``out`` (config, ``metrics.jsonl``, ``checkpoints/``, ``logs/``).
+    """Train from ``cfg`` writing into ``out`` (config, ``metrics.jsonl``, ``checkpoints/``; ``logs/`` with ``train.tensorboard``).
 
     ``resume``: ``auto`` continues from the latest checkpoint under ``out`` when there is one,
     ``never`` starts fresh (refusing an ``out`` that already has checkpoints), or a checkpoint path.
