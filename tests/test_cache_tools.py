@@ -27,6 +27,21 @@ def small_cache(tmp_path):
     return path
 
 
+def test_stats_of_a_selection_give_its_windows_share_of_their_shards(small_cache):
+    """Bytes per ok window of a selection: each selected window's share of its shard (the shard's
+    recorded size over its ok windows), not the whole shard over the fewer selected windows."""
+    from cameo_corr.cache.manifest import read_manifest
+    from cameo_corr.cache.select import WindowSelection
+
+    (small_cache.parent / "scenes.txt").write_text("scene1\n")  # window 3 only: one of the two ok windows of s2
+    cache = CorrCache(small_cache)
+    picked = cache_stats(cache, selection=WindowSelection(scenes_file=str(small_cache.parent / "scenes.txt")))
+    rows = read_manifest(cache.location, columns=["shard", "shard_bytes", "status"]).to_pylist()
+    s2 = {r["shard_bytes"] for r in rows if r["shard"] == "s2"}
+    assert picked["windows_ok"] == 1 and s2 == {picked["bytes_shards"]}
+    assert picked["bytes_per_window"] == picked["bytes_shards"] / 2
+
+
 def test_stats(small_cache, capsys):
     stats = cache_stats(CorrCache(small_cache))
     assert stats["windows_ok"] == 4 and stats["windows_failed"] == 1 and stats["shards"] == 2

@@ -90,10 +90,23 @@ def _stats_columns(batches: Iterable["pa.RecordBatch"]) -> dict[str, Any]:
     return out
 
 
+def _ok_per_shard(batches: Iterable["pa.RecordBatch"]) -> dict[str, int]:
+    """Ok rows per shard name, folded batch by batch (:func:`scan_manifest` of ``status`` and ``shard``)."""
+    import pyarrow.compute as pc
+
+    shards = StringCodes(keep=False)
+    counts = np.zeros(0, np.int64)
+    for batch in batches:
+        codes = shards.add(batch.column("shard"))[pc.equal(batch.column("status"), "ok").fill_null(False).to_numpy(zero_copy_only=False)]
+        counts = np.bincount(codes, minlength=len(shards.names)) + np.pad(counts, (0, len(shards.names) - len(counts)))
+    return dict(zip(shards.names, counts.tolist()))
+
+
 def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS, grid: tuple[int, int] | None = None,
                 selection: "WindowSelection | None" = None) -> dict[str, Any]:
     """Summary numbers of a cache (see the module docstring); with ``selection``, of the selected
-    windows only (window, scene, shard and byte counts; orphans are the cache's).
+    windows only (window, scene and shard counts, the bytes of the shards holding them, and per ok
+    window each selected window's share of its shard; orphans are the cache's).
 
     Reads only the manifest columns it needs and computes with Arrow/numpy. Shard bytes are the sizes
     recorded at write time (``shard_bytes``); for version 1 caches, which did not record them, the
@@ -132,6 +145,14 @@ def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS, grid: tuple[in
     else:
         shard_bytes, source = 0, "recorded"
     manifest_bytes = loc.disk_usage(MANIFEST_DIR)
+    per_window = shard_bytes / n_ok if n_ok else 0.0
+    if selection and n_ok:  # the selected windows' share of their shards, which hold unselected windows too
+        ok_in = scan_manifest(loc, _ok_per_shard, ["status", "shard"])
+        if source == "recorded":
+            picked = np.bincount(cols["shard"].astype(np.int64), minlength=len(shard_names))
+            per_window = sum(int(cols["size"][k]) * int(picked[k]) / ok_in[shard_names[k]] for k in np.flatnonzero(picked)) / n_ok
+        else:  # sizes measured over the whole shards folder
+            per_window = shard_bytes / sum(ok_in.values())
     return {
         "path": loc.display,
         "selection": selection.describe() if selection else None,
@@ -154,7 +175,7 @@ def cache_stats(cache: "CorrCache", *, bins: int = COVERAGE_BINS, grid: tuple[in
         "bytes_shards": shard_bytes,
         "bytes_manifest": manifest_bytes,
         "bytes_total": shard_bytes + manifest_bytes,
-        "bytes_per_window": shard_bytes / n_ok if n_ok else 0.0,
+        "bytes_per_window": per_window,
         "bytes_source": source,
         "orphans": orphans,
     }
