@@ -209,7 +209,9 @@ def test_verify_max_windows_streams_and_deep_lists_corrupt_windows(small_cache, 
 
 def test_compact_cli(small_cache, capsys):
     assert cli_main(["cache", "compact", str(small_cache)]) == 0
-    assert "5 rows in 1 file(s), 2 shard fragments merged" in capsys.readouterr().out
+    assert "5 rows in 1 file(s), 2 pending shard fragments merged" in capsys.readouterr().out
+    assert cli_main(["cache", "compact", str(small_cache)]) == 0  # again: nothing pending (it said 2 again)
+    assert "5 rows in 1 file(s), 0 pending shard fragments merged" in capsys.readouterr().out
     assert verify_cache(CorrCache(small_cache)) == []
     assert cache_stats(CorrCache(small_cache))["windows_ok"] == 4
     assert not (small_cache / "lease.json").exists()

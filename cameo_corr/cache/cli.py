@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable
 
 from cameo_corr.cache.consolidation import consolidate_manifest
 from cameo_corr.cache.lease import CacheLease
+from cameo_corr.cache.manifest import fragment_names
 from cameo_corr.cache.merge import merge_caches
 from cameo_corr.cache.migrate import migrate_cache
 from cameo_corr.cache.reader import CorrCache
@@ -126,9 +127,10 @@ def _compact(args: argparse.Namespace) -> int:
     cache = _open(args)
     # the cache's lease: a running job consolidates too (periodically and at its end), never both at once
     with CacheLease(cache.location, force=args.force).acquire():
+        pending = len(fragment_names(cache.location))
         info = consolidate_manifest(cache.location, full=True)
     print(f"manifest of {cache.location.display}: {info['rows']} rows in {len(info['files'])} file(s), "
-          f"{len(info['fragments'])} shard fragments merged")
+          f"{pending} pending shard fragments merged")
     return 0
 
 
