@@ -58,7 +58,7 @@ def main(cache: str, out: str) -> None:
         batches = [{**b, "corr_mask": torch.zeros_like(b["corr_mask"])} for b in batches]
     args = (trainer.trainable, trainer.head_mlp, trainer.codec, trainer.noise_scheduler, batches, cfg, trainer.grid, acc.device)
     own = evaluate(*args)
-    both = evaluate(*args, reduce_sum=lambda t: acc.reduce(t, reduction="sum"))
+    both = evaluate(*args, reduce_sum=trainer.reduce_sum)
     result = {"steps": rows, "saved": saved, "resumed": resumed, "eval_own": own, "eval_both": both}
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
     end_process_group()

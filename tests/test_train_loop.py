@@ -453,6 +453,15 @@ def test_a_nan_cameo_term_is_skipped_with_a_warning(cache: Path, tmp_path: Path,
     assert any(not torch.equal(unet[k], unet2[k]) for k in unet)
 
 
+def run_two_ranks(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``tests/<script> args...`` on two CPU processes (gloo) through ``torch.distributed.run``; both must exit 0."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "tests" / script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_ddp_ranks_share_the_batch_order_and_the_skip_rule(cache: Path, tmp_path: Path) -> None:
     """Two CPU processes (gloo) through ``torch.distributed.run``: each rank trains on its own windows with
@@ -460,11 +469,7 @@ def test_ddp_ranks_share_the_batch_order_and_the_skip_rule(cache: Path, tmp_path
     term still updates the head MLP on both ranks (DDP averages rank 1's gradient with rank 0's zero), a
     step where no rank has one leaves it untouched on both, and the UNet stays identical across ranks. A
     checkpoint gives each rank back its own stream, and evaluation means count every rank's batches."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "tests" / "ddp_skip_worker.py"),
-           str(cache), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_ranks("ddp_skip_worker.py", str(cache), str(tmp_path))
     out0, out1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     r0, r1 = out0["steps"], out1["steps"]
     single = CorrStreamDataset(str(cache), num_views=3, resolution=64, batch_size=2)
@@ -488,16 +493,13 @@ def test_ddp_ranks_share_the_batch_order_and_the_skip_rule(cache: Path, tmp_path
 def test_the_train_command_runs_on_two_processes(cache: Path, tmp_path: Path) -> None:
     """The documented multi-GPU command, ``accelerate launch -m cameo_corr.cli train``, here through
     ``torch.distributed.run`` with two CPU processes (gloo): both ranks train, evaluate and checkpoint, the
-    checkpoint holds both ranks' streams, the main process writes the tensorboard logs and prints the one summary line, and each rank destroys its process group before exit (a gloo group left to
-    interpreter shutdown can abort a process whose run succeeded)."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    checkpoint holds both ranks' streams, the main process writes the tensorboard logs and prints the one
+    summary line, and each rank destroys its process group before exit (a gloo group left to interpreter
+    shutdown can abort a process whose run succeeded)."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "tests" / "ddp_cli_rank.py"),
-           str(tmp_path), "train", "--cache", str(cache), "--config", "tiny_cpu", "--out", str(run), "--max-steps", "2",
-           "--no-progress", *BASE, "eval.every=2", "eval.batches=1", f"eval.cache={json.dumps(str(cache))}",
-           "train.tensorboard=true"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_two_ranks("ddp_cli_rank.py", str(tmp_path), "train", "--cache", str(cache), "--config", "tiny_cpu", "--out", str(run),
+                         "--max-steps", "2", "--no-progress", *BASE, "eval.every=2", "eval.batches=1",
+                         f"eval.cache={json.dumps(str(cache))}", "train.tensorboard=true")
     summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [s["step"] for s in summaries] == [2]  # one summary line, from the main process
     rows = read_metrics(run)

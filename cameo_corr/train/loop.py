@@ -540,6 +540,10 @@ class Trainer:
                     f" fewer than eval.batches={cfg.eval.batches}",
                 )
 
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over every process (a collective: every rank calls it)."""
+        return self.accelerator.reduce(t, reduction="sum")
+
     # ----------------------------------------------------------------------------------- state
     def save(self) -> Path:
         """Write ``<out>/checkpoints/step-<N>`` (model + head MLP as safetensors, optimizer, LR
@@ -658,10 +662,6 @@ class Trainer:
         stream = self.batches()
         acc_metrics: dict[str, list[torch.Tensor]] = {}
         skipped = 0
-
-        def reduce_sum(t: torch.Tensor) -> torch.Tensor:
-            return acc.reduce(t, reduction="sum")
-
         t0 = time.perf_counter()
         while self.state.step < total:
             m = self.micro_step(next(stream))
@@ -675,15 +675,15 @@ class Trainer:
             self.state.step += 1
             row = {"step": self.state.step, "lr": float(self.lr_scheduler.get_last_lr()[0])}
             for k, values in acc_metrics.items():  # the mean over every rank's micro-batches with a value
-                row[k] = mean_known(torch.stack(values), reduce_sum)
+                row[k] = mean_known(torch.stack(values), self.reduce_sum)
             if self.head_mlp is not None:  # micro-batches of the step (all ranks) without a CAMEO term
-                row["cameo_skipped"] = int(reduce_sum(torch.tensor([float(skipped)], device=acc.device)))
+                row["cameo_skipped"] = int(self.reduce_sum(torch.tensor([float(skipped)], device=acc.device)))
             acc_metrics, skipped = {}, 0
-            row["corrupt_skipped"] = int(reduce_sum(torch.tensor([self.loader.corrupt_skipped], device=acc.device)))
+            row["corrupt_skipped"] = int(self.reduce_sum(torch.tensor([self.loader.corrupt_skipped], device=acc.device)))
             row["time"] = time.perf_counter() - t0
             if cfg.eval.every > 0 and (self.state.step % cfg.eval.every == 0 or self.state.step == total):
                 ev = evaluate(self.trainable, self.head_mlp, self.codec, self.noise_scheduler, self.eval_batches, cfg, self.grid,
-                              acc.device, reduce_sum=reduce_sum)
+                              acc.device, reduce_sum=self.reduce_sum)
                 row.update(ev)
                 result.evals.append({"step": self.state.step, **ev})
             result.history.append(row)
