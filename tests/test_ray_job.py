@@ -184,6 +184,43 @@ def test_geometry_stage_reports_each_window_as_it_finishes(dataset, tmp_path):
     assert counter.counts() == {"ok": 4, "failed": 6, "committed": 2} and counter.get() == (2, 0)
 
 
+def test_geometry_stage_times_queued_gpu_work_as_backend_time(dataset, tmp_path, monkeypatch):
+    """On a CUDA backend the stage waits for the device after the backend's batch and before matching,
+    so kernels still queued are charged to ``backend_seconds``, not to ``match_seconds`` (the backend
+    runs on CPU here; only its device says CUDA)."""
+    import torch
+
+    from cameo_corr.job.config import JobConfig
+    from cameo_corr.job.stages import GeometryStage
+
+    spec, described, loaded = load_stage(JobConfig(dataset="synthetic", root=dataset, out=str(tmp_path / "c"), workers=1, **RUN))
+    stage = GeometryStage({**spec, "expected": described["backend"]})
+    events: list[str] = []
+    backend, correspond = stage.backend, stage._correspond
+
+    class Recorded:  # the real backend, recording its batches, on the device given
+        def __init__(self, device: torch.device) -> None:
+            self.device = device
+
+        def run_batch(self, windows):
+            events.append("backend")
+            return backend.run_batch(windows)
+
+        def __call__(self, window):
+            events.append("backend")
+            return backend(window)
+
+    monkeypatch.setattr(stage, "_correspond", lambda *a: events.append("match") or correspond(*a))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: events.append(f"synchronize {device}"))
+    stage.backend = Recorded(backend.device)
+    stage(loaded)
+    assert "synchronize" not in " ".join(events) and "match" in events  # a CPU backend has nothing to wait for
+    events.clear()
+    stage.backend = Recorded(torch.device("cuda", 0))
+    stage(loaded)
+    assert events[:2] == ["backend", "synchronize cuda:0"] and set(events[2:]) == {"match"}
+
+
 def test_load_stage_reads_what_the_backend_needs(dataset, tmp_path):
     """The load stage decodes the foreground masks only for a backend that reads them (the depth backend
     with ``mask_background``), and that backend then keeps its background out of the valid pixels."""

@@ -203,6 +203,7 @@ class GeometryStage:
         ready = [k for k, r in enumerate(rows) if r["error"] is None]
         t0 = time.perf_counter()
         results = self._pointmaps([pickle.loads(rows[k]["data"]) for k in ready])
+        self._synchronize()
         share = (time.perf_counter() - t0) / max(len(ready), 1)
         for k, result in zip(ready, results):
             backend_s[k] = share
@@ -225,6 +226,14 @@ class GeometryStage:
                               ("error", pa.string()), ("read_seconds", pa.float64()), ("backend_seconds", pa.float64()),
                               ("match_seconds", pa.float64()), ("ready_time", pa.float64())]),
         )
+
+    def _synchronize(self) -> None:
+        """Wait for the backend's queued GPU work, so that it is timed as backend time, not as the
+        matcher's (whose device -> host copy would otherwise wait for it)."""
+        if self.backend.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.backend.device)
 
     def _pointmaps(self, windows: list[Any]) -> list[Any]:
         """Backend outputs (or error strings) for loaded windows, batched, isolating data errors."""
