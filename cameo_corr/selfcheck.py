@@ -2,12 +2,15 @@
 
 Run it once on a new GPU machine (a few minutes on one GPU). It prints one row per check (check,
 device, result, time, tolerance) and exits 1 when any check fails, 0 otherwise; skipped checks are
-listed with the reason. The device is ``--device`` (default: ``cuda`` when visible, else ``cpu``);
+listed with the reason (with ``--strict`` a skipped check fails the run too). The device is ``--device`` (default: ``cuda`` when visible, else ``cpu``);
 every check picks its CUDA or CPU variant from it:
 
 * **matching**: the exact token matchers ``kdtree``, ``torch`` and ``faiss`` (faiss-gpu on CUDA
-  tensors) on one window of tokens on the device, with exact distance ties, must return the ``nn``
-  and ``mask`` of the float64 brute-force reference bit for bit (``dist`` within float32 rounding).
+  tensors) on two windows of tokens on the device, one on a lattice (exact distance ties) and one on
+  a smooth surface (where faiss's candidates are certified rather than redone by brute force), must
+  return the ``nn`` and ``mask`` of the float64 brute-force reference bit for bit (``dist`` within
+  float32 rounding); **faiss rounding** measures the error of faiss's float32 distances on the smooth
+  tokens, which must stay within the bound its certification assumes, and the share it certifies.
 * **vggt single-head** (needs the vggt package): the adapter's default path (aggregator, camera head,
   depth head, 8 frames per pass) against ``VGGT.forward`` on the tiny real model with random weights.
 * **vggt bf16 / fp16** (CUDA): the adapter in mixed precision against fp32 on the tiny real model,
@@ -198,42 +201,77 @@ def lattice_tokens(device: "torch.device", *, views: int = MATCH_VIEWS, grid: in
     return points.float().to(device), valid.to(device)
 
 
-def check_matching(ctx: Context) -> list[Row]:
-    """kdtree / torch / faiss on device tensors against the float64 brute-force reference on the CPU; one
-    row per backend (a backend that raises is a failed row of its own, the others are still checked)."""
+def smooth_tokens(device: "torch.device", *, views: int = MATCH_VIEWS, grid: int = MATCH_GRID, seed: int = 0) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Token points ``[S, g, g, 3]`` of one smooth surface seen by ``views`` shifted cameras (continuous
+    coordinates: faiss's candidates are certified, not redone by brute force) and ``valid`` with ~10 %
+    invalid tokens, on ``device``."""
     import torch
 
-    from cameo_corr.pipeline.match import match_tokens
+    g = torch.Generator().manual_seed(seed)
+    v, u = torch.meshgrid(torch.linspace(-1, 1, grid, dtype=torch.float64), torch.linspace(-1, 1, grid, dtype=torch.float64), indexing="ij")
+    shift = (torch.rand(views, 2, generator=g, dtype=torch.float64) - 0.5) * 0.4
+    x, y = u + shift[:, :1, None], v + shift[:, 1:, None]
+    z = 2.0 + 0.3 * torch.sin(3 * x) * torch.cos(2 * y)
+    valid = torch.rand(views, grid, grid, generator=g) > 0.1
+    return torch.stack([x * z, y * z, z], dim=-1).float().to(device), valid.to(device)
 
-    points, valid = lattice_tokens(ctx.device)
-    ref_nn, ref_dist, ref_mask = match_tokens(points.cpu().double(), valid.cpu(), backend="torch")
+
+def check_matching(ctx: Context) -> list[Row]:
+    """kdtree / torch / faiss on device tensors against the float64 brute-force reference on the CPU, on
+    lattice tokens (exact ties: faiss's rows go to brute force) and smooth ones (faiss's candidates are
+    certified and re-ranked); one row per backend (a backend that raises is a failed row of its own, the
+    others are still checked), then a row measuring faiss's rounding against its bound."""
+    import torch
+
+    from cameo_corr.pipeline.match import faiss_rounding, match_tokens
+
+    sets = {name: make(ctx.device) for name, make in (("lattice", lattice_tokens), ("smooth", smooth_tokens))}
+    refs = {name: match_tokens(points.cpu().double(), valid.cpu(), backend="torch") for name, (points, valid) in sets.items()}
     tolerance = "nn, mask exact; dist rel 1e-6"
+    where = f"S={MATCH_VIEWS}, {MATCH_GRID}x{MATCH_GRID} tokens, lattice and smooth"
     rows = []
     for name, reason in match_backends(ctx.device):
         check = f"matching {name}"
         if reason is not None:
             rows.append(Row(check, str(ctx.device), "skip", reason, tolerance=tolerance))
             continue
+        seconds, problems, dist_err = 0.0, [], 0.0
         try:
-            match_tokens(points, valid, backend=name)  # warm-up (faiss GPU resources, CUDA kernels)
-            (nn, dist, mask), seconds = timed(lambda: match_tokens(points, valid, backend=name), ctx.device)
+            for tokens, (points, valid) in sets.items():
+                match_tokens(points, valid, backend=name)  # warm-up (faiss GPU resources, CUDA kernels)
+                (nn, dist, mask), t = timed(lambda: match_tokens(points, valid, backend=name), ctx.device)
+                seconds += t
+                if nn.device != points.device:
+                    problems.append(f"results on {nn.device}, inputs on {points.device}")
+                    break
+                ref_nn, ref_dist, ref_mask = refs[tokens]
+                bad_nn = int((nn.cpu() != ref_nn).sum())
+                bad_mask = int((mask.cpu() != ref_mask).sum())
+                finite = torch.isfinite(ref_dist)
+                err = float(((dist.cpu().double() - ref_dist.double()).abs() / ref_dist.double().clamp_min(1e-12))[finite].max())
+                dist_err = max(dist_err, err)
+                if bad_nn or bad_mask or not torch.equal(torch.isfinite(dist.cpu()), finite) or err > 1e-6:
+                    problems.append(f"{tokens}: {bad_nn} nn and {bad_mask} mask entries differ from the reference, dist rel err {err:.1e}")
         except Exception as e:  # noqa: BLE001 - one matcher's crash is its failed row; the others are still checked
             rows.append(Row(check, str(ctx.device), "FAIL", raised(e), tolerance=tolerance))
             continue
-        where = f"S={MATCH_VIEWS}, {MATCH_GRID}x{MATCH_GRID} tokens"
-        if nn.device != points.device:
-            rows.append(Row(check, str(ctx.device), "FAIL", f"results on {nn.device}, inputs on {points.device}", seconds, tolerance))
-            continue
-        bad_nn = int((nn.cpu() != ref_nn).sum())
-        bad_mask = int((mask.cpu() != ref_mask).sum())
-        finite = torch.isfinite(ref_dist)
-        same_inf = torch.equal(torch.isfinite(dist.cpu()), finite)
-        dist_err = float(((dist.cpu().double() - ref_dist.double()).abs() / ref_dist.double().clamp_min(1e-12))[finite].max())
-        if bad_nn or bad_mask or not same_inf or dist_err > 1e-6:
-            result = f"{bad_nn} nn and {bad_mask} mask entries differ from the reference, dist rel err {dist_err:.1e}"
-            rows.append(Row(check, str(ctx.device), "FAIL", result, seconds, tolerance))
+        if problems:
+            rows.append(Row(check, str(ctx.device), "FAIL", "; ".join(problems), seconds, tolerance))
         else:
             rows.append(Row(check, str(ctx.device), "ok", f"identical ({where}, dist rel err {dist_err:.1e})", seconds, tolerance))
+    if dict(match_backends(ctx.device)).get("faiss") is None:
+        points, valid = sets["smooth"]
+        flat, keep = points.reshape(MATCH_VIEWS, -1, 3), valid.reshape(MATCH_VIEWS, -1)
+        tolerance = "error <= the certification's bound"
+        try:
+            out, seconds = timed(lambda: faiss_rounding(flat[1:][keep[1:]], flat[0][keep[0]]), ctx.device)
+        except Exception as e:  # noqa: BLE001 - reported as the failed row
+            rows.append(Row("faiss rounding", str(ctx.device), "FAIL", raised(e), tolerance=tolerance))
+        else:
+            u = 2.0**-24
+            result = (f"error {out['error'] / u:.3g} x 2^-24 of (|q| + max|k|)^2, bound {out['bound'] / u:.3g} x 2^-24; "
+                      f"{out['certified']:.1%} of smooth queries certified (the rest go to brute force)")
+            rows.append(Row("faiss rounding", str(ctx.device), "ok" if out["error"] <= out["bound"] else "FAIL", result, seconds, tolerance))
     return rows
 
 
@@ -653,9 +691,9 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(line.rstrip() for line in out)
 
 
-def exit_code(rows: Sequence[Row]) -> int:
-    """1 when any row failed, else 0 (skips do not fail the run)."""
-    return 1 if any(r.status == "FAIL" for r in rows) else 0
+def exit_code(rows: Sequence[Row], *, strict: bool = False) -> int:
+    """1 when any row failed (with ``strict`` also when any was skipped), else 0."""
+    return 1 if any(r.status == "FAIL" or (strict and r.status == "skip") for r in rows) else 0
 
 
 def summary_line(rows: Sequence[Row], seconds: float) -> str:
@@ -669,6 +707,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device to check (default: cuda if visible, else cpu)")
     parser.add_argument("--workdir", default=None, help="keep the synthetic data and caches here (default: a temporary directory)")
     parser.add_argument("--json", default=None, help="also write the rows as JSON to this file")
+    parser.add_argument("--strict", action="store_true",
+                        help="a skipped check fails the run too (e.g. faiss-gpu or vggt missing on a GPU machine meant to have them)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -694,7 +734,7 @@ def _run(args: argparse.Namespace) -> int:
     print(summary_line(rows, time.perf_counter() - t0))
     if args.json:
         Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=2))
-    return exit_code(rows)
+    return exit_code(rows, strict=args.strict)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:

@@ -82,8 +82,10 @@ def test_preprocess_options_use_only_keywords_run_preprocess_takes() -> None:
 
 def test_matching_check_passes_on_cpu_and_catches_a_wrong_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rows = check_matching(Context(CPU, tmp_path))
-    assert [(r.check, r.status) for r in rows] == [("matching kdtree", "ok"), ("matching torch", "ok"), ("matching faiss", "ok")]
-    assert all("identical" in r.result and r.seconds is not None for r in rows)
+    assert [(r.check, r.status) for r in rows] == [("matching kdtree", "ok"), ("matching torch", "ok"), ("matching faiss", "ok"),
+                                                   ("faiss rounding", "ok")]
+    assert all("identical" in r.result and "lattice and smooth" in r.result and r.seconds is not None for r in rows[:3])
+    assert "100.0% of smooth queries certified" in rows[3].result  # the smooth set exercises faiss's re-rank
 
     from cameo_corr.pipeline import match
 
@@ -98,7 +100,15 @@ def test_matching_check_passes_on_cpu_and_catches_a_wrong_backend(tmp_path: Path
 
     monkeypatch.setattr(match, "match_tokens", off_by_one)
     rows = check_matching(Context(CPU, tmp_path))
-    assert [r.status for r in rows] == ["ok", "ok", "FAIL"] and "3 nn" in rows[2].result
+    assert [r.status for r in rows] == ["ok", "ok", "FAIL", "ok"]
+    assert "lattice: 3 nn" in rows[2].result and "smooth: 3 nn" in rows[2].result
+    monkeypatch.setattr(match, "match_tokens", real)
+
+    rounding = match.faiss_rounding
+    monkeypatch.setattr(match, "faiss_rounding", lambda q, k: {**rounding(q, k), "error": 2 * rounding(q, k)["bound"]})
+    rows = check_matching(Context(CPU, tmp_path))  # a faiss rounding beyond the bound its certification assumes
+    assert [r.status for r in rows] == ["ok", "ok", "ok", "FAIL"] and "error 32 x 2^-24" in rows[3].result
+    monkeypatch.setattr(match, "faiss_rounding", rounding)
 
     def kdtree_crashes(points, valid, *, backend="auto", **kw):
         if backend == "kdtree":
@@ -107,7 +117,8 @@ def test_matching_check_passes_on_cpu_and_catches_a_wrong_backend(tmp_path: Path
 
     monkeypatch.setattr(match, "match_tokens", kdtree_crashes)  # one crashing matcher hides neither of the others
     rows = check_matching(Context(CPU, tmp_path))
-    assert [(r.check, r.status) for r in rows] == [("matching kdtree", "FAIL"), ("matching torch", "ok"), ("matching faiss", "ok")]
+    assert [(r.check, r.status) for r in rows] == [("matching kdtree", "FAIL"), ("matching torch", "ok"), ("matching faiss", "ok"),
+                                                   ("faiss rounding", "ok")]
     assert rows[0].result == "raised ModuleNotFoundError: No module named 'somelib'"
 
 
@@ -172,6 +183,17 @@ def test_a_crashing_check_is_a_failed_row_and_exit_code_1(tmp_path: Path, monkey
     table = format_table(rows)
     assert table.splitlines()[0].split() == ["check", "device", "result", "time", "tolerance"]
     assert "FAIL: raised RuntimeError: boom" in table and "0.50 s" in table
+
+
+def test_strict_fails_a_run_with_a_skipped_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """On a GPU machine meant to have faiss-gpu and vggt, ``--strict`` turns their skips into exit 1."""
+    def skipped(ctx: Context) -> list[Row]:
+        return [Row("matching faiss", str(ctx.device), "skip", "the installed faiss has no GPU support")]
+
+    monkeypatch.setattr(selfcheck, "CHECKS", (("skipped", skipped),))
+    assert selfcheck.main(["--device", "cpu", "--workdir", str(tmp_path)]) == 0
+    assert selfcheck.main(["--device", "cpu", "--workdir", str(tmp_path), "--strict"]) == 1
+    assert "0 ok, 0 failed, 1 skipped" in capsys.readouterr().out
     with pytest.raises(ValueError, match="status must be one of"):
         Row("x", "cpu", "passed", "")
 

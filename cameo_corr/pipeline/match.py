@@ -73,7 +73,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 __all__ = [
     "BACKENDS",
     "DEFAULT_MAX_ELEMENTS",
+    "GPU_FAISS_HINT",
     "resolve_backend",
+    "faiss_rounding",
     "tokenize",
     "match_tokens",
     "correspond",
@@ -90,9 +92,20 @@ temporary)."""
 
 _FAISS_K = 4
 _FAISS_ERR_CPU = 16 * 2.0**-24
-_FAISS_ERR_GPU = 16 * 2.0**-11
-"""Error bound of faiss's float32 ``|a|^2 + |b|^2 - 2 a.b`` relative to ``(|a| + |b|)^2`` (generous; the
-GPU bound also covers TF32 tensor-core GEMMs)."""
+_FAISS_ERR_GPU = 64 * 2.0**-24
+"""Error bounds of faiss's float32 ``|a|^2 + |b|^2 - 2 a.b`` relative to ``(|a| + |b|)^2``, the rounding of
+the centred inputs to float32 included. Both are float32 bounds: faiss-gpu multiplies on its own cuBLAS
+handle in the default math mode (plus ``CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION``), where float32
+GEMMs never use TF32, so its error is that of float32 arithmetic in another summation order (the GPU
+bound is 4x wider for it). faiss-cpu's measured error on smooth token clouds is ~0.03 x 2^-24;
+:func:`faiss_rounding` measures it on any device and ``cameo-corr selfcheck`` fails when faiss-gpu
+exceeds the bound (a wider bound only sends more rows to brute force: a TF32-sized one would certify
+none)."""
+GPU_FAISS_HINT = (
+    "PyPI's faiss-gpu-cu12 wheels after 1.9.0.0 carry kernels for compute capabilities 7.0 and 8.x only: "
+    "on Hopper (9.0) and newer install faiss-gpu-cu12==1.9.0.0 (Python <= 3.12) or conda's faiss-gpu"
+)
+"""What to install when faiss-gpu has no kernels for the GPU (``pip install 'cameo-corr[gpu]'`` pins 1.9.0.0)."""
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -114,17 +127,62 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
         except ImportError as e:
             raise SchemaError(
                 "backend",
-                f"'faiss' needs the faiss package, which cannot be imported ({e}); install faiss-cpu, or faiss-gpu "
-                "for CUDA tensors (`pip install 'cameo-corr[gpu]'`), or use backend='kdtree', 'torch' or 'auto'",
+                f"'faiss' needs the faiss package, which cannot be imported ({e}){_faiss_clash()}; install faiss-cpu "
+                "(`pip install 'cameo-corr[faiss]'`), or faiss-gpu for CUDA tensors (`pip install 'cameo-corr[gpu]'`), "
+                "or use backend='kdtree', 'torch' or 'auto'",
             ) from e
         if device.type == "cuda" and (not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0):
             raise SchemaError(
                 "backend",
                 "'faiss' was asked for CUDA tensors but the installed faiss has no GPU support "
-                "(faiss.get_num_gpus() == 0); install faiss-gpu (`pip install 'cameo-corr[gpu]'`), or use backend='torch' "
-                "or 'auto'",
+                f"(faiss.get_num_gpus() == 0){_faiss_clash()}; install faiss-gpu (`pip install 'cameo-corr[gpu]'`), "
+                "or use backend='torch' or 'auto'",
             )
+        if device.type == "cuda":
+            _probe_faiss_gpu(faiss, device.index if device.index is not None else torch.cuda.current_device())
     return backend
+
+
+def _faiss_clash() -> str:
+    """A note when faiss-cpu and a faiss-gpu wheel are both installed: both ship the ``faiss`` module, so
+    whichever was installed last overwrote the other (and removing one breaks the other)."""
+    from importlib import metadata
+
+    installed = set()
+    for dist in ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss-gpu-cuvs", "faiss-gpu"):
+        try:
+            metadata.version(dist)
+            installed.add(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    gpu = sorted(installed - {"faiss-cpu"})
+    if "faiss-cpu" not in installed or not gpu:
+        return ""
+    return (f" (faiss-cpu and {', '.join(gpu)} are both installed and overwrite each other's faiss module: "
+            f"uninstall both, then install {gpu[0]} alone)")
+
+
+_FAISS_GPU_PROBED: dict[int, str | None] = {}
+
+
+def _probe_faiss_gpu(faiss: Any, index: int) -> None:
+    """Run one tiny ``knn_gpu`` on GPU ``index`` (once per process and GPU) and raise :class:`SchemaError`
+    (field ``backend``) when faiss-gpu cannot run there, e.g. a wheel without kernels for its compute
+    capability ("no kernel image is available"): every window would fail at its first match."""
+    if index not in _FAISS_GPU_PROBED:
+        try:
+            xb = np.arange(12, dtype=np.float32).reshape(4, 3)
+            faiss.knn_gpu(faiss.StandardGpuResources(), xb[:2], xb, 1, device=index)
+            _FAISS_GPU_PROBED[index] = None
+        except Exception as e:  # noqa: BLE001 - faiss raises RuntimeError for CUDA errors; any failure means it cannot run here
+            cc = ".".join(map(str, torch.cuda.get_device_capability(index))) if torch.cuda.is_available() else "?"
+            _FAISS_GPU_PROBED[index] = (
+                f"'faiss' cannot run on cuda:{index} (compute capability {cc}) with faiss {getattr(faiss, '__version__', '?')}: "
+                f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}; {GPU_FAISS_HINT}, or use "
+                "backend='torch' or 'auto'"
+            )
+    if _FAISS_GPU_PROBED[index] is not None:
+        raise SchemaError("backend", _FAISS_GPU_PROBED[index])
 
 
 # ------------------------------------------------------------------------------------------ tokens
@@ -254,17 +312,22 @@ def _faiss_certified(D: Array, cand: Array, q_norm: Array, k_norm_max: Array, er
     return (D[:, -1] - D[:, 0] > 2.0 * err) & (cand >= 0).all(1)
 
 
-def _faiss_cpu_nn(queries: np.ndarray, keys: np.ndarray, max_elements: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact NN via ``faiss.knn`` candidates (float32, centred on the keys) + certified re-rank."""
+def _faiss_cpu_candidates(queries: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``faiss.knn`` of float64 ``queries`` among ``keys``, both centred on the keys and rounded to float32:
+    ``(D [n, k] float32 squared distances, cand [n, k] int64, q32, k32)`` with ``k = min(4, len(keys))``."""
     import faiss
 
-    k = min(_FAISS_K, len(keys))
     centre = keys.mean(axis=0)
     q32 = np.ascontiguousarray(queries - centre, dtype=np.float32)
     k32 = np.ascontiguousarray(keys - centre, dtype=np.float32)
-    D, cand = faiss.knn(q32, k32, k)
-    cand = cand.astype(np.int64, copy=False)
-    if k == len(keys):
+    D, cand = faiss.knn(q32, k32, min(_FAISS_K, len(keys)))
+    return D, cand.astype(np.int64, copy=False), q32, k32
+
+
+def _faiss_cpu_nn(queries: np.ndarray, keys: np.ndarray, max_elements: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact NN via ``faiss.knn`` candidates (float32, centred on the keys) + certified re-rank."""
+    D, cand, q32, k32 = _faiss_cpu_candidates(queries, keys)
+    if cand.shape[1] == len(keys):
         certified = (cand >= 0).all(axis=1)
     else:
         certified = _faiss_certified(
@@ -276,8 +339,8 @@ def _faiss_cpu_nn(queries: np.ndarray, keys: np.ndarray, max_elements: int) -> t
 _GPU_RESOURCES: dict[int, Any] = {}
 
 
-def _faiss_gpu_nn(queries: "Tensor", keys: "Tensor", max_elements: int) -> tuple["Tensor", "Tensor"]:
-    """Exact NN via ``faiss.knn_gpu`` on CUDA tensors (float32, centred) + certified re-rank."""
+def _faiss_gpu_candidates(queries: "Tensor", keys: "Tensor") -> tuple["Tensor", "Tensor", "Tensor", "Tensor"]:
+    """:func:`_faiss_cpu_candidates` on CUDA tensors through ``faiss.knn_gpu`` (results on their device)."""
     import faiss
     import faiss.contrib.torch_utils  # noqa: F401  (lets knn_gpu take torch CUDA tensors)
 
@@ -285,20 +348,48 @@ def _faiss_gpu_nn(queries: "Tensor", keys: "Tensor", max_elements: int) -> tuple
     res = _GPU_RESOURCES.get(dev)
     if res is None:
         res = _GPU_RESOURCES[dev] = faiss.StandardGpuResources()
-    k = min(_FAISS_K, keys.shape[0])
     centre = keys.mean(dim=0)
     q32 = (queries - centre).float().contiguous()
     k32 = (keys - centre).float().contiguous()
     with torch.cuda.device(dev):  # knn_gpu runs on torch's stream of the *current* device: make it the tensors'
-        D, cand = faiss.knn_gpu(res, q32, k32, k, device=dev)
-    cand = cand.to(torch.long)
-    if k == keys.shape[0]:
+        D, cand = faiss.knn_gpu(res, q32, k32, min(_FAISS_K, keys.shape[0]), device=dev)
+    return D, cand.to(torch.long), q32, k32
+
+
+def _faiss_gpu_nn(queries: "Tensor", keys: "Tensor", max_elements: int) -> tuple["Tensor", "Tensor"]:
+    """Exact NN via ``faiss.knn_gpu`` on CUDA tensors (float32, centred) + certified re-rank."""
+    D, cand, q32, k32 = _faiss_gpu_candidates(queries, keys)
+    if cand.shape[1] == keys.shape[0]:
         certified = (cand >= 0).all(1)
     else:
         certified = _faiss_certified(
             D.double(), cand, q32.double().norm(dim=1), k32.double().norm(dim=1).max(), _FAISS_ERR_GPU
         )
     return _select_torch(queries, keys, cand.clamp_min(0), certified, max_elements)
+
+
+def faiss_rounding(queries: "Tensor", keys: "Tensor") -> dict[str, float]:
+    """How faiss's candidates behave on ``queries [n, 3]`` among ``keys [m, 3]`` (m > 4) on their device
+    (faiss-gpu for CUDA tensors, faiss-cpu otherwise): ``error``, the largest error of its float32 squared
+    distances against float64 on the same float32 inputs relative to ``(|q| + max |k|)^2``; ``bound``, the
+    error the certification assumes there (the input rounding is covered by the bound, not measured);
+    ``certified``, the share of queries whose candidates are certified (the others go to brute force)."""
+    queries, keys = torch.as_tensor(queries).double(), torch.as_tensor(keys).double()
+    if keys.shape[0] <= _FAISS_K:
+        raise SchemaError("keys", f"needs more than {_FAISS_K} keys, got {keys.shape[0]}")
+    if queries.device.type == "cuda":
+        D, cand, q32, k32 = _faiss_gpu_candidates(queries, keys)
+        bound = _FAISS_ERR_GPU
+    else:
+        D, cand, q32, k32 = (torch.from_numpy(a) for a in _faiss_cpu_candidates(queries.numpy(), keys.numpy()))
+        bound = _FAISS_ERR_CPU
+    q64, k64, D = q32.double(), k32.double(), D.double()
+    exact = ((q64[:, None, :] - k64[cand.clamp_min(0)]) ** 2).sum(-1)
+    q_norm, k_norm_max = q64.norm(dim=1), k64.norm(dim=1).max()
+    scale = (q_norm[:, None] + k_norm_max) ** 2
+    certified = _faiss_certified(D, cand, q_norm, k_norm_max, bound)
+    return {"error": float(((D - exact).abs() / scale)[cand >= 0].max()), "bound": bound,
+            "certified": float(certified.double().mean())}
 
 
 def _brute_torch_nn(queries: "Tensor", keys: "Tensor", max_elements: int) -> tuple["Tensor", "Tensor"]:
