@@ -291,3 +291,41 @@ def test_repair_drops_corrupt_shards_so_a_rerun_recomputes_them(small_cache, com
     writer = CacheWriter(small_cache, config())
     writer.write_shard("s2", outcomes([3, 4]))  # what the next run does: the same shard, recomputed
     assert verify_cache(CorrCache(small_cache), deep=True) == [] and len(CorrCache(small_cache)) == 4
+
+
+def test_a_store_that_does_not_answer_is_not_corrupt_data(small_cache, monkeypatch, capsys):
+    """A network failure while reading shards (botocore's errors, which s3fs passes through) or an I/O
+    error is raised as itself, not as corrupt data: deep verify does not report the shard (so
+    ``--repair`` would not drop it, nor ``data.on_corrupt=skip`` skip its windows), and the command line
+    prints one line, exit 1."""
+    import errno
+
+    from botocore.exceptions import EndpointConnectionError
+
+    from cameo_corr.cache.shard import CorruptCacheError
+
+    cache = CorrCache(small_cache)
+    fs, real_open = cache.location.fs, cache.location.fs.open
+    raised: list[BaseException] = []
+
+    def unreachable(path, mode="rb", **kw):
+        if path.endswith(".zarr.zip") and raised:
+            raise raised[0]
+        return real_open(path, mode, **kw)
+
+    monkeypatch.setattr(fs, "open", unreachable)
+    for error in (EndpointConnectionError(endpoint_url="http://store/cache/shards/s1.zarr.zip"),
+                  OSError(errno.EIO, "Input/output error", "shards/s1.zarr.zip")):
+        raised[:] = [error]
+        with pytest.raises(type(error)) as e:
+            CorrCache(small_cache).read_shard("s1")
+        assert not isinstance(e.value, CorruptCacheError)
+        with pytest.raises(type(error)):
+            verify_report(CorrCache(small_cache), deep=True)
+    raised[:] = [EndpointConnectionError(endpoint_url="http://store/cache/shards/s1.zarr.zip")]
+    assert cli_main(["cache", "verify", str(small_cache), "--deep"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ('cameo-corr cache verify: error: the store did not answer: Could not connect to the endpoint URL: '
+                   '"http://store/cache/shards/s1.zarr.zip"')
+    raised.clear()
+    assert verify_report(CorrCache(small_cache), deep=True).problems == []

@@ -175,3 +175,30 @@ def test_an_s3_store_that_ignores_conditional_writes_gets_the_settle_lease_and_a
     with caplog.at_level(logging.WARNING, logger="cameo_corr.cache.lease_store"):
         store = CacheLease(location).store
     assert type(store) is LeaseStore and "ignores If-None-Match" in caplog.text
+
+
+def test_renewal_survives_a_store_that_does_not_answer(tmp_path, monkeypatch):
+    """botocore's connection errors (s3fs passes them through, they are not OSError) are transient for
+    the renewal thread as OSError is: it keeps renewing instead of dying with the lease never lost."""
+    from botocore.exceptions import EndpointConnectionError
+
+    location = CacheLocation(str(tmp_path / "cache"))
+    lease = CacheLease(location, timeout=0.8).acquire()
+    try:
+        real, failures = lease.store.replace, [2]
+
+        def unreachable_twice(record, version):
+            if failures[0]:
+                failures[0] -= 1
+                raise EndpointConnectionError(endpoint_url="http://store/cache/lease.json")
+            return real(record, version)
+
+        monkeypatch.setattr(lease.store, "replace", unreachable_twice)
+        first = json.loads(location.read_bytes(LEASE_FILE))["renewed"]
+        deadline = time.monotonic() + 10
+        while (failures[0] or json.loads(location.read_bytes(LEASE_FILE))["renewed"] == first) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert failures[0] == 0 and json.loads(location.read_bytes(LEASE_FILE))["renewed"] > first
+        assert lease.lost is None and lease._thread is not None and lease._thread.is_alive()
+    finally:
+        lease.release()

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from cameo_corr.cache.lease_holder import describe_holder, holder_gone, this_holder
 from cameo_corr.cache.lease_store import SETTLE_SECONDS, LeaseStore, lease_store_for
 from cameo_corr.schemas import CameoCorrError
+from cameo_corr.cache.location import store_errors
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.cache.location import CacheLocation
@@ -154,7 +155,7 @@ class CacheLease:
                     logger.error("lost the cache lease to %s", self.lost)
                     return
                 self._version = version
-            except OSError as e:  # a transient store error: try again at the next period
+            except store_errors() as e:  # a transient store error (disk, network, S3): try again at the next period
                 logger.warning("could not renew the cache lease: %s", e)
 
     def release(self) -> None:

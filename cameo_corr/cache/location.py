@@ -12,6 +12,27 @@ from typing import Any, Mapping
 from cameo_corr.cache.layout import TMP_PREFIX
 
 
+_STORE_ERRORS: tuple[type[BaseException], ...] | None = None
+
+
+def store_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean a store could not be reached or did not answer, not that its data is bad:
+    ``OSError`` (local disks, and the S3 error codes s3fs translates) and botocore's connection, timeout
+    and credential errors (``BotoCoreError``), which s3fs passes through unchanged. Readers let them
+    through instead of calling a shard corrupt; the lease keeps renewing after them."""
+    global _STORE_ERRORS
+    if _STORE_ERRORS is None:
+        errors: list[type[BaseException]] = [OSError]
+        try:
+            from botocore.exceptions import BotoCoreError
+
+            errors.append(BotoCoreError)
+        except ImportError:  # no s3fs/botocore installed: no such errors can occur
+            pass
+        _STORE_ERRORS = tuple(errors)
+    return _STORE_ERRORS
+
+
 class CacheLocation:
     """Where a cache lives: a local directory or an fsspec URL, with the few file operations we need."""
 

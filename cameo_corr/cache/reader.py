@@ -11,7 +11,7 @@ import numpy as np
 
 from cameo_corr.cache.config import read_config
 from cameo_corr.cache.layout import CONFIG_FILE, shard_dir
-from cameo_corr.cache.location import CacheLocation
+from cameo_corr.cache.location import CacheLocation, store_errors
 from cameo_corr.cache.manifest import ManifestIndex, find_sorted_id, read_manifest, scan_manifest
 from cameo_corr.cache.shard import SHARD_WINDOW_KEYS, CorruptCacheError, gather_all, run_on_zarr_loop, shard_zip_store
 from cameo_corr.schemas import CACHE_ARRAYS, CacheConfig, DatasetError
@@ -233,6 +233,8 @@ class CorrCache:
             self._arrays[shard_id] = {key: zarr.Array(arr) for key, arr in zip(keys, arrays)}
         except KeyError as e:
             raise CorruptCacheError(self.location.display, shard_id, None, None, f"array {e} missing") from e
+        except store_errors():  # the store did not answer: not a verdict on the shard's bytes
+            raise
         except Exception as e:  # zip, JSON and zarr metadata errors all mean "this shard is unreadable"
             raise CorruptCacheError(self.location.display, shard_id, None, None, e) from e
         self._shards[shard_id] = group
@@ -286,6 +288,8 @@ class CorrCache:
         async def one(name: str) -> Any:
             try:
                 return await arrays[name].async_array.getitem(selection)
+            except store_errors():  # the store did not answer (network, disk): not corrupt data
+                raise
             except Exception as e:  # checksum mismatch (ValueError), zstd/zip errors...: all "corrupt"
                 raise CorruptCacheError(self.location.display, shard_id, name, window, e) from e
 

@@ -11,6 +11,8 @@ share in :mod:`cameo_corr.cli.args`; both import nothing above the schemas, so a
 * :class:`RunFailed` (the input was fine but the run did not produce what it should): one line, exit 1;
 * ``OSError`` with a path (missing, not writable, a file where a directory is expected): one line,
   exit 2; a full disk (``ENOSPC``/``EDQUOT``) or another I/O failure: one line, exit 1;
+* an object store that does not answer (botocore's connection, timeout and credential errors, which
+  s3fs passes through): one line naming the URL where botocore's text does, exit 1;
 * Ctrl-C: ``cameo-corr <command>: interrupted``, exit 130 (128 + SIGINT, as shells report it); a
   handler may re-raise ``KeyboardInterrupt(<what is kept>)`` to add that to the line;
 * stdout closed early (``cameo-corr cache stats ... | head``): no message, exit 141 (128 + SIGPIPE).
@@ -124,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         message, code = describe_os_error(e)
         _report(prog, f"error: {message}")
         return code
+    except Exception as e:
+        from cameo_corr.cache.location import store_errors  # not at the top: it imports zarr
+
+        if not isinstance(e, store_errors()):  # a bug: its traceback
+            raise
+        _report(prog, f"error: the store did not answer: {e}")  # botocore's errors: the text names the URL
+        return EXIT_FAILED
 
 
 def _report(prog: str, text: str) -> None:
