@@ -325,7 +325,7 @@ def test_a_store_that_does_not_answer_is_not_corrupt_data(small_cache, monkeypat
     raised[:] = [EndpointConnectionError(endpoint_url="http://store/cache/shards/s1.zarr.zip")]
     assert cli_main(["cache", "verify", str(small_cache), "--deep"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == ('cameo-corr cache verify: error: the store did not answer: Could not connect to the endpoint URL: '
+    assert err == ('cameo-corr cache verify: error: object store: Could not connect to the endpoint URL: '
                    '"http://store/cache/shards/s1.zarr.zip"')
     raised.clear()
     assert verify_report(CorrCache(small_cache), deep=True).problems == []

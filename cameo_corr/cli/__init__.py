@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(e, store_errors()):  # a bug: its traceback
             raise
-        _report(prog, f"error: the store did not answer: {e}")  # botocore's errors: the text names the URL
+        _report(prog, f"error: object store: {e}")  # botocore's errors: the text names the URL
         return EXIT_FAILED
 
 
