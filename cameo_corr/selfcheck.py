@@ -2,8 +2,9 @@
 
 Run it once on a new GPU machine (a few minutes on one GPU). It prints one row per check (check,
 device, result, time, tolerance) and exits 1 when any check fails, 0 otherwise; skipped checks are
-listed with the reason (with ``--strict`` a skipped check fails the run too). The device is ``--device`` (default: ``cuda`` when visible, else ``cpu``);
-every check picks its CUDA or CPU variant from it:
+listed with the reason (with ``--strict`` a skipped check fails the run too). The device is
+``--device`` (default: ``cuda`` when visible, else ``cpu``); every check picks its CUDA or CPU
+variant from it:
 
 * **matching**: the exact token matchers ``kdtree``, ``torch`` and ``faiss`` (faiss-gpu on CUDA
   tensors) on two windows of tokens on the device, one on a lattice (exact distance ties) and one on
@@ -230,7 +231,8 @@ def check_matching(ctx: Context) -> list[Row]:
     tolerance = "nn, mask exact; dist rel 1e-6"
     where = f"S={MATCH_VIEWS}, {MATCH_GRID}x{MATCH_GRID} tokens, lattice and smooth"
     rows = []
-    for name, reason in match_backends(ctx.device):
+    backends = match_backends(ctx.device)
+    for name, reason in backends:
         check = f"matching {name}"
         if reason is not None:
             rows.append(Row(check, str(ctx.device), "skip", reason, tolerance=tolerance))
@@ -259,7 +261,7 @@ def check_matching(ctx: Context) -> list[Row]:
             rows.append(Row(check, str(ctx.device), "FAIL", "; ".join(problems), seconds, tolerance))
         else:
             rows.append(Row(check, str(ctx.device), "ok", f"identical ({where}, dist rel err {dist_err:.1e})", seconds, tolerance))
-    if dict(match_backends(ctx.device)).get("faiss") is None:
+    if dict(backends).get("faiss") is None:
         points, valid = sets["smooth"]
         flat, keep = points.reshape(MATCH_VIEWS, -1, 3), valid.reshape(MATCH_VIEWS, -1)
         tolerance = "error <= the certification's bound"

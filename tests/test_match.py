@@ -694,6 +694,7 @@ def test_faiss_gpu_without_kernels_for_the_gpu_is_refused_once_with_the_fix(monk
     from cameo_corr.pipeline import match as M
 
     monkeypatch.setattr(M, "_FAISS_GPU_PROBED", {})
+    monkeypatch.setattr(M, "_GPU_RESOURCES", {})  # the fake's resources stay out of the process's cache
     broken = _FakeFaiss("CUDA error 209 no kernel image is available for execution on the device")
     monkeypatch.setitem(sys.modules, "faiss", broken)
     for _ in range(2):

@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 from cameo_corr.cache.lease_holder import describe_holder, holder_gone, this_holder
 from cameo_corr.cache.lease_store import SETTLE_SECONDS, LeaseStore, lease_store_for
-from cameo_corr.schemas import CameoCorrError
 from cameo_corr.cache.location import store_errors
+from cameo_corr.schemas import CameoCorrError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.cache.location import CacheLocation

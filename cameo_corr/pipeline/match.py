@@ -163,6 +163,14 @@ def _faiss_clash() -> str:
 
 
 _FAISS_GPU_PROBED: dict[int, str | None] = {}
+_GPU_RESOURCES: dict[int, Any] = {}
+
+
+def _gpu_resources(faiss: Any, index: int) -> Any:
+    """The process's one ``faiss.StandardGpuResources`` of GPU ``index`` (each reserves temporary memory)."""
+    if index not in _GPU_RESOURCES:
+        _GPU_RESOURCES[index] = faiss.StandardGpuResources()
+    return _GPU_RESOURCES[index]
 
 
 def _probe_faiss_gpu(faiss: Any, index: int) -> None:
@@ -172,7 +180,7 @@ def _probe_faiss_gpu(faiss: Any, index: int) -> None:
     if index not in _FAISS_GPU_PROBED:
         try:
             xb = np.arange(12, dtype=np.float32).reshape(4, 3)
-            faiss.knn_gpu(faiss.StandardGpuResources(), xb[:2], xb, 1, device=index)
+            faiss.knn_gpu(_gpu_resources(faiss, index), xb[:2], xb, 1, device=index)
             _FAISS_GPU_PROBED[index] = None
         except Exception as e:  # noqa: BLE001 - faiss raises RuntimeError for CUDA errors; any failure means it cannot run here
             cc = ".".join(map(str, torch.cuda.get_device_capability(index))) if torch.cuda.is_available() else "?"
@@ -336,18 +344,13 @@ def _faiss_cpu_nn(queries: np.ndarray, keys: np.ndarray, max_elements: int) -> t
     return _select_np(queries, keys, np.maximum(cand, 0), certified, max_elements)
 
 
-_GPU_RESOURCES: dict[int, Any] = {}
-
-
 def _faiss_gpu_candidates(queries: "Tensor", keys: "Tensor") -> tuple["Tensor", "Tensor", "Tensor", "Tensor"]:
     """:func:`_faiss_cpu_candidates` on CUDA tensors through ``faiss.knn_gpu`` (results on their device)."""
     import faiss
     import faiss.contrib.torch_utils  # noqa: F401  (lets knn_gpu take torch CUDA tensors)
 
     dev = queries.device.index if queries.device.index is not None else torch.cuda.current_device()
-    res = _GPU_RESOURCES.get(dev)
-    if res is None:
-        res = _GPU_RESOURCES[dev] = faiss.StandardGpuResources()
+    res = _gpu_resources(faiss, dev)
     centre = keys.mean(dim=0)
     q32 = (queries - centre).float().contiguous()
     k32 = (keys - centre).float().contiguous()
