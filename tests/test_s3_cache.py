@@ -59,11 +59,31 @@ def test_two_jobs_on_one_bucket_one_refused_cache_equals_reference(s3_endpoint, 
 
 
 def test_storage_option_values_never_reach_the_recorded_command():
-    from cameo_corr.job.config import redact_storage_options
+    from cameo_corr.cli.args import redact_storage_options
 
     argv = ["--out", "s3://b/c", "--storage-option", "secret=abc", '--storage-option=client_kwargs={"a": 1}', "--grid", "8"]
     assert redact_storage_options(argv) == ["--out", "s3://b/c", "--storage-option", "secret=***",
                                             "--storage-option=client_kwargs=***", "--grid", "8"]
+    # argparse takes an unambiguous abbreviation of the flag: its values are redacted as well
+    assert redact_storage_options(["--storage", "key=abc", "--storage-opt=secret=xyz", "--split", "train"]) == [
+        "--storage", "key=***", "--storage-opt=secret=***", "--split", "train"]
+
+
+def test_the_recorded_command_names_the_program_as_started(monkeypatch):
+    """``created_by.command``: ``python -m cameo_corr.cli`` where the package ran as a module (not its
+    ``__main__.py``), a script or console script by its name; storage option values redacted."""
+    import sys
+    import types
+
+    from cameo_corr.cli.args import recorded_command
+
+    module_main = types.ModuleType("__main__")
+    module_main.__spec__ = types.SimpleNamespace(name="cameo_corr.cli.__main__")
+    monkeypatch.setitem(sys.modules, "__main__", module_main)
+    assert (recorded_command(["/x/cameo_corr/cli/__main__.py", "cache", "merge", "--storage-option", "secret=s"])
+            == "python -m cameo_corr.cli cache merge --storage-option secret=***")
+    assert recorded_command(["/venv/bin/cameo-corr", "preprocess", "--out", "o"]) == "cameo-corr preprocess --out o"
+    assert recorded_command(["jobs/preprocess.py", "--out", "o"]) == "preprocess.py --out o"
 
 
 def test_a_file_replaced_while_it_is_read_is_read_whole(s3_endpoint):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import TYPE_CHECKING, Callable
 
@@ -24,7 +23,7 @@ from cameo_corr.cache.select import WindowSelection, read_scene_list, selected_m
 from cameo_corr.cache.stats import COVERAGE_BINS, cache_stats, format_stats
 from cameo_corr.cache.verify import verify_report
 from cameo_corr.cache.viz import DEFAULT_MATCHES, render_viz
-from cameo_corr.cli.args import add_storage_option, grid_arg, grids_arg, storage_options
+from cameo_corr.cli.args import add_storage_option, grid_arg, grids_arg, recorded_command, storage_options
 from cameo_corr.cli.errors import UsageError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -34,17 +33,14 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 
 def _open(args: argparse.Namespace) -> "CorrCache":
-
     return CorrCache(args.cache, storage_options(args))
 
 
 def _selection(args: argparse.Namespace) -> "WindowSelection":
     """The window selection of the ``--split``/``--scenes``/``--min-mask-frac`` flags."""
-
     if args.min_mask_frac is not None and not 0.0 <= args.min_mask_frac <= 1.0:
         raise ValueError(f"--min-mask-frac must be in [0, 1], got {args.min_mask_frac}")
     if args.scenes is not None:
-
         read_scene_list(args.scenes)  # a bad file is reported before any cache is read
     return WindowSelection(args.split, args.scenes, args.min_mask_frac)
 
@@ -57,7 +53,6 @@ def cli_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argpar
 
     @functools.wraps(handler)
     def run(args: argparse.Namespace) -> int:
-
         try:
             return handler(args)
         except (ValueError, KeyError) as e:
@@ -123,7 +118,6 @@ def verify_json(cache: "CorrCache", report: "VerifyReport", args: argparse.Names
 
 @cli_errors
 def _compact(args: argparse.Namespace) -> int:
-
     cache = _open(args)
     # the cache's lease: a running job consolidates too (periodically and at its end), never both at once
     with CacheLease(cache.location, force=args.force).acquire():
@@ -136,32 +130,28 @@ def _compact(args: argparse.Namespace) -> int:
 
 @cli_errors
 def _merge(args: argparse.Namespace) -> int:
-
     if len(args.caches) < 2:
         raise UsageError(f"merge needs at least two caches, got {len(args.caches)}", where="command line")
     report = merge_caches(args.caches, args.out, selection=_selection(args), storage_options=storage_options(args),
-                          command=" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]), dataset_root=args.dataset_root)
+                          command=recorded_command(getattr(args, "command_line", None)), dataset_root=args.dataset_root)
     print(report.summary())
     return 0
 
 
 @cli_errors
 def _migrate(args: argparse.Namespace) -> int:
-
     counts = migrate_cache(args.cache, args.out, storage_options=storage_options(args))
     print(f"migrated {counts['windows']} manifest rows and {counts['shards']} shards to {args.out} (schema version 2)")
     return 0
 
 
 def _viz(args: argparse.Namespace) -> int:
-
     cache = _open(args)
     where = cache.location.display
     if args.matches < 1:
         raise UsageError(f"--matches must be at least 1, got {args.matches}", where="command line")
     selection = _selection(args)
     if selection:
-
         ok = sorted(selected_manifest(cache, selection, "ok", ["window_id"]).column("window_id").to_pylist())
     else:
         ok = cache.window_ids()
@@ -201,7 +191,6 @@ def _viz(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add ``cameo-corr cache {stats,verify,viz,compact,migrate,merge}``."""
-
     parser = subparsers.add_parser("cache", help="inspect, verify or visualise a correspondence cache")
     sub = parser.add_subparsers(dest="cache_command", metavar="{stats,verify,viz,compact,migrate,merge}", required=True)
 

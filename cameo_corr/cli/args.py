@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from typing import Any, Sequence
 
 from cameo_corr.schemas import SchemaError, parse_grids
@@ -81,5 +83,42 @@ def storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
     return dict(args.storage_option) or None
 
 
+STORAGE_FLAG = "--storage-option"
+
+
+def _is_storage_flag(arg: str) -> bool:
+    """Whether ``arg`` (before any ``=``) is ``--storage-option`` or an abbreviation argparse accepts."""
+    flag = arg.split("=", 1)[0]
+    return len(flag) > 2 and STORAGE_FLAG.startswith(flag)
+
+
+def redact_storage_options(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the values of ``--storage-option KEY=VALUE`` (also abbreviated, as argparse takes it)
+    replaced by ``***``: credentials never reach ``cache.json``, which records the command."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--") and "=" in arg and _is_storage_flag(arg):
+            flag, value = arg.split("=", 1)
+            out.append(f"{flag}={value.split('=', 1)[0]}=***")
+        elif i > 0 and argv[i - 1].startswith("--") and "=" not in argv[i - 1] and _is_storage_flag(argv[i - 1]):
+            out.append(f"{arg.split('=', 1)[0]}=***")
+        else:
+            out.append(arg)
+    return out
+
+
+def recorded_command(argv: Sequence[str] | None = None) -> str:
+    """The command line as ``cache.json`` records it (``created_by.command``): the program as it was
+    started (``cameo-corr``, a script's name, or ``python -m cameo_corr.cli`` rather than ``__main__.py``)
+    and its arguments with the storage option values redacted (:func:`redact_storage_options`)."""
+    argv = list(sys.argv if argv is None else argv)
+    program = os.path.basename(argv[0]) if argv else ""
+    if program == "__main__.py":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if spec is not None and spec.name:
+            program = f"python -m {spec.name.removesuffix('.__main__')}"
+    return " ".join([program, *redact_storage_options(argv[1:])])
+
+
 __all__ = ["key_value_arg", "grids_arg", "grid_arg", "add_storage_option", "add_dataset_option", "add_sampling_arguments",
-           "SAMPLING_FLAGS", "storage_options"]
+           "SAMPLING_FLAGS", "storage_options", "redact_storage_options", "recorded_command"]

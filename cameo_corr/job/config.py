@@ -8,13 +8,12 @@ import argparse
 import dataclasses
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from cameo_corr.cache.consolidation import DEFAULT_CONSOLIDATE_EVERY, DEFAULT_CONSOLIDATE_SECONDS
 from cameo_corr.cache.lease import DEFAULT_LEASE_TIMEOUT
-from cameo_corr.cli.args import SAMPLING_FLAGS
+from cameo_corr.cli.args import SAMPLING_FLAGS, recorded_command
 from cameo_corr.cli.errors import UsageError
 from cameo_corr.datasets.planner import DEFAULT_SHARD_SIZE
 from cameo_corr.schemas import CANONICAL_SIZE, DEFAULT_GRID, DEFAULT_TAU, IMAGE_FORMATS, SchemaError, as_grid, check_grids, grid_name
@@ -23,21 +22,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.datasets.base import SceneReader
     from cameo_corr.datasets.canonical import CanonicalView
     from cameo_corr.datasets.planner import PlanConfig
-
-def redact_storage_options(argv: list[str]) -> list[str]:
-    """``argv`` with the values of ``--storage-option KEY=VALUE`` replaced by ``***`` (credentials never
-    reach ``cache.json``, which records the command)."""
-    flag = "--storage-option"
-    out = []
-    for i, arg in enumerate(argv):
-        if arg.startswith(flag + "="):
-            out.append(f"{flag}={arg[len(flag) + 1:].split('=', 1)[0]}=***")
-        elif i > 0 and argv[i - 1] == flag:
-            out.append(f"{arg.split('=', 1)[0]}=***")
-        else:
-            out.append(arg)
-    return out
-
 
 @dataclass(frozen=True)
 class JobConfig:
@@ -191,7 +175,7 @@ class JobConfig:
             storage_options=dict(args.storage_option),
             scenes=args.scene,
             progress=not args.no_progress,
-            command=" ".join([os.path.basename(sys.argv[0]), *redact_storage_options(sys.argv[1:])]),
+            command=recorded_command(getattr(args, "command_line", None)),
         )
 
     def open_reader(self) -> "SceneReader":
