@@ -28,7 +28,8 @@ def read_config(location: CacheLocation) -> CacheConfig:
     where = location.url(CONFIG_FILE)
     if not location.exists(CONFIG_FILE):
         if not location.exists():
-            raise DatasetError(location.display, "no such cache directory")
+            bucket = location.missing_bucket()
+            raise DatasetError(location.display, f"no such bucket: {bucket}" if bucket else "no such cache directory")
         raise DatasetError(where, "not a cameo-corr cache: cache.json is missing")
     return CacheConfig.from_json(location.read_bytes(CONFIG_FILE).decode(), where=where)
 

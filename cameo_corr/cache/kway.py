@@ -198,7 +198,7 @@ class SpilledRuns:
         table = sort_table(pa.concat_tables(tables))
         self.rows += table.num_rows
         rel = f"{MANIFEST_DIR}/{TMP_PREFIX}run-{uuid.uuid4().hex[:12]}.arrow"
-        self.spill.fs.makedirs(self.spill.path(MANIFEST_DIR), exist_ok=True)
+        self.spill.makedirs(MANIFEST_DIR)
         with self.spill.fs.open(self.spill.path(rel), "wb") as f, \
                 pa.ipc.new_file(f, table.schema, options=pa.ipc.IpcWriteOptions(compression=SPILL_COMPRESSION)) as w:
             w.write_table(table, max_chunksize=MERGE_BATCH_ROWS)
@@ -281,7 +281,7 @@ def write_sorted(location: "CacheLocation", tables: Iterable["pa.Table"], gen: i
     def open_file() -> None:
         name = f"compact-{gen:06d}-{len(files):05d}.parquet"
         tmp = f"{MANIFEST_DIR}/{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
-        location.fs.makedirs(location.path(MANIFEST_DIR), exist_ok=True)
+        location.makedirs(MANIFEST_DIR)
         sink = location.fs.open(location.path(tmp), "wb")
         state.update(writer=pq.ParquetWriter(sink, schema, compression="zstd"), sink=sink, tmp=tmp, in_file=0)
         files.append(name)

@@ -99,7 +99,7 @@ class LocalLeaseStore(LeaseStore):
     def _lock(self) -> Any:
         from filelock import FileLock
 
-        self.location.fs.makedirs(self.location.root, exist_ok=True)
+        self.location.makedirs()
         return FileLock(self.location.path(self.name + ".lock"), timeout=60)
 
     def create(self, data: bytes) -> Any | None:

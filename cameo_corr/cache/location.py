@@ -10,6 +10,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cameo_corr.cache.layout import TMP_PREFIX
+from cameo_corr.cli.errors import note_store
+from cameo_corr.schemas import DatasetError
+
+BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az"})
+"""Object stores whose fsspec ``makedirs`` creates a missing bucket (directories there are key prefixes)."""
 
 
 _STORE_ERRORS: tuple[type[BaseException], ...] | None = None
@@ -33,6 +38,22 @@ def store_errors() -> tuple[type[BaseException], ...]:
     return _STORE_ERRORS
 
 
+def _check_session_options(fs: Any, url: str) -> None:
+    """Refuse storage options s3fs does not know. s3fs hands them to aiobotocore's session, which
+    raises a ``TypeError`` at the first request (``--storage-option retries=3`` was a traceback)."""
+    extra = getattr(fs, "kwargs", None)
+    if type(fs).__module__.split(".")[0] != "s3fs" or not extra:
+        return
+    import inspect
+
+    from aiobotocore.session import AioSession
+
+    unknown = sorted(set(extra) - set(inspect.signature(AioSession.__init__).parameters))
+    if unknown:
+        raise DatasetError(url, f"s3fs takes no storage option {', '.join(map(repr, unknown))} (botocore's settings, such as "
+                           "timeouts and retries, go in config_kwargs)", field="storage_options")
+
+
 class CacheLocation:
     """Where a cache lives: a local directory or an fsspec URL, with the few file operations we need."""
 
@@ -54,6 +75,9 @@ class CacheLocation:
                 options.setdefault("auto_mkdir", True)
             self.fs, self.root = fsspec.core.url_to_fs(text, **options)
             self.root = self.root.rstrip("/")
+            if not isinstance(self.fs, LocalFileSystem):
+                note_store(text)
+                _check_session_options(self.fs, text)
         self.display = text
 
     def path(self, *parts: str) -> str:
@@ -90,6 +114,38 @@ class CacheLocation:
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
 
+    def makedirs(self, *parts: str) -> None:
+        """Create the directory ``parts`` (and its parents) where directories exist. Nothing on an object
+        store: its keys need no directory, and fsspec's ``makedirs`` there would create a missing bucket,
+        so a mistyped bucket in ``--out`` would become a new bucket instead of an error."""
+        if not self.in_bucket:
+            self.fs.makedirs(self.path(*parts), exist_ok=True)
+
+    @property
+    def in_bucket(self) -> bool:
+        """Whether this location is on an object store with buckets (s3, gcs, azure)."""
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        return bool(protocols & BUCKET_PROTOCOLS)
+
+    def missing_bucket(self) -> str | None:
+        """The bucket of this location when it is on an object store and the bucket does not exist."""
+        bucket = self.root.split("/", 1)[0]
+        return bucket if self.in_bucket and not self.fs.exists(self._fresh(bucket)) else None
+
+    def check_writable(self, field: str = "out") -> None:
+        """Write and delete an empty probe file at the root, before a command writes anything else; a
+        missing bucket or directory that cannot be made, no write permission or a read-only disk raises
+        :class:`~cameo_corr.schemas.DatasetError` naming this location and ``field``. (A store that does
+        not answer raises its own error, :func:`store_errors`.)"""
+        probe = f"{TMP_PREFIX}probe-{uuid.uuid4().hex[:8]}"
+        try:
+            self.makedirs()
+            self.fs.pipe_file(self.path(probe), b"")
+            self.fs.rm(self.path(probe))
+        except OSError as e:
+            raise DatasetError(self.display, f"cannot write the cache there ({(e.strerror or str(e)).lower()})",
+                               field=field) from None
+
     def remove(self, *parts: str) -> None:
         """Delete a file or a directory tree."""
         self.fs.rm(self.path(*parts), recursive=True)
@@ -119,7 +175,7 @@ class CacheLocation:
         """Write ``data`` to ``rel`` through a temporary name in the same folder, then rename."""
         folder, _, name = rel.rpartition("/")
         tmp = f"{folder}/{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}" if folder else f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
-        self.fs.makedirs(self.path(folder) if folder else self.root, exist_ok=True)
+        self.makedirs(*([folder] if folder else []))
         with self.fs.open(self.path(tmp), "wb") as f:
             f.write(data)
         self.move(tmp, rel)

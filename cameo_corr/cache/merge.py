@@ -246,8 +246,9 @@ def merge_caches(
 
 
 def _check_inputs(caches: Sequence["CorrCache"], dst: "CacheLocation", sources: Sequence[str | Path], dataset_root: str | None) -> None:
-    """Refuse an input given twice, ``OUT`` among the inputs or not empty, caches of other identities,
-    old layouts, and inputs of different dataset roots unless ``dataset_root`` is given."""
+    """Refuse an input given twice, ``OUT`` among the inputs, not empty or not writable (a missing
+    bucket), caches of other identities, old layouts, and inputs of different dataset roots unless
+    ``dataset_root`` is given."""
     roots = [c.location.url() for c in caches]
     if len(set(roots)) != len(roots):
         raise SchemaError("sources", f"a cache is given twice: {', '.join(str(s) for s in sources)}")
@@ -270,6 +271,7 @@ def _check_inputs(caches: Sequence["CorrCache"], dst: "CacheLocation", sources: 
                               "holds every input's scenes", where=other.location.url(CONFIG_FILE))
     if dataset_root is not None and "://" not in dataset_root and not os.path.isdir(dataset_root):
         raise DatasetError(dataset_root, "not a directory (the dataset root the merged cache is to record)", field="dataset_root")
+    dst.check_writable("out")
 
 
 def _write_config(caches: Sequence["CorrCache"], dst: "CacheLocation", selection: WindowSelection, command: str | None,

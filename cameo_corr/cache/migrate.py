@@ -37,6 +37,7 @@ def migrate_cache(src: str | Path, dst: str | Path, *, storage_options: Mapping[
     out = CacheLocation(dst, storage_options)
     if out.exists(CONFIG_FILE) or out.listdir(MANIFEST_DIR):
         raise DatasetError(out.url(), "migration target already holds a cache; choose a new directory")
+    out.check_writable("out")
     table = old.manifest(None)
     sizes: dict[str, int] = {}
     shards = sorted(s for s in set(table.column("shard").to_pylist()) if s is not None)

@@ -1,5 +1,5 @@
 """``cameo-corr cache stats``: windows (ok / failed), scenes, shards, mask coverage histogram,
-valid-token share, bytes on disk (shard sizes recorded at write time) and per window, the most common
+valid-token share, bytes stored (shard sizes recorded at write time) and per window, the most common
 failure reasons, orphans left by killed workers. Reads only the manifest columns it needs."""
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def format_stats(stats: dict[str, Any]) -> str:
     for lo, hi, c in zip(h["edges"][:-1], h["edges"][1:], h["counts"]):
         lines.append(f"  [{lo:.1f}, {hi:.1f}{']' if hi >= 1.0 else ')'} {c:6d} {'#' * int(round(40 * c / top))}")
     lines.append(
-        f"bytes: {stats['bytes_total']:,} on disk ({stats['bytes_shards']:,} shards {stats['bytes_source']}, "
+        f"bytes: {stats['bytes_total']:,} stored ({stats['bytes_shards']:,} shards {stats['bytes_source']}, "
         f"{stats['bytes_manifest']:,} manifest), {stats['bytes_per_window']:,.0f} per ok window"
     )
     if stats["failure_reasons"]:

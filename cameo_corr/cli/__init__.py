@@ -11,8 +11,11 @@ share in :mod:`cameo_corr.cli.args`; both import nothing above the schemas, so a
 * :class:`RunFailed` (the input was fine but the run did not produce what it should): one line, exit 1;
 * ``OSError`` with a path (missing, not writable, a file where a directory is expected): one line,
   exit 2; a full disk (``ENOSPC``/``EDQUOT``) or another I/O failure: one line, exit 1;
-* an object store that does not answer (botocore's connection, timeout and credential errors, which
-  s3fs passes through): one line naming the URL where botocore's text does, exit 1;
+* an object store's error: one line ``error: object store: <what>, <where>``; where the error names
+  no key (s3fs's errors for a 403 or a missing bucket, botocore's credential errors) ``<where>`` is the
+  object-store location(s) the command opened. An ``OSError`` (403, missing bucket) exits as one with
+  a path above; a store that does not answer (botocore's connection, timeout and credential errors,
+  which s3fs passes through) exits 1;
 * Ctrl-C: ``cameo-corr <command>: interrupted``, exit 130 (128 + SIGINT, as shells report it); a
   handler may re-raise ``KeyboardInterrupt(<what is kept>)`` to add that to the line;
 * stdout closed early (``cameo-corr cache stats ... | head``): no message, exit 141 (128 + SIGPIPE).
@@ -36,6 +39,8 @@ from cameo_corr.cli.errors import (
     CommandError,
     RunFailed,
     UsageError,
+    forget_stores,
+    noted_stores,
 )
 from cameo_corr.schemas import CameoCorrError
 
@@ -82,21 +87,34 @@ def _name_commands(parser: argparse.ArgumentParser) -> None:
         leaf.set_defaults(command_name=leaf.prog)
 
 
-def describe_os_error(e: OSError) -> tuple[str, int]:
-    """``(<what>, <where>`` message, exit code) of an ``OSError`` that reached the command line."""
+_BAD_PATH_TYPES = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+"""Errors of a bad path also when built without an errno (s3fs builds them from the message only)."""
+
+
+def describe_os_error(e: OSError, where: str | None = None) -> tuple[str, int]:
+    """``(<what>, <where>`` message, exit code) of an ``OSError`` that reached the command line;
+    ``where`` stands for the error's file name when it has none (an object store's error)."""
     what = (e.strerror or str(e)).lower()
-    where = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+    if e.filename is not None:
+        where = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+    bad_path = e.errno in _BAD_PATH or (e.errno is None and isinstance(e, _BAD_PATH_TYPES))
     if e.errno in _DISK_FULL:
         where = where if where is not None else "while writing output"
         code = EXIT_FAILED
     else:
-        code = EXIT_USAGE if e.errno in _BAD_PATH and where is not None else EXIT_FAILED
+        code = EXIT_USAGE if bad_path and where is not None else EXIT_FAILED
     return (what if where is None else f"{what}, {where}"), code
+
+
+def _from_store(e: BaseException) -> bool:
+    """Whether ``e`` is an object store's error translated by s3fs (an ``OSError`` caused by botocore's)."""
+    return e.__cause__ is not None and type(e.__cause__).__module__.split(".")[0] == "botocore"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cameo-corr`` console script (see the module docstring for exit codes)."""
     prog = "cameo-corr"
+    forget_stores()
     try:
         try:
             args = build_parser().parse_args(argv)
@@ -104,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
             raise
         prog = getattr(args, "command_name", prog)
+        # what a cache this command writes records: the process's command line, or ``cameo-corr`` + ``argv``
+        args.command_line = list(sys.argv) if argv is None else ["cameo-corr", *argv]
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
         return code
@@ -123,15 +143,17 @@ def main(argv: list[str] | None = None) -> int:
         _report(prog, f"error: {e}")
         return EXIT_USAGE
     except OSError as e:
-        message, code = describe_os_error(e)
-        _report(prog, f"error: {message}")
+        stores = noted_stores() if e.filename is None and _from_store(e) else None
+        message, code = describe_os_error(e, stores)
+        _report(prog, f"error: {'object store: ' if stores else ''}{message}")
         return code
     except Exception as e:
         from cameo_corr.cache.location import store_errors  # not at the top: it imports zarr
 
         if not isinstance(e, store_errors()):  # a bug: its traceback
             raise
-        _report(prog, f"error: object store: {e}")  # botocore's errors: the text names the URL
+        stores = noted_stores()
+        _report(prog, f"error: object store: {e}{f', {stores}' if stores else ''}")  # botocore's text may name the endpoint
         return EXIT_FAILED
 
 
