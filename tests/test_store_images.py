@@ -113,10 +113,14 @@ def test_store_images_jpeg_to_s3_then_train_without_the_dataset(tiny_train_cache
     shutil.rmtree(data)  # the trainer gets no dataset root: the cache holds its views
     remote = CorrCache(url, s3_endpoint.storage_options)
     assert remote.config.images == {"format": "jpeg", "quality": 85}
+    # the trainer reaches the store through --storage-option alone (no AWS_* endpoint in its environment)
+    train_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT")}
     run = subprocess.run([*CLI, "train", "--cache", url, "--config", "tiny_cpu", "--out", str(tmp_path / "run"), "--max-steps", "1",
-                          "--no-progress", "data.num_views=3", f"data.local_cache={json.dumps(str(tmp_path / 'lc'))}",
-                          "data.local_cache_bytes=100000000"], check=False, capture_output=True, text=True, timeout=600, env=env)
+                          "--no-progress", *s3_endpoint.cli_options(), "data.num_views=3",
+                          f"data.local_cache={json.dumps(str(tmp_path / 'lc'))}", "data.local_cache_bytes=100000000"],
+                         check=False, capture_output=True, text=True, timeout=600, env=train_env)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert s3_endpoint.url not in (tmp_path / "run" / "config.yaml").read_text()  # options are not part of the run's config
     assert json.loads(run.stdout.strip().splitlines()[-1])["step"] == 1
     assert list((tmp_path / "lc").glob("*/*.zarr.zip.*"))  # the shards came through the local cache
     jpeg = samples(url, 64, storage_options=s3_endpoint.storage_options)

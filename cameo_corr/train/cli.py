@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
+
+from cameo_corr.cli.args import add_storage_option, storage_options
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from cameo_corr.schemas import CacheConfig
@@ -32,6 +34,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, help="total optimizer steps (overrides train.max_steps)")
     p.add_argument("--resume", default="auto", help="auto (latest checkpoint in --out, if any), never, or a checkpoint directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_storage_option(p, " of caches given by URL (not written to the run's config.yaml)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. loss.cameo_weight=0")
     p.set_defaults(func=_train)
 
@@ -50,12 +53,13 @@ def _train(args: argparse.Namespace) -> int:
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={int(args.max_steps)}")
     cfg = load_config(args.config, overrides)
-    configs = check_views(cfg)
+    options = storage_options(args)
+    configs = check_views(cfg, options)
     from accelerate import PartialState
 
     from cameo_corr.train.loop import end_process_group, train  # torch + diffusers: only once the input is good
 
-    result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, configs=configs)
+    result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, configs=configs, storage_options=options)
     end_process_group()
     if not PartialState().is_main_process:  # one summary per run, not one per rank
         return 0
@@ -69,14 +73,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_views(cfg: "TrainConfig") -> "dict[str, CacheConfig]":
+def check_views(cfg: "TrainConfig", storage_options: Mapping[str, Any] | None = None) -> "dict[str, CacheConfig]":
     """Refuse ``data.num_views`` larger than a cache's views per window, saying which override fixes it;
     return every cache's ``cache.json`` (read here once for the whole command, by path)."""
     from cameo_corr.cli.errors import UsageError
     from cameo_corr.cache.layout import CONFIG_FILE
     from cameo_corr.train.config import read_cache_configs, training_cache_paths
 
-    configs = read_cache_configs(cfg)
+    configs = read_cache_configs(cfg, storage_options=storage_options)
     for path in training_cache_paths(cfg):
         S = configs[str(path)].views
         if cfg.data.num_views > S:

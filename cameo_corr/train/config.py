@@ -454,9 +454,11 @@ def training_cache_paths(cfg: TrainConfig) -> list[Any]:
     return [cfg.data.cache] if cfg.data.cache is not None else []
 
 
-def read_cache_configs(cfg: TrainConfig, known: Mapping[str, CacheConfig] | None = None) -> dict[str, CacheConfig]:
+def read_cache_configs(cfg: TrainConfig, known: Mapping[str, CacheConfig] | None = None,
+                       storage_options: Mapping[str, Any] | None = None) -> dict[str, CacheConfig]:
     """The ``cache.json`` of every cache ``cfg`` reads (``data.cache`` or the mixture's, and ``eval.cache``),
-    by path as configured; the ones in ``known`` (read by the caller) are not read again."""
+    by path as configured; the ones in ``known`` (read by the caller) are not read again.
+    ``storage_options``: fsspec options of the caches given by URL."""
     from cameo_corr.cache.config import read_config
     from cameo_corr.cache.location import CacheLocation
 
@@ -466,7 +468,7 @@ def read_cache_configs(cfg: TrainConfig, known: Mapping[str, CacheConfig] | None
     configs = dict(known or {})
     for path in paths:
         if str(path) not in configs:
-            configs[str(path)] = read_config(CacheLocation(path))
+            configs[str(path)] = read_config(CacheLocation(path, storage_options if "://" in str(path) else None))
     return configs
 
 

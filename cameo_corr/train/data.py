@@ -119,9 +119,9 @@ _CORR_KEYS = ("nn", "mask", "dist")
 CORRUPT_POLICIES = ("raise", "skip")
 """What the stream does with a window whose cached bytes are corrupt: stop with the error, or skip it."""
 SKIPPED_KEY = "corrupt_skipped"
-WORKER_ERROR_KEY = "worker_error"
-"""Key of the one-item batch that carries an error of ours out of a DataLoader worker (:class:`CarryErrors`)."""
 """Batch key: how many of the batch's stream positions were corrupt windows left out (``skip``)."""
+WORKER_ERROR_KEY = "worker_error"
+"""Key of the one-item batch that carries an error out of a DataLoader worker (:class:`CarryErrors`)."""
 
 BUFFER_SHARD_VISITS = 4
 """Shard visits a process keeps per cache under ``window_shuffle="buffer"`` (as before the block shuffle)."""
@@ -507,7 +507,7 @@ class _ProcessState:
         """The dataset reader of each cache (``None`` for a cache whose stored views are used)."""
         self.views: list[CanonicalView] = []
         for source, stored, config in zip(owner.sources, owner.stored_views, owner.cache_configs):
-            cache = CorrCache(source.path, storage_options=owner.storage_options, config=config, local_cache=self.local_cache)
+            cache = CorrCache(source.path, storage_options=owner.options_for(source.path), config=config, local_cache=self.local_cache)
             if stored:
                 reader = None
             elif source.dataset_root is None:
@@ -696,7 +696,8 @@ class CorrStreamDataset(IterableDataset):
                 raise SchemaError("dataset_root", "give the dataset root of each cache of a mixture in its entry (dataset_root)")
         self.sources = sources
         """The caches of the stream (one, or a weighted mixture), in configuration order."""
-        self.storage_options = storage_options
+        self.storage_options = dict(storage_options or {}) or None
+        """fsspec options of the caches given by URL (a local cache of a mixture takes none)."""
         self.num_views = int(num_views)
         self.resolution = int(resolution)
         self.min_ref = int(min_ref)
@@ -725,7 +726,7 @@ class CorrStreamDataset(IterableDataset):
         self._check_options()
 
         known = dict(configs or {})
-        caches = [CorrCache(src.path, storage_options=storage_options, config=known.get(str(src.path))) for src in sources]
+        caches = [CorrCache(src.path, storage_options=self.options_for(src.path), config=known.get(str(src.path))) for src in sources]
         self.cache_configs: tuple[CacheConfig, ...] = tuple(c.config for c in caches)
         """Each source's ``cache.json``, read once here (or given): the worker processes reuse it."""
         self.grid: tuple[int, int] = caches[0].select_grid(grid)
@@ -802,6 +803,10 @@ class CorrStreamDataset(IterableDataset):
         for name in ("shuffle_shards", "shuffle_buffer"):
             if getattr(self, name) < 0:
                 raise SchemaError(name, f"must be >= 0, got {getattr(self, name)}")
+
+    def options_for(self, path: str | Path) -> dict[str, Any] | None:
+        """The storage options of the cache at ``path``: :attr:`storage_options` for a URL, none for a directory."""
+        return self.storage_options if "://" in str(path) else None
 
     def make_local_cache(self) -> LocalShardCache | None:
         """A handle on the node's local shard cache (``None`` without ``local_cache``)."""
@@ -1100,11 +1105,13 @@ class CarryErrors(IterableDataset):
     """``dataset`` as the DataLoader's workers run it, with our errors carried out as data.
 
     PyTorch re-raises an error of a worker process by calling its class with one formatted message,
-    which our errors (they name a file and a field) do not take: a corrupt chunk read by a worker
-    became a ``RuntimeError`` with two tracebacks. Here a :class:`~cameo_corr.schemas.CameoCorrError`
-    raised while iterating ends the worker's stream with a batch ``{WORKER_ERROR_KEY: error}`` (the
-    error itself when it pickles, else a ``CameoCorrError`` with its message), which
-    :class:`StreamLoader` raises in the training process.
+    which our errors (they name a file and a field) and botocore's (keyword arguments only) do not
+    take: a corrupt chunk or an unreachable object store met by a worker became a ``RuntimeError`` with
+    two tracebacks. Here a :class:`~cameo_corr.schemas.CameoCorrError` or an error of the store
+    (:func:`~cameo_corr.cache.location.store_errors`: ``OSError``, botocore's) raised while iterating
+    ends the worker's stream with a batch ``{WORKER_ERROR_KEY: error}`` (the error itself when it
+    pickles, else a ``CameoCorrError`` with its message), which :class:`StreamLoader` raises in the
+    training process.
     """
 
     def __init__(self, dataset: "CorrStreamDataset") -> None:
@@ -1113,13 +1120,15 @@ class CarryErrors(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         import pickle
 
+        from cameo_corr.cache.location import store_errors
+
         try:
             yield from self.dataset
-        except CameoCorrError as e:
+        except (CameoCorrError, *store_errors()) as e:
             if get_worker_info() is None:
                 raise
             try:
-                carried: CameoCorrError = pickle.loads(pickle.dumps(e))
+                carried: Exception = pickle.loads(pickle.dumps(e))
             except Exception:  # noqa: BLE001 - an error class that cannot be rebuilt: keep its message
                 carried = CameoCorrError(str(e))
             yield {WORKER_ERROR_KEY: carried}

@@ -351,12 +351,14 @@ def resolve_resume(out: str | Path, resume: str) -> Path | None:
 def make_loader(cfg: TrainConfig, *, cache: "str | None" = None, rank: int, world_size: int, split: str | None = None,
                 seed: int | None = None, num_epochs: int | None = None, pin_memory: bool = False,
                 mask_policy: str | None = None, grid: tuple[int, int] | None = None,
-                configs: "Mapping[str, CacheConfig] | None" = None) -> "StreamLoader":
+                configs: "Mapping[str, CacheConfig] | None" = None,
+                storage_options: "Mapping[str, Any] | None" = None) -> "StreamLoader":
     """The training stream of this rank (``cfg.data``), as a resumable loader (``pin_memory`` for CUDA training;
     ``split``, ``seed`` and ``mask_policy`` override ``cfg.data``'s; ``grid`` is the token grid read from
     caches that store several, default the (first) cache's primary grid). ``cache`` reads that one cache;
     ``None`` reads ``data.cache`` or the mixture ``data.caches``. ``configs``: the caches' ``cache.json``
-    read already, by path (see :func:`~cameo_corr.train.config.read_cache_configs`)."""
+    read already, by path (see :func:`~cameo_corr.train.config.read_cache_configs`). ``storage_options``:
+    fsspec options of the caches given by URL (``--storage-option``; never written to the run's config)."""
     from cameo_corr.train.config import data_sources
     from cameo_corr.train.data import CorrStreamDataset, StreamLoader
 
@@ -367,6 +369,7 @@ def make_loader(cfg: TrainConfig, *, cache: "str | None" = None, rank: int, worl
         raise SchemaError("data.cache", "no cache given (use --cache, data.cache or data.caches in the config)")
     dataset = CorrStreamDataset(
         source,
+        storage_options=storage_options,
         num_views=d.num_views,
         resolution=d.resolution,
         min_ref=d.min_ref,
@@ -448,7 +451,8 @@ def mean_known(values: torch.Tensor, reduce_sum: Callable[[torch.Tensor], torch.
 class Trainer:
     """Builds everything from a :class:`TrainConfig` and runs optimizer steps (see :func:`train`)."""
 
-    def __init__(self, cfg: TrainConfig, out: str | Path, configs: "Mapping[str, CacheConfig] | None" = None) -> None:
+    def __init__(self, cfg: TrainConfig, out: str | Path, configs: "Mapping[str, CacheConfig] | None" = None,
+                 storage_options: "Mapping[str, Any] | None" = None) -> None:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
         from diffusers.optimization import get_scheduler
@@ -482,7 +486,7 @@ class Trainer:
             **cfg.model.options,
         )
         latent_hw = codec.latent_size((cfg.data.resolution, cfg.data.resolution))
-        self.configs: dict[str, CacheConfig] = read_cache_configs(cfg, configs)
+        self.configs: dict[str, CacheConfig] = read_cache_configs(cfg, configs, storage_options)
         """Every cache's ``cache.json``, read once for the whole run (training and evaluation streams)."""
         self.grid: tuple[int, int] = [model.check_grid(latent_hw, self.configs[str(p)].grids, cache=str(p))
                                       for p in training_cache_paths(cfg)][0]
@@ -513,7 +517,7 @@ class Trainer:
         self.noise_scheduler = make_noise_scheduler(cfg)
         pin = acc.device.type == "cuda"
         self.loader = make_loader(cfg, rank=acc.process_index, world_size=acc.num_processes, pin_memory=pin, grid=self.grid,
-                                  configs=self.configs)
+                                  configs=self.configs, storage_options=storage_options)
         self.state = LoopState(step=0, loader=self.loader, world_size=acc.num_processes, precision=r.precision,
                                rank=acc.process_index)
         self._micro = 0
@@ -528,7 +532,8 @@ class Trainer:
         if cfg.eval.every > 0:
             eval_loader = make_loader(cfg, cache=cfg.eval.cache, rank=acc.process_index,
                                       world_size=acc.num_processes, split=cfg.eval.split, seed=cfg.eval.seed, num_epochs=1,
-                                      mask_policy=cfg.eval.mask_policy, grid=self.grid, configs=self.configs)
+                                      mask_policy=cfg.eval.mask_policy, grid=self.grid, configs=self.configs,
+                                      storage_options=storage_options)
             for batch in eval_loader:
                 self.eval_batches.append(batch)
                 if len(self.eval_batches) == cfg.eval.batches:
@@ -720,7 +725,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def train(
     cfg: TrainConfig, out: str | Path, *, resume: str = "auto", max_steps: int | None = None, progress: bool = True,
-    configs: "Mapping[str, CacheConfig] | None" = None,
+    configs: "Mapping[str, CacheConfig] | None" = None, storage_options: "Mapping[str, Any] | None" = None,
 ) -> TrainResult:
     """Train from ``cfg`` writing into ``out`` (config, ``metrics.jsonl``, ``checkpoints/``; ``logs/`` with ``train.tensorboard``).
 
@@ -728,12 +733,13 @@ def train(
     ``never`` starts fresh (refusing an ``out`` that already has checkpoints), or a checkpoint path.
     ``max_steps`` overrides ``cfg.train.max_steps`` (the LR schedule still uses the config's value).
     ``progress=False`` hides the progress bar. ``configs``: the caches' ``cache.json`` read already, by path.
+    ``storage_options``: fsspec options of the caches given by URL (not written to ``config.yaml``).
     """
     out = Path(out)
     start = resolve_resume(out, resume)
     if resume == "never" and checkpoint_dirs(out):
         raise SchemaError("resume", "output directory already has checkpoints; use --resume auto or a new --out", where=str(out))
-    trainer = Trainer(cfg, out, configs)
+    trainer = Trainer(cfg, out, configs, storage_options)
     if trainer.accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
