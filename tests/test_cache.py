@@ -827,3 +827,55 @@ def test_string_codes_of_streamed_batches() -> None:
     every, names = codes.result()
     assert [None if c < 0 else names[c] for c in every] == seen
     assert sorted(names) == sorted({v for v in seen if v is not None})  # each value once
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_manifest_reads_hand_arrow_no_python_object_to_read_on_its_threads(tmp_path, monkeypatch, where):
+    """``pq.read_table`` or a dataset scan of a Python file or of Python-owned bytes reads on Arrow's I/O
+    threads, and a task keeping the last reference may be destroyed as the interpreter exits: the
+    process then aborts (SIGABRT) after its work is done (a finished preprocess exited -6; on 2 cores,
+    10 of 30 short processes reading a fragment with ``pq.read_table(open(...))``, 1 of 30 from bytes).
+    Every manifest read (fragments, compact files, whole, scanned, merged) must give ``read_table`` and
+    dataset scans only paths or Arrow's own files, and read Python files with ``ParquetFile`` without
+    pre-buffering (synchronous: 0 of 30)."""
+    import uuid
+
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from cameo_corr.cache.kway import file_batches
+    from cameo_corr.cache.manifest import compact_paths, read_consolidation, read_manifest_file, scan_manifest
+
+    seen: list[str] = []
+
+    def native(source) -> bool:
+        if isinstance(source, (str, os.PathLike)) or (isinstance(source, list) and all(isinstance(s, str) for s in source)):
+            return True
+        return isinstance(source, (pa.OSFile, pa.MemoryMappedFile))
+
+    def guard(name, real, check):
+        def wrapped(source, *args, **kwargs):
+            seen.append(name)
+            assert check(source, kwargs), f"{name} got {type(source).__name__} {kwargs}"
+            return real(source, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(pq, "read_table", guard("read_table", pq.read_table, lambda s, kw: native(s)))
+    monkeypatch.setattr(pads, "dataset", guard("dataset", pads.dataset, lambda s, kw: native(s)))
+    monkeypatch.setattr(pq, "ParquetFile", guard("ParquetFile", pq.ParquetFile,
+                                                 lambda s, kw: native(s) or kw.get("pre_buffer") is False))
+    path = str(tmp_path / "c") if where == "local" else f"memory://{uuid.uuid4().hex}/c"
+    writer = CacheWriter(path, config())
+    writer.initialize()
+    writer.write_shard("s1", outcomes([0, 1]))
+    writer.consolidate()
+    writer.write_shard("s2", outcomes([2, 3]))  # a pending fragment beside the compact file
+    loc = CacheLocation(path)
+    assert read_manifest_file(loc, fragment_path("s2")).num_rows == 2
+    assert read_manifest(loc).num_rows == 4 and read_manifest(loc, columns=["window_id"]).num_rows == 4
+    assert scan_manifest(loc, lambda batches: sum(b.num_rows for b in batches), ["window_id"]) == 4
+    assert sum(t.num_rows for t in file_batches(loc, compact_paths(loc, read_consolidation(loc)["files"]))) == 2
+    writer.consolidate()
+    assert len(CorrCache(path)) == 4
+    assert "ParquetFile" in seen

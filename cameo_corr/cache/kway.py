@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from cameo_corr.cache.layout import MANIFEST_DIR, TMP_PREFIX
-from cameo_corr.cache.manifest import compact_paths, fragment_rows, id_array
+from cameo_corr.cache.manifest import arrow_input, compact_paths, conform, fragment_rows, id_array
 from cameo_corr.schemas import DatasetError, manifest_schema
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -114,17 +114,6 @@ class SortedMerge:
         return out
 
 
-def conform(table: "pa.Table", schema: "pa.Schema") -> "pa.Table":
-    """``table`` with the columns of ``schema`` in its order and types (absent columns: nulls, as a
-    version 1 manifest's ``shard_bytes``)."""
-    import pyarrow as pa
-
-    if table.schema.equals(schema):
-        return table
-    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type) for f in schema]
-    return pa.Table.from_arrays(cols, schema=schema)
-
-
 def file_batches(location: "CacheLocation", paths: Sequence[str], *, columns: Sequence[str] | None = None,
                  batch_rows: int | None = None) -> Iterator["pa.Table"]:
     """The rows of the manifest files ``paths`` (in order), ``batch_rows`` at a time, with the manifest
@@ -138,7 +127,7 @@ def file_batches(location: "CacheLocation", paths: Sequence[str], *, columns: Se
     batch_rows = batch_rows or MERGE_BATCH_ROWS
     for path in paths:
         try:
-            with (open(path, "rb") if location.local else location.fs.open(path, "rb")) as source, pq.ParquetFile(source) as f:
+            with arrow_input(location, path) as source, pq.ParquetFile(source, pre_buffer=False) as f:
                 present = [c for c in schema.names if c in f.schema_arrow.names]
                 for group in range(f.num_row_groups):  # one row group at a time: a whole-file reader reads ahead
                     for batch in f.iter_batches(batch_size=batch_rows, row_groups=[group], columns=present, use_threads=False):
@@ -332,7 +321,6 @@ __all__ = [
     "SORT_CHUNK_ROWS",
     "FRAGMENT_GROUP",
     "SortedMerge",
-    "conform",
     "file_batches",
     "sort_table",
     "sliced",

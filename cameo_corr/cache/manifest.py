@@ -199,7 +199,7 @@ def _file_batches(location: CacheLocation, path: str, schema: "pa.Schema", filte
     if filter is not None:  # the columns the filter reads (a name inside a literal only adds a column)
         read_by_filter = [c for c in manifest_schema().names if c in str(filter)]
     try:
-        with (open(path, "rb") if location.local else location.fs.open(path, "rb")) as source, pq.ParquetFile(source) as f:
+        with arrow_input(location, path) as source, pq.ParquetFile(source, pre_buffer=False) as f:
             for i in range(f.metadata.num_row_groups):
                 keep = True if filter is None else _constant_filter(f.metadata.row_group(i), read_by_filter, filter)
                 if keep is False:
@@ -317,25 +317,34 @@ def fragment_rows(location: CacheLocation, info: Mapping[str, Any], fragments: S
     return table
 
 
-def _arrow_filesystem(location: CacheLocation) -> Any:
-    """The filesystem Arrow reads the manifest with: Arrow's own for local caches (C++ reads on
-    Arrow's I/O threads, no Python call per file), the fsspec filesystem otherwise."""
-    if location.local:
-        import pyarrow.fs as pafs
+def arrow_input(location: CacheLocation, path: str) -> Any:
+    """A file Arrow reads ``path`` through: Arrow's own native file for a local cache, the fsspec file
+    object otherwise (read synchronously only: :func:`_read_parquet`)."""
+    import pyarrow as pa
 
-        return pafs.LocalFileSystem()
-    return location.fs
+    return pa.OSFile(path, "r") if location.local else location.fs.open(path, "rb")
 
 
 def _read_parquet(location: CacheLocation, paths: list[str], schema: "pa.Schema", filter: Any) -> "pa.Table":
-    """Columns ``schema`` of the manifest files ``paths`` (empty table when none)."""
+    """Columns ``schema`` of the manifest files ``paths`` (empty table when none).
+
+    Arrow never reads a Python object (a file, bytes) on its I/O threads: a local cache is scanned with
+    Arrow's own filesystem, an object store's files are read in this thread (:func:`_file_batches`).
+    An asynchronous read of a Python object (a dataset scan, ``pq.read_table``) leaves its last
+    reference in a task of Arrow's I/O pool; when that task is destroyed while the interpreter exits,
+    the thread cannot take the GIL and the process aborts (SIGABRT after a finished job: 10 of 30
+    short processes reading one fragment with ``pq.read_table(open(...))``, 1 of 30 from bytes).
+    Every read here is synchronous (``ParquetFile``, ``pre_buffer=False``) or of Arrow's own files."""
     import pyarrow as pa
     import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
 
     if not paths:
         return schema.empty_table()
+    if not location.local:
+        return pa.Table.from_batches([b for path in paths for b in _file_batches(location, path, schema, filter)], schema=schema)
     try:
-        dataset = pads.dataset(paths, format="parquet", filesystem=_arrow_filesystem(location), schema=manifest_schema())
+        dataset = pads.dataset(paths, format="parquet", filesystem=pafs.LocalFileSystem(), schema=manifest_schema())
         # many small fragments (a job killed before consolidating): read ahead many files at once
         return dataset.to_table(columns=list(schema.names), filter=filter, fragment_readahead=MANIFEST_READAHEAD)
     except (pa.ArrowInvalid, OSError) as e:
@@ -396,12 +405,26 @@ def _read_fragments(location: CacheLocation, paths: list[str], schema: "pa.Schem
     return table.select(schema.names)
 
 
+def conform(table: "pa.Table", schema: "pa.Schema") -> "pa.Table":
+    """``table`` with the columns of ``schema`` in its order and types (absent columns: nulls, as a
+    version 1 manifest's ``shard_bytes``)."""
+    import pyarrow as pa
+
+    if table.schema.equals(schema):
+        return table
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
 def read_manifest_file(location: CacheLocation, rel: str) -> "pa.Table":
     """One manifest Parquet file (a fragment or a compact file) with the manifest schema."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with location.fs.open(location.path(rel), "rb") as f:
-        return pq.read_table(f, schema=manifest_schema())
+    # its bytes (one GET), read in this thread: ``pq.read_table`` of Python-owned bytes or a Python file
+    # reads on Arrow's I/O threads, which can abort the process as it exits (see _read_parquet)
+    with pq.ParquetFile(pa.BufferReader(location.read_bytes(rel)), pre_buffer=False) as f:
+        return conform(f.read(use_threads=False), manifest_schema())
 
 
 FRAGMENT_PLAIN_COLUMNS = ("window_id", "shard")
@@ -568,6 +591,8 @@ __all__ = [
     "compact_paths",
     "fragment_rows",
     "read_manifest_file",
+    "conform",
+    "arrow_input",
     "FRAGMENT_PLAIN_COLUMNS",
     "parquet_bytes",
     "id_array",
