@@ -128,8 +128,8 @@ def test_preprocess_grid_flag_errors_are_one_line_exit_2(tmp_path, capsys) -> No
         with pytest.raises(SystemExit) as exc:
             cli_main(["preprocess", "--dataset", "synthetic", "--root", str(tmp_path), "--out", str(tmp_path / "c"), "--grid", value])
         assert exc.value.code == 2
-        last = capsys.readouterr().err.strip().splitlines()[-1]
-        assert last.startswith("cameo-corr preprocess: error: argument --grid: ") and message in last
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("cameo-corr preprocess: error: argument --grid: ") and message in err and "\n" not in err
 
 
 def test_one_backend_pass_and_arrays_equal_single_grid_caches(caches) -> None:

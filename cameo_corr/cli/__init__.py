@@ -11,11 +11,11 @@ share in :mod:`cameo_corr.cli.args`; both import nothing above the schemas, so a
 * :class:`RunFailed` (the input was fine but the run did not produce what it should): one line, exit 1;
 * ``OSError`` with a path (missing, not writable, a file where a directory is expected): one line,
   exit 2; a full disk (``ENOSPC``/``EDQUOT``) or another I/O failure: one line, exit 1;
-* an object store's error: one line ``error: object store: <what>, <where>``; where the error names
-  no key (s3fs's errors for a 403 or a missing bucket, botocore's credential errors) ``<where>`` is the
-  object-store location(s) the command opened. An ``OSError`` (403, missing bucket) exits as one with
-  a path above; a store that does not answer (botocore's connection, timeout and credential errors,
-  which s3fs passes through) exits 1;
+* an object store's error: one line ``error: object store: <what>, <where>``, ``<where>`` being the
+  object-store location(s) the command opened (s3fs's errors for a 403 or a missing bucket name no
+  key). A refused request (403), a missing bucket and missing credentials exit 2 (bad input, as a
+  local path above); a store that does not answer (botocore's connection and timeout errors, which
+  s3fs passes through) exits 1;
 * Ctrl-C: ``cameo-corr <command>: interrupted``, exit 130 (128 + SIGINT, as shells report it); a
   handler may re-raise ``KeyboardInterrupt(<what is kept>)`` to add that to the line;
 * stdout closed early (``cameo-corr cache stats ... | head``): no message, exit 141 (128 + SIGPIPE).
@@ -30,6 +30,8 @@ import errno
 import importlib
 import os
 import sys
+import warnings
+from typing import Any, Callable, NoReturn
 
 from cameo_corr.cli.errors import (
     EXIT_BROKEN_PIPE,
@@ -58,9 +60,18 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "cameo_corr.selfcheck",
 )
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors (a missing argument, a bad ``--grid`` value, an unknown flag)
+    are one line, ``<command>: error: <what>``, exit 2, like every other bad input; ``--help`` shows the
+    usage. Subcommand parsers are of this class too (argparse makes them of their parent's)."""
+
+    def error(self, message: str) -> "NoReturn":
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every registered subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cameo-corr",
         description="Offline correspondence cache and lean trainer for CAMEO.",
     )
@@ -106,22 +117,51 @@ def describe_os_error(e: OSError, where: str | None = None) -> tuple[str, int]:
     return (what if where is None else f"{what}, {where}"), code
 
 
-def _from_store(e: BaseException) -> bool:
-    """Whether ``e`` is an object store's error translated by s3fs (an ``OSError`` caused by botocore's)."""
-    return e.__cause__ is not None and type(e.__cause__).__module__.split(".")[0] == "botocore"
+_CREDENTIAL_ERRORS = frozenset({"NoCredentialsError", "PartialCredentialsError", "ProfileNotFound"})
+"""botocore's errors of missing or incomplete credentials: bad input (exit 2), as a refused request."""
+
+
+def _is_botocore(e: BaseException | None) -> bool:
+    """Whether ``e`` is botocore's error (s3fs passes connection, timeout and credential errors through,
+    and translates the others into an ``OSError`` caused by one)."""
+    return e is not None and type(e).__module__.split(".")[0] == "botocore"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cameo-corr`` console script (see the module docstring for exit codes)."""
-    prog = "cameo-corr"
     forget_stores()
+    running = {"prog": "cameo-corr"}  # the command's name once parsed, for errors and warnings
+    with warnings.catch_warnings():  # restored on return (main may run in a caller's process)
+        warnings.showwarning = _one_line_warning(running)
+        return _run(argv, running)
+
+
+def _one_line_warning(running: dict[str, str]) -> Callable[..., None]:
+    """A ``warnings.showwarning`` printing this package's warnings as ``<command>: warning: <text>`` (one
+    line, no source line); other packages' keep Python's format."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    default = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if os.path.abspath(filename).startswith(package + os.sep):
+            _report(running["prog"], f"warning: {message}")
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
+def _run(argv: list[str] | None, running: dict[str, str]) -> int:
+    """:func:`main`'s body: parse, run the command, turn what it raises into one line and an exit code."""
+    prog = running["prog"]
     try:
         try:
             args = build_parser().parse_args(argv)
         except SystemExit:  # --help or a usage error: argparse printed and exits; surface a closed pipe now
             sys.stdout.flush()
             raise
-        prog = getattr(args, "command_name", prog)
+        prog = running["prog"] = getattr(args, "command_name", prog)
         # what a cache this command writes records: the process's command line, or ``cameo-corr`` + ``argv``
         args.command_line = list(sys.argv) if argv is None else ["cameo-corr", *argv]
         code = int(args.func(args) or 0)
@@ -142,19 +182,17 @@ def main(argv: list[str] | None = None) -> int:
     except CameoCorrError as e:
         _report(prog, f"error: {e}")
         return EXIT_USAGE
-    except OSError as e:
-        stores = noted_stores() if e.filename is None and _from_store(e) else None
+    except Exception as e:
+        if _is_botocore(e):  # botocore's own (some are OSErrors too: a read timeout); its text may name the endpoint
+            stores = noted_stores()
+            _report(prog, f"error: object store: {e}{f', {stores}' if stores else ''}")
+            return EXIT_USAGE if type(e).__name__ in _CREDENTIAL_ERRORS else EXIT_FAILED
+        if not isinstance(e, OSError):  # a bug: its traceback
+            raise
+        stores = noted_stores() if e.filename is None and _is_botocore(e.__cause__) else None
         message, code = describe_os_error(e, stores)
         _report(prog, f"error: {'object store: ' if stores else ''}{message}")
         return code
-    except Exception as e:
-        from cameo_corr.cache.location import store_errors  # not at the top: it imports zarr
-
-        if not isinstance(e, store_errors()):  # a bug: its traceback
-            raise
-        stores = noted_stores()
-        _report(prog, f"error: object store: {e}{f', {stores}' if stores else ''}")  # botocore's text may name the endpoint
-        return EXIT_FAILED
 
 
 def _report(prog: str, text: str) -> None:
