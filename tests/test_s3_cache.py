@@ -4,6 +4,8 @@ checked by ``cache verify --deep`` and equal to the pipeline functions called di
 
 from __future__ import annotations
 
+import json
+
 import os
 import subprocess
 import sys
@@ -61,12 +63,16 @@ def test_two_jobs_on_one_bucket_one_refused_cache_equals_reference(s3_endpoint, 
 def test_storage_option_values_never_reach_the_recorded_command():
     from cameo_corr.cli.args import redact_storage_options
 
-    argv = ["--out", "s3://b/c", "--storage-option", "secret=abc", '--storage-option=client_kwargs={"a": 1}', "--grid", "8"]
+    client = {"endpoint_url": "http://minio:9000", "aws_secret_access_key": "s", "nested": [{"SessionToken": "t"}]}
+    argv = ["--out", "s3://b/c", "--storage-option", "secret=abc", f"--storage-option=client_kwargs={json.dumps(client)}",
+            "--storage-option", 'config_kwargs={"read_timeout": 5}', "--storage-option", "anon=false", "--grid", "8"]
+    kept = {"endpoint_url": "http://minio:9000", "aws_secret_access_key": "***", "nested": [{"SessionToken": "***"}]}
     assert redact_storage_options(argv) == ["--out", "s3://b/c", "--storage-option", "secret=***",
-                                            "--storage-option=client_kwargs=***", "--grid", "8"]
+                                            f"--storage-option=client_kwargs={json.dumps(kept)}", "--storage-option",
+                                            'config_kwargs={"read_timeout": 5}', "--storage-option", "anon=false", "--grid", "8"]
     # argparse takes an unambiguous abbreviation of the flag: its values are redacted as well
-    assert redact_storage_options(["--storage", "key=abc", "--storage-opt=secret=xyz", "--split", "train"]) == [
-        "--storage", "key=***", "--storage-opt=secret=***", "--split", "train"]
+    assert redact_storage_options(["--storage", "key=abc", "--storage-opt=token=xyz", "--split", "train"]) == [
+        "--storage", "key=***", "--storage-opt=token=***", "--split", "train"]
 
 
 def test_the_recorded_command_names_the_program_as_started(monkeypatch):
@@ -81,7 +87,10 @@ def test_the_recorded_command_names_the_program_as_started(monkeypatch):
     module_main.__spec__ = types.SimpleNamespace(name="cameo_corr.cli.__main__")
     monkeypatch.setitem(sys.modules, "__main__", module_main)
     assert (recorded_command(["/x/cameo_corr/cli/__main__.py", "cache", "merge", "--storage-option", "secret=s"])
-            == "python -m cameo_corr.cli cache merge --storage-option secret=***")
+            == "python -m cameo_corr.cli cache merge --storage-option 'secret=***'")
+    # quoted for a shell: a path with a space, a JSON value
+    assert (recorded_command(["cameo-corr", "preprocess", "--root", "/data/my synth", '--storage-option=config_kwargs={"a": 1}'])
+            == """cameo-corr preprocess --root '/data/my synth' '--storage-option=config_kwargs={"a": 1}'""")
     assert recorded_command(["/venv/bin/cameo-corr", "preprocess", "--out", "o"]) == "cameo-corr preprocess --out o"
     assert recorded_command(["jobs/preprocess.py", "--out", "o"]) == "preprocess.py --out o"
 

@@ -285,8 +285,9 @@ def _write_config(caches: Sequence["CorrCache"], dst: "CacheLocation", selection
         "package": "cameo-corr",
         "version": cameo_corr.__version__,
         "command": command or "merge_caches",
+        "cwd": os.getcwd(),  # where the command's relative paths start
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "merged_from": [{"path": c.location.display, "created_by": c.config.created_by} for c in caches],
+        "merged_from": [{"path": c.location.url(), "created_by": c.config.created_by} for c in caches],
         "selection": {"split": selection.split, "scenes_file": selection.scenes_file, "min_mask_frac": selection.min_mask_frac},
     }
     if dataset_root is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from typing import Any, Sequence
 
@@ -92,32 +93,65 @@ def _is_storage_flag(arg: str) -> bool:
     return len(flag) > 2 and STORAGE_FLAG.startswith(flag)
 
 
+SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+"""A storage option (or a key inside a JSON value, at any depth) whose name holds one of these words
+(any case: ``key``, ``aws_secret_access_key``, ``SSECustomerKey``, ``session_token``) is recorded as ``***``."""
+
+
+def _is_secret(name: str) -> bool:
+    return any(word in name.lower() for word in SECRET_WORDS)
+
+
+def _redact_value(value: Any) -> Any:
+    """``value`` with the values of secret-named keys of its dicts (at any depth) replaced by ``***``."""
+    if isinstance(value, dict):
+        return {k: "***" if _is_secret(str(k)) else _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_value(v) for v in value]
+    return value
+
+
+def _redact_option(text: str) -> str:
+    """One ``KEY=VALUE`` storage option as recorded: the value of a secret-named key is ``***``; a JSON
+    object or list keeps its other entries (an endpoint URL, timeouts), a value that is not JSON is kept."""
+    key, _, value = text.partition("=")
+    if _is_secret(key):
+        return f"{key}=***"
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        return text
+    return f"{key}={json.dumps(_redact_value(parsed))}" if isinstance(parsed, (dict, list)) else text
+
+
 def redact_storage_options(argv: Sequence[str]) -> list[str]:
-    """``argv`` with the values of ``--storage-option KEY=VALUE`` (also abbreviated, as argparse takes it)
-    replaced by ``***``: credentials never reach ``cache.json``, which records the command."""
+    """``argv`` with the secrets among the ``--storage-option KEY=VALUE`` values (also after an
+    abbreviated flag, as argparse takes it) replaced by ``***`` (:data:`SECRET_WORDS`): credentials never
+    reach ``cache.json``, which records the command, and the rest (endpoint, region, timeouts) does."""
     out: list[str] = []
     for i, arg in enumerate(argv):
         if arg.startswith("--") and "=" in arg and _is_storage_flag(arg):
             flag, value = arg.split("=", 1)
-            out.append(f"{flag}={value.split('=', 1)[0]}=***")
+            out.append(f"{flag}={_redact_option(value)}")
         elif i > 0 and argv[i - 1].startswith("--") and "=" not in argv[i - 1] and _is_storage_flag(argv[i - 1]):
-            out.append(f"{arg.split('=', 1)[0]}=***")
+            out.append(_redact_option(arg))
         else:
             out.append(arg)
     return out
 
 
 def recorded_command(argv: Sequence[str] | None = None) -> str:
-    """The command line as ``cache.json`` records it (``created_by.command``): the program as it was
-    started (``cameo-corr``, a script's name, or ``python -m cameo_corr.cli`` rather than ``__main__.py``)
-    and its arguments with the storage option values redacted (:func:`redact_storage_options`)."""
+    """The command line as ``cache.json`` records it (``created_by.command``), ready to paste into a
+    shell: the program as it was started (``cameo-corr``, a script's name, or ``python -m cameo_corr.cli``
+    rather than ``__main__.py``) and its arguments, quoted where needed, with the storage options'
+    secrets redacted (:func:`redact_storage_options`)."""
     argv = list(sys.argv if argv is None else argv)
     program = os.path.basename(argv[0]) if argv else ""
     if program == "__main__.py":
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)
         if spec is not None and spec.name:
             program = f"python -m {spec.name.removesuffix('.__main__')}"
-    return " ".join([program, *redact_storage_options(argv[1:])])
+    return " ".join([program, shlex.join(redact_storage_options(argv[1:]))]).strip()
 
 
 __all__ = ["key_value_arg", "grids_arg", "grid_arg", "add_storage_option", "add_dataset_option", "add_sampling_arguments",
