@@ -63,7 +63,7 @@ def test_a_missing_bucket_is_named_and_never_created(s3_endpoint, s3_bucket, tmp
     """Reading from a bucket that does not exist says so; ``cache merge --out`` into one is refused
     before anything is written (as ``preprocess`` refuses it), and no command creates the bucket
     (fsspec's ``makedirs`` on s3 would: a typo in ``--out`` must not become a new bucket). The merged
-    cache's recorded command keeps no storage option value."""
+    cache's recorded command keeps no credential."""
     from test_cache import config, outcomes
 
     from cameo_corr.cache.location import CacheLocation
@@ -81,8 +81,15 @@ def test_a_missing_bucket_is_named_and_never_created(s3_endpoint, s3_bucket, tmp
     assert cli_main(["cache", "stats", f"{missing}/c", *options]) == 2
     assert capsys.readouterr().err.strip() == f"cameo-corr cache stats: error: {missing}/c: no such bucket: no-such-bucket-cameo"
     assert cli_main(["cache", "merge", f"{s3_bucket}/a", f"{s3_bucket}/b", "--out", f"{missing}/m", *options]) == 2
-    assert capsys.readouterr().err.strip() == (f"cameo-corr cache merge: error: {missing}/m [out]: cannot write the cache "
-                                               "there (the specified bucket does not exist)")
+    assert capsys.readouterr().err.strip() == f"cameo-corr cache merge: error: {missing}/m [out]: no such bucket: no-such-bucket-cameo"
+    synth = tmp_path / "synth"
+    assert cli_main(["synthesize", "--out", str(synth), "--scenes", "1", "--frames", "6", "--size", "32"]) == 0
+    capsys.readouterr()
+    for dry in ([], ["--dry-run"]):  # refused before Ray starts, and a dry run says so too
+        argv = ["preprocess", "--dataset", "synthetic", "--root", str(synth), "--out", f"{missing}/p", "--backend", "depth"]
+        assert cli_main([*argv, *options, *dry]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"cameo-corr preprocess: error: --out {missing}/p: no such bucket: no-such-bucket-cameo")
     with pytest.raises(FileNotFoundError):  # a shard written into a missing bucket: refused, no bucket made
         CacheLocation(f"{missing}/m", s3_endpoint.storage_options).write_bytes_atomic("shards/x.zarr.zip", b"x")
     assert not _bucket_exists(s3_endpoint, missing[5:])
@@ -91,7 +98,8 @@ def test_a_missing_bucket_is_named_and_never_created(s3_endpoint, s3_bucket, tmp
     merged = CorrCache(f"{s3_bucket}/m", s3_endpoint.storage_options)
     assert len(merged) == 4
     command = merged.config.created_by["command"]
-    assert "--storage-option=key=***" in command and "testing" not in command and s3_endpoint.url not in command
+    assert "--storage-option=key=***" in command and "testing" not in command  # the credentials' values
+    assert s3_endpoint.url in command  # the endpoint is no secret: the recorded command names where it ran
 
 
 def _closed_port() -> int:
@@ -145,7 +153,8 @@ def hung_endpoint():
 
 def test_a_hung_endpoint_fails_within_the_timeouts_the_readme_gives(hung_endpoint):
     """botocore waits 60 s per read and retries, s3fs retries again: a hung endpoint blocks a command for
-    minutes by default. The README's ``config_kwargs`` bound it: one line, exit 1, in seconds."""
+    minutes by default. The README's ``config_kwargs`` bound it: one line naming the endpoint and the
+    cache, exit 1, in seconds."""
     env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"}
     timeouts = {"connect_timeout": 1, "read_timeout": 1, "retries": {"max_attempts": 1}}
     start = time.monotonic()
@@ -153,7 +162,8 @@ def test_a_hung_endpoint_fails_within_the_timeouts_the_readme_gives(hung_endpoin
                f"--storage-option=config_kwargs={json.dumps(timeouts)}", env=env, timeout=120)
     elapsed = time.monotonic() - start
     assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr[-2000:]
-    assert out.stderr.startswith("cameo-corr cache verify: error: read timeout on endpoint url") and hung_endpoint in out.stderr
+    assert out.stderr.startswith("cameo-corr cache verify: error: object store: Read timeout on endpoint URL: ")
+    assert hung_endpoint in out.stderr and out.stderr.strip().endswith(", s3://bkt/c")  # the endpoint and the cache
     assert elapsed < 60, elapsed
 
 
@@ -162,5 +172,24 @@ def test_an_option_s3fs_does_not_take_is_refused_before_any_request(capsys):
     request: the option is named at once (no endpoint is contacted: none is given)."""
     assert cli_main(["cache", "verify", "s3://bkt/c", "--storage-option", "retries=3"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "cameo-corr cache verify: error: s3://bkt/c [storage_options]: s3fs takes no storage option 'retries' "
+        "cameo-corr cache verify: error: s3://bkt/c: s3fs takes no storage option 'retries' "
         "(botocore's settings, such as timeouts and retries, go in config_kwargs)")
+
+
+def test_missing_credentials_are_bad_input_naming_the_cache(tmp_path):
+    """No credentials anywhere (no ``AWS_*`` keys, no ``~/.aws``, no instance metadata): one line naming
+    the cache, exit 2, as a refused request."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(HOME=str(tmp_path), AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1",
+               AWS_ENDPOINT_URL=f"http://127.0.0.1:{_closed_port()}")
+    out = subprocess.run([sys.executable, "-m", "cameo_corr.cli", "cache", "stats", "s3://bkt/c"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert (out.returncode, out.stderr.strip()) == (2, "cameo-corr cache stats: error: object store: Unable to locate credentials, s3://bkt/c")
+
+
+def test_storage_options_for_a_training_run_without_a_url_cache_are_refused(tmp_path, capsys):
+    """``train --storage-option`` when no cache is a URL: refused naming the caches, not silently ignored."""
+    cache = tmp_path / "c"
+    assert cli_main(["train", "--cache", str(cache), "--storage-option", "anon=true", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == (f"cameo-corr train: error: field 'storage_options': given, but no cache is a URL "
+                                               f"({cache}); storage options apply to s3:// and other URL caches")

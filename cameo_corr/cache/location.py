@@ -51,7 +51,7 @@ def _check_session_options(fs: Any, url: str) -> None:
     unknown = sorted(set(extra) - set(inspect.signature(AioSession.__init__).parameters))
     if unknown:
         raise DatasetError(url, f"s3fs takes no storage option {', '.join(map(repr, unknown))} (botocore's settings, such as "
-                           "timeouts and retries, go in config_kwargs)", field="storage_options")
+                           "timeouts and retries, go in config_kwargs)")
 
 
 class CacheLocation:
@@ -138,6 +138,9 @@ class CacheLocation:
         :class:`~cameo_corr.schemas.DatasetError` naming this location and ``field``. (A store that does
         not answer raises its own error, :func:`store_errors`.)"""
         probe = f"{TMP_PREFIX}probe-{uuid.uuid4().hex[:8]}"
+        bucket = self.missing_bucket()
+        if bucket:
+            raise DatasetError(self.display, f"no such bucket: {bucket}", field=field)
         try:
             self.makedirs()
             self.fs.pipe_file(self.path(probe), b"")

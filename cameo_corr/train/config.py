@@ -465,6 +465,9 @@ def read_cache_configs(cfg: TrainConfig, known: Mapping[str, CacheConfig] | None
     paths = training_cache_paths(cfg)
     if cfg.eval.every > 0 and cfg.eval.cache is not None:
         paths.append(cfg.eval.cache)
+    if storage_options and not any("://" in str(p) for p in paths):
+        raise SchemaError("storage_options", f"given, but no cache is a URL ({', '.join(map(str, paths))}); storage "
+                          "options apply to s3:// and other URL caches")
     configs = dict(known or {})
     for path in paths:
         if str(path) not in configs:
