@@ -241,10 +241,18 @@ def test_load_stage_reads_what_the_backend_needs(dataset, tmp_path):
     assert all(m < u for m, u in zip(valid[True], valid[False]))
 
 
-def test_rerun_skips_everything(clean, dataset, tmp_path):
+def test_rerun_skips_everything(clean, dataset, tmp_path, monkeypatch):
+    """A re-run of a finished cache says so without starting Ray or building the model."""
+    import cameo_corr.job.driver as driver
+
     out = tmp_path / "cache"
     shutil.copytree(clean[0], out)
     before = sorted(os.listdir(out / "shards"))
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started for a run with nothing to compute")
+
+    monkeypatch.setattr(driver, "init_ray", no_ray)
     s = run_preprocess(dataset="synthetic", root=dataset, out=out, workers=1, **RUN)
     assert s["windows_skipped"] == 10 and s["shards_written"] == 0 and s["windows_ok"] == 0
     assert sorted(os.listdir(out / "shards")) == before
@@ -378,6 +386,51 @@ def test_a_matcher_that_cannot_run_on_the_workers_device_is_refused_before_any_w
     assert type(e.value) is SchemaError and e.value.field == "backend"
     ok = JobConfig(dataset="synthetic", root=dataset, out=str(tmp_path / "c"), workers=1, match_backend="faiss", **RUN)
     assert describe_on_cluster(ok)["device"] == "cpu"
+
+
+def test_a_device_the_workers_cannot_use_is_refused_before_any_window(dataset, tmp_path):
+    """``--device cuda`` where the model actors get no usable GPU: refused by the describe task (where the
+    actors will run) with one line naming the cause, instead of every window failing in the actors with
+    a cut Ray traceback and the advice to re-run; the preflight's warning is one line too."""
+    import torch
+
+    from cameo_corr.job.stages import check_device
+
+    check_device("cpu")
+    if torch.cuda.is_available():
+        with pytest.raises(SchemaError, match=r"--device cuda:99: the model actors cannot use it"):
+            check_device("cuda:99")
+        return
+    with pytest.raises(SchemaError, match=r"--device cuda: the model actors cannot use it on .*(CPU-only build|0 CUDA device)"):
+        check_device("cuda")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run(_cli(dataset, tmp_path / "c", "--backend", "depth", "--device", "cuda", "--no-progress"), env=env,
+                         capture_output=True, text=True, timeout=300)
+    ours = [line for line in res.stderr.splitlines() if line.startswith("cameo-corr preprocess:")]
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "UserWarning" not in res.stderr, res.stderr[-3000:]
+    assert ours[0].startswith("cameo-corr preprocess: warning: --device cuda with --gpus-per-worker 0: Ray reserves no GPU")
+    assert ours[-1].startswith("cameo-corr preprocess: error: backend: field 'device': --device cuda: the model actors cannot use it")
+    assert len(ours) == 2
+
+
+def test_a_failed_run_names_the_error_behind_rays_wrappers():
+    """A run that failed in an actor: the line names the actor's own error, without Ray's colours and traceback."""
+    from ray.exceptions import RayTaskError, UserCodeException
+
+    from cameo_corr.job.driver import failure_text
+
+    try:
+        try:
+            raise AssertionError("Torch not compiled with CUDA enabled")
+        except AssertionError as inner:
+            raise UserCodeException("UDF failed to process a data block.") from inner
+    except UserCodeException as user:
+        wrapped = RayTaskError("MapWorker(GeometryStage).submit", "\x1b[36mray::MapWorker.submit()\x1b[39m\nTraceback (most "
+                               "recent call last):\n  File \"x.py\", line 1\nAssertionError: Torch not compiled with CUDA enabled",
+                               user).as_instanceof_cause()
+    assert failure_text(wrapped) == "AssertionError: Torch not compiled with CUDA enabled"
+    bare = RayTaskError("f", "\x1b[31mray::f()\x1b[39m\nTraceback (most recent call last):\nValueError: bad\n", None)
+    assert failure_text(bare) == "ValueError: bad"
 
 
 def test_preflight_warns_when_a_gpu_backend_gets_no_gpu(monkeypatch):

@@ -104,7 +104,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
     if summary["shard_errors"]:
-        raise RunFailed(f"the run failed ({summary['shard_errors'][0][1]}); committed shards are kept, re-run to resume")
+        raise RunFailed(f"the run failed ({summary['shard_errors'][0][1]}); the shards committed are kept: remove the cause, "
+                        "then re-run the same command to resume")
     if summary["stopped_early"] or (args.fail_fast and summary["windows_failed"]):
         raise RunFailed(f"--fail-fast: stopped at the first failed window ({summary['errors'][0][1] if summary['errors'] else '?'})")
     if not summary["cache_windows_ok"]:

@@ -29,6 +29,7 @@ import errno
 import logging
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -134,16 +135,25 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     try:
         unpinned = unpin(location, existing) if existing is not None and pinned is None else None
         existing = pinned
+        if existing is not None:  # a cache to resume: what is left is known before Ray starts
+            upkeep = keep_up(config, location, existing)
+            planned, todo = windows_to_do(reader, plan, existing, upkeep.done, config.scenes)
+            todo, deferred = limit_windows(todo, config.max_windows)
+            if not todo.num_rows:  # nothing to compute: no Ray, no model (a changed one is compared when there is work)
+                return summarize(config, location, planned, todo, upkeep, StageRun(), clock, deferred=deferred)
         connected = init_ray(config.num_cpus, config.workers * config.cpus_per_worker)
         check_cluster(config, local=connected == "local")
         described = describe_on_cluster(config)
         cache_config = make_cache_config(config, reader, view, plan, described)
-        existing = existing or read_existing_config(location)  # another job may have created it before our lease
-        check_compatible(existing, cache_config, where=location.url(CONFIG_FILE))
-        upkeep = keep_up(config, location, existing or cache_config)
-        upkeep.unpinned = unpinned
-        planned, todo = windows_to_do(reader, plan, cache_config, upkeep.done, config.scenes)
-        todo, deferred = limit_windows(todo, config.max_windows)
+        if existing is None:
+            existing = read_existing_config(location)  # another job may have created it before our lease
+            check_compatible(existing, cache_config, where=location.url(CONFIG_FILE))
+            upkeep = keep_up(config, location, existing or cache_config)
+            upkeep.unpinned = unpinned
+            planned, todo = windows_to_do(reader, plan, cache_config, upkeep.done, config.scenes)
+            todo, deferred = limit_windows(todo, config.max_windows)
+        else:  # the backend as built where the actors run must match the cache's (same fingerprint, same window ids)
+            check_compatible(existing, cache_config, where=location.url(CONFIG_FILE))
         run = run_stages(todo, config, reader, cache_config, described["load"], (location, lease, clock))
     finally:
         lease.release()
@@ -174,11 +184,16 @@ RUN_MODULES = ("cameo_corr.cache.verify", "cameo_corr.datasets.planner", "cameo_
 
 
 def check_out(config: JobConfig) -> CacheLocation:
-    """The cache location, refusing an ``--out`` that is a file (:class:`UsageError`)."""
+    """The cache location, refusing an ``--out`` that is a file or in a bucket that does not exist (:class:`UsageError`)."""
     try:
         location = CacheLocation(config.out, config.storage())
+    except CameoCorrError:  # names the location itself
+        raise
     except ValueError as e:
         raise UsageError(f"--out {config.out}: {e}") from None
+    bucket = location.missing_bucket()
+    if bucket:  # also for --dry-run, which writes nothing
+        raise UsageError(f"--out {config.out}: no such bucket: {bucket}")
     if location.fs.isfile(location.root):
         raise UsageError(f"--out {config.out}: is a file; give a cache directory (new or existing)")
     return location
@@ -373,6 +388,7 @@ def make_cache_config(config: JobConfig, reader: "SceneReader", view: "Canonical
             "package": "cameo-corr",
             "version": cameo_corr.__version__,
             "command": config.command or "run_preprocess",
+            "cwd": os.getcwd(),  # where the command's relative paths start
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "plan": plan.to_dict(),
             "devices": [described["device"]],
@@ -487,7 +503,7 @@ def execute(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_co
         elif isinstance(cause, CameoCorrError):
             raise cause from None
         else:
-            run.errors = [("*", " ".join(f"{type(cause).__name__}: {cause}".split())[:500])]
+            run.errors = [("*", failure_text(e))]
     finally:
         stop.set()
         if watcher is not None:
@@ -617,6 +633,27 @@ def _watch_progress(counter: Any, total: int, stop: threading.Event) -> None:
                 return
     finally:
         bar.close()
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def failure_text(e: BaseException) -> str:
+    """One line naming the error behind a failed run: the innermost exception of Ray's wrappers
+    (``RayTaskError(UserCodeException)`` around the actor's own error) as ``<type>: <message>``, without
+    Ray's colour codes and tracebacks (at most 500 characters)."""
+    inner, seen = e, {id(e)}
+    while True:
+        nxt = getattr(inner, "cause", None) or inner.__cause__
+        if not isinstance(nxt, BaseException) or id(nxt) in seen:
+            break
+        inner = nxt
+        seen.add(id(inner))
+    text = _ANSI.sub("", str(inner))
+    if type(inner).__module__.startswith("ray"):  # no cause kept: Ray's text ends with the error's own line
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return (lines[-1] if lines else type(inner).__name__)[:500]
+    return " ".join(f"{type(inner).__name__}: {text}".split())[:500]
 
 
 def _root_cause(e: BaseException) -> BaseException:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import pickle
 import time
 import warnings
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ray.data import Datasink
 
-from cameo_corr.schemas import CameoCorrError, FrameRecord, WindowRecord
+from cameo_corr.schemas import CameoCorrError, FrameRecord, SchemaError, WindowRecord
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import pyarrow as pa
@@ -149,6 +150,26 @@ def check_pointmaps(result: Any, record: WindowRecord) -> str | None:
     return None
 
 
+def check_device(device: Any) -> None:
+    """Refuse a CUDA device that this process (a Ray task with the model actors' resources) cannot use:
+    ``--device cuda`` on a node without a GPU, a CPU-only torch, or an index beyond the GPUs Ray gave it.
+    Otherwise every window would fail in the actors, after the job started."""
+    import socket
+
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.index is None and visible or device.index is not None and device.index < visible:
+        return
+    why = "torch is a CPU-only build" if torch.version.cuda is None else f"{visible} CUDA device(s) visible"
+    raise SchemaError("device", f"--device {device}: the model actors cannot use it on {socket.gethostname()} ({why}; "
+                      f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); give the workers GPUs "
+                      "with --gpus-per-worker, or run on CPU with --device cpu", where="backend")
+
+
 def describe_backend(spec: Mapping[str, Any]) -> dict[str, Any]:
     """The backend entry of ``cache.json``, the ``load_window`` options of the load stage (``load``:
     ``with_depth``, ``with_masks``: what the backend reads) and the device, from a backend built with
@@ -161,6 +182,7 @@ def describe_backend(spec: Mapping[str, Any]) -> dict[str, Any]:
 
     backend = make_backend(spec["backend"], **spec["backend_options"])
     resolve_backend(spec["match_backend"], backend.device)
+    check_device(backend.device)
     return {"backend": backend.describe(), "device": str(backend.device),
             "load": {"with_depth": bool(backend.needs_depth), "with_masks": bool(backend.needs_masks)}}
 

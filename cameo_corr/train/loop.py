@@ -668,43 +668,45 @@ class Trainer:
         acc_metrics: dict[str, list[torch.Tensor]] = {}
         skipped = 0
         t0 = time.perf_counter()
-        while self.state.step < total:
-            m = self.micro_step(next(stream))
-            for k in ("loss", "diffusion", "cameo", "precision"):
-                acc_metrics.setdefault(k, []).append(m[k].detach().float())
-            skipped += int(self.head_mlp is not None and not m["cameo_applied"])
-            if not m["synced"]:
-                continue
-            if not acc.optimizer_step_was_skipped:  # fp16: the grad scaler skipped an overflowing step
-                self.lr_scheduler.step()
-            self.state.step += 1
-            row = {"step": self.state.step, "lr": float(self.lr_scheduler.get_last_lr()[0])}
-            for k, values in acc_metrics.items():  # the mean over every rank's micro-batches with a value
-                row[k] = mean_known(torch.stack(values), self.reduce_sum)
-            if self.head_mlp is not None:  # micro-batches of the step (all ranks) without a CAMEO term
-                row["cameo_skipped"] = int(self.reduce_sum(torch.tensor([float(skipped)], device=acc.device)))
-            acc_metrics, skipped = {}, 0
-            row["corrupt_skipped"] = int(self.reduce_sum(torch.tensor([self.loader.corrupt_skipped], device=acc.device)))
-            row["time"] = time.perf_counter() - t0
-            if cfg.eval.every > 0 and (self.state.step % cfg.eval.every == 0 or self.state.step == total):
-                ev = evaluate(self.trainable, self.head_mlp, self.codec, self.noise_scheduler, self.eval_batches, cfg, self.grid,
-                              acc.device, reduce_sum=self.reduce_sum)
-                row.update(ev)
-                result.evals.append({"step": self.state.step, **ev})
-            result.history.append(row)
-            if acc.is_main_process:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-            if cfg.train.tensorboard:
-                acc.log({k: v for k, v in row.items() if k != "step" and not math.isnan(v)}, step=self.state.step)
-            progress.update(1)
-            if self.state.step % cfg.train.log_every == 0 or self.state.step == total:
-                progress.set_postfix({k: f"{row[k]:.4g}" for k in ("diffusion", "cameo", "precision") if k in row}
-                                     | ({"corrupt_skipped": row["corrupt_skipped"]} if row["corrupt_skipped"] else {}))
-            every = cfg.train.checkpoint_every
-            if (every and self.state.step % every == 0) or self.state.step == total:
-                result.checkpoints.append(str(self.save()))
-        progress.close()
+        try:  # the bar is closed before an error propagates: its last line comes before the error's
+            while self.state.step < total:
+                m = self.micro_step(next(stream))
+                for k in ("loss", "diffusion", "cameo", "precision"):
+                    acc_metrics.setdefault(k, []).append(m[k].detach().float())
+                skipped += int(self.head_mlp is not None and not m["cameo_applied"])
+                if not m["synced"]:
+                    continue
+                if not acc.optimizer_step_was_skipped:  # fp16: the grad scaler skipped an overflowing step
+                    self.lr_scheduler.step()
+                self.state.step += 1
+                row = {"step": self.state.step, "lr": float(self.lr_scheduler.get_last_lr()[0])}
+                for k, values in acc_metrics.items():  # the mean over every rank's micro-batches with a value
+                    row[k] = mean_known(torch.stack(values), self.reduce_sum)
+                if self.head_mlp is not None:  # micro-batches of the step (all ranks) without a CAMEO term
+                    row["cameo_skipped"] = int(self.reduce_sum(torch.tensor([float(skipped)], device=acc.device)))
+                acc_metrics, skipped = {}, 0
+                row["corrupt_skipped"] = int(self.reduce_sum(torch.tensor([self.loader.corrupt_skipped], device=acc.device)))
+                row["time"] = time.perf_counter() - t0
+                if cfg.eval.every > 0 and (self.state.step % cfg.eval.every == 0 or self.state.step == total):
+                    ev = evaluate(self.trainable, self.head_mlp, self.codec, self.noise_scheduler, self.eval_batches, cfg, self.grid,
+                                  acc.device, reduce_sum=self.reduce_sum)
+                    row.update(ev)
+                    result.evals.append({"step": self.state.step, **ev})
+                result.history.append(row)
+                if acc.is_main_process:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                if cfg.train.tensorboard:
+                    acc.log({k: v for k, v in row.items() if k != "step" and not math.isnan(v)}, step=self.state.step)
+                progress.update(1)
+                if self.state.step % cfg.train.log_every == 0 or self.state.step == total:
+                    progress.set_postfix({k: f"{row[k]:.4g}" for k in ("diffusion", "cameo", "precision") if k in row}
+                                         | ({"corrupt_skipped": row["corrupt_skipped"]} if row["corrupt_skipped"] else {}))
+                every = cfg.train.checkpoint_every
+                if (every and self.state.step % every == 0) or self.state.step == total:
+                    result.checkpoints.append(str(self.save()))
+        finally:
+            progress.close()
         for tracker in acc.trackers:  # flush the logs; the process group stays up (end_training would destroy it)
             tracker.finish()
         result.step = self.state.step
