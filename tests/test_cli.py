@@ -143,7 +143,7 @@ def test_stats_and_verify_json_for_scripts(cache3, failed_cache, tmp_path):
     v = json.loads(good.stdout)
     assert good.returncode == 0 and good.stderr == ""
     assert v == {"ok": True, "path": str(cache3), "grids": [[8, 8]], "deep": False, "selection": None, "windows_ok": 2,
-                 "checked": 2, "problems": [], "corrupt": []}
+                 "checked": 2, "problems": [], "corrupt": [], "orphans": []}
     f = json.loads(failed.stdout)
     assert failed.returncode == 1 and not f["ok"] and f["windows_ok"] == 0 and f["checked"] == 0
     c = json.loads(corrupt.stdout)

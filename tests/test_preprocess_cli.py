@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cameo_corr.cache.lease import LEASE_FILE, CacheLease
+from cameo_corr.cache.layout import shard_dir
 from cameo_corr.cache.location import CacheLocation
 from cameo_corr.cache.reader import CorrCache
 from cameo_corr.cli import main as cli_main
@@ -125,7 +127,22 @@ def test_dry_run_of_existing_caches(tmp_path, capsys):
     plan = json.loads(summary.read_text())
     assert "cache: 2 of the planned windows ok, 0 failed" in printed and "this run: 0 of 0 windows to do" in printed
     shard_bytes = sum(f.stat().st_size for f in (ok / "shards").iterdir())
-    assert plan["bytes_per_window_measured"] == shard_bytes / 2 and plan["cache"] == {"ok": 2, "failed": 0, "config_replaced": False}
+    assert plan["bytes_per_window_measured"] == shard_bytes / 2
+    assert plan["cache"] == {"ok": 2, "failed": 0, "config_replaced": False, "orphans": 0, "shards_missing": 0, "windows_missing": 0}
+    # a damaged cache: the dry run shows what the run's start-up repairs, and what it then computes
+    damaged = tmp_path / "damaged"
+    shutil.copytree(ok, damaged)
+    shard = CorrCache(damaged).row(CorrCache(damaged).window_ids()[0])["shard"]
+    (damaged / shard_dir(shard)).unlink()
+    (damaged / "shards" / ".tmp-0123456789abcdef-deadbeef.zarr.zip").write_bytes(b"partial")
+    argv = [*common, "--root", str(tmp_path / "ok" / "data"), "--out", str(damaged), "--views", "3", "--summary-json", str(summary)]
+    assert cli_main([*argv, "--repair"]) == 0
+    printed, plan = capsys.readouterr().out, json.loads(summary.read_text())
+    lost = plan["cache"]["windows_missing"]
+    assert plan["cache"]["shards_missing"] == 1 and lost >= 1 and plan["cache"]["orphans"] == 1
+    assert f"1 shard file(s) missing: their {lost} ok window(s) are redone" in printed and "1 orphan(s)" in printed
+    assert f"this run: {lost} of {lost} windows to do" in printed and "--repair: every chunk is decoded" in printed
+    assert (damaged / "shards" / ".tmp-0123456789abcdef-deadbeef.zarr.zip").exists()  # a dry run deletes nothing
     assert cli_main([*common, "--root", str(tmp_path / "failed" / "data"), "--out", str(failed), "--views", "4"]) == 0
     assert "cache: has no ok window and another config: its failed rows and cache.json would be replaced" in capsys.readouterr().out
     assert cli_main([*common, "--root", str(tmp_path / "ok" / "data"), "--out", str(ok), "--views", "4"]) == 2

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 from cameo_corr.cache.consolidation import consolidate_manifest
 from cameo_corr.cache.lease import CacheLease
-from cameo_corr.cache.manifest import fragment_names
+from cameo_corr.cache.manifest import find_orphans, fragment_names
 from cameo_corr.cache.merge import merge_caches
 from cameo_corr.cache.migrate import migrate_cache
 from cameo_corr.cache.reader import CorrCache
@@ -79,9 +79,13 @@ def _verify(args: argparse.Namespace) -> int:
     cache = _open(args)
     report = verify_report(cache, max_windows=args.max_windows, deep=args.deep, grids=args.grid, selection=selection)
     where = cache.location.display
+    orphans = find_orphans(cache.location)  # not a problem of the data: storage the next preprocess run frees
     if args.json:
-        print(json.dumps(verify_json(cache, report, args, selection), indent=2))
+        print(json.dumps(verify_json(cache, report, args, selection, orphans), indent=2))
         return 0 if report.windows_ok and not report.problems else 1
+    if orphans:
+        print(f"note: {len(orphans)} orphan(s) of killed writers in {where} (temporary files, shards without manifest rows; "
+              "not read, deleted by the next `cameo-corr preprocess` run)", file=sys.stderr)
     if report.problems:
         print(f"{len(report.problems)} problem(s) in {where}:", file=sys.stderr)
         for p in report.problems:
@@ -99,10 +103,12 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def verify_json(cache: "CorrCache", report: "VerifyReport", args: argparse.Namespace, selection: "WindowSelection") -> dict:
+def verify_json(cache: "CorrCache", report: "VerifyReport", args: argparse.Namespace, selection: "WindowSelection",
+                orphans: list[str]) -> dict:
     """``cache verify --json``: ``ok`` (no problem and at least one ok window: exit 0), ``path``,
     ``grids`` checked, ``deep``, ``selection``, ``windows_ok``, ``checked``, ``problems`` (one line
-    each) and ``corrupt`` (``{"window", "shard", "array"}``, ``null`` for a whole shard or its metadata)."""
+    each), ``corrupt`` (``{"window", "shard", "array"}``, ``null`` for a whole shard or its metadata)
+    and ``orphans`` (what killed writers left: relative paths the next preprocess run deletes)."""
     return {
         "ok": bool(report.windows_ok) and not report.problems,
         "path": cache.location.display,
@@ -113,6 +119,7 @@ def verify_json(cache: "CorrCache", report: "VerifyReport", args: argparse.Names
         "checked": report.checked,
         "problems": list(report.problems),
         "corrupt": [{"window": w, "shard": sh, "array": a} for w, sh, a in report.corrupt],
+        "orphans": orphans,
     }
 
 

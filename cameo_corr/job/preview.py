@@ -26,19 +26,22 @@ def plan_preview(config: JobConfig) -> dict[str, Any]:
     Keys: ``out``, ``dataset``, ``split``, ``plan`` (the sampling), ``scenes``, ``scenes_with_windows``,
     ``windows_planned``, ``windows_computable``, ``failed_planning`` (``{reason: count}``),
     ``failed_examples`` (``{reason: [[scene, error], ...]}``), ``cache`` (``None`` for a new cache,
-    else ``{"ok", "failed", "config_replaced"}``: its rows among the planned windows and whether its
-    config would be replaced, a cache without an ok window), ``windows_to_do`` (planned windows without
+    else ``{"ok", "failed", "config_replaced", "orphans", "shards_missing", "windows_missing"}``: its
+    rows among the planned windows, whether its config would be replaced (a cache without an ok
+    window), and what the start-up would repair: orphans deleted, shard files missing and the ok
+    windows they held, which are redone), ``windows_to_do`` (planned windows without
     a manifest row, failed ones too with ``retry_failed``), ``windows_this_run`` (after
     ``max_windows``), ``windows_this_run_computable``, ``bytes_per_window_arrays`` (uncompressed arrays),
     ``bytes_per_window_measured`` (the existing cache's, else ``None``), ``bytes_estimated`` (of this
-    run's computable windows, by the measured figure when there is one), ``retry_failed``.
+    run's computable windows, by the measured figure when there is one), ``retry_failed``, ``repair``.
     """
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from cameo_corr.cache.config import read_existing_config
-    from cameo_corr.cache.manifest import id_array, read_manifest, sorted_member
+    from cameo_corr.cache.layout import SHARDS_DIR, shard_id_of_name
+    from cameo_corr.cache.manifest import find_orphans, id_array, read_manifest, sorted_member
     from cameo_corr.datasets.planner import plan_table
     from cameo_corr.job.driver import check_before_start, check_out, provisional_config
 
@@ -57,14 +60,22 @@ def plan_preview(config: JobConfig) -> dict[str, Any]:
     cache: dict[str, Any] | None = None
     measured = None
     if existing is not None:
-        cache = {"ok": 0, "failed": 0, "config_replaced": pinned is None}
+        cache = {"ok": 0, "failed": 0, "config_replaced": pinned is None, "orphans": 0, "shards_missing": 0,
+                 "windows_missing": 0}
         if pinned is not None:
             rows = read_manifest(location, columns=["window_id", "status", "shard", "shard_bytes"])
+            # what the run's start-up repairs (read only here): orphans it deletes, shard files that are missing
+            cache["orphans"] = len(find_orphans(location))
+            present = pa.array(sorted({s for n in location.listdir(SHARDS_DIR) if (s := shard_id_of_name(n)) is not None}), pa.string())
+            lost = pc.and_(pc.equal(rows.column("status"), "ok"), pc.invert(pc.is_in(rows.column("shard"), value_set=present)))
+            cache["shards_missing"] = pc.count_distinct(rows.filter(lost).column("shard")).as_py()
+            rows = rows.filter(pc.invert(lost))  # their rows are dropped at start-up: the windows are redone
             planned_ids = id_array(table.column("window_id"))  # binary search of sorted ids, as a run's DoneWindows
             mine = rows.filter(pa.array(sorted_member(id_array(rows.column("window_id")), np.sort(planned_ids))))
             status = mine.column("status")
             cache["ok"] = int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
             cache["failed"] = mine.num_rows - cache["ok"]
+            cache["windows_missing"] = int(pc.sum(lost).as_py() or 0)
             redo = mine if not config.retry_failed else mine.filter(pc.equal(status, "ok"))
             todo = table.filter(pa.array(~sorted_member(planned_ids, np.sort(id_array(redo.column("window_id"))))))
             measured = _measured_bytes_per_window(rows)
@@ -90,6 +101,7 @@ def plan_preview(config: JobConfig) -> dict[str, Any]:
         "bytes_per_window_measured": measured,
         "bytes_estimated": int(round(n_compute * (measured if measured is not None else arrays))),
         "retry_failed": config.retry_failed,
+        "repair": config.repair,
     }
 
 
@@ -127,6 +139,13 @@ def format_plan(preview: Mapping[str, Any]) -> str:
     else:
         redo = "" if not cache["failed"] else " (redone: --retry-failed)" if preview["retry_failed"] else " (pass --retry-failed to redo them)"
         lines.append(f"cache: {cache['ok']} of the planned windows ok, {cache['failed']} failed{redo}")
+        if cache["shards_missing"]:
+            lines.append(f"  {cache['shards_missing']} shard file(s) missing: their {cache['windows_missing']} ok window(s) are redone")
+        if cache["orphans"]:
+            lines.append(f"  {cache['orphans']} orphan(s) of killed writers (temporary files, shards without rows) are deleted at start-up")
+        if preview["repair"]:
+            lines.append("  --repair: every chunk is decoded at start-up and the windows of corrupt shards are redone "
+                         "(not checked by a dry run; `cameo-corr cache verify --deep` lists them)")
     limited = preview["windows_this_run"] < preview["windows_to_do"]
     lines.append(f"this run: {preview['windows_this_run']} of {preview['windows_to_do']} windows to do"
                  + (" (--max-windows)" if limited else "") + f", {preview['windows_this_run_computable']} to compute")
