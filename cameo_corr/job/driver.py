@@ -135,7 +135,10 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     try:
         unpinned = unpin(location, existing) if existing is not None and pinned is None else None
         existing = pinned
-        if existing is not None:  # a cache to resume: what is left is known before Ray starts
+        # a cache to resume: what is left is known before Ray starts. Not with --repair or --retry-failed,
+        # whose rows dropped must stay until the model, built where the actors run, matched the cache's
+        early = existing is not None and not (config.repair or config.retry_failed)
+        if early:
             upkeep = keep_up(config, location, existing)
             planned, todo = windows_to_do(reader, plan, existing, upkeep.done, config.scenes)
             todo, deferred = limit_windows(todo, config.max_windows)
@@ -145,8 +148,8 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         check_cluster(config, local=connected == "local")
         described = describe_on_cluster(config)
         cache_config = make_cache_config(config, reader, view, plan, described)
-        if existing is None:
-            existing = read_existing_config(location)  # another job may have created it before our lease
+        if not early:
+            existing = existing or read_existing_config(location)  # another job may have created it before our lease
             check_compatible(existing, cache_config, where=location.url(CONFIG_FILE))
             upkeep = keep_up(config, location, existing or cache_config)
             upkeep.unpinned = unpinned
