@@ -17,6 +17,7 @@ from cameo_corr.cache.location import CacheLocation
 from cameo_corr.cache.manifest import read_manifest
 from cameo_corr.cache.reader import CorrCache
 from cameo_corr.cache.shard import window_fractions
+from cameo_corr.cache.verify import verify_cache
 from cameo_corr.cache.writer import CacheWriter, WindowOutcome
 from cameo_corr.schemas import CACHE_ARRAYS, CacheConfig, DatasetError, FrameRecord, SchemaError, WindowRecord, manifest_schema
 
@@ -580,6 +581,25 @@ def test_orphans_removed_and_finished_shards_kept(tmp_path):
     assert rows.column("window_id").to_pylist() == [record(0).window_id]
     assert (path / shard_dir("done")).read_bytes() == done_bytes
     assert writer.done_window_ids().to_pylist() == [record(0).window_id]
+
+
+def test_a_finished_shard_whose_file_was_swept_is_written_again(tmp_path):
+    """A killed job's writer may rename its shard into place, have it swept as an orphan by the next job
+    (no fragment yet), then commit the fragment after that job read what was done: the next job computes
+    the shard again and finds rows pointing at a missing file. It writes the file again from the same
+    windows (and only from the same windows in the same rows), so no ok row is left without its data."""
+    path = tmp_path / "c"
+    writer = CacheWriter(path, config())
+    writer.initialize()
+    writer.write_shard("s", outcomes([0, 1, 2], failed=(1,)))
+    original = (path / shard_dir("s")).read_bytes()
+    (path / shard_dir("s")).unlink()
+    writer.write_shard("s", outcomes([0, 3]))  # other windows than the rows': left to the repair of missing files
+    assert not (path / shard_dir("s")).exists()
+    rows = writer.write_shard("s", outcomes([0, 1, 2], failed=(1,)))
+    assert rows.column("window_id").to_pylist() == [record(i).window_id for i in (0, 1, 2)]
+    assert (path / shard_dir("s")).read_bytes() == original
+    assert verify_cache(CorrCache(path), deep=True) == []
 
 
 def test_all_failed_shard_has_fragment_only(tmp_path):

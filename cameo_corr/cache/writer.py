@@ -141,12 +141,16 @@ class CacheWriter:
         fractions. The first commit into a new cache writes ``cache.json`` (before the fragment, so no
         fragment exists without it; concurrent first commits of one job write the same bytes). A shard
         that already has manifest rows is finished: nothing is written and its rows are returned (an
-        actor retried after finishing). A stale shard file without rows is replaced.
+        actor retried after finishing), unless those rows are ok and the shard file is missing (a killed
+        job's writer committed the rows after the next job swept the file as an orphan): the file is then
+        written again from ``outcomes`` when they are the same windows in the same rows. A stale shard
+        file without rows is replaced.
         """
         import pyarrow as pa
 
         finished = self._finished_rows(shard_id, outcomes)
         if finished is not None:
+            self._restore_missing_file(shard_id, finished, outcomes)
             return finished
         ok = [o for o in outcomes if o.arrays is not None]
         nbytes = self._write_group(shard_id, ok) if ok else None
@@ -178,6 +182,20 @@ class CacheWriter:
         table = pa.Table.from_pylist(rows, schema=manifest_schema())
         self.location.write_bytes_atomic(fragment_path(shard_id), parquet_bytes(table, MANIFEST_ROW_GROUP))
         return table
+
+    def _restore_missing_file(self, shard_id: str, finished: "pa.Table", outcomes: Sequence[WindowOutcome]) -> None:
+        """Write the file of a finished shard whose ok rows point at a missing file, from ``outcomes``
+        when their ok windows are the rows' windows in the rows' order (else leave it to the next run's
+        repair of missing shard files)."""
+        import pyarrow.compute as pc
+
+        ok_rows = finished.filter(pc.equal(finished.column("status"), "ok"))
+        if not ok_rows.num_rows or self.location.exists(shard_dir(shard_id)):
+            return
+        by_row = ok_rows.sort_by("row").column("window_id").to_pylist()
+        ok = [o for o in outcomes if o.arrays is not None]
+        if [o.record.window_id for o in ok] == by_row:
+            self._write_group(shard_id, ok)
 
     def _write_group(self, shard_id: str, ok: Sequence[WindowOutcome]) -> int:
         """Validate the ok windows, write the shard file under a temporary name, rename it into place;
