@@ -62,7 +62,7 @@ def test_verify_clean(small_cache, capsys):
     (small_cache / "shards" / ".tmp-0123456789abcdef-deadbeef.zarr.zip").write_bytes(b"partial")  # a killed writer's
     assert cli_main(["cache", "verify", str(small_cache)]) == 0  # not a problem of the data: a note
     out = capsys.readouterr()
-    assert "ok: 4 of 4 windows verified" in out.out and out.err.startswith(f"note: 1 orphan(s) of killed writers in {small_cache}")
+    assert "ok: 4 of 4 windows verified" in out.out and out.err.startswith(f"cameo-corr cache verify: note: 1 orphan(s) of killed writers in {small_cache}")
     assert cli_main(["cache", "verify", str(small_cache), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["orphans"] == ["shards/.tmp-0123456789abcdef-deadbeef.zarr.zip"]
 

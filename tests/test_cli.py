@@ -308,3 +308,24 @@ def test_demo_rejects_bad_settings_before_doing_work(tmp_path):
 def test_gitignore_has_the_demo_output():
     lines = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().splitlines()
     assert "demo-run/" in lines
+
+
+def test_argparse_errors_are_one_line_naming_the_command(capsys):
+    """What argparse refuses (a missing flag, an unknown one, a bad choice) is one line naming the
+    command, exit 2, without the usage (``--help`` shows it)."""
+    from cameo_corr.cli import main
+
+    cases = [
+        (["preprocess", "--dataset", "synthetic", "--root", "r", "--out", "o", "--bogus-flag"],
+         "cameo-corr preprocess: error: unrecognized arguments: --bogus-flag"),
+        (["cache", "stats", "c", "--nope", "1"], "cameo-corr cache stats: error: unrecognized arguments: --nope 1"),
+        (["preprocess", "--dataset", "synthetic", "--root", "r"], "cameo-corr preprocess: error: the following arguments are required: --out"),
+        (["cache"], "cameo-corr cache: error: the following arguments are required: {stats,verify,viz,compact,migrate,merge}"),
+    ]
+    for argv, line in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err == line + "\n", (argv, err)
+

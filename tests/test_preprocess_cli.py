@@ -140,6 +140,7 @@ def test_dry_run_of_existing_caches(tmp_path, capsys):
     printed, plan = capsys.readouterr().out, json.loads(summary.read_text())
     lost = plan["cache"]["windows_missing"]
     assert plan["cache"]["shards_missing"] == 1 and lost >= 1 and plan["cache"]["orphans"] == 1
+    assert plan["bytes_per_window_measured"] == shard_bytes / 2  # measured also from the shard whose file went missing
     assert f"1 shard file(s) missing: their {lost} ok window(s) are redone" in printed and "1 orphan(s)" in printed
     assert f"this run: {lost} of {lost} windows to do" in printed and "--repair: every chunk is decoded" in printed
     assert (damaged / "shards" / ".tmp-0123456789abcdef-deadbeef.zarr.zip").exists()  # a dry run deletes nothing

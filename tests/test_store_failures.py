@@ -57,6 +57,12 @@ def test_a_refused_request_names_the_cache(refusing_endpoint):
     for command in (["cache", "verify", "s3://bkt/c"], ["cache", "stats", "s3://bkt/c"]):
         out = _cli(*command, env=env)
         assert (out.returncode, out.stderr.strip()) == (2, f"cameo-corr {' '.join(command[:2])}: error: object store: forbidden, s3://bkt/c")
+    # refused is not missing: credentials allowed only a prefix of a bucket cannot head or list it, and
+    # a run must not be refused as "no such bucket" for that (s3fs's ``exists`` says False there)
+    from cameo_corr.cache.location import CacheLocation
+
+    options = {"key": "wrong", "secret": "wrong", "client_kwargs": {"endpoint_url": refusing_endpoint, "region_name": "us-east-1"}}
+    assert CacheLocation("s3://bkt/c", options).missing_bucket() is None
 
 
 def test_a_missing_bucket_is_named_and_never_created(s3_endpoint, s3_bucket, tmp_path, monkeypatch, capsys):

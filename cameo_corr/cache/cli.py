@@ -84,8 +84,8 @@ def _verify(args: argparse.Namespace) -> int:
         print(json.dumps(verify_json(cache, report, args, selection, orphans), indent=2))
         return 0 if report.windows_ok and not report.problems else 1
     if orphans:
-        print(f"note: {len(orphans)} orphan(s) of killed writers in {where} (temporary files, shards without manifest rows; "
-              "not read, deleted by the next `cameo-corr preprocess` run)", file=sys.stderr)
+        print(f"{args.command_name}: note: {len(orphans)} orphan(s) of killed writers in {where} (temporary files, shards "
+              "without manifest rows; not read, deleted by the next `cameo-corr preprocess` run)", file=sys.stderr)
     if report.problems:
         print(f"{len(report.problems)} problem(s) in {where}:", file=sys.stderr)
         for p in report.problems:

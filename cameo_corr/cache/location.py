@@ -128,9 +128,23 @@ class CacheLocation:
         return bool(protocols & BUCKET_PROTOCOLS)
 
     def missing_bucket(self) -> str | None:
-        """The bucket of this location when it is on an object store and the bucket does not exist."""
+        """The bucket of this location when it is on an object store and the store says the bucket does
+        not exist (``HeadBucket`` answers 404 on s3). ``None`` otherwise, also when the store refuses to
+        say: credentials allowed only a prefix of the bucket may not list or head it (s3fs's ``exists``
+        reads that as a missing bucket), and then the command's own requests tell."""
+        if not self.in_bucket:
+            return None
         bucket = self.root.split("/", 1)[0]
-        return bucket if self.in_bucket and not self.fs.exists(self._fresh(bucket)) else None
+        try:
+            if hasattr(self.fs, "call_s3"):
+                self.fs.call_s3("head_bucket", Bucket=bucket)
+            else:
+                self.fs.info(self._fresh(bucket))
+        except FileNotFoundError:
+            return bucket
+        except store_errors():  # refused or not answering: not provably missing
+            return None
+        return None
 
     def check_writable(self, field: str = "out") -> None:
         """Write and delete an empty probe file at the root, before a command writes anything else; a

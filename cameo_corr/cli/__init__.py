@@ -92,6 +92,17 @@ def subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.Argumen
     return found
 
 
+def parse_command(argv: list[str] | None) -> argparse.Namespace:
+    """``build_parser().parse_args(argv)``, with an unrecognized argument reported by the command's own
+    parser (``cameo-corr preprocess: error: unrecognized arguments: ...``, not the top level's)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        leaf = next((p for p in subcommand_parsers(parser) if p.prog == getattr(args, "command_name", None)), parser)
+        leaf.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def _name_commands(parser: argparse.ArgumentParser) -> None:
     """Record each command's name (``cache viz``) in its namespace, for error messages."""
     for leaf in subcommand_parsers(parser):
@@ -157,7 +168,7 @@ def _run(argv: list[str] | None, running: dict[str, str]) -> int:
     prog = running["prog"]
     try:
         try:
-            args = build_parser().parse_args(argv)
+            args = parse_command(argv)
         except SystemExit:  # --help or a usage error: argparse printed and exits; surface a closed pipe now
             sys.stdout.flush()
             raise
@@ -212,6 +223,7 @@ __all__ = [
     "UsageError",
     "RunFailed",
     "build_parser",
+    "parse_command",
     "subcommand_parsers",
     "describe_os_error",
     "main",

@@ -64,6 +64,7 @@ def plan_preview(config: JobConfig) -> dict[str, Any]:
                  "windows_missing": 0}
         if pinned is not None:
             rows = read_manifest(location, columns=["window_id", "status", "shard", "shard_bytes"])
+            measured = _measured_bytes_per_window(rows)  # also from shards whose file went missing
             # what the run's start-up repairs (read only here): orphans it deletes, shard files that are missing
             cache["orphans"] = len(find_orphans(location))
             present = pa.array(sorted({s for n in location.listdir(SHARDS_DIR) if (s := shard_id_of_name(n)) is not None}), pa.string())
@@ -78,7 +79,6 @@ def plan_preview(config: JobConfig) -> dict[str, Any]:
             cache["windows_missing"] = int(pc.sum(lost).as_py() or 0)
             redo = mine if not config.retry_failed else mine.filter(pc.equal(status, "ok"))
             todo = table.filter(pa.array(~sorted_member(planned_ids, np.sort(id_array(redo.column("window_id"))))))
-            measured = _measured_bytes_per_window(rows)
     this_run = todo if config.max_windows is None else todo.slice(0, config.max_windows)
     n_compute = int(pc.sum(pc.is_null(this_run.column("error"))).as_py() or 0)
     arrays = provisional_config(config, reader, view).window_nbytes()
