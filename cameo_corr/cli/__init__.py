@@ -60,6 +60,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "cameo_corr.selfcheck",
 )
 
+
 class _Parser(argparse.ArgumentParser):
     """argparse's parser whose usage errors (a missing argument, a bad ``--grid`` value, an unknown flag)
     are one line, ``<command>: error: <what>``, exit 2, like every other bad input; ``--help`` shows the
