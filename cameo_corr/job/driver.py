@@ -369,7 +369,10 @@ def describe_on_cluster(config: JobConfig) -> dict[str, Any]:
 
     from cameo_corr.job.stages import describe_backend
 
-    describe = ray.remote(describe_backend).options(num_cpus=0, num_gpus=config.gpus_per_worker, max_retries=config.max_retries)
+    # max_calls=1: the worker exits after the task, so the model it built frees its host and GPU memory
+    # (Ray does so by itself only for tasks given a GPU; --device cuda with --gpus-per-worker 0 is not)
+    describe = ray.remote(max_calls=1)(describe_backend).options(num_cpus=0, num_gpus=config.gpus_per_worker,
+                                                                 max_retries=config.max_retries)
     try:
         return ray.get(describe.remote(config.geometry_spec()))
     except Exception as e:  # noqa: BLE001 - our error behind Ray's wrapper is re-raised as itself (one line)
