@@ -407,17 +407,17 @@ def check_ray_job(ctx: Context) -> list[Row]:
         summary, seconds = timed(lambda: run_preprocess(root=root, out=out, command="cameo-corr selfcheck", **options), device)
         planned, done, failed = summary["windows_planned"], summary["windows_ok"], summary["windows_failed"]
         problems = verify_cache(CorrCache(out))
-        recorded = CorrCache(out).config.created_by.get("devices", [])
+        used = summary["devices_used"]  # reported by the model actors themselves, window by window
         check = f"ray job depth+match (gpus_per_worker={options['gpus_per_worker']})"
         tolerance = "all windows ok, cache verified"
-        if device.type == "cuda" and not any(str(d).startswith("cuda") for d in recorded):
-            problems.append(f"the worker ran on {recorded}, not on a GPU")
+        if not used or any(d.split(":")[0] != device.type for d in used):
+            problems.append(f"the model actors ran on {', '.join(used) or 'nothing'}, not on {device.type}")
         if planned == 0 or done != planned or failed or problems:
             errors = "; ".join(f"{w}: {e}" for w, e in (summary.get("errors") or [])[:2])
             result = f"{done}/{planned} windows ok, {failed} failed; " + "; ".join(problems[:3] + ([errors] if errors else []))
             rows.append(Row(check, str(device), "FAIL", result, seconds, tolerance))
             return rows
-        rows.append(Row(check, str(device), "ok", f"{done} windows ({RAY_VIEWS} views, {RAY_GRID}x{RAY_GRID} tokens) on {', '.join(map(str, recorded))}, cache verified", seconds, tolerance))
+        rows.append(Row(check, str(device), "ok", f"{done} windows ({RAY_VIEWS} views, {RAY_GRID}x{RAY_GRID} tokens) on {', '.join(used)}, cache verified", seconds, tolerance))
         caches[device.type] = out
     ctx.cache = caches[ctx.device.type]
     if "cuda" in caches:

@@ -122,6 +122,7 @@ def test_clean_run(clean, dataset):
     assert cache.config.dataset == reader.describe()
     assert cache.config.created_by["plan"]["policy"] == "random"
     assert s["bytes_per_window"] > 0 and set(s["stage_seconds"]) >= {"read", "backend", "match", "write"}
+    assert s["devices_used"] == ["cpu"]  # reported by the model actors themselves
 
 
 def test_arrays_equal_the_pipeline_functions_called_directly(clean, dataset, reference_of, assert_equals_reference):

@@ -143,7 +143,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"time: {summary['seconds']:.1f} s ({summary['startup_seconds']:.1f} s start-up), "
         f"{summary['windows_per_second']:.2f} windows/s end to end, {summary['processing_windows_per_second']:.2f} after start-up; stages "
         + ", ".join(f"{k} {st[k]:.1f} s ({100 * st[k] / busy:.0f}%)" for k in ("read", "backend", "match", "write")),
-        f"bytes written: {summary['bytes_written']}, per ok window: {summary['bytes_per_window']:.0f}",
+        f"bytes written: {summary['bytes_written']}, per ok window: {summary['bytes_per_window']:.0f}"
+        + (f"; model actors ran on {', '.join(summary['devices_used'])}" if summary["devices_used"] else ""),
     ]
     lines += [f"  failed {wid}: {err}" for wid, err in summary["errors"]]
     lines += [f"  shard error {sid}: {err}" for sid, err in summary["shard_errors"]]

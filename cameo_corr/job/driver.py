@@ -694,7 +694,8 @@ def summarize(config: JobConfig, location: CacheLocation, planned: "pa.Table", t
     ``failed_retried``, ``manifest_consolidations`` (periodic, while the job ran), ``seconds``,
     ``windows_per_second`` (end to end), ``startup_seconds`` (until the first model actor was ready),
     ``processing_windows_per_second`` (after start-up), ``stage_seconds``, ``bytes_written`` (shard
-    files), ``bytes_per_window``, ``errors`` (first 20 window errors of this run), ``errors_earlier``
+    files), ``bytes_per_window``, ``devices_used`` (where the model actors that computed this run's
+    windows ran: ``cpu``, ``cuda:<index>``), ``errors`` (first 20 window errors of this run), ``errors_earlier``
     (up to 5 of the earlier failures).
     """
     from cameo_corr.job.stages import STAGES
@@ -734,6 +735,7 @@ def summarize(config: JobConfig, location: CacheLocation, planned: "pa.Table", t
         "stage_seconds": {k: float(sum(r["stages"][k] for r in results)) for k in STAGES},
         "bytes_written": nbytes,
         "bytes_per_window": nbytes / n_ok if n_ok and nbytes else 0.0,
+        "devices_used": sorted({d for r in results for d in r["devices"]}),
         "errors": whole["errors"],
         "errors_earlier": whole["examples"],
     }

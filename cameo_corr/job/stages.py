@@ -150,6 +150,16 @@ def check_pointmaps(result: Any, record: WindowRecord) -> str | None:
     return None
 
 
+def device_name(device: Any) -> str:
+    """``cpu``, or ``cuda:<index>`` with the index resolved (``cuda`` means the current device)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+
+
 def check_device(device: Any) -> None:
     """Refuse a CUDA device that this process (a Ray task with the model actors' resources) cannot use:
     ``--device cuda`` on a node without a GPU, a CPU-only torch, or an index beyond the GPUs Ray gave it.
@@ -206,6 +216,8 @@ class GeometryStage:
         described = self.backend.describe()
         if json.dumps(described, sort_keys=True, default=str) != json.dumps(spec["expected"], sort_keys=True, default=str):
             raise RuntimeError(f"this worker's backend describes itself as {described}, the cache config says {spec['expected']}")
+        self.device = device_name(self.backend.device)
+        """Where this actor's model runs (``cpu``, ``cuda:<index>``), reported with every window it computes."""
         self.ready_time = time.time()
 
     def __call__(self, batch: "pa.Table") -> "pa.Table":
@@ -213,7 +225,8 @@ class GeometryStage:
 
         Adds ``arrays`` (pickled cache arrays with the loaded window's stored ``views`` if any, null when
         failed), ``backend_seconds``,
-        ``match_seconds`` and ``ready_time`` (when this actor finished loading its model, UNIX time).
+        ``match_seconds``, ``ready_time`` (when this actor finished loading its model, UNIX time) and
+        ``device`` (where its model runs).
         """
         import pyarrow as pa
 
@@ -243,10 +256,10 @@ class GeometryStage:
         return pa.table(
             {"window_id": [r["window_id"] for r in rows], "record": [r["record"] for r in rows], "arrays": arrays, "error": errors,
              "read_seconds": [r["read_seconds"] for r in rows], "backend_seconds": backend_s, "match_seconds": match_s,
-             "ready_time": [self.ready_time] * len(rows)},
+             "ready_time": [self.ready_time] * len(rows), "device": [self.device] * len(rows)},
             schema=pa.schema([("window_id", pa.string()), ("record", pa.large_binary()), ("arrays", pa.large_binary()),
                               ("error", pa.string()), ("read_seconds", pa.float64()), ("backend_seconds", pa.float64()),
-                              ("match_seconds", pa.float64()), ("ready_time", pa.float64())]),
+                              ("match_seconds", pa.float64()), ("ready_time", pa.float64()), ("device", pa.string())]),
         )
 
     def _synchronize(self) -> None:
@@ -323,7 +336,7 @@ class ShardSink(Datasink):
         return "CommitShards"
 
     def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
-        """Commit one shard; return its counts, stage seconds, shard bytes and actor ready time."""
+        """Commit one shard; return its counts, stage seconds, shard bytes, the actors' ready time and devices."""
         import pyarrow as pa
         import pyarrow.compute as pc
         from ray.data.block import BlockAccessor
@@ -334,7 +347,8 @@ class ShardSink(Datasink):
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         rows = pa.concat_tables(tables).to_pylist() if tables else []
         if not rows:
-            return {"ok": 0, "failed": 0, "shards": 0, "bytes": 0, "stages": dict.fromkeys(STAGES, 0.0), "ready": math.inf}
+            return {"ok": 0, "failed": 0, "shards": 0, "bytes": 0, "stages": dict.fromkeys(STAGES, 0.0), "ready": math.inf,
+                    "devices": []}
         outcomes = [
             WindowOutcome(pickle.loads(r["record"]), arrays=pickle.loads(r["arrays"])) if r["arrays"] is not None
             else WindowOutcome(pickle.loads(r["record"]), error=r["error"])
@@ -354,6 +368,7 @@ class ShardSink(Datasink):
             "stages": {"read": sum(r["read_seconds"] for r in rows), "backend": sum(r["backend_seconds"] for r in rows),
                        "match": sum(r["match_seconds"] for r in rows), "write": write_s},
             "ready": min(r["ready_time"] for r in rows),
+            "devices": sorted({r["device"] for r in rows}),
         }
         if self.progress is not None:
             self.progress.add.remote(result["ok"], failed)
