@@ -626,7 +626,7 @@ def test_faiss_gpu_matcher_logic_with_gpu_sized_distance_errors(monkeypatch: pyt
         return dist.gather(1, order), ids.gather(1, order)
 
     monkeypatch.setattr(faiss, "knn_gpu", knn_gpu, raising=False)
-    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "StandardGpuResources", GpuResources, raising=False)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     monkeypatch.setattr(torch.cuda, "device", device_context)
     monkeypatch.setattr(M, "_GPU_RESOURCES", {})
@@ -664,6 +664,16 @@ def test_faiss_rounding_measures_the_error_the_certification_assumes() -> None:
         faiss_rounding(views[1, :3], views[0, :4])
 
 
+class GpuResources:
+    """faiss's ``StandardGpuResources`` as the matcher uses it: the temporary memory it is given."""
+
+    def __init__(self) -> None:
+        self.temp_bytes: int | None = None
+
+    def setTempMemory(self, size: int) -> None:  # noqa: N802 - faiss's name
+        self.temp_bytes = size
+
+
 class _FakeFaiss:
     """A faiss module whose GPU build cannot run on this GPU (a wheel without its kernels)."""
 
@@ -672,8 +682,8 @@ class _FakeFaiss:
     def __init__(self, error: str | None) -> None:
         self.error, self.calls = error, 0
 
-    def StandardGpuResources(self) -> object:  # noqa: N802 - faiss's name
-        return object()
+    def StandardGpuResources(self) -> "GpuResources":  # noqa: N802 - faiss's name
+        return GpuResources()
 
     def get_num_gpus(self) -> int:
         return 1
@@ -707,6 +717,9 @@ def test_faiss_gpu_without_kernels_for_the_gpu_is_refused_once_with_the_fix(monk
     monkeypatch.setitem(sys.modules, "faiss", working)
     assert resolve_backend("faiss", "cuda:1") == "faiss" == resolve_backend("faiss", "cuda:1")
     assert working.calls == 1
+    # one resources object per GPU and process, with bounded temporary memory (faiss's default reserves
+    # up to 1.5 GiB in every process: actors sharing a GPU each held it)
+    assert M._GPU_RESOURCES[1].temp_bytes == M.FAISS_GPU_TEMP_BYTES == 256 * 2**20
 
 
 def test_faiss_cpu_beside_faiss_gpu_is_named_in_the_error(monkeypatch: pytest.MonkeyPatch) -> None:

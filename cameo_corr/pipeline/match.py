@@ -166,10 +166,20 @@ _FAISS_GPU_PROBED: dict[int, str | None] = {}
 _GPU_RESOURCES: dict[int, Any] = {}
 
 
+FAISS_GPU_TEMP_BYTES = 256 * 2**20
+"""Temporary GPU memory the faiss resources of a process reserve on a GPU. faiss's default is a share of
+the GPU (18 %, at most 1.5 GiB in recent releases), reserved by every process: actors sharing a GPU
+(``--gpus-per-worker 0.25``) each held it. One pair's distance tile at grid 64 is 4096 x 4096 float32
+(64 MiB); faiss sizes its tiles to the memory it has and allocates beyond it with ``cudaMalloc``."""
+
+
 def _gpu_resources(faiss: Any, index: int) -> Any:
-    """The process's one ``faiss.StandardGpuResources`` of GPU ``index`` (each reserves temporary memory)."""
+    """The process's one ``faiss.StandardGpuResources`` of GPU ``index``, with :data:`FAISS_GPU_TEMP_BYTES`
+    of temporary memory."""
     if index not in _GPU_RESOURCES:
-        _GPU_RESOURCES[index] = faiss.StandardGpuResources()
+        res = faiss.StandardGpuResources()
+        res.setTempMemory(FAISS_GPU_TEMP_BYTES)
+        _GPU_RESOURCES[index] = res
     return _GPU_RESOURCES[index]
 
 
