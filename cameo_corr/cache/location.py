@@ -38,6 +38,12 @@ def store_errors() -> tuple[type[BaseException], ...]:
     return _STORE_ERRORS
 
 
+def options_for(path: str | Path, storage_options: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The storage options that apply to the cache at ``path``: ``storage_options`` for a URL, none for a
+    local directory (:class:`CacheLocation` refuses options there), so one set serves a mix of both."""
+    return storage_options if "://" in str(path) else None
+
+
 def _check_session_options(fs: Any, url: str) -> None:
     """Refuse storage options s3fs does not know. s3fs hands them to aiobotocore's session, which
     raises a ``TypeError`` at the first request (``--storage-option retries=3`` was a traceback)."""
@@ -224,4 +230,4 @@ class CacheLocation:
             return 0
 
 
-__all__ = ["CacheLocation"]
+__all__ = ["CacheLocation", "options_for", "store_errors"]

@@ -88,6 +88,11 @@ def finished_shard_ids(location: CacheLocation) -> set[str]:
     return set(info["fragments"]) | {fragment_shard(n) for n in fragment_names(location)}
 
 
+def stored_shard_ids(location: "CacheLocation") -> set[str]:
+    """The ids of the shard files in ``shards/`` (one listing; temporary names are not shards)."""
+    return {sid for n in location.listdir(SHARDS_DIR) if (sid := shard_id_of_name(n)) is not None}
+
+
 def find_orphans(location: "CacheLocation") -> list[str]:
     """Relative paths of what killed writers left behind (each folder listed once).
 
@@ -390,10 +395,7 @@ def _read_fragments(location: CacheLocation, paths: list[str], schema: "pa.Schem
                 table = f.read(columns=wanted, use_threads=False)
         except (pa.ArrowInvalid, OSError) as e:
             raise DatasetError(location.url(MANIFEST_DIR), f"cannot read the manifest fragment {path.rsplit('/', 1)[-1]}: {e}") from e
-        if table.schema.equals(target):
-            return table
-        columns = [table.column(c) if c in table.column_names else pa.nulls(table.num_rows, full.field(c).type) for c in wanted]
-        return pa.Table.from_arrays(columns, names=wanted).cast(target)
+        return conform(table, target)
 
     if location.local:
         table = pa.concat_tables([parse(p, fetch(p)) for p in paths])
@@ -587,6 +589,7 @@ __all__ = [
     "fragment_names",
     "finished_shard_ids",
     "find_orphans",
+    "stored_shard_ids",
     "read_manifest",
     "compact_paths",
     "fragment_rows",

@@ -32,7 +32,7 @@ from cameo_corr.cache.config import check_same_identity
 from cameo_corr.cache.consolidation import write_consolidation
 from cameo_corr.cache.kway import SortedMerge, SpilledRuns, manifest_batches, mapped, part_runs, write_sorted
 from cameo_corr.cache.layout import CONFIG_FILE, TMP_PREFIX, shard_dir
-from cameo_corr.cache.location import CacheLocation
+from cameo_corr.cache.location import CacheLocation, options_for
 from cameo_corr.cache.manifest import (
     MANIFEST_FILE_ROWS,
     MANIFEST_ROW_GROUP,
@@ -186,8 +186,8 @@ def merge_caches(
     if len(sources) < 2:
         raise SchemaError("sources", f"merge needs at least two caches, got {len(sources)}")
     options = dict(storage_options or {}) or None
-    caches = [CorrCache(s, options if "://" in str(s) else None) for s in sources]
-    dst = CacheLocation(out, options if "://" in str(out) else None)
+    caches = [CorrCache(s, options_for(s, options)) for s in sources]
+    dst = CacheLocation(out, options_for(out, options))
     _check_inputs(caches, dst, sources, dataset_root)
 
     report = MergeReport(out=dst.display)

@@ -19,7 +19,7 @@ import numpy as np
 
 from cameo_corr.cache.config import check_compatible, read_existing_config
 from cameo_corr.cache.consolidation import consolidate_manifest, drop_failed_rows, drop_shards
-from cameo_corr.cache.layout import CONFIG_FILE, SHARDS_DIR, fragment_path, shard_dir, shard_id_of_name
+from cameo_corr.cache.layout import CONFIG_FILE, fragment_path, shard_dir
 from cameo_corr.cache.location import CacheLocation
 from cameo_corr.cache.manifest import (
     MANIFEST_ROW_GROUP,
@@ -28,6 +28,7 @@ from cameo_corr.cache.manifest import (
     read_consolidation,
     read_manifest,
     read_manifest_file,
+    stored_shard_ids,
 )
 from cameo_corr.cache.shard import shard_window_meta, shard_zip_bytes, window_fractions
 from cameo_corr.schemas import (
@@ -97,7 +98,7 @@ class CacheWriter:
         ``shard`` column again. Returns the shard ids."""
         import pyarrow.compute as pc
 
-        present = {sid for n in self.location.listdir(SHARDS_DIR) if (sid := shard_id_of_name(n)) is not None}
+        present = stored_shard_ids(self.location)
         if referenced is None:
             referenced = pc.unique(read_manifest(self.location, columns=["shard"]).column("shard").drop_null()).to_pylist()
         missing = sorted(s for s in referenced if s not in present)

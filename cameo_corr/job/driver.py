@@ -148,15 +148,14 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         check_cluster(config, local=connected == "local")
         described = describe_on_cluster(config)
         cache_config = make_cache_config(config, reader, view, plan, described)
+        existing = existing or read_existing_config(location)  # another job may have created it before our lease
+        # the backend as built where the actors run must match the cache's (same fingerprint, same window ids)
+        check_compatible(existing, cache_config, where=location.url(CONFIG_FILE))
         if not early:
-            existing = existing or read_existing_config(location)  # another job may have created it before our lease
-            check_compatible(existing, cache_config, where=location.url(CONFIG_FILE))
             upkeep = keep_up(config, location, existing or cache_config)
             upkeep.unpinned = unpinned
             planned, todo = windows_to_do(reader, plan, cache_config, upkeep.done, config.scenes)
             todo, deferred = limit_windows(todo, config.max_windows)
-        else:  # the backend as built where the actors run must match the cache's (same fingerprint, same window ids)
-            check_compatible(existing, cache_config, where=location.url(CONFIG_FILE))
         run = run_stages(todo, config, reader, cache_config, described["load"], (location, lease, clock))
     finally:
         lease.release()

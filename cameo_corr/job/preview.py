@@ -40,8 +40,7 @@ def plan_preview(config: JobConfig) -> dict[str, Any]:
     import pyarrow.compute as pc
 
     from cameo_corr.cache.config import read_existing_config
-    from cameo_corr.cache.layout import SHARDS_DIR, shard_id_of_name
-    from cameo_corr.cache.manifest import find_orphans, id_array, read_manifest, sorted_member
+    from cameo_corr.cache.manifest import find_orphans, id_array, read_manifest, sorted_member, stored_shard_ids
     from cameo_corr.datasets.planner import plan_table
     from cameo_corr.job.driver import check_before_start, check_out, provisional_config
 
@@ -67,7 +66,7 @@ def plan_preview(config: JobConfig) -> dict[str, Any]:
             measured = _measured_bytes_per_window(rows)  # also from shards whose file went missing
             # what the run's start-up repairs (read only here): orphans it deletes, shard files that are missing
             cache["orphans"] = len(find_orphans(location))
-            present = pa.array(sorted({s for n in location.listdir(SHARDS_DIR) if (s := shard_id_of_name(n)) is not None}), pa.string())
+            present = pa.array(sorted(stored_shard_ids(location)), pa.string())
             lost = pc.and_(pc.equal(rows.column("status"), "ok"), pc.invert(pc.is_in(rows.column("shard"), value_set=present)))
             cache["shards_missing"] = pc.count_distinct(rows.filter(lost).column("shard")).as_py()
             rows = rows.filter(pc.invert(lost))  # their rows are dropped at start-up: the windows are redone

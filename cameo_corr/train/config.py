@@ -460,7 +460,7 @@ def read_cache_configs(cfg: TrainConfig, known: Mapping[str, CacheConfig] | None
     by path as configured; the ones in ``known`` (read by the caller) are not read again.
     ``storage_options``: fsspec options of the caches given by URL."""
     from cameo_corr.cache.config import read_config
-    from cameo_corr.cache.location import CacheLocation
+    from cameo_corr.cache.location import CacheLocation, options_for
 
     paths = training_cache_paths(cfg)
     if cfg.eval.every > 0 and cfg.eval.cache is not None:
@@ -471,7 +471,7 @@ def read_cache_configs(cfg: TrainConfig, known: Mapping[str, CacheConfig] | None
     configs = dict(known or {})
     for path in paths:
         if str(path) not in configs:
-            configs[str(path)] = read_config(CacheLocation(path, storage_options if "://" in str(path) else None))
+            configs[str(path)] = read_config(CacheLocation(path, options_for(path, storage_options)))
     return configs
 
 

@@ -497,6 +497,7 @@ class _ProcessState:
     def __init__(self, owner: "CorrStreamDataset", workers: int = 1, worker: int = 0) -> None:
         from cameo_corr.datasets.base import open_dataset
         from cameo_corr.datasets.canonical import CanonicalView
+        from cameo_corr.cache.location import options_for
         from cameo_corr.cache.reader import CorrCache
 
         self.pid = os.getpid()
@@ -507,7 +508,8 @@ class _ProcessState:
         """The dataset reader of each cache (``None`` for a cache whose stored views are used)."""
         self.views: list[CanonicalView] = []
         for source, stored, config in zip(owner.sources, owner.stored_views, owner.cache_configs):
-            cache = CorrCache(source.path, storage_options=owner.options_for(source.path), config=config, local_cache=self.local_cache)
+            cache = CorrCache(source.path, storage_options=options_for(source.path, owner.storage_options), config=config,
+                              local_cache=self.local_cache)
             if stored:
                 reader = None
             elif source.dataset_root is None:
@@ -681,6 +683,7 @@ class CorrStreamDataset(IterableDataset):
         local_cache_prefetch: int = 2,
         configs: Mapping[str, CacheConfig] | None = None,
     ) -> None:
+        from cameo_corr.cache.location import options_for
         from cameo_corr.cache.reader import CorrCache
         from cameo_corr.cache.select import WindowSelection
         from cameo_corr.train.mixture import CacheSource
@@ -726,7 +729,8 @@ class CorrStreamDataset(IterableDataset):
         self._check_options()
 
         known = dict(configs or {})
-        caches = [CorrCache(src.path, storage_options=self.options_for(src.path), config=known.get(str(src.path))) for src in sources]
+        caches = [CorrCache(src.path, storage_options=options_for(src.path, storage_options), config=known.get(str(src.path)))
+                  for src in sources]
         self.cache_configs: tuple[CacheConfig, ...] = tuple(c.config for c in caches)
         """Each source's ``cache.json``, read once here (or given): the worker processes reuse it."""
         self.grid: tuple[int, int] = caches[0].select_grid(grid)
@@ -803,10 +807,6 @@ class CorrStreamDataset(IterableDataset):
         for name in ("shuffle_shards", "shuffle_buffer"):
             if getattr(self, name) < 0:
                 raise SchemaError(name, f"must be >= 0, got {getattr(self, name)}")
-
-    def options_for(self, path: str | Path) -> dict[str, Any] | None:
-        """The storage options of the cache at ``path``: :attr:`storage_options` for a URL, none for a directory."""
-        return self.storage_options if "://" in str(path) else None
 
     def make_local_cache(self) -> LocalShardCache | None:
         """A handle on the node's local shard cache (``None`` without ``local_cache``)."""
