@@ -389,8 +389,53 @@ def test_a_matcher_that_cannot_run_on_the_workers_device_is_refused_before_any_w
     assert describe_on_cluster(ok)["device"] == "cpu"
 
 
+def test_the_describe_actors_process_is_gone_once_it_answered(ray_session, dataset, tmp_path):
+    """The actor that built the backend to describe it is killed when it has answered (success or error):
+    its process, holding the model's host and GPU memory, ends instead of idling beside the model actors."""
+    import psutil
+
+    from cameo_corr.job.config import JobConfig
+    from cameo_corr.job.driver import describe_on_cluster
+
+    def describers() -> list[dict]:
+        return [a for a in ray._private.state.actors().values() if a["ActorClassName"] == "BackendDescriber"]
+
+    before = {a["ActorID"] for a in describers()}
+    ok = JobConfig(dataset="synthetic", root=dataset, out=str(tmp_path / "c"), workers=1, **RUN)
+    assert describe_on_cluster(ok)["device"] == "cpu"
+    bad = JobConfig(dataset="synthetic", root=dataset, out=str(tmp_path / "c"), workers=1, match_backend="no-such-matcher", **RUN)
+    with pytest.raises(SchemaError, match="no-such-matcher"):
+        describe_on_cluster(bad)
+    ours = [a for a in describers() if a["ActorID"] not in before]
+    assert len(ours) == 2 and all(a["State"] == "DEAD" for a in ours), ours
+    deadline = time.time() + 20
+    while any(psutil.pid_exists(a["Pid"]) for a in ours) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(psutil.pid_exists(a["Pid"]) for a in ours)
+
+
+def test_the_device_is_checked_before_the_backend_is_built(monkeypatch):
+    """A backend whose constructor touches the device (vggt moves its model there) is never built for a
+    device the model actors cannot use: the one-line refusal comes first, not the constructor's CUDA error."""
+    import torch
+
+    import cameo_corr.pipeline.backends as backends
+    from cameo_corr.job.stages import describe_backend
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a usable GPU")
+
+    def touch_the_device(name, **options):
+        raise AssertionError("Torch not compiled with CUDA enabled")
+
+    monkeypatch.setattr(backends, "make_backend", touch_the_device)
+    spec = {"backend": "vggt", "backend_options": {"device": "cuda"}, "match_backend": "auto"}
+    with pytest.raises(SchemaError, match=r"--device cuda: the model actors cannot use it"):
+        describe_backend(spec)
+
+
 def test_a_device_the_workers_cannot_use_is_refused_before_any_window(dataset, tmp_path):
-    """``--device cuda`` where the model actors get no usable GPU: refused by the describe task (where the
+    """``--device cuda`` where the model actors get no usable GPU: refused by the describe actor (where the
     actors will run) with one line naming the cause, instead of every window failing in the actors with
     a cut Ray traceback and the advice to re-run; the preflight's warning is one line too."""
     import torch

@@ -362,23 +362,24 @@ def check_cluster(config: JobConfig, *, local: bool) -> None:
 def describe_on_cluster(config: JobConfig) -> dict[str, Any]:
     """The backend's ``cache.json`` entry, the load stage's options and its device
     (:func:`~cameo_corr.job.stages.describe_backend`), from a backend built where the model actors will
-    run (a Ray task with their resources); a matcher that cannot run on that device raises its
+    run (a Ray actor with their resources, killed once it answered); a matcher that cannot run on that device raises its
     :class:`SchemaError` here, before any window is read."""
     import ray
 
-    from cameo_corr.job.stages import describe_backend
+    from cameo_corr.job.stages import BackendDescriber
 
-    # max_calls=1: the worker exits after the task, so the model it built frees its host and GPU memory
-    # (Ray does so by itself only for tasks given a GPU; --device cuda with --gpus-per-worker 0 is not)
-    describe = ray.remote(max_calls=1)(describe_backend).options(num_cpus=0, num_gpus=config.gpus_per_worker,
-                                                                 max_retries=config.max_retries)
+    describer = ray.remote(BackendDescriber).options(num_cpus=0, num_gpus=config.gpus_per_worker,
+                                                     max_restarts=config.max_retries,
+                                                     max_task_retries=config.max_retries).remote()
     try:
-        return ray.get(describe.remote(config.geometry_spec()))
+        return ray.get(describer.describe.remote(config.geometry_spec()))
     except Exception as e:  # noqa: BLE001 - our error behind Ray's wrapper is re-raised as itself (one line)
         cause = _root_cause(e)
         if isinstance(cause, CameoCorrError):
             raise cause from None
         raise
+    finally:
+        ray.kill(describer)  # its process ends now, with the model it built (host and GPU memory)
 
 
 def make_cache_config(config: JobConfig, reader: "SceneReader", view: "CanonicalView", plan: "PlanConfig",

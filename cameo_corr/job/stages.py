@@ -161,7 +161,7 @@ def device_name(device: Any) -> str:
 
 
 def check_device(device: Any) -> None:
-    """Refuse a CUDA device that this process (a Ray task with the model actors' resources) cannot use:
+    """Refuse a CUDA device that this process (the describe actor, with the model actors' resources) cannot use:
     ``--device cuda`` on a node without a GPU, a CPU-only torch, or an index beyond the GPUs Ray gave it.
     Otherwise every window would fail in the actors, after the job started."""
     import socket
@@ -183,18 +183,30 @@ def check_device(device: Any) -> None:
 def describe_backend(spec: Mapping[str, Any]) -> dict[str, Any]:
     """The backend entry of ``cache.json``, the ``load_window`` options of the load stage (``load``:
     ``with_depth``, ``with_masks``: what the backend reads) and the device, from a backend built with
-    ``spec`` where the model actors will run (a Ray task with their resources). Raises
+    ``spec`` where the model actors will run (:class:`BackendDescriber`, with their resources). Raises
     :class:`SchemaError` (field ``backend``) when the matcher ``spec["match_backend"]`` cannot run on the
     backend's device (faiss not installed there, or without GPU support for CUDA tensors): every
     window would fail."""
-    from cameo_corr.pipeline.backends import make_backend
+    from cameo_corr.pipeline.backends import make_backend, resolve_device
     from cameo_corr.pipeline.match import resolve_backend
 
+    device = resolve_device(spec["backend_options"].get("device"))  # as the backend resolves it
+    resolve_backend(spec["match_backend"], device)
+    check_device(device)  # before the backend touches it (vggt's constructor would fail with a raw CUDA error)
     backend = make_backend(spec["backend"], **spec["backend_options"])
-    resolve_backend(spec["match_backend"], backend.device)
-    check_device(backend.device)
     return {"backend": backend.describe(), "device": str(backend.device),
             "load": {"with_depth": bool(backend.needs_depth), "with_masks": bool(backend.needs_masks)}}
+
+
+class BackendDescriber:
+    """A Ray actor that runs :func:`describe_backend` where the model actors will run. The driver kills
+    it once it has answered: the process ends at once and frees the model it built. (A task with
+    ``max_calls=1``, Ray's default for GPU tasks, exits gracefully instead, and Ray 2.60's graceful
+    worker exit can abort with a native crash dump on the driver's console.)"""
+
+    def describe(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """:func:`describe_backend` of ``spec``."""
+        return describe_backend(spec)
 
 
 class GeometryStage:
@@ -476,6 +488,7 @@ __all__ = [
     "stored_views",
     "load_batch",
     "check_pointmaps",
+    "BackendDescriber",
     "describe_backend",
     "GeometryStage",
     "FailFastStop",
