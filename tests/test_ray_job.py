@@ -268,6 +268,18 @@ def test_max_windows_computes_a_prefix_and_a_rerun_the_rest(clean, dataset, tmp_
     assert_same_cache(clean[0], out)
 
 
+def test_fewer_windows_than_workers_start_one_actor_per_block(ray_session, dataset, tmp_path):
+    """One window left and ``--workers 2``: one model actor, not two (each loads a model), and Ray Data's
+    two-line warning about an actor pool larger than its input is not printed."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = run_preprocess(dataset="synthetic", root=dataset, out=tmp_path / "cache", workers=2, max_windows=1, **RUN)
+    assert s["windows_ok"] + s["windows_failed"] == 1
+    assert not [w for w in caught if "concurrent actors" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_orphans_of_killed_workers_are_redone(clean, dataset, tmp_path):
     out = tmp_path / "cache"
     shutil.copytree(clean[0], out)

@@ -439,6 +439,9 @@ def build_pipeline(todo: "pa.Table", config: "JobConfig", reader: "SceneReader",
     """source -> load -> geometry -> commit over the windows ``todo``: the dataset to write and its sink.
     ``load`` holds the load stage's ``with_depth`` and ``with_masks`` (:func:`describe_backend`).
 
+    The pool has ``workers`` model actors, or one per block of ``batch_size`` windows when there are
+    fewer blocks: each actor loads a model, and Ray Data warns of a pool larger than its input.
+
     ``--max-retries`` bounds the retries of a load/commit task and the restarts of a model actor (-1:
     Ray Data's default, unlimited). Calls on an actor are always retried (Ray Data's default): after a
     node loss they fail fast with "actor unavailable" until Ray has declared the node dead and restarted
@@ -450,6 +453,7 @@ def build_pipeline(todo: "pa.Table", config: "JobConfig", reader: "SceneReader",
     task_retries, actor_retries = _retries(config.max_retries)
     view = config.view(reader)
     sink = ShardSink(config.out, config.storage(), cache_config_json, config.shard_size, config.fail_fast, progress)
+    actors = max(1, min(config.workers, math.ceil(todo.num_rows / config.batch_size)))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
         ds = source(todo, config.batch_size)
@@ -459,7 +463,7 @@ def build_pipeline(todo: "pa.Table", config: "JobConfig", reader: "SceneReader",
                        **load, "images": json.loads(cache_config_json).get("images")},
         )
         ds = ds.map_batches(
-            GeometryStage, batch_format="pyarrow", batch_size=config.batch_size, compute=ActorPoolStrategy(size=config.workers),
+            GeometryStage, batch_format="pyarrow", batch_size=config.batch_size, compute=ActorPoolStrategy(size=actors),
             num_gpus=config.gpus_per_worker, num_cpus=config.cpus_per_worker, **actor_retries,
             fn_constructor_kwargs={"spec": {**config.geometry_spec(), "expected": json.loads(cache_config_json)["backend"]},
                                    "progress": progress},
