@@ -36,6 +36,7 @@ from cameo_corr.cache.manifest import finished_shard_ids, fragment_names, read_c
 from cameo_corr.cache.reader import CorrCache
 from cameo_corr.cache.verify import verify_cache  # noqa: E402
 from cameo_corr.job.driver import newly_dead_nodes, preflight_backend, run_preprocess  # noqa: E402
+from cameo_corr.job.cli import format_summary  # noqa: E402
 from cameo_corr.job.stages import window_record
 from cameo_corr.schemas import DatasetError, SchemaError  # noqa: E402
 
@@ -257,6 +258,13 @@ def test_rerun_skips_everything(clean, dataset, tmp_path, monkeypatch):
     s = run_preprocess(dataset="synthetic", root=dataset, out=out, workers=1, **RUN)
     assert s["windows_skipped"] == 10 and s["shards_written"] == 0 and s["windows_ok"] == 0
     assert sorted(os.listdir(out / "shards")) == before
+    text = format_summary(s)
+    assert "nothing left to compute: all 10 planned windows are in the cache" in text
+    failed = s["windows_failed_earlier"]
+    assert failed
+    assert f"{failed} window{'s' if failed > 1 else ''} recorded as failed by an earlier run {'were' if failed > 1 else 'was'} not redone" in text
+    assert "nothing left to compute" not in format_summary({**s, "windows_deferred": 3})
+    assert "1 window recorded as failed by an earlier run was not redone" in format_summary({**s, "windows_failed_earlier": 1})
 
 
 def test_max_windows_computes_a_prefix_and_a_rerun_the_rest(clean, dataset, tmp_path):

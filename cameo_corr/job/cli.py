@@ -151,8 +151,11 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     if summary["config_replaced"]:
         lines.append(f"the cache had no ok window and another config: its config and {summary['failed_dropped']} failed rows "
                      "were replaced by this run's")
+    if summary["windows_planned"] and not (summary["windows_ok"] or summary["windows_failed"] or summary["windows_deferred"]):
+        lines.append(f"nothing left to compute: all {summary['windows_planned']} planned windows are in the cache")
     if summary["windows_failed_earlier"]:
-        lines.append(f"{summary['windows_failed_earlier']} windows recorded as failed by an earlier run were not redone "
+        n = summary["windows_failed_earlier"]
+        lines.append(f"{n} window{'s' if n != 1 else ''} recorded as failed by an earlier run {'were' if n != 1 else 'was'} not redone "
                      "(e.g. " + "; ".join(f"{w}: {e}" for w, e in summary["errors_earlier"][:2])
                      + "); re-run with --retry-failed to redo them")
     return "\n".join(lines)
