@@ -539,8 +539,15 @@ def test_cache_json_written_at_first_commit_once_and_mixing_refused(tmp_path):
 
 
 def test_missing_or_bad_cache_json(tmp_path):
-    with pytest.raises(DatasetError, match="cache.json is missing"):
+    from cameo_corr.cache.lease import CacheLease
+    from cameo_corr.cache.location import CacheLocation
+
+    with pytest.raises(DatasetError, match="cache.json is missing$"):
         CorrCache(tmp_path)
+    with CacheLease(CacheLocation(tmp_path)).acquire():  # a job that has not committed its first shard yet
+        with pytest.raises(DatasetError, match=r"cache.json is missing; lease.json names a job creating it \(.*pid \d+, "
+                                               r"lease renewed \d+ s ago\), which writes cache.json with its first shard"):
+            CorrCache(tmp_path)
     (tmp_path / "cache.json").write_text('{"grid": [4, 4]}')
     with pytest.raises(SchemaError, match="cache.json"):
         CorrCache(tmp_path)

@@ -30,8 +30,23 @@ def read_config(location: CacheLocation) -> CacheConfig:
         if not location.exists():
             bucket = location.missing_bucket()
             raise DatasetError(location.display, f"no such bucket: {bucket}" if bucket else "no such cache directory")
-        raise DatasetError(where, "not a cameo-corr cache: cache.json is missing")
+        raise DatasetError(where, "not a cameo-corr cache: cache.json is missing" + _creating_job(location))
     return CacheConfig.from_json(location.read_bytes(CONFIG_FILE).decode(), where=where)
+
+
+def _creating_job(location: CacheLocation) -> str:
+    """``; a job is creating the cache (...)`` when the lease file names one: a job writes ``cache.json``
+    with its first shard, so until then its cache has a lease and no config."""
+    import time
+
+    from cameo_corr.cache.lease import LEASE_FILE, CacheLease
+
+    if not location.exists(LEASE_FILE):
+        return ""
+    lease = CacheLease(location).read() or {}
+    age = max(time.time() - float(lease.get("renewed") or 0.0), 0.0)
+    return (f"; {LEASE_FILE} names a job creating it ({lease.get('holder', 'unknown')}, lease renewed {age:.0f} s ago), "
+            "which writes cache.json with its first shard: retry then")
 
 
 def read_existing_config(location: "CacheLocation") -> CacheConfig | None:
