@@ -158,6 +158,7 @@ def test_report_table_formatting() -> None:
         "policies": {"cycle": numbers, "both": numbers},
     }
     lines = format_table(report).splitlines()
+    assert " grid=16x16 tau=1.5 " in lines[0]
     assert lines[2] == "mask policy: cycle" and lines[11] == "mask policy: both"
     assert lines[5].split() == ["0-30", "2", "10", "100.00", "90.00", "20", "50.00", "50.00"]
     assert lines[6].split()[-1] == "-"
@@ -244,3 +245,22 @@ def test_eval_corr_on_real_sevenscenes_depth(shared_data, tmp_path) -> None:
     assert report["bins"][0]["pairs"] == 2 * 3 * 2  # consecutive frames: all pairs in the 0-30 degree bin
     both = report["policies"]["both"]["overall"]
     assert both["mask_precision"] >= overall["mask_precision"] and both["retained"] >= 0.8
+
+
+def test_a_matcher_that_cannot_run_on_the_backends_device_is_refused_before_any_window(tmp_path) -> None:
+    """faiss without GPU support asked for CUDA tensors: one error up front, not every window listed as
+    failed after the backend ran on each."""
+    import faiss
+
+    from cameo_corr.datasets import open_dataset
+    from cameo_corr.datasets.synthetic import generate_dataset
+    from cameo_corr.pipeline.backends.depth import DepthBackend
+    from cameo_corr.pipeline.evaluate import EvalConfig, evaluate_backend
+    from cameo_corr.schemas import SchemaError
+
+    if faiss.get_num_gpus() > 0:
+        pytest.skip("this faiss has GPU support")
+    reader = open_dataset("synthetic", generate_dataset(tmp_path / "synth", scenes=1, frames=4, image_size=48, seed=0))
+    backend = DepthBackend(device="cuda")  # builds without touching CUDA; the matcher is refused first
+    with pytest.raises(SchemaError, match="the installed faiss has no GPU support"):
+        evaluate_backend(reader, backend, EvalConfig(views=3, windows=1, grid=(8, 8), size=48, match_backend="faiss"))

@@ -220,6 +220,8 @@ def test_cache_tools_take_a_grid(caches, tmp_path, capsys) -> None:
     assert cli_main(["eval-corr", "--dataset", "synthetic", "--root", str(caches["root"]), "--views", "3", "--windows", "1",
                      "--grid", "4,8", "--crop-size", str(CROP), "--backend", "depth", "--mask-policy", "cycle",
                      "--out", str(tmp_path / "e.json")]) == 0
+    header = [line for line in capsys.readouterr().out.splitlines() if line.startswith("eval-corr:")]
+    assert len(header) == 1 and " grid=4x4, 8x8 " in header[0]  # the header names every grid scored
     report = json.loads((tmp_path / "e.json").read_text())
     assert sorted(report["grids"]) == ["4x4", "8x8"] and report["grids"]["4x4"]["overall"] == report["overall"]
 

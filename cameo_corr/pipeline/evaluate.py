@@ -369,10 +369,11 @@ def evaluate_backend(reader: Any, backend: Any, config: EvalConfig, *, progress:
 
     from cameo_corr.datasets.canonical import CanonicalView, load_window
     from cameo_corr.pipeline.backends.depth import DepthBackend
-    from cameo_corr.pipeline.match import correspond
+    from cameo_corr.pipeline.match import correspond, resolve_backend
     from cameo_corr.datasets.planner import plan_windows
 
     config.validate()
+    resolve_backend(config.match_backend, backend.device)  # before any window (faiss without GPU support on CUDA)
     view = CanonicalView(size=config.size, policy=config.policy or reader.preferred_crop_policy())
     plan = config.plan_config(reader.name)
     fingerprint = {"eval_corr": backend.describe(), "grid": list(config.grid), "tau": config.tau, "crop": view.to_dict()}
@@ -483,7 +484,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"eval-corr: backend={report['backend']['name']} windows={report['windows_evaluated']} "
         f"(of {cfg['windows']} requested) "
-        f"failed={len(report['failed'])} grid={cfg['grid']} tau={cfg['tau']} visibility_tol={cfg['visibility_tol']}"
+        f"failed={len(report['failed'])} grid={', '.join(report['grids']) if 'grids' in report else grid_name(cfg['grid'])} "
+        f"tau={cfg['tau']} visibility_tol={cfg['visibility_tol']}"
     ]
     per_grid = report.get("grids") or {grid_name(cfg["grid"]): report}
     tables = [(f"grid {g}, mask policy: {policy}" if "grids" in report else f"mask policy: {policy}", numbers)
