@@ -120,6 +120,15 @@ def test_matching_check_passes_on_cpu_and_catches_a_wrong_backend(tmp_path: Path
     assert [(r.check, r.status) for r in rows] == [("matching kdtree", "FAIL"), ("matching torch", "ok"), ("matching faiss", "ok"),
                                                    ("faiss rounding", "ok")]
     assert rows[0].result == "raised ModuleNotFoundError: No module named 'somelib'"
+    monkeypatch.setattr(match, "match_tokens", real)
+
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # not installed (as on a GPU machine without faiss-gpu): both rows say so
+    rows = check_matching(Context(CPU, tmp_path))
+    assert [(r.check, r.status) for r in rows] == [("matching kdtree", "ok"), ("matching torch", "ok"), ("matching faiss", "skip"),
+                                                   ("faiss rounding", "skip")]
+    assert rows[3].result == rows[2].result and "faiss" in rows[3].result
 
 
 
@@ -259,3 +268,27 @@ def test_dense_and_chunked_layer_rows_from_one_measurement() -> None:
     assert selfcheck.comparison_rows(result, "cuda:0", "")[1].status == "FAIL"
     result["grad_max_rel_diff"], result["chunked"]["loss"] = 0.0, math.nan
     assert selfcheck.comparison_rows(result, "cuda:0", "")[1].status == "FAIL"
+
+
+def test_the_trainer_checks_get_the_gpu_cache_when_the_cpu_reference_run_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the Ray check runs the job on the GPU, then on the CPU as a reference; a reference run that
+    raises fails the check and still leaves the GPU run's cache to the trainer checks. (CUDA simulated: the
+    first run is a real CPU run whose actors report cuda:0.)"""
+    import cameo_corr.job.driver as driver
+
+    real = driver.run_preprocess
+    runs = []
+
+    def gpu_then_failing_cpu(**options):
+        runs.append(options)
+        if len(runs) == 2:
+            raise RuntimeError("numba cannot be imported")
+        summary = real(**{**options, **preprocess_options(CPU)})
+        return {**summary, "devices_used": ["cuda:0"]}
+
+    monkeypatch.setattr(driver, "run_preprocess", gpu_then_failing_cpu)
+    monkeypatch.setattr(selfcheck, "_synchronize", lambda device: None)
+    ctx = Context(CUDA, tmp_path)
+    with pytest.raises(RuntimeError, match="numba"):  # run_selfcheck makes it the check's FAIL row
+        selfcheck.check_ray_job(ctx)
+    assert len(runs) == 2 and ctx.cache == tmp_path / "cache-cuda"
