@@ -55,7 +55,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when the OpenMP runt
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cameo_corr.pipeline.match import match_tokens  # noqa: E402
+from cameo_corr.pipeline.match import match_tokens, resolve_backend  # noqa: E402
+from cameo_corr.schemas import SchemaError  # noqa: E402
 
 
 def smooth_pointmaps(S: int, grid: int, seed: int = 0, invalid_frac: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
@@ -223,6 +224,8 @@ def _runner(
 
 def _cell(result: dict, ours: dict, key: str = "cpu") -> str:
     """``ms (ratio to ours)`` of ``key`` (``cpu`` or ``wall`` seconds), or the skip note of one table cell."""
+    if result.get("unavailable"):
+        return "unavailable"
     if result.get("skipped"):
         return f"skip (~{result['estimate_s']:.0f} s)"
     return f"{1e3 * result[key]:.1f} ({result[key] / ours[key]:.2f}x)"
@@ -267,11 +270,18 @@ def main(argv: list[str] | None = None) -> int:
         "matmul floor": lambda S: (S / 2) ** 2,
     }
     columns = backends + list(baselines)
+    unavailable = {}  # columns whose package is missing (faiss on a machine without it), shown as such
+    try:
+        resolve_backend("faiss", torch.device("cpu"))
+    except SchemaError as e:
+        unavailable = {"faiss": str(e), "faiss/pair": str(e)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
           f"median of {args.repeats} rounds; CPU ms, (x) = CPU time / auto's; "
           f"{'7-Scenes windows from ' + args.sevenscenes if args.sevenscenes else 'smooth random pointmaps'}; "
           f"load average {os.getloadavg()[0]:.1f}")
+    for name, why in unavailable.items():
+        print(f"{name}: unavailable ({why})")
     match_tokens(torch.zeros(2, 2, 2, 3), torch.ones(2, 2, 2, dtype=torch.bool))  # imports outside timing
     results = []
     for S in args.views:
@@ -285,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, Callable[[], object]] = {}
             clocks: dict[str, list[tuple[float, float]]] = {}
             for name in columns:
+                if name in unavailable:
+                    row[name] = {"unavailable": True}
+                    continue
                 if name in brute_scale:
                     estimate = _clock(_runner(name, pts[:2], valid[:2], args.tau, baselines))[1] * brute_scale[name](S)
                     if estimate > args.budget:
