@@ -215,6 +215,8 @@ def test_presets_load_by_name_and_unknown_names_are_errors(tmp_path: Path) -> No
         preset_path("nope")
     with pytest.raises(SchemaError, match="loss.query_chunk"):
         load_config("tiny_cpu", ["loss.query_chunk=0"])
+    # chunked by default (a custom config at SD2.1 size must not form the full logits); null: dense at any size
+    assert tiny.loss.query_chunk == 256 and load_config("tiny_cpu", ["loss.query_chunk=null"]).loss.query_chunk is None
 
 
 def test_checkpoint_is_marked_finished_only_after_every_rank_saved(cache: Path, tmp_path: Path) -> None:

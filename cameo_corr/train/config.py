@@ -210,9 +210,11 @@ class LossConfig:
     """lambda; 0 trains the plain diffusion baseline (precision is still measured)."""
     mode: str = "official"
     """``official`` (CAMEO's released code) or ``paper`` (eq. 1); see :mod:`cameo_corr.train.loss`."""
-    query_chunk: int | None = None
+    query_chunk: int | None = 256
     """Recompute the logits of this many supervised query rows at a time under activation checkpointing
-    (bounded memory for SD2.1-size layers, e.g. 256); ``None`` forms the full logit matrix."""
+    (bounded memory: at 4 views of 32x32 tokens the full logits and the head MLP's activations take
+    tens of GB); a layer with no more query tokens than this forms the full logit matrix, and so does
+    ``None`` (``loss.query_chunk=null``) at any size."""
     skipped_grad: str = "none"
     """The head MLP's gradient on an optimizer step in which no micro-batch of any rank has a CAMEO term
     (the official skips: an empty reference- or target-query selection, or a NaN term). ``none``: no
