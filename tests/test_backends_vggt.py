@@ -4,6 +4,8 @@ real VGGT with random weights."""
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import json
 import math
@@ -181,6 +183,30 @@ def test_dtype_rules_and_no_cuda_or_autocast_on_cpu(monkeypatch: pytest.MonkeyPa
     backend = VGGTBackend(VGGTDouble(), device="cpu")
     res = backend(make_window(room_cameras(2), size=28))
     assert res.points.dtype == torch.float32 and backend.describe()["dtype"] == "float32"
+
+
+def test_float32_on_cuda_runs_without_tf32_and_reduced_precisions_under_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dtype=float32`` is the reference the bf16/fp16 runs are checked against: on CUDA its cuDNN
+    convolutions run without TF32 (torch's default allows it), and the flag is restored afterwards, also
+    on an error. bf16/fp16 run under autocast, with torch's defaults. (The contexts are chosen here; the
+    convolutions run in the selfcheck on a GPU.)"""
+    backend = VGGTBackend(VGGTDouble(), device="cpu")
+    monkeypatch.setattr(backend, "device", torch.device("cuda"))
+    before = torch.backends.cudnn.allow_tf32
+    assert before  # torch's default
+    with backend._autocast():
+        assert torch.backends.cudnn.allow_tf32 is False
+    assert torch.backends.cudnn.allow_tf32 == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with backend._autocast():
+            raise RuntimeError("inside")
+    assert torch.backends.cudnn.allow_tf32 == before
+    seen = []
+    monkeypatch.setattr(torch, "autocast", lambda device_type, **kw: seen.append((device_type, kw)) or contextlib.nullcontext())
+    monkeypatch.setattr(backend, "dtype", torch.bfloat16)
+    with backend._autocast():
+        assert torch.backends.cudnn.allow_tf32 == before
+    assert seen == [("cuda", {"dtype": torch.bfloat16})]
 
 
 def test_missing_vggt_package_raises_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:

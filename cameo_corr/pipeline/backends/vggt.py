@@ -245,6 +245,20 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------------------ backend
+@contextlib.contextmanager
+def _ieee_float32_convolutions() -> Iterator[None]:
+    """cuDNN's float32 convolutions without TF32 (torch's default lets cuDNN use TF32, 10-bit
+    mantissas): ``dtype=float32`` is the full-precision reference the bf16/fp16 runs are checked against.
+    Matrix products are float32 already (``torch.backends.cuda.matmul.allow_tf32`` defaults to off).
+    Reduced precisions keep torch's default, as VGGT's own inference does for its heads."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
 class VGGTBackend(GeometryBackend):
     """VGGT pointmaps, confidences and predicted cameras mapped back to the canonical view.
 
@@ -393,6 +407,8 @@ class VGGTBackend(GeometryBackend):
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type == "cuda" and self.dtype != torch.float32:
             return torch.autocast("cuda", dtype=self.dtype)
+        if self.device.type == "cuda":
+            return _ieee_float32_convolutions()
         return contextlib.nullcontext()
 
     def _heads_full_precision(self) -> contextlib.AbstractContextManager[Any]:
