@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from cameo_corr.pipeline.backends.vggt import VGGT_RESOLUTION, VGGTBackend, build_tiny_vggt
+from cameo_corr.pipeline.backends.vggt import VGGT_RESOLUTION, VGGTBackend, build_tiny_vggt, ieee_float32_convolutions
 
 
 def _timed(fn, device: torch.device) -> float:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     images = torch.rand(1, args.views, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)).to(device)
 
     def forward() -> dict[str, torch.Tensor]:
-        with torch.inference_mode():
+        with torch.inference_mode(), ieee_float32_convolutions():  # as the backend runs float32 on CUDA
             return model(images)
 
     reference, single = forward(), backend.predict(images)

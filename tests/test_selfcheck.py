@@ -228,6 +228,22 @@ def test_vggt_check_on_cpu(tmp_path: Path) -> None:
     assert "identical" in rows[0].result
 
 
+@pytest.mark.vggt
+@pytest.mark.filterwarnings("ignore:.*torch.cuda.amp.autocast:FutureWarning")
+def test_a_crash_in_the_single_head_check_is_its_row_and_the_precision_rows_follow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("vggt.models.vggt", reason="the real vggt package is not installed (optional extra)")
+    from cameo_corr.pipeline.backends.vggt import VGGTBackend
+
+    def crash(self, images):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(VGGTBackend, "predict", crash)
+    rows = selfcheck.check_vggt(Context(CPU, tmp_path))
+    assert [(r.check, r.status) for r in rows] == [
+        ("vggt single-head vs forward", "FAIL"), ("vggt bfloat16 vs float32", "skip"), ("vggt float16 vs float32", "skip")]
+    assert rows[0].result == "raised RuntimeError: CUDA error: an illegal memory access was encountered"
+
+
 @pytest.mark.slow
 def test_cli_selfcheck_cpu_mode_end_to_end(tmp_path: Path) -> None:
     """``cameo-corr selfcheck`` on a CPU: every check that applies runs and passes, the others are

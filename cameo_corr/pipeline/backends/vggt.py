@@ -246,8 +246,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 # ------------------------------------------------------------------------------------ backend
 @contextlib.contextmanager
-def _ieee_float32_convolutions() -> Iterator[None]:
-    """cuDNN's float32 convolutions without TF32 (torch's default lets cuDNN use TF32, 10-bit
+def ieee_float32_convolutions() -> Iterator[None]:
+    """In this context, cuDNN's float32 convolutions run without TF32 (torch's default lets cuDNN use TF32, 10-bit
     mantissas): ``dtype=float32`` is the full-precision reference the bf16/fp16 runs are checked against.
     Matrix products are float32 already (``torch.backends.cuda.matmul.allow_tf32`` defaults to off).
     Reduced precisions keep torch's default, as VGGT's own inference does for its heads."""
@@ -408,7 +408,7 @@ class VGGTBackend(GeometryBackend):
         if self.device.type == "cuda" and self.dtype != torch.float32:
             return torch.autocast("cuda", dtype=self.dtype)
         if self.device.type == "cuda":
-            return _ieee_float32_convolutions()
+            return ieee_float32_convolutions()
         return contextlib.nullcontext()
 
     def _heads_full_precision(self) -> contextlib.AbstractContextManager[Any]:
@@ -490,6 +490,7 @@ class VGGTBackend(GeometryBackend):
 
 __all__ = [
     "DEFAULT_MODEL_ID",
+    "ieee_float32_convolutions",
     "VGGT_RESOLUTION",
     "DEFAULT_FRAMES_CHUNK_SIZE",
     "INSTALL_HINT",
