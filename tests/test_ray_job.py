@@ -288,6 +288,28 @@ def test_fewer_windows_than_workers_start_one_actor_per_block(ray_session, datas
     assert not [w for w in caught if "concurrent actors" in str(w.message)], [str(w.message) for w in caught]
 
 
+def test_the_progress_thread_never_restarts_ray_after_it_shut_down():
+    """Ctrl-C shuts Ray down in the main thread; a progress thread still polling its counter actor would
+    start a new local Ray instance (Ray's auto-init: "SIGTERM handler is not set because current thread is
+    not the main thread"). It stops instead."""
+    code = (
+        "import ray, threading, time\n"
+        "from cameo_corr.job.driver import start_progress\n"
+        "ray.init(address='local', num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+        "stop = threading.Event()\n"
+        "counter, watcher = start_progress(3, stop)\n"
+        "time.sleep(1.5)\n"
+        "ray.shutdown()\n"
+        "watcher.join(timeout=20)\n"
+        "print('ray restarted' if ray.is_initialized() else 'ray stayed down', 'thread alive' if watcher.is_alive() else 'thread ended')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split("\n")[-2] == "ray stayed down thread ended", res.stdout + res.stderr[-3000:]
+    assert "SIGTERM handler is not set" not in res.stderr
+
+
 def test_orphans_of_killed_workers_are_redone(clean, dataset, tmp_path):
     out = tmp_path / "cache"
     shutil.copytree(clean[0], out)
@@ -804,4 +826,5 @@ def test_ctrl_c_is_one_line(dataset, tmp_path, default_sigint):
     lines = [line for line in err.splitlines() if line.startswith("cameo-corr preprocess: interrupted")]
     assert len(lines) == 1 and "re-run the same command to resume" in lines[0], err[-3000:]
     assert "KeyboardInterrupt" not in err and "will be retried" not in err, err[-3000:]
+    assert "SIGTERM handler is not set" not in err and err.count("Started a local Ray instance") == 1, err[-3000:]
     assert not (out / "lease.json").exists()

@@ -493,28 +493,33 @@ def execute(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_co
     check_free_cpu()
     if config.max_retries != 0:  # the geometry actors get max_restarts > 0: Ray's core worker says so at error level
         print(f"{NOTE_PREFIX}{RAY_ACTOR_ARGS_NOTE}", file=sys.stderr, flush=True)
-    counter, stop, watcher = start_progress(todo.num_rows) if config.progress else (None, threading.Event(), None)
-    nodes = watch_nodes(stop)
-    ds, sink = build_pipeline(todo, config, reader, load, cache_config.to_json(), counter)
-    run = StageRun(sink=sink)
+    stop = threading.Event()
+    threads: list[threading.Thread] = []  # stopped and joined however this ends (Ctrl-C included), before Ray shuts down
     try:
-        commit(ds, sink, config.max_retries)
-    except Exception as e:  # noqa: BLE001 - classified below: ours, storage, or a failed run
-        cause = _root_cause(e)
-        if isinstance(cause, FailFastStop):
-            run.stopped = True
-        elif isinstance(cause, OSError):
-            raise CacheWriteError(f"cannot write the cache at {config.out}: {cause.strerror or cause}"
-                                  + (" (the disk is full)" if cause.errno == errno.ENOSPC else "")) from None
-        elif isinstance(cause, CameoCorrError):
-            raise cause from None
-        else:
-            run.errors = [("*", failure_text(e))]
+        counter = None
+        if config.progress:
+            counter, watcher = start_progress(todo.num_rows, stop)
+            threads.append(watcher)
+        threads.append(watch_nodes(stop))
+        ds, sink = build_pipeline(todo, config, reader, load, cache_config.to_json(), counter)
+        run = StageRun(sink=sink)
+        try:
+            commit(ds, sink, config.max_retries)
+        except Exception as e:  # noqa: BLE001 - classified below: ours, storage, or a failed run
+            cause = _root_cause(e)
+            if isinstance(cause, FailFastStop):
+                run.stopped = True
+            elif isinstance(cause, OSError):
+                raise CacheWriteError(f"cannot write the cache at {config.out}: {cause.strerror or cause}"
+                                      + (" (the disk is full)" if cause.errno == errno.ENOSPC else "")) from None
+            elif isinstance(cause, CameoCorrError):
+                raise cause from None
+            else:
+                run.errors = [("*", failure_text(e))]
     finally:
         stop.set()
-        if watcher is not None:
-            watcher.join(timeout=15)
-        nodes.join(timeout=15)
+        for thread in threads:
+            thread.join(timeout=15)
     ready = min((r["ready"] for r in sink.results), default=math.inf)
     run.t_ready = clock.at(ready) if math.isfinite(ready) else time.perf_counter()
     return run
@@ -565,6 +570,8 @@ def watch_nodes(stop: threading.Event, interval: float = NODE_POLL_SECONDS) -> t
     import ray
 
     def look(watched: dict[str, str]) -> None:
+        if not ray.is_initialized():  # Ray shut down under us (an interrupted driver)
+            return
         try:
             listing = ray.nodes()
         except Exception:  # noqa: BLE001 - a note only: the GCS may be busy right after a node loss; ask again
@@ -601,8 +608,8 @@ def newly_dead_nodes(watched: dict[str, str], listing: list[dict[str, Any]]) -> 
     return dead
 
 
-def start_progress(total: int) -> tuple[Any, threading.Event, threading.Thread]:
-    """A progress counter actor on the driver's node, and the driver thread drawing it."""
+def start_progress(total: int, stop: threading.Event) -> tuple[Any, threading.Thread]:
+    """A progress counter actor on the driver's node, and the driver thread drawing it until ``stop``."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -611,15 +618,15 @@ def start_progress(total: int) -> tuple[Any, threading.Event, threading.Thread]:
     counter = ray.remote(ProgressCounter).options(
         num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     ).remote()
-    stop = threading.Event()
-    watcher = threading.Thread(target=_watch_progress, args=(counter, total, stop), daemon=True)
+    watcher = threading.Thread(target=_watch_progress, args=(counter, total, stop), daemon=True, name="cameo-progress")
     watcher.start()
-    return counter, stop, watcher
+    return counter, watcher
 
 
 def _watch_progress(counter: Any, total: int, stop: threading.Event) -> None:
     """Driver thread: a tqdm bar of the windows done as they finish (ok / failed), the windows committed
-    in shards so far and the rate."""
+    in shards so far and the rate. It never calls Ray once Ray is shut down: a call on an actor handle
+    then starts a new local Ray instance (Ray's auto-init), from this thread."""
     import ray
     from tqdm import tqdm
 
@@ -628,6 +635,8 @@ def _watch_progress(counter: Any, total: int, stop: threading.Event) -> None:
     try:
         while True:
             stopping = stop.wait(1.0)
+            if not ray.is_initialized():
+                return
             try:
                 counts = ray.get(counter.counts.remote(), timeout=10)
             except Exception:  # noqa: BLE001 - progress only: the counter may be restarting; keep the last counts
