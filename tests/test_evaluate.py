@@ -248,8 +248,8 @@ def test_eval_corr_on_real_sevenscenes_depth(shared_data, tmp_path) -> None:
 
 
 def test_a_matcher_that_cannot_run_on_the_backends_device_is_refused_before_any_window(tmp_path) -> None:
-    """faiss without GPU support asked for CUDA tensors: one error up front, not every window listed as
-    failed after the backend ran on each."""
+    """faiss without GPU support asked for CUDA tensors: one error up front, before the model runs on
+    any window (it came after the first batch's forward)."""
     import faiss
 
     from cameo_corr.datasets import open_dataset
