@@ -538,7 +538,7 @@ def test_cache_json_written_at_first_commit_once_and_mixing_refused(tmp_path):
         CacheWriter(path, config(dataset={"name": "co3d", "root": "data", "split": "train"})).initialize()
 
 
-def test_missing_or_bad_cache_json(tmp_path):
+def test_missing_or_bad_cache_json(tmp_path, monkeypatch):
     from cameo_corr.cache.lease import CacheLease
     from cameo_corr.cache.location import CacheLocation
 
@@ -547,6 +547,21 @@ def test_missing_or_bad_cache_json(tmp_path):
     with CacheLease(CacheLocation(tmp_path)).acquire():  # a job that has not committed its first shard yet
         with pytest.raises(DatasetError, match=r"cache.json is missing; lease.json names a job creating it \(.*pid \d+, "
                                                r"lease renewed \d+ s ago\), which writes cache.json with its first shard"):
+            CorrCache(tmp_path)
+        record = json.loads((tmp_path / "lease.json").read_text())
+    import cameo_corr.cache.lease as lease
+
+    def no_store(*args, **kwargs):
+        raise AssertionError("a command that only looks chose a lease store (on S3: a probing PUT)")
+
+    monkeypatch.setattr(lease, "lease_store_for", no_store)
+    left = [({**record, "renewed": time.time() - 1000}, r"not renewed for \d+ s"),  # a job killed before its first shard
+            ({**record, "pid": 2**22 + 7, "process_start": 1}, r"its process \d+ on .* has exited"),
+            (None, "the lease file is unreadable")]
+    for lease_record, why in left:
+        (tmp_path / "lease.json").write_text(json.dumps(lease_record) if lease_record else "{not json")
+        with pytest.raises(DatasetError, match=r"cache.json is missing; lease.json was left by a job that ended before writing it "
+                                               rf"\(.*: {why}\); re-running preprocess takes the lease over"):
             CorrCache(tmp_path)
     (tmp_path / "cache.json").write_text('{"grid": [4, 4]}')
     with pytest.raises(SchemaError, match="cache.json"):

@@ -36,7 +36,7 @@ from cameo_corr.cache.manifest import finished_shard_ids, fragment_names, read_c
 from cameo_corr.cache.reader import CorrCache
 from cameo_corr.cache.verify import verify_cache  # noqa: E402
 from cameo_corr.job.driver import newly_dead_nodes, preflight_backend, run_preprocess  # noqa: E402
-from cameo_corr.job.cli import format_summary  # noqa: E402
+from cameo_corr.job.cli import format_summary, no_ok_window  # noqa: E402
 from cameo_corr.job.stages import window_record
 from cameo_corr.schemas import DatasetError, SchemaError  # noqa: E402
 
@@ -263,8 +263,14 @@ def test_rerun_skips_everything(clean, dataset, tmp_path, monkeypatch):
     failed = s["windows_failed_earlier"]
     assert failed
     assert f"{failed} window{'s' if failed > 1 else ''} recorded as failed by an earlier run {'were' if failed > 1 else 'was'} not redone" in text
-    assert "nothing left to compute" not in format_summary({**s, "windows_deferred": 3})
-    assert "1 window recorded as failed by an earlier run was not redone" in format_summary({**s, "windows_failed_earlier": 1})
+    assert "nothing left to compute" not in format_summary({**s, "windows_skipped": 7, "windows_deferred": 3})
+    one = format_summary({**s, "windows_failed_earlier": 1})
+    assert "1 window recorded as failed by an earlier run was not redone" in one and one.endswith("--retry-failed to redo it")
+    # a run that failed before committing anything computed nothing either, but had work left
+    failed_run = {**s, "windows_skipped": 0, "windows_failed_earlier": 0, "shard_errors": [("*", "SystemException")]}
+    assert "nothing left to compute" not in format_summary(failed_run)
+    assert "nothing left to compute" not in format_summary({**s, "windows_skipped": 7, "windows_ok": 3})
+    assert "the one window failed" in no_ok_window({**s, "windows_failed": 1, "windows_failed_earlier": 0, "errors": []})
 
 
 def test_max_windows_computes_a_prefix_and_a_rerun_the_rest(clean, dataset, tmp_path):

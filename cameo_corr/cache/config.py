@@ -35,16 +35,20 @@ def read_config(location: CacheLocation) -> CacheConfig:
 
 
 def _creating_job(location: CacheLocation) -> str:
-    """``; a job is creating the cache (...)`` when the lease file names one: a job writes ``cache.json``
-    with its first shard, so until then its cache has a lease and no config."""
+    """What the lease file says when ``cache.json`` is missing: a job writes ``cache.json`` with its first
+    shard, so until then its cache has a lease and no config; a job that ended before that left one."""
     import time
 
-    from cameo_corr.cache.lease import LEASE_FILE, CacheLease
+    from cameo_corr.cache.lease import LEASE_FILE, lease_over, read_lease
 
-    if not location.exists(LEASE_FILE):
+    lease = read_lease(location)
+    if lease is None:
         return ""
-    lease = CacheLease(location).read() or {}
-    age = max(time.time() - float(lease.get("renewed") or 0.0), 0.0)
+    over = lease_over(lease)
+    if over is not None:
+        return (f"; {LEASE_FILE} was left by a job that ended before writing it ({lease.get('holder', 'unknown')}: {over}); "
+                "re-running preprocess takes the lease over")
+    age = max(time.time() - float(lease["renewed"]), 0.0)
     return (f"; {LEASE_FILE} names a job creating it ({lease.get('holder', 'unknown')}, lease renewed {age:.0f} s ago), "
             "which writes cache.json with its first shard: retry then")
 

@@ -177,4 +177,24 @@ class CacheLease:
         self.release()
 
 
-__all__ = ["DEFAULT_LEASE_TIMEOUT", "LEASE_FILE", "SETTLE_SECONDS", "CacheLease", "LeaseHeldError", "describe_holder"]
+def read_lease(location: CacheLocation) -> dict[str, Any] | None:
+    """The cache's lease record for a command that only looks: read as a plain file, without choosing a
+    lease store (on S3 that probes conditional writes with a PUT); ``None`` when there is none."""
+    if not location.exists(LEASE_FILE):
+        return None
+    return CacheLease._parse(location.read_bytes(LEASE_FILE))
+
+
+def lease_over(record: dict[str, Any]) -> str | None:
+    """Why the lease ``record`` no longer protects a job (unreadable, not renewed within its timeout, its
+    holder provably gone), or ``None`` while its job may be running."""
+    if not record.get("renewed"):
+        return "the lease file is unreadable"
+    age = time.time() - float(record["renewed"])
+    if age >= float(record.get("timeout") or DEFAULT_LEASE_TIMEOUT):
+        return f"not renewed for {age:.0f} s"
+    return holder_gone(record)
+
+
+__all__ = ["DEFAULT_LEASE_TIMEOUT", "LEASE_FILE", "SETTLE_SECONDS", "CacheLease", "LeaseHeldError", "describe_holder",
+           "lease_over", "read_lease"]

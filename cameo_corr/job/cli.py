@@ -121,6 +121,9 @@ def no_ok_window(summary: Mapping[str, Any]) -> str:
         return (f"the cache has no ok window: {summary['cache_windows_failed']} windows are recorded as failed ("
                 f"{summary['windows_failed_earlier']} by an earlier run, skipped now){first}; fix the input and re-run with "
                 "--retry-failed to redo them")
+    if summary["windows_failed"] == 1:
+        return (f"no window succeeded: the one window failed{first} (see the 'failed' line above); fix the input and "
+                "re-run with --retry-failed to redo it")
     if summary["windows_failed"]:
         return (f"no window succeeded: all {summary['windows_failed']} windows failed{first} (see the 'failed' lines above); "
                 "fix the input and re-run with --retry-failed to redo them")
@@ -151,13 +154,13 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     if summary["config_replaced"]:
         lines.append(f"the cache had no ok window and another config: its config and {summary['failed_dropped']} failed rows "
                      "were replaced by this run's")
-    if summary["windows_planned"] and not (summary["windows_ok"] or summary["windows_failed"] or summary["windows_deferred"]):
+    if summary["windows_planned"] and summary["windows_skipped"] == summary["windows_planned"] and not summary["shard_errors"]:
         lines.append(f"nothing left to compute: all {summary['windows_planned']} planned windows are in the cache")
     if summary["windows_failed_earlier"]:
         n = summary["windows_failed_earlier"]
         lines.append(f"{n} window{'s' if n != 1 else ''} recorded as failed by an earlier run {'were' if n != 1 else 'was'} not redone "
                      "(e.g. " + "; ".join(f"{w}: {e}" for w, e in summary["errors_earlier"][:2])
-                     + "); re-run with --retry-failed to redo them")
+                     + f"); re-run with --retry-failed to redo {'them' if n != 1 else 'it'}")
     return "\n".join(lines)
 
 

@@ -547,7 +547,7 @@ def check_free_cpu(patience: float = FREE_CPU_PATIENCE) -> None:
     the load and commit tasks wait for one).
 
     This replaces Ray Data's own check, which looks once, at the instant the dataset starts, and right
-    after the job's start-up (the task that describes the backend) often sees a transient zero: it then
+    after the job's start-up (the actor that describes the backend) often sees a transient zero: it then
     printed "The Dataset job will hang" on healthy runs. The job's actors reserve CPUs only with
     ``--cpus-per-worker``, and :func:`check_cluster` refuses a reservation that leaves none free."""
     import ray
