@@ -813,6 +813,28 @@ def test_healthy_run_prints_no_false_alarm_and_progress_per_window(dataset, tmp_
     assert "ok=2, failed=2, committed=4" in lines[-1] and "4/4" in lines[-1]
 
 
+def test_a_backend_that_cannot_be_built_where_the_actors_run_is_one_line_and_exit_1(dataset, tmp_path):
+    """A backend whose constructor raises in the describe actor (e.g. out of GPU memory loading the model):
+    one line naming the error behind Ray's wrappers, exit 1, no traceback."""
+    mod = tmp_path / "mod"
+    mod.mkdir()
+    (mod / "crashbk.py").write_text(
+        "from cameo_corr.pipeline.backends.depth import DepthBackend\n"
+        "class Crash(DepthBackend):\n"
+        "    def __init__(self, **kw):\n"
+        "        raise RuntimeError('CUDA out of memory while loading the model')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(mod), str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run(_cli(dataset, tmp_path / "c", "--backend", "crashbk:Crash", "--no-progress"), env=env,
+                         capture_output=True, text=True, timeout=300)
+    ours = [line for line in res.stderr.splitlines() if line.startswith("cameo-corr preprocess: error:")]
+    assert res.returncode == 1 and len(ours) == 1, res.stderr[-3000:]
+    assert ("the 'crashbk:Crash' backend could not be built where the model actors run: RuntimeError: CUDA out of memory "
+            "while loading the model") in ours[0]
+    assert "Traceback" not in res.stderr and "RayTaskError" not in res.stderr, res.stderr[-3000:]
+
+
 def test_ctrl_c_is_one_line(dataset, tmp_path, default_sigint):
     out = tmp_path / "c"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

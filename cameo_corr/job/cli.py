@@ -84,12 +84,13 @@ def run_from_args(args: argparse.Namespace) -> int:
     Errors are raised for the CLI's one error layer (:func:`cameo_corr.cli.main`): input and usage
     errors (bad flag values, a busy or unwritable ``--out``, a mismatching cache, a missing optional
     package, a plan without a window to compute) before Ray starts exit 2; a failed run (storage
-    error, Ray failure, ``--fail-fast``, a cache left without an ok window) raises
+    error, a backend that cannot be built where the actors run, Ray failure, ``--fail-fast``, a cache left
+    without an ok window) raises
     :class:`~cameo_corr.cli.RunFailed` (exit 1); Ctrl-C exits 130 saying that committed shards are
     kept. ``--dry-run`` prints the plan instead (:func:`dry_run`).
     """
     from cameo_corr.job.config import JobConfig
-    from cameo_corr.job.driver import CacheWriteError, run_job
+    from cameo_corr.job.driver import BackendBuildError, CacheWriteError, run_job
 
     config = JobConfig.from_args(args)
     if args.dry_run:
@@ -98,7 +99,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         summary = run_job(config)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"the shards already committed to {args.out} are kept, re-run the same command to resume") from None
-    except CacheWriteError as e:
+    except (CacheWriteError, BackendBuildError) as e:
         raise RunFailed(str(e)) from None
     print(format_summary(summary))
     if args.summary_json:

@@ -68,6 +68,11 @@ logger = logging.getLogger(__name__)
 class CacheWriteError(CameoCorrError):
     """The cache storage refused a write (full disk, permissions, quota): the run failed."""
 
+
+class BackendBuildError(CameoCorrError):
+    """The backend could not be built where the model actors run (its constructor raised, or its worker
+    died): the run failed before any window."""
+
 @dataclass
 class Clock:
     """When the job started (``perf_counter`` and wall time), to place the actors' ready times."""
@@ -373,11 +378,12 @@ def describe_on_cluster(config: JobConfig) -> dict[str, Any]:
                                                      max_task_retries=config.max_retries).remote()
     try:
         return ray.get(describer.describe.remote(config.geometry_spec()))
-    except Exception as e:  # noqa: BLE001 - our error behind Ray's wrapper is re-raised as itself (one line)
+    except Exception as e:  # noqa: BLE001 - our error behind Ray's wrapper is re-raised as itself, any other is named
         cause = _root_cause(e)
         if isinstance(cause, CameoCorrError):
             raise cause from None
-        raise
+        raise BackendBuildError(f"the {config.backend!r} backend could not be built where the model actors run: "
+                                f"{failure_text(e)}") from None
     finally:
         ray.kill(describer)  # its process ends now, with the model it built (host and GPU memory)
 
@@ -781,5 +787,5 @@ def cache_failures(location: CacheLocation, planned: "pa.Table", todo: "pa.Table
     return out
 
 
-__all__ = ["CacheWriteError", "run_preprocess", "run_job", "preflight_backend", "check_out", "provisional_config", "check_before_start",
+__all__ = ["BackendBuildError", "CacheWriteError", "run_preprocess", "run_job", "preflight_backend", "check_out", "provisional_config", "check_before_start",
            "has_ok_window", "unpin", "limit_windows", "summarize", "cache_failures"]
