@@ -220,7 +220,8 @@ def test_eval_corr_cli_input_errors_exit_2(tmp_path, capsys) -> None:
     for flags, message in [(["--span-per-view", "3", "1"], "--span-per-view: expected finite 0 <= lo <= hi"),
                            (["--fps", "0"], "--fps: must be positive"), (["--views", "1"], "--views: must be >= 2"),
                            (["--crop-size", "8", "--grid", "16"], "--crop-size: must be >= the token grid side (16"),
-                           (["--dataset-option", "subset=3"], "[subset]: expected a string or null, got 3")]:
+                           (["--dataset-option", "subset=3"], "[subset]: expected a string or null, got 3"),
+                           (["--device", f"cuda:{torch.cuda.device_count()}"], "this machine cannot use it")]:
         assert main(["eval-corr", "--dataset", "synthetic", "--root", str(tmp_path / "synth"), *flags]) == 2, flags
         err = capsys.readouterr().err
         assert "cameo-corr eval-corr: error: " in err and message in err and len(err.strip().splitlines()) == 1, err

@@ -166,15 +166,11 @@ def check_device(device: Any) -> None:
     Otherwise every window would fail in the actors, after the job started."""
     import socket
 
-    import torch
+    from cameo_corr.pipeline.backends import unusable_cuda
 
-    device = torch.device(device)
-    if device.type != "cuda":
+    why = unusable_cuda(device)
+    if why is None:
         return
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.index is None and visible or device.index is not None and device.index < visible:
-        return
-    why = "torch is a CPU-only build" if torch.version.cuda is None else f"{visible} CUDA device(s) visible"
     raise SchemaError("device", f"--device {device}: the model actors cannot use it on {socket.gethostname()} ({why}; "
                       f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); give the workers GPUs "
                       "with --gpus-per-worker, or run on CPU with --device cpu", where="backend")

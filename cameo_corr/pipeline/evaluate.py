@@ -603,7 +603,7 @@ def shortfall_reasons(report: dict[str, Any], requested: int, reader: Any) -> li
 def _run_cli(args: argparse.Namespace) -> int:
     from cameo_corr.cli.errors import UsageError
     from cameo_corr.datasets import open_dataset
-    from cameo_corr.pipeline.backends import backend_options_from_args, make_backend
+    from cameo_corr.pipeline.backends import backend_options_from_args, make_backend, resolve_device, unusable_cuda
 
     depth = depth_dataset_names()
     if args.dataset not in depth:
@@ -638,8 +638,13 @@ def _run_cli(args: argparse.Namespace) -> int:
     except SchemaError as e:
         raise UsageError(f"{eval_flag(e.field)}: {e.message}") from None
     try:
+        options = backend_options_from_args(args)
+        device = resolve_device(options.get("device"))
+        why = unusable_cuda(device)
+        if why is not None:  # before the backend or any tensor touches it (a traceback from deep in torch)
+            raise UsageError(f"--device {device}: this machine cannot use it ({why}); use --device cpu")
         reader = open_dataset(args.dataset, args.root, **reader_options)
-        backend = make_backend(args.backend, **backend_options_from_args(args))
+        backend = make_backend(args.backend, **options)
     except (ImportError, ValueError) as e:  # SchemaError and DatasetError are ValueErrors
         raise UsageError(str(e)) from e
     report = evaluate_backend(reader, backend, config, progress=sys.stderr.isatty())

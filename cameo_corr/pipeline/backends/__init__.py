@@ -32,6 +32,20 @@ def resolve_device(device: "str | torch.device | None") -> "torch.device":
     return torch.device(device)
 
 
+def unusable_cuda(device: "str | torch.device") -> str | None:
+    """Why this process cannot use the CUDA device ``device`` (a CPU-only torch, no GPU visible, an index
+    beyond the visible ones), or ``None`` when it can or the device is not CUDA."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.index is None and visible or device.index is not None and device.index < visible:
+        return None
+    return "torch is a CPU-only build" if torch.version.cuda is None else f"{visible} CUDA device(s) visible"
+
+
 class GeometryBackend(abc.ABC):
     """Turns a :class:`WindowData` (S canonical views of one scene) into a :class:`PointmapResult`.
 
@@ -161,6 +175,7 @@ __all__ = [
     "backend_class",
     "make_backend",
     "resolve_device",
+    "unusable_cuda",
     "add_backend_arguments",
     "backend_options_from_args",
 ]
