@@ -835,6 +835,18 @@ def test_a_backend_that_cannot_be_built_where_the_actors_run_is_one_line_and_exi
     assert "Traceback" not in res.stderr and "RayTaskError" not in res.stderr, res.stderr[-3000:]
 
 
+def test_fail_fast_from_the_command_line_is_one_line(dataset, tmp_path):
+    """--fail-fast's deliberate stop: one error line, without Ray Data's ~160 lines of tracebacks and its
+    advice to report a Ray bug (it takes any Datasink error for one)."""
+    sids = open_dataset("synthetic", dataset).scene_ids()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run(_cli(dataset, tmp_path / "c", "--scene", sids[CORRUPT], "--fail-fast", "--no-progress"), env=env,
+                         capture_output=True, text=True, timeout=300)
+    ours = [line for line in res.stderr.splitlines() if line.startswith("cameo-corr preprocess: error:")]
+    assert res.returncode == 1 and len(ours) == 1 and "--fail-fast: stopped at the first failed window" in ours[0], res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "open an issue" not in res.stderr, res.stderr[-3000:]
+
+
 def test_ctrl_c_is_one_line(dataset, tmp_path, default_sigint):
     out = tmp_path / "c"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -501,6 +501,9 @@ def execute(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_co
         print(f"{NOTE_PREFIX}{RAY_ACTOR_ARGS_NOTE}", file=sys.stderr, flush=True)
     stop = threading.Event()
     threads: list[threading.Thread] = []  # stopped and joined however this ends (Ctrl-C included), before Ray shuts down
+    quiet = QuietFailFast()
+    for name in RAY_DATA_ERROR_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
     try:
         counter = None
         if config.progress:
@@ -523,6 +526,8 @@ def execute(todo: "pa.Table", config: JobConfig, reader: "SceneReader", cache_co
             else:
                 run.errors = [("*", failure_text(e))]
     finally:
+        for name in RAY_DATA_ERROR_LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
         stop.set()
         for thread in threads:
             thread.join(timeout=15)
@@ -675,6 +680,24 @@ def failure_text(e: BaseException) -> str:
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         return (lines[-1] if lines else type(inner).__name__)[:500]
     return " ".join(f"{type(inner).__name__}: {text}".split())[:500]
+
+
+RAY_DATA_ERROR_LOGGERS = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions")
+"""The loggers through which Ray Data reports, at error level with tracebacks, the task error that aborts
+a dataset's execution (the second one calls any error from a ``Datasink`` a Ray bug to report)."""
+
+
+class QuietFailFast(logging.Filter):
+    """Drops Ray Data's error-level reports (~160 lines of tracebacks, and the advice to report a Ray bug)
+    of the deliberate ``--fail-fast`` stop, which the job reports in one line; every other error is logged
+    as Ray Data logs it. A record without ``exc_info`` is judged by the exception being handled where it
+    was logged (Ray Data logs from inside its ``except`` block)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from cameo_corr.job.stages import FailFastStop
+
+        error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return error is None or not isinstance(_root_cause(error), FailFastStop)
 
 
 def _root_cause(e: BaseException) -> BaseException:
