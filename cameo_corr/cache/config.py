@@ -37,9 +37,7 @@ def read_config(location: CacheLocation) -> CacheConfig:
 def _creating_job(location: CacheLocation) -> str:
     """What the lease file says when ``cache.json`` is missing: a job writes ``cache.json`` with its first
     shard, so until then its cache has a lease and no config; a job that ended before that left one."""
-    import time
-
-    from cameo_corr.cache.lease import LEASE_FILE, lease_over, read_lease
+    from cameo_corr.cache.lease import LEASE_FILE, lease_age, lease_over, read_lease
 
     lease = read_lease(location)
     if lease is None:
@@ -48,8 +46,7 @@ def _creating_job(location: CacheLocation) -> str:
     if over is not None:
         return (f"; {LEASE_FILE} was left by a job that ended before writing it ({lease.get('holder', 'unknown')}: {over}); "
                 "re-running preprocess takes the lease over")
-    age = max(time.time() - float(lease["renewed"]), 0.0)
-    return (f"; {LEASE_FILE} names a job creating it ({lease.get('holder', 'unknown')}, lease renewed {age:.0f} s ago), "
+    return (f"; {LEASE_FILE} names a job creating it ({lease.get('holder', 'unknown')}, lease renewed {lease_age(lease):.0f} s ago), "
             "which writes cache.json with its first shard: retry then")
 
 

@@ -125,7 +125,7 @@ class CacheLease:
                                  "same time; run one job per cache")
         if self.taken_over is not None:
             logger.warning("taking over the cache lease of %s (renewed %.0f s ago): %s", self.taken_over.get("holder"),
-                           max(time.time() - float(self.taken_over.get("renewed") or 0.0), 0.0), self.taken_over["reason"])
+                           lease_age(self.taken_over), self.taken_over["reason"])
         self._thread = threading.Thread(target=self._renew_loop, name="cache-lease", daemon=True)
         self._thread.start()
         return self
@@ -133,16 +133,16 @@ class CacheLease:
     def _judge(self, current: dict[str, Any]) -> str:
         """Why the lease ``current`` may be taken over (stale, its holder provably gone, ``force``); a live
         lease of a holder that is not provably gone raises :class:`LeaseHeldError` naming it."""
-        age = time.time() - float(current.get("renewed") or 0.0)
-        if age >= float(current.get("timeout") or self.timeout):
-            return f"not renewed for {age:.0f} s"
+        stale = _not_renewed(current, self.timeout)
+        if stale is not None:
+            return stale
         if self.force:
             return "--force"
         gone = holder_gone(current)
         if gone is None:
             raise LeaseHeldError(
                 f"{self.location.url(LEASE_FILE)}: the cache is being written by another job ({current.get('holder')}, "
-                f"lease renewed {max(age, 0.0):.0f} s ago); wait for it, or pass --force if that job is dead")
+                f"lease renewed {lease_age(current):.0f} s ago); wait for it, or pass --force if that job is dead")
         return gone
 
     def _renew_loop(self) -> None:
@@ -177,6 +177,17 @@ class CacheLease:
         self.release()
 
 
+def lease_age(record: dict[str, Any]) -> float:
+    """Seconds since the lease ``record`` was last renewed (never negative; unreadable: since the epoch)."""
+    return max(time.time() - float(record.get("renewed") or 0.0), 0.0)
+
+
+def _not_renewed(record: dict[str, Any], timeout: float) -> str | None:
+    """``not renewed for N s`` when ``record`` outlived its timeout (its own, else ``timeout``), else ``None``."""
+    age = lease_age(record)
+    return f"not renewed for {age:.0f} s" if age >= float(record.get("timeout") or timeout) else None
+
+
 def read_lease(location: CacheLocation) -> dict[str, Any] | None:
     """The cache's lease record for a command that only looks: read as a plain file, without choosing a
     lease store (on S3 that probes conditional writes with a PUT); ``None`` when there is none."""
@@ -190,11 +201,8 @@ def lease_over(record: dict[str, Any]) -> str | None:
     holder provably gone), or ``None`` while its job may be running."""
     if not record.get("renewed"):
         return "the lease file is unreadable"
-    age = time.time() - float(record["renewed"])
-    if age >= float(record.get("timeout") or DEFAULT_LEASE_TIMEOUT):
-        return f"not renewed for {age:.0f} s"
-    return holder_gone(record)
+    return _not_renewed(record, DEFAULT_LEASE_TIMEOUT) or holder_gone(record)
 
 
 __all__ = ["DEFAULT_LEASE_TIMEOUT", "LEASE_FILE", "SETTLE_SECONDS", "CacheLease", "LeaseHeldError", "describe_holder",
-           "lease_over", "read_lease"]
+           "lease_age", "lease_over", "read_lease"]
