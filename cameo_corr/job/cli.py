@@ -122,12 +122,11 @@ def no_ok_window(summary: Mapping[str, Any]) -> str:
         return (f"the cache has no ok window: {summary['cache_windows_failed']} windows are recorded as failed ("
                 f"{summary['windows_failed_earlier']} by an earlier run, skipped now){first}; fix the input and re-run with "
                 "--retry-failed to redo them")
-    if summary["windows_failed"] == 1:
-        return (f"no window succeeded: the one window failed{first} (see the 'failed' line above); fix the input and "
-                "re-run with --retry-failed to redo it")
-    if summary["windows_failed"]:
-        return (f"no window succeeded: all {summary['windows_failed']} windows failed{first} (see the 'failed' lines above); "
-                "fix the input and re-run with --retry-failed to redo them")
+    n = summary["windows_failed"]
+    if n:
+        one = n == 1
+        return (f"no window succeeded: {'the one window' if one else f'all {n} windows'} failed{first} (see the 'failed' "
+                f"line{'' if one else 's'} above); fix the input and re-run with --retry-failed to redo {'it' if one else 'them'}")
     return f"the cache has no ok window and this run computed none ({summary['windows_planned']} windows planned)"
 
 
@@ -159,9 +158,10 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         lines.append(f"nothing left to compute: all {summary['windows_planned']} planned windows are in the cache")
     if summary["windows_failed_earlier"]:
         n = summary["windows_failed_earlier"]
-        lines.append(f"{n} window{'s' if n != 1 else ''} recorded as failed by an earlier run {'were' if n != 1 else 'was'} not redone "
-                     "(e.g. " + "; ".join(f"{w}: {e}" for w, e in summary["errors_earlier"][:2])
-                     + f"); re-run with --retry-failed to redo {'them' if n != 1 else 'it'}")
+        s, were, them = ("", "was", "it") if n == 1 else ("s", "were", "them")
+        lines.append(f"{n} window{s} recorded as failed by an earlier run {were} not redone (e.g. "
+                     + "; ".join(f"{w}: {e}" for w, e in summary["errors_earlier"][:2])
+                     + f"); re-run with --retry-failed to redo {them}")
     return "\n".join(lines)
 
 
