@@ -309,7 +309,7 @@ def test_the_progress_thread_never_restarts_ray_after_it_shut_down():
         "watcher.join(timeout=20)\n"
         "print('ray restarted' if ray.is_initialized() else 'ray stayed down', 'thread alive' if watcher.is_alive() else 'thread ended')\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = local_env()
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split("\n")[-2] == "ray stayed down thread ended", res.stdout + res.stderr[-3000:]
@@ -497,7 +497,7 @@ def test_a_device_the_workers_cannot_use_is_refused_before_any_window(dataset, t
         return
     with pytest.raises(SchemaError, match=r"--device cuda: the model actors cannot use it on .*(CPU-only build|0 CUDA device)"):
         check_device("cuda")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = local_env()
     res = subprocess.run(_cli(dataset, tmp_path / "c", "--backend", "depth", "--device", "cuda", "--no-progress"), env=env,
                          capture_output=True, text=True, timeout=300)
     ours = [line for line in res.stderr.splitlines() if line.startswith("cameo-corr preprocess:")]
@@ -770,6 +770,16 @@ cache.CacheWriter.write_shard = _full_disk
 '''
 
 
+def local_env(*first_on_path: Path) -> dict[str, str]:
+    """The environment of a command that starts its own local Ray instance (no ``RAY_ADDRESS``); the
+    directories ``first_on_path``, then the repository, lead ``PYTHONPATH`` for the driver and its workers."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if first_on_path:
+        env["PYTHONPATH"] = os.pathsep.join([*map(str, first_on_path), str(Path(__file__).resolve().parents[1]),
+                                             os.environ.get("PYTHONPATH", "")])
+    return env
+
+
 def _cli(dataset: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "cameo_corr.cli", "preprocess", "--dataset", "synthetic", "--root", str(dataset),
             "--out", str(out), "--grid", "8", "--views", "3", "--windows-per-scene", "2", "--crop-size", "48",
@@ -782,9 +792,7 @@ def test_full_disk_is_one_line_and_exit_1(dataset, tmp_path):
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(INJECT_ENOSPC)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(Path(__file__).resolve().parents[1]),
-                                                         os.environ.get("PYTHONPATH", "")])}
-    env.pop("RAY_ADDRESS", None)
+    env = local_env(hook)
     res = subprocess.run(_cli(dataset, tmp_path / "c", "--no-progress"), env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stderr[-3000:]
     err = [line for line in res.stderr.splitlines() if line.startswith("cameo-corr preprocess: error:")]
@@ -802,7 +810,7 @@ def test_healthy_run_prints_no_false_alarm_and_progress_per_window(dataset, tmp_
     from cameo_corr.job.driver import NOTE_PREFIX, RAY_ACTOR_ARGS_NOTE
 
     sids = open_dataset("synthetic", dataset).scene_ids()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = local_env()
     res = subprocess.run(_cli(dataset, tmp_path / "c", "--scene", sids[GOOD], "--scene", sids[CORRUPT]), env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -823,9 +831,7 @@ def test_a_backend_that_cannot_be_built_where_the_actors_run_is_one_line_and_exi
         "class Crash(DepthBackend):\n"
         "    def __init__(self, **kw):\n"
         "        raise RuntimeError('CUDA out of memory while loading the model')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(mod), str(Path(__file__).resolve().parents[1]),
-                                                         os.environ.get("PYTHONPATH", "")])}
-    env.pop("RAY_ADDRESS", None)
+    env = local_env(mod)
     res = subprocess.run(_cli(dataset, tmp_path / "c", "--backend", "crashbk:Crash", "--no-progress"), env=env,
                          capture_output=True, text=True, timeout=300)
     ours = [line for line in res.stderr.splitlines() if line.startswith("cameo-corr preprocess: error:")]
@@ -839,7 +845,7 @@ def test_fail_fast_from_the_command_line_is_one_line(dataset, tmp_path):
     """--fail-fast's deliberate stop: one error line, without Ray Data's ~160 lines of tracebacks and its
     advice to report a Ray bug (it takes any Datasink error for one)."""
     sids = open_dataset("synthetic", dataset).scene_ids()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = local_env()
     res = subprocess.run(_cli(dataset, tmp_path / "c", "--scene", sids[CORRUPT], "--fail-fast", "--no-progress"), env=env,
                          capture_output=True, text=True, timeout=300)
     ours = [line for line in res.stderr.splitlines() if line.startswith("cameo-corr preprocess: error:")]
@@ -849,7 +855,7 @@ def test_fail_fast_from_the_command_line_is_one_line(dataset, tmp_path):
 
 def test_ctrl_c_is_one_line(dataset, tmp_path, default_sigint):
     out = tmp_path / "c"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = local_env()
     proc = subprocess.Popen(_cli(dataset, out, "--shard-size", "1"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, preexec_fn=default_sigint)  # SIGINT not inherited ignored
     try:
